@@ -1,0 +1,298 @@
+"""The whole exception tree of the connector, and the one classifier that decides what a failure means.
+
+::
+
+    ConnectorError
+    ├── ConfigError                    bad settings; the CLI exits with EX_CONFIG (78)
+    ├── Pop3Error
+    │   ├── Pop3ProtocolError          the server broke RFC 1939 (framing, caps, nonsense)
+    │   ├── Pop3ResponseError          -ERR: .command, .resp_code, .text
+    │   │   └── Pop3AuthError          -ERR to USER/PASS/APOP/AUTH
+    │   ├── Pop3ConnectionError        also a ConnectionError
+    │   │   └── Pop3TlsError           handshake or certificate failure
+    │   └── Pop3TimeoutError           also a TimeoutError
+    ├── DeliveryError                  SMTP: .stage, .smtp_code, .enhanced_code, .text, .per_message
+    ├── DeadLetterError                the store failed: .store, .reason
+    └── LedgerError                    SQLite failed
+
+Every module translates its library's exceptions into these at its edge, so the policy code
+(``fetcher``, ``service``) never sees an ``aiosmtplib`` or ``ssl`` exception.  ``str()`` of each
+is short, code first, and never carries a secret or a message body.
+
+:func:`classify` is the single place that turns an exception into a :class:`Disposition`.  It is
+pure and table-driven so that it can be tested exhaustively (tests/unit/test_classify.py).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Final
+
+
+class ConnectorError(Exception):
+    """Base of every error the connector raises on purpose."""
+
+
+class ConfigError(ConnectorError):
+    """The configuration is invalid.  ``problems`` holds one line per problem, key path first."""
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems: list[str] = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# --------------------------------------------------------------------------------------------
+# POP3
+# --------------------------------------------------------------------------------------------
+
+
+class Pop3Error(ConnectorError):
+    """Anything that went wrong talking to a POP3 server."""
+
+
+class Pop3ProtocolError(Pop3Error):
+    """The server's bytes do not follow RFC 1939 (or exceed one of our caps).
+
+    After this error the connection is out of sync and must be closed, never reused.
+    """
+
+
+class Pop3ResponseError(Pop3Error):
+    """The server answered ``-ERR``.
+
+    ``resp_code`` is the RFC 2449 §8 response code in upper case (``"IN-USE"``, ``"AUTH"``,
+    ``"SYS/TEMP"``), or ``None`` when the server sent none.
+    """
+
+    def __init__(self, command: str, text: str, resp_code: str | None = None) -> None:
+        self.command = command
+        self.text = text
+        self.resp_code = resp_code
+        super().__init__(command, text, resp_code)
+
+    def __str__(self) -> str:
+        code = f"[{self.resp_code}] " if self.resp_code else ""
+        return f"-ERR {code}{self.text} (to {self.command})"
+
+
+class Pop3AuthError(Pop3ResponseError):
+    """``-ERR`` to USER, PASS, APOP or AUTH: the login failed."""
+
+
+class Pop3ConnectionError(Pop3Error, ConnectionError):
+    """The connection could not be made, or broke."""
+
+
+class Pop3TlsError(Pop3ConnectionError):
+    """TLS failed: a handshake error, an untrusted certificate, or STLS not offered."""
+
+
+class Pop3TimeoutError(Pop3Error, TimeoutError):
+    """A deadline for a POP3 phase passed (connect, command, idle read)."""
+
+
+# --------------------------------------------------------------------------------------------
+# SMTP
+# --------------------------------------------------------------------------------------------
+
+
+class SmtpStage(enum.StrEnum):
+    """Where in the SMTP dialogue a delivery failed.
+
+    The first group is session setup: a failure there is about our own relay configuration and
+    never about a message (PRODUCT §6).  ``SIZE`` is our own check against the server's SIZE
+    limit (RFC 1870), done before anything is sent.
+    """
+
+    CONNECT = "connect"
+    TLS = "tls"
+    EHLO = "ehlo"
+    AUTH = "auth"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+    SIZE = "size"
+
+    @property
+    def is_setup(self) -> bool:
+        """True for the stages before the first transaction (connect, TLS, EHLO, AUTH)."""
+        return self in _SETUP_STAGES
+
+
+_SETUP_STAGES: Final = frozenset({SmtpStage.CONNECT, SmtpStage.TLS, SmtpStage.EHLO, SmtpStage.AUTH})
+
+# RFC 3463 §2: class.subject.detail; the class digit is 2, 4 or 5.
+_ENHANCED_RE: Final = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
+
+
+def split_enhanced_code(text: str) -> tuple[str | None, str]:
+    """Split an RFC 3463 enhanced status code off the front of an SMTP reply text.
+
+    >>> split_enhanced_code("5.1.0 Sender denied")
+    ('5.1.0', 'Sender denied')
+    >>> split_enhanced_code("Sender denied")
+    (None, 'Sender denied')
+    """
+    m = _ENHANCED_RE.match(text)
+    if m is None:
+        return None, text
+    code = f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
+    return code, text[m.end() :].strip()
+
+
+class DeliveryError(ConnectorError):
+    """SMTP did not accept a message, or the session could not be set up.
+
+    ``per_message`` says whether the refused thing depends on this message (its own
+    Return-Path at MAIL, DATA and after, the size check) or is the same for every message (a
+    fixed envelope sender, a recipient fixed in the config, the session setup).  The delivery
+    module knows which, so it sets it; :func:`classify` only reads it.
+
+    ``smtp_code`` is ``None`` for timeouts, dropped connections and TLS failures.
+    """
+
+    def __init__(
+        self,
+        stage: SmtpStage,
+        text: str,
+        *,
+        smtp_code: int | None = None,
+        enhanced_code: str | None = None,
+        per_message: bool = False,
+        certificate: bool = False,
+    ) -> None:
+        self.stage = stage
+        self.text = text
+        self.smtp_code = smtp_code
+        self.enhanced_code = enhanced_code
+        self.per_message = per_message
+        self.certificate = certificate
+        super().__init__(stage, text, smtp_code, enhanced_code)
+
+    @property
+    def response(self) -> str:
+        """The server's answer as one line: ``554 5.1.0 Sender denied``, or our own text."""
+        parts = [str(self.smtp_code) if self.smtp_code is not None else "", self.enhanced_code or ""]
+        parts.append(self.text)
+        return " ".join(p for p in parts if p)
+
+    def __str__(self) -> str:
+        return f"{self.response} (at {self.stage})"
+
+
+# --------------------------------------------------------------------------------------------
+# Storage
+# --------------------------------------------------------------------------------------------
+
+
+class DeadLetterError(ConnectorError):
+    """The dead-letter store could not take a message durably; the message stays upstream."""
+
+    def __init__(self, store: str, reason: str) -> None:
+        self.store = store
+        self.reason = reason
+        super().__init__(store, reason)
+
+    def __str__(self) -> str:
+        return f"dead-letter store {self.store}: {self.reason}"
+
+
+class LedgerError(ConnectorError):
+    """The SQLite ledger failed (disk full, corrupt, locked)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Classification
+# --------------------------------------------------------------------------------------------
+
+
+class Disposition(enum.Enum):
+    """What to do about a failure.
+
+    RETRY
+        Transient.  For an SMTP transaction: defer this message and reconnect for the next.
+        Anywhere else: end the account's cycle and try again at the next interval, with backoff.
+    DEAD_LETTER
+        Permanent, and about this message only: move it to the dead-letter store.
+    PARK_ACCOUNT
+        Permanent for the account (credentials, relay setup, a fixed recipient refused): end
+        the cycle, mark the account failing, retry at a slower pace, never dead-letter.
+    BUG
+        Not a failure we know: log it with its traceback and let it propagate.
+    """
+
+    RETRY = "retry"
+    DEAD_LETTER = "dead_letter"
+    PARK_ACCOUNT = "park_account"
+    BUG = "bug"
+
+
+# RFC 2449 §8.1.2 / RFC 3206: these codes say "try again later".
+_POP3_TRANSIENT_CODES: Final = frozenset({"SYS/TEMP", "IN-USE", "LOGIN-DELAY"})
+# RFC 3206 §4 and §5: credentials wrong, or a permanent system problem.
+_POP3_PERMANENT_CODES: Final = frozenset({"AUTH", "SYS/PERM"})
+
+
+def classify(exc: BaseException) -> Disposition:
+    """Decide what a failure means.  Pure: depends only on the exception's type and fields.
+
+    The rules are PRODUCT §6.  In short:
+
+    * POP3: ``[SYS/TEMP]``, ``[IN-USE]``, ``[LOGIN-DELAY]``, protocol errors, timeouts and broken
+      connections are RETRY; ``[AUTH]``, ``[SYS/PERM]`` and certificate failures are
+      PARK_ACCOUNT.  A bare ``-ERR`` at login is RETRY; the service caps how often in a row.
+    * SMTP setup (connect, TLS, EHLO, AUTH): a 5xx, a certificate failure or a refused login is
+      PARK_ACCOUNT; anything transient there is RETRY.  Neither ever dead-letters.
+    * SMTP transaction: a 552 to RCPT counts as 452 (RFC 5321 §4.5.3.1.10); the class digit of an
+      enhanced code (RFC 3463 §3.1) wins over the basic code; 4xx, timeouts and drops are RETRY;
+      5xx is DEAD_LETTER when the refused thing is about this message, else PARK_ACCOUNT.
+    * Dead-letter store and ledger failures are RETRY: the message stays upstream.
+    """
+    match exc:
+        case Pop3AuthError(resp_code=code) if code in _POP3_PERMANENT_CODES:
+            return Disposition.PARK_ACCOUNT
+        case Pop3ResponseError(resp_code=code) if code in _POP3_TRANSIENT_CODES:
+            return Disposition.RETRY
+        case Pop3ResponseError(resp_code="SYS/PERM"):
+            return Disposition.PARK_ACCOUNT
+        case Pop3TlsError():
+            return Disposition.PARK_ACCOUNT
+        case Pop3Error():
+            return Disposition.RETRY
+        case DeliveryError():
+            return _classify_delivery(exc)
+        case DeadLetterError() | LedgerError():
+            return Disposition.RETRY
+        case ConfigError():
+            return Disposition.PARK_ACCOUNT
+        case _:
+            return Disposition.BUG
+
+
+def smtp_class(code: int | None, enhanced_code: str | None, stage: SmtpStage) -> int | None:
+    """The reply class (2, 3, 4 or 5) that decides an SMTP answer, or None without a code.
+
+    RFC 5321 §4.5.3.1.10: a 552 to RCPT was historically "too many recipients", to be treated
+    as 452.  RFC 3463 §3.1: the enhanced code's class digit is the more specific statement.
+    """
+    if code is None:
+        return None
+    if stage is SmtpStage.RCPT and code == 552:
+        code = 452
+    if enhanced_code:
+        return int(enhanced_code[0])
+    return code // 100
+
+
+def _classify_delivery(exc: DeliveryError) -> Disposition:
+    cls = smtp_class(exc.smtp_code, exc.enhanced_code, exc.stage)
+    if exc.stage.is_setup:
+        # A wrong relay setup refuses every message alike: never a dead letter (PRODUCT §6).
+        if exc.certificate or cls == 5:
+            return Disposition.PARK_ACCOUNT
+        return Disposition.RETRY
+    if cls == 5:
+        return Disposition.DEAD_LETTER if exc.per_message else Disposition.PARK_ACCOUNT
+    # 4xx, 421, timeouts, drops, and any odd 2xx/3xx where a final answer was due: transient.
+    return Disposition.RETRY
