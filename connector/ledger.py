@@ -1,15 +1,99 @@
-"""SQLite ledger (STUB: API contract, to be implemented)."""
+"""The SQLite ledger: what happened to each message, so none is handed to SMTP twice.
+
+PRODUCT §5 and STYLE §5.  One row per (account, UIDL) in state ``delivered``,
+``dead_lettered`` or ``deferred``, and one row per account with its last cycle (for ``status``
+and ``/status``).
+
+Theory of operation
+-------------------
+
+* **One connection, one thread.**  ``sqlite3`` blocks, so every call runs on a dedicated
+  single-thread executor (``loop.run_in_executor``), and the connection is created on that
+  thread and never touched elsewhere (``check_same_thread`` enforces it).  The executor's queue
+  serialises concurrent callers from many asyncio tasks: each public method is one job and one
+  transaction.
+* **Explicit transactions.**  The connection is in autocommit mode (``isolation_level=None``)
+  and each job opens ``BEGIN IMMEDIATE`` itself, so the write lock is taken up front and a
+  second process (a ``status`` command) can never make a write fail half-way through.
+* **WAL with ``synchronous=NORMAL``.**  A commit then costs no fsync; a power loss may lose the
+  last commits, never corrupt the file.  That is enough here because the ledger only prevents
+  duplicates, it never holds the only copy of anything: a dead letter is fsynced in its store
+  before the ledger records it (PRODUCT §5.4), and a delivered message is in Exchange.  Losing
+  a ``delivered`` or ``dead_lettered`` commit means the message is offered once more: a
+  duplicate, never a loss.  A lost deferral only restarts its ``max_deferral`` clock.
+* **The duplicate window.**  Between Exchange's ``250`` and the ``delivered`` commit a crash
+  duplicates the message (PRODUCT §5.3).  The record methods keep that window to one thread hop
+  and one small transaction, and they are shielded from cancellation, so a shutdown that
+  cancels the fetcher right after the ``250`` still gets the row committed.
+* **Migrations.**  ``PRAGMA user_version`` counts the scripts of :data:`MIGRATIONS` applied;
+  pending ones run in one transaction on open.  Only ever append to that list.
+* **Listing sync.**  :meth:`Ledger.sync_listing` reads an account's rows with one query and
+  does the set arithmetic in Python; a steady mailbox of 10,000 kept messages costs one read and
+  no writes per cycle (PRODUCT §5: a cycle's cost grows with the new mail only).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
-from collections.abc import Collection
-from dataclasses import dataclass
+import logging
+import os
+import sqlite3
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Self
+from typing import Any, Final, Self, TypeVar
+
+from connector.errors import LedgerError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+A = TypeVar("A")
+
+DEFAULT_PRUNE_AFTER: Final = 7 * 24 * 3600.0
+"""Seconds a row stays after its UIDL stopped being listed (PRODUCT §5.6)."""
+
+BUSY_TIMEOUT_MS: Final = 5000
+"""How long to wait for another process's write lock (a CLI command) before failing."""
+
+MIGRATIONS: Final[list[str]] = [
+    # 1: the initial schema.  WITHOUT ROWID: the rows are small and always found by their key.
+    """
+    CREATE TABLE messages (
+        account        TEXT    NOT NULL,
+        uidl           TEXT    NOT NULL,
+        state          TEXT    NOT NULL
+                       CHECK (state IN ('delivered', 'dead_lettered', 'deferred')),
+        size           INTEGER NOT NULL,
+        attempts       INTEGER NOT NULL,
+        first_seen     REAL    NOT NULL,
+        last_attempt   REAL    NOT NULL,
+        last_response  TEXT    NOT NULL,
+        dead_letter_id TEXT,
+        gone_since     REAL,
+        PRIMARY KEY (account, uidl)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE accounts (
+        name                TEXT NOT NULL PRIMARY KEY,
+        last_cycle_started  REAL,
+        last_cycle_finished REAL,
+        result              TEXT,
+        last_error          TEXT,
+        mailbox_messages    INTEGER,
+        mailbox_bytes       INTEGER,
+        next_poll           REAL
+    ) WITHOUT ROWID;
+    """,
+]
 
 
 class MessageState(enum.StrEnum):
+    """A message's state in the ledger.  ``delivered`` and ``dead_lettered`` are final."""
+
     DELIVERED = "delivered"
     DEAD_LETTERED = "dead_lettered"
     DEFERRED = "deferred"
@@ -17,47 +101,419 @@ class MessageState(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class LedgerEntry:
+    """One message's row.  Times are unix seconds."""
+
     uidl: str
     state: MessageState
     size: int
     attempts: int
-    first_seen: float   # unix time
+    first_seen: float
     last_attempt: float
     last_response: str
+    dead_letter_id: str | None = None
+    gone_since: float | None = None  # set while the UIDL is no longer listed upstream
 
 
 @dataclass(frozen=True, slots=True)
 class CycleRecord:
+    """The outcome of one account's cycle, for ``status`` and ``/status``."""
+
     started: float
     finished: float
-    result: str                 # "ok" | "failed"
+    result: str  # "ok" | "failed"
     error: str | None
     mailbox_messages: int | None
     mailbox_bytes: int | None
     next_poll: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class AccountStatus:
+    """An account's last cycle plus its counts of rows, for ``status`` (PRODUCT §4, §8).
+
+    ``deferred`` counts deferred messages still listed upstream (waiting for a retry);
+    ``dead_lettered`` counts the ledger's dead-lettered rows, which are pruned like any other
+    once gone upstream: the dead-letter store holds the lasting count.
+    """
+
+    name: str
+    last_cycle_started: float | None
+    last_cycle_finished: float | None
+    result: str | None
+    last_error: str | None
+    mailbox_messages: int | None
+    mailbox_bytes: int | None
+    next_poll: float | None
+    deferred: int
+    dead_lettered: int
+
+
+_SELECT_ACCOUNT: Final = """
+    SELECT uidl, state, size, attempts, first_seen, last_attempt, last_response,
+           dead_letter_id, gone_since
+    FROM messages WHERE account = ?
+"""
+_SELECT_ONE: Final = _SELECT_ACCOUNT + " AND uidl = ?"
+
+# A new row starts at one attempt; an existing one counts up and keeps first_seen.
+_UPSERT: Final = """
+    INSERT INTO messages (account, uidl, state, size, attempts, first_seen,
+                          last_attempt, last_response, dead_letter_id, gone_since)
+    VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, NULL)
+    ON CONFLICT (account, uidl) DO UPDATE SET
+        state = excluded.state,
+        size = excluded.size,
+        attempts = messages.attempts + 1,
+        last_attempt = excluded.last_attempt,
+        last_response = excluded.last_response,
+        dead_letter_id = excluded.dead_letter_id,
+        gone_since = NULL
+"""
+# A deferral never overwrites a final state.
+_UPSERT_DEFERRAL: Final = _UPSERT + "    WHERE messages.state = 'deferred'\n"
+
+
+def _entry(row: Any) -> LedgerEntry:
+    uidl, state, size, attempts, first_seen, last_attempt, response, dl_id, gone = row
+    return LedgerEntry(
+        uidl, MessageState(state), size, attempts, first_seen, last_attempt, response, dl_id, gone
+    )
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a migration script into statements (``executescript`` would commit on its own)."""
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            yield buf
+            buf = ""
+    if buf.strip():
+        raise ValueError("migration script ends with an incomplete statement")
+
+
+def _create_private(path: Path) -> None:
+    """Create the database's directory (0700) and file (0600) if missing; keep existing modes.
+
+    The ledger names the accounts and their mail's UIDLs: nothing for other local users.
+    SQLite gives its -wal and -shm files the database file's mode.
+    """
+    directory = path.parent
+    if not directory.exists():
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        os.chmod(path, 0o600)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    _create_private(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        if str(mode).lower() != "wal":
+            raise LedgerError(f"ledger {path}: cannot use WAL journal mode (got {mode})")
+        # Enough with WAL: see "WAL with synchronous=NORMAL" in the module docstring.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        _migrate(conn, path)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    with _transaction(conn):
+        # Read inside the write transaction, so two processes opening a new file cannot both
+        # run migration 1.
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version > len(MIGRATIONS):
+            raise LedgerError(
+                f"ledger {path}: schema version {version} is newer than this program "
+                f"knows ({len(MIGRATIONS)}); upgrade pop3-connector"
+            )
+        for number in range(version + 1, len(MIGRATIONS) + 1):
+            log.info("ledger %s: applying migration %d", path, number)
+            for statement in _statements(MIGRATIONS[number - 1]):
+                conn.execute(statement)
+            # PRAGMA takes no parameters; number is our own int.
+            conn.execute(f"PRAGMA user_version = {number:d}")
+
+
 class Ledger:
+    """The ledger.  Open with :meth:`open`; every method is async and raises only LedgerError.
+
+    ``prune_after`` is how many seconds a row stays after its UIDL is no longer listed.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        executor: ThreadPoolExecutor,
+        conn: sqlite3.Connection,
+        prune_after: float = DEFAULT_PRUNE_AFTER,
+    ) -> None:
+        self.path = path
+        self.prune_after = prune_after
+        self._executor = executor
+        self._conn = conn
+        self._closed = False
+
     @classmethod
-    async def open(cls, path: Path) -> Self:
-        raise NotImplementedError
+    async def open(cls, path: Path, *, prune_after: float = DEFAULT_PRUNE_AFTER) -> Self:
+        """Open (creating it if missing) and migrate the ledger at ``path``."""
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
+        loop = asyncio.get_running_loop()
+        try:
+            conn = await loop.run_in_executor(executor, _guarded, path, "open", _connect, path)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(path, executor, conn, prune_after)
 
     async def close(self) -> None:
-        raise NotImplementedError
+        """Close the connection (SQLite checkpoints the WAL) and stop the thread.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True  # calls queued before this one still run first (FIFO)
+        try:
+            await self._submit("close", lambda conn: conn.close(), closing=True)
+        finally:
+            self._executor.shutdown(wait=False)
 
-    async def sync_listing(self, account: str, listed: Collection[str], now: float) -> dict[str, LedgerEntry]:
-        """Rows of ``account`` whose UIDL is in ``listed``; marks the others gone and prunes the
-        ones gone longer than the prune age.  One thread hop."""
-        raise NotImplementedError
+    # -- the per-message interface -------------------------------------------------------------
 
-    async def record_delivered(self, account: str, uidl: str, size: int, response: str, now: float) -> None:
-        raise NotImplementedError
+    async def sync_listing(
+        self, account: str, listed: Collection[str], now: float
+    ) -> dict[str, LedgerEntry]:
+        """The entries of ``account`` whose UIDL is in ``listed`` (a UIDL listing).
 
-    async def record_dead_lettered(self, account: str, uidl: str, size: int, response: str, now: float) -> None:
-        raise NotImplementedError
+        In the same transaction: rows no longer listed get ``gone_since = now`` (if not set
+        already), rows listed again lose it, and rows gone for ``prune_after`` are deleted.
+        One read of the account's rows; writes only for the rows whose status changed.
+        """
+        wanted = frozenset(listed)  # a snapshot: the caller may reuse its collection
+        return await self._submit(
+            "sync_listing", lambda conn: self._sync_listing(conn, account, wanted, now)
+        )
 
-    async def record_deferred(self, account: str, uidl: str, size: int, response: str, now: float) -> LedgerEntry:
-        raise NotImplementedError
+    def _sync_listing(
+        self, conn: sqlite3.Connection, account: str, wanted: frozenset[str], now: float
+    ) -> dict[str, LedgerEntry]:
+        known: dict[str, LedgerEntry] = {}
+        newly_gone: list[tuple[float, str, str]] = []
+        back: list[tuple[str, str]] = []
+        expired: list[tuple[str, str]] = []
+        with _transaction(conn):
+            for row in conn.execute(_SELECT_ACCOUNT, (account,)):
+                uidl, gone_since = row[0], row[8]
+                if uidl in wanted:
+                    if gone_since is not None:
+                        back.append((account, uidl))
+                    known[uidl] = replace(_entry(row), gone_since=None)
+                elif gone_since is None:
+                    newly_gone.append((now, account, uidl))
+                elif now - gone_since >= self.prune_after:
+                    expired.append((account, uidl))
+            if newly_gone:
+                conn.executemany(
+                    "UPDATE messages SET gone_since = ? WHERE account = ? AND uidl = ?",
+                    newly_gone,
+                )
+            if back:
+                conn.executemany(
+                    "UPDATE messages SET gone_since = NULL WHERE account = ? AND uidl = ?", back
+                )
+            if expired:
+                conn.executemany("DELETE FROM messages WHERE account = ? AND uidl = ?", expired)
+        if newly_gone or back or expired:
+            log.debug(
+                "ledger: account %s: %d gone, %d listed again, %d pruned",
+                account,
+                len(newly_gone),
+                len(back),
+                len(expired),
+            )
+        return known
+
+    async def record_delivered(
+        self, account: str, uidl: str, size: int, response: str, now: float
+    ) -> None:
+        """Commit that SMTP accepted the message (``response`` is the ``250`` line)."""
+        await self._record(account, uidl, MessageState.DELIVERED, size, response, now, None)
+
+    async def record_dead_lettered(
+        self,
+        account: str,
+        uidl: str,
+        size: int,
+        response: str,
+        now: float,
+        dead_letter_id: str | None = None,
+    ) -> None:
+        """Commit that the message is durably in the dead-letter store (as ``dead_letter_id``)."""
+        await self._record(
+            account, uidl, MessageState.DEAD_LETTERED, size, response, now, dead_letter_id
+        )
+
+    async def record_deferred(
+        self, account: str, uidl: str, size: int, response: str, now: float
+    ) -> LedgerEntry:
+        """Commit a temporary refusal; return the row (``attempts`` counted, ``first_seen`` kept).
+
+        A row already delivered or dead-lettered stays so (those states are final); the
+        returned entry shows it.
+        """
+        return await self._record(account, uidl, MessageState.DEFERRED, size, response, now, None)
+
+    async def _record(
+        self,
+        account: str,
+        uidl: str,
+        state: MessageState,
+        size: int,
+        response: str,
+        now: float,
+        dead_letter_id: str | None,
+    ) -> LedgerEntry:
+        sql = _UPSERT_DEFERRAL if state is MessageState.DEFERRED else _UPSERT
+        params = (account, uidl, state.value, size, now, now, response, dead_letter_id)
+
+        def run(conn: sqlite3.Connection) -> LedgerEntry:
+            with _transaction(conn):
+                conn.execute(sql, params)
+                row = conn.execute(_SELECT_ONE, (account, uidl)).fetchone()
+            return _entry(row)
+
+        return await self._submit(f"record {state.value}", run, shield=True)
+
+    async def entry(self, account: str, uidl: str) -> LedgerEntry | None:
+        """The row of one message, or None; changes nothing (for ``status`` and tests)."""
+
+        def run(conn: sqlite3.Connection) -> LedgerEntry | None:
+            row = conn.execute(_SELECT_ONE, (account, uidl)).fetchone()
+            return None if row is None else _entry(row)
+
+        return await self._submit("entry", run)
+
+    # -- the per-account interface -------------------------------------------------------------
 
     async def record_cycle(self, account: str, record: CycleRecord) -> None:
-        raise NotImplementedError
+        """Upsert the account's row with the outcome of its latest cycle."""
+        params = (
+            account,
+            record.started,
+            record.finished,
+            record.result,
+            record.error,
+            record.mailbox_messages,
+            record.mailbox_bytes,
+            record.next_poll,
+        )
+
+        def run(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.execute(
+                    """
+                    INSERT INTO accounts (name, last_cycle_started, last_cycle_finished, result,
+                                          last_error, mailbox_messages, mailbox_bytes, next_poll)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                    ON CONFLICT (name) DO UPDATE SET
+                        last_cycle_started = excluded.last_cycle_started,
+                        last_cycle_finished = excluded.last_cycle_finished,
+                        result = excluded.result,
+                        last_error = excluded.last_error,
+                        mailbox_messages = excluded.mailbox_messages,
+                        mailbox_bytes = excluded.mailbox_bytes,
+                        next_poll = excluded.next_poll
+                    """,
+                    params,
+                )
+
+        await self._submit("record_cycle", run)
+
+    async def account_status(self) -> list[AccountStatus]:
+        """Every account with a cycle record or ledger rows, by name."""
+
+        def run(conn: sqlite3.Connection) -> list[AccountStatus]:
+            rows = conn.execute(
+                """
+                WITH counts AS (
+                    SELECT account,
+                           sum(state = 'deferred' AND gone_since IS NULL) AS deferred,
+                           sum(state = 'dead_lettered') AS dead_lettered
+                    FROM messages GROUP BY account
+                ),
+                names AS (SELECT name FROM accounts UNION SELECT account FROM counts)
+                SELECT names.name, a.last_cycle_started, a.last_cycle_finished, a.result,
+                       a.last_error, a.mailbox_messages, a.mailbox_bytes, a.next_poll,
+                       coalesce(c.deferred, 0), coalesce(c.dead_lettered, 0)
+                FROM names
+                LEFT JOIN accounts a ON a.name = names.name
+                LEFT JOIN counts c ON c.account = names.name
+                ORDER BY names.name
+                """
+            ).fetchall()
+            return [AccountStatus(*row) for row in rows]
+
+        return await self._submit("account_status", run)
+
+    async def total_changes(self) -> int:
+        """Rows changed through this connection since it was opened (SQLite total_changes).
+
+        For tests and debugging: it proves that a steady listing writes nothing.
+        """
+        return await self._submit("total_changes", lambda conn: conn.total_changes)
+
+    # -- the thread hop ------------------------------------------------------------------------
+
+    async def _submit(
+        self,
+        op: str,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        shield: bool = False,
+        closing: bool = False,
+    ) -> T:
+        """Run ``fn(conn)`` on the ledger thread.
+
+        ``shield``: if the caller is cancelled while the job is queued or running, the job
+        still runs to its commit (and the caller still gets CancelledError).  Without it a
+        queued job would be dropped by the cancellation.
+        """
+        if self._closed and not closing:
+            raise LedgerError(f"ledger {self.path}: closed")
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, _guarded, self.path, op, fn, self._conn)
+        if shield:
+            # If the caller is gone, nobody awaits the result: retrieve a failure here so that
+            # asyncio does not log "exception was never retrieved".
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            return await asyncio.shield(future)
+        return await future
+
+
+def _guarded(path: Path, op: str, fn: Callable[[A], T], arg: A) -> T:
+    """Call ``fn(arg)`` on the ledger thread, turning SQLite and OS errors into LedgerError."""
+    try:
+        return fn(arg)
+    except sqlite3.Error as exc:
+        name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+        raise LedgerError(f"ledger {path}: {op} failed: {exc} [{name}]") from exc
+    except OSError as exc:
+        raise LedgerError(f"ledger {path}: {op} failed: {exc.strerror or exc}") from exc

@@ -1,22 +1,235 @@
-"""Dead-letter stores (STUB: API contract, to be implemented)."""
+"""Dead-letter stores: where a message refused permanently goes before it is deleted upstream.
+
+PRODUCT §5.4 and §7.  A dead letter is the original message bytes with five header lines added
+at the top::
+
+    X-POP3-Connector-Account: info
+    X-POP3-Connector-UIDL: 00000001650a1b2c
+    X-POP3-Connector-Stage: data
+    X-POP3-Connector-Response: 554 5.1.0 Sender denied
+    X-POP3-Connector-Failed-At: 2026-11-27T15:49:35Z
+
+Prepending lines is the only change PRODUCT §5 allows, so :func:`strip_dead_letter_headers`
+gives ``requeue`` the original bytes back exactly.  The header values come from the POP3 server
+(UIDL) and the SMTP server (the response text), so they are untrusted: every value is forced to
+one line of printable ASCII, which makes a header injection (a CR/LF in a reply text starting a
+new header line, or a body) impossible.
+
+Two protocols: :class:`DeadLetterStore` is what the fetcher needs (``put``);
+:class:`DeadLetterArchive` adds what the ``dead-letters`` commands need.
+"""
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
+import re
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 
 @dataclass(frozen=True, slots=True)
 class DeadLetterInfo:
+    """Why a message was dead-lettered.  ``failed_at`` must be timezone-aware."""
+
     account: str
     uidl: str
-    stage: str          # mail | rcpt | data | size | expired
-    response: str       # "554 5.1.0 Sender denied"
+    stage: str  # mail | rcpt | data | size | expired
+    response: str  # "554 5.1.0 Sender denied"
     failed_at: dt.datetime  # aware, UTC
 
 
+@dataclass(frozen=True, slots=True)
+class DeadLetterRecord:
+    """One stored dead letter, as parsed from our header lines (never from the body).
+
+    ``size`` is the original message's size in octets, without our header lines: what
+    ``requeue`` would deliver.
+    """
+
+    id: str
+    account: str
+    uidl: str
+    stage: str
+    response: str
+    failed_at: dt.datetime
+    size: int
+
+
 class DeadLetterStore(Protocol):
+    """The seam the fetcher uses (PRODUCT §5.4)."""
+
     async def put(self, raw: bytes, info: DeadLetterInfo) -> str:
         """Store durably; return the dead letter's id.  Raises DeadLetterError."""
         ...
+
+
+class DeadLetterArchive(DeadLetterStore, Protocol):
+    """A store that can also be inspected and cleaned (``dead-letters list/show/requeue/purge``).
+
+    Unknown ids raise ``KeyError``; a failing store raises ``DeadLetterError``.
+    """
+
+    async def list(self) -> builtins.list[DeadLetterRecord]:
+        """Every dead letter in the store, oldest first."""
+        ...
+
+    async def get(self, id: str) -> bytes:
+        """The stored bytes: our header lines followed by the original message."""
+        ...
+
+    async def remove(self, id: str) -> None:
+        """Delete one dead letter."""
+        ...
+
+    async def count_by_account(self) -> dict[str, int]:
+        """Number of dead letters per account (for the ``dead_letters`` gauge and ``status``)."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# Header lines
+# --------------------------------------------------------------------------------------------
+
+HEADER_PREFIX: Final = "X-POP3-Connector-"
+# The order is part of the format: strip_dead_letter_headers() removes exactly these, in order.
+_FIELDS: Final = ("Account", "UIDL", "Stage", "Response", "Failed-At")
+_NAMES: Final = tuple(f"{HEADER_PREFIX}{f}: ".encode("ascii") for f in _FIELDS)
+_TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
+
+# RFC 5322 §2.1.1: a line is at most 998 characters.  The longest name plus ": " is 28, so a
+# value of 900 leaves room, and the five lines together stay far below HEADER_BLOCK_MAX.
+_MAX_VALUE: Final = 900
+HEADER_BLOCK_MAX: Final = 8192
+"""Reading this many bytes from the start of a dead letter always covers our header lines."""
+
+_WHITESPACE_RE: Final = re.compile(r"\s+")
+
+
+def _one_line(value: str) -> str:
+    """``value`` as one line of printable ASCII: no header injection, whatever the server sent.
+
+    Runs of whitespace (CR, LF, tab, Unicode spaces) become one space, so a reply text spread
+    over lines stays readable.  Other control characters and non-ASCII are backslash-escaped,
+    as Python's ``backslashreplace`` does, so nothing is lost silently.  Over-long values are
+    cut (RFC 5322 §2.1.1).
+    """
+    out: list[str] = []
+    for ch in _WHITESPACE_RE.sub(" ", value).strip():
+        code = ord(ch)
+        if 0x20 <= code < 0x7F:
+            out.append(ch)
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    text = "".join(out)
+    if len(text) > _MAX_VALUE:
+        text = text[: _MAX_VALUE - 3] + "..."
+    return text
+
+
+def format_failed_at(when: dt.datetime) -> str:
+    """``when`` in UTC as ``2026-11-27T15:49:35Z`` (RFC 3339, seconds).  Rejects naive times."""
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise ValueError("failed_at must be timezone-aware")
+    return when.astimezone(dt.UTC).strftime(_TIME_FORMAT)
+
+
+def dead_letter_headers(info: DeadLetterInfo, eol: bytes) -> bytes:
+    """The five ``X-POP3-Connector-*`` lines of PRODUCT §7, each ended by ``eol``.
+
+    Every value is sanitised to one line of printable ASCII (see module docstring).
+    """
+    if eol not in (b"\r\n", b"\n"):
+        raise ValueError("eol must be CRLF or LF")
+    values = (info.account, info.uidl, info.stage, info.response)
+    lines = [
+        name + _one_line(v).encode("ascii") for name, v in zip(_NAMES[:4], values, strict=True)
+    ]
+    lines.append(_NAMES[4] + format_failed_at(info.failed_at).encode("ascii"))
+    return b"".join(line + eol for line in lines)
+
+
+def message_eol(raw: bytes) -> bytes:
+    """The message's own line ending: CRLF if its first line ends in CRLF, else LF.
+
+    POP3 delivers CRLF (RFC 1939 §3); a message that was stored with LF keeps LF, so a mail
+    client never sees mixed line endings in the header block.
+    """
+    first_nl = raw.find(b"\n")
+    if first_nl > 0 and raw[first_nl - 1 : first_nl] == b"\r":
+        return b"\r\n"
+    return b"\n"
+
+
+def with_dead_letter_headers(raw: bytes, info: DeadLetterInfo) -> bytes:
+    """``raw`` with our header lines in front; the original bytes follow unchanged."""
+    return dead_letter_headers(info, message_eol(raw)) + raw
+
+
+def _our_lines(raw: bytes) -> tuple[list[bytes], int]:
+    """The values of our leading header lines, in order, and the offset just past them.
+
+    Matches the names of PRODUCT §7 in their fixed order and stops at the first line that is
+    not the next one, or after the fifth.  Callers accept the block only when all five are
+    there, so a message that itself starts with one such line keeps it.
+    """
+    values: list[bytes] = []
+    pos = 0
+    for name in _NAMES:
+        if not raw.startswith(name, pos):
+            break
+        nl = raw.find(b"\n", pos)
+        if nl < 0:
+            break
+        values.append(raw[pos + len(name) : nl].rstrip(b"\r"))
+        pos = nl + 1
+    return values, pos
+
+
+def strip_dead_letter_headers(raw: bytes) -> bytes:
+    """``raw`` without our five leading ``X-POP3-Connector-*`` lines: the original again.
+
+    Anything else (fewer lines, another order) is not our block and is left alone.
+
+    The exact inverse of :func:`with_dead_letter_headers` for any bytes, which ``requeue``
+    relies on (tested with hypothesis).
+    """
+    values, end = _our_lines(raw)
+    return raw[end:] if len(values) == len(_NAMES) else raw
+
+
+def parse_dead_letter_headers(raw: bytes) -> tuple[DeadLetterInfo, int] | None:
+    """Our header values from the start of a dead letter, and the length of our header lines.
+
+    Only the header lines are read, so the first :data:`HEADER_BLOCK_MAX` bytes of a file are
+    enough.  Returns ``None`` when the five lines are not all there (not one of ours).
+    """
+    values, end = _our_lines(raw)
+    if len(values) != len(_NAMES):
+        return None
+    account, uidl, stage, response, failed_at = (v.decode("ascii", "replace") for v in values)
+    try:
+        when = dt.datetime.strptime(failed_at, _TIME_FORMAT).replace(tzinfo=dt.UTC)
+    except ValueError:
+        return None
+    return DeadLetterInfo(account, uidl, stage, response, when), end
+
+
+__all__ = [
+    "HEADER_BLOCK_MAX",
+    "HEADER_PREFIX",
+    "DeadLetterArchive",
+    "DeadLetterInfo",
+    "DeadLetterRecord",
+    "DeadLetterStore",
+    "dead_letter_headers",
+    "format_failed_at",
+    "message_eol",
+    "parse_dead_letter_headers",
+    "strip_dead_letter_headers",
+    "with_dead_letter_headers",
+]

@@ -1,0 +1,281 @@
+"""The Maildir dead-letter store (PRODUCT §7, the default): one file per dead letter.
+
+Delivery follows the Maildir specification (https://cr.yp.to/proto/maildir.html): write the
+file under ``tmp/`` with a unique name, fsync it, hard-link it into ``new/`` (a link, unlike a
+rename, never replaces an existing file), remove the ``tmp/`` name.  Then one step both
+``mailbox.Maildir.add`` and getmail6 skip: fsync the ``new/`` directory.  Without it a power
+loss can lose the directory entry although the file's data is on disk, and the message has
+been deleted upstream by then (PRODUCT §5.4 demands "file and directory fsynced").  A reader
+therefore only ever sees complete files, and only in ``new/`` (or ``cur/``, once a mail client
+has seen them).
+
+All filesystem work runs in a worker thread (``asyncio.to_thread``, STYLE §4).  Every
+``OSError`` becomes :class:`~connector.errors.DeadLetterError`, whose text names the store and
+the errno, never the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import collections
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import secrets
+import socket
+import time
+from pathlib import Path
+from typing import Final
+
+from connector.deadletter import (
+    HEADER_BLOCK_MAX,
+    DeadLetterInfo,
+    DeadLetterRecord,
+    parse_dead_letter_headers,
+    with_dead_letter_headers,
+)
+from connector.errors import DeadLetterError
+
+log = logging.getLogger(__name__)
+
+_SUBDIRS: Final = ("tmp", "new", "cur")
+# The Maildir spec's per-process delivery counter (the "Q" part of a unique name).
+_counter: Final = itertools.count(1)
+# link() fails this way on filesystems without hard links; the spec allows rename() there.
+_NO_HARD_LINKS: Final = frozenset({errno.EPERM, errno.EOPNOTSUPP})
+
+
+def _hostname() -> str:
+    # Maildir spec: "/" and ":" in the host name are written as \057 and \072.
+    return socket.gethostname().replace("/", r"\057").replace(":", r"\072")
+
+
+def unique_name() -> str:
+    """A Maildir unique name: ``<sec>.M<usec>P<pid>Q<counter>R<random>.<host>``.
+
+    Time, pid and a per-process counter make it unique on this host (the spec's modern form);
+    the random part also covers a pid reused within the same microsecond after a restart.
+    """
+    now = time.time_ns() // 1000
+    sec, usec = divmod(now, 1_000_000)
+    return f"{sec}.M{usec}P{os.getpid()}Q{next(_counter)}R{secrets.token_hex(4)}.{_hostname()}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class MaildirStore:
+    """Dead letters as files in a Maildir at ``path``, readable by any mail client.
+
+    The Maildir (``tmp``, ``new``, ``cur``, mode 0700) is created on the first ``put``; files
+    are mode 0600, since they hold other people's mail.  The id of a dead letter is its unique
+    file name without the ``:2,...`` info suffix a mail client may add in ``cur/``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.store_name = f"maildir:{path}"
+        self._ready = False
+
+    def __repr__(self) -> str:
+        return f"MaildirStore({str(self.path)!r})"
+
+    # -- the DeadLetterStore protocol ----------------------------------------------------------
+
+    async def put(self, raw: bytes, info: DeadLetterInfo) -> str:
+        """Store ``raw`` with our header lines durably; return its id.  Raises DeadLetterError."""
+        return await asyncio.to_thread(self._put, raw, info)
+
+    async def list(self) -> builtins.list[DeadLetterRecord]:
+        """Every dead letter in ``new/`` and ``cur/``, oldest first; reads only header lines.
+
+        Files without our five header lines (something else put them there) are skipped.
+        """
+        return await asyncio.to_thread(self._list)
+
+    async def get(self, id: str) -> bytes:
+        """The stored bytes (our header lines, then the original).  Unknown id: KeyError."""
+        return await asyncio.to_thread(self._get, id)
+
+    async def remove(self, id: str) -> None:
+        """Delete the dead letter ``id``.  Unknown id: KeyError."""
+        await asyncio.to_thread(self._remove, id)
+
+    async def count_by_account(self) -> dict[str, int]:
+        """Number of dead letters per account."""
+        records = await self.list()
+        return dict(collections.Counter(r.account for r in records))
+
+    # -- worker-thread side --------------------------------------------------------------------
+
+    def _error(self, what: str, exc: OSError) -> DeadLetterError:
+        # Errno text only: an OSError's str() could carry a path, never message bytes, but we
+        # keep the reason short and uniform.
+        code = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno is not None else ""
+        reason = f"{what}: {exc.strerror or type(exc).__name__}"
+        return DeadLetterError(self.store_name, f"{reason} [{code}]" if code else reason)
+
+    def _ensure_maildir(self) -> None:
+        if self._ready:
+            return
+        created = False
+        for sub in ("", *_SUBDIRS):
+            directory = self.path / sub
+            try:
+                directory.mkdir(mode=0o700, parents=not sub)
+            except FileExistsError:
+                continue
+            created = True
+        if created:
+            # Make the new directories' entries durable too, or a crash could lose new/ itself.
+            _fsync_dir(self.path)
+            _fsync_dir(self.path.parent)
+        self._ready = True
+
+    def _put(self, raw: bytes, info: DeadLetterInfo) -> str:
+        data = with_dead_letter_headers(raw, info)
+        try:
+            self._ensure_maildir()
+        except OSError as exc:
+            raise self._error("cannot create the Maildir", exc) from exc
+        name = unique_name()
+        tmp = self.path / "tmp" / name
+        new = self.path / "new" / name
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            self._ready = False  # maybe the Maildir was removed under us: re-create next time
+            raise self._error("cannot create a file in tmp/", exc) from exc
+        stage = "cannot write the file"
+        try:
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            stage = "cannot move the file into new/"
+            try:
+                os.link(tmp, new)
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+                os.rename(tmp, new)
+            else:
+                try:
+                    os.unlink(tmp)
+                except OSError as exc:
+                    # Harmless: the message is in new/; readers clean stale tmp/ files.
+                    log.warning("dead letter %s: cannot remove tmp/ copy: %s", name, exc.strerror)
+            stage = "cannot sync new/"
+            _fsync_dir(self.path / "new")
+        except OSError as exc:
+            # Not durable, so not stored: leave no trace, the message stays upstream and the
+            # next cycle tries again (a duplicate at worst, never a loss).
+            for leftover in (tmp, new) if stage == "cannot sync new/" else (tmp,):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            raise self._error(stage, exc) from exc
+        log.debug("dead letter %s stored in %s", name, self.path)
+        return name
+
+    def _locate(self, id: str) -> Path:
+        # An id comes from the command line: refuse anything that is not a plain file name.
+        if not id or id.startswith(".") or any(c in id for c in "/:\0"):
+            raise KeyError(id)
+        candidate = self.path / "new" / id
+        if candidate.is_file():
+            return candidate
+        try:
+            with os.scandir(self.path / "cur") as entries:
+                for entry in entries:
+                    if entry.name == id or entry.name.startswith(id + ":"):
+                        return Path(entry.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise self._error("cannot read cur/", exc) from exc
+        raise KeyError(id)
+
+    def _get(self, id: str) -> bytes:
+        # Two tries: a mail client may move the file from new/ to cur/ between look-up and open.
+        for _ in range(2):
+            path = self._locate(id)
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise self._error(f"cannot read {id}", exc) from exc
+        raise KeyError(id)
+
+    def _remove(self, id: str) -> None:
+        for _ in range(2):
+            path = self._locate(id)
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise self._error(f"cannot remove {id}", exc) from exc
+            return
+        raise KeyError(id)
+
+    def _list(self) -> builtins.list[DeadLetterRecord]:
+        records: builtins.list[DeadLetterRecord] = []
+        # new/ before cur/: a file a client moves meanwhile is then seen in one of them.
+        for sub in ("new", "cur"):
+            try:
+                with os.scandir(self.path / sub) as it:
+                    entries = [e for e in it if not e.name.startswith(".")]
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise self._error(f"cannot read {sub}/", exc) from exc
+            for entry in entries:
+                record = self._read_record(entry)
+                if record is not None:
+                    records.append(record)
+        records.sort(key=lambda r: (r.failed_at, r.id))
+        return records
+
+    def _read_record(self, entry: os.DirEntry[str]) -> DeadLetterRecord | None:
+        try:
+            with open(entry.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                head = f.read(HEADER_BLOCK_MAX)
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+        except OSError as exc:
+            raise self._error(f"cannot read {entry.name}", exc) from exc
+        parsed = parse_dead_letter_headers(head)
+        if parsed is None:
+            log.warning("%s: %s is not a dead letter of ours, skipped", self.store_name, entry.name)
+            return None
+        info, header_len = parsed
+        return DeadLetterRecord(
+            id=entry.name.split(":", 1)[0],
+            account=info.account,
+            uidl=info.uidl,
+            stage=info.stage,
+            response=info.response,
+            failed_at=info.failed_at,
+            size=size - header_len,
+        )
+
+
+__all__ = ["MaildirStore", "unique_name"]

@@ -1,0 +1,369 @@
+"""The SQLite ledger, on a real database file in tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import stat
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from connector import ledger as ledger_module
+from connector.errors import LedgerError
+from connector.ledger import (
+    DEFAULT_PRUNE_AFTER,
+    MIGRATIONS,
+    AccountStatus,
+    CycleRecord,
+    Ledger,
+    LedgerEntry,
+    MessageState,
+)
+
+T0 = 1_800_000_000.0
+DAY = 86400.0
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "ledger.sqlite3"
+
+
+@pytest.fixture
+async def ledger(db_path: Path) -> AsyncIterator[Ledger]:
+    led = await Ledger.open(db_path)
+    try:
+        yield led
+    finally:
+        await led.close()
+
+
+def _user_version(path: Path) -> int:
+    with sqlite3.connect(path) as conn:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+    conn.close()
+    return int(version)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# -- opening, migrations, permissions ---------------------------------------------------------
+
+
+async def test_open_creates_schema_and_reopen_is_idempotent(db_path: Path) -> None:
+    led = await Ledger.open(db_path)
+    await led.record_delivered("info", "u1", 100, "250 ok", T0)
+    await led.close()
+    assert _user_version(db_path) == len(MIGRATIONS) == 1
+
+    with sqlite3.connect(db_path) as conn:
+        (journal,) = conn.execute("PRAGMA journal_mode").fetchone()
+        tables = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
+    conn.close()
+    assert journal == "wal"
+    assert set(tables) == {"messages", "accounts"}
+    assert "WITHOUT ROWID" in tables["messages"]
+
+    again = await Ledger.open(db_path)  # migration 1 would fail with "table exists" if re-run
+    try:
+        entry = await again.entry("info", "u1")
+        assert entry is not None
+        assert entry.state is MessageState.DELIVERED
+    finally:
+        await again.close()
+    assert _user_version(db_path) == 1
+
+
+async def test_pending_migration_runs_once(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    await (await Ledger.open(db_path)).close()
+    migrations = [
+        *MIGRATIONS,
+        "CREATE TABLE extra (x INTEGER);\nCREATE INDEX extra_x ON extra (x);",
+    ]
+    monkeypatch.setattr(ledger_module, "MIGRATIONS", migrations)
+    await (await Ledger.open(db_path)).close()
+    assert _user_version(db_path) == 2
+    await (await Ledger.open(db_path)).close()  # would fail on "table extra exists"
+    assert _user_version(db_path) == 2
+
+
+async def test_failing_migration_rolls_back(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    await (await Ledger.open(db_path)).close()
+    migrations = [*MIGRATIONS, "CREATE TABLE extra (x INTEGER);\nSELECT * FROM no_such_table;"]
+    monkeypatch.setattr(ledger_module, "MIGRATIONS", migrations)
+    with pytest.raises(LedgerError, match="no such table"):
+        await Ledger.open(db_path)
+    assert _user_version(db_path) == 1
+    with sqlite3.connect(db_path) as conn:
+        names = {n for (n,) in conn.execute("SELECT name FROM sqlite_master")}
+    conn.close()
+    assert "extra" not in names
+
+
+async def test_newer_schema_is_refused(db_path: Path) -> None:
+    await (await Ledger.open(db_path)).close()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(LedgerError, match="schema version 99 is newer"):
+        await Ledger.open(db_path)
+
+
+async def test_not_a_database_is_a_ledger_error(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    path.write_bytes(b"this is not SQLite\n" * 100)
+    with pytest.raises(LedgerError, match="not a database"):
+        await Ledger.open(path)
+
+
+async def test_new_file_and_directory_are_owner_only(db_path: Path) -> None:
+    led = await Ledger.open(db_path)
+    await led.record_delivered("info", "u1", 1, "250 ok", T0)
+    try:
+        assert _mode(db_path.parent) == 0o700
+        assert _mode(db_path) == 0o600
+        # SQLite copies the database's mode to its WAL files, which hold the same data.
+        assert _mode(db_path.with_name(db_path.name + "-wal")) == 0o600
+        assert _mode(db_path.with_name(db_path.name + "-shm")) == 0o600
+    finally:
+        await led.close()
+
+
+async def test_existing_directory_keeps_its_mode(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    state.chmod(0o755)
+    await (await Ledger.open(state / "ledger.sqlite3")).close()
+    assert _mode(state) == 0o755
+    assert _mode(state / "ledger.sqlite3") == 0o600
+
+
+# -- per-message state ------------------------------------------------------------------------
+
+
+async def test_state_transitions(ledger: Ledger) -> None:
+    assert await ledger.sync_listing("info", ["a", "b", "c"], T0) == {}
+
+    first = await ledger.record_deferred("info", "a", 10, "451 4.3.0 try later", T0)
+    assert first == LedgerEntry("a", MessageState.DEFERRED, 10, 1, T0, T0, "451 4.3.0 try later")
+    await ledger.record_delivered("info", "a", 10, "250 2.0.0 queued", T0 + 60)
+    await ledger.record_dead_lettered("info", "b", 20, "554 5.1.0 Sender denied", T0 + 61, "dl-1")
+    await ledger.record_deferred("info", "c", 30, "421 busy", T0 + 62)
+
+    entries = await ledger.sync_listing("info", ["a", "b", "c", "d"], T0 + 120)
+    assert entries == {
+        "a": LedgerEntry("a", MessageState.DELIVERED, 10, 2, T0, T0 + 60, "250 2.0.0 queued"),
+        "b": LedgerEntry(
+            "b",
+            MessageState.DEAD_LETTERED,
+            20,
+            1,
+            T0 + 61,
+            T0 + 61,
+            "554 5.1.0 Sender denied",
+            "dl-1",
+        ),
+        "c": LedgerEntry("c", MessageState.DEFERRED, 30, 1, T0 + 62, T0 + 62, "421 busy"),
+    }
+
+
+async def test_deferral_counts_attempts_and_keeps_first_seen(ledger: Ledger) -> None:
+    for i in range(1, 4):
+        entry = await ledger.record_deferred("info", "u", 5, f"451 try {i}", T0 + i * 900)
+        assert entry.attempts == i
+        assert entry.first_seen == T0 + 900
+        assert entry.last_attempt == T0 + i * 900
+        assert entry.last_response == f"451 try {i}"
+    # Then dead-lettered as expired (PRODUCT §5.5): first_seen still the first deferral.
+    await ledger.record_dead_lettered("info", "u", 5, "451 try 3", T0 + DAY * 5, "dl-9")
+    final = await ledger.entry("info", "u")
+    assert final is not None
+    assert (final.state, final.attempts, final.first_seen) == (
+        MessageState.DEAD_LETTERED,
+        4,
+        T0 + 900,
+    )
+
+
+async def test_deferral_never_demotes_a_final_state(ledger: Ledger) -> None:
+    await ledger.record_delivered("info", "u", 5, "250 ok", T0)
+    entry = await ledger.record_deferred("info", "u", 5, "451 later", T0 + 1)
+    assert entry == LedgerEntry("u", MessageState.DELIVERED, 5, 1, T0, T0, "250 ok")
+
+
+async def test_accounts_are_separate(ledger: Ledger) -> None:
+    await ledger.record_delivered("info", "same-uidl", 1, "250 ok", T0)
+    assert await ledger.sync_listing("sales", ["same-uidl"], T0) == {}
+    assert set(await ledger.sync_listing("info", ["same-uidl"], T0)) == {"same-uidl"}
+
+
+# -- gone, reappearing, pruning ---------------------------------------------------------------
+
+
+async def test_gone_rows_are_pruned_after_the_age(db_path: Path) -> None:
+    led = await Ledger.open(db_path, prune_after=7 * DAY)
+    try:
+        await led.record_delivered("info", "old", 1, "250 ok", T0)
+        await led.record_delivered("info", "kept", 1, "250 ok", T0)
+        await led.sync_listing("info", ["kept"], T0 + 10)  # "old" was DELEd and is gone now
+        gone = await led.entry("info", "old")
+        assert gone is not None
+        assert gone.gone_since == T0 + 10
+
+        await led.sync_listing("info", ["kept"], T0 + 10 + 7 * DAY - 1)
+        assert await led.entry("info", "old") is not None  # not yet
+        await led.sync_listing("info", ["kept"], T0 + 10 + 7 * DAY)
+        assert await led.entry("info", "old") is None
+        assert await led.entry("info", "kept") is not None
+    finally:
+        await led.close()
+
+
+async def test_reappearing_uidl_is_known_again_and_its_clock_restarts(db_path: Path) -> None:
+    led = await Ledger.open(db_path, prune_after=DAY)
+    try:
+        await led.record_dead_lettered("info", "u", 1, "554 no", T0)
+        await led.sync_listing("info", [], T0 + 100)  # gone (e.g. a server that hid it)
+        entries = await led.sync_listing("info", ["u"], T0 + 200)  # back again
+        assert entries["u"].state is MessageState.DEAD_LETTERED
+        assert entries["u"].gone_since is None
+        stored = await led.entry("info", "u")
+        assert stored is not None
+        assert stored.gone_since is None
+
+        await led.sync_listing("info", [], T0 + DAY)  # gone again: clock starts here
+        await led.sync_listing("info", [], T0 + 100 + DAY)  # a day after the first disappearance
+        assert await led.entry("info", "u") is not None
+        await led.sync_listing("info", [], T0 + 2 * DAY)
+        assert await led.entry("info", "u") is None
+    finally:
+        await led.close()
+
+
+async def test_default_prune_age_is_seven_days(ledger: Ledger) -> None:
+    assert ledger.prune_after == DEFAULT_PRUNE_AFTER == 7 * DAY
+
+
+async def test_sync_listing_of_10000_kept_messages_writes_nothing_when_steady(
+    db_path: Path,
+) -> None:
+    await (await Ledger.open(db_path)).close()
+    uidls = [f"{i:016x}" for i in range(10_000)]
+    with sqlite3.connect(db_path) as conn:
+        conn.executemany(
+            "INSERT INTO messages VALUES"
+            " ('info', ?, 'delivered', 1000, 1, ?, ?, '250 ok', NULL, NULL)",
+            [(u, T0, T0) for u in uidls],
+        )
+        conn.executemany(
+            "INSERT INTO messages VALUES ('info', ?, 'deferred', 1, 1, ?, ?, '451', NULL, NULL)",
+            [(f"vanished-{i}", T0, T0) for i in range(3)],
+        )
+    conn.close()
+
+    led = await Ledger.open(db_path)
+    try:
+        before = await led.total_changes()
+        entries = await led.sync_listing("info", uidls, T0 + 60)
+        assert len(entries) == 10_000
+        assert entries[uidls[1234]].size == 1000
+        first = await led.total_changes()
+        assert first - before == 3  # only the three vanished rows were marked gone
+
+        entries = await led.sync_listing("info", uidls, T0 + 120)
+        assert len(entries) == 10_000
+        assert await led.total_changes() == first  # the steady state writes nothing
+    finally:
+        await led.close()
+
+
+# -- accounts ---------------------------------------------------------------------------------
+
+
+async def test_record_cycle_and_account_status(ledger: Ledger) -> None:
+    await ledger.record_cycle(
+        "info", CycleRecord(T0, T0 + 5, "failed", "timeout", None, None, T0 + 900)
+    )
+    await ledger.record_cycle(
+        "info", CycleRecord(T0 + 900, T0 + 903, "ok", None, 12, 3456, T0 + 1800)
+    )
+    await ledger.record_deferred("info", "d1", 1, "451", T0)
+    await ledger.record_deferred("info", "d2", 1, "451", T0)
+    await ledger.record_dead_lettered("info", "x1", 1, "554", T0)
+    await ledger.record_delivered("info", "ok1", 1, "250", T0)
+    await ledger.sync_listing("info", ["d1", "x1", "ok1"], T0 + 1)  # d2 vanished upstream
+    await ledger.record_delivered("orphan", "u", 1, "250", T0)  # rows, but no cycle record yet
+
+    assert await ledger.account_status() == [
+        AccountStatus("info", T0 + 900, T0 + 903, "ok", None, 12, 3456, T0 + 1800, 1, 1),
+        AccountStatus("orphan", None, None, None, None, None, None, None, 0, 0),
+    ]
+
+
+# -- concurrency, cancellation, close ---------------------------------------------------------
+
+
+async def test_concurrent_tasks_are_serialised(ledger: Ledger) -> None:
+    async def defer_many(uidl: str) -> None:
+        for i in range(20):
+            await ledger.record_deferred("info", uidl, 1, "451", T0 + i)
+
+    async def sync_many() -> None:
+        for i in range(20):
+            await ledger.sync_listing("info", [f"u{n}" for n in range(10)], T0 + i)
+
+    async with asyncio.TaskGroup() as tg:
+        for n in range(10):
+            tg.create_task(defer_many(f"u{n}"))
+        tg.create_task(sync_many())
+        tg.create_task(ledger.record_cycle("info", CycleRecord(T0, T0, "ok", None, 10, 10, None)))
+
+    entries = await ledger.sync_listing("info", [f"u{n}" for n in range(10)], T0 + 100)
+    assert {e.attempts for e in entries.values()} == {20}
+    assert len(entries) == 10
+
+
+async def test_cancelled_record_still_commits(ledger: Ledger) -> None:
+    # Hold the ledger thread, so the record job is still queued when its caller is cancelled:
+    # the delivered commit after a 250 must not be dropped (PRODUCT §5.3).
+    gate = threading.Event()
+    hold = asyncio.create_task(ledger._submit("hold", lambda conn: gate.wait(10)))
+    await asyncio.sleep(0)
+    record = asyncio.create_task(ledger.record_delivered("info", "u", 1, "250 ok", T0))
+    await asyncio.sleep(0)
+    record.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await record
+    gate.set()
+    assert await hold is True
+    entry = await ledger.entry("info", "u")
+    assert entry is not None
+    assert entry.state is MessageState.DELIVERED
+
+
+async def test_close_then_use_is_a_ledger_error(db_path: Path) -> None:
+    led = await Ledger.open(db_path)
+    pending = asyncio.create_task(led.record_delivered("info", "u", 1, "250 ok", T0))
+    await asyncio.sleep(0)  # queued before close: must still run
+    await led.close()
+    await pending
+    await led.close()  # idempotent
+    with pytest.raises(LedgerError, match="closed"):
+        await led.sync_listing("info", [], T0)
+    # Closing checkpointed the WAL: the row is in the main file and survives.
+    assert not db_path.with_name(db_path.name + "-wal").exists()
+    again = await Ledger.open(db_path)
+    try:
+        assert await again.entry("info", "u") is not None
+    finally:
+        await again.close()
+
+
+async def test_sqlite_errors_become_ledger_errors(ledger: Ledger) -> None:
+    with pytest.raises(LedgerError, match="no such table"):
+        await ledger._submit("probe", lambda conn: conn.execute("SELECT * FROM nope"))
