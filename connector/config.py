@@ -1,0 +1,824 @@
+"""Settings: the TOML file of PRODUCT §3, overridden by ``POP3_CONNECTOR_*`` environment variables.
+
+The only pydantic in the package (STYLE §1).  :func:`load_settings` is the one way in; it turns
+every failure (missing file, TOML syntax, validation, bad environment JSON, unreadable secret
+file) into a :class:`~connector.errors.ConfigError` whose ``problems`` hold one line per problem,
+key path first: ``accounts[1].port: Input should be less than or equal to 65535``.
+
+Precedence is environment > TOML > defaults, merged deeply: ``POP3_CONNECTOR_SMTP__HOST`` replaces
+``smtp.host`` and keeps the rest of ``[smtp]``.  Items of ``[[accounts]]`` cannot be reached from
+the environment (pydantic-settings would replace the whole list), so per-account secrets come
+from ``password_env`` or ``password_file``.  ``POP3_CONNECTOR_CONFIG`` names the config file (the
+CLI reads it) and is not a setting.
+
+After loading, every default that depends on something else is filled in, so callers read plain
+values: ``port`` (by ``tls``), ``smtp.helo_name`` (this host's FQDN), ``dead_letter.path``
+(``<state_dir>/dead-letters``), each account's ``poll_interval`` (``service.poll_interval``), and
+``password`` (the secret, whichever of password / password_file / password_env gave it).
+
+Secrets: pydantic's error dicts carry the whole input of a model (password included) even with
+``hide_input_in_errors``; :func:`format_validation_error` asks for them without inputs, and no
+message written here quotes a value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+import socket
+import stat
+import tomllib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Final, Literal, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+from connector.errors import ConfigError
+
+__all__ = [
+    "ENV_PREFIX",
+    "MASK",
+    "AccountConfig",
+    "DeadLetterConfig",
+    "ImapDeadLetter",
+    "MaildirDeadLetter",
+    "MetricsSettings",
+    "ServiceSettings",
+    "Settings",
+    "SmtpConfig",
+    "config_warnings",
+    "dead_letter_path",
+    "format_duration",
+    "format_validation_error",
+    "load_settings",
+    "parse_duration",
+    "render_settings",
+]
+
+ENV_PREFIX: Final = "POP3_CONNECTOR_"
+# The CLI's config-path variable shares the prefix but is not a setting (PRODUCT §2).
+CONFIG_ENV: Final = ENV_PREFIX + "CONFIG"
+MASK: Final = "********"
+# The one error type our validators raise: ``key`` (optional) is appended to pydantic's location,
+# so a cross-field check on ``accounts[1]`` can still name ``accounts[1].password_file``.
+_ERROR_TYPE: Final = "config"
+
+
+def _problem(detail: str, key: str | None = None) -> PydanticCustomError:
+    return PydanticCustomError(_ERROR_TYPE, "{detail}", {"detail": detail, "key": key})
+
+
+# --------------------------------------------------------------------------------------------
+# Durations
+# --------------------------------------------------------------------------------------------
+
+_NUMBER: Final = r"\d+(?:\.\d+)?"
+_DURATION_RE: Final = re.compile(
+    rf"(?:(?P<d>{_NUMBER})d)?(?:(?P<h>{_NUMBER})h)?(?:(?P<m>{_NUMBER})m)?(?:(?P<s>{_NUMBER})s)?",
+    re.IGNORECASE,
+)
+_UNIT_SECONDS: Final = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+_DURATION_HINT: Final = 'expected a duration like "30s", "15m", "2h", "5d", "1h30m" or seconds'
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a duration: ``"30s"``, ``"15m"``, ``"2h"``, ``"5d"``, ``"1h30m"``, or a number.
+
+    Units go from large to small, each at most once; a bare number (or numeric string) is
+    seconds.  The result must be finite and greater than zero.  Raises ``ValueError`` without
+    quoting the value.
+    """
+    if isinstance(value, bool):  # TOML `true` is not a duration, though bool is an int
+        raise ValueError(_DURATION_HINT)
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(_NUMBER, text):
+            seconds = float(text)
+        else:
+            m = _DURATION_RE.fullmatch(text)
+            if not text or m is None:
+                raise ValueError(_DURATION_HINT)
+            seconds = sum(float(n) * _UNIT_SECONDS[u] for u, n in m.groupdict().items() if n)
+    else:
+        raise ValueError(_DURATION_HINT)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError("a duration must be greater than 0")
+    return seconds
+
+
+def format_duration(seconds: float) -> str | float:
+    """The inverse of :func:`parse_duration` for rendering: ``5400`` -> ``"1h30m"``.
+
+    Whole seconds become a duration string; a fractional value stays a float (TOML keeps it
+    exactly, and ``parse_duration`` accepts numbers).
+    """
+    if seconds <= 0 or not math.isfinite(seconds) or seconds != int(seconds):
+        return seconds
+    rest = int(seconds)
+    parts: list[str] = []
+    for unit, size in _UNIT_SECONDS.items():
+        count, rest = divmod(rest, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts)
+
+
+def _duration(value: object) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise _problem(str(exc)) from None
+
+
+Duration = Annotated[float, BeforeValidator(_duration)]
+
+# --------------------------------------------------------------------------------------------
+# Small validated types
+# --------------------------------------------------------------------------------------------
+
+# RFC 5322 §3.2.3 dot-atom local part (no quoted strings) and an RFC 5321 §4.1.2 domain.  ASCII
+# only: a non-ASCII address needs SMTPUTF8, which an Exchange relay may not offer.
+_ATEXT: Final = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL: Final = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_ADDRESS_RE: Final = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*")
+
+
+def _address(value: str) -> str:
+    if not _ADDRESS_RE.fullmatch(value) or len(value) > 254:
+        raise _problem("not a valid mail address (expected user@domain, ASCII, no <>)")
+    return value
+
+
+Address = Annotated[str, AfterValidator(_address)]
+
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+
+
+def _account_name(value: str) -> str:
+    # The name goes into log lines, metric labels and file names: keep it to safe characters.
+    if not _NAME_RE.fullmatch(value) or value in {".", ".."}:
+        raise _problem("use 1-64 characters: letters, digits, '.', '_', '-' or '@'")
+    return value
+
+
+def _host(value: str) -> str:
+    if not value or any(c.isspace() or not c.isprintable() for c in value):
+        raise _problem("a host name or IP address without spaces is required")
+    return value
+
+
+Host = Annotated[str, AfterValidator(_host)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+_ENV_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _env_name(value: str) -> str:
+    if not _ENV_NAME_RE.fullmatch(value):
+        raise _problem("not a valid environment variable name")
+    return value
+
+
+EnvName = Annotated[str, AfterValidator(_env_name)]
+
+
+def _is_loopback(host: str) -> bool:
+    """True for ``localhost`` (RFC 6761 §6.3) and loopback addresses: clear text never leaves us."""
+    name = host.strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+
+class _Secretful(_Model):
+    """``password`` / ``password_file`` / ``password_env``: at most one; ``password`` ends resolved.
+
+    After validation ``password`` holds the secret whichever way it was given (a file's trailing
+    newline stripped), and the other two record where it came from.
+    """
+
+    _password_required: ClassVar[bool] = True
+
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    password_env: EnvName | None = None
+
+    def secret(self) -> str | None:
+        """The resolved password in clear text, or None when none is configured."""
+        return self.password.get_secret_value() if self.password is not None else None
+
+    def _resolved_password(self) -> SecretStr | None:
+        given = [n for n in ("password", "password_file", "password_env") if getattr(self, n)]
+        if len(given) > 1:
+            raise _problem(
+                f"set only one of password, password_file, password_env (got {', '.join(given)})"
+            )
+        if self.password_file is not None:
+            try:
+                text = self.password_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                if isinstance(exc, UnicodeDecodeError):
+                    reason = "not UTF-8 text"
+                raise _problem(
+                    f"cannot read {self.password_file}: {reason}", "password_file"
+                ) from None
+            value = text.rstrip("\r\n")
+            if not value:
+                raise _problem(f"{self.password_file} is empty", "password_file")
+            return SecretStr(value)
+        if self.password_env is not None:
+            env = os.environ.get(self.password_env)
+            if env is None:
+                raise _problem(
+                    f"environment variable {self.password_env} is not set", "password_env"
+                )
+            if not env:
+                raise _problem(f"environment variable {self.password_env} is empty", "password_env")
+            return SecretStr(env)
+        if self.password is not None and not self.password.get_secret_value():
+            raise _problem("must not be empty", "password")
+        if self.password is None and self._password_required:
+            raise _problem("required: set password, password_file or password_env", "password")
+        return self.password
+
+
+class ServiceSettings(_Model):
+    """``[service]``: the daemon as a whole."""
+
+    state_dir: Path = Path("/var/lib/pop3-connector")
+    poll_interval: Duration = 900.0
+    max_parallel_accounts: int = Field(default=8, ge=1)
+    shutdown_grace: Duration = 30.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+
+
+_LISTEN_V6_RE: Final = re.compile(r"\[(?P<host>[^\]]+)\]:(?P<port>\d{1,5})")
+_LISTEN_RE: Final = re.compile(r"(?P<host>[A-Za-z0-9.-]+):(?P<port>\d{1,5})")
+
+
+def _split_listen(value: str) -> tuple[str, int] | None:
+    if value == "":
+        return None
+    m = _LISTEN_V6_RE.fullmatch(value)
+    if m is not None:
+        try:
+            ipaddress.IPv6Address(m["host"])
+        except ValueError:
+            raise _problem("not an IPv6 address inside [ ]") from None
+    else:
+        m = _LISTEN_RE.fullmatch(value)
+        if m is None:
+            raise _problem('expected "host:port" ("[::1]:9469" for IPv6), or "" to turn it off')
+    port = int(m["port"])
+    if port > 65535:
+        raise _problem("port must be 0-65535")
+    return m["host"], port
+
+
+def _listen(value: str) -> str:
+    _split_listen(value)
+    return value
+
+
+class MetricsSettings(_Model):
+    """``[metrics]``: the HTTP endpoint for /metrics, /healthz, /status and POST /poll."""
+
+    # Port 0 is allowed: the OS picks one (tests use it).
+    listen: Annotated[str, AfterValidator(_listen)] = "127.0.0.1:9469"
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """``(host, port)`` to bind, IPv6 without brackets; None when the endpoint is off."""
+        return _split_listen(self.listen)
+
+
+class _Endpoint(_Secretful):
+    """Host, port, TLS and trust; ``port`` is filled from ``tls`` when not given."""
+
+    _default_ports: ClassVar[dict[str, int]] = {}
+
+    host: Host
+    port: Port | None = None
+    tls: str  # narrowed to a Literal by each subclass
+    verify_certificate: bool = True
+    ca_file: Path | None = None
+
+    @property
+    def effective_port(self) -> int:
+        """The port to connect to: the configured one, else the default for ``tls``."""
+        if self.port is not None:
+            return self.port
+        return self._default_ports[self.tls]
+
+    def _finished(self) -> dict[str, Any]:
+        return {"port": self.effective_port, "password": self._resolved_password()}
+
+    # Set once the derived values are in: pydantic runs "after" validators again when an
+    # instance is validated (Settings(accounts=[AccountConfig(...)])), and a resolved password
+    # next to its password_env must not then look like two sources.
+    _complete: bool = PrivateAttr(default=False)
+
+    @model_validator(mode="after")
+    def _finish(self) -> Self:
+        if self._complete:
+            return self
+        # The models are frozen, and a model validator that returns a copy makes pydantic warn
+        # when the model is built directly.  This instance is new and not yet seen by anyone,
+        # so filling in the derived values is the end of its construction, not a mutation.
+        self.__dict__.update(self._finished())
+        self._complete = True
+        return self
+
+
+def _helo_name(value: str) -> str:
+    # RFC 5321 §4.1.1.1: a domain or an address literal; no spaces or line breaks either way.
+    if not re.fullmatch(r"[A-Za-z0-9._-]+|\[[A-Za-z0-9:.]+\]", value):
+        raise _problem("expected a host name like connector.example.local")
+    return value
+
+
+def _envelope_sender(value: str) -> str:
+    if value in {"return-path", "null"}:
+        return value
+    if not _ADDRESS_RE.fullmatch(value):
+        raise _problem('expected "return-path", "null" or a mail address')
+    return value
+
+
+class SmtpConfig(_Endpoint):
+    """``[smtp]``: the Exchange receive connector.  SMTP AUTH is optional."""
+
+    _password_required: ClassVar[bool] = False
+    # RFC 8314 §3.3: implicit TLS on 465; RFC 5321 §4.5.4 / RFC 3207: 25 with STARTTLS or none.
+    _default_ports: ClassVar[dict[str, int]] = {"implicit": 465, "starttls": 25, "none": 25}
+
+    tls: Literal["starttls", "implicit", "none"] = "starttls"
+    username: str | None = Field(default=None, min_length=1)
+    helo_name: Annotated[str, AfterValidator(_helo_name)] | None = None
+    envelope_sender: Annotated[str, AfterValidator(_envelope_sender)] = "return-path"
+    dsn: bool = True
+    timeout: Duration = 60.0
+
+    def _finished(self) -> dict[str, Any]:
+        updates = super()._finished()
+        if self.username is not None and updates["password"] is None:
+            raise _problem(
+                "smtp.username is set: set password, password_file or password_env too",
+                "password",
+            )
+        if self.username is None and updates["password"] is not None:
+            raise _problem("required when a password is set (SMTP AUTH)", "username")
+        if self.helo_name is None:
+            updates["helo_name"] = socket.getfqdn()
+        return updates
+
+
+class MaildirDeadLetter(_Model):
+    """``[dead_letter] store = "maildir"``: a Maildir any mail client can read (PRODUCT §7)."""
+
+    store: Literal["maildir"] = "maildir"
+    # None only before loading: load_settings fills in <state_dir>/dead-letters.
+    path: Path | None = None
+
+
+def _folder(value: str) -> str:
+    # RFC 3501 §9: a mailbox name is an astring; CR, LF and NUL can never be sent.
+    if not value or any(c in value for c in "\r\n\0"):
+        raise _problem("a folder name without line breaks is required")
+    return value
+
+
+class ImapDeadLetter(_Endpoint):
+    """``[dead_letter] store = "imap"``: APPEND to a folder on an IMAP server."""
+
+    # RFC 8314 §3.3 (993) and RFC 3501 §2.1 (143).
+    _default_ports: ClassVar[dict[str, int]] = {"implicit": 993, "none": 143}
+
+    store: Literal["imap"]
+    tls: Literal["implicit", "none"] = "implicit"
+    username: str = Field(min_length=1)
+    folder: Annotated[str, AfterValidator(_folder)] = "POP3 Connector/Dead Letters"
+
+
+def _dead_letter_store(value: Any) -> str:
+    # A missing `store` means the default Maildir (PRODUCT §3).
+    if isinstance(value, dict):
+        return str(value.get("store", "maildir"))
+    return str(getattr(value, "store", "maildir"))
+
+
+DeadLetterConfig = Annotated[
+    Annotated[MaildirDeadLetter, Tag("maildir")] | Annotated[ImapDeadLetter, Tag("imap")],
+    Discriminator(
+        _dead_letter_store,
+        custom_error_type=_ERROR_TYPE,
+        custom_error_message='must be "maildir" or "imap"',
+        custom_error_context={"detail": 'must be "maildir" or "imap"', "key": "store"},
+    ),
+]
+_DEAD_LETTER_TAGS: Final = frozenset({"maildir", "imap"})
+
+
+class AccountConfig(_Endpoint):
+    """One ``[[accounts]]`` entry: a POP3 mailbox and where its mail goes."""
+
+    # RFC 8314 §3.3 (995); RFC 1939 §3 and RFC 2595 §4 (110, plain or with STLS).
+    _default_ports: ClassVar[dict[str, int]] = {"implicit": 995, "starttls": 110, "none": 110}
+
+    name: Annotated[str, AfterValidator(_account_name)]
+    tls: Literal["implicit", "starttls", "none"] = "implicit"
+    username: str = Field(min_length=1)
+    auth: Literal["auto", "user", "apop", "plain"] = "auto"
+    deliver_to: list[Address] = Field(min_length=1)
+    # None before loading; load_settings fills in service.poll_interval.
+    poll_interval: Duration | None = None
+    enabled: bool = True
+    max_deferral: Duration = 5 * 86400.0
+
+
+# Filled in by load_settings for the duration of one Settings() call (see _TomlData).
+_toml_data: ContextVar[dict[str, Any] | None] = ContextVar("_toml_data", default=None)
+
+
+class _TomlData(PydanticBaseSettingsSource):
+    """The parsed TOML file as the lowest-priority source.
+
+    load_settings parses the file itself (a missing file is an error, and syntax errors keep
+    their line and column), so this source only hands the dict on; pydantic-settings merges it
+    deeply under the environment.
+    """
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ returns the whole dict
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_toml_data.get() or {})
+
+
+class Settings(BaseSettings):
+    """The whole configuration (PRODUCT §3).  Build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        hide_input_in_errors=True,
+    )
+
+    # Order matters: the validators of later fields read the earlier ones from info.data.
+    service: ServiceSettings = Field(default_factory=ServiceSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    smtp: SmtpConfig
+    dead_letter: DeadLetterConfig = Field(default_factory=MaildirDeadLetter, validate_default=True)
+    accounts: list[AccountConfig] = Field(min_length=1)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # First wins: init kwargs (tests), environment, TOML.  No .env file, no secrets dir.
+        return (init_settings, env_settings, _TomlData(settings_cls))
+
+    @field_validator("dead_letter")
+    @classmethod
+    def _default_dead_letter_path(
+        cls, value: MaildirDeadLetter | ImapDeadLetter, info: ValidationInfo
+    ) -> MaildirDeadLetter | ImapDeadLetter:
+        service = info.data.get("service")
+        if isinstance(value, MaildirDeadLetter) and value.path is None and service is not None:
+            return value.model_copy(update={"path": service.state_dir / "dead-letters"})
+        return value
+
+    @field_validator("accounts")
+    @classmethod
+    def _check_accounts(
+        cls, value: list[AccountConfig], info: ValidationInfo
+    ) -> list[AccountConfig]:
+        # Names become file names and metric labels; "Info" and "info" collide on some disks.
+        seen: dict[str, int] = {}
+        for i, account in enumerate(value):
+            first = seen.setdefault(account.name.lower(), i)
+            if first != i:
+                raise _problem(f"duplicate account name (also accounts[{first}])", f"[{i}].name")
+        service = info.data.get("service")
+        if service is None:
+            return value
+        return [
+            a
+            if a.poll_interval is not None
+            else a.model_copy(update={"poll_interval": service.poll_interval})
+            for a in value
+        ]
+
+    def poll_interval_of(self, account: AccountConfig) -> float:
+        """Seconds between an account's cycles: its own ``poll_interval``, else the service's."""
+        return (
+            account.poll_interval
+            if account.poll_interval is not None
+            else self.service.poll_interval
+        )
+
+
+def dead_letter_path(settings: Settings) -> Path | None:
+    """The dead-letter Maildir (default ``<state_dir>/dead-letters``); None for the IMAP store."""
+    dl = settings.dead_letter
+    if isinstance(dl, ImapDeadLetter):
+        return None
+    return dl.path if dl.path is not None else settings.service.state_dir / "dead-letters"
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and errors
+# --------------------------------------------------------------------------------------------
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif i == 1 and loc[0] == "dead_letter" and part in _DEAD_LETTER_TAGS:
+            continue  # the discriminated union's tag is not a TOML key
+        else:
+            path += f".{part}" if path else part
+    return path
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    """One line per error, ``key.path[0].name: message``; never an input value or a URL."""
+    lines: list[str] = []
+    for err in exc.errors(include_input=False, include_url=False):
+        path = _key_path(err["loc"])
+        msg = err["msg"]
+        ctx = err.get("ctx") or {}
+        if err["type"] == _ERROR_TYPE:
+            key = ctx.get("key")
+            msg = str(ctx.get("detail", msg))
+            if key:
+                path = (
+                    f"{path}{key}" if str(key).startswith("[") else f"{path}.{key}" if path else key
+                )
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg.removeprefix("Value error, ")
+        lines.append(f"{path or '<config>'}: {msg}")
+    return lines
+
+
+def _password_env_names(data: object) -> set[str]:
+    """Every ``password_env`` value in the raw TOML, at any depth."""
+    match data:
+        case dict():
+            names = {
+                v.upper() for k, v in data.items() if k == "password_env" and isinstance(v, str)
+            }
+            return names.union(*(_password_env_names(v) for v in data.values()))
+        case list():
+            return set().union(*(_password_env_names(v) for v in data))
+        case _:
+            return set()
+
+
+def _unknown_env(exempt: set[str]) -> list[str]:
+    # pydantic-settings ignores a prefixed variable that matches no field; a typo like
+    # POP3_CONNECTOR_SMPT__HOST would be silently dropped, so report it like an unknown key.
+    # Exempt: the config-path variable, and variables that a password_env names.
+    fields = set(Settings.model_fields)
+    problems = []
+    for name in sorted(os.environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper == CONFIG_ENV or upper in exempt:
+            continue
+        top = name[len(ENV_PREFIX) :].split("__", 1)[0].lower()
+        if top not in fields:
+            problems.append(f"{name}: unknown setting (environment variable)")
+    return problems
+
+
+def load_settings(path: Path) -> Settings:
+    """Read the TOML file at ``path``, apply ``POP3_CONNECTOR_*`` overrides, validate, resolve.
+
+    Raises :class:`ConfigError` listing every problem found; no message contains a secret.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file is a directory: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text (TOML files must be UTF-8)") from None
+    except tomllib.TOMLDecodeError as exc:
+        # The message carries the line and column, never the text of the line.
+        raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
+    unknown = _unknown_env(_password_env_names(data))
+    token = _toml_data.set(data)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        raise ConfigError(unknown + format_validation_error(exc)) from None
+    except SettingsError as exc:
+        # Bad JSON in a variable such as POP3_CONNECTOR_ACCOUNTS; the message names the field.
+        raise ConfigError([*unknown, f"environment: {exc}"]) from None
+    finally:
+        _toml_data.reset(token)
+    if unknown:
+        raise ConfigError(unknown)
+    return settings
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering and warnings (pop3-connector check)
+# --------------------------------------------------------------------------------------------
+
+_DURATION_KEYS: Final = frozenset({"poll_interval", "shutdown_grace", "timeout", "max_deferral"})
+
+
+def _toml_value(key: str, value: object) -> str:
+    match value:
+        case bool():
+            return "true" if value else "false"
+        case int():
+            return str(value)
+        case float() if key in _DURATION_KEYS:
+            return _toml_value("", format_duration(value))
+        case float():
+            return repr(value)
+        case str():
+            return _toml_string(value)
+        case Path():
+            return _toml_string(str(value))
+        case list():
+            return "[" + ", ".join(_toml_value(key, v) for v in value) + "]"
+        case _:
+            raise TypeError(f"cannot render {key} as TOML")
+
+
+def _toml_string(text: str) -> str:
+    out = ['"']
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch < " " or ch == "\x7f":  # TOML 1.0 §String: control characters must be escaped
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+# Render order: identity first, then connection, then credentials, then the rest in model order.
+_KEY_ORDER: Final = (
+    "name",
+    "store",
+    "host",
+    "port",
+    "tls",
+    "verify_certificate",
+    "ca_file",
+    "username",
+    "password",
+    "password_file",
+    "password_env",
+)
+
+
+def _table_lines(model: BaseModel) -> Iterator[str]:
+    inline = isinstance(model, _Secretful) and not (model.password_file or model.password_env)
+    fields = list(type(model).model_fields)
+    keys = [k for k in _KEY_ORDER if k in fields] + [k for k in fields if k not in _KEY_ORDER]
+    for key in keys:
+        value = getattr(model, key)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            # Only an inline (or environment-override) password is shown, masked; one from a
+            # file or variable is shown by its source, so the output loads again as it is.
+            if inline:
+                yield f"{key} = {_toml_string(MASK)}"
+            continue
+        yield f"{key} = {_toml_value(key, value)}"
+
+
+def render_settings(settings: Settings) -> str:
+    """The effective configuration as TOML, defaults filled in and every secret masked."""
+    lines = ["# pop3-connector: effective configuration (defaults filled in, secrets masked)"]
+    for table in ("service", "metrics", "smtp", "dead_letter"):
+        lines += ["", f"[{table}]", *_table_lines(getattr(settings, table))]
+    for account in settings.accounts:
+        lines += ["", "[[accounts]]", *_table_lines(account)]
+    return "\n".join(lines) + "\n"
+
+
+def _inline_password_keys(path: Path) -> list[str]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    keys = [f"{t}.password" for t in ("smtp", "dead_letter") if "password" in data.get(t, {})]
+    accounts = data.get("accounts", [])
+    if isinstance(accounts, list):
+        keys += [f"accounts[{i}].password" for i, a in enumerate(accounts) if "password" in a]
+    return keys
+
+
+def _group_or_world_readable(path: Path) -> int | None:
+    """The permission bits if group or others may read or write ``path`` (POSIX only)."""
+    if os.name != "posix":
+        return None
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return None
+    return mode if mode & 0o077 else None
+
+
+def config_warnings(settings: Settings, path: Path) -> list[str]:
+    """Risky but valid settings, for ``pop3-connector check``: one line each, key path first.
+
+    Clear-text passwords towards a non-loopback host (PRODUCT §3), certificate checks turned
+    off, a config file or password file that group or others can read while it holds a secret,
+    and no enabled account.
+    """
+    warnings: list[str] = []
+    endpoints: list[tuple[str, _Endpoint]] = [("smtp", settings.smtp)]
+    if isinstance(settings.dead_letter, ImapDeadLetter):
+        endpoints.append(("dead_letter", settings.dead_letter))
+    endpoints += [(f"accounts[{i}]", a) for i, a in enumerate(settings.accounts)]
+    for where, ep in endpoints:
+        if ep.tls == "none" and ep.password is not None and not _is_loopback(ep.host):
+            warnings.append(f'{where}.tls: "none" sends the password in clear text to {ep.host}')
+        if ep.tls != "none" and not ep.verify_certificate:
+            warnings.append(
+                f"{where}.verify_certificate: false accepts any certificate from {ep.host} "
+                "(anyone on the path can read the password and the mail)"
+            )
+        if ep.password_file is not None:
+            mode = _group_or_world_readable(ep.password_file)
+            if mode is not None:
+                warnings.append(
+                    f"{where}.password_file: {ep.password_file} is accessible to group or "
+                    f"others (mode {mode:04o}); chmod 600 it"
+                )
+    inline = _inline_password_keys(path)
+    mode = _group_or_world_readable(path)
+    if inline and mode is not None:
+        warnings.append(
+            f"{inline[0]}: {path} holds a password and is accessible to group or others "
+            f"(mode {mode:04o}); chmod 600 it, or use password_file / password_env"
+        )
+    if not any(a.enabled for a in settings.accounts):
+        warnings.append("accounts: no account is enabled; run and once will do nothing")
+    return warnings

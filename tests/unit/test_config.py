@@ -1,0 +1,800 @@
+"""connector.config: TOML + environment loading, validation messages, rendering, warnings."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from connector.config import (
+    MASK,
+    AccountConfig,
+    ImapDeadLetter,
+    MaildirDeadLetter,
+    MetricsSettings,
+    ServiceSettings,
+    Settings,
+    SmtpConfig,
+    config_warnings,
+    dead_letter_path,
+    format_duration,
+    load_settings,
+    parse_duration,
+    render_settings,
+)
+from connector.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.toml"
+SECRET = "s3cr3t-Pa55word!"  # must never appear in an error or a rendering
+
+SMTP = """
+[smtp]
+host = "exchange.example.local"
+"""
+
+ACCOUNT = f"""
+[[accounts]]
+name = "info"
+host = "pop.example.net"
+username = "info@firma.example"
+password = "{SECRET}"
+deliver_to = ["info@firma.local"]
+"""
+
+MINIMAL = SMTP + ACCOUNT
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start every test without any POP3_CONNECTOR_* variable from the outside."""
+    for name in list(os.environ):
+        if name.upper().startswith("POP3_CONNECTOR_"):
+            monkeypatch.delenv(name)
+
+
+def write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
+
+def load(tmp_path: Path, text: str) -> Settings:
+    return load_settings(write(tmp_path, text))
+
+
+def problems(tmp_path: Path, text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, text)
+    assert SECRET not in str(info.value)
+    assert all(SECRET not in p for p in info.value.problems)
+    return info.value.problems
+
+
+# --------------------------------------------------------------------------------------------
+# Defaults
+# --------------------------------------------------------------------------------------------
+
+
+def test_defaults(tmp_path: Path) -> None:
+    s = load(tmp_path, MINIMAL)
+    assert s.service == ServiceSettings()
+    assert s.service.state_dir == Path("/var/lib/pop3-connector")
+    assert s.service.poll_interval == 900.0
+    assert s.service.max_parallel_accounts == 8
+    assert s.service.shutdown_grace == 30.0
+    assert (s.service.log_level, s.service.log_format) == ("info", "text")
+    assert s.metrics.listen == "127.0.0.1:9469"
+    assert s.metrics.address == ("127.0.0.1", 9469)
+    assert s.smtp.tls == "starttls"
+    assert s.smtp.port == s.smtp.effective_port == 25
+    assert s.smtp.verify_certificate is True
+    assert s.smtp.ca_file is None
+    assert s.smtp.username is None
+    assert s.smtp.password is None
+    assert s.smtp.secret() is None
+    assert s.smtp.helo_name == socket.getfqdn()
+    assert s.smtp.envelope_sender == "return-path"
+    assert s.smtp.dsn is True
+    assert s.smtp.timeout == 60.0
+    assert s.dead_letter == MaildirDeadLetter(path=Path("/var/lib/pop3-connector/dead-letters"))
+    assert dead_letter_path(s) == Path("/var/lib/pop3-connector/dead-letters")
+    (a,) = s.accounts
+    assert (a.name, a.host, a.port, a.tls) == ("info", "pop.example.net", 995, "implicit")
+    assert a.verify_certificate is True
+    assert a.auth == "auto"
+    assert a.deliver_to == ["info@firma.local"]
+    assert a.poll_interval == 900.0
+    assert s.poll_interval_of(a) == 900.0
+    assert a.enabled is True
+    assert a.max_deferral == 5 * 86400
+    assert a.secret() == SECRET
+
+
+def test_dead_letter_path_follows_state_dir(tmp_path: Path) -> None:
+    s = load(tmp_path, '[service]\nstate_dir = "/srv/pc"\n' + MINIMAL)
+    assert s.dead_letter == MaildirDeadLetter(path=Path("/srv/pc/dead-letters"))
+    s = load(tmp_path, '[dead_letter]\npath = "/srv/dl"\n' + MINIMAL)
+    assert dead_letter_path(s) == Path("/srv/dl")
+
+
+def test_account_poll_interval_overrides_service(tmp_path: Path) -> None:
+    text = '[service]\npoll_interval = "10m"\n' + MINIMAL + 'poll_interval = "5m"\n'
+    text += ACCOUNT.replace('"info"', '"other"')
+    s = load(tmp_path, text)
+    assert [a.poll_interval for a in s.accounts] == [300.0, 600.0]
+    assert [s.poll_interval_of(a) for a in s.accounts] == [300.0, 600.0]
+
+
+def test_models_are_frozen(tmp_path: Path) -> None:
+    s = load(tmp_path, MINIMAL)
+    with pytest.raises(ValidationError, match="frozen"):
+        s.smtp.host = "elsewhere"  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="frozen"):
+        s.service = ServiceSettings()  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------------------------
+# Environment
+# --------------------------------------------------------------------------------------------
+
+
+def test_env_deep_merges_over_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = MINIMAL.replace("[smtp]", '[smtp]\nport = 2525\ntls = "none"')
+    monkeypatch.setenv("POP3_CONNECTOR_SMTP__HOST", "exchange2.example.local")
+    monkeypatch.setenv("POP3_CONNECTOR_SERVICE__POLL_INTERVAL", "2m")
+    monkeypatch.setenv("pop3_connector_metrics__listen", "")  # names are case-insensitive
+    s = load(tmp_path, text)
+    assert s.smtp.host == "exchange2.example.local"
+    assert (s.smtp.port, s.smtp.tls) == (2525, "none")  # kept from the TOML
+    assert s.service.poll_interval == 120.0
+    assert s.accounts[0].poll_interval == 120.0  # the filled-in default sees the override
+    assert s.metrics.address is None
+
+
+def test_env_can_supply_a_whole_missing_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POP3_CONNECTOR_SMTP__HOST", "relay.example.local")
+    assert load(tmp_path, ACCOUNT).smtp.host == "relay.example.local"
+
+
+def test_config_path_variable_is_not_a_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POP3_CONNECTOR_CONFIG", str(tmp_path / "config.toml"))
+    assert load(tmp_path, MINIMAL).smtp.host == "exchange.example.local"
+
+
+def test_unknown_env_variable_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POP3_CONNECTOR_SMPT__HOST", "typo.example")
+    assert problems(tmp_path, MINIMAL) == [
+        "POP3_CONNECTOR_SMPT__HOST: unknown setting (environment variable)"
+    ]
+    monkeypatch.setenv("POP3_CONNECTOR_SMTP__HSOT", "typo.example")
+    assert "smtp.hsot: unknown key" in problems(tmp_path, MINIMAL)
+
+
+def test_password_env_variable_with_our_prefix_is_not_unknown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POP3_CONNECTOR_INFO_PW", SECRET)
+    text = MINIMAL.replace(f'password = "{SECRET}"', 'password_env = "POP3_CONNECTOR_INFO_PW"')
+    assert load(tmp_path, text).accounts[0].secret() == SECRET
+
+
+def test_bad_json_in_env_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POP3_CONNECTOR_ACCOUNTS", f"[{{password: {SECRET}")
+    (problem,) = problems(tmp_path, MINIMAL)
+    assert problem.startswith("environment: ")
+    assert '"accounts"' in problem
+
+
+def test_env_validation_error_names_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POP3_CONNECTOR_SMTP__PORT", "abc")
+    assert problems(tmp_path, MINIMAL) == [
+        "smtp.port: Input should be a valid integer, unable to parse string as an integer"
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Passwords
+# --------------------------------------------------------------------------------------------
+
+
+def with_password(source: str) -> str:
+    return MINIMAL.replace(f'password = "{SECRET}"', source)
+
+
+@pytest.mark.parametrize("content", [f"{SECRET}\n", f"{SECRET}\r\n", SECRET])
+def test_password_file(tmp_path: Path, content: str) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text(content, encoding="utf-8", newline="")
+    s = load(tmp_path, with_password(f'password_file = "{pw}"'))
+    a = s.accounts[0]
+    assert a.secret() == SECRET
+    assert a.password is not None
+    assert a.password.get_secret_value() == SECRET
+    assert a.password_file == pw
+
+
+def test_password_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INFO_PASSWORD", SECRET)
+    a = load(tmp_path, with_password('password_env = "INFO_PASSWORD"')).accounts[0]
+    assert a.secret() == SECRET
+    assert a.password_env == "INFO_PASSWORD"
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        (
+            f'password = "{SECRET}"\npassword_env = "PW"',
+            "accounts[0]: set only one of password, password_file, password_env "
+            "(got password, password_env)",
+        ),
+        (
+            'password_file = "/nonexistent/pw"\npassword_env = "PW"',
+            "accounts[0]: set only one of password, password_file, password_env "
+            "(got password_file, password_env)",
+        ),
+        ("", "accounts[0].password: required: set password, password_file or password_env"),
+        ('password = ""', "accounts[0].password: must not be empty"),
+        (
+            'password_file = "/nonexistent/pw"',
+            "accounts[0].password_file: cannot read /nonexistent/pw: No such file or directory",
+        ),
+        (
+            'password_env = "POP3_TEST_UNSET_VARIABLE"',
+            "accounts[0].password_env: environment variable POP3_TEST_UNSET_VARIABLE is not set",
+        ),
+        (
+            'password_env = "NOT A NAME"',
+            "accounts[0].password_env: not a valid environment variable name",
+        ),
+    ],
+)
+def test_password_problems(tmp_path: Path, source: str, expected: str) -> None:
+    assert problems(tmp_path, with_password(source)) == [expected]
+
+
+def test_empty_password_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "pw").write_text("\n", encoding="utf-8")
+    assert problems(tmp_path, with_password(f'password_file = "{tmp_path / "pw"}"')) == [
+        f"accounts[0].password_file: {tmp_path / 'pw'} is empty"
+    ]
+    monkeypatch.setenv("EMPTY_PW", "")
+    assert problems(tmp_path, with_password('password_env = "EMPTY_PW"')) == [
+        "accounts[0].password_env: environment variable EMPTY_PW is empty"
+    ]
+
+
+def test_unreadable_password_file_names_the_key(tmp_path: Path) -> None:
+    # A directory cannot be read as a file, even by root (the tests may run as root).
+    assert problems(tmp_path, with_password(f'password_file = "{tmp_path}"')) == [
+        f"accounts[0].password_file: cannot read {tmp_path}: Is a directory"
+    ]
+
+
+def test_smtp_auth_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMTP_PW", SECRET)
+    text = MINIMAL.replace("[smtp]", '[smtp]\nusername = "connector"\npassword_env = "SMTP_PW"')
+    s = load(tmp_path, text)
+    assert (s.smtp.username, s.smtp.secret()) == ("connector", SECRET)
+    assert problems(tmp_path, MINIMAL.replace("[smtp]", '[smtp]\nusername = "connector"')) == [
+        "smtp.password: smtp.username is set: set password, password_file or password_env too"
+    ]
+    assert problems(tmp_path, MINIMAL.replace("[smtp]", f'[smtp]\npassword = "{SECRET}"')) == [
+        "smtp.username: required when a password is set (SMTP AUTH)"
+    ]
+
+
+def test_imap_dead_letter_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAP_PW", SECRET)
+    dl = '[dead_letter]\nstore = "imap"\nhost = "imap.example"\nusername = "dl"\n'
+    s = load(tmp_path, dl + 'password_env = "IMAP_PW"\n' + MINIMAL)
+    assert isinstance(s.dead_letter, ImapDeadLetter)
+    assert (s.dead_letter.port, s.dead_letter.tls) == (993, "implicit")
+    assert s.dead_letter.folder == "POP3 Connector/Dead Letters"
+    assert s.dead_letter.secret() == SECRET
+    assert dead_letter_path(s) is None
+    assert problems(tmp_path, dl + MINIMAL) == [
+        "dead_letter.password: required: set password, password_file or password_env"
+    ]
+    assert problems(tmp_path, '[dead_letter]\nstore = "imap"\npath = "/x"\n' + MINIMAL) == [
+        "dead_letter.host: Field required",
+        "dead_letter.username: Field required",
+        "dead_letter.path: unknown key",
+    ]
+    assert problems(tmp_path, '[dead_letter]\nstore = "mbox"\n' + MINIMAL) == [
+        'dead_letter.store: must be "maildir" or "imap"'
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Durations
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("30s", 30.0),
+        ("15m", 900.0),
+        ("2h", 7200.0),
+        ("5d", 432000.0),
+        ("1h30m", 5400.0),
+        ("1d2h3m4s", 93784.0),
+        ("1.5h", 5400.0),
+        ("0.5s", 0.5),
+        (" 10S ", 10.0),
+        ("90", 90.0),
+        (90, 90.0),
+        (2.5, 2.5),
+    ],
+)
+def test_parse_duration(value: object, seconds: float) -> None:
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "s",
+        "5x",
+        "30 s",
+        "1m1h",
+        "1h1h",
+        "-5s",
+        "0s",
+        0,
+        -5,
+        True,
+        None,
+        [],
+        "inf",
+        float("nan"),
+    ],
+)
+def test_parse_duration_rejects(value: object) -> None:
+    with pytest.raises(ValueError, match=r"duration"):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(30.0, "30s"), (900.0, "15m"), (5400.0, "1h30m"), (432000.0, "5d"), (93784.0, "1d2h3m4s")],
+)
+def test_format_duration_round_trips(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+    assert parse_duration(text) == seconds
+    assert format_duration(0.25) == 0.25
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("shutdown_grace", '"soon"', 'service.shutdown_grace: expected a duration like "30s", '),
+        ("poll_interval", "0", "service.poll_interval: a duration must be greater than 0"),
+        ("poll_interval", "true", "service.poll_interval: expected a duration"),
+    ],
+)
+def test_bad_duration_names_the_key(tmp_path: Path, key: str, value: str, expected: str) -> None:
+    (problem,) = problems(tmp_path, f"[service]\n{key} = {value}\n" + MINIMAL)
+    assert problem.startswith(expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation messages
+# --------------------------------------------------------------------------------------------
+
+
+def test_unknown_keys_are_named(tmp_path: Path) -> None:
+    text = (
+        '[servic]\nx = 1\n[dead_letter]\npth = "/x"\n'
+        + MINIMAL.replace("[smtp]", '[smtp]\nhots = "x"')
+        + "secuirty = 1\n"
+    )
+    assert problems(tmp_path, text) == [
+        "smtp.hots: unknown key",
+        "dead_letter.pth: unknown key",
+        "accounts[0].secuirty: unknown key",
+        "servic: unknown key",
+    ]
+
+
+@pytest.mark.parametrize("second", ["info", "INFO"])
+def test_duplicate_account_names(tmp_path: Path, second: str) -> None:
+    text = MINIMAL + ACCOUNT.replace('"info"', '"other"') + ACCOUNT.replace('"info"', f'"{second}"')
+    assert problems(tmp_path, text) == [
+        "accounts[2].name: duplicate account name (also accounts[0])"
+    ]
+
+
+@pytest.mark.parametrize("name", ["info", "a", "info@firma.example", "x_y-z.1", "n" * 64])
+def test_good_account_names(tmp_path: Path, name: str) -> None:
+    assert load(tmp_path, MINIMAL.replace('"info"', f'"{name}"', 1)).accounts[0].name == name
+
+
+@pytest.mark.parametrize("name", ["", "n" * 65, "has space", "a/b", "..", "ünï", "a:b"])
+def test_bad_account_names(tmp_path: Path, name: str) -> None:
+    assert problems(tmp_path, MINIMAL.replace('"info"', f'"{name}"', 1)) == [
+        "accounts[0].name: use 1-64 characters: letters, digits, '.', '_', '-' or '@'"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("model", "tls", "port"),
+    [
+        ("accounts", "implicit", 995),
+        ("accounts", "starttls", 110),
+        ("accounts", "none", 110),
+        ("smtp", "implicit", 465),
+        ("smtp", "starttls", 25),
+        ("smtp", "none", 25),
+    ],
+)
+def test_port_defaults_by_tls(tmp_path: Path, model: str, tls: str, port: int) -> None:
+    header = "[smtp]" if model == "smtp" else "[[accounts]]"
+    s = load(tmp_path, MINIMAL.replace(header, f'{header}\ntls = "{tls}"'))
+    section: SmtpConfig | AccountConfig = s.smtp if model == "smtp" else s.accounts[0]
+    assert section.port == section.effective_port == port
+    s = load(tmp_path, MINIMAL.replace(header, f'{header}\ntls = "{tls}"\nport = 1234'))
+    section = s.smtp if model == "smtp" else s.accounts[0]
+    assert section.port == section.effective_port == 1234
+
+
+@pytest.mark.parametrize(("tls", "port"), [("implicit", 993), ("none", 143)])
+def test_imap_port_defaults_by_tls(tmp_path: Path, tls: str, port: int) -> None:
+    dl = '[dead_letter]\nstore = "imap"\nhost = "h"\nusername = "u"\npassword = "p"\n'
+    dl += f'tls = "{tls}"\n'
+    assert load(tmp_path, dl + MINIMAL).dead_letter == ImapDeadLetter(
+        store="imap",
+        host="h",
+        username="u",
+        password="p",
+        tls=tls,
+        port=port,
+    )
+
+
+@pytest.mark.parametrize(
+    ("listen", "address"),
+    [
+        ("127.0.0.1:9469", ("127.0.0.1", 9469)),
+        ("[::1]:9469", ("::1", 9469)),
+        ("0.0.0.0:80", ("0.0.0.0", 80)),  # noqa: S104
+        ("metrics.example.local:9469", ("metrics.example.local", 9469)),
+        ("localhost:0", ("localhost", 0)),
+        ("", None),
+    ],
+)
+def test_metrics_listen(listen: str, address: tuple[str, int] | None) -> None:
+    assert MetricsSettings(listen=listen).address == address
+
+
+@pytest.mark.parametrize(
+    "listen", ["9469", "::1:9469", "[nothost]:1", "host:70000", "host:", ":80"]
+)
+def test_metrics_listen_rejects(tmp_path: Path, listen: str) -> None:
+    (problem,) = problems(tmp_path, f'[metrics]\nlisten = "{listen}"\n' + MINIMAL)
+    assert problem.startswith("metrics.listen: ")
+
+
+@pytest.mark.parametrize("sender", ["return-path", "null", "bounce@firma.example"])
+def test_envelope_sender(tmp_path: Path, sender: str) -> None:
+    text = MINIMAL.replace("[smtp]", f'[smtp]\nenvelope_sender = "{sender}"')
+    assert load(tmp_path, text).smtp.envelope_sender == sender
+
+
+@pytest.mark.parametrize("sender", ["<>", "", "nobody", "a b@x", "x@y\\r\\nRCPT TO:<z@w>"])
+def test_bad_envelope_sender(tmp_path: Path, sender: str) -> None:
+    text = MINIMAL.replace("[smtp]", f'[smtp]\nenvelope_sender = "{sender}"')
+    assert problems(tmp_path, text) == [
+        'smtp.envelope_sender: expected "return-path", "null" or a mail address'
+    ]
+
+
+def test_several_problems_all_listed(tmp_path: Path) -> None:
+    text = f"""
+[service]
+max_parallel_accounts = 0
+log_level = "verbose"
+
+[smtp]
+port = "twenty-five"
+
+[[accounts]]
+name = "ok"
+host = "pop.example.net"
+username = "u"
+password = "{SECRET}"
+deliver_to = []
+
+[[accounts]]
+name = "bad one"
+port = 70000
+tls = "ssl"
+username = "u"
+password = "{SECRET}"
+deliver_to = ["info@firma.local", "not an address"]
+poll_interval = "7x"
+secuirty = "tls"
+"""
+    assert problems(tmp_path, text) == [
+        "service.max_parallel_accounts: Input should be greater than or equal to 1",
+        "service.log_level: Input should be 'debug', 'info', 'warning' or 'error'",
+        "smtp.host: Field required",
+        "smtp.port: Input should be a valid integer, unable to parse string as an integer",
+        "accounts[0].deliver_to: List should have at least 1 item after validation, not 0",
+        "accounts[1].host: Field required",
+        "accounts[1].port: Input should be less than or equal to 65535",
+        "accounts[1].tls: Input should be 'implicit', 'starttls' or 'none'",
+        "accounts[1].name: use 1-64 characters: letters, digits, '.', '_', '-' or '@'",
+        "accounts[1].deliver_to[1]: not a valid mail address (expected user@domain, ASCII, no <>)",
+        'accounts[1].poll_interval: expected a duration like "30s", "15m", "2h", "5d", '
+        '"1h30m" or seconds',
+        "accounts[1].secuirty: unknown key",
+    ]
+
+
+def test_missing_sections(tmp_path: Path) -> None:
+    assert problems(tmp_path, "") == ["smtp: Field required", "accounts: Field required"]
+    assert problems(tmp_path, "accounts = []\n" + SMTP) == [
+        "accounts: List should have at least 1 item after validation, not 0"
+    ]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path / "nope.toml")
+    assert info.value.problems == [f"config file not found: {tmp_path / 'nope.toml'}"]
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path)
+    assert info.value.problems == [f"config file is a directory: {tmp_path}"]
+
+
+def test_toml_syntax_error_has_line_and_column(tmp_path: Path) -> None:
+    text = MINIMAL + f'[[accounts]\npassword = "{SECRET}"\n'
+    (problem,) = problems(tmp_path, text)
+    line = text.count("\n", 0, text.index("[[accounts]\n")) + 1
+    assert problem.startswith(f"{tmp_path / 'config.toml'}: TOML syntax error: ")
+    assert re.search(rf"\(at line {line}, column \d+\)$", problem)
+
+
+def test_non_utf8_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_bytes(b'[smtp]\nhost = "\xff"\n')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_settings(path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # model-level error: pydantic's error dict would carry the whole account with the password
+        with_password(f'password = "{SECRET}"\npassword_env = "X"'),
+        # missing fields next to an inline password
+        f'[smtp]\nhost = "h"\n[[accounts]]\npassword = "{SECRET}"\n',
+        # wrong type in the password itself
+        MINIMAL.replace(f'password = "{SECRET}"', f'password = ["{SECRET}"]'),
+        # SMTP password without a username
+        MINIMAL.replace("[smtp]", f'[smtp]\npassword = "{SECRET}"'),
+        # an unknown key whose value is the secret
+        MINIMAL + f'pasword = "{SECRET}"\n',
+        # a duration whose text is the secret
+        MINIMAL + f'poll_interval = "{SECRET}"\n',
+        f'[dead_letter]\nstore = "imap"\npassword = "{SECRET}"\n' + MINIMAL,
+    ],
+)
+def test_no_secret_in_errors(tmp_path: Path, text: str) -> None:
+    assert problems(tmp_path, text)  # problems() asserts the secret is absent
+
+
+def test_no_secret_from_files_or_env_in_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "pw").write_text(SECRET, encoding="utf-8")
+    monkeypatch.setenv("PW", SECRET)
+    text = with_password(f'password_file = "{tmp_path / "pw"}"\npassword_env = "PW"')
+    assert problems(tmp_path, text)
+    monkeypatch.setenv("POP3_CONNECTOR_SMTP__PASSWORD", SECRET)  # without a username
+    assert problems(tmp_path, MINIMAL)
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+
+def full_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "pw").write_text(SECRET + "\n", encoding="utf-8")
+    monkeypatch.setenv("IMAP_PW", SECRET)
+    text = f"""
+[service]
+state_dir = "{tmp_path}"
+poll_interval = "1h30m"
+shutdown_grace = 2.5
+
+[smtp]
+host = "exchange.example.local"
+username = "connector"
+password = "{SECRET}"
+helo_name = "connector.example.local"
+envelope_sender = "null"
+
+[dead_letter]
+store = "imap"
+host = "imap.example"
+username = "dl"
+password_env = "IMAP_PW"
+folder = "Dead \\"Letters\\" \\\\ ünïcode"
+
+[[accounts]]
+name = "info"
+host = "pop.example.net"
+username = "info@firma.example"
+password_file = "{tmp_path / "pw"}"
+deliver_to = ["info@firma.local", "office@firma.local"]
+max_deferral = "2d"
+"""
+    return write(tmp_path, text)
+
+
+def test_render_round_trips_without_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = load_settings(full_config(tmp_path, monkeypatch))
+    text = render_settings(s)
+    assert SECRET not in text
+    assert f'password = "{MASK}"' in text
+    data = tomllib.loads(text)
+    assert data["smtp"]["password"] == MASK
+    assert data["service"]["poll_interval"] == "1h30m"
+    assert data["service"]["shutdown_grace"] == 2.5
+    assert data["dead_letter"]["password_env"] == "IMAP_PW"
+    assert "password" not in data["dead_letter"]
+    assert data["accounts"][0]["password_file"] == str(tmp_path / "pw")
+    assert "password" not in data["accounts"][0]
+    assert data["dead_letter"]["folder"] == 'Dead "Letters" \\ ünïcode'
+    # The rendering is a valid config: loading it gives the same settings, masked password aside.
+    again = load_settings(write(tmp_path, text, "rendered.toml"))
+    assert again.smtp.secret() == MASK
+    assert again.model_copy(update={"smtp": s.smtp}) == s
+
+
+def test_render_defaults(tmp_path: Path) -> None:
+    data = tomllib.loads(render_settings(load(tmp_path, MINIMAL)))
+    assert data["dead_letter"] == {
+        "store": "maildir",
+        "path": "/var/lib/pop3-connector/dead-letters",
+    }
+    assert data["smtp"]["port"] == 25
+    assert data["smtp"]["timeout"] == "1m"
+    assert data["accounts"][0]["max_deferral"] == "5d"
+    assert data["accounts"][0]["password"] == MASK
+    assert list(data["accounts"][0])[:2] == ["name", "host"]
+
+
+# --------------------------------------------------------------------------------------------
+# Warnings
+# --------------------------------------------------------------------------------------------
+
+
+def test_warnings_clear_text_password(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL.replace("[[accounts]]", '[[accounts]]\ntls = "none"'))
+    assert config_warnings(load_settings(path), path) == [
+        'accounts[0].tls: "none" sends the password in clear text to pop.example.net'
+    ]
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost", "x.localhost"]
+)
+def test_no_clear_text_warning_for_loopback(tmp_path: Path, host: str) -> None:
+    text = MINIMAL.replace("[[accounts]]", '[[accounts]]\ntls = "none"').replace(
+        'host = "pop.example.net"', f'host = "{host}"'
+    )
+    path = write(tmp_path, text)
+    assert config_warnings(load_settings(path), path) == []
+
+
+def test_warnings_verify_certificate_and_smtp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PW", SECRET)
+    text = MINIMAL.replace(
+        "[smtp]", '[smtp]\ntls = "none"\nusername = "c"\npassword_env = "PW"'
+    ).replace("[[accounts]]", "[[accounts]]\nverify_certificate = false\nenabled = false")
+    path = write(tmp_path, text)
+    warnings = config_warnings(load_settings(path), path)
+    assert warnings == [
+        'smtp.tls: "none" sends the password in clear text to exchange.example.local',
+        "accounts[0].verify_certificate: false accepts any certificate from pop.example.net "
+        "(anyone on the path can read the password and the mail)",
+        "accounts: no account is enabled; run and once will do nothing",
+    ]
+    assert all(SECRET not in w for w in warnings)
+
+
+def test_warnings_file_modes(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL)
+    settings = load_settings(path)
+    assert config_warnings(settings, path) == []
+    path.chmod(0o640)
+    assert config_warnings(settings, path) == [
+        f"accounts[0].password: {path} holds a password and is accessible to group or others "
+        "(mode 0640); chmod 600 it, or use password_file / password_env"
+    ]
+    pw = tmp_path / "pw"
+    pw.write_text(SECRET, encoding="utf-8")
+    pw.chmod(0o604)
+    path = write(tmp_path, with_password(f'password_file = "{pw}"'))
+    path.chmod(0o644)  # no inline password: the config's mode does not matter
+    assert config_warnings(load_settings(path), path) == [
+        f"accounts[0].password_file: {pw} is accessible to group or others (mode 0604); "
+        "chmod 600 it"
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# The example file
+# --------------------------------------------------------------------------------------------
+
+
+def test_example_config_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POP3_INFO_PASSWORD", SECRET)
+    (tmp_path / "sales.password").write_text("sales-secret\n", encoding="utf-8")
+    (tmp_path / "sales.password").chmod(0o600)
+    text = EXAMPLE.read_text(encoding="utf-8")
+    assert '"/etc/pop3-connector/sales.password"' in text
+    text = text.replace('"/etc/pop3-connector/sales.password"', f'"{tmp_path / "sales.password"}"')
+    path = write(tmp_path, text)
+    s = load_settings(path)
+    assert [a.name for a in s.accounts] == ["info", "sales"]
+    info, sales = s.accounts
+    assert (info.secret(), sales.secret()) == (SECRET, "sales-secret")
+    assert (info.port, info.poll_interval) == (995, 300.0)
+    assert (sales.port, sales.poll_interval) == (110, 900.0)
+    assert s.service == ServiceSettings()  # the example shows the defaults
+    assert s.smtp.port == 25
+    assert config_warnings(s, path) == []
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        ServiceSettings,
+        MetricsSettings,
+        SmtpConfig,
+        MaildirDeadLetter,
+        ImapDeadLetter,
+        AccountConfig,
+    ],
+)
+def test_example_config_shows_every_key(model: type[BaseModel]) -> None:
+    text = EXAMPLE.read_text(encoding="utf-8")
+    for key in model.model_fields:
+        assert re.search(rf"^[ \t]*(?:#[ \t]*)?{key}[ \t]*=", text, re.MULTILINE), key
+    for table in Settings.model_fields:
+        assert re.search(rf"^\[\[?{table}\]\]?", text, re.MULTILINE), table
+
+
+def test_models_can_be_built_directly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other modules' tests build these without a file: derived values are filled in too."""
+    monkeypatch.setenv("PW", SECRET)
+    a = AccountConfig(
+        name="x", host="h", tls="starttls", username="u", password_env="PW", deliver_to=["a@b"]
+    )
+    assert (a.port, a.secret(), a.poll_interval) == (110, SECRET, None)
+    smtp = SmtpConfig(host="relay", tls="implicit")
+    assert (smtp.port, smtp.helo_name) == (465, socket.getfqdn())
+    s = Settings(smtp=smtp, accounts=[a])
+    assert s.accounts[0].poll_interval == 900.0
+    assert dead_letter_path(s) == Path("/var/lib/pop3-connector/dead-letters")
