@@ -1,4 +1,4 @@
-"""The whole exception tree of the connector, and the one classifier that decides what a failure means.
+"""The exception tree of the connector, and the one classifier that decides what a failure means.
 
 ::
 
@@ -13,7 +13,8 @@
     │   └── Pop3TimeoutError           also a TimeoutError
     ├── DeliveryError                  SMTP: .stage, .smtp_code, .enhanced_code, .text, .per_message
     ├── DeadLetterError                the store failed: .store, .reason
-    └── LedgerError                    SQLite failed
+    ├── LedgerError                    SQLite failed
+    └── AlreadyRunningError            another instance holds the state directory's lock
 
 Every module translates its library's exceptions into these at its edge, so the policy code
 (``fetcher``, ``service``) never sees an ``aiosmtplib`` or ``ssl`` exception.  ``str()`` of each
@@ -149,7 +150,9 @@ class DeliveryError(ConnectorError):
     fixed envelope sender, a recipient fixed in the config, the session setup).  The delivery
     module knows which, so it sets it; :func:`classify` only reads it.
 
-    ``smtp_code`` is ``None`` for timeouts, dropped connections and TLS failures.
+    ``smtp_code`` is ``None`` for timeouts, dropped connections and TLS failures.  ``security``
+    marks a TLS or authentication failure that no retry will fix (an untrusted certificate,
+    STARTTLS or AUTH required but not offered): it needs an administrator.
     """
 
     def __init__(
@@ -160,20 +163,23 @@ class DeliveryError(ConnectorError):
         smtp_code: int | None = None,
         enhanced_code: str | None = None,
         per_message: bool = False,
-        certificate: bool = False,
+        security: bool = False,
     ) -> None:
         self.stage = stage
         self.text = text
         self.smtp_code = smtp_code
         self.enhanced_code = enhanced_code
         self.per_message = per_message
-        self.certificate = certificate
+        self.security = security
         super().__init__(stage, text, smtp_code, enhanced_code)
 
     @property
     def response(self) -> str:
         """The server's answer as one line: ``554 5.1.0 Sender denied``, or our own text."""
-        parts = [str(self.smtp_code) if self.smtp_code is not None else "", self.enhanced_code or ""]
+        parts = [
+            str(self.smtp_code) if self.smtp_code is not None else "",
+            self.enhanced_code or "",
+        ]
         parts.append(self.text)
         return " ".join(p for p in parts if p)
 
@@ -200,6 +206,10 @@ class DeadLetterError(ConnectorError):
 
 class LedgerError(ConnectorError):
     """The SQLite ledger failed (disk full, corrupt, locked)."""
+
+
+class AlreadyRunningError(ConnectorError):
+    """Another pop3-connector holds the state directory: two would deliver every message twice."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,7 +252,7 @@ def classify(exc: BaseException) -> Disposition:
     * POP3: ``[SYS/TEMP]``, ``[IN-USE]``, ``[LOGIN-DELAY]``, protocol errors, timeouts and broken
       connections are RETRY; ``[AUTH]``, ``[SYS/PERM]`` and certificate failures are
       PARK_ACCOUNT.  A bare ``-ERR`` at login is RETRY; the service caps how often in a row.
-    * SMTP setup (connect, TLS, EHLO, AUTH): a 5xx, a certificate failure or a refused login is
+    * SMTP setup (connect, TLS, EHLO, AUTH): a 5xx, a ``security`` failure or a refused login is
       PARK_ACCOUNT; anything transient there is RETRY.  Neither ever dead-letters.
     * SMTP transaction: a 552 to RCPT counts as 452 (RFC 5321 §4.5.3.1.10); the class digit of an
       enhanced code (RFC 3463 §3.1) wins over the basic code; 4xx, timeouts and drops are RETRY;
@@ -280,7 +290,7 @@ def smtp_class(code: int | None, enhanced_code: str | None, stage: SmtpStage) ->
         return None
     if stage is SmtpStage.RCPT and code == 552:
         code = 452
-    if enhanced_code:
+    if enhanced_code and _ENHANCED_RE.match(enhanced_code):
         return int(enhanced_code[0])
     return code // 100
 
@@ -289,7 +299,7 @@ def _classify_delivery(exc: DeliveryError) -> Disposition:
     cls = smtp_class(exc.smtp_code, exc.enhanced_code, exc.stage)
     if exc.stage.is_setup:
         # A wrong relay setup refuses every message alike: never a dead letter (PRODUCT §6).
-        if exc.certificate or cls == 5:
+        if exc.security or cls == 5:
             return Disposition.PARK_ACCOUNT
         return Disposition.RETRY
     if cls == 5:

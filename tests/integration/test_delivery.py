@@ -1,0 +1,648 @@
+"""SmtpDeliverer against a real aiosmtpd (tests/servers.py SmtpSink), STARTTLS, implicit TLS,
+AUTH, refusals at each stage, SIZE, DSN, a stalling server and a dropped connection.
+
+No Dovecot here, so no ``integration`` marker.  The only fake is a loopback TCP proxy that cuts
+a connection, which aiosmtpd cannot do on request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import ssl
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import trustme
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from connector.delivery import (
+    Delivered,
+    Envelope,
+    SenderPolicy,
+    SmtpDeliverer,
+    SmtpSettings,
+    envelope_sender,
+)
+from connector.errors import DeliveryError, Disposition, SmtpStage, classify
+from connector.pop3.client import TlsMode
+from tests.servers import RecordingHandler, SmtpSink, free_port
+
+TO = ("info@firma.local",)
+OWN_SENDER = "owner@example.test"
+MESSAGE = b"Return-Path: <owner@example.test>\r\nSubject: hello\r\n\r\nHello.\r\n"
+
+
+def envelope(sender: str = OWN_SENDER, recipients: tuple[str, ...] = TO, **kw: Any) -> Envelope:
+    return Envelope(sender, recipients, sender_fixed=kw.pop("sender_fixed", False), **kw)
+
+
+def smtp_settings(port: int, **kw: Any) -> SmtpSettings:
+    return SmtpSettings(
+        host="127.0.0.1",
+        port=port,
+        tls=kw.pop("tls", TlsMode.NONE),
+        ssl_context=kw.pop("ssl_context", None),
+        helo_name="connector.test",
+        timeout=kw.pop("timeout", 5.0),
+        **kw,
+    )
+
+
+def message(n: int) -> bytes:
+    return f"Subject: message {n}\r\nMessage-ID: <{n}@x.test>\r\n\r\nBody {n}.\r\n".encode()
+
+
+def is_connected(deliverer: SmtpDeliverer) -> bool:
+    return deliverer.connected  # a call, so mypy does not narrow it across awaits
+
+
+def size_limit(deliverer: SmtpDeliverer) -> int | None:
+    return deliverer.max_size
+
+
+async def refused(deliverer: SmtpDeliverer, raw: bytes, env: Envelope) -> DeliveryError:
+    with pytest.raises(DeliveryError) as info:
+        await deliverer.deliver(raw, env)
+    return info.value
+
+
+@pytest.fixture
+def client_context(smtp_ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    smtp_ca.configure_trust(ctx)
+    return ctx
+
+
+class ObservingHandler(RecordingHandler):
+    """RecordingHandler that also notes each EHLO's peer (one per plain connection) and can
+    advertise DSN (RFC 3461) for the DSN-capable server below."""
+
+    def __init__(self, *, dsn: bool = False) -> None:
+        super().__init__()
+        self.ehlo_peers: list[Any] = []
+        self.dsn = dsn
+        self.dsn_mail: list[str] = []
+        self.dsn_rcpt: list[str] = []
+
+    async def handle_EHLO(  # aiosmtpd hook name
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname  # the default EHLO does this; a hook must do it itself
+        self.ehlo_peers.append(session.peer)
+        if self.dsn:
+            responses.insert(-1, "250-DSN")
+        return responses
+
+
+class DsnSMTP(AiosmtpdSMTP):
+    """aiosmtpd 1.4.6 rejects DSN parameters; strip and record them (library-facts §3)."""
+
+    def _strip(self, arg: str | None, prefixes: tuple[str, ...], store: list[str]) -> str:
+        parts = (arg or "").split(" ")
+        store.extend(p for p in parts if p.upper().startswith(prefixes))
+        return " ".join(p for p in parts if not p.upper().startswith(prefixes))
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        await super().smtp_MAIL(self._strip(arg, ("RET=", "ENVID="), self.event_handler.dsn_mail))
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        await super().smtp_RCPT(
+            self._strip(arg, ("NOTIFY=", "ORCPT="), self.event_handler.dsn_rcpt)
+        )
+
+
+class DsnController(Controller):
+    def factory(self) -> DsnSMTP:
+        return DsnSMTP(self.handler, **self.SMTP_kwargs)
+
+
+@pytest.fixture
+def observed_sink() -> Iterator[tuple[SmtpSink, ObservingHandler]]:
+    """A plain SmtpSink whose handler also counts connections (EHLOs)."""
+    sink = SmtpSink()
+    handler = ObservingHandler()
+    sink.handler = handler
+    sink.controller.handler = handler
+    sink.start()
+    try:
+        yield sink, handler
+    finally:
+        sink.stop()
+
+
+@contextlib.contextmanager
+def running(sink: SmtpSink) -> Iterator[SmtpSink]:
+    sink.start()
+    try:
+        yield sink
+    finally:
+        sink.stop()
+
+
+# ------------------------------------------------------------------------------------------
+# Relay and reuse
+# ------------------------------------------------------------------------------------------
+
+TRICKY = (
+    b"Return-Path: <owner@example.test>\r\n"
+    b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n"
+    b"X-Raw: \xc3\xa4\xff\x80\r\n"
+    b"\r\n"
+    b".\r\n"
+    b"..two dots\r\n"
+    b".one dot\r\n"
+    b" . \r\n"
+    b"8-bit: \xe9\xe8\x00\x7f\r\n"
+    b"\r\n"
+    b"last line\r\n"
+)
+
+
+async def test_byte_exact_relay(smtp_sink: SmtpSink) -> None:
+    async with SmtpDeliverer(smtp_settings(smtp_sink.port)) as deliverer:
+        result = await deliverer.deliver(TRICKY, envelope())
+    assert result == Delivered(response="250 2.0.0 OK queued", refused={})
+    [got] = smtp_sink.received
+    assert got.data == TRICKY
+    assert got.mail_from == OWN_SENDER
+    assert got.rcpt_tos == TO
+    # RFC 6152: 8-bit bytes are announced; aiosmtplib adds SIZE itself (RFC 1870), once.
+    assert got.mail_options == (f"SIZE={len(TRICKY)}", "BODY=8BITMIME")
+
+
+async def test_ascii_message_gets_no_body_parameter(smtp_sink: SmtpSink) -> None:
+    async with SmtpDeliverer(smtp_settings(smtp_sink.port)) as deliverer:
+        await deliverer.deliver(MESSAGE, envelope(""))
+    [got] = smtp_sink.received
+    assert got.data == MESSAGE
+    assert got.mail_from == "<>"  # the null sender (aiosmtpd records it bracketed)
+    assert got.mail_options == (f"SIZE={len(MESSAGE)}",)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(st.binary(max_size=120).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))))
+async def test_any_crlf_body_arrives_byte_exact(smtp_sink: SmtpSink, lines: list[bytes]) -> None:
+    raw = b"Subject: p\r\n\r\n" + b"".join(line + b"\r\n" for line in lines)
+    before = len(smtp_sink.received)
+    async with SmtpDeliverer(smtp_settings(smtp_sink.port)) as deliverer:
+        await deliverer.deliver(raw, envelope())
+    assert smtp_sink.received[before].data == raw
+
+
+async def test_one_connection_for_twenty_messages(
+    observed_sink: tuple[SmtpSink, ObservingHandler],
+) -> None:
+    sink, handler = observed_sink
+    async with SmtpDeliverer(smtp_settings(sink.port)) as deliverer:
+        assert not is_connected(deliverer)  # lazy: nothing until the first message
+        for n in range(20):
+            await deliverer.deliver(message(n), envelope())
+        assert is_connected(deliverer)
+    assert [m.data for m in sink.received] == [message(n) for n in range(20)]
+    assert len(handler.ehlo_peers) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# TLS
+# ------------------------------------------------------------------------------------------
+
+
+async def test_starttls_with_verification(
+    smtp_server_context: ssl.SSLContext,
+    client_context: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="test.transcript")
+    with running(SmtpSink(tls_context=smtp_server_context)) as sink:
+        s = smtp_settings(sink.port, tls=TlsMode.STARTTLS, ssl_context=client_context)
+        async with SmtpDeliverer(s, transcript=logging.getLogger("test.transcript")) as d:
+            await d.deliver(TRICKY, envelope())
+            # The extensions were re-read over TLS before the transaction was planned.
+            assert size_limit(d) == 64 * 1024 * 1024
+        [got] = sink.received
+        assert got.data == TRICKY
+        assert "BODY=8BITMIME" in got.mail_options
+    lines = [r.getMessage() for r in caplog.records]
+    starttls = lines.index("C: STARTTLS")
+    assert lines[starttls + 1].startswith("S: 220")
+    # RFC 3207 §4.2: EHLO again after TLS, then the transaction.
+    assert lines[starttls + 2] == "C: EHLO connector.test"
+    assert any(line.startswith("C: MAIL FROM:<owner@example.test>") for line in lines)
+
+
+async def test_starttls_untrusted_certificate(smtp_server_context: ssl.SSLContext) -> None:
+    with running(SmtpSink(tls_context=smtp_server_context)) as sink:
+        untrusting = ssl.create_default_context()  # the system store; not the test CA
+        s = smtp_settings(sink.port, tls=TlsMode.STARTTLS, ssl_context=untrusting)
+        async with SmtpDeliverer(s) as deliverer:
+            err = await refused(deliverer, MESSAGE, envelope())
+            assert not is_connected(deliverer)
+        assert sink.received == []
+    assert err.stage is SmtpStage.TLS
+    assert err.security
+    assert classify(err) is Disposition.PARK_ACCOUNT
+
+
+async def test_starttls_required_but_not_offered(
+    smtp_sink: SmtpSink, client_context: ssl.SSLContext
+) -> None:
+    s = smtp_settings(smtp_sink.port, tls=TlsMode.STARTTLS, ssl_context=client_context)
+    async with SmtpDeliverer(s) as deliverer:
+        err = await refused(deliverer, MESSAGE, envelope())
+    assert err.stage is SmtpStage.TLS
+    assert "STARTTLS" in err.text
+    assert classify(err) is not Disposition.DEAD_LETTER
+    assert smtp_sink.received == []  # never a silent downgrade
+    assert smtp_sink.handler.transactions == 0
+
+
+async def test_implicit_tls(
+    smtp_server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> None:
+    with running(SmtpSink(tls_context=smtp_server_context, implicit=True)) as sink:
+        s = smtp_settings(sink.port, tls=TlsMode.IMPLICIT, ssl_context=client_context)
+        async with SmtpDeliverer(s) as deliverer:
+            await deliverer.deliver(TRICKY, envelope())
+        assert [m.data for m in sink.received] == [TRICKY]
+
+        s = smtp_settings(sink.port, tls=TlsMode.IMPLICIT, ssl_context=ssl.create_default_context())
+        async with SmtpDeliverer(s) as deliverer:
+            err = await refused(deliverer, MESSAGE, envelope())
+    assert (err.stage, err.security) == (SmtpStage.TLS, True)
+    assert classify(err) is Disposition.PARK_ACCOUNT
+
+
+# ------------------------------------------------------------------------------------------
+# AUTH
+# ------------------------------------------------------------------------------------------
+
+
+async def test_auth_ok_and_transcript_redacted(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="test.transcript")
+    with running(SmtpSink(auth={"user": "pw-s3cret"})) as sink:
+        s = smtp_settings(sink.port, username="user", password="pw-s3cret")
+        async with SmtpDeliverer(s, transcript=logging.getLogger("test.transcript")) as d:
+            await d.deliver(MESSAGE, envelope())
+        assert [m.data for m in sink.received] == [MESSAGE]
+    lines = [r.getMessage() for r in caplog.records]
+    assert "C: AUTH PLAIN ****" in lines
+    assert any(line.startswith("S: 235") for line in lines)
+    assert f"C: <{len(MESSAGE)} octets>" in lines
+    everything = "\n".join(lines)
+    secrets = ["pw-s3cret", base64.b64encode(b"\0user\0pw-s3cret").decode()]
+    assert not any(secret in everything for secret in secrets)
+    assert "Hello." not in everything  # never the body
+
+
+async def test_auth_wrong_password(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    with running(SmtpSink(auth={"user": "pw-right"})) as sink:
+        s = smtp_settings(sink.port, username="user", password="pw-wrong")
+        async with SmtpDeliverer(s, transcript=logging.getLogger("test.transcript")) as d:
+            err = await refused(d, MESSAGE, envelope())
+        assert sink.received == []
+    assert err.stage is SmtpStage.AUTH
+    assert err.smtp_code == 535
+    assert classify(err) is Disposition.PARK_ACCOUNT
+    everything = "\n".join(r.getMessage() for r in caplog.records) + str(err) + repr(err)
+    # aiosmtplib tried PLAIN, then LOGIN: the password stays out of both.
+    assert "C: AUTH LOGIN ****" in everything
+    assert "pw-wrong" not in everything
+    assert base64.b64encode(b"pw-wrong").decode() not in everything
+
+
+# ------------------------------------------------------------------------------------------
+# Refusals
+# ------------------------------------------------------------------------------------------
+
+
+async def test_554_after_data_dead_letters_and_connection_stays(
+    observed_sink: tuple[SmtpSink, ObservingHandler],
+) -> None:
+    sink, handler = observed_sink
+    # The seed case: many different messages, each refused after DATA.
+    sink.handler.rule = lambda stage, env, data: (
+        "554 5.1.0 Sender denied" if stage == "data" and b"denied" in (data or b"") else None
+    )
+    async with SmtpDeliverer(smtp_settings(sink.port)) as deliverer:
+        for n in range(5):
+            err = await refused(deliverer, message(n) + b"denied\r\n", envelope(sender_fixed=True))
+            assert (err.stage, err.smtp_code, err.enhanced_code) == (SmtpStage.DATA, 554, "5.1.0")
+            assert err.response == "554 5.1.0 Sender denied"
+            assert classify(err) is Disposition.DEAD_LETTER
+        await deliverer.deliver(message(99), envelope())
+    assert [m.data for m in sink.received] == [message(99)]
+    assert len(handler.ehlo_peers) == 1  # aiosmtplib RSETs; the session goes on
+
+
+async def test_451_at_mail_retries_and_next_message_goes_through(smtp_sink: SmtpSink) -> None:
+    smtp_sink.handler.rule = lambda stage, env, data: (
+        "451 4.7.1 Greylisted, try later" if env.mail_from == "grey@x.test" else None
+    )
+    async with SmtpDeliverer(smtp_settings(smtp_sink.port)) as deliverer:
+        err = await refused(deliverer, message(1), envelope("grey@x.test"))
+        assert (err.stage, err.smtp_code, err.enhanced_code) == (SmtpStage.MAIL, 451, "4.7.1")
+        assert classify(err) is Disposition.RETRY
+        await deliverer.deliver(message(2), envelope())
+    assert [m.data for m in smtp_sink.received] == [message(2)]
+
+
+@pytest.mark.parametrize(
+    ("policy", "disposition"),
+    [
+        (SenderPolicy.FIXED, Disposition.PARK_ACCOUNT),
+        (SenderPolicy.NULL, Disposition.PARK_ACCOUNT),
+        (SenderPolicy.RETURN_PATH, Disposition.DEAD_LETTER),
+    ],
+)
+async def test_5xx_at_mail_depends_on_whose_sender(
+    smtp_sink: SmtpSink, policy: SenderPolicy, disposition: Disposition
+) -> None:
+    smtp_sink.handler.rule = lambda stage, env, data: (
+        "550 5.7.1 Sender rejected by policy" if stage == "mail" else None
+    )
+    sender, fixed = envelope_sender(MESSAGE, policy, "relay@firma.local")
+    env = Envelope(sender, TO, sender_fixed=fixed)
+    async with SmtpDeliverer(smtp_settings(smtp_sink.port)) as deliverer:
+        err = await refused(deliverer, MESSAGE, env)
+    assert (err.stage, err.smtp_code, err.enhanced_code) == (SmtpStage.MAIL, 550, "5.7.1")
+    assert err.per_message is (policy is SenderPolicy.RETURN_PATH)
+    assert classify(err) is disposition
+
+
+async def test_550_at_rcpt_of_fixed_recipient_parks(smtp_sink: SmtpSink) -> None:
+    smtp_sink.handler.rule = lambda stage, env, data: (
+        "550 5.1.1 User unknown" if stage == "rcpt" else None
+    )
+    async with SmtpDeliverer(smtp_settings(smtp_sink.port)) as deliverer:
+        err = await refused(deliverer, MESSAGE, envelope())
+    assert (err.stage, err.smtp_code, err.per_message) == (SmtpStage.RCPT, 550, False)
+    assert classify(err) is Disposition.PARK_ACCOUNT
+    assert smtp_sink.handler.transactions == 0
+
+
+async def test_partial_recipients_delivered_once(smtp_sink: SmtpSink) -> None:
+    smtp_sink.handler.rule = lambda stage, env, data: (
+        "550 5.1.1 User unknown" if stage == "rcpt" and env.rcpt_tos[-1] == "gone@x.test" else None
+    )
+    async with SmtpDeliverer(smtp_settings(smtp_sink.port)) as deliverer:
+        result = await deliverer.deliver(
+            MESSAGE, envelope(recipients=("info@x.test", "gone@x.test"))
+        )
+    assert result.response == "250 2.0.0 OK queued"
+    assert dict(result.refused) == {"gone@x.test": "550 5.1.1 User unknown"}
+    [got] = smtp_sink.received
+    assert got.rcpt_tos == ("info@x.test",)
+    assert smtp_sink.handler.transactions == 1  # never re-sent
+
+
+async def test_invalid_addresses_refused_locally(smtp_sink: SmtpSink) -> None:
+    async with SmtpDeliverer(smtp_settings(smtp_sink.port)) as deliverer:
+        own = await refused(deliverer, MESSAGE, envelope("bad\r\nRCPT TO:<x@y.test>"))
+        fixed = await refused(deliverer, MESSAGE, envelope("a b@x.test", sender_fixed=True))
+        rcpt = await refused(deliverer, MESSAGE, envelope(recipients=("<info@x.test>",)))
+    assert (own.stage, classify(own)) == (SmtpStage.MAIL, Disposition.DEAD_LETTER)
+    assert (fixed.stage, classify(fixed)) == (SmtpStage.MAIL, Disposition.PARK_ACCOUNT)
+    assert (rcpt.stage, classify(rcpt)) == (SmtpStage.RCPT, Disposition.PARK_ACCOUNT)
+    assert smtp_sink.handler.transactions == 0
+
+
+# ------------------------------------------------------------------------------------------
+# SIZE and DSN
+# ------------------------------------------------------------------------------------------
+
+
+async def test_size_exceeded_sends_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="test.transcript")
+    seen: list[str] = []
+
+    def rule(stage: str, env: Any, data: bytes | None) -> None:
+        seen.append(stage)
+
+    with running(SmtpSink(data_size_limit=1000)) as sink:
+        sink.handler.rule = rule
+        transcript = logging.getLogger("test.transcript")
+        async with SmtpDeliverer(smtp_settings(sink.port), transcript=transcript) as deliverer:
+            big = b"Subject: big\r\n\r\n" + (b"x" * 76 + b"\r\n") * 20
+            err = await refused(deliverer, big, envelope(sender_fixed=True))
+            assert size_limit(deliverer) == 1000
+            await deliverer.deliver(MESSAGE, envelope())
+        assert [m.data for m in sink.received] == [MESSAGE]
+    assert (err.stage, err.smtp_code, err.enhanced_code) == (SmtpStage.SIZE, 552, "5.3.4")
+    assert err.per_message
+    assert classify(err) is Disposition.DEAD_LETTER
+    assert seen == ["mail", "rcpt", "data"]  # only the second message's transaction
+    mails = [r.getMessage() for r in caplog.records if r.getMessage().startswith("C: MAIL")]
+    assert mails == [f"C: MAIL FROM:<{OWN_SENDER}> size={len(MESSAGE)}"]  # no MAIL for `big`
+
+
+@pytest.mark.parametrize("dsn_setting", [True, False])
+async def test_dsn_parameters_when_advertised(dsn_setting: bool) -> None:
+    handler = ObservingHandler(dsn=True)
+    controller = DsnController(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        s = smtp_settings(controller.port, dsn=dsn_setting)
+        async with SmtpDeliverer(s) as deliverer:
+            await deliverer.deliver(MESSAGE, envelope())
+    finally:
+        controller.stop()
+    assert [m.data for m in handler.received] == [MESSAGE]
+    if dsn_setting:
+        assert (handler.dsn_mail, handler.dsn_rcpt) == (["RET=FULL"], ["NOTIFY=FAILURE"])
+    else:
+        assert (handler.dsn_mail, handler.dsn_rcpt) == ([], [])
+
+
+async def test_no_dsn_parameters_when_not_advertised(smtp_sink: SmtpSink) -> None:
+    # aiosmtpd would answer 555 to RET=/NOTIFY= (library-facts §3); it must never see them.
+    async with SmtpDeliverer(smtp_settings(smtp_sink.port, dsn=True)) as deliverer:
+        await deliverer.deliver(MESSAGE, envelope())
+    [got] = smtp_sink.received
+    assert got.mail_options == (f"SIZE={len(MESSAGE)}",)
+    assert got.rcpt_options == ()
+
+
+# ------------------------------------------------------------------------------------------
+# Stalls, drops, reconnects
+# ------------------------------------------------------------------------------------------
+
+
+async def test_stall_after_data_retries_then_reconnects(
+    observed_sink: tuple[SmtpSink, ObservingHandler],
+) -> None:
+    sink, handler = observed_sink
+    release = threading.Event()
+
+    def rule(stage: str, env: Any, data: bytes | None) -> str | None:
+        if stage == "data" and data is not None and b"stall" in data:
+            release.wait(10)  # blocks the server's loop: it answers nothing
+            return "451 4.3.0 too late"  # keeps the stalled message out of .received
+        return None
+
+    sink.handler.rule = rule
+    try:
+        async with SmtpDeliverer(smtp_settings(sink.port, timeout=0.5)) as deliverer:
+            err = await refused(deliverer, message(1) + b"stall\r\n", envelope())
+            assert err.stage is SmtpStage.DATA
+            assert err.smtp_code is None
+            assert classify(err) is Disposition.RETRY
+            assert not is_connected(deliverer)
+            release.set()
+            await deliverer.deliver(message(2), envelope())
+    finally:
+        release.set()
+    assert [m.data for m in sink.received] == [message(2)]
+    assert len(handler.ehlo_peers) == 2
+
+
+async def test_cancelled_delivery_drops_the_connection(
+    observed_sink: tuple[SmtpSink, ObservingHandler],
+) -> None:
+    # Shutdown grace ran out mid-DATA (STYLE §4): the stream is out of step and must not be
+    # reused; the CancelledError must propagate.
+    sink, handler = observed_sink
+    entered, release = threading.Event(), threading.Event()
+
+    def rule(stage: str, env: Any, data: bytes | None) -> str | None:
+        if stage == "data" and data is not None and b"stall" in data:
+            entered.set()
+            release.wait(10)
+            return "250 2.0.0 late"  # what a desynced client would misread later
+        return None
+
+    sink.handler.rule = rule
+    try:
+        async with SmtpDeliverer(smtp_settings(sink.port)) as deliverer:
+            task = asyncio.create_task(deliverer.deliver(message(1) + b"stall\r\n", envelope()))
+            await asyncio.to_thread(entered.wait, 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert not is_connected(deliverer)
+            release.set()
+            result = await deliverer.deliver(message(2), envelope())
+            assert result.response == "250 2.0.0 OK queued"
+    finally:
+        release.set()
+    assert len(handler.ehlo_peers) == 2
+
+
+async def test_421_closes_and_next_message_reconnects(
+    observed_sink: tuple[SmtpSink, ObservingHandler],
+) -> None:
+    sink, handler = observed_sink
+    sink.handler.rule = lambda stage, env, data: (
+        "421 4.3.2 Service shutting down" if env.mail_from == "first@x.test" else None
+    )
+    async with SmtpDeliverer(smtp_settings(sink.port)) as deliverer:
+        err = await refused(deliverer, message(1), envelope("first@x.test"))
+        assert (err.stage, err.smtp_code) == (SmtpStage.MAIL, 421)
+        assert classify(err) is Disposition.RETRY
+        assert not is_connected(deliverer)  # RFC 5321 §3.8: 421 ends the session
+        await deliverer.deliver(message(2), envelope())
+    assert [m.data for m in sink.received] == [message(2)]
+    assert len(handler.ehlo_peers) == 2
+
+
+class CuttingProxy:
+    """Loopback TCP proxy to the sink that drops the connection once, when the client sends
+    ``cut_at``.  aiosmtpd cannot drop a connection on request, so this stands in for the
+    network."""
+
+    def __init__(self, target_port: int, cut_at: bytes) -> None:
+        self.target_port = target_port
+        self.cut_at: bytes | None = cut_at
+        self.port = 0
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> CuttingProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.connections += 1
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter, watch: bool) -> None:
+            try:
+                while data := await r.read(65536):
+                    if watch and self.cut_at is not None and self.cut_at in data:
+                        self.cut_at = None
+                        break
+                    w.write(data)
+                    await w.drain()
+            except ConnectionError:
+                pass
+            finally:
+                client_w.close()
+                server_w.close()
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(pump(client_r, server_w, watch=True))
+                tg.create_task(pump(server_r, client_w, watch=False))
+        finally:
+            self._tasks.discard(task)
+
+
+async def test_dropped_connection_retries_then_reconnects(smtp_sink: SmtpSink) -> None:
+    async with CuttingProxy(smtp_sink.port, cut_at=b"DATA\r\n") as proxy:
+        async with SmtpDeliverer(smtp_settings(proxy.port)) as deliverer:
+            err = await refused(deliverer, message(1), envelope())
+            assert err.stage is SmtpStage.DATA
+            assert err.smtp_code is None
+            assert classify(err) is Disposition.RETRY
+            assert not is_connected(deliverer)
+            await deliverer.deliver(message(2), envelope())
+            await deliverer.deliver(message(3), envelope())
+        assert proxy.connections == 2
+    assert [m.data for m in smtp_sink.received] == [message(2), message(3)]
+
+
+async def test_nothing_listening_is_connect_retry() -> None:
+    async with SmtpDeliverer(smtp_settings(free_port(), timeout=2)) as deliverer:
+        err = await refused(deliverer, MESSAGE, envelope())
+    assert err.stage is SmtpStage.CONNECT
+    assert classify(err) is Disposition.RETRY
+
+
+async def test_connect_is_idempotent_and_close_is_safe(
+    observed_sink: tuple[SmtpSink, ObservingHandler],
+) -> None:
+    sink, handler = observed_sink
+    deliverer = SmtpDeliverer(smtp_settings(sink.port))
+    assert size_limit(deliverer) is None
+    await deliverer.close()  # never connected: nothing to do
+    await deliverer.connect()
+    await deliverer.connect()
+    assert size_limit(deliverer) == 64 * 1024 * 1024
+    await deliverer.deliver(MESSAGE, envelope())
+    await deliverer.close()
+    await deliverer.close()
+    assert not is_connected(deliverer)
+    assert len(handler.ehlo_peers) == 1
