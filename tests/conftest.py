@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Iterator
 
@@ -9,6 +10,10 @@ import pytest
 import trustme
 
 from tests.servers import DovecotServer, SmtpSink, start_dovecot, stop_dovecot
+
+
+# aiosmtpd logs every connection at INFO; keep test output about our code.
+logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 @pytest.fixture(scope="session")

@@ -46,6 +46,8 @@ def _has_ipv6_loopback() -> bool:
 
 
 _user_counter = itertools.count(1)
+SPARE_USERS = 500
+USER_PASSWORD = "secret-pw"  # noqa: S105 (test mailboxes)
 
 
 @dataclass
@@ -66,18 +68,17 @@ class DovecotServer:
     def ca_file(self) -> Path:
         return self.root / "tls" / "ca.pem"
 
-    def add_user(
-        self,
-        name: str | None = None,
-        password: str = "secret-pw",  # noqa: S107 (a test mailbox)
-    ) -> tuple[str, str]:
-        """Create a fresh mailbox user; Dovecot re-reads the passwd-file when it changes."""
+    def add_user(self) -> tuple[str, str]:
+        """A fresh, empty mailbox: (user, password).
+
+        The users are written before Dovecot starts: Dovecot notices a changed passwd-file by
+        its mtime, which can miss two changes within one second.
+        """
         with self._lock:
-            if name is None:
-                name = f"user{next(_user_counter)}"
-            with (self.root / "users").open("a") as f:
-                f.write(f"{name}:{{PLAIN}}{password}::::::\n")
-        return name, password
+            n = next(_user_counter)
+        if n > SPARE_USERS:
+            raise RuntimeError(f"more than {SPARE_USERS} test mailboxes; raise SPARE_USERS")
+        return f"user{n}", USER_PASSWORD
 
     def deliver(self, user: str, raw: bytes, folder: str = "INBOX") -> None:
         """Store a message through Dovecot itself (runs as the mail uid, ownership stays right)."""
@@ -158,7 +159,9 @@ def start_dovecot() -> DovecotServer:
     cert.private_key_pem.write_to_path(str(root / "tls" / "key.pem"))
     (root / "tls" / "key.pem").chmod(0o600)
     ca.cert_pem.write_to_path(str(root / "tls" / "ca.pem"))
-    (root / "users").write_text("alice:{PLAIN}alicepw::::::\nbob@example.test:{PLAIN}bobpw::::::\n")
+    users = ["alice:{PLAIN}alicepw::::::", "bob@example.test:{PLAIN}bobpw::::::"]
+    users += [f"user{n}:{{PLAIN}}{USER_PASSWORD}::::::" for n in range(1, SPARE_USERS + 1)]
+    (root / "users").write_text("\n".join(users) + "\n")
     (root / "mail").mkdir()
     shutil.chown(root / "mail", "nobody", "nogroup")
     ports = {name: free_port() for name in ("pop3", "pop3s", "imap", "imaps")}

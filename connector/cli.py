@@ -1,0 +1,192 @@
+"""The ``pop3-connector`` command: argument parsing, logging setup and exit codes (PRODUCT §4).
+
+Exit codes follow sysexits.h where one fits: 0 success, 1 a cycle or connection failed,
+70 (EX_SOFTWARE) an unexpected error, 75 (EX_TEMPFAIL) another instance holds the state
+directory, 78 (EX_CONFIG) the configuration is invalid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from connector import __version__
+from connector.errors import AlreadyRunningError, ConfigError
+
+if TYPE_CHECKING:
+    from connector.service import Runtime
+
+EX_OK = 0
+EX_FAILED = 1
+EX_SOFTWARE = 70
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+DEFAULT_CONFIG = Path("/etc/pop3-connector/config.toml")
+
+log = logging.getLogger("connector")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers (``log_format = "json"``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    """Logs go to standard error (journald and containers collect them there)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Libraries stay quiet unless we are debugging; our transcripts say what matters.
+    for noisy in ("aiosmtplib", "aioimaplib", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+
+
+def config_path(args: argparse.Namespace) -> Path:
+    """``--config``, else ``$POP3_CONNECTOR_CONFIG``, else /etc/pop3-connector/config.toml."""
+    if args.config:
+        return Path(args.config)
+    env = os.environ.get("POP3_CONNECTOR_CONFIG")
+    return Path(env) if env else DEFAULT_CONFIG
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pop3-connector",
+        description="Fetch mail from POP3 mailboxes and deliver it to Exchange over SMTP.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file (default: $POP3_CONNECTOR_CONFIG, else /etc/pop3-connector/config.toml)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", help="run the service: poll every enabled account on its interval")
+    once = sub.add_parser("once", help="one cycle of each (or the named) account, then exit")
+    once.add_argument("--account", action="append", metavar="NAME", help="only this account")
+    check = sub.add_parser("check", help="validate the config and print it, secrets masked")
+    check.add_argument(
+        "--connect", action="store_true", help="also log in to each POP3 account and to SMTP"
+    )
+    demo = sub.add_parser("demo", help="run the connector against built-in loopback servers")
+    demo.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where to keep the demo's state (default: a new temp dir)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from connector.demo import run_demo
+
+        setup_logging("warning")
+        state_dir = Path(args.state_dir) if args.state_dir else None
+        return asyncio.run(run_demo(state_dir))
+    setup_logging()  # until the config says otherwise: errors while loading still get logged
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"pop3-connector: invalid configuration in {config_path(args)}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EX_CONFIG
+    except AlreadyRunningError as exc:
+        print(f"pop3-connector: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    except KeyboardInterrupt:
+        return EX_FAILED
+    except Exception:
+        # Disposition.BUG: not a failure we know.  Say so loudly, with the traceback.
+        log.exception("pop3-connector stopped on an unexpected error")
+        return EX_SOFTWARE
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from connector.config import config_warnings, load_settings, render_settings
+    from connector.service import build_runtime
+
+    path = config_path(args)
+    settings = load_settings(path)
+    runtime = build_runtime(settings)
+    setup_logging(settings.service.log_level, settings.service.log_format)
+    match args.command:
+        case "check":
+            print(render_settings(settings))
+            for warning in config_warnings(settings, path):
+                print(f"warning: {warning}", file=sys.stderr)
+            if args.connect:
+                from connector.check import check_connections
+
+                return asyncio.run(check_connections(runtime))
+            return EX_OK
+        case "once":
+            return asyncio.run(_once(runtime, args.account))
+        case "run":
+            return asyncio.run(_run(runtime))
+        case _:
+            raise AssertionError(args.command)
+
+
+async def _once(runtime: Runtime, names: list[str] | None) -> int:
+    from connector.service import open_service
+
+    known = {spec.name for spec in runtime.accounts}
+    unknown = [n for n in names or [] if n not in known]
+    if unknown:
+        raise ConfigError([f"--account {n}: no enabled account of that name" for n in unknown])
+    async with open_service(runtime) as service:
+        service.install_signal_handlers()
+        results = await service.run_once(names)
+    for r in results:
+        s = r.stats
+        status = "ok" if r.ok else f"FAILED: {r.error}"
+        print(
+            f"{r.account}: {status}; delivered {s.delivered}, dead-lettered {s.dead_lettered}, "
+            f"deferred {s.deferred}, skipped {s.skipped} ({r.duration:.2f} s)"
+        )
+    return EX_OK if all(r.ok for r in results) else EX_FAILED
+
+
+async def _run(runtime: Runtime) -> int:
+    from connector.service import open_service
+
+    async with open_service(runtime) as service:
+        service.install_signal_handlers()
+        log.info(
+            "pop3-connector %s running: %d account(s), state in %s",
+            __version__,
+            len(runtime.accounts),
+            runtime.state_dir,
+        )
+        await service.serve()
+    log.info("stopped")
+    return EX_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

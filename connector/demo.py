@@ -1,0 +1,190 @@
+"""``pop3-connector demo``: the real connector against built-in loopback servers.
+
+A POP3 mailbox with sample mail and an SMTP sink playing Exchange, which refuses some of it
+permanently (sender filtering, a size limit) and greylists one message once.  Two cycles run
+through the same code as ``once`` (config file, ledger, dead-letter Maildir), then the demo prints
+what happened and where everything is.  It needs nothing beyond the package and a loopback
+interface, and takes about a second.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from connector.config import load_settings
+from connector.fetcher import Outcome
+from connector.loopback import LoopbackPop3Server, LoopbackSmtpSink
+from connector.service import build_runtime, open_service
+
+USER = "info@firma.example"
+PASSWORD = "demo-password"  # noqa: S105 (the built-in demo server's account)
+SIZE_LIMIT = 100_000
+
+
+def _mail(sender: str, subject: str, body: str, extra: str = "") -> bytes:
+    return (
+        f"Return-Path: <{sender}>\r\nFrom: {sender}\r\nTo: {USER}\r\nSubject: {subject}\r\n"
+        f"Date: Fri, 27 Nov 2026 15:49:35 +0100\r\nMessage-ID: <{abs(hash(subject))}@demo>\r\n"
+        f"{extra}\r\n{body}"
+    ).encode()
+
+
+def sample_mail() -> list[bytes]:
+    """The demo mailbox: ordinary mail, spam the sender filter refuses, one over the size limit,
+    one from a greylisted sender."""
+    attachment = ("QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=" * 2 + "\r\n") * 2000
+    return [
+        _mail("orders@supplier.example", "Invoice 2026-1142", "Please find our invoice.\r\n"),
+        _mail("newsletter@bulk.example", "Cheap watches!!!", "Buy now.\r\n"),
+        _mail(
+            "anna@customer.example",
+            "Grüße aus Köln",
+            "Schöne Grüße,\r\n.a line starting with a dot\r\nAnna\r\n",
+            extra="Content-Type: text/plain; charset=utf-8\r\n",
+        ),
+        _mail("scans@printer.example", "Scan of contract (large)", attachment),
+        _mail("new-partner@greylisted.example", "First contact", "Hello!\r\n"),
+        _mail("newsletter@bulk.example", "Last chance!!!", "Buy now.\r\n"),
+        _mail("it@provider.example", "Maintenance window", "Sunday 02:00-04:00.\r\n"),
+    ]
+
+
+class _Exchange:
+    """The sink's rules: Exchange's sender filter, and greylisting of one sender once."""
+
+    def __init__(self) -> None:
+        self.greylisted: set[str] = set()
+
+    def __call__(
+        self, stage: str, sender: str, recipients: list[str], data: bytes | None
+    ) -> str | None:
+        if stage == "data" and sender.endswith("@bulk.example"):
+            return "554 5.1.0 Sender denied"
+        if (
+            stage == "rcpt"
+            and sender.endswith("@greylisted.example")
+            and sender not in self.greylisted
+        ):
+            self.greylisted.add(sender)
+            return "451 4.7.1 Greylisted, please try again later"
+        return None
+
+
+@dataclass
+class _Event:
+    cycle: int
+    uidl: str
+    outcome: Outcome
+    response: str
+
+
+class _Recorder:
+    """A CycleObserver that keeps what happened, for the printout."""
+
+    def __init__(self) -> None:
+        self.cycle = 0
+        self.events: list[_Event] = []
+
+    def message(self, account: str, uidl: str, size: int, outcome: Outcome, response: str) -> None:
+        self.events.append(_Event(self.cycle, uidl, outcome, response))
+
+
+def _subject(raw: bytes) -> str:
+    msg = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(raw)
+    return str(msg.get("Subject", "(no subject)"))
+
+
+def _write_config(state_dir: Path, pop_port: int, smtp_port: int) -> Path:
+    config = state_dir / "config.toml"
+    config.write_text(
+        f"""# Written by `pop3-connector demo`: the built-in servers on loopback.
+[service]
+state_dir = "{state_dir}"
+log_level = "warning"
+
+[metrics]
+listen = ""
+
+[smtp]
+host = "127.0.0.1"
+port = {smtp_port}
+tls = "none"
+helo_name = "connector.demo"
+
+[[accounts]]
+name = "info"
+host = "127.0.0.1"
+port = {pop_port}
+tls = "none"
+username = "{USER}"
+password = "{PASSWORD}"
+deliver_to = ["info@firma.local"]
+"""
+    )
+    config.chmod(0o600)
+    return config
+
+
+async def run_demo(state_dir: Path | None = None) -> int:
+    """Run the demo and print a summary; returns the exit status."""
+    state_dir = state_dir or Path(tempfile.mkdtemp(prefix="pop3-connector-demo-"))
+    mail = sample_mail()
+    subjects = {}
+    pop3 = LoopbackPop3Server({USER: PASSWORD})
+    sink = LoopbackSmtpSink(_Exchange(), size_limit=SIZE_LIMIT)
+    async with pop3, sink:
+        for raw in mail:
+            subjects[pop3.add_message(USER, raw)] = _subject(raw)
+        config = _write_config(state_dir, pop3.port, sink.port)
+        runtime = build_runtime(load_settings(config))
+        recorder = _Recorder()
+        print("pop3-connector demo")
+        print(f"  POP3 mailbox {USER} on 127.0.0.1:{pop3.port} with {len(mail)} messages")
+        print(
+            f"  Exchange played by an SMTP sink on 127.0.0.1:{sink.port}: it refuses "
+            f"@bulk.example (554 5.1.0), anything over {SIZE_LIMIT:,} bytes, and greylists "
+            "@greylisted.example once"
+        )
+        results = []
+        async with open_service(runtime, observer=recorder) as service:
+            for cycle in (1, 2):
+                recorder.cycle = cycle
+                (result,) = await service.run_once()
+                results.append(result)
+                print(
+                    f"\nCycle {cycle} ({result.duration * 1000:.0f} ms, {'ok' if result.ok else 'FAILED: ' + str(result.error)})"
+                )
+                events = [e for e in recorder.events if e.cycle == cycle]
+                if not events:
+                    print("  nothing new")
+                for e in events:
+                    label = e.outcome.replace("_", "-")
+                    print(f"  {label:<14} {subjects.get(e.uidl, e.uidl)[:32]:<32} {e.response}")
+            dead = await service.store.list()
+        left = len(pop3.mailboxes.get(USER, []))
+        print(
+            f"\nExchange received {len(sink.messages)} messages; {len(dead)} are in the dead-letter "
+            f"store; {left} left in the POP3 mailbox."
+        )
+        print(
+            "Cycle 2 fetched none of the refused messages again: they were dead-lettered and deleted."
+        )
+        print(f"\nDead letters (a Maildir any mail client can open): {runtime.dead_letter_path}")
+        for d in dead:
+            print(f"  {d.id}  stage={d.stage:<5} {d.response}")
+        if dead:
+            first = next(runtime.dead_letter_path.glob("new/*"), None)
+            if first is not None:
+                print(f"\nThe header lines added at the top of {first.name}:")
+                for line in first.read_bytes().split(b"\r\n"):
+                    if not line.startswith(b"X-POP3-Connector-"):
+                        break
+                    print(f"  {line.decode()}")
+        print(f"\nConfig used: {config}\nLedger:      {runtime.ledger_path}")
+        print(f"See the effective config: pop3-connector --config {config} check")
+        ok = all(r.ok for r in results) and left == 0
+    return 0 if ok else 1

@@ -1,0 +1,384 @@
+"""One POP3 session for one account: list, diff with the ledger, fetch, deliver, record, DELE, QUIT.
+
+This is the policy layer of PRODUCT §5.  It owns the order of operations that makes the connector
+crash-safe; the modules below it (pop3, delivery, ledger, deadletter) only do what they are told.
+
+The order for each message, oldest first (the order of the UIDL listing, RFC 1939 §7)::
+
+    known delivered / dead-lettered  ->  DELE only (never handed to SMTP again)
+    new or deferred                  ->  RETR -> SMTP
+        250 after DATA               ->  ledger "delivered" committed  -> DELE
+        refused permanently          ->  dead-letter store (fsynced) -> "dead_lettered" -> DELE
+        refused temporarily          ->  ledger "deferred" (attempts, first seen); stays upstream,
+                                         unless deferred longer than max_deferral: dead-letter it
+    then QUIT                        ->  the server carries out the DELEs (RFC 1939 §6)
+
+Crash anywhere: a DELE without QUIT deletes nothing (RFC 1939 §6), and every DELE we send follows a
+ledger commit, so the next cycle sees each message again and the ledger says what was already done.
+The only duplicate window is between SMTP's 250 and the ledger commit right after it.
+
+A failure of our own setup (SMTP connect, TLS, AUTH; a 5xx to a fixed sender or recipient), of the
+dead-letter store or of the ledger ends the cycle *before the next RETR*; the QUIT still goes out so
+the DELEs of the messages already finished take effect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Protocol
+
+from connector.deadletter import DeadLetterInfo, DeadLetterStore
+from connector.delivery import Delivered, Envelope, SenderPolicy, envelope_sender
+from connector.errors import (
+    DeadLetterError,
+    DeliveryError,
+    Disposition,
+    LedgerError,
+    Pop3ResponseError,
+    classify,
+)
+from connector.ledger import Ledger, LedgerEntry, MessageState
+from connector.pop3 import AuthMethod, Pop3Client, Pop3Endpoint, Pop3Timeouts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AccountSpec:
+    """Everything a cycle needs to know about one account; built from the config by the service."""
+
+    name: str
+    endpoint: Pop3Endpoint
+    username: str
+    password: str = field(repr=False)
+    auth: AuthMethod
+    deliver_to: tuple[str, ...]
+    max_deferral: float
+    timeouts: Pop3Timeouts = field(default_factory=Pop3Timeouts)
+    max_message_size: int = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryPolicy:
+    """How messages are put on the SMTP envelope and traced (PRODUCT §3 ``[smtp]``)."""
+
+    sender_policy: SenderPolicy
+    fixed_sender: str | None
+    helo_name: str
+
+
+class Outcome(enum.StrEnum):
+    """What happened to one message in a cycle (the ``outcome`` label of PRODUCT §8)."""
+
+    DELIVERED = "delivered"
+    DEAD_LETTERED = "dead_lettered"
+    DEFERRED = "deferred"
+    SKIPPED = "skipped"  # already in the ledger as delivered or dead-lettered: DELE only
+
+
+@dataclass(slots=True)
+class CycleStats:
+    """Counts of one cycle, for logs, metrics and ``once``'s summary."""
+
+    mailbox_messages: int = 0
+    mailbox_bytes: int = 0
+    delivered: int = 0
+    dead_lettered: int = 0
+    deferred: int = 0
+    skipped: int = 0
+    delivered_bytes: int = 0
+    stopped_early: bool = False
+
+    def count(self, outcome: Outcome) -> None:
+        match outcome:
+            case Outcome.DELIVERED:
+                self.delivered += 1
+            case Outcome.DEAD_LETTERED:
+                self.dead_lettered += 1
+            case Outcome.DEFERRED:
+                self.deferred += 1
+            case Outcome.SKIPPED:
+                self.skipped += 1
+
+
+class Deliverer(Protocol):
+    """The part of ``delivery.SmtpDeliverer`` the fetcher uses (a seam for tests)."""
+
+    async def deliver(self, raw: bytes, envelope: Envelope) -> Delivered: ...
+
+    async def close(self) -> None: ...
+
+
+class CycleObserver(Protocol):
+    """Told about every message; the service hangs logging and metrics on it."""
+
+    def message(
+        self, account: str, uidl: str, size: int, outcome: Outcome, response: str
+    ) -> None: ...
+
+
+class LogObserver:
+    """The default observer: one log line per message (PRODUCT §8)."""
+
+    def message(self, account: str, uidl: str, size: int, outcome: Outcome, response: str) -> None:
+        log.info(
+            "account=%s uidl=%s size=%d outcome=%s smtp=%r", account, uidl, size, outcome, response
+        )
+
+
+class CycleStopped(Exception):
+    """Raised inside the loop to end a cycle early but still QUIT; carries the cause."""
+
+    def __init__(self, cause: BaseException) -> None:
+        self.cause = cause
+        super().__init__(str(cause))
+
+
+# RFC 1939 §7: a unique-id is 1-70 characters in 0x21-0x7E.  We put it in the Received: header only
+# when it is a safe atom, so that a hostile UIDL can never break the header's syntax.
+_SAFE_ATOM = re.compile(rb"^[A-Za-z0-9._+=/-]{1,70}$")
+
+
+def trace_header(
+    raw: bytes, *, pop_host: str, by_host: str, uidl: str, recipients: Sequence[str], now: datetime
+) -> bytes:
+    """The ``Received:`` line we add at the top (RFC 5321 §4.4), in the message's own line ending.
+
+    It says where the message came from (the POP3 host) and when we took it, as fetchmail's does,
+    so Exchange's message trace shows the hop.
+    """
+    nl = raw.find(b"\n")
+    eol = b"\n" if nl == 0 or (nl > 0 and raw[nl - 1] != 0x0D) else b"\r\n"
+    uid = uidl.encode("ascii", "replace")
+    ident = b" id " + uid if _SAFE_ATOM.match(uid) else b""
+    rcpt = (
+        b" for <" + recipients[0].encode("ascii", "replace") + b">" if len(recipients) == 1 else b""
+    )
+    return (
+        b"Received: from "
+        + pop_host.encode("ascii", "replace")
+        + b" by "
+        + by_host.encode("ascii", "replace")
+        + b" with POP3 (pop3-connector)"
+        + ident
+        + eol
+        + b"\t"
+        + (rcpt.strip() + b"; " if rcpt else b"; ")
+        + format_datetime(now).encode("ascii")
+        + eol
+    )
+
+
+def header_digest(headers: bytes) -> str:
+    """A stand-in UIDL for servers without UIDL: a digest of the header block (TOP n 0).
+
+    Two messages with byte-identical headers would collide; the caller adds an ordinal then.
+    """
+    return "sha256:" + hashlib.sha256(headers).hexdigest()[:40]
+
+
+async def uid_listing(pop: Pop3Client, count: int) -> list[tuple[int, str]]:
+    """(number, uid) of every message: UIDL (RFC 1939 §7), or header digests without it."""
+    try:
+        return await pop.uidl()
+    except Pop3ResponseError:
+        log.warning("server has no UIDL; identifying messages by a digest of their headers")
+    listing: list[tuple[int, str]] = []
+    seen: dict[str, int] = {}
+    for n in range(1, count + 1):
+        uid = header_digest(await pop.top(n, 0))
+        seen[uid] = seen.get(uid, 0) + 1
+        listing.append((n, uid if seen[uid] == 1 else f"{uid}#{seen[uid]}"))
+    return listing
+
+
+class Cycle:
+    """One cycle of one account.  Construct, then ``await cycle.run()``; not reusable."""
+
+    def __init__(
+        self,
+        account: AccountSpec,
+        *,
+        ledger: Ledger,
+        store: DeadLetterStore,
+        deliverer: Deliverer,
+        policy: DeliveryPolicy,
+        observer: CycleObserver | None = None,
+        stopping: asyncio.Event | None = None,
+        clock: Callable[[], float] = time.time,
+        transcript: logging.Logger | None = None,
+        connect: Callable[..., Awaitable[Pop3Client]] = Pop3Client.connect,
+    ) -> None:
+        self.account = account
+        self.ledger = ledger
+        self.store = store
+        self.deliverer = deliverer
+        self.policy = policy
+        self.observer = observer or LogObserver()
+        self.stopping = stopping or asyncio.Event()
+        self.clock = clock
+        self.transcript = transcript
+        self._connect = connect
+        self.stats = CycleStats()
+
+    async def run(self) -> CycleStats:
+        """Run the cycle; raises the error that ended it (already classified by the caller)."""
+        acct = self.account
+        pop = await self._connect(
+            acct.endpoint,
+            acct.timeouts,
+            max_message_size=acct.max_message_size,
+            transcript=self.transcript,
+        )
+        async with pop:
+            await pop.login(acct.username, acct.password, acct.auth)
+            count, octets = await pop.stat()
+            self.stats.mailbox_messages, self.stats.mailbox_bytes = count, octets
+            listing = await uid_listing(pop, count) if count else []
+            known = await self.ledger.sync_listing(
+                acct.name, [uid for _, uid in listing], self.clock()
+            )
+            stopped: CycleStopped | None = None
+            try:
+                await self._process(pop, listing, known)
+            except CycleStopped as exc:
+                stopped = exc
+            # QUIT even after a stop: every DELE sent so far follows a committed ledger row.
+            await pop.quit()
+        if stopped is not None:
+            raise stopped.cause
+        return self.stats
+
+    async def _process(
+        self, pop: Pop3Client, listing: list[tuple[int, str]], known: dict[str, LedgerEntry]
+    ) -> None:
+        acct = self.account
+        todo: list[tuple[int, str]] = []
+        for number, uid in listing:
+            entry = known.get(uid)
+            if entry is not None and entry.state is not MessageState.DEFERRED:
+                # PRODUCT §5.1: done before; only DELE, never SMTP again.
+                await pop.dele(number)
+                self.stats.count(Outcome.SKIPPED)
+                self.observer.message(
+                    acct.name, uid, entry.size, Outcome.SKIPPED, entry.last_response
+                )
+            else:
+                todo.append((number, uid))
+        if not todo:
+            return
+        uids = dict(todo)
+        try:
+            async for number, raw in pop.retr_many([n for n, _ in todo]):
+                outcome = await self._handle(
+                    pop, number, uids[number], raw, known.get(uids[number])
+                )
+                self.stats.count(outcome)
+                if self.stopping.is_set():
+                    # Stop between messages, never inside one (STYLE §4).
+                    self.stats.stopped_early = True
+                    break
+        finally:
+            await self.deliverer.close()
+
+    async def _handle(
+        self, pop: Pop3Client, number: int, uid: str, raw: bytes, entry: LedgerEntry | None
+    ) -> Outcome:
+        acct, policy = self.account, self.policy
+        sender, sender_fixed = envelope_sender(raw, policy.sender_policy, policy.fixed_sender)
+        envelope = Envelope(sender, acct.deliver_to, sender_fixed=sender_fixed)
+        trace = trace_header(
+            raw,
+            pop_host=acct.endpoint.host,
+            by_host=policy.helo_name,
+            uidl=uid,
+            recipients=acct.deliver_to,
+            now=datetime.fromtimestamp(self.clock(), UTC),
+        )
+        try:
+            delivered = await self.deliverer.deliver(trace + raw, envelope)
+        except DeliveryError as exc:
+            return await self._refused(pop, number, uid, raw, exc)
+
+        # The duplicate window of PRODUCT §5: Exchange has the message, the ledger does not yet.
+        # Shielded so that a shutdown cannot cancel the commit half-way (STYLE §4).
+        try:
+            await asyncio.shield(
+                self.ledger.record_delivered(
+                    acct.name, uid, len(raw), delivered.response, self.clock()
+                )
+            )
+        except LedgerError as exc:
+            raise CycleStopped(exc) from exc
+        await pop.dele(number)
+        self.stats.delivered_bytes += len(trace) + len(raw)
+        response = delivered.response
+        if delivered.refused:
+            refused = "; ".join(f"{r}: {text}" for r, text in delivered.refused.items())
+            response = f"{response} (refused: {refused})"
+        self.observer.message(acct.name, uid, len(raw), Outcome.DELIVERED, response)
+        return Outcome.DELIVERED
+
+    async def _refused(
+        self, pop: Pop3Client, number: int, uid: str, raw: bytes, exc: DeliveryError
+    ) -> Outcome:
+        acct = self.account
+        disposition = classify(exc)
+        if exc.stage.is_setup or disposition is Disposition.PARK_ACCOUNT:
+            # PRODUCT §6: our own setup is wrong; every message would fare the same.
+            raise CycleStopped(exc) from exc
+        match disposition:
+            case Disposition.DEAD_LETTER:
+                await self._dead_letter(pop, number, uid, raw, str(exc.stage), exc.response)
+                return Outcome.DEAD_LETTERED
+            case Disposition.RETRY:
+                now = self.clock()
+                try:
+                    entry = await self.ledger.record_deferred(
+                        acct.name, uid, len(raw), exc.response, now
+                    )
+                except LedgerError as lexc:
+                    raise CycleStopped(lexc) from lexc
+                if now - entry.first_seen >= acct.max_deferral:
+                    # PRODUCT §5.5: refused only temporarily for longer than max_deferral.
+                    await self._dead_letter(pop, number, uid, raw, "expired", exc.response)
+                    return Outcome.DEAD_LETTERED
+                self.observer.message(acct.name, uid, len(raw), Outcome.DEFERRED, exc.response)
+                return Outcome.DEFERRED
+            case Disposition.BUG | Disposition.PARK_ACCOUNT:
+                raise exc
+
+    async def _dead_letter(
+        self, pop: Pop3Client, number: int, uid: str, raw: bytes, stage: str, response: str
+    ) -> None:
+        acct = self.account
+        info = DeadLetterInfo(
+            account=acct.name,
+            uidl=uid,
+            stage=stage,
+            response=response,
+            failed_at=datetime.fromtimestamp(self.clock(), UTC),
+        )
+        try:
+            dl_id = await self.store.put(raw, info)
+            await asyncio.shield(
+                self.ledger.record_dead_lettered(
+                    acct.name, uid, len(raw), response, self.clock(), dead_letter_id=dl_id
+                )
+            )
+        except (DeadLetterError, LedgerError) as exc:
+            # Not stored durably, or not recorded: no DELE; the message stays upstream.
+            raise CycleStopped(exc) from exc
+        await pop.dele(number)
+        self.observer.message(
+            acct.name, uid, len(raw), Outcome.DEAD_LETTERED, f"{stage}: {response}"
+        )

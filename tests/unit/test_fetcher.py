@@ -1,0 +1,284 @@
+"""The cycle of PRODUCT §5 against the built-in loopback servers, a real ledger and real Maildir.
+
+Dovecot plays the POP3 server in tests/integration; here the loopback server does, because it can
+also lack UIDL, lock the mailbox or refuse logins in the ways a test needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from connector.deadletter.maildir import MaildirStore
+from connector.delivery import SenderPolicy, SmtpDeliverer, SmtpSettings
+from connector.errors import (
+    DeadLetterError,
+    DeliveryError,
+    Disposition,
+    Pop3AuthError,
+    Pop3ResponseError,
+    classify,
+)
+from connector.fetcher import (
+    AccountSpec,
+    Cycle,
+    DeliveryPolicy,
+    Outcome,
+    header_digest,
+    trace_header,
+)
+from connector.ledger import Ledger, MessageState
+from connector.loopback import LoopbackPop3Server, LoopbackSmtpSink, SmtpRule
+from connector.pop3 import AuthMethod, Pop3Endpoint, TlsMode
+from tests.fakes import InMemoryDeadLetterStore
+
+USER, PASSWORD = "info@firma.example", "pop-secret"
+
+
+def mail(i: int, sender: str = "a@customer.example") -> bytes:
+    return f"Return-Path: <{sender}>\r\nSubject: m{i}\r\n\r\nbody {i}\r\n".encode()
+
+
+@dataclass
+class Recorder:
+    events: list[tuple[str, Outcome, str]] = field(default_factory=list)
+
+    def message(self, account: str, uidl: str, size: int, outcome: Outcome, response: str) -> None:
+        self.events.append((uidl, outcome, response))
+
+    def outcomes(self) -> list[Outcome]:
+        return [o for _, o, _ in self.events]
+
+
+@dataclass
+class Rig:
+    pop: LoopbackPop3Server
+    sink: LoopbackSmtpSink
+    ledger: Ledger
+    store: MaildirStore | InMemoryDeadLetterStore
+    now: float = 1_800_000_000.0
+
+    def spec(self, **kw: object) -> AccountSpec:
+        args: dict[str, object] = {
+            "name": "info",
+            "endpoint": Pop3Endpoint("127.0.0.1", self.pop.port, TlsMode.NONE),
+            "username": USER,
+            "password": PASSWORD,
+            "auth": AuthMethod.AUTO,
+            "deliver_to": ("info@firma.local",),
+            "max_deferral": 5 * 86400.0,
+        }
+        args.update(kw)
+        return AccountSpec(**args)  # type: ignore[arg-type]
+
+    async def cycle(self, recorder: Recorder | None = None, **kw: object) -> Cycle:
+        deliverer = SmtpDeliverer(
+            SmtpSettings("127.0.0.1", self.sink.port, TlsMode.NONE, None, "connector.test")
+        )
+        c = Cycle(
+            self.spec(**kw),
+            ledger=self.ledger,
+            store=self.store,
+            deliverer=deliverer,
+            policy=DeliveryPolicy(SenderPolicy.RETURN_PATH, None, "connector.test"),
+            observer=recorder or Recorder(),
+            clock=lambda: self.now,
+        )
+        return c
+
+
+async def make_rig(
+    tmp_path: Path, rule: SmtpRule | None = None, **pop_options: object
+) -> AsyncIterator[Rig]:
+    pop = LoopbackPop3Server({USER: PASSWORD}, **pop_options)  # type: ignore[arg-type]
+    sink = LoopbackSmtpSink(rule)
+    ledger = await Ledger.open(tmp_path / "ledger.sqlite3")
+    async with pop, sink:
+        try:
+            yield Rig(pop, sink, ledger, MaildirStore(tmp_path / "dead"))
+        finally:
+            await ledger.close()
+    assert pop.errors == []
+    assert sink.errors == []
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    async for r in make_rig(tmp_path):
+        yield r
+
+
+def deny(sender_domain: str, reply: str = "554 5.1.0 Sender denied") -> SmtpRule:
+    def rule(stage: str, sender: str, rcpts: list[str], data: bytes | None) -> str | None:
+        return reply if stage == "data" and sender.endswith(sender_domain) else None
+
+    return rule
+
+
+async def test_delivers_records_and_deletes(rig: Rig) -> None:
+    for i in range(3):
+        rig.pop.add_message(USER, mail(i))
+    rec = Recorder()
+    stats = await (await rig.cycle(rec)).run()
+    assert (stats.mailbox_messages, stats.delivered) == (3, 3)
+    assert [m.data.split(b"\r\n", 2)[2] for m in rig.sink.messages] == [mail(i) for i in range(3)]
+    assert rig.pop.mailboxes[USER] == []
+    assert rec.outcomes() == [Outcome.DELIVERED] * 3
+    entry = await rig.ledger.entry("info", rig.pop.deleted[0])
+    assert entry is not None
+    assert entry.state is MessageState.DELIVERED
+
+
+async def test_known_uidl_is_only_deleted_never_sent_again(rig: Rig) -> None:
+    uid = rig.pop.add_message(USER, mail(1))
+    await rig.ledger.sync_listing("info", [uid], rig.now)
+    await rig.ledger.record_delivered("info", uid, 10, "250 ok", rig.now)
+    rec = Recorder()
+    stats = await (await rig.cycle(rec)).run()
+    assert stats.skipped == 1
+    assert rig.sink.messages == []
+    assert rig.pop.mailboxes[USER] == []
+    assert "RETR" not in rig.pop.commands
+
+
+async def test_refused_mail_costs_nothing_on_the_next_cycle(tmp_path: Path) -> None:
+    async for rig in make_rig(tmp_path, deny("@bad.example")):
+        for i in range(10):
+            rig.pop.add_message(USER, mail(i, "x@bad.example"))
+        stats = await (await rig.cycle()).run()
+        assert stats.dead_lettered == 10
+        assert len(await rig.store.list()) == 10
+        rig.pop.add_message(USER, mail(99))
+        rig.pop.commands.clear()
+        stats = await (await rig.cycle()).run()
+        assert (stats.delivered, stats.dead_lettered, stats.skipped) == (1, 0, 0)
+        assert rig.pop.commands.count("RETR") == 1
+
+
+async def test_server_without_uidl_falls_back_to_header_digests(tmp_path: Path) -> None:
+    async for rig in make_rig(tmp_path, uidl=False):
+        rig.pop.add_message(USER, mail(1))
+        rig.pop.add_message(USER, mail(1))  # identical headers: must still be told apart
+        rec = Recorder()
+        await (await rig.cycle(rec)).run()
+        uids = [u for u, _, _ in rec.events]
+        headers = mail(1).split(b"\r\n\r\n")[0] + b"\r\n\r\n"  # what TOP n 0 returns
+        assert uids[0] == header_digest(headers)
+        assert uids[1] == uids[0] + "#2"
+        assert len(rig.sink.messages) == 2
+
+
+async def test_in_use_mailbox_fails_the_cycle_for_retry(tmp_path: Path) -> None:
+    async for rig in make_rig(tmp_path, lock_mailbox=True):
+        rig.pop.add_message(USER, mail(1))
+        rig.pop.locked.add(USER)
+        with pytest.raises(Pop3ResponseError) as info:
+            await (await rig.cycle()).run()
+        assert info.value.resp_code == "IN-USE"
+        assert classify(info.value) is Disposition.RETRY
+        assert rig.sink.messages == []
+
+
+async def test_wrong_password_parks_the_account(rig: Rig) -> None:
+    with pytest.raises(Pop3AuthError) as info:
+        await (await rig.cycle(password="wrong")).run()
+    assert classify(info.value) is Disposition.PARK_ACCOUNT
+    assert "wrong" not in str(info.value)
+
+
+async def test_dead_letter_store_failure_deletes_nothing(tmp_path: Path) -> None:
+    async for rig in make_rig(tmp_path, deny("@bad.example")):
+        rig.store = InMemoryDeadLetterStore()
+        rig.store.fail_put = True
+        rig.pop.add_message(USER, mail(1))
+        rig.pop.add_message(USER, mail(2, "x@bad.example"))
+        rig.pop.add_message(USER, mail(3))
+        with pytest.raises(DeadLetterError):
+            await (await rig.cycle()).run()
+        # The first was delivered and deleted (QUIT went out); the refused one stays upstream,
+        # and the cycle stopped before fetching the third.
+        assert [m.split(b"\r\n")[1] for m in rig.pop.mailboxes[USER]] == [
+            b"Subject: m2",
+            b"Subject: m3",
+        ]
+        assert len(rig.sink.messages) == 1
+        entry = await rig.ledger.entry("info", rig.pop.uidls(USER)[0])
+        assert entry is None
+
+
+async def test_deferral_then_expiry(tmp_path: Path) -> None:
+    def greylist(stage: str, sender: str, rcpts: list[str], data: bytes | None) -> str | None:
+        return "451 4.7.1 Try later" if stage == "rcpt" else None
+
+    async for rig in make_rig(tmp_path, greylist):
+        uid = rig.pop.add_message(USER, mail(1))
+        stats = await (await rig.cycle()).run()
+        assert stats.deferred == 1
+        rig.now += 86400
+        stats = await (await rig.cycle()).run()
+        assert stats.deferred == 1
+        entry = await rig.ledger.entry("info", uid)
+        assert entry is not None
+        assert (entry.state, entry.attempts) == (MessageState.DEFERRED, 2)
+        rig.now += 4 * 86400
+        rec = Recorder()
+        stats = await (await rig.cycle(rec)).run()
+        assert stats.dead_lettered == 1
+        assert rec.events[0][2] == "expired: 451 4.7.1 Try later"
+        (record,) = await rig.store.list()
+        assert (record.stage, record.response) == ("expired", "451 4.7.1 Try later")
+        assert rig.pop.mailboxes[USER] == []
+
+
+async def test_smtp_down_stops_before_any_retr_and_deletes_nothing(rig: Rig) -> None:
+    rig.pop.add_message(USER, mail(1))
+    await rig.sink.stop()
+    with pytest.raises(DeliveryError) as info:
+        await (await rig.cycle()).run()
+    assert info.value.stage.is_setup
+    assert classify(info.value) is Disposition.RETRY
+    assert len(rig.pop.mailboxes[USER]) == 1
+    assert await rig.store.list() == []
+
+
+async def test_stop_between_messages_still_quits(rig: Rig) -> None:
+    for i in range(5):
+        rig.pop.add_message(USER, mail(i))
+    cycle = await rig.cycle()
+    cycle.stopping.set()  # as if SIGTERM came while the first message was in flight
+    stats = await cycle.run()
+    assert stats.stopped_early
+    assert stats.delivered == 1
+    assert len(rig.pop.mailboxes[USER]) == 4  # the first one's DELE took effect: QUIT was sent
+
+
+def test_trace_header_uses_the_message_line_ending_and_is_safe() -> None:
+    when = datetime(2026, 11, 27, 15, 49, 35, tzinfo=UTC)
+    crlf = trace_header(
+        b"Subject: x\r\n\r\n",
+        pop_host="pop.example",
+        by_host="me",
+        uidl="abc",
+        recipients=["a@b"],
+        now=when,
+    )
+    assert crlf == (
+        b"Received: from pop.example by me with POP3 (pop3-connector) id abc\r\n"
+        b"\tfor <a@b>; Fri, 27 Nov 2026 15:49:35 +0000\r\n"
+    )
+    lf = trace_header(
+        b"Subject: x\n\n",
+        pop_host="p",
+        by_host="me",
+        uidl="a;b\r\nX: y",
+        recipients=["a@b", "c@d"],
+        now=when,
+    )
+    assert (
+        lf
+        == b"Received: from p by me with POP3 (pop3-connector)\n\t; Fri, 27 Nov 2026 15:49:35 +0000\n"
+    )
