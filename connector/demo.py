@@ -150,14 +150,16 @@ async def run_demo(state_dir: Path | None = None) -> int:
             "@greylisted.example once"
         )
         results = []
+        retrs: list[int] = []
         async with open_service(runtime, observer=recorder) as service:
             for cycle in (1, 2):
                 recorder.cycle = cycle
+                retrs_before = pop3.commands.count("RETR")
                 (result,) = await service.run_once()
                 results.append(result)
-                print(
-                    f"\nCycle {cycle} ({result.duration * 1000:.0f} ms, {'ok' if result.ok else 'FAILED: ' + str(result.error)})"
-                )
+                retrs.append(pop3.commands.count("RETR") - retrs_before)
+                status = "ok" if result.ok else f"FAILED: {result.error}"
+                print(f"\nCycle {cycle} ({result.duration * 1000:.0f} ms, {status})")
                 events = [e for e in recorder.events if e.cycle == cycle]
                 if not events:
                     print("  nothing new")
@@ -167,11 +169,12 @@ async def run_demo(state_dir: Path | None = None) -> int:
             dead = await service.store.list()
         left = len(pop3.mailboxes.get(USER, []))
         print(
-            f"\nExchange received {len(sink.messages)} messages; {len(dead)} are in the dead-letter "
-            f"store; {left} left in the POP3 mailbox."
+            f"\nExchange received {len(sink.messages)} messages; {len(dead)} are in the "
+            f"dead-letter store; {left} left in the POP3 mailbox."
         )
         print(
-            "Cycle 2 fetched none of the refused messages again: they were dead-lettered and deleted."
+            f"Cycle 2 downloaded {retrs[1]} message(s): the greylisted one. The refused ones were "
+            "dead-lettered and deleted upstream in cycle 1, so they cost nothing again."
         )
         print(f"\nDead letters (a Maildir any mail client can open): {runtime.dead_letter_path}")
         for d in dead:

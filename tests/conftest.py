@@ -11,7 +11,6 @@ import trustme
 
 from tests.servers import DovecotServer, SmtpSink, start_dovecot, stop_dovecot
 
-
 # aiosmtpd logs every connection at INFO; keep test output about our code.
 logging.getLogger("mail.log").setLevel(logging.WARNING)
 

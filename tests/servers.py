@@ -47,7 +47,7 @@ def _has_ipv6_loopback() -> bool:
 
 _user_counter = itertools.count(1)
 SPARE_USERS = 500
-USER_PASSWORD = "secret-pw"  # noqa: S105 (test mailboxes)
+USER_PASSWORD = "secret-pw"
 
 
 @dataclass
