@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mailbox
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,7 +106,7 @@ deliver_to = ["info@firma.test"]
 
 
 @pytest.fixture
-def setup_factory(dovecot: DovecotServer, tmp_path: Path) -> Callable[..., Setup]:
+def setup_factory(dovecot: DovecotServer, tmp_path: Path) -> Iterator[Callable[..., Setup]]:
     sinks: list[SmtpSink] = []
 
     def make(*, sink: SmtpSink | None = None, **kwargs: Any) -> Setup:
@@ -126,7 +126,7 @@ def setup_factory(dovecot: DovecotServer, tmp_path: Path) -> Callable[..., Setup
         )
         return Setup(dovecot, user, password, sink, state_dir, config)
 
-    yield make  # type: ignore[misc]
+    yield make
     for s in sinks:
         s.stop()
 
