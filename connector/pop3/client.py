@@ -1,13 +1,64 @@
-"""asyncio shell around the sans-I/O POP3 core (STUB: API contract, to be implemented)."""
+"""asyncio streams shell around the sans-I/O POP3 core (``protocol.py``).
+
+The shell writes what ``Connection.send()`` returns and loops on ``next_event()``, reading big
+chunks on NEED_DATA (never ``readline``: the StreamReader's 64 KiB line limit breaks on real
+mail).  Each phase has its own deadline (STYLE §4): ``connect`` for TCP and TLS handshakes,
+``command`` for a whole single-line reply, ``idle_read`` for each read of a RETR/TOP reply, so a
+big message never hits a total deadline while bytes keep coming.
+
+Replies are matched to commands by a FIFO, so commands can be pipelined (RFC 2449 §6.6):
+``retr_many`` keeps several RETRs in flight, and a ``dele()`` called between two of its messages
+simply queues behind them; replies read on someone else's behalf are stashed until claimed.
+
+After a timeout, a protocol error, a broken connection or a cancellation in the middle of a
+reply, the stream is out of sync: the client aborts the connection, and every later call raises
+Pop3ConnectionError (aiosmtplib does the same; poplib's tests show what reuse does).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import builtins
 import enum
 import logging
 import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Final, Self
+
+from connector.errors import (
+    Pop3AuthError,
+    Pop3ConnectionError,
+    Pop3Error,
+    Pop3ProtocolError,
+    Pop3ResponseError,
+    Pop3TimeoutError,
+    Pop3TlsError,
+)
+from connector.pop3.protocol import (
+    Capabilities,
+    Closed,
+    Command,
+    Connection,
+    Continuation,
+    Err,
+    Event,
+    Greeting,
+    Listing,
+    Message,
+    NeedData,
+    Ok,
+    Verb,
+    apop_digest,
+    parse_stat,
+    sasl_plain,
+)
+
+_CHUNK: Final = 256 * 1024  # bytes per read(); big reads keep a 20 MiB RETR cheap
+_STREAM_LIMIT: Final = 1024 * 1024  # the transport pauses reading above 2x this
+_MAX_AUTH_LINE: Final = 255  # RFC 5034 §4: longer initial responses wait for "+ "
 
 
 class TlsMode(enum.StrEnum):
@@ -19,7 +70,7 @@ class TlsMode(enum.StrEnum):
 
 
 class AuthMethod(enum.StrEnum):
-    """PRODUCT §3 ``auth``: ``auto`` picks SASL PLAIN, then APOP, then USER/PASS by CAPA/greeting."""
+    """PRODUCT §3 ``auth``.  ``auto`` chooses by TLS, CAPA and the greeting (see ``login``)."""
 
     AUTO = "auto"
     USER = "user"
@@ -38,7 +89,7 @@ class Pop3Timeouts:
 
 @dataclass(frozen=True, slots=True)
 class Pop3Endpoint:
-    """Where and how to connect.  ``ssl_context`` is required unless ``tls`` is NONE."""
+    """Where and how to connect.  Without ``ssl_context`` TLS uses the system's default trust."""
 
     host: str
     port: int
@@ -47,16 +98,85 @@ class Pop3Endpoint:
     server_hostname: str | None = None  # default: host
 
 
+def _redact(cmd: Command) -> str:
+    """The command as the transcript shows it: no password, digest or SASL data."""
+    match cmd.verb:
+        case Verb.PASS:
+            return "PASS ****"
+        case Verb.APOP:
+            return f"APOP {cmd.args[0]} ****"
+        case Verb.AUTH:
+            return f"AUTH {cmd.args[0]}" + (" ****" if len(cmd.args) > 1 else "")
+        case _:
+            return cmd.to_bytes().decode(errors="replace").rstrip()
+
+
+def _describe(event: Event) -> str:
+    """A reply as the transcript shows it: message bodies summarised, never logged."""
+    match event:
+        case Greeting(text=text) | Ok(text=text):
+            return f"+OK {text}".rstrip()
+        case Err(text=text, resp_code=code):
+            return f"-ERR {f'[{code}] ' if code else ''}{text}".rstrip()
+        case Continuation():
+            return "+ ****"
+        case Message(raw=raw):
+            return f"+OK [message, {len(raw)} octets]"
+        case Listing(entries=entries):
+            return f"+OK [listing, {len(entries)} entries]"
+        case Capabilities(entries=entries):
+            return "+OK [capabilities: " + " ".join(name for name, _ in entries) + "]"
+        case Closed():
+            return "[connection closed]"
+
+
+def _tls_failure(exc: BaseException) -> Pop3TlsError:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return Pop3TlsError(f"certificate not accepted: {exc.verify_message}")
+    return Pop3TlsError(f"TLS handshake failed: {exc}")
+
+
 class Pop3Client:
     """One POP3 session.  Use ``async with await Pop3Client.connect(...) as c``.
 
     Every method raises only ``connector.errors.Pop3Error`` subclasses. After a timeout or a
     protocol error the connection is closed and every further call raises Pop3ConnectionError.
+    One task at a time: the methods are not safe to call concurrently.
     """
 
     greeting_text: str
     apop_stamp: str | None
     capabilities: dict[str, list[str]]  # upper-case capability name -> arguments ({} if no CAPA)
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        endpoint: Pop3Endpoint,
+        timeouts: Pop3Timeouts,
+        *,
+        max_message_size: int,
+        transcript: logging.Logger | None,
+    ) -> None:
+        """Wrap an open stream; use :meth:`connect` instead."""
+        self._reader, self._writer = reader, writer
+        self._endpoint, self._timeouts = endpoint, timeouts
+        self._conn = Connection(max_message_size=max_message_size)
+        self._log = transcript
+        self._seq = 0
+        self._inflight: deque[tuple[int, Verb | None]] = deque([(0, None)])  # greeting
+        self._stash: dict[int, Event] = {}  # replies read ahead of their claimant
+        self._abandoned: set[int] = set()  # replies nobody will claim (retr_many stopped)
+        self._broken: str | None = None  # why the connection is unusable
+        self.greeting_text, self.apop_stamp, self.capabilities = "", None, {}
+        self.tls_active = endpoint.tls is TlsMode.IMPLICIT
+
+    @property
+    def pipelining(self) -> bool:
+        """True when the server advertised RFC 2449 PIPELINING."""
+        return "PIPELINING" in self.capabilities
+
+    # -- connecting ----------------------------------------------------------------------------
 
     @classmethod
     async def connect(
@@ -68,49 +188,334 @@ class Pop3Client:
         transcript: logging.Logger | None = None,
     ) -> Self:
         """Connect, read the greeting, CAPA, and STLS (then CAPA again) when tls is STARTTLS."""
-        raise NotImplementedError
+        ctx = endpoint.ssl_context
+        if ctx is None and endpoint.tls is not TlsMode.NONE:
+            ctx = ssl.create_default_context()
+        hostname = endpoint.server_hostname or endpoint.host
+        implicit = endpoint.tls is TlsMode.IMPLICIT
+        try:
+            async with asyncio.timeout(timeouts.connect):
+                reader, writer = await asyncio.open_connection(
+                    endpoint.host,
+                    endpoint.port,
+                    ssl=ctx if implicit else None,
+                    server_hostname=hostname if implicit else None,
+                    limit=_STREAM_LIMIT,
+                )
+        except ssl.SSLError as exc:
+            raise _tls_failure(exc) from None
+        except TimeoutError:
+            raise Pop3TimeoutError(
+                f"connect to {endpoint.host}:{endpoint.port} timed out"
+            ) from None
+        except OSError as exc:
+            raise Pop3ConnectionError(
+                f"cannot connect to {endpoint.host}:{endpoint.port}: {exc.strerror or exc}"
+            ) from None
+        client = cls(
+            reader,
+            writer,
+            endpoint,
+            timeouts,
+            max_message_size=max_message_size,
+            transcript=transcript,
+        )
+        try:
+            await client._open(ctx, hostname)
+        except BaseException:
+            await client.close()
+            raise
+        return client
 
-    async def login(self, username: str, password: str, method: AuthMethod = AuthMethod.AUTO) -> None:
-        """Authenticate; raises Pop3AuthError on -ERR."""
-        raise NotImplementedError
+    async def _open(self, ctx: ssl.SSLContext | None, hostname: str) -> None:
+        match await self._reply(0, long=False):
+            case Greeting(text=text, apop_stamp=stamp):
+                self.greeting_text, self.apop_stamp = text, stamp
+            case Err(text=text, resp_code=code):
+                raise Pop3ResponseError("greeting", text, code)
+            case other:  # pragma: no cover (the core only yields the two above here)
+                raise Pop3ProtocolError(f"unexpected greeting event {type(other).__name__}")
+        await self._capa()
+        if self._endpoint.tls is not TlsMode.STARTTLS:
+            return
+        # RFC 2595 §4: STLS only if offered; required TLS is never silently skipped.
+        if "STLS" not in self.capabilities:
+            raise Pop3TlsError("TLS required, but the server does not offer STLS")
+        if isinstance(ev := await self._request(Command(Verb.STLS)), Err):
+            raise Pop3TlsError(f"the server refused STLS: {ev.text}")
+        if ctx is None:  # pragma: no cover (connect() makes one for every TLS mode)
+            raise AssertionError("STARTTLS without an SSL context")
+        try:
+            async with asyncio.timeout(self._timeouts.connect):
+                await self._writer.start_tls(ctx, server_hostname=hostname)
+        except ssl.SSLError as exc:
+            raise self._poison(_tls_failure(exc)) from None
+        except TimeoutError:
+            raise self._poison(Pop3TimeoutError("TLS handshake timed out")) from None
+        except OSError as exc:
+            raise self._poison(Pop3ConnectionError(f"TLS handshake failed: {exc}")) from None
+        self.tls_active = True
+        await self._capa()  # RFC 2595 §4: forget what was learnt in clear; ask again
+
+    async def _capa(self) -> None:
+        ev = await self._request(Command(Verb.CAPA))
+        self.capabilities = ev.as_dict() if isinstance(ev, Capabilities) else {}
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _poison(self, exc: Pop3Error) -> Pop3Error:
+        """Mark the stream unusable and drop it; return ``exc`` for the caller to raise."""
+        if self._broken is None:
+            self._broken = str(exc)
+            self._writer.transport.abort()
+        return exc
+
+    def _submit(self, cmd: Command) -> int:
+        """Queue ``cmd`` in the core and the write buffer; return its sequence number."""
+        if self._broken is not None:
+            raise Pop3ConnectionError(f"connection unusable ({self._broken})")
+        data = self._conn.send(cmd)
+        self._writer.write(data)
+        self._seq += 1
+        self._inflight.append((self._seq, cmd.verb))
+        if self._log is not None:
+            self._log.debug("C: %s", _redact(cmd))
+        return self._seq
+
+    async def _flush(self) -> None:
+        try:
+            async with asyncio.timeout(self._timeouts.command):
+                await self._writer.drain()
+        except TimeoutError:
+            raise self._poison(Pop3TimeoutError("timed out sending a command")) from None
+        except OSError as exc:
+            raise self._poison(Pop3ConnectionError(f"connection broke: {exc}")) from None
+
+    async def _read_event(self, long: bool) -> Event:
+        """One event for the head of the FIFO.  ``long``: a RETR/TOP, deadline per read."""
+        conn, reader = self._conn, self._reader
+        try:
+            if long:
+                while isinstance(ev := conn.next_event(), NeedData):
+                    async with asyncio.timeout(self._timeouts.idle_read):
+                        data = await reader.read(_CHUNK)
+                    conn.receive_data(data)
+            else:
+                async with asyncio.timeout(self._timeouts.command):
+                    while isinstance(ev := conn.next_event(), NeedData):
+                        conn.receive_data(await reader.read(_CHUNK))
+        except TimeoutError:
+            what = "the server stalled in a message" if long else "no reply in time"
+            raise self._poison(Pop3TimeoutError(what)) from None
+        except Pop3Error as exc:
+            raise self._poison(exc) from None
+        except OSError as exc:  # ssl.SSLError included
+            raise self._poison(Pop3ConnectionError(f"connection broke: {exc}")) from None
+        except BaseException:
+            # Cancelled in the middle of a reply: whoever comes next would read our bytes.
+            self._poison(Pop3ConnectionError("cancelled in the middle of a reply"))
+            raise
+        if isinstance(ev, Closed):
+            raise self._poison(Pop3ConnectionError("the server closed the connection"))
+        if self._log is not None:
+            self._log.debug("S: %s", _describe(ev))
+        return ev
+
+    async def _reply(self, seq: int, *, long: bool) -> Event:
+        """Read replies in order until the one for ``seq`` is in; stash the others."""
+        while seq not in self._stash:
+            if self._broken is not None:
+                raise Pop3ConnectionError(f"connection unusable ({self._broken})")
+            head, verb = self._inflight[0]
+            ev = await self._read_event(long or verb in (Verb.RETR, Verb.TOP))
+            if isinstance(ev, Continuation):
+                self._stash[head] = ev  # AUTH stays in flight until its +OK/-ERR
+                break
+            self._inflight.popleft()
+            if head in self._abandoned:
+                self._abandoned.discard(head)
+            else:
+                self._stash[head] = ev
+        return self._stash.pop(seq)
+
+    async def _request(self, cmd: Command) -> Event:
+        seq = self._submit(cmd)
+        await self._flush()
+        return await self._reply(seq, long=cmd.verb in (Verb.RETR, Verb.TOP))
+
+    async def _ok(self, cmd: Command) -> str:
+        """Send ``cmd``; return the +OK text or raise Pop3ResponseError."""
+        match ev := await self._request(cmd):
+            case Ok(text=text):
+                return text
+            case Err(text=text, resp_code=code):
+                raise Pop3ResponseError(cmd.verb.value, text, code)
+            case _:  # pragma: no cover (single-line commands only get Ok or Err)
+                raise self._poison(Pop3ProtocolError(f"unexpected {type(ev).__name__}"))
+
+    @staticmethod
+    def _message(ev: Event, verb: str) -> bytes:
+        match ev:
+            case Message(raw=raw):
+                return raw
+            case Err(text=text, resp_code=code):
+                raise Pop3ResponseError(verb, text, code)
+            case _:  # pragma: no cover
+                raise Pop3ProtocolError(f"unexpected {type(ev).__name__} to {verb}")
+
+    # -- login ---------------------------------------------------------------------------------
+
+    def _choose(self) -> AuthMethod:
+        """AUTO: on TLS, SASL PLAIN, else USER/PASS, else APOP; in clear, APOP (the password
+        is not sent), else PLAIN, else USER."""
+        plain = "PLAIN" in (m.upper() for m in self.capabilities.get("SASL", []))
+        user = "USER" in self.capabilities or not self.capabilities  # no CAPA: RFC 1939 only
+        if self.tls_active:
+            if plain:
+                return AuthMethod.PLAIN
+            return AuthMethod.APOP if self.apop_stamp and not user else AuthMethod.USER
+        if self.apop_stamp:
+            return AuthMethod.APOP
+        return AuthMethod.PLAIN if plain else AuthMethod.USER
+
+    async def login(
+        self, username: str, password: str, method: AuthMethod = AuthMethod.AUTO
+    ) -> None:
+        """Authenticate; raises Pop3AuthError (with the RFC 2449 resp_code) on -ERR."""
+        if method is AuthMethod.AUTO:
+            method = self._choose()
+        match method:
+            case AuthMethod.USER:
+                seq = self._submit(Command(Verb.USER, (username,)))
+                if self.pipelining:  # RFC 2449 §6.6: USER and PASS in one round trip
+                    pass_seq = self._submit(Command(Verb.PASS, (password,)))
+                    await self._flush()
+                    self._auth_ok(await self._reply(seq, long=False), "USER")
+                    self._auth_ok(await self._reply(pass_seq, long=False), "PASS")
+                    return
+                await self._flush()
+                self._auth_ok(await self._reply(seq, long=False), "USER")
+                self._auth_ok(await self._request(Command(Verb.PASS, (password,))), "PASS")
+            case AuthMethod.APOP:
+                if self.apop_stamp is None:
+                    raise Pop3AuthError("APOP", "the server offers no APOP timestamp")
+                digest = apop_digest(self.apop_stamp, password)
+                self._auth_ok(await self._request(Command(Verb.APOP, (username, digest))), "APOP")
+            case AuthMethod.PLAIN:
+                await self._auth_plain(username, password)
+            case AuthMethod.AUTO:  # pragma: no cover (replaced above)
+                raise AssertionError("AUTO was resolved")
+
+    async def _auth_plain(self, username: str, password: str) -> None:
+        response = sasl_plain(username, password)
+        with_ir = len("AUTH PLAIN ") + len(response) <= _MAX_AUTH_LINE
+        ev = await self._request(Command(Verb.AUTH, ("PLAIN", response) if with_ir else ("PLAIN",)))
+        if isinstance(ev, Continuation):
+            # RFC 5034 §4: the server wants the response now (or more than PLAIN has): "*" ends it.
+            self._writer.write(self._conn.send_sasl_response("*" if with_ir else response))
+            if self._log is not None:
+                self._log.debug("C: ****")
+            await self._flush()
+            ev = await self._reply(self._inflight[0][0], long=False)
+        self._auth_ok(ev, "AUTH")
+
+    def _auth_ok(self, ev: Event, verb: str) -> None:
+        match ev:
+            case Ok():
+                return
+            case Err(text=text, resp_code=code):
+                raise Pop3AuthError(verb, text, code)
+            case _:
+                raise self._poison(Pop3ProtocolError(f"unexpected {type(ev).__name__} to {verb}"))
+
+    # -- transaction ---------------------------------------------------------------------------
 
     async def stat(self) -> tuple[int, int]:
         """(message count, mailbox octets)."""
-        raise NotImplementedError
+        return parse_stat(await self._ok(Command(Verb.STAT)))
 
-    async def uidl(self) -> list[tuple[int, str]]:
+    async def uidl(self) -> builtins.list[tuple[int, str]]:
         """[(msg number, uid)] for every message; Pop3ResponseError if the server lacks UIDL."""
-        raise NotImplementedError
+        return builtins.list(await self._listing(Verb.UIDL))
 
-    async def list(self) -> list[tuple[int, int]]:
+    async def list(self) -> builtins.list[tuple[int, int]]:
         """[(msg number, octets)]."""
-        raise NotImplementedError
+        return [(n, int(size)) for n, size in await self._listing(Verb.LIST)]
+
+    async def _listing(self, verb: Verb) -> tuple[tuple[int, str], ...]:
+        match ev := await self._request(Command(verb)):
+            case Listing(entries=entries):
+                return entries
+            case Err(text=text, resp_code=code):
+                raise Pop3ResponseError(verb.value, text, code)
+            case _:  # pragma: no cover
+                raise self._poison(Pop3ProtocolError(f"unexpected {type(ev).__name__}"))
 
     async def retr(self, number: int) -> bytes:
-        """The message exactly as sent, CRLF line ends, dot-unstuffed, without the final dot line."""
-        raise NotImplementedError
+        """The message exactly as sent: CRLF line ends, dots unstuffed, no final dot line."""
+        return self._message(await self._request(Command(Verb.RETR, (number,))), "RETR")
 
     async def top(self, number: int, lines: int) -> bytes:
-        """Headers, the blank line, and ``lines`` body lines."""
-        raise NotImplementedError
+        """Headers, the blank line, and ``lines`` body lines (RFC 1939 §7)."""
+        return self._message(await self._request(Command(Verb.TOP, (number, lines))), "TOP")
+
+    async def retr_many(
+        self, numbers: Sequence[int], window: int = 8
+    ) -> AsyncIterator[tuple[int, bytes]]:
+        """Yield ``(number, raw)`` for each message in order, with up to ``window`` RETRs in
+        flight when the server offers PIPELINING (else one at a time).
+
+        Other commands (``dele``) may be called between messages; they queue behind the RETRs
+        in flight.  If the caller stops early, the replies still in flight are read and dropped
+        by the next command, so the session stays usable (QUIT still works).
+        """
+        window = max(1, window) if self.pipelining else 1
+        todo = iter(numbers)
+        sent: deque[tuple[int, int]] = deque()  # (message number, sequence number)
+        try:
+            while True:
+                while len(sent) < window and (number := next(todo, None)) is not None:
+                    sent.append((number, self._submit(Command(Verb.RETR, (number,)))))
+                if not sent:
+                    return
+                await self._flush()
+                number, seq = sent.popleft()
+                yield number, self._message(await self._reply(seq, long=True), "RETR")
+        finally:
+            for _, seq in sent:
+                if self._stash.pop(seq, None) is None:
+                    self._abandoned.add(seq)
 
     async def dele(self, number: int) -> None:
-        raise NotImplementedError
+        """Mark a message deleted; the server removes it at QUIT (RFC 1939 §6)."""
+        await self._ok(Command(Verb.DELE, (number,)))
 
     async def rset(self) -> None:
-        raise NotImplementedError
+        """Unmark every message marked by DELE in this session."""
+        await self._ok(Command(Verb.RSET))
 
     async def noop(self) -> None:
-        raise NotImplementedError
+        """Do nothing; keeps the session alive."""
+        await self._ok(Command(Verb.NOOP))
 
     async def quit(self) -> str:
         """QUIT (RFC 1939 §6: the server deletes the marked messages now); returns the +OK text.
         Closes the connection."""
-        raise NotImplementedError
+        try:
+            return await self._ok(Command(Verb.QUIT))
+        finally:
+            await self.close()
 
     async def close(self) -> None:
         """Drop the connection without QUIT (nothing is deleted).  Idempotent."""
-        raise NotImplementedError
+        if self._broken is None:
+            self._broken = "closed"
+            self._writer.close()
+        try:
+            async with asyncio.timeout(min(self._timeouts.command, 5.0)):
+                await self._writer.wait_closed()
+        except (OSError, TimeoutError):
+            pass  # already gone; nothing more to do for a socket we are dropping
 
     async def __aenter__(self) -> Self:
         return self
