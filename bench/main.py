@@ -1,0 +1,817 @@
+"""Scenarios, tables and the command line of the benchmark (issue 5; see bench/README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from bench import corpus, runners
+from bench.corpus import CorpusSpec, Mailbox, Message
+from bench.runners import Endpoints, ProcResult
+from tests.servers import DovecotServer, start_dovecot, stop_dovecot
+
+SCENARIOS: Final = ("throughput", "poison", "idle", "large")
+MB: Final = 1e6
+MIB: Final = 1024 * 1024
+CONNECTOR: Final = "pop3-connector"
+FETCHMAIL: Final = "fetchmail"
+MPOP: Final = "mpop"
+POP3_PROBE: Final = "pop3-probe"
+SMTP_PROBE: Final = "smtp-probe"
+
+
+@dataclass(frozen=True, slots=True)
+class Scale:
+    """How big each scenario is (full, or --quick)."""
+
+    accounts: int = 20
+    per_account: int = 500
+    poison_accounts: int = 4
+    poison_counts: tuple[int, ...] = (0, 50, 200, 1000)
+    poison_cycles: int = 4
+    good_per_cycle: int = 5
+    idle_accounts: int = 200
+    large_accounts: int = 8
+    large_per_account: int = 3
+    large_size: int = 25 * MIB
+
+
+QUICK: Final = Scale(
+    accounts=4,
+    per_account=50,
+    poison_counts=(0, 5, 20),
+    poison_cycles=3,
+    idle_accounts=20,
+    large_accounts=2,
+    large_per_account=1,
+    large_size=2 * MIB,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One measured client run."""
+
+    scenario: str
+    runner: str
+    rep: int
+    messages: int
+    bytes: int
+    wall: float
+    cpu: float
+    maxrss_mib: float
+    receiver_cpu: float
+    check: str
+    left_upstream: int | None
+    rc: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def msg_s(self) -> float:
+        return self.messages / self.wall if self.wall > 0 else 0.0
+
+    @property
+    def mb_s(self) -> float:
+        return self.bytes / MB / self.wall if self.wall > 0 else 0.0
+
+
+class Receiver:
+    """The SMTP receiver process (bench/receiver.py) and its control connection."""
+
+    def __init__(self, log: Path) -> None:
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.receiver"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            cwd=runners.REPO,
+        )
+        if self.proc.stdout is None:
+            raise RuntimeError("no pipe to the receiver")
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("PORTS "):
+            self.stop()
+            raise RuntimeError(f"receiver did not start: {line!r} {runners.tail(log)}")
+        _, smtp, ctl = line.split()
+        self.port, self.ctl_port = int(smtp), int(ctl)
+        import socket
+
+        self._ctl = socket.create_connection(("127.0.0.1", self.ctl_port), timeout=30)
+        self._ctl_file = self._ctl.makefile("rwb")
+
+    def _ask(self, command: bytes) -> bytes:
+        self._ctl_file.write(command + b"\n")
+        self._ctl_file.flush()
+        return self._ctl_file.readline()
+
+    def reset(self) -> None:
+        if self._ask(b"RESET").strip() != b"OK":
+            raise RuntimeError("receiver did not reset")
+
+    def stats(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self._ask(b"STATS"))
+        return data
+
+    def seen(self) -> Counter[str]:
+        return Counter(self.stats()["accepted"])
+
+    def cpu(self) -> float:
+        """User + system seconds the receiver has used so far (/proc/PID/stat, fields 14-15)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()  # the receiver exits at EOF on stdin
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        finally:
+            self._log.close()
+
+
+@dataclass
+class Bench:
+    """Everything a scenario needs: servers, users, where to write, limits."""
+
+    dovecot: DovecotServer
+    receiver: Receiver
+    workdir: Path
+    cache: Path
+    scale: Scale
+    reps: int
+    parallel: int
+    timeout: float | None
+    profile: Path | None = None
+    rows: list[Row] = field(default_factory=list)
+    _runs: int = 0
+
+    @property
+    def ends(self) -> Endpoints:
+        return Endpoints(pop3_port=self.dovecot.ports["pop3"], smtp_port=self.receiver.port)
+
+    @property
+    def mail_root(self) -> Path:
+        return self.dovecot.root / "mail"
+
+    def users(self, n: int) -> list[str]:
+        return [self.dovecot.add_user()[0] for _ in range(n)]
+
+    def rundir(self, name: str) -> Path:
+        self._runs += 1
+        d = self.workdir / f"{self._runs:03d}-{name}"
+        d.mkdir(parents=True)
+        return d
+
+    def limit(self, messages: int, nbytes: int) -> float:
+        """The time limit of one client run: generous (fetchmail at its worst), but finite."""
+        if self.timeout is not None:
+            return self.timeout
+        return 60 + 0.06 * messages + 0.1 * nbytes / MB
+
+    def fill(self, users: list[str], boxes: Sequence[Sequence[Message]]) -> None:
+        for user, box in zip(users, boxes, strict=True):
+            corpus.add_messages(corpus.reset_mailbox(self.mail_root, user), tuple(box))
+
+    def measure(
+        self,
+        argv: list[str],
+        *,
+        log: Path,
+        limit: float,
+        env: dict[str, str] | None = None,
+    ) -> tuple[ProcResult, float]:
+        """Run one client with a fresh receiver count; (its cost, the receiver's CPU)."""
+        self.receiver.reset()
+        before = self.receiver.cpu()
+        result = runners.run_measured(argv, timeout=limit, log=log, env=env)
+        rx = self.receiver.cpu() - before
+        if result.timed_out:
+            print(f"  ! {argv[0]} timed out after {limit:.0f}s; log: {log}", file=sys.stderr)
+        return result, rx
+
+    def run_client(
+        self, runner: str, users: list[str], workdir: Path, limit: float, *, parallel: int
+    ) -> tuple[ProcResult, float, Path | None]:
+        """Run pop3-connector, fetchmail or mpop over ``users``; mpop's Maildir is returned."""
+        ends = self.ends
+        self._runs += 1
+        log = workdir / f"client-{self._runs:04d}.log"
+        if runner == CONNECTOR:
+            cfg = runners.connector_config(workdir, ends, users, parallel=parallel)
+            res, rx = self.measure(runners.connector_argv(cfg), log=log, limit=limit)
+            return res, rx, None
+        if runner == FETCHMAIL:
+            rc = runners.fetchmail_config(workdir, ends, users)
+            env = runners.fetchmail_env(workdir)
+            res, rx = self.measure(runners.fetchmail_argv(rc), log=log, limit=limit, env=env)
+            return res, rx, None
+        if runner == MPOP:
+            mrc, target = runners.mpop_config(workdir, ends, users)
+            res, rx = self.measure(runners.mpop_argv(mrc), log=log, limit=limit)
+            return res, rx, target
+        raise ValueError(runner)
+
+
+def _ok_rc(runner: str, rc: int, delivered: int) -> bool:
+    # fetchmail exits 1 when there was no mail (its man page, "EXIT CODES").
+    return rc == 0 or (runner == FETCHMAIL and rc == 1 and delivered == 0)
+
+
+def _note_rc(row: Row) -> Row:
+    if not _ok_rc(row.runner, row.rc, row.messages) and row.check == "ok":
+        return Row(**{**asdict(row), "check": f"rc={row.rc}"})
+    return row
+
+
+# ------------------------------------------------------------------------------------------
+# throughput
+# ------------------------------------------------------------------------------------------
+
+
+def throughput(b: Bench) -> None:
+    s = b.scale
+    print(f"== throughput: {s.accounts} accounts x {s.per_account} messages", flush=True)
+    boxes = corpus.build(CorpusSpec("throughput", s.accounts, s.per_account), b.cache)
+    users = b.users(len(boxes))
+    msgs = [m for box in boxes for m in box.messages]
+    expected = [m.msgid for m in msgs]
+    nbytes = sum(m.size for m in msgs)
+    limit = b.limit(len(msgs), nbytes)
+    print(f"   corpus: {len(msgs)} messages, {nbytes / MB:.0f} MB", flush=True)
+    order = (CONNECTOR, FETCHMAIL, MPOP, POP3_PROBE, SMTP_PROBE)
+    for rep in range(1, b.reps + 1):
+        for runner in order:
+            wd = b.rundir(f"throughput-{runner}-{rep}")
+            if runner != SMTP_PROBE:
+                b.fill(users, [box.messages for box in boxes])
+            left: int | None
+            if runner == POP3_PROBE:
+                argv, out = runners.probe_job(
+                    wd,
+                    "pop3",
+                    {
+                        "host": "127.0.0.1",
+                        "port": b.ends.pop3_port,
+                        "users": users,
+                        "password": runners.PASSWORD,
+                        "window": 32,
+                    },
+                )
+                res, rx = b.measure(argv, log=wd / "client.log", limit=limit)
+                seen = Counter(json.loads(out.read_text())["seen"]) if out.exists() else Counter()
+                left = None  # it only reads
+            elif runner == SMTP_PROBE:
+                argv, out = runners.probe_job(
+                    wd,
+                    "smtp",
+                    {
+                        "host": "127.0.0.1",
+                        "port": b.receiver.port,
+                        "paths": [str(m.path) for m in msgs],
+                        "connections": 4,
+                    },
+                )
+                res, rx = b.measure(argv, log=wd / "client.log", limit=limit)
+                seen = b.receiver.seen()
+                left = None
+            else:
+                res, rx, target = b.run_client(runner, users, wd, limit, parallel=b.parallel)
+                if target is not None:
+                    seen = runners.maildir_ids(target)
+                    shutil.rmtree(target, ignore_errors=True)
+                else:
+                    seen = b.receiver.seen()
+                left = corpus.left_in(b.mail_root, users)
+            row = _note_rc(
+                Row(
+                    scenario="throughput",
+                    runner=runner,
+                    rep=rep,
+                    messages=len(msgs),
+                    bytes=nbytes,
+                    wall=res.wall,
+                    cpu=res.cpu,
+                    maxrss_mib=res.maxrss_mib,
+                    receiver_cpu=rx,
+                    check=runners.check_once(expected, seen),
+                    left_upstream=left,
+                    rc=res.rc,
+                )
+            )
+            b.rows.append(row)
+            print(
+                f"   rep {rep} {runner:<15} {row.wall:7.2f}s {row.msg_s:7.0f} msg/s "
+                f"cpu {row.cpu:6.2f}s rss {row.maxrss_mib:6.1f}MiB {row.check}",
+                flush=True,
+            )
+            if row.check != "ok":
+                print(f"     log tail: {runners.tail(res.log, 600)}", file=sys.stderr)
+    if b.profile is not None:
+        _profile(b, users, boxes, limit, b.profile)
+
+
+def _profile(b: Bench, users: list[str], boxes: list[Mailbox], limit: float, out: Path) -> None:
+    """One more pop3-connector run under cProfile; print where its CPU went."""
+    import pstats
+
+    wd = b.rundir("throughput-profile")
+    b.fill(users, [box.messages for box in boxes])
+    cfg = runners.connector_config(wd, b.ends, users, parallel=b.parallel)
+    res, _ = b.measure(runners.connector_argv(cfg, out), log=wd / "client.log", limit=limit)
+    print(f"   profiled run: {res.wall:.2f}s, cpu {res.cpu:.2f}s (cProfile slows it down)")
+    if out.exists():
+        stats = pstats.Stats(str(out))
+        stats.sort_stats("tottime").print_stats(30)
+        stats.sort_stats("cumulative").print_stats(40)
+
+
+# ------------------------------------------------------------------------------------------
+# poison
+# ------------------------------------------------------------------------------------------
+
+
+def poison(b: Bench) -> None:
+    s = b.scale
+    print(
+        f"== poison: {s.poison_accounts} accounts, P = {list(s.poison_counts)} refused each, "
+        f"{s.good_per_cycle} new good messages per account per cycle, {s.poison_cycles} cycles",
+        flush=True,
+    )
+    pmax = max(s.poison_counts)
+    # Refused mail is spam-like: small text messages.
+    bad = corpus.build(
+        CorpusSpec("poison", s.poison_accounts, pmax, large_fraction=0.0, prefix="poison"),
+        b.cache,
+    )
+    good = corpus.build(
+        CorpusSpec("good", s.poison_accounts, s.good_per_cycle * s.poison_cycles, prefix="good"),
+        b.cache,
+    )
+    users = b.users(s.poison_accounts)
+    for rep in range(1, b.reps + 1):
+        for p in s.poison_counts:
+            for runner in (CONNECTOR, FETCHMAIL):
+                _poison_run(b, runner, rep, p, users, bad, good)
+
+
+def _poison_run(
+    b: Bench,
+    runner: str,
+    rep: int,
+    p: int,
+    users: list[str],
+    bad: list[Mailbox],
+    good: list[Mailbox],
+) -> None:
+    s = b.scale
+    k = s.good_per_cycle
+    wd = b.rundir(f"poison-{runner}-P{p}-{rep}")
+    mds = [corpus.reset_mailbox(b.mail_root, u) for u in users]
+    for md, box in zip(mds, bad, strict=True):
+        corpus.add_messages(md, box.messages[:p])
+    for cycle in range(1, s.poison_cycles + 1):
+        fresh = [box.messages[(cycle - 1) * k : cycle * k] for box in good]
+        for md, new in zip(mds, fresh, strict=True):
+            corpus.add_messages(md, new)
+        expected = [m.msgid for new in fresh for m in new]
+        nbytes = sum(m.size for new in fresh for m in new)
+        limit = b.limit(len(users) * (p + k), len(users) * (p * 10_000) + nbytes)
+        res, rx, _ = b.run_client(runner, users, wd, limit, parallel=b.parallel)
+        stats = b.receiver.stats()
+        row = _note_rc(
+            Row(
+                scenario="poison",
+                runner=runner,
+                rep=rep,
+                messages=len(expected),
+                bytes=nbytes,
+                wall=res.wall,
+                cpu=res.cpu,
+                maxrss_mib=res.maxrss_mib,
+                receiver_cpu=rx,
+                check=runners.check_once(expected, Counter(stats["accepted"])),
+                left_upstream=corpus.left_in(b.mail_root, users),
+                rc=res.rc,
+                extra={"P": p, "cycle": cycle, "refused_offered": stats["refused"]},
+            )
+        )
+        b.rows.append(row)
+        print(
+            f"   rep {rep} {runner:<15} P={p:<5} cycle {cycle}: {row.wall:7.2f}s "
+            f"cpu {row.cpu:6.2f}s refused offered {stats['refused']:<5} "
+            f"left {row.left_upstream:<5} {row.check}",
+            flush=True,
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# idle and large
+# ------------------------------------------------------------------------------------------
+
+
+def idle(b: Bench) -> None:
+    n = b.scale.idle_accounts
+    print(f"== idle: {n} accounts with empty mailboxes, one round", flush=True)
+    users = b.users(n)
+    for rep in range(1, b.reps + 1):
+        for runner in (CONNECTOR, FETCHMAIL, MPOP):
+            for u in users:
+                corpus.reset_mailbox(b.mail_root, u)
+            wd = b.rundir(f"idle-{runner}-{rep}")
+            res, rx, _ = b.run_client(runner, users, wd, b.limit(n * 10, 0), parallel=b.parallel)
+            stats = b.receiver.stats()
+            check = "ok" if stats["transactions"] == 0 else f"{stats['transactions']} mails?"
+            row = _note_rc(
+                Row(
+                    scenario="idle",
+                    runner=runner,
+                    rep=rep,
+                    messages=0,
+                    bytes=0,
+                    wall=res.wall,
+                    cpu=res.cpu,
+                    maxrss_mib=res.maxrss_mib,
+                    receiver_cpu=rx,
+                    check=check,
+                    left_upstream=0,
+                    rc=res.rc,
+                    extra={"accounts": n},
+                )
+            )
+            b.rows.append(row)
+            print(
+                f"   rep {rep} {runner:<15} {row.wall:7.2f}s cpu {row.cpu:6.2f}s "
+                f"({row.cpu / n * 1000:.1f} ms/account) {row.check}",
+                flush=True,
+            )
+
+
+def large(b: Bench) -> None:
+    s = b.scale
+    print(
+        f"== large: {s.large_accounts} accounts x {s.large_per_account} messages of "
+        f"{s.large_size / MIB:.0f} MiB, polled in parallel",
+        flush=True,
+    )
+    spec = CorpusSpec(
+        "large",
+        s.large_accounts,
+        s.large_per_account,
+        large_fraction=1.0,
+        large_size=s.large_size,
+        prefix="large",
+    )
+    boxes = corpus.build(spec, b.cache)
+    users = b.users(len(boxes))
+    msgs = [m for box in boxes for m in box.messages]
+    nbytes = sum(m.size for m in msgs)
+    for rep in range(1, b.reps + 1):
+        for runner in (CONNECTOR, FETCHMAIL, MPOP):
+            b.fill(users, [box.messages for box in boxes])
+            wd = b.rundir(f"large-{runner}-{rep}")
+            res, rx, target = b.run_client(
+                runner, users, wd, b.limit(len(msgs), nbytes * 20), parallel=s.large_accounts
+            )
+            if target is not None:
+                seen = runners.maildir_ids(target)
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                seen = b.receiver.seen()
+            row = _note_rc(
+                Row(
+                    scenario="large",
+                    runner=runner,
+                    rep=rep,
+                    messages=len(msgs),
+                    bytes=nbytes,
+                    wall=res.wall,
+                    cpu=res.cpu,
+                    maxrss_mib=res.maxrss_mib,
+                    receiver_cpu=rx,
+                    check=runners.check_once([m.msgid for m in msgs], seen),
+                    left_upstream=corpus.left_in(b.mail_root, users),
+                    rc=res.rc,
+                )
+            )
+            b.rows.append(row)
+            print(
+                f"   rep {rep} {runner:<15} {row.wall:7.2f}s cpu {row.cpu:6.2f}s "
+                f"rss {row.maxrss_mib:6.1f}MiB {row.check}",
+                flush=True,
+            )
+
+
+# ------------------------------------------------------------------------------------------
+# tables
+# ------------------------------------------------------------------------------------------
+
+
+def _med(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _checks(rows: Sequence[Row]) -> str:
+    bad = [r.check for r in rows if r.check != "ok"]
+    return "ok" if not bad else "; ".join(sorted(set(bad)))
+
+
+def report_throughput(rows: list[Row]) -> str:
+    tp = [r for r in rows if r.scenario == "throughput"]
+    if not tp:
+        return ""
+    runners_seen = list(dict.fromkeys(r.runner for r in tp))
+    out = []
+    table = []
+    for name in runners_seen:
+        rs = [r for r in tp if r.runner == name]
+        left = [r.left_upstream for r in rs if r.left_upstream is not None]
+        table.append(
+            [
+                name,
+                f"{_med([r.msg_s for r in rs]):,.0f}",
+                f"{_med([r.mb_s for r in rs]):.1f}",
+                f"{_med([r.wall for r in rs]):.2f}",
+                f"{_med([r.cpu for r in rs]):.2f}",
+                f"{_med([r.maxrss_mib for r in rs]):.1f}",
+                f"{_med([r.receiver_cpu for r in rs]):.2f}",
+                _checks(rs),
+                str(max(left)) if left else "-",
+            ]
+        )
+    first = tp[0]
+    out.append(
+        f"### throughput: {first.messages} messages, {first.bytes / MB:.0f} MB, "
+        f"medians of {max(r.rep for r in tp)} repetitions\n"
+    )
+    out.append(
+        _table(
+            [
+                "runner",
+                "msg/s",
+                "MB/s",
+                "wall s",
+                "CPU s",
+                "peak RSS MiB",
+                "receiver CPU s",
+                "exactly once",
+                "left upstream",
+            ],
+            table,
+        )
+    )
+    others = [n for n in runners_seen if n != CONNECTOR]
+    if CONNECTOR in runners_seen and others:
+        ratio_rows = []
+        for rep in sorted({r.rep for r in tp}):
+            by = {r.runner: r for r in tp if r.rep == rep}
+            if CONNECTOR not in by:
+                continue
+            ours = by[CONNECTOR].msg_s
+            ratio_rows.append(
+                [str(rep)]
+                + [f"{ours / by[n].msg_s:.2f}" if n in by and by[n].msg_s else "-" for n in others]
+            )
+        out.append("\npop3-connector msg/s divided by each runner's, per repetition:\n")
+        out.append(_table(["rep", *others], ratio_rows))
+    return "\n".join(out)
+
+
+def _slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of y over x."""
+    if len(points) < 2:
+        return float("nan")
+    mx = statistics.fmean(x for x, _ in points)
+    my = statistics.fmean(y for _, y in points)
+    den = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / den if den else float("nan")
+
+
+def report_poison(rows: list[Row]) -> str:
+    po = [r for r in rows if r.scenario == "poison"]
+    if not po:
+        return ""
+    out = ["### poison: cycle time against P refused messages per account\n"]
+    table = []
+    summary = []
+    for name in dict.fromkeys(r.runner for r in po):
+        steady_by_p: dict[int, float] = {}
+        for p in sorted({r.extra["P"] for r in po}):
+            rs = [r for r in po if r.runner == name and r.extra["P"] == p]
+            first = [r for r in rs if r.extra["cycle"] == 1]
+            steady = [r for r in rs if r.extra["cycle"] > 1]
+            steady_by_p[p] = _med([r.wall for r in steady])
+            table.append(
+                [
+                    name,
+                    str(p),
+                    f"{_med([r.wall for r in first]):.2f}",
+                    f"{steady_by_p[p]:.3f}",
+                    f"{_med([r.cpu for r in steady]):.3f}",
+                    f"{_med([float(r.extra['refused_offered']) for r in steady]):.0f}",
+                    str(max((r.left_upstream or 0) for r in rs)),
+                    _checks(rs),
+                ]
+            )
+        ps = sorted(steady_by_p)
+        slope = _slope([(float(p), steady_by_p[p]) for p in ps])
+        ratio = steady_by_p[ps[-1]] / steady_by_p[ps[0]] if steady_by_p[ps[0]] else float("nan")
+        summary.append([name, f"{slope * 1000:.3f}", f"P={ps[-1]} / P={ps[0]}: {ratio:.2f}x"])
+    out.append(
+        _table(
+            [
+                "runner",
+                "P",
+                "first cycle s",
+                "steady cycle s (median)",
+                "steady CPU s",
+                "refused offered per steady cycle",
+                "left upstream (max)",
+                "good mail exactly once",
+            ],
+            table,
+        )
+    )
+    out.append("\nSlope of the steady cycle time (ms per refused message per account):\n")
+    out.append(_table(["runner", "slope ms/msg", "steady ratio"], summary))
+    return "\n".join(out)
+
+
+def report_simple(rows: list[Row], scenario: str, title: str) -> str:
+    rs_all = [r for r in rows if r.scenario == scenario]
+    if not rs_all:
+        return ""
+    table = []
+    for name in dict.fromkeys(r.runner for r in rs_all):
+        rs = [r for r in rs_all if r.runner == name]
+        if scenario == "idle":
+            n = rs[0].extra["accounts"]
+            table.append(
+                [
+                    name,
+                    f"{_med([r.wall for r in rs]):.2f}",
+                    f"{_med([r.wall for r in rs]) / n * 1000:.1f}",
+                    f"{_med([r.cpu for r in rs]):.2f}",
+                    f"{_med([r.cpu for r in rs]) / n * 1000:.2f}",
+                    f"{_med([r.maxrss_mib for r in rs]):.1f}",
+                    _checks(rs),
+                ]
+            )
+        else:
+            table.append(
+                [
+                    name,
+                    f"{_med([r.wall for r in rs]):.2f}",
+                    f"{_med([r.mb_s for r in rs]):.1f}",
+                    f"{_med([r.cpu for r in rs]):.2f}",
+                    f"{_med([r.maxrss_mib for r in rs]):.1f}",
+                    _checks(rs),
+                ]
+            )
+    head = (
+        ["runner", "wall s", "wall ms/account", "CPU s", "CPU ms/account", "peak RSS MiB", "check"]
+        if scenario == "idle"
+        else ["runner", "wall s", "MB/s", "CPU s", "peak RSS MiB", "exactly once"]
+    )
+    return f"### {title}\n\n" + _table(head, table)
+
+
+def report(rows: list[Row], scale: Scale, parallel: int) -> str:
+    parts = [
+        report_throughput(rows),
+        report_poison(rows),
+        report_simple(
+            rows, "idle", f"idle: {scale.idle_accounts} empty accounts, one round (medians)"
+        ),
+        report_simple(
+            rows,
+            "large",
+            f"large: {scale.large_accounts} accounts x {scale.large_per_account} messages of "
+            f"{scale.large_size / MIB:.0f} MiB (medians); pop3-connector RSS goal: "
+            f"{60 + 2 * scale.large_accounts * scale.large_size / MIB:.0f}"
+            " MiB (60 MiB + twice the bytes in flight)",
+        ),
+    ]
+    head = f"pop3-connector max_parallel_accounts = {parallel} (large: one per account)\n"
+    return head + "\n\n".join(p for p in parts if p)
+
+
+# ------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/run", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="small corpus, 1 repetition (< 1 min)")
+    p.add_argument("--only", choices=SCENARIOS, action="append", help="run only this scenario")
+    p.add_argument("--reps", type=int, default=None, help="repetitions (default 3; quick: 1)")
+    p.add_argument("--json", metavar="FILE", help="write the raw results here")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=8,
+        help="pop3-connector's max_parallel_accounts (default 8, the product's default)",
+    )
+    p.add_argument("--timeout", type=float, default=None, help="seconds per client run")
+    p.add_argument(
+        "--cache",
+        default="/var/tmp/pop3-connector-bench",  # noqa: S108 - a cache, not a secret
+        help="where the generated corpus is kept between runs",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    p.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="throughput: one more pop3-connector run under cProfile, stats written here",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the chosen scenarios and print the tables; 0 when every check passed."""
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: run as root (Dovecot's mail files belong to nobody)", file=sys.stderr)
+        return 1
+    for tool in ("fetchmail", "mpop", "dovecot"):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} is missing; bench/run installs it", file=sys.stderr)
+            return 1
+    scale = QUICK if args.quick else Scale()
+    reps = args.reps if args.reps is not None else (1 if args.quick else 3)
+    chosen = args.only or list(SCENARIOS)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    # Client state (mpop's Maildir, the connector's ledger and dead letters) goes to tmpfs
+    # when there is one: the receiver keeps nothing on disk either, and on a disk mounted with
+    # online discard, deleting 480 MB of mpop's files took minutes.
+    shm = Path("/dev/shm")  # noqa: S108 - mkdtemp makes a private directory in it
+    workdir = Path(tempfile.mkdtemp(prefix="pop3-bench-", dir=shm if shm.is_dir() else None))
+    started = time.monotonic()
+    dovecot = start_dovecot()
+    receiver: Receiver | None = None
+    bench: Bench | None = None
+    try:
+        receiver = Receiver(workdir / "receiver.log")
+        bench = Bench(
+            dovecot=dovecot,
+            receiver=receiver,
+            workdir=workdir,
+            cache=cache,
+            scale=scale,
+            reps=reps,
+            parallel=args.parallel,
+            timeout=args.timeout,
+            profile=Path(args.profile) if args.profile else None,
+        )
+        steps: dict[str, Callable[[Bench], None]] = {
+            "throughput": throughput,
+            "poison": poison,
+            "idle": idle,
+            "large": large,
+        }
+        for name in SCENARIOS:
+            if name in chosen:
+                steps[name](bench)
+    finally:
+        if receiver is not None:
+            receiver.stop()
+        stop_dovecot(dovecot)
+        if bench is not None and args.json:
+            Path(args.json).write_text(
+                json.dumps(
+                    [{**asdict(r), "msg_s": r.msg_s, "mb_s": r.mb_s} for r in bench.rows],
+                    indent=1,
+                )
+            )
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print()
+    print(report(bench.rows, scale, args.parallel))
+    print(
+        f"\n(total {time.monotonic() - started:.0f} s; work dir {workdir}"
+        f"{'' if args.keep else ', removed'})"
+    )
+    return 0 if all(r.check == "ok" for r in bench.rows) else 1
