@@ -2,9 +2,17 @@
 
 Layers above use the shell (:class:`Pop3Client` and its parameter types); the core's names are
 re-exported for tests and for anyone driving the protocol over another transport.
+
+The shell's names are loaded lazily (PEP 562 ``__getattr__``): importing
+``connector.pop3.protocol`` runs this file first, and it must not drag in asyncio, socket or
+ssl (STYLE §1; tests/unit/test_pop3_sansio.py checks it).
 """
 
-from connector.pop3.client import AuthMethod, Pop3Client, Pop3Endpoint, Pop3Timeouts, TlsMode
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from connector.pop3.protocol import (
     NEED_DATA,
     Capabilities,
@@ -22,6 +30,17 @@ from connector.pop3.protocol import (
     State,
     Verb,
 )
+
+if TYPE_CHECKING:
+    from connector.pop3.client import (
+        AuthMethod,
+        Pop3Client,
+        Pop3Endpoint,
+        Pop3Timeouts,
+        TlsMode,
+    )
+
+_FROM_CLIENT = frozenset({"AuthMethod", "Pop3Client", "Pop3Endpoint", "Pop3Timeouts", "TlsMode"})
 
 __all__ = [
     "NEED_DATA",
@@ -45,3 +64,12 @@ __all__ = [
     "TlsMode",
     "Verb",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Load the asyncio shell on first use of one of its names."""
+    if name in _FROM_CLIENT:
+        value = getattr(importlib.import_module("connector.pop3.client"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -147,6 +147,7 @@ class Pop3Client:
     greeting_text: str
     apop_stamp: str | None
     capabilities: dict[str, list[str]]  # upper-case capability name -> arguments ({} if no CAPA)
+    tls_active: bool  # implicit TLS, or STLS completed
 
     def __init__(
         self,
@@ -187,7 +188,11 @@ class Pop3Client:
         max_message_size: int = 256 * 1024 * 1024,
         transcript: logging.Logger | None = None,
     ) -> Self:
-        """Connect, read the greeting, CAPA, and STLS (then CAPA again) when tls is STARTTLS."""
+        """Connect, read the greeting, CAPA, and STLS (then CAPA again) when tls is STARTTLS.
+
+        Raises Pop3TlsError (certificate or handshake failure, STLS not offered or refused),
+        Pop3TimeoutError, Pop3ConnectionError, or Pop3ResponseError for a ``-ERR`` greeting.
+        """
         ctx = endpoint.ssl_context
         if ctx is None and endpoint.tls is not TlsMode.NONE:
             ctx = ssl.create_default_context()

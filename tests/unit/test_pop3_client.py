@@ -1,0 +1,517 @@
+"""The asyncio POP3 shell against tiny scripted servers on loopback (asyncio.start_server, port 0).
+
+Fakes are used only for faults a real server cannot be made to produce on demand: a greeting
+that never comes, a stall or a cut in the middle of RETR, ``[IN-USE]`` at once, no STLS.  The
+happy paths run against Dovecot in tests/integration/test_pop3_dovecot.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from connector.errors import (
+    Pop3AuthError,
+    Pop3ConnectionError,
+    Pop3ProtocolError,
+    Pop3ResponseError,
+    Pop3TimeoutError,
+    Pop3TlsError,
+)
+from connector.pop3 import AuthMethod, Pop3Client, Pop3Endpoint, Pop3Timeouts, TlsMode
+from connector.pop3.protocol import apop_digest
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+FAST = Pop3Timeouts(connect=2.0, command=2.0, idle_read=2.0)
+CAPS = [b"TOP", b"UIDL", b"USER", b"RESP-CODES", b"SASL PLAIN"]
+MSG = b"Subject: hello\r\n\r\n..dot line\r\nbody\r\n"
+
+
+@contextlib.asynccontextmanager
+async def serve(handler: Handler, tls: TlsMode = TlsMode.NONE) -> AsyncIterator[Pop3Endpoint]:
+    """Run ``handler`` for each connection; re-raise its assertion failures in the test."""
+    failures: list[BaseException] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tasks.add(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.CancelledError):
+            pass  # the client hung up or the test is over
+        except Exception as exc:  # noqa: BLE001 (handed to the test below)
+            failures.append(exc)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(run, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield Pop3Endpoint("127.0.0.1", port, tls)
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+    if failures:
+        raise failures[0]
+
+
+async def expect(reader: asyncio.StreamReader, line: bytes) -> None:
+    got = await reader.readline()
+    assert got == line + b"\r\n", got
+
+
+async def hello(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    caps: list[bytes] = CAPS,
+    greeting: bytes = b"+OK fake ready",
+) -> None:
+    """Greeting, then the CAPA that connect() always sends."""
+    writer.write(greeting + b"\r\n")
+    await expect(reader, b"CAPA")
+    writer.write(b"+OK\r\n" + b"".join(c + b"\r\n" for c in caps) + b".\r\n")
+
+
+async def login(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await expect(reader, b"USER alice")
+    writer.write(b"+OK\r\n")
+    await expect(reader, b"PASS secret")
+    writer.write(b"+OK logged in\r\n")
+
+
+async def until_eof(reader: asyncio.StreamReader) -> None:
+    while await reader.read(65536):
+        pass
+
+
+async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Accept, then say nothing until the client gives up."""
+    await until_eof(reader)
+
+
+# ---------------------------------------------------------------------------------------------
+# login
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_in_use_at_pass_is_an_auth_error_with_its_code() -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await hello(r, w)
+        await expect(r, b"USER alice")
+        w.write(b"+OK\r\n")
+        await expect(r, b"PASS secret")
+        w.write(b"-ERR [IN-USE] Mailbox is locked by another POP3 session.\r\n")
+        await until_eof(r)
+
+    async with serve(script) as ep, await Pop3Client.connect(ep, FAST) as pop:
+        with pytest.raises(Pop3AuthError) as info:
+            await pop.login("alice", "secret", AuthMethod.USER)
+    assert info.value.resp_code == "IN-USE"
+    assert info.value.command == "PASS"
+    assert "secret" not in str(info.value)
+
+
+async def test_user_and_pass_are_pipelined_when_offered() -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await hello(r, w, [*CAPS, b"PIPELINING"])
+        # Both lines must arrive before we answer either: else the client did not pipeline.
+        assert await r.readline() == b"USER alice\r\n"
+        assert await r.readline() == b"PASS secret\r\n"
+        w.write(b"+OK\r\n+OK logged in\r\n")
+        await expect(r, b"STAT")
+        w.write(b"+OK 0 0\r\n")
+        await until_eof(r)
+
+    async with serve(script) as ep, await Pop3Client.connect(ep, FAST) as pop:
+        assert pop.pipelining
+        await pop.login("alice", "secret", AuthMethod.USER)
+        assert await pop.stat() == (0, 0)
+
+
+async def test_auto_picks_apop_when_the_greeting_has_a_stamp() -> None:
+    stamp = "<1896.697170952@dbc.mtview.ca.us>"
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await hello(r, w, greeting=f"+OK ready {stamp}".encode())
+        await expect(r, f"APOP alice {apop_digest(stamp, 'secret')}".encode())
+        w.write(b"+OK maildrop locked and ready\r\n")
+        await until_eof(r)
+
+    async with serve(script) as ep, await Pop3Client.connect(ep, FAST) as pop:
+        assert pop.apop_stamp == stamp
+        await pop.login("alice", "secret")
+
+
+async def test_auto_picks_sasl_plain_without_a_stamp() -> None:
+    ir = base64.b64encode(b"\0alice\0secret").decode()
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await hello(r, w)
+        await expect(r, f"AUTH PLAIN {ir}".encode())
+        w.write(b"-ERR [AUTH] Authentication failed.\r\n")
+        await until_eof(r)
+
+    async with serve(script) as ep, await Pop3Client.connect(ep, FAST) as pop:
+        with pytest.raises(Pop3AuthError) as info:
+            await pop.login("alice", "secret")
+    assert (info.value.command, info.value.resp_code) == ("AUTH", "AUTH")
+
+
+async def test_sasl_plain_answers_an_empty_challenge_when_the_response_is_long() -> None:
+    password = "p" * 300  # RFC 5034 §4: the AUTH line would pass 255 octets
+    response = base64.b64encode(f"\0alice\0{password}".encode())
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await hello(r, w)
+        await expect(r, b"AUTH PLAIN")
+        w.write(b"+ \r\n")
+        await expect(r, response)
+        w.write(b"+OK Logged in.\r\n")
+        await expect(r, b"NOOP")
+        w.write(b"+OK\r\n")
+        await until_eof(r)
+
+    async with serve(script) as ep, await Pop3Client.connect(ep, FAST) as pop:
+        await pop.login("alice", password, AuthMethod.PLAIN)
+        await pop.noop()
+
+
+async def test_apop_without_a_stamp_is_an_auth_error() -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await hello(r, w)
+        await until_eof(r)
+
+    async with serve(script) as ep, await Pop3Client.connect(ep, FAST) as pop:
+        with pytest.raises(Pop3AuthError, match="APOP"):
+            await pop.login("alice", "secret", AuthMethod.APOP)
+
+
+# ---------------------------------------------------------------------------------------------
+# timeouts, cuts, poisoning
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_a_greeting_that_never_comes_times_out() -> None:
+    async with serve(silent) as ep:
+        with pytest.raises(Pop3TimeoutError):
+            await Pop3Client.connect(ep, Pop3Timeouts(connect=2.0, command=0.2, idle_read=2.0))
+
+
+async def test_a_refusing_greeting_is_a_response_error() -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"-ERR [SYS/TEMP] too many connections\r\n")
+
+    async with serve(script) as ep:
+        with pytest.raises(Pop3ResponseError) as info:
+            await Pop3Client.connect(ep, FAST)
+    assert info.value.resp_code == "SYS/TEMP"
+
+
+async def test_connection_refused() -> None:
+    async with serve(silent) as ep:
+        pass  # the server is closed again: its port refuses connections
+    with pytest.raises(Pop3ConnectionError, match="cannot connect"):
+        await Pop3Client.connect(ep, FAST)
+
+
+async def logged_in_script(
+    r: asyncio.StreamReader, w: asyncio.StreamWriter, caps: list[bytes] = CAPS
+) -> None:
+    await hello(r, w, caps)
+    await login(r, w)
+
+
+async def test_a_server_stalling_mid_retr_hits_the_idle_timeout_and_poisons() -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await logged_in_script(r, w)
+        await expect(r, b"RETR 1")
+        w.write(b"+OK 100000 octets\r\n" + b"x" * 5000)
+        await until_eof(r)  # and never more
+
+    timeouts = Pop3Timeouts(connect=2.0, command=2.0, idle_read=0.2)
+    async with serve(script) as ep, await Pop3Client.connect(ep, timeouts) as pop:
+        await pop.login("alice", "secret", AuthMethod.USER)
+        with pytest.raises(Pop3TimeoutError, match="stalled"):
+            await pop.retr(1)
+        with pytest.raises(Pop3ConnectionError, match="unusable"):
+            await pop.noop()
+
+
+async def test_a_big_message_may_take_longer_than_the_command_deadline() -> None:
+    pieces = [b"line %d " % i + b"y" * 5000 + b"\r\n" for i in range(6)]
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await logged_in_script(r, w)
+        await expect(r, b"RETR 1")
+        w.write(b"+OK\r\n")
+        for piece in pieces:  # bytes keep coming, each well within idle_read
+            w.write(piece)
+            await w.drain()
+            await asyncio.sleep(0.05)
+        w.write(b".\r\n")
+        await until_eof(r)
+
+    # 6 x 50 ms is more than the whole-reply `command` deadline, less than `idle_read` per read.
+    timeouts = Pop3Timeouts(connect=2.0, command=0.15, idle_read=2.0)
+    async with serve(script) as ep, await Pop3Client.connect(ep, timeouts) as pop:
+        await pop.login("alice", "secret", AuthMethod.USER)
+        assert await pop.retr(1) == b"".join(pieces)
+
+
+async def test_connection_cut_mid_retr() -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await logged_in_script(r, w)
+        await expect(r, b"RETR 1")
+        w.write(b"+OK\r\nSubject: half a mess")
+        await w.drain()
+        w.transport.abort()
+
+    async with serve(script) as ep, await Pop3Client.connect(ep, FAST) as pop:
+        await pop.login("alice", "secret", AuthMethod.USER)
+        with pytest.raises(Pop3ConnectionError, match="middle of a reply"):
+            await pop.retr(1)
+        with pytest.raises(Pop3ConnectionError):
+            await pop.dele(1)
+
+
+async def test_garbage_is_a_protocol_error_and_poisons() -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await logged_in_script(r, w)
+        await expect(r, b"STAT")
+        w.write(b"* OK this is IMAP\r\n")
+        await until_eof(r)
+
+    async with serve(script) as ep, await Pop3Client.connect(ep, FAST) as pop:
+        await pop.login("alice", "secret", AuthMethod.USER)
+        with pytest.raises(Pop3ProtocolError):
+            await pop.stat()
+        with pytest.raises(Pop3ConnectionError, match="unusable"):
+            await pop.stat()
+
+
+async def test_a_message_over_the_cap_is_refused() -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await logged_in_script(r, w)
+        await expect(r, b"RETR 1")
+        w.write(b"+OK\r\n" + b"z" * 3000 + b"\r\n.\r\n")
+        await until_eof(r)
+
+    async with (
+        serve(script) as ep,
+        await Pop3Client.connect(ep, FAST, max_message_size=1000) as pop,
+    ):
+        await pop.login("alice", "secret", AuthMethod.USER)
+        with pytest.raises(Pop3ProtocolError, match="1000 octets"):
+            await pop.retr(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# STLS
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_stls_required_but_not_offered_is_a_tls_error() -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await hello(r, w)  # no STLS in CAPA
+        await until_eof(r)  # and the client must not go on to log in
+
+    async with serve(script, TlsMode.STARTTLS) as ep:
+        with pytest.raises(Pop3TlsError, match="does not offer STLS"):
+            await Pop3Client.connect(ep, FAST)
+
+
+async def test_stls_refused_is_a_tls_error() -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await hello(r, w, [*CAPS, b"STLS"])
+        await expect(r, b"STLS")
+        w.write(b"-ERR TLS not available right now\r\n")
+        await until_eof(r)
+
+    async with serve(script, TlsMode.STARTTLS) as ep:
+        with pytest.raises(Pop3TlsError, match="refused STLS"):
+            await Pop3Client.connect(ep, FAST)
+
+
+async def test_plaintext_injected_after_stls_is_refused() -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await hello(r, w, [*CAPS, b"STLS"])
+        await expect(r, b"STLS")
+        w.write(b"+OK Begin TLS\r\n+OK injected\r\n")
+        await until_eof(r)
+
+    async with serve(script, TlsMode.STARTTLS) as ep:
+        with pytest.raises(Pop3ProtocolError, match="STLS"):
+            await Pop3Client.connect(ep, FAST)
+
+
+# ---------------------------------------------------------------------------------------------
+# commands and retr_many
+# ---------------------------------------------------------------------------------------------
+
+
+def mailbox_server(
+    messages: list[bytes], *, pipelining: bool, window: int = 0, commands: list[bytes] | None = None
+) -> Handler:
+    """A small in-memory maildrop.  With ``window``, it waits until that many RETRs are queued
+    before it answers any, so a client that does not pipeline deadlocks (and times out)."""
+    caps = [*CAPS, b"PIPELINING"] if pipelining else CAPS
+    log = commands if commands is not None else []
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await logged_in_script(r, w, caps)
+        held: list[int] = []
+        while line := await r.readline():
+            log.append(line.rstrip())
+            verb, *args = line.decode().split()
+            if verb == "RETR":
+                held.append(int(args[0]))
+                if len(held) < window:
+                    continue
+                for n in held:
+                    if n > len(messages):
+                        w.write(b"-ERR no such message\r\n")
+                        continue
+                    body = messages[n - 1].replace(b"\r\n.", b"\r\n..")
+                    w.write(b"+OK %d octets\r\n" % len(messages[n - 1]) + body + b".\r\n")
+                held = []
+            elif verb == "DELE":
+                w.write(b"+OK marked\r\n")
+            elif verb == "QUIT":
+                w.write(b"+OK bye\r\n")
+                return
+            else:
+                w.write(b"-ERR unknown\r\n")
+
+    return script
+
+
+MESSAGES = [b"Subject: %d\r\n\r\n.%d\r\n" % (i, i) for i in range(1, 13)]
+
+
+async def test_retr_many_pipelines_and_keeps_order() -> None:
+    async with (
+        serve(mailbox_server(MESSAGES, pipelining=True, window=4)) as ep,
+        await Pop3Client.connect(ep, FAST) as pop,
+    ):
+        await pop.login("alice", "secret", AuthMethod.USER)
+        got = [item async for item in pop.retr_many(range(1, 13), window=4)]
+        assert await pop.quit() == "bye"
+    assert got == list(zip(range(1, 13), MESSAGES, strict=True))
+
+
+async def test_retr_many_one_by_one_without_pipelining() -> None:
+    async with (
+        serve(mailbox_server(MESSAGES, pipelining=False)) as ep,
+        await Pop3Client.connect(ep, FAST) as pop,
+    ):
+        await pop.login("alice", "secret", AuthMethod.USER)
+        assert not pop.pipelining
+        got = [item async for item in pop.retr_many([3, 1, 2])]
+    assert got == [(3, MESSAGES[2]), (1, MESSAGES[0]), (2, MESSAGES[1])]
+
+
+async def test_retr_many_with_dele_between_and_an_early_stop() -> None:
+    commands: list[bytes] = []
+    async with (
+        serve(mailbox_server(MESSAGES, pipelining=True, commands=commands)) as ep,
+        await Pop3Client.connect(ep, FAST) as pop,
+    ):
+        await pop.login("alice", "secret", AuthMethod.USER)
+        seen = []
+        # As the fetcher does it: no aclose(), the generator is finalised whenever.
+        async for number, raw in pop.retr_many(range(1, 13), window=5):
+            assert raw == MESSAGES[number - 1]
+            seen.append(number)
+            await pop.dele(number)  # queued behind the RETRs in flight
+            if number == 3:
+                break  # RETR 4..7 are still in flight: the session must stay usable
+        assert await pop.quit() == "bye"
+    assert seen == [1, 2, 3]
+    assert b"DELE 3" in commands
+    assert commands[-1] == b"QUIT"
+
+
+async def test_retr_many_stops_on_err_but_the_session_stays_usable() -> None:
+    async with (
+        serve(mailbox_server(MESSAGES[:2], pipelining=True)) as ep,
+        await Pop3Client.connect(ep, FAST) as pop,
+    ):
+        await pop.login("alice", "secret", AuthMethod.USER)
+        got: list[tuple[int, bytes]] = []
+
+        async def collect() -> None:
+            async for item in pop.retr_many([1, 2, 3, 4]):  # the server has no 3
+                got.append(item)  # noqa: PERF401 (the items before the error matter)
+
+        with pytest.raises(Pop3ResponseError) as info:
+            await collect()
+        assert info.value.command == "RETR"
+        assert got == [(1, MESSAGES[0]), (2, MESSAGES[1])]
+        await pop.dele(1)  # RETR 4's reply, still in flight, is read and dropped
+        assert await pop.quit() == "bye"
+
+
+async def test_single_commands_and_errors() -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await logged_in_script(r, w)
+        replies = {
+            b"STAT": b"+OK 2 320\r\n",
+            b"LIST": b"+OK\r\n1 120\r\n2 200\r\n.\r\n",
+            b"UIDL": b"-ERR [SYS/PERM] UIDL not supported\r\n",
+            b"TOP 1 0": b"+OK\r\nSubject: hello\r\n\r\n.\r\n",
+            b"RETR 1": b"+OK\r\n" + MSG.replace(b"\r\n.", b"\r\n..") + b".\r\n",
+            b"DELE 1": b"+OK\r\n",
+            b"RSET": b"+OK\r\n",
+            b"NOOP": b"+OK\r\n",
+            b"QUIT": b"+OK see you\r\n",
+        }
+        while line := await r.readline():
+            w.write(replies[line.rstrip()])
+
+    async with serve(script) as ep, await Pop3Client.connect(ep, FAST) as pop:
+        assert pop.capabilities["SASL"] == ["PLAIN"]
+        assert pop.greeting_text == "fake ready"
+        await pop.login("alice", "secret", AuthMethod.USER)
+        assert await pop.stat() == (2, 320)
+        assert await pop.list() == [(1, 120), (2, 200)]
+        with pytest.raises(Pop3ResponseError) as info:
+            await pop.uidl()
+        assert (info.value.command, info.value.resp_code) == ("UIDL", "SYS/PERM")
+        assert await pop.top(1, 0) == b"Subject: hello\r\n\r\n"
+        assert await pop.retr(1) == MSG
+        await pop.dele(1)
+        await pop.rset()
+        await pop.noop()
+        assert await pop.quit() == "see you"
+        with pytest.raises(Pop3ConnectionError):
+            await pop.noop()
+        await pop.close()  # idempotent
+
+
+async def test_transcript_redacts_credentials_and_bodies(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("test.pop3.transcript")
+    async with (
+        serve(mailbox_server([MSG], pipelining=False)) as ep,
+        await Pop3Client.connect(ep, FAST, transcript=logger) as pop,
+    ):
+        with caplog.at_level(logging.DEBUG, logger=logger.name):
+            await pop.login("alice", "secret", AuthMethod.USER)
+            await pop.retr(1)
+    lines = [r.getMessage() for r in caplog.records if r.name == logger.name]
+    assert "C: USER alice" in lines
+    assert "C: PASS ****" in lines
+    assert "S: +OK logged in" in lines
+    assert "C: RETR 1" in lines
+    assert f"S: +OK [message, {len(MSG)} octets]" in lines
+    text = "\n".join(lines)
+    assert "secret" not in text
+    assert "hello" not in text  # the message's Subject
