@@ -273,7 +273,8 @@ class Service:
     async def run_cycle(self, name: str) -> CycleResult:
         """One cycle of one account; never two of the same account at once."""
         state = self.accounts[name]
-        async with self._semaphore, state.lock:
+        # The account lock first: a cycle waiting for its account must not hold a parallel slot.
+        async with state.lock, self._semaphore:
             result = await self._cycle(state)
         state.last = result
         return result

@@ -367,7 +367,9 @@ def _frame_for(cmd: Command) -> _Frame:
 # RFC 2449 §8: resp-code = "[" resp-level *("/" resp-level) "]", right after the indicator.
 _RESP_CODE: Final = re.compile(rb"\[([^\s\[\]/]+(?:/[^\s\[\]/]+)*)\]\s*")
 # RFC 1939 §7: the APOP timestamp is a msg-id, "<" ... ">", somewhere in the greeting.
-_APOP_STAMP: Final = re.compile(rb"<[^<>\s]+>")
+# RFC 1939 §7 / RFC 822 msg-id: printable ASCII only, so a hostile greeting cannot make the
+# stamp undecodable.
+_APOP_STAMP: Final = re.compile(rb"<[\x21-\x3b\x3d\x3f-\x7e]+>")
 # RFC 1939 §7: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E.
 _UID: Final = re.compile(rb"[\x21-\x7e]{1,70}")
 
@@ -438,6 +440,7 @@ class Connection:
         self._scan = 0  # where the next search for "\n." starts (h11's search offset)
         self._stuffed = False  # the scan met a line starting with "." that was not the end
         self._status_text = ""  # the +OK text of the multi-line reply in progress
+        self._announced: int | None = None  # RETR's "+OK <octets>", when the server says it
         self._sasl_challenged = False  # a Continuation was delivered; AUTH waits for an answer
 
     # -- properties ------------------------------------------------------------------------
@@ -592,6 +595,8 @@ class Connection:
             case _Frame.MESSAGE | _Frame.UIDL | _Frame.LIST | _Frame.CAPA:
                 # Keep the status line's LF as _buf[0]: the body then starts after an LF.
                 self._status_text = _text(rest)
+                size = rest.split(None, 1)[0] if rest else b""
+                self._announced = int(size) if head.verb is Verb.RETR and size.isdigit() else None
                 del self._buf[:end]
                 self._in_body = True
                 self._scan = 0
@@ -607,8 +612,11 @@ class Connection:
         while i >= 0:
             # The dot opens a line.  Terminator if the line is just "." (CRLF or bare LF).
             after = bytes(buf[i + 2 : i + 4])
-            if after == b"\r\n" or after[:1] == b"\n":
+            if (after == b"\r\n" or after[:1] == b"\n") and not (i == 0 and self._announced):
                 return self._finish_body(head, i, i + 2 + (2 if after == b"\r\n" else 1))
+            # A "." first line of a RETR that announced octets is content: Dovecot 2.3 does not
+            # dot-stuff a message's first line (seen on the wire), so ".\r\n.\r\n" is "." +
+            # the terminator.  _finish_body checks the octet count afterwards.
             if after in (b"", b"\r"):
                 break  # cannot tell yet: wait for more bytes, resume the search here
             self._stuffed = True  # a stuffed line ("..x"): unstuff later; keep looking
@@ -637,7 +645,9 @@ class Connection:
         self._complete(ok=True)
         match head.frame:
             case _Frame.MESSAGE:
-                return Message(_unstuff(body, self._stuffed))
+                return Message(
+                    _first_line_quirk(body, _unstuff(body, self._stuffed), self._announced)
+                )
             case _Frame.UIDL:
                 return Listing(self._status_text, _parse_listing(body, uidl=True))
             case _Frame.LIST:
@@ -648,6 +658,26 @@ class Connection:
                 raise AssertionError("single-line frame in a body")  # pragma: no cover
             case _:
                 assert_never(head.frame)
+
+
+def _first_line_quirk(body: bytes, raw: bytes, announced: int | None) -> bytes:
+    """Undo the damage of a server that did not dot-stuff the first line (RFC 1939 §3).
+
+    Dovecot 2.3 sends a message whose first line is ``..x`` as ``..x`` and one that is ``.`` as
+    ``.``.  Unstuffing then drops a dot that was content, or ends the message before it began.
+    RETR's ``+OK <octets>`` tells the two readings apart: if the usual one is one octet short
+    and the first line starts with ``..``, the server did not stuff it.  A "." first line that
+    was taken as content (see ``_body``) must add up exactly, or the reply is not trusted.
+    """
+    if announced is None or not body.startswith(b"."):
+        return raw
+    if body.startswith(b"..") and len(raw) + 1 == announced:
+        return b"." + raw
+    if body.startswith((b".\r\n", b".\n")) and len(raw) != announced:
+        raise Pop3ProtocolError(
+            f"message of {len(raw)} octets after a '.' first line, but {announced} announced"
+        )
+    return raw
 
 
 def _parse_listing(body: bytes, *, uidl: bool) -> tuple[tuple[int, str], ...]:

@@ -1,0 +1,464 @@
+"""The crash harness: ``python -m connector once`` killed with SIGKILL at random instants.
+
+A real Dovecot mailbox holds mixed mail: accepted, refused permanently (``554`` after DATA) and
+refused temporarily (``451``, accepted from the third attempt on).  Each round tops the mailbox
+up, starts the connector through two :class:`~tests.faults.FaultProxy` (POP3 and SMTP) that count
+bytes, and kills it with SIGKILL at a seeded random instant: at a random byte of the traffic, or
+(one round in four) after a random delay, which also covers start-up and the ledger's opening.
+Then it runs unkilled until the mailbox is empty, and accounts for every Message-ID
+(PRODUCT §5): delivered exactly once, dead-lettered exactly once, or still upstream and deferred;
+lost must be 0.
+
+Duplicates are counted apart and each must fall in the window between the SMTP ``250`` and the
+ledger commit.  The evidence, for every extra copy: the earlier copy was accepted in a run that
+was killed; it was the *last* message that run got accepted (nothing after it was accepted, so
+the process died before finishing that message's step, whose next act is the commit); right after
+the kill the ledger had no ``delivered`` row for its UIDL; and when the copy was accepted again,
+the ledger still had none.  The same is checked for dead-letter duplicates (fsync, then commit).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import os
+import random
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiosmtpd.smtp import Envelope
+
+from tests.faults import Direction, FaultProxy
+from tests.servers import DovecotServer, SmtpSink
+
+pytestmark = pytest.mark.integration
+
+_MID = re.compile(rb"^Message-ID: <([^>]+)>", re.MULTILINE | re.IGNORECASE)
+_TRACE_ID = re.compile(rb"^Received: from \S+ by \S+ with POP3 \(pop3-connector\) id (\S+)")
+_DL_UIDL = re.compile(rb"^X-POP3-Connector-UIDL: (\S+)", re.MULTILINE)
+_names = itertools.count()
+HANG_AFTER = 100  # seconds; longer than any deadline of one cycle with these settings
+
+
+class Kind(enum.Enum):
+    ACCEPT = "accept"
+    PERMANENT = "permanent"  # 554 after DATA: dead-lettered
+    TEMPORARY = "temporary"  # 451 after DATA twice, then accepted
+
+
+@dataclass(frozen=True, slots=True)
+class Acceptance:
+    """One 250 the sink gave: which run, which message, and the ledger's state for its UIDL
+    at that moment (read by the sink before it answered)."""
+
+    run: int
+    mid: str
+    uidl: str
+    ledger_state: str | None
+
+
+@dataclass(slots=True)
+class RunRecord:
+    index: int
+    killed: bool
+    how: str
+    ledger_after: dict[str, str] = field(default_factory=dict)
+
+
+def ledger_states(state_dir: Path) -> dict[str, str]:
+    """uidl -> state, read-only (the connector may be writing; WAL lets us read)."""
+    path = state_dir / "ledger.sqlite3"
+    if not path.exists():
+        return {}
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        try:
+            return dict(db.execute("SELECT uidl, state FROM messages").fetchall())
+        except sqlite3.OperationalError:  # killed before the schema was created
+            return {}
+
+
+class Exchange:
+    """The sink's policy (aiosmtpd thread): refuse or accept by Message-ID; record every 250."""
+
+    def __init__(self, kinds: dict[str, Kind], state_dir: Path) -> None:
+        self.kinds = kinds
+        self.state_dir = state_dir
+        self.run = -1
+        self.attempts: Counter[str] = Counter()
+        self.accepted: list[Acceptance] = []
+        self.lock = threading.Lock()
+
+    def rule(self, stage: str, envelope: Envelope, data: bytes | None) -> str | None:
+        if stage != "data" or data is None:
+            return None
+        m = _MID.search(data)
+        assert m is not None, data[:200]
+        mid = m.group(1).decode()
+        with self.lock:
+            self.attempts[mid] += 1
+            attempts = self.attempts[mid]
+        match self.kinds[mid]:
+            case Kind.PERMANENT:
+                return "554 5.7.1 Message refused by policy"
+            case Kind.TEMPORARY if attempts < 3:
+                return "451 4.7.1 Greylisted, try again later"
+            case Kind.TEMPORARY | Kind.ACCEPT:
+                pass
+        t = _TRACE_ID.match(data)
+        assert t is not None, data[:200]
+        uidl = t.group(1).decode()
+        state = ledger_states(self.state_dir).get(uidl)
+        with self.lock:
+            self.accepted.append(Acceptance(self.run, mid, uidl, state))
+        return None
+
+
+@dataclass
+class Harness:
+    dovecot: DovecotServer
+    user: str
+    password: str
+    sink: SmtpSink
+    work: Path
+    rng: random.Random
+    kinds: dict[str, Kind] = field(default_factory=dict)
+    runs: list[RunRecord] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.state_dir = self.work / "state"
+        self.exchange = Exchange(self.kinds, self.state_dir)
+        self.sink.handler.rule = self.exchange.rule
+
+    # -- the mailbox -------------------------------------------------------------------------
+
+    @property
+    def maildir(self) -> Path:
+        return self.dovecot.root / "mail" / self.user / "Maildir"
+
+    def add_mail(self, count: int) -> None:
+        """New messages at the end of the mailbox (unique file names; Dovecot picks them up)."""
+        if not (self.maildir / "new").exists():
+            self.dovecot.deliver_many(self.user, [])
+        base = int(time.time())
+        for _ in range(count):
+            n = next(_names)
+            kind = self.rng.choices(list(Kind), weights=[6, 2, 2])[0]
+            mid = f"crash-{n}@harness.test"
+            self.kinds[mid] = kind
+            size = self.rng.choice([200, 2_000, 20_000, 120_000])
+            body = b"".join(b"line %d of message %d .\r\n" % (i, n) for i in range(size // 24 + 1))
+            raw = (
+                f"Return-Path: <sender{n}@customer.example>\r\n"
+                f"From: sender{n}@customer.example\r\n"
+                f"Subject: {kind.value} {n}\r\n"
+                f"Message-ID: <{mid}>\r\n\r\n"
+            ).encode() + body
+            name = f"{base}.M{n:06d}P{os.getpid()}.harness"
+            tmp = self.maildir / "tmp" / name
+            tmp.write_bytes(raw)
+            shutil.chown(tmp, "nobody", "nogroup")
+            tmp.rename(self.maildir / "new" / name)
+
+    def upstream(self) -> dict[str, int]:
+        """Message-ID -> bytes, for what Dovecot still holds."""
+        out: dict[str, int] = {}
+        for p in self.dovecot.maildir_files(self.user):
+            data = p.read_bytes()
+            m = _MID.search(data)
+            if m is not None:
+                out[m.group(1).decode()] = len(data)
+        return out
+
+    def dead_letters(self) -> list[tuple[str, str]]:
+        """(Message-ID, UIDL) of every dead-letter file."""
+        md = self.state_dir / "dead-letters"
+        out = []
+        for sub in ("new", "cur"):
+            for p in sorted((md / sub).glob("*")) if (md / sub).exists() else []:
+                data = p.read_bytes()
+                m, u = _MID.search(data), _DL_UIDL.search(data)
+                assert m is not None
+                assert u is not None
+                out.append((m.group(1).decode(), u.group(1).decode()))
+        return out
+
+    # -- running the connector ------------------------------------------------------------------
+
+    def config(self, pop_port: int, smtp_port: int) -> Path:
+        path = self.work / f"config-{pop_port}-{smtp_port}.toml"
+        path.write_text(
+            f"""
+[service]
+state_dir = "{self.state_dir}"
+[smtp]
+host = "127.0.0.1"
+port = {smtp_port}
+tls = "none"
+helo_name = "connector.test"
+timeout = "20s"
+[[accounts]]
+name = "info"
+host = "127.0.0.1"
+port = {pop_port}
+tls = "none"
+username = "{self.user}"
+password = "{self.password}"
+deliver_to = ["info@firma.test"]
+"""
+        )
+        path.chmod(0o600)
+        return path
+
+    def run_once(self, config: Path, kill: Callable[[subprocess.Popen[bytes]], None]) -> int:
+        index = len(self.runs)
+        self.exchange.run = index
+        log = self.work / f"run-{index}.log"
+        with log.open("wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "connector", "--config", str(config), "once"],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                # SIGABRT then dumps every thread's stack into the log (a hang's evidence).
+                env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+            )
+            kill(proc)
+            try:
+                rc = proc.wait(timeout=HANG_AFTER)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGABRT)
+                proc.wait(timeout=10)
+                tail = log.read_text(errors="replace")[-6000:]
+                raise AssertionError(f"run {index} hung for {HANG_AFTER} s:\n{tail}") from None
+        return rc
+
+    def killed_run(self) -> bool:
+        """One run killed at a random instant; False when it finished before the instant."""
+        pending = sum(self.upstream().values())
+        threshold = self.rng.randint(0, 2 * pending + 3_000)
+        delay = self.rng.uniform(0.0, 1.2)
+        by_time = self.rng.random() < 0.25
+        seen = [0]
+        victim: list[subprocess.Popen[bytes]] = []
+        lock = threading.Lock()
+
+        def kill() -> None:
+            if victim and victim[0].poll() is None:
+                os.kill(victim[0].pid, signal.SIGKILL)
+
+        def observe(direction: Direction, data: bytes) -> None:
+            with lock:
+                before, seen[0] = seen[0], seen[0] + len(data)
+                if not by_time and before < threshold <= seen[0]:
+                    kill()
+
+        pop = FaultProxy(("127.0.0.1", self.dovecot.ports["pop3"]), observer=observe).start()
+        smtp = FaultProxy(("127.0.0.1", self.sink.port), observer=observe).start()
+        timer: threading.Timer | None = None
+        try:
+
+            def arm(proc: subprocess.Popen[bytes]) -> None:
+                nonlocal timer
+                with lock:
+                    victim.append(proc)
+                if by_time:
+                    timer = threading.Timer(delay, kill)
+                    timer.start()
+
+            rc = self.run_once(self.config(pop.port, smtp.port), arm)
+        finally:
+            if timer is not None:
+                timer.cancel()
+            pop.close()
+            smtp.close()
+        killed = rc == -signal.SIGKILL
+        how = f"after {delay:.3f} s" if by_time else f"at byte {threshold}"
+        self.runs.append(RunRecord(len(self.runs), killed, how, ledger_states(self.state_dir)))
+        if not killed:
+            assert rc in (0, 1), f"exit status {rc}; see {self.work}/run-{len(self.runs) - 1}.log"
+        return killed
+
+    def clean_run(self) -> int:
+        rc = self.run_once(
+            self.config(self.dovecot.ports["pop3"], self.sink.port), lambda proc: None
+        )
+        self.runs.append(RunRecord(len(self.runs), False, "clean", ledger_states(self.state_dir)))
+        return rc
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    kills: int
+    runs: int
+    messages: int
+    delivered: int
+    dead_lettered: int
+    deferred_once: int
+    still_deferred: int
+    lost: int
+    duplicates: int
+    duplicates_in_window: int
+    dead_letter_duplicates: int
+    dead_letter_duplicates_in_window: int
+    seconds: float
+
+    def render(self) -> str:
+        rows = [
+            ("kills (SIGKILL)", self.kills),
+            ("runs in all", self.runs),
+            ("messages", self.messages),
+            ("delivered exactly once", self.delivered),
+            ("dead-lettered exactly once", self.dead_lettered),
+            ("deferred at least once (451)", self.deferred_once),
+            ("still upstream, deferred", self.still_deferred),
+            ("LOST", self.lost),
+            ("duplicates (delivered twice)", self.duplicates),
+            ("  of them in the 250-to-commit window", self.duplicates_in_window),
+            ("duplicate dead letters", self.dead_letter_duplicates),
+            ("  of them in the fsync-to-commit window", self.dead_letter_duplicates_in_window),
+            ("wall time (s)", round(self.seconds, 1)),
+        ]
+        width = max(len(name) for name, _ in rows)
+        return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def run_harness(
+    dovecot: DovecotServer, tmp_path: Path, *, seed: int, kills: int, batch: int
+) -> tuple[Table, Harness]:
+    started = time.monotonic()
+    user, password = dovecot.add_user()
+    sink = SmtpSink().start()
+    try:
+        h = Harness(dovecot, user, password, sink, tmp_path, random.Random(seed))
+        done = 0
+        while done < kills:
+            if len(h.upstream()) < batch:
+                h.add_mail(batch)
+            done += h.killed_run()
+            assert len(h.runs) < 4 * kills + 10, "kills keep missing: the thresholds are off"
+        for _ in range(8):  # unkilled until done: temporary refusals need up to three tries
+            if not h.upstream():
+                break
+            assert h.clean_run() == 0
+        return account(h, kills, time.monotonic() - started), h
+    finally:
+        sink.stop()
+
+
+def account(h: Harness, kills: int, seconds: float) -> Table:
+    """Account for every Message-ID; assert the invariants; return the table."""
+    upstream = h.upstream()
+    delivered = Counter(a.mid for a in h.exchange.accepted)
+    dead = Counter(mid for mid, _ in h.dead_letters())
+    final = ledger_states(h.state_dir)
+    lost = [m for m in h.kinds if m not in upstream and not delivered[m] and not dead[m]]
+    assert lost == [], f"LOST: {lost}"
+    for mid, kind in h.kinds.items():
+        match kind:
+            case Kind.PERMANENT:
+                assert delivered[mid] == 0, mid
+            case Kind.ACCEPT | Kind.TEMPORARY:
+                assert dead[mid] == 0, mid
+        assert not (delivered[mid] and dead[mid]), mid
+    still = [m for m in upstream if m in h.kinds]
+    for mid in still:  # what is left must be waiting for a retry, never silently dropped
+        assert h.kinds[mid] is Kind.TEMPORARY, mid
+    window = _check_window(h)
+    dl_window = _check_dead_letter_window(h)
+    dups = [m for m, n in delivered.items() if n > 1]
+    dl_dups = [m for m, n in dead.items() if n > 1]
+    deferred_once = sum(
+        1 for m, k in h.kinds.items() if k is Kind.TEMPORARY and h.exchange.attempts[m]
+    )
+    del final
+    return Table(
+        kills=kills,
+        runs=len(h.runs),
+        messages=len(h.kinds),
+        delivered=sum(1 for m in h.kinds if delivered[m] == 1 and m not in upstream),
+        dead_lettered=sum(1 for m in h.kinds if dead[m] == 1 and m not in upstream),
+        deferred_once=deferred_once,
+        still_deferred=len(still),
+        lost=len(lost),
+        duplicates=sum(delivered[m] - 1 for m in dups),
+        duplicates_in_window=window,
+        dead_letter_duplicates=sum(dead[m] - 1 for m in dl_dups),
+        dead_letter_duplicates_in_window=dl_window,
+        seconds=seconds,
+    )
+
+
+def _check_window(h: Harness) -> int:
+    """Every extra delivery is explained by a kill between the 250 and the commit; count them."""
+    by_mid: dict[str, list[Acceptance]] = {}
+    for a in h.exchange.accepted:
+        by_mid.setdefault(a.mid, []).append(a)
+    explained = 0
+    for mid, copies in by_mid.items():
+        for earlier, later in itertools.pairwise(copies):
+            run = h.runs[earlier.run]
+            last_of_run = [a for a in h.exchange.accepted if a.run == earlier.run][-1]
+            assert run.killed, f"{mid}: delivered again after a run that was not killed"
+            assert last_of_run is earlier, f"{mid}: more was accepted after it in run {run.index}"
+            assert run.ledger_after.get(earlier.uidl) != "delivered", (
+                f"{mid}: the ledger had committed it, yet it was sent again"
+            )
+            assert later.ledger_state != "delivered", f"{mid}: sent again although committed"
+            explained += 1
+    return explained
+
+
+def _check_dead_letter_window(h: Harness) -> int:
+    """A second dead letter for one message: the kill fell between its fsync and the commit."""
+    seen: dict[str, int] = {}
+    explained = 0
+    for mid, uidl in h.dead_letters():
+        seen[mid] = seen.get(mid, 0) + 1
+        if seen[mid] > 1:
+            killed_without_row = [
+                r for r in h.runs if r.killed and r.ledger_after.get(uidl) != "dead_lettered"
+            ]
+            assert killed_without_row, f"{mid}: dead-lettered twice without a kill in the window"
+            explained += 1
+    return explained
+
+
+def _report(title: str, table: Table, h: Harness) -> None:
+    kills = [r.how for r in h.runs if r.killed]
+    print(f"\n{title}\n{table.render()}")
+    print(f"  kill instants (first 10): {', '.join(kills[:10])}")
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_at_random_instants_loses_nothing(dovecot: DovecotServer, tmp_path: Path) -> None:
+    """~20 kills (seeded): every message delivered or dead-lettered exactly once, none lost."""
+    table, h = run_harness(dovecot, tmp_path, seed=20261127, kills=20, batch=6)
+    _report("crash harness (quick, seed 20261127)", table, h)
+    assert table.lost == 0
+    assert table.duplicates == table.duplicates_in_window
+    assert table.dead_letter_duplicates == table.dead_letter_duplicates_in_window
+    assert table.still_deferred == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_sigkill_at_random_instants_loses_nothing_long(
+    dovecot: DovecotServer, tmp_path: Path
+) -> None:
+    """The long run: 200+ kills; run with ``pytest -m slow -s``."""
+    table, h = run_harness(dovecot, tmp_path, seed=5, kills=220, batch=10)
+    _report("crash harness (slow, seed 5)", table, h)
+    assert table.lost == 0
+    assert table.duplicates == table.duplicates_in_window
+    assert table.dead_letter_duplicates == table.dead_letter_duplicates_in_window
+    assert table.still_deferred == 0
