@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--connect", action="store_true", help="also log in to each POP3 account and to SMTP"
     )
+    rc = sub.add_parser(
+        "import-fetchmailrc", help="print a config translated from a .fetchmailrc (stdout)"
+    )
+    rc.add_argument("file", metavar="FILE", help="the .fetchmailrc to translate")
     demo = sub.add_parser("demo", help="run the connector against built-in loopback servers")
     demo.add_argument(
         "--state-dir",
@@ -101,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "import-fetchmailrc":
+        from connector.fetchmailrc import main as import_fetchmailrc
+
+        return import_fetchmailrc(Path(args.file))
     if args.command == "demo":
         from connector.demo import run_demo
 
