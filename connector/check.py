@@ -1,13 +1,17 @@
 """``pop3-connector check --connect``: log in everywhere, like the SBS connector's "Test" button.
 
 Each POP3 account: connect, TLS as configured, login, STAT, QUIT (nothing is fetched or deleted).
-SMTP: connect, EHLO, STARTTLS, AUTH, QUIT.  One line per target; exit 1 when any failed.
+SMTP: connect, EHLO, STARTTLS, AUTH, QUIT.  All at once; then one table row per target; exit 1
+when any failed.  The texts are our errors' ``str()``, which never carry a password.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
+from typing import TextIO
 
+from connector.admin import format_table
 from connector.delivery import SmtpDeliverer
 from connector.errors import ConnectorError
 from connector.fetcher import AccountSpec
@@ -20,7 +24,7 @@ async def _check_pop3(spec: AccountSpec) -> str:
         await pop.login(spec.username, spec.password, spec.auth)
         count, octets = await pop.stat()
         await pop.quit()
-    return f"ok: {count} message(s), {octets} bytes waiting"
+    return f"{count} message(s), {octets} bytes waiting"
 
 
 async def _check_smtp(runtime: Runtime) -> str:
@@ -30,36 +34,44 @@ async def _check_smtp(runtime: Runtime) -> str:
         limit = deliverer.max_size
     finally:
         await deliverer.close()
+    auth = ", logged in" if runtime.smtp.username else ""
     size = f", size limit {limit} bytes" if limit else ""
-    return f"ok: accepted our {runtime.smtp.tls} session{size}"
+    return f"session accepted{auth}{size}"
 
 
-async def _guarded(coro: asyncio.Future[str] | asyncio.Task[str]) -> tuple[bool, str]:
+async def _guarded(task: asyncio.Task[str]) -> tuple[bool, str]:
     try:
-        return True, await coro
+        return True, await task
     except ConnectorError as exc:
-        return False, f"FAILED: {exc}"
+        return False, str(exc)
 
 
-async def check_connections(runtime: Runtime) -> int:
-    """Try every connection; print one line each; 0 when all succeeded, else 1."""
-    targets = [
+async def check_connections(runtime: Runtime, out: TextIO | None = None) -> int:
+    """Try every connection at once; print a table; 0 when all succeeded, else 1."""
+    out = out if out is not None else sys.stdout
+    targets: list[tuple[str, str, str, asyncio.Task[str]]] = [
         (
-            f"pop3 {spec.name} ({spec.endpoint.host}:{spec.endpoint.port}, {spec.endpoint.tls})",
-            asyncio.ensure_future(_check_pop3(spec)),
+            f"pop3 {spec.name}",
+            f"{spec.endpoint.host}:{spec.endpoint.port}",
+            str(spec.endpoint.tls),
+            asyncio.create_task(_check_pop3(spec)),
         )
         for spec in runtime.accounts
     ]
+    smtp = runtime.smtp
     targets.append(
         (
-            f"smtp ({runtime.smtp.host}:{runtime.smtp.port}, {runtime.smtp.tls})",
-            asyncio.ensure_future(_check_smtp(runtime)),
+            "smtp",
+            f"{smtp.host}:{smtp.port}",
+            str(smtp.tls),
+            asyncio.create_task(_check_smtp(runtime)),
         )
     )
-    width = max(len(name) for name, _ in targets)
+    rows = []
     all_ok = True
-    for name, fut in targets:
-        ok, text = await _guarded(fut)
+    for name, where, tls, task in targets:
+        ok, text = await _guarded(task)
         all_ok &= ok
-        print(f"{name:<{width}}  {text}")
+        rows.append([name, where, tls, "ok" if ok else "FAILED", text])
+    print(format_table(["TARGET", "ADDRESS", "TLS", "RESULT", "DETAIL"], rows), file=out)
     return 0 if all_ok else 1

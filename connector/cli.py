@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from connector import __version__
-from connector.errors import AlreadyRunningError, ConfigError
+from connector.errors import AlreadyRunningError, ConfigError, DeadLetterError, LedgerError
 
 if TYPE_CHECKING:
+    from connector.config import Settings
     from connector.service import Runtime
 
 EX_OK = 0
@@ -71,6 +72,16 @@ def config_path(args: argparse.Namespace) -> Path:
     return Path(env) if env else DEFAULT_CONFIG
 
 
+def _age(text: str) -> float:
+    """``--older-than``: a duration as in the config (PRODUCT §3)."""
+    from connector.config import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pop3-connector",
@@ -94,6 +105,34 @@ def build_parser() -> argparse.ArgumentParser:
         "import-fetchmailrc", help="print a config translated from a .fetchmailrc (stdout)"
     )
     rc.add_argument("file", metavar="FILE", help="the .fetchmailrc to translate")
+    status = sub.add_parser(
+        "status", help="a table per account: last cycle, result, upstream, deferred, dead letters"
+    )
+    status.add_argument("--json", action="store_true", help="the /status JSON document instead")
+    dl = sub.add_parser("dead-letters", help="inspect, re-deliver and clean the dead letters")
+    dl_sub = dl.add_subparsers(dest="dl_command", required=True, metavar="ACTION")
+    dl_list = dl_sub.add_parser("list", help="every dead letter, oldest first")
+    dl_list.add_argument("--json", action="store_true", help="as JSON")
+    dl_show = dl_sub.add_parser("show", help="print a dead letter as stored")
+    dl_show.add_argument("id", metavar="ID")
+    requeue = dl_sub.add_parser(
+        "requeue", help="deliver a dead letter again (without our headers), once the cause is fixed"
+    )
+    requeue.add_argument("id", metavar="ID")
+    requeue.add_argument(
+        "--to",
+        action="append",
+        metavar="ADDR",
+        help="deliver to ADDR instead of the account's deliver_to (repeatable)",
+    )
+    purge = dl_sub.add_parser("purge", help="remove the dead letters older than AGE")
+    purge.add_argument(
+        "--older-than",
+        required=True,
+        type=_age,
+        metavar="AGE",
+        help='a duration: "30d", "12h", or seconds',
+    )
     demo = sub.add_parser("demo", help="run the connector against built-in loopback servers")
     demo.add_argument(
         "--state-dir",
@@ -155,9 +194,43 @@ def _dispatch(args: argparse.Namespace) -> int:
         case "once":
             return asyncio.run(_once(runtime, args.account))
         case "run":
-            return asyncio.run(_run(runtime))
+            return asyncio.run(_run(runtime, settings, path))
+        case "status" | "dead-letters":
+            try:
+                if args.command == "status":
+                    from connector.admin import status_command
+
+                    return asyncio.run(status_command(runtime, as_json=args.json, out=sys.stdout))
+                return _dead_letters(args, runtime)
+            except (DeadLetterError, LedgerError) as exc:
+                # The store or the ledger failed (permissions, disk): say so, no traceback.
+                print(f"pop3-connector: {exc}", file=sys.stderr)
+                return EX_FAILED
         case _:
             raise AssertionError(args.command)
+
+
+def _dead_letters(args: argparse.Namespace, runtime: Runtime) -> int:
+    from connector import admin
+
+    match args.dl_command:
+        case "list":
+            return asyncio.run(admin.dead_letters_list(runtime, as_json=args.json, out=sys.stdout))
+        case "show":
+            sys.stdout.flush()
+            return asyncio.run(
+                admin.dead_letters_show(runtime, args.id, out=sys.stdout.buffer, err=sys.stderr)
+            )
+        case "requeue":
+            return asyncio.run(
+                admin.dead_letters_requeue(
+                    runtime, args.id, to=args.to, out=sys.stdout, err=sys.stderr
+                )
+            )
+        case "purge":
+            return asyncio.run(admin.dead_letters_purge(runtime, args.older_than, out=sys.stdout))
+        case _:
+            raise AssertionError(args.dl_command)
 
 
 async def _once(runtime: Runtime, names: list[str] | None) -> int:
@@ -180,18 +253,55 @@ async def _once(runtime: Runtime, names: list[str] | None) -> int:
     return EX_OK if all(r.ok for r in results) else EX_FAILED
 
 
-async def _run(runtime: Runtime) -> int:
-    from connector.service import open_service
+async def _run(runtime: Runtime, settings: Settings, path: Path) -> int:
+    from connector.config import load_settings
+    from connector.http import HttpEndpoint
+    from connector.metrics import Metrics
+    from connector.service import build_runtime, open_service
 
-    async with open_service(runtime) as service:
-        service.install_signal_handlers()
-        log.info(
-            "pop3-connector %s running: %d account(s), state in %s",
-            __version__,
-            len(runtime.accounts),
-            runtime.state_dir,
-        )
-        await service.serve()
+    listen = settings.metrics.listen
+
+    def reload() -> None:
+        """SIGHUP: a bad file keeps the old config, and says why, one problem per line."""
+        log.info("received SIGHUP: reloading %s", path)
+        try:
+            new_settings = load_settings(path)
+            new_runtime = build_runtime(new_settings)
+        except ConfigError as exc:
+            log.error("reload failed; keeping the old configuration. %s is invalid:", path)
+            for problem in exc.problems:
+                log.error("  %s", problem)
+            return
+        setup_logging(new_settings.service.log_level, new_settings.service.log_format)
+        if new_settings.metrics.listen != listen:
+            log.warning("reload: metrics.listen changes take effect at the next restart")
+        service.apply_runtime(new_runtime)
+
+    async with open_service(runtime, metrics=Metrics()) as service:
+        endpoint: HttpEndpoint | None = None
+        address = settings.metrics.address
+        if address is not None:
+            endpoint = HttpEndpoint(service)
+            try:
+                await endpoint.start(*address)
+            except OSError as exc:
+                raise ConfigError(
+                    f"metrics.listen: cannot listen on {listen}: {exc.strerror or exc}"
+                ) from None
+            log.info("serving /metrics, /healthz, /status and POST /poll on %s", endpoint.url)
+        try:
+            service.install_signal_handlers(reload=reload)
+            await service.refresh_backlog()
+            log.info(
+                "pop3-connector %s running: %d account(s), state in %s",
+                __version__,
+                len(runtime.accounts),
+                runtime.state_dir,
+            )
+            await service.serve()
+        finally:
+            if endpoint is not None:
+                await endpoint.close()
     log.info("stopped")
     return EX_OK
 

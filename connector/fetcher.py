@@ -97,6 +97,7 @@ class CycleStats:
     skipped: int = 0
     delivered_bytes: int = 0
     stopped_early: bool = False
+    mailbox_known: bool = False  # STAT answered: the mailbox_* fields are real, not defaults
 
     def count(self, outcome: Outcome) -> None:
         match outcome:
@@ -243,6 +244,7 @@ class Cycle:
             await pop.login(acct.username, acct.password, acct.auth)
             count, octets = await pop.stat()
             self.stats.mailbox_messages, self.stats.mailbox_bytes = count, octets
+            self.stats.mailbox_known = True
             listing = await uid_listing(pop, count) if count else []
             known = await self.ledger.sync_listing(
                 acct.name, [uid for _, uid in listing], self.clock()

@@ -8,6 +8,11 @@ run at once (``max_parallel_accounts``); a per-account lock makes two cycles of 
 impossible (the POP3 server would lock the mailbox, or worse, both would deliver).  A failing
 account backs off; only an unknown error (Disposition.BUG) escapes and ends the service, so that
 systemd restarts it and someone reads the traceback.
+
+Reload (SIGHUP): :meth:`Service.apply_runtime` takes a freshly built :class:`Runtime`.  A new
+account gets its loop in the running ``TaskGroup``; a removed one finishes the cycle in flight and
+its loop ends; a changed one uses its new settings from its next cycle on (a cycle reads its
+account's spec once, when it starts, so nothing in flight changes under it).
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from connector.config import Settings, dead_letter_path
 from connector.deadletter.maildir import MaildirStore
@@ -33,12 +39,22 @@ from connector.delivery import SenderPolicy, SmtpDeliverer, SmtpSettings
 from connector.errors import (
     AlreadyRunningError,
     ConfigError,
+    ConnectorError,
     Disposition,
     Pop3AuthError,
     classify,
 )
-from connector.fetcher import AccountSpec, Cycle, CycleObserver, CycleStats, DeliveryPolicy
-from connector.ledger import CycleRecord, Ledger
+from connector.fetcher import (
+    AccountSpec,
+    Cycle,
+    CycleObserver,
+    CycleStats,
+    DeliveryPolicy,
+    LogObserver,
+    Outcome,
+)
+from connector.ledger import AccountStatus, CycleRecord, Ledger
+from connector.metrics import Metrics
 from connector.pop3 import AuthMethod, Pop3Endpoint, TlsMode
 
 log = logging.getLogger(__name__)
@@ -246,6 +262,70 @@ class AccountState:
     failing: bool = False
     last: CycleResult | None = None
     next_poll: float | None = None
+    removed: bool = False  # dropped from the config by a reload: its loop ends after this cycle
+
+
+_SPEC_FIELDS = ("username", "password", "auth", "deliver_to", "max_deferral", "max_message_size")
+
+
+def _spec_key(spec: AccountSpec) -> tuple[object, ...]:
+    """What decides whether a reload changed an account (SSL contexts are rebuilt every time,
+    so the endpoint is compared without its context)."""
+    return (replace(spec.endpoint, ssl_context=None), *(getattr(spec, f) for f in _SPEC_FIELDS))
+
+
+class _Observers:
+    """Tells every observer about a message (the log line, the metrics, a caller's own)."""
+
+    def __init__(self, *observers: CycleObserver) -> None:
+        self.observers = observers
+
+    def message(self, account: str, uidl: str, size: int, outcome: Outcome, response: str) -> None:
+        for observer in self.observers:
+            observer.message(account, uidl, size, outcome, response)
+
+
+def rfc3339(ts: float | None) -> str | None:
+    """Unix time as RFC 3339 UTC (``2026-11-27T15:49:35Z``), or None."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def status_document(
+    names: Iterable[str],
+    rows: Iterable[AccountStatus],
+    dead_letters: dict[str, int],
+    next_poll: dict[str, float | None] | None = None,
+) -> dict[str, Any]:
+    """The ``/status`` and ``status --json`` document (PRODUCT §8).
+
+    ``names`` (the configured accounts) come first, in config order, then accounts the ledger
+    or the dead-letter store still knows (removed from the config).  ``next_poll`` overrides
+    the ledger's value with the scheduler's (SIGUSR1 or a reload may have moved it).
+    """
+    by_name = {row.name: row for row in rows}
+    order = list(dict.fromkeys([*names, *sorted(by_name), *sorted(dead_letters)]))
+    accounts = []
+    for name in order:
+        row = by_name.get(name)
+        poll = row.next_poll if row is not None else None
+        if next_poll is not None and next_poll.get(name) is not None:
+            poll = next_poll[name]
+        accounts.append(
+            {
+                "name": name,
+                "last_cycle_started": rfc3339(row.last_cycle_started if row else None),
+                "last_cycle_finished": rfc3339(row.last_cycle_finished if row else None),
+                "result": row.result if row else None,
+                "last_error": row.last_error if row else None,
+                "mailbox_messages": row.mailbox_messages if row else None,
+                "deferred": row.deferred if row else 0,
+                "dead_letters": dead_letters.get(name, 0),
+                "next_poll": rfc3339(poll),
+            }
+        )
+    return {"accounts": accounts}
 
 
 class Service:
@@ -257,22 +337,36 @@ class Service:
         ledger: Ledger,
         *,
         observer: CycleObserver | None = None,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.runtime = runtime
         self.ledger = ledger
         self.store = MaildirStore(runtime.dead_letter_path)
-        self.observer = observer
+        self.metrics = metrics
+        base = observer if observer is not None else LogObserver()
+        self.observer: CycleObserver = base if metrics is None else _Observers(base, metrics)
         self.clock = clock
         self.stopping = asyncio.Event()
-        self.accounts = {
-            spec.name: AccountState(spec, runtime.intervals[spec.name]) for spec in runtime.accounts
-        }
+        # One lock per account *name*, kept across reloads: an account removed and added back
+        # while its old cycle still runs must not get a second, concurrent cycle.
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.accounts = {spec.name: self._new_state(spec, runtime) for spec in runtime.accounts}
         self._semaphore = asyncio.Semaphore(runtime.max_parallel)
+        self._tg: asyncio.TaskGroup | None = None
+        self.alive = False
+        if metrics is not None:
+            metrics.set_accounts(self.accounts)
+
+    def _new_state(self, spec: AccountSpec, runtime: Runtime) -> AccountState:
+        lock = self._locks.setdefault(spec.name, asyncio.Lock())
+        return AccountState(spec, runtime.intervals[spec.name], lock=lock)
 
     async def run_cycle(self, name: str) -> CycleResult:
         """One cycle of one account; never two of the same account at once."""
-        state = self.accounts[name]
+        return await self._run_state(self.accounts[name])
+
+    async def _run_state(self, state: AccountState) -> CycleResult:
         # The account lock first: a cycle waiting for its account must not hold a parallel slot.
         async with state.lock, self._semaphore:
             result = await self._cycle(state)
@@ -337,6 +431,7 @@ class Service:
             )
             result = CycleResult(spec.name, True, stats, duration)
         state.next_poll = self.clock() + self.delay_after(state, result)
+        known = result.stats.mailbox_known
         await self.ledger.record_cycle(
             spec.name,
             CycleRecord(
@@ -344,12 +439,56 @@ class Service:
                 finished=started + result.duration,
                 result="ok" if result.ok else "failed",
                 error=result.error,
-                mailbox_messages=result.stats.mailbox_messages,
-                mailbox_bytes=result.stats.mailbox_bytes,
+                mailbox_messages=result.stats.mailbox_messages if known else None,
+                mailbox_bytes=result.stats.mailbox_bytes if known else None,
                 next_poll=state.next_poll,
             ),
         )
+        if self.metrics is not None:
+            self.metrics.cycle(
+                spec.name,
+                ok=result.ok,
+                duration=result.duration,
+                stats=result.stats,
+                finished=started + result.duration,
+                failing=state.failing,
+            )
+            await self.refresh_backlog()
         return result
+
+    # -- what the operators see (metrics, /status, /healthz, POST /poll) -----------------------
+
+    async def refresh_backlog(self) -> None:
+        """Set the ``deferred_messages`` and ``dead_letters`` gauges from the ledger and the
+        dead-letter store (which ``dead-letters requeue/purge`` change from outside)."""
+        if self.metrics is None:
+            return
+        try:
+            rows = await self.ledger.account_status()
+            counts = await self.store.count_by_account()
+        except ConnectorError as exc:
+            log.warning("cannot refresh the deferred and dead-letter gauges: %s", exc)
+            return
+        self.metrics.backlog({r.name: r.deferred for r in rows}, counts)
+
+    async def status(self) -> dict[str, Any]:
+        """The ``/status`` document: the ledger's view plus the scheduler's next polls."""
+        rows = await self.ledger.account_status()
+        try:
+            counts = await self.store.count_by_account()
+        except ConnectorError as exc:
+            log.warning("cannot count dead letters: %s", exc)
+            counts = {}
+        polls = {name: state.next_poll for name, state in self.accounts.items()}
+        return status_document(self.accounts, rows, counts, polls)
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus exposition (empty without metrics)."""
+        return self.metrics.render() if self.metrics is not None else b""
+
+    def healthy(self) -> bool:
+        """True while :meth:`serve` runs its scheduler."""
+        return self.alive
 
     def _count_failure(
         self, state: AccountState, exc: Exception, disposition: Disposition
@@ -381,21 +520,33 @@ class Service:
             tasks = [tg.create_task(self.run_cycle(name)) for name in selected]
         return [t.result() for t in tasks]
 
-    def poll_now(self, name: str | None = None) -> None:
-        """Start a cycle now (SIGUSR1, or ``POST /poll``), like SBS's "Retrieve now"."""
-        for state in self.accounts.values():
-            if name is None or state.spec.name == name:
-                state.poll_now.set()
+    def poll_now(self, name: str | None = None) -> list[str]:
+        """Start a cycle now (SIGUSR1, or ``POST /poll``), like SBS's "Retrieve now".
+
+        Returns the accounts woken; an unknown ``name`` raises KeyError.  An account in a
+        cycle polls again right after it.
+        """
+        if name is not None and name not in self.accounts:
+            raise KeyError(name)
+        woken = [n for n in self.accounts if name is None or n == name]
+        for n in woken:
+            self.accounts[n].poll_now.set()
+        return woken
 
     async def _account_loop(self, state: AccountState) -> None:
-        while not self.stopping.is_set():
+        while not self.stopping.is_set() and not state.removed:
             state.poll_now.clear()
-            result = await self.run_cycle(state.spec.name)
+            result = await self._run_state(state)
             delay = (state.next_poll or self.clock()) - self.clock()
-            if self.stopping.is_set():
+            if self.stopping.is_set() or state.removed:
                 return
             log.debug("account=%s next poll in %.0fs (ok=%s)", state.spec.name, delay, result.ok)
             await _wait_any((self.stopping, state.poll_now), max(delay, 0.0))
+
+    def _start_loop(self, state: AccountState) -> None:
+        if self._tg is None:
+            return  # not serving (``once``): nothing to start
+        self._tg.create_task(self._account_loop(state), name=f"account-{state.spec.name}")
 
     async def serve(self) -> None:
         """Poll every account on its interval until ``stopping`` is set, then stop gracefully.
@@ -407,11 +558,16 @@ class Service:
 
         async def loops() -> None:
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                # Keeps the group open without accounts (none configured, or all removed by a
+                # reload), so that a reload can still add some.
+                tg.create_task(self.stopping.wait(), name="keeper")
                 for state in self.accounts.values():
-                    tg.create_task(self._account_loop(state), name=f"account-{state.spec.name}")
+                    self._start_loop(state)
 
         loops_task = asyncio.create_task(loops(), name="accounts")
         stop_task = asyncio.create_task(self.stopping.wait(), name="stopping")
+        self.alive = True
         try:
             await asyncio.wait({loops_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
             if not loops_task.done():
@@ -423,19 +579,67 @@ class Service:
             if loops_task.done():
                 loops_task.result()  # re-raise a BUG from an account loop
         finally:
+            self.alive = False
+            self._tg = None
             stop_task.cancel()
             if not loops_task.done():
                 loops_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await loops_task
 
-    def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT stop gracefully; SIGUSR1 polls every account now (PRODUCT §4)."""
+    def apply_runtime(self, new: Runtime) -> None:
+        """Take a reloaded config (SIGHUP) without disturbing a cycle in flight.
+
+        New accounts start polling now; removed ones stop after their cycle in flight; changed
+        ones use the new settings from their next cycle (a failing one is polled at once: the
+        change may be the fix).  SMTP and service settings apply to the cycles started from
+        now on.  ``state_dir`` and the dead-letter path need a restart: the ledger and the
+        store stay open where they are.
+        """
+        old = self.runtime
+        if (new.state_dir, new.dead_letter_path) != (old.state_dir, old.dead_letter_path):
+            log.warning(
+                "reload: state_dir and dead_letter.path changes take effect at the next restart"
+            )
+            new = replace(new, state_dir=old.state_dir, dead_letter_path=old.dead_letter_path)
+        if new.max_parallel != old.max_parallel:
+            # Cycles in flight keep the old semaphore; new ones queue on the new one.
+            self._semaphore = asyncio.Semaphore(new.max_parallel)
+        self.runtime = new
+        specs = {spec.name: spec for spec in new.accounts}
+        for name in list(self.accounts):
+            if name not in specs:
+                state = self.accounts.pop(name)
+                state.removed = True
+                state.poll_now.set()  # wake its loop so that it ends (after a cycle in flight)
+                log.info("reload: account=%s removed", name)
+        for name, spec in specs.items():
+            current = self.accounts.get(name)
+            if current is None:
+                added = self.accounts[name] = self._new_state(spec, new)
+                log.info("reload: account=%s added", name)
+                self._start_loop(added)
+                continue
+            interval = new.intervals[name]
+            if _spec_key(spec) != _spec_key(current.spec) or interval != current.interval:
+                current.spec, current.interval = spec, interval
+                log.info("reload: account=%s changed; applies from its next cycle", name)
+                if current.failing:
+                    current.poll_now.set()
+        if self.metrics is not None:
+            self.metrics.set_accounts(self.accounts)
+        log.info("configuration reloaded: %d account(s)", len(self.accounts))
+
+    def install_signal_handlers(self, *, reload: Callable[[], None] | None = None) -> None:
+        """SIGTERM/SIGINT stop gracefully; SIGUSR1 polls every account now; SIGHUP calls
+        ``reload`` (PRODUCT §4)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         if hasattr(signal, "SIGUSR1"):
             loop.add_signal_handler(signal.SIGUSR1, self.poll_now)
+        if reload is not None and hasattr(signal, "SIGHUP"):
+            loop.add_signal_handler(signal.SIGHUP, reload)
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         log.info("received %s", sig.name)
@@ -455,12 +659,12 @@ async def _wait_any(events: Iterable[asyncio.Event], seconds: float) -> None:
 
 @contextlib.asynccontextmanager
 async def open_service(
-    runtime: Runtime, *, observer: CycleObserver | None = None
+    runtime: Runtime, *, observer: CycleObserver | None = None, metrics: Metrics | None = None
 ) -> AsyncIterator[Service]:
     """Lock the state directory, open the ledger, and yield a :class:`Service`."""
     with StateLock(runtime.state_dir):
         ledger = await Ledger.open(runtime.ledger_path)
         try:
-            yield Service(runtime, ledger, observer=observer)
+            yield Service(runtime, ledger, observer=observer, metrics=metrics)
         finally:
             await ledger.close()
