@@ -23,16 +23,16 @@ from datetime import UTC, datetime
 from typing import Any, BinaryIO, TextIO
 
 from connector.deadletter import (
+    DeadLetterArchive,
     DeadLetterInfo,
     DeadLetterRecord,
     parse_dead_letter_headers,
     strip_dead_letter_headers,
 )
-from connector.deadletter.maildir import MaildirStore
 from connector.delivery import Envelope, SmtpDeliverer, envelope_sender
 from connector.errors import DeliveryError, LedgerError
 from connector.ledger import AccountStatus, Ledger
-from connector.service import SMTP_TRANSCRIPT, Runtime, rfc3339, status_document
+from connector.service import SMTP_TRANSCRIPT, Runtime, open_store, rfc3339, status_document
 
 __all__ = [
     "dead_letters_list",
@@ -85,7 +85,7 @@ async def _ledger_rows(runtime: Runtime) -> list[AccountStatus]:
 async def status_command(runtime: Runtime, *, as_json: bool, out: TextIO) -> int:
     """Print a table (or the ``/status`` JSON) per account, from the ledger and the store."""
     rows = await _ledger_rows(runtime)
-    counts = await MaildirStore(runtime.dead_letter_path).count_by_account()
+    counts = await open_store(runtime).count_by_account()
     doc = status_document([spec.name for spec in runtime.accounts], rows, counts)
     if as_json:
         print(json.dumps(doc, indent=2, ensure_ascii=False), file=out)
@@ -136,12 +136,12 @@ def _record_json(r: DeadLetterRecord) -> dict[str, Any]:
 
 async def dead_letters_list(runtime: Runtime, *, as_json: bool, out: TextIO) -> int:
     """Every dead letter, oldest first: id, account, when, stage, size, the refusal."""
-    records = await MaildirStore(runtime.dead_letter_path).list()
+    records = await open_store(runtime).list()
     if as_json:
         print(json.dumps({"dead_letters": [_record_json(r) for r in records]}, indent=2), file=out)
         return EX_OK
     if not records:
-        print(f"no dead letters in {runtime.dead_letter_path}", file=out)
+        print(f"no dead letters in {runtime.dead_letter_where}", file=out)
         return EX_OK
     rows = [
         [
@@ -162,7 +162,7 @@ async def dead_letters_list(runtime: Runtime, *, as_json: bool, out: TextIO) -> 
 async def dead_letters_show(runtime: Runtime, dl_id: str, *, out: BinaryIO, err: TextIO) -> int:
     """Write the stored message (our header lines, then the original) to ``out``."""
     try:
-        data = await MaildirStore(runtime.dead_letter_path).get(dl_id)
+        data = await open_store(runtime).get(dl_id)
     except KeyError:
         print(f"pop3-connector: no dead letter {dl_id!r}", file=err)
         return EX_FAILED
@@ -175,7 +175,7 @@ async def dead_letters_purge(
     runtime: Runtime, older_than: float, *, out: TextIO, now: float | None = None
 ) -> int:
     """Remove the dead letters that failed more than ``older_than`` seconds ago."""
-    store = MaildirStore(runtime.dead_letter_path)
+    store = open_store(runtime)
     cutoff = (time.time() if now is None else now) - older_than
     removed = 0
     for record in await store.list():
@@ -206,7 +206,7 @@ async def dead_letters_requeue(
     now: float | None = None,
 ) -> int:
     """Deliver a dead letter again (see the module docstring).  0 delivered, 1 otherwise."""
-    store = MaildirStore(runtime.dead_letter_path)
+    store = open_store(runtime)
     try:
         stored = await store.get(dl_id)
     except KeyError:
@@ -287,7 +287,7 @@ async def _record(
 
 async def _refused_again(
     runtime: Runtime,
-    store: MaildirStore,
+    store: DeadLetterArchive,
     dl_id: str,
     info: DeadLetterInfo,
     original: bytes,

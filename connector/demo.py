@@ -167,6 +167,7 @@ async def run_demo(state_dir: Path | None = None) -> int:
                     label = e.outcome.replace("_", "-")
                     print(f"  {label:<14} {subjects.get(e.uidl, e.uidl)[:32]:<32} {e.response}")
             dead = await service.store.list()
+            first = await service.store.get(dead[0].id) if dead else b""
         left = len(pop3.mailboxes.get(USER, []))
         print(
             f"\nExchange received {len(sink.messages)} messages; {len(dead)} are in the "
@@ -176,17 +177,15 @@ async def run_demo(state_dir: Path | None = None) -> int:
             f"Cycle 2 downloaded {retrs[1]} message(s): the greylisted one. The refused ones were "
             "dead-lettered and deleted upstream in cycle 1, so they cost nothing again."
         )
-        print(f"\nDead letters (a Maildir any mail client can open): {runtime.dead_letter_path}")
+        print(f"\nDead letters (a Maildir any mail client can open): {runtime.dead_letter_where}")
         for d in dead:
             print(f"  {d.id}  stage={d.stage:<5} {d.response}")
         if dead:
-            first = next(runtime.dead_letter_path.glob("new/*"), None)
-            if first is not None:
-                print(f"\nThe header lines added at the top of {first.name}:")
-                for line in first.read_bytes().split(b"\r\n"):
-                    if not line.startswith(b"X-POP3-Connector-"):
-                        break
-                    print(f"  {line.decode()}")
+            print(f"\nThe header lines added at the top of {dead[0].id}:")
+            for line in first.split(b"\r\n"):
+                if not line.startswith(b"X-POP3-Connector-"):
+                    break
+                print(f"  {line.decode()}")
         print(f"\nConfig used: {config}\nLedger:      {runtime.ledger_path}")
         print(f"See the effective config: pop3-connector --config {config} check")
         ok = all(r.ok for r in results) and left == 0

@@ -33,7 +33,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from connector.config import Settings, dead_letter_path
+from connector.config import ImapDeadLetter, Settings, dead_letter_path
+from connector.deadletter import DeadLetterArchive
+from connector.deadletter.imap import ImapStore
 from connector.deadletter.maildir import MaildirStore
 from connector.delivery import SenderPolicy, SmtpDeliverer, SmtpSettings
 from connector.errors import (
@@ -89,6 +91,19 @@ def make_ssl_context(verify: bool, ca_file: Path | None, where: str) -> ssl.SSLC
 
 
 @dataclass(frozen=True, slots=True)
+class ImapStoreSpec:
+    """Where the IMAP dead-letter store appends (``[dead_letter] store = "imap"``)."""
+
+    host: str
+    port: int
+    tls: TlsMode
+    ssl_context: ssl.SSLContext | None = field(compare=False)
+    username: str
+    password: str = field(repr=False)
+    folder: str
+
+
+@dataclass(frozen=True, slots=True)
 class Runtime:
     """The config, turned into what the code below the composition root takes."""
 
@@ -97,14 +112,41 @@ class Runtime:
     smtp: SmtpSettings
     policy: DeliveryPolicy
     state_dir: Path
-    dead_letter_path: Path
+    dead_letter_path: Path | None  # the Maildir store; None with the IMAP store
     max_parallel: int
     shutdown_grace: float
     transcripts: bool
+    imap_store: ImapStoreSpec | None = None
 
     @property
     def ledger_path(self) -> Path:
         return self.state_dir / "ledger.sqlite3"
+
+    @property
+    def dead_letter_where(self) -> str:
+        """The dead-letter store for humans: a path, or imap://user@host:port/folder."""
+        if self.imap_store is not None:
+            s = self.imap_store
+            return f"imap://{s.username}@{s.host}:{s.port}/{s.folder}"
+        return str(self.dead_letter_path)
+
+
+def open_store(runtime: Runtime) -> DeadLetterArchive:
+    """The configured dead-letter store: the Maildir (default) or an IMAP folder."""
+    spec = runtime.imap_store
+    if spec is not None:
+        return ImapStore(
+            spec.host,
+            spec.port,
+            spec.tls,
+            spec.ssl_context,
+            spec.username,
+            spec.password,
+            spec.folder,
+        )
+    if runtime.dead_letter_path is None:  # build_runtime sets one or the other
+        raise ConfigError("dead_letter: neither a Maildir path nor an IMAP store is configured")
+    return MaildirStore(runtime.dead_letter_path)
 
 
 def build_runtime(settings: Settings) -> Runtime:
@@ -160,20 +202,32 @@ def build_runtime(settings: Settings) -> Runtime:
         )
         intervals[acct.name] = settings.poll_interval_of(acct)
     state_dir = settings.service.state_dir
-    dl_path = dead_letter_path(settings)
-    if dl_path is None:
-        # TODO(issue 6): the IMAP dead-letter store.
-        raise ConfigError('dead_letter.store: only "maildir" is implemented in this version')
+    dl = settings.dead_letter
+    imap: ImapStoreSpec | None = None
+    if isinstance(dl, ImapDeadLetter):
+        imap_tls = TlsMode(dl.tls)
+        imap = ImapStoreSpec(
+            host=dl.host,
+            port=dl.effective_port,
+            tls=imap_tls,
+            ssl_context=None
+            if imap_tls is TlsMode.NONE
+            else make_ssl_context(dl.verify_certificate, dl.ca_file, "dead_letter"),
+            username=dl.username or "",
+            password=dl.secret() or "",
+            folder=dl.folder,
+        )
     return Runtime(
         accounts=tuple(accounts),
         intervals=intervals,
         smtp=smtp,
         policy=policy,
         state_dir=state_dir,
-        dead_letter_path=dl_path,
+        dead_letter_path=dead_letter_path(settings),
         max_parallel=settings.service.max_parallel_accounts,
         shutdown_grace=settings.service.shutdown_grace,
         transcripts=settings.service.log_level == "debug",
+        imap_store=imap,
     )
 
 
@@ -342,7 +396,7 @@ class Service:
     ) -> None:
         self.runtime = runtime
         self.ledger = ledger
-        self.store = MaildirStore(runtime.dead_letter_path)
+        self.store = open_store(runtime)
         self.metrics = metrics
         base = observer if observer is not None else LogObserver()
         self.observer: CycleObserver = base if metrics is None else _Observers(base, metrics)
@@ -597,11 +651,17 @@ class Service:
         store stay open where they are.
         """
         old = self.runtime
-        if (new.state_dir, new.dead_letter_path) != (old.state_dir, old.dead_letter_path):
+        where = (new.state_dir, new.dead_letter_path, new.imap_store)
+        if where != (old.state_dir, old.dead_letter_path, old.imap_store):
             log.warning(
-                "reload: state_dir and dead_letter.path changes take effect at the next restart"
+                "reload: state_dir and [dead_letter] changes take effect at the next restart"
             )
-            new = replace(new, state_dir=old.state_dir, dead_letter_path=old.dead_letter_path)
+            new = replace(
+                new,
+                state_dir=old.state_dir,
+                dead_letter_path=old.dead_letter_path,
+                imap_store=old.imap_store,
+            )
         if new.max_parallel != old.max_parallel:
             # Cycles in flight keep the old semaphore; new ones queue on the new one.
             self._semaphore = asyncio.Semaphore(new.max_parallel)
@@ -635,7 +695,17 @@ class Service:
         ``reload`` (PRODUCT §4)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+            try:
+                loop.add_signal_handler(sig, self._on_stop_signal, sig)
+            except NotImplementedError:
+                # Windows' event loops have no add_signal_handler; service wrappers (WinSW,
+                # NSSM) stop a program with Ctrl+C, which Python delivers as SIGINT.
+                signal.signal(
+                    sig,
+                    lambda signum, _frame: loop.call_soon_threadsafe(
+                        self._on_stop_signal, signal.Signals(signum)
+                    ),
+                )
         if hasattr(signal, "SIGUSR1"):
             loop.add_signal_handler(signal.SIGUSR1, self.poll_now)
         if reload is not None and hasattr(signal, "SIGHUP"):

@@ -71,6 +71,7 @@ def write_config(
     smtp_extra: str = "",
     account_extra: str = "",
     service_extra: str = "",
+    dead_letter: str = "",
 ) -> Path:
     port = {"none": dovecot.ports["pop3"], "starttls": dovecot.ports["pop3"]}.get(
         tls, dovecot.ports["pop3s"]
@@ -99,6 +100,7 @@ username = "{user}"
 password = "{password}"
 deliver_to = ["info@firma.test"]
 {account_extra}
+{dead_letter}
 """
     )
     path.chmod(0o600)
