@@ -83,6 +83,9 @@ state_dir = "{state_dir}"
 log_level = "info"
 {service_extra}
 
+[metrics]
+listen = "127.0.0.1:0"  # never the default 9469: tests and a real service may run side by side
+
 [smtp]
 host = "127.0.0.1"
 port = {smtp_port}
