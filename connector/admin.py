@@ -30,7 +30,7 @@ from connector.deadletter import (
     strip_dead_letter_headers,
 )
 from connector.delivery import Envelope, SmtpDeliverer, envelope_sender
-from connector.errors import DeliveryError, LedgerError
+from connector.errors import DeliveryError, Disposition, LedgerError, classify
 from connector.ledger import AccountStatus, Ledger
 from connector.service import SMTP_TRANSCRIPT, Runtime, open_store, rfc3339, status_document
 
@@ -295,8 +295,9 @@ async def _refused_again(
     err: TextIO,
     now: float | None,
 ) -> int:
-    if exc.stage.is_setup:
-        # Our own setup failed (connect, TLS, AUTH): nothing was said about this message.
+    if exc.stage.is_setup or classify(exc) is not Disposition.DEAD_LETTER:
+        # Our own setup failed (connect, TLS, AUTH, a refused --to), or the refusal was only
+        # temporary: nothing final was said about this message, so its recorded reason stays.
         print(f"pop3-connector: {dl_id} not delivered, unchanged: {exc}", file=err)
         return EX_FAILED
     when = time.time() if now is None else now

@@ -90,6 +90,9 @@ MASK: Final = "********"
 _ERROR_TYPE: Final = "config"
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _problem(detail: str, key: str | None = None) -> PydanticCustomError:
     return PydanticCustomError(_ERROR_TYPE, "{detail}", {"detail": detail, "key": key})
 
@@ -186,6 +189,13 @@ def _account_name(value: str) -> str:
     # The name goes into log lines, metric labels and file names: keep it to safe characters.
     if not _NAME_RE.fullmatch(value) or value in {".", ".."}:
         raise _problem("use 1-64 characters: letters, digits, '.', '_', '-' or '@'")
+    return value
+
+
+def _pop3_username(value: str) -> str:
+    # RFC 1939 §3: arguments are separated by single spaces, so a POP3 user name has none.
+    if not value or _CONTROL.search(value) or " " in value:
+        raise _problem("must be non-empty, without spaces or control characters (RFC 1939 §3)")
     return value
 
 
@@ -352,7 +362,14 @@ class _Endpoint(_Secretful):
         return self._default_ports[self.tls]
 
     def _finished(self) -> dict[str, Any]:
-        return {"port": self.effective_port, "password": self._resolved_password()}
+        password = self._resolved_password()
+        if password is not None and _CONTROL.search(password.get_secret_value()):
+            # A line break would end the PASS/AUTH command early (RFC 1939 §3): refuse it here,
+            # naming the key, rather than fail at login every cycle.
+            raise _problem(
+                "must not contain a line break, NUL or other control character", "password"
+            )
+        return {"port": self.effective_port, "password": password}
 
     # Set once the derived values are in: pydantic runs "after" validators again when an
     # instance is validated (Settings(accounts=[AccountConfig(...)])), and a resolved password
@@ -468,7 +485,7 @@ class AccountConfig(_Endpoint):
 
     name: Annotated[str, AfterValidator(_account_name)]
     tls: Literal["implicit", "starttls", "none"] = "implicit"
-    username: str = Field(min_length=1)
+    username: Annotated[str, AfterValidator(_pop3_username)]
     auth: Literal["auto", "user", "apop", "plain"] = "auto"
     deliver_to: list[Address] = Field(min_length=1)
     # None before loading; load_settings fills in service.poll_interval.

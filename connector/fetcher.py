@@ -179,27 +179,46 @@ def trace_header(
     )
 
 
-def header_digest(headers: bytes) -> str:
-    """A stand-in UIDL for servers without UIDL: a digest of the header block (TOP n 0).
+def header_digest(data: bytes, size: int | None = None) -> str:
+    """A stand-in UIDL for servers without UIDL: a digest of the header block (TOP n 0) and
+    the message's size, or of the whole message when headers and size are not unique."""
+    digest = hashlib.sha256(data)
+    if size is not None:
+        digest.update(b"\0%d" % size)
+    return "sha256:" + digest.hexdigest()[:40]
 
-    Two messages with byte-identical headers would collide; the caller adds an ordinal then.
+
+async def uid_listing(pop: Pop3Client, count: int, sizes: dict[int, int]) -> list[tuple[int, str]]:
+    """(number, uid) of every message: UIDL (RFC 1939 §7), or digests on a server without it.
+
+    An identifier must never depend on which other messages are in the mailbox: the ledger
+    would then take one message for another, and delete one that was never delivered.  So
+    messages whose headers and size are alike are told apart by a digest of their whole bytes;
+    only byte-identical copies share one, and are numbered (one copy delivered stands for all).
     """
-    return "sha256:" + hashlib.sha256(headers).hexdigest()[:40]
-
-
-async def uid_listing(pop: Pop3Client, count: int) -> list[tuple[int, str]]:
-    """(number, uid) of every message: UIDL (RFC 1939 §7), or header digests without it."""
     try:
         return await pop.uidl()
-    except Pop3ResponseError:
-        log.warning("server has no UIDL; identifying messages by a digest of their headers")
-    listing: list[tuple[int, str]] = []
-    seen: dict[str, int] = {}
+    except Pop3ResponseError as exc:
+        # RFC 1939 §7: UIDL is optional, and only a server that lacks it gets the fallback.  A
+        # response code ([SYS/TEMP], [IN-USE]) or UIDL in CAPA means "later": falling back then
+        # would give every message a new identity and deliver it all again.
+        if exc.resp_code is not None or "UIDL" in pop.capabilities:
+            raise
+        log.warning("server has no UIDL; identifying messages by digests of their content")
+    groups: dict[str, list[int]] = {}
     for n in range(1, count + 1):
-        uid = header_digest(await pop.top(n, 0))
-        seen[uid] = seen.get(uid, 0) + 1
-        listing.append((n, uid if seen[uid] == 1 else f"{uid}#{seen[uid]}"))
-    return listing
+        groups.setdefault(header_digest(await pop.top(n, 0), sizes.get(n)), []).append(n)
+    listing: list[tuple[int, str]] = []
+    for uid, numbers in groups.items():
+        if len(numbers) == 1:
+            listing.append((numbers[0], uid))
+            continue
+        seen: dict[str, int] = {}
+        for n in numbers:
+            full = header_digest(await pop.retr(n))
+            seen[full] = seen.get(full, 0) + 1
+            listing.append((n, full if seen[full] == 1 else f"{full}#{seen[full]}"))
+    return sorted(listing)
 
 
 class Cycle:
@@ -245,13 +264,14 @@ class Cycle:
             count, octets = await pop.stat()
             self.stats.mailbox_messages, self.stats.mailbox_bytes = count, octets
             self.stats.mailbox_known = True
-            listing = await uid_listing(pop, count) if count else []
+            sizes = dict(await pop.list()) if count else {}
+            listing = await uid_listing(pop, count, sizes) if count else []
             known = await self.ledger.sync_listing(
                 acct.name, [uid for _, uid in listing], self.clock()
             )
             stopped: CycleStopped | None = None
             try:
-                await self._process(pop, listing, known)
+                await self._process(pop, listing, known, sizes)
             except CycleStopped as exc:
                 stopped = exc
             # QUIT even after a stop: every DELE sent so far follows a committed ledger row.
@@ -261,12 +281,27 @@ class Cycle:
         return self.stats
 
     async def _process(
-        self, pop: Pop3Client, listing: list[tuple[int, str]], known: dict[str, LedgerEntry]
+        self,
+        pop: Pop3Client,
+        listing: list[tuple[int, str]],
+        known: dict[str, LedgerEntry],
+        sizes: dict[int, int],
     ) -> None:
         acct = self.account
         todo: list[tuple[int, str]] = []
         for number, uid in listing:
             entry = known.get(uid)
+            if sizes.get(number, 0) > acct.max_message_size:
+                # Fetching it would exceed our cap and fail every cycle at this message, so the
+                # mail behind it would never come.  Leave it upstream and say so.
+                log.warning(
+                    "account=%s uidl=%s size=%d exceeds the limit of %d octets: left upstream",
+                    acct.name,
+                    uid,
+                    sizes[number],
+                    acct.max_message_size,
+                )
+                continue
             if entry is not None and entry.state is not MessageState.DEFERRED:
                 # PRODUCT §5.1: done before; only DELE, never SMTP again.
                 await pop.dele(number)
@@ -281,14 +316,14 @@ class Cycle:
         uids = dict(todo)
         try:
             async for number, raw in pop.retr_many([n for n, _ in todo]):
+                if self.stopping.is_set():
+                    # Stop between messages, never inside one (STYLE §4); this one waits.
+                    self.stats.stopped_early = True
+                    break
                 outcome = await self._handle(
                     pop, number, uids[number], raw, known.get(uids[number])
                 )
                 self.stats.count(outcome)
-                if self.stopping.is_set():
-                    # Stop between messages, never inside one (STYLE §4).
-                    self.stats.stopped_early = True
-                    break
         finally:
             await self.deliverer.close()
 
@@ -371,7 +406,9 @@ class Cycle:
             failed_at=datetime.fromtimestamp(self.clock(), UTC),
         )
         try:
-            dl_id = await self.store.put(raw, info)
+            # Shielded like the ledger writes: a shutdown must not leave a stored dead letter
+            # unrecorded (it would be stored again next cycle).
+            dl_id = await asyncio.shield(self.store.put(raw, info))
             await asyncio.shield(
                 self.ledger.record_dead_lettered(
                     acct.name, uid, len(raw), response, self.clock(), dead_letter_id=dl_id

@@ -144,12 +144,13 @@ class HttpEndpoint:
             pass  # the client went away or stalled; nothing to answer
         except Exception:
             log.exception("HTTP endpoint: unexpected error")
-            with contextlib.suppress(ConnectionError):
+            with contextlib.suppress(ConnectionError, TimeoutError):
                 await self._write(writer, _text(HTTPStatus.INTERNAL_SERVER_ERROR))
         finally:
             writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await writer.wait_closed()
+            with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    await writer.wait_closed()
             if task is not None:
                 self._clients.discard(task)
 
@@ -224,4 +225,6 @@ class HttpEndpoint:
         if response.allow is not None:
             head.append(f"Allow: {response.allow}")
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + response.body)
-        await writer.drain()
+        # A client that never reads must not hold a task and a socket until shutdown.
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            await writer.drain()

@@ -423,6 +423,11 @@ class Service:
     async def _run_state(self, state: AccountState) -> CycleResult:
         # The account lock first: a cycle waiting for its account must not hold a parallel slot.
         async with state.lock, self._semaphore:
+            if self.stopping.is_set():
+                # Queued behind others when SIGTERM came: do not start a session now.
+                return CycleResult(
+                    state.spec.name, False, CycleStats(), 0.0, "not started: stopping"
+                )
             result = await self._cycle(state)
         state.last = result
         return result
@@ -486,18 +491,23 @@ class Service:
             result = CycleResult(spec.name, True, stats, duration)
         state.next_poll = self.clock() + self.delay_after(state, result)
         known = result.stats.mailbox_known
-        await self.ledger.record_cycle(
-            spec.name,
-            CycleRecord(
-                started=started,
-                finished=started + result.duration,
-                result="ok" if result.ok else "failed",
-                error=result.error,
-                mailbox_messages=result.stats.mailbox_messages if known else None,
-                mailbox_bytes=result.stats.mailbox_bytes if known else None,
-                next_poll=state.next_poll,
-            ),
-        )
+        try:
+            await self.ledger.record_cycle(
+                spec.name,
+                CycleRecord(
+                    started=started,
+                    finished=started + result.duration,
+                    result="ok" if result.ok else "failed",
+                    error=result.error,
+                    mailbox_messages=result.stats.mailbox_messages if known else None,
+                    mailbox_bytes=result.stats.mailbox_bytes if known else None,
+                    next_poll=state.next_poll,
+                ),
+            )
+        except ConnectorError as exc:
+            # The bookkeeping for `status` failed (a full disk, say); the cycle's own outcome
+            # stands and the scheduler goes on.  Stopping every account would help nobody.
+            log.error("account=%s cannot record the cycle in the ledger: %s", spec.name, exc)
         if self.metrics is not None:
             self.metrics.cycle(
                 spec.name,

@@ -113,7 +113,16 @@ def test_requeue_to_another_address_and_smtp_down_leaves_it_unchanged(
     assert "unchanged" in capsys.readouterr().err
     assert [r["id"] for r in dead_letter_ids(s, capsys)] == [dl_id]
 
+    # A temporary refusal says nothing final either: the original reason stays on record.
     s.config.write_text(good_config)
+    s.sink.handler.rule = lambda stage, env, data: (
+        "451 4.3.0 Try later" if stage == "data" else None
+    )
+    assert s.run("dead-letters", "requeue", dl_id) == 1
+    assert "unchanged" in capsys.readouterr().err
+    (kept,) = dead_letter_ids(s, capsys)
+    assert (kept["id"], kept["response"]) == (dl_id, "554 5.1.0 Sender denied")
+
     s.sink.handler.rule = None
     assert s.run("dead-letters", "requeue", dl_id, "--to", "postmaster@firma.test") == 0
     (got,) = s.received()

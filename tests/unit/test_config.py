@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -798,3 +799,23 @@ def test_models_can_be_built_directly(monkeypatch: pytest.MonkeyPatch) -> None:
     s = Settings(smtp=smtp, accounts=[a])
     assert s.accounts[0].poll_interval == 900.0
     assert dead_letter_path(s) == Path("/var/lib/pop3-connector/dead-letters")
+
+
+# --------------------------------------------------------------------------------------------
+# What POP3 cannot carry: refused at load time, not at every login
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("username", ["info firma", "info\tfirma", "in\x00fo"])
+def test_pop3_username_without_spaces_or_controls(tmp_path: Path, username: str) -> None:
+    text = SMTP + ACCOUNT.replace('"info@firma.example"', json.dumps(username))
+    assert [p.split(":")[0] for p in problems(tmp_path, text)] == ["accounts[0].username"]
+
+
+def test_password_with_a_line_break_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    secret_file = tmp_path / "pw"
+    secret_file.write_text(f"{SECRET}\nsecond line\n")
+    text = SMTP + ACCOUNT.replace(f'password = "{SECRET}"', f'password_file = "{secret_file}"')
+    (problem,) = problems(tmp_path, text)
+    assert problem.startswith("accounts[0].password: must not contain a line break")
+    assert "second line" not in problem

@@ -6,6 +6,7 @@ also lack UIDL, lock the mailbox or refuse logins in the ways a test needs.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -159,17 +160,66 @@ async def test_refused_mail_costs_nothing_on_the_next_cycle(tmp_path: Path) -> N
         assert rig.pop.commands.count("RETR") == 1
 
 
-async def test_server_without_uidl_falls_back_to_header_digests(tmp_path: Path) -> None:
+async def test_server_without_uidl_falls_back_to_digests(tmp_path: Path) -> None:
     async for rig in make_rig(tmp_path, uidl=False):
         rig.pop.add_message(USER, mail(1))
-        rig.pop.add_message(USER, mail(1))  # identical headers: must still be told apart
+        rig.pop.add_message(USER, mail(1))  # byte-identical copies: numbered
+        rig.pop.add_message(USER, mail(2))
         rec = Recorder()
         await (await rig.cycle(rec)).run()
         uids = [u for u, _, _ in rec.events]
-        headers = mail(1).split(b"\r\n\r\n")[0] + b"\r\n\r\n"  # what TOP n 0 returns
-        assert uids[0] == header_digest(headers)
+        assert uids[0] == header_digest(mail(1))
         assert uids[1] == uids[0] + "#2"
-        assert len(rig.sink.messages) == 2
+        headers = mail(2).split(b"\r\n\r\n")[0] + b"\r\n\r\n"  # what TOP n 0 returns
+        assert uids[2] == header_digest(headers, len(mail(2)))
+        assert len(rig.sink.messages) == 3
+
+
+async def test_without_uidl_an_identity_never_depends_on_the_other_messages(
+    tmp_path: Path,
+) -> None:
+    """Same headers, different bodies: one delivered, one deferred.  Alone in the mailbox next
+    cycle, the deferred one must not be taken for the delivered one (and deleted unseen)."""
+
+    def defer_b(stage: str, sender: str, rcpts: list[str], data: bytes | None) -> str | None:
+        return "451 4.7.1 later" if stage == "data" and data and b"BBBB" in data else None
+
+    async for rig in make_rig(tmp_path, defer_b, uidl=False):
+        head = b"Return-Path: <a@customer.example>\r\nSubject: same\r\n\r\n"
+        rig.pop.add_message(USER, head + b"AAAA\r\n")
+        rig.pop.add_message(USER, head + b"BBBB\r\n")
+        stats = await (await rig.cycle()).run()
+        assert (stats.delivered, stats.deferred) == (1, 1)
+        stats = await (await rig.cycle()).run()
+        assert stats.skipped == 0
+        assert stats.deferred == 1
+        assert rig.pop.mailboxes[USER] == [head + b"BBBB\r\n"]
+
+
+async def test_a_temporary_uidl_error_is_not_taken_for_a_missing_uidl(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig.pop.add_message(USER, mail(1))
+
+    async def busy(self: object) -> list[tuple[int, str]]:
+        raise Pop3ResponseError("UIDL", "try later", "SYS/TEMP")
+
+    monkeypatch.setattr("connector.pop3.client.Pop3Client.uidl", busy)
+    with pytest.raises(Pop3ResponseError):
+        await (await rig.cycle()).run()
+    assert rig.sink.messages == []
+
+
+async def test_a_message_over_the_size_limit_is_left_upstream_and_the_rest_flows(
+    rig: Rig,
+) -> None:
+    rig.pop.add_message(USER, mail(1))
+    rig.pop.add_message(USER, mail(2, "a@customer.example") + b"x" * 5000 + b"\r\n")
+    rig.pop.add_message(USER, mail(3))
+    stats = await (await rig.cycle(max_message_size=1000)).run()
+    assert stats.delivered == 2
+    assert len(rig.pop.mailboxes[USER]) == 1
+    assert "RETR" in rig.pop.commands
 
 
 async def test_in_use_mailbox_fails_the_cycle_for_retry(tmp_path: Path) -> None:
@@ -245,15 +295,22 @@ async def test_smtp_down_stops_before_any_retr_and_deletes_nothing(rig: Rig) -> 
     assert await rig.store.list() == []
 
 
-async def test_stop_between_messages_still_quits(rig: Rig) -> None:
-    for i in range(5):
-        rig.pop.add_message(USER, mail(i))
-    cycle = await rig.cycle()
-    cycle.stopping.set()  # as if SIGTERM came while the first message was in flight
-    stats = await cycle.run()
-    assert stats.stopped_early
-    assert stats.delivered == 1
-    assert len(rig.pop.mailboxes[USER]) == 4  # the first one's DELE took effect: QUIT was sent
+async def test_stop_between_messages_still_quits(tmp_path: Path) -> None:
+    stopping = asyncio.Event()
+
+    def sigterm_during_first(stage: str, sender: str, rcpts: list[str], data: bytes | None) -> None:
+        if stage == "data":
+            stopping.set()  # as if SIGTERM came while this message was in flight
+
+    async for rig in make_rig(tmp_path, sigterm_during_first):
+        for i in range(5):
+            rig.pop.add_message(USER, mail(i))
+        cycle = await rig.cycle()
+        cycle.stopping = stopping
+        stats = await cycle.run()
+        assert stats.stopped_early
+        assert stats.delivered == 1  # the one in flight was finished
+        assert len(rig.pop.mailboxes[USER]) == 4  # and its DELE took effect: QUIT was sent
 
 
 def test_trace_header_uses_the_message_line_ending_and_is_safe() -> None:
