@@ -382,6 +382,9 @@ class FakePop3Server:
                 case "STAT":
                     size = sum(len(m) for m in self.messages)
                     out = f"+OK {len(self.messages)} {size}\r\n".encode()
+                case "LIST":
+                    body = "".join(f"{i} {len(m)}\r\n" for i, m in enumerate(self.messages, 1))
+                    out = f"+OK\r\n{body}.\r\n".encode()
                 case "UIDL" if bad is Pop3Misbehaviour.LINE_WITHOUT_END:
                     writer.write(b"+OK " + b"x" * 16384)  # and never a line end
                     await writer.drain()
