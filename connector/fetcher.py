@@ -114,7 +114,7 @@ class CycleStats:
 class Deliverer(Protocol):
     """The part of ``delivery.SmtpDeliverer`` the fetcher uses (a seam for tests)."""
 
-    async def deliver(self, raw: bytes, envelope: Envelope) -> Delivered: ...
+    async def deliver(self, raw: bytes, envelope: Envelope, *, trace: bytes = b"") -> Delivered: ...
 
     async def close(self) -> None: ...
 
@@ -315,7 +315,7 @@ class Cycle:
             return
         uids = dict(todo)
         try:
-            async for number, raw in pop.retr_many([n for n, _ in todo]):
+            async for number, raw in pop.retr_many([n for n, _ in todo], sizes=sizes):
                 if self.stopping.is_set():
                     # Stop between messages, never inside one (STYLE §4); this one waits.
                     self.stats.stopped_early = True
@@ -323,6 +323,7 @@ class Cycle:
                 outcome = await self._handle(
                     pop, number, uids[number], raw, known.get(uids[number])
                 )
+                del raw  # drop this message before the next is read: two copies at most
                 self.stats.count(outcome)
         finally:
             await self.deliverer.close()
@@ -342,7 +343,8 @@ class Cycle:
             now=datetime.fromtimestamp(self.clock(), UTC),
         )
         try:
-            delivered = await self.deliverer.deliver(trace + raw, envelope)
+            # The trace line travels beside the message, never joined to it (no copy).
+            delivered = await self.deliverer.deliver(raw, envelope, trace=trace)
         except DeliveryError as exc:
             return await self._refused(pop, number, uid, raw, exc)
 

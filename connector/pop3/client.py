@@ -7,8 +7,18 @@ mail).  Each phase has its own deadline (STYLE §4): ``connect`` for TCP and TLS
 big message never hits a total deadline while bytes keep coming.
 
 Replies are matched to commands by a FIFO, so commands can be pipelined (RFC 2449 §6.6):
-``retr_many`` keeps several RETRs in flight, and a ``dele()`` called between two of its messages
-simply queues behind them; replies read on someone else's behalf are stashed until claimed.
+``retr_many`` keeps several RETRs in flight (bounded by count and by octets, from LIST), and a
+``dele()`` called between two of its messages simply queues behind them; replies read on
+someone else's behalf are stashed until claimed.
+
+DELE is pipelined too when the server offers PIPELINING: ``dele()`` sends the command and
+returns without waiting for the reply, which is checked when it arrives (while reading a later
+reply, or in ``quit()``, which reads every outstanding DELE reply before it sends QUIT).  A
+``-ERR`` to DELE raises Pop3ResponseError at that point, and afterwards ``quit()`` refuses to
+send QUIT: it closes the connection and raises again.  Why: a refused DELE means our numbering
+and the server's disagree about something, and without QUIT the server deletes nothing (RFC
+1939 §6), so every message of the session stays upstream; the ledger already knows which were
+delivered, and the next cycle only DELEs those.  That is safe; a QUIT could not be taken back.
 
 After a timeout, a protocol error, a broken connection or a cancellation in the middle of a
 reply, the stream is out of sync: the client aborts the connection, and every later call raises
@@ -19,11 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import enum
 import logging
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Self
@@ -57,6 +68,8 @@ from connector.pop3.protocol import (
 )
 
 _CHUNK: Final = 256 * 1024  # bytes per read(); big reads keep a 20 MiB RETR cheap
+RETR_WINDOW: Final = 32  # RETRs in flight at most (retr_many's default)
+RETR_WINDOW_OCTETS: Final = 4 * 1024 * 1024  # octets of the RETRs in flight, beyond the first
 _STREAM_LIMIT: Final = 1024 * 1024  # the transport pauses reading above 2x this
 _MAX_AUTH_LINE: Final = 255  # RFC 5034 §4: longer initial responses wait for "+ "
 
@@ -168,6 +181,10 @@ class Pop3Client:
         self._inflight: deque[tuple[int, Verb | None]] = deque([(0, None)])  # greeting
         self._stash: dict[int, Event] = {}  # replies read ahead of their claimant
         self._abandoned: set[int] = set()  # replies nobody will claim (retr_many stopped)
+        self._deles: dict[int, int] = {}  # pipelined DELEs awaiting their reply: seq -> number
+        self._outbox: list[bytes] = []  # commands not written yet (see _submit)
+        self._outbox_from = 0  # the sequence number of the first of them
+        self._dele_failed: Pop3ResponseError | None = None  # a -ERR to DELE: no QUIT then
         self._broken: str | None = None  # why the connection is unusable
         self.greeting_text, self.apop_stamp, self.capabilities = "", None, {}
         self.tls_active = endpoint.tls is TlsMode.IMPLICIT
@@ -275,19 +292,38 @@ class Pop3Client:
             self._writer.transport.abort()
         return exc
 
-    def _submit(self, cmd: Command) -> int:
-        """Queue ``cmd`` in the core and the write buffer; return its sequence number."""
+    def _submit(self, cmd: Command, *, defer: bool = False) -> int:
+        """Queue ``cmd`` in the core and the write buffer; return its sequence number.
+
+        ``defer``: hold the bytes back until the next command or flush (pipelined DELEs go out
+        together with the next RETRs: one system call, and one wake-up of the server, for many).
+        A reply is never awaited for a command still held back (``_read_next``).
+        """
         if self._broken is not None:
             raise Pop3ConnectionError(f"connection unusable ({self._broken})")
         data = self._conn.send(cmd)
-        self._writer.write(data)
+        if defer:
+            if not self._outbox:
+                self._outbox_from = self._seq + 1
+            self._outbox.append(data)
+        elif self._outbox:
+            self._outbox.append(data)
+            self._write_outbox()
+        else:
+            self._writer.write(data)
         self._seq += 1
         self._inflight.append((self._seq, cmd.verb))
         if self._log is not None:
             self._log.debug("C: %s", _redact(cmd))
         return self._seq
 
+    def _write_outbox(self) -> None:
+        self._writer.write(b"".join(self._outbox))
+        self._outbox.clear()
+
     async def _flush(self) -> None:
+        if self._outbox:
+            self._write_outbox()
         try:
             async with asyncio.timeout(self._timeouts.command):
                 await self._writer.drain()
@@ -329,19 +365,39 @@ class Pop3Client:
     async def _reply(self, seq: int, *, long: bool) -> Event:
         """Read replies in order until the one for ``seq`` is in; stash the others."""
         while seq not in self._stash:
-            if self._broken is not None:
-                raise Pop3ConnectionError(f"connection unusable ({self._broken})")
-            head, verb = self._inflight[0]
-            ev = await self._read_event(long or verb in (Verb.RETR, Verb.TOP))
-            if isinstance(ev, Continuation):
-                self._stash[head] = ev  # AUTH stays in flight until its +OK/-ERR
+            if not await self._read_next(long):
                 break
-            self._inflight.popleft()
-            if head in self._abandoned:
-                self._abandoned.discard(head)
-            else:
-                self._stash[head] = ev
         return self._stash.pop(seq)
+
+    async def _read_next(self, long: bool = False) -> bool:
+        """Read the reply for the head of the FIFO and file it: stashed for its claimant,
+        dropped if abandoned, checked if it answers a pipelined DELE.  False for a SASL
+        continuation (stashed; AUTH stays in flight until its +OK/-ERR)."""
+        if self._broken is not None:
+            raise Pop3ConnectionError(f"connection unusable ({self._broken})")
+        head, verb = self._inflight[0]
+        if self._outbox and head >= self._outbox_from:
+            await self._flush()  # never wait for a reply to a command not yet written
+        ev = await self._read_event(long or verb in (Verb.RETR, Verb.TOP))
+        if isinstance(ev, Continuation):
+            self._stash[head] = ev
+            return False
+        self._inflight.popleft()
+        number = self._deles.pop(head, None)
+        if number is not None:
+            match ev:
+                case Ok():
+                    pass
+                case Err(text=text, resp_code=code):
+                    self._dele_failed = Pop3ResponseError(f"DELE {number}", text, code)
+                    raise self._dele_failed
+                case _:  # pragma: no cover (single-line commands only get Ok or Err)
+                    raise self._poison(Pop3ProtocolError(f"unexpected {type(ev).__name__}"))
+        elif head in self._abandoned:
+            self._abandoned.discard(head)
+        else:
+            self._stash[head] = ev
+        return True
 
     async def _request(self, cmd: Command) -> Event:
         seq = self._submit(cmd)
@@ -465,35 +521,71 @@ class Pop3Client:
         return self._message(await self._request(Command(Verb.TOP, (number, lines))), "TOP")
 
     async def retr_many(
-        self, numbers: Sequence[int], window: int = 8
+        self,
+        numbers: Sequence[int],
+        window: int = RETR_WINDOW,
+        window_octets: int = RETR_WINDOW_OCTETS,
+        sizes: Mapping[int, int] | None = None,
     ) -> AsyncIterator[tuple[int, bytes]]:
-        """Yield ``(number, raw)`` for each message in order, with up to ``window`` RETRs in
-        flight when the server offers PIPELINING (else one at a time).
+        """Yield ``(number, raw)`` for each message in order.  When the server offers
+        PIPELINING, up to ``window`` RETRs are in flight, and beyond the first no more than
+        ``window_octets`` octets of messages (``sizes``, from LIST: given by the caller, else
+        asked for here; if LIST is refused, count only); else one at a time.  The window is
+        topped up when half of it is free, so that one write carries several RETRs (and the
+        DELEs queued meanwhile).
 
         Other commands (``dele``) may be called between messages; they queue behind the RETRs
         in flight.  If the caller stops early, the replies still in flight are read and dropped
         by the next command, so the session stays usable (QUIT still works).
         """
+        if sizes is None:
+            sizes = {}
+            if self.pipelining and len(numbers) > 1:
+                # RFC 1939 §5: sizes in octets.  LIST refused: the window is bounded by count.
+                with contextlib.suppress(Pop3ResponseError):
+                    sizes = dict(await self.list())
         window = max(1, window) if self.pipelining else 1
-        todo = iter(numbers)
-        sent: deque[tuple[int, int]] = deque()  # (message number, sequence number)
+        sent: deque[tuple[int, int, int]] = deque()  # (message number, sequence, octets)
+        octets = 0
+        todo = 0
         try:
             while True:
-                while len(sent) < window and (number := next(todo, None)) is not None:
-                    sent.append((number, self._submit(Command(Verb.RETR, (number,)))))
+                submitted = False
+                half_free = len(sent) <= window // 2 and octets <= window_octets // 2
+                while half_free and todo < len(numbers) and len(sent) < window:
+                    number = numbers[todo]
+                    size = sizes.get(number, 0 if not sizes else window_octets)
+                    if sent and octets + size > window_octets:
+                        break
+                    seq = self._submit(Command(Verb.RETR, (number,)), defer=True)
+                    sent.append((number, seq, size))
+                    octets += size
+                    todo += 1
+                    submitted = True
                 if not sent:
                     return
-                await self._flush()
-                number, seq = sent.popleft()
+                if submitted:
+                    await self._flush()
+                number, seq, size = sent.popleft()
+                octets -= size
                 yield number, self._message(await self._reply(seq, long=True), "RETR")
         finally:
-            for _, seq in sent:
+            for _, seq, _ in sent:
                 if self._stash.pop(seq, None) is None:
                     self._abandoned.add(seq)
 
     async def dele(self, number: int) -> None:
-        """Mark a message deleted; the server removes it at QUIT (RFC 1939 §6)."""
-        await self._ok(Command(Verb.DELE, (number,)))
+        """Mark a message deleted; the server removes it at QUIT (RFC 1939 §6).
+
+        With PIPELINING the reply is not awaited: a ``-ERR`` raises Pop3ResponseError from a
+        later call (at the latest ``quit()``, which then sends no QUIT; see the module
+        docstring).  Without it, the reply is awaited here.
+        """
+        if not self.pipelining:
+            await self._ok(Command(Verb.DELE, (number,)))
+            return
+        # RFC 2449 §6.6: the server answers in order; _read_next() checks the reply.
+        self._deles[self._submit(Command(Verb.DELE, (number,)), defer=True)] = number
 
     async def rset(self) -> None:
         """Unmark every message marked by DELE in this session."""
@@ -505,8 +597,18 @@ class Pop3Client:
 
     async def quit(self) -> str:
         """QUIT (RFC 1939 §6: the server deletes the marked messages now); returns the +OK text.
-        Closes the connection."""
+        Closes the connection.
+
+        Every pipelined DELE's reply is read first.  If any was ``-ERR`` (now or earlier), no
+        QUIT is sent, nothing is deleted, and Pop3ResponseError is raised.
+        """
         try:
+            if self._deles:
+                await self._flush()
+                while self._deles and self._dele_failed is None:
+                    await self._read_next()
+            if self._dele_failed is not None:
+                raise self._dele_failed
             return await self._ok(Command(Verb.QUIT))
         finally:
             await self.close()

@@ -13,13 +13,14 @@ import contextlib
 import logging
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
+from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -646,3 +647,237 @@ async def test_connect_is_idempotent_and_close_is_safe(
     await deliverer.close()
     assert not is_connected(deliverer)
     assert len(handler.ehlo_peers) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# The DATA path on the wire: our own content writer, RFC 2920 pipelining
+# ------------------------------------------------------------------------------------------
+
+
+class RawServer:
+    """A small honest SMTP server on loopback that records the exact bytes it receives.
+
+    aiosmtpd un-stuffs DATA and cannot show the wire; this one keeps the content between the
+    354 and the end of data as sent.  With ``pipelining`` it advertises PIPELINING and reads
+    MAIL, every RCPT and DATA before it answers any of them (a client that waits for each
+    reply deadlocks and times out); ``split`` sends those replies in separate writes.
+    ``after_354`` may replace the content phase (to drop the connection or stop reading).
+    """
+
+    def __init__(
+        self,
+        *,
+        pipelining: bool = True,
+        split: bool = False,
+        rcpt_reply: bytes = b"250 2.1.5 ok",
+        data_reply: bytes = b"354 go ahead",
+        after_354: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+        | None = None,
+    ) -> None:
+        self.pipelining, self.split = pipelining, split
+        self.rcpt_reply, self.data_reply, self.after_354 = rcpt_reply, data_reply, after_354
+        self.commands: list[bytes] = []
+        self.contents: list[bytes] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> RawServer:
+        # A big stream limit: readuntil() keeps a whole message's content.
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, limit=2**26)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _reply(self, w: asyncio.StreamWriter, replies: list[bytes]) -> None:
+        if self.split:
+            for reply in replies:
+                w.write(reply + b"\r\n")
+                await w.drain()
+        else:
+            w.write(b"".join(reply + b"\r\n" for reply in replies))
+            await w.drain()
+
+    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            w.write(b"220 raw ready\r\n")
+            extensions = [b"SIZE 100000000", b"8BITMIME"] + ([b"PIPELINING"] * self.pipelining)
+            group: list[bytes] = []
+            while line := await r.readline():
+                self.commands.append(line)
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    lines = [b"250-raw", *(b"250-" + e for e in extensions[:-1])]
+                    w.write(b"\r\n".join([*lines, b"250 " + extensions[-1], b""]))
+                elif verb == b"QUIT":
+                    w.write(b"221 bye\r\n")
+                    break
+                elif verb == b"RSET":
+                    w.write(b"250 reset\r\n")
+                elif verb in (b"MAIL", b"RCPT", b"DATA"):
+                    reply = {b"MAIL": b"250 2.1.0 ok", b"RCPT": self.rcpt_reply}.get(verb)
+                    group.append(reply or self.data_reply)
+                    if verb == b"DATA" or not self.pipelining:
+                        await self._reply(w, group)
+                        group = []
+                    if verb == b"DATA" and group == [] and self.data_reply.startswith(b"354"):
+                        if self.after_354 is not None:
+                            await self.after_354(r, w)
+                            return
+                        content = await r.readuntil(b"\r\n.\r\n")
+                        self.contents.append(content)
+                        ok = self.rcpt_reply.startswith(b"25")
+                        w.write(b"250 2.0.0 queued\r\n" if ok else b"554 5.5.1 no recipients\r\n")
+                else:
+                    w.write(b"502 5.5.2 what\r\n")
+                await w.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            w.close()
+
+
+def aiosmtplib_wire(message: bytes) -> bytes:
+    """The DATA content aiosmtplib 5.1's sendmail() would have written for ``message``."""
+    return PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
+
+
+TRACE = b"Received: from pop.test by connector.test with POP3 (pop3-connector); now\r\n"
+WIRE_CASES = [
+    TRICKY,
+    b".first line is a dot\r\n..\r\n.\r\nno final CRLF",
+    b"Subject: bare LF\n\n.dot\nline\n",
+    b"Subject: bare CR\r\n\r\nx\ry\r\n",
+    b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n.\r\n") * 3000,  # 3 MB, dots throughout
+]
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+@pytest.mark.parametrize("split", [True, False])
+async def test_exact_bytes_on_the_wire(pipelining: bool, split: bool) -> None:
+    async with (
+        RawServer(pipelining=pipelining, split=split) as server,
+        SmtpDeliverer(smtp_settings(server.port)) as deliverer,
+    ):
+        for raw in WIRE_CASES:
+            result = await deliverer.deliver(raw, envelope(), trace=TRACE)
+            assert result.response == "250 2.0.0 queued"
+    # Dot-stuffed (RFC 5321 §4.5.2), CRLF (bare CR/LF normalised as aiosmtplib does), CRLF.CRLF.
+    assert server.contents == [aiosmtplib_wire(TRACE + raw) for raw in WIRE_CASES]
+    mails = [c for c in server.commands if c.startswith(b"MAIL")]
+    sizes = [len(normalize_message_line_endings(TRACE + raw)) for raw in WIRE_CASES]
+    assert mails[0] == b"MAIL FROM:<%s> size=%d BODY=8BITMIME\r\n" % (OWN_SENDER.encode(), sizes[0])
+    assert mails[1:] == [
+        b"MAIL FROM:<%s> size=%d\r\n" % (OWN_SENDER.encode(), n) for n in sizes[1:]
+    ]
+    assert server.commands.count(b"RCPT TO:<info@firma.local>\r\n") == len(WIRE_CASES)
+
+
+async def test_pipelined_refusals_keep_their_stage() -> None:
+    # RCPT refused (fixed recipient), but the server answered the pipelined DATA with 354
+    # (RFC 2920 §3.1): the client aborts by closing, never sends content (not even "."), and
+    # the next message reconnects.
+    async with (
+        RawServer(rcpt_reply=b"550 5.1.1 no such user") as server,
+        SmtpDeliverer(smtp_settings(server.port)) as deliverer,
+    ):
+        err = await refused(deliverer, MESSAGE, envelope())
+        assert (err.stage, err.smtp_code, err.enhanced_code) == (SmtpStage.RCPT, 550, "5.1.1")
+        assert classify(err) is Disposition.PARK_ACCOUNT
+        assert not is_connected(deliverer)
+        server.rcpt_reply = b"250 ok"
+        await deliverer.deliver(MESSAGE, envelope())
+    assert server.contents == [aiosmtplib_wire(MESSAGE)]
+    assert server.commands.count(b"EHLO connector.test\r\n") == 2
+    # DATA itself refused.
+    async with (
+        RawServer(data_reply=b"554 5.3.0 not now") as server,
+        SmtpDeliverer(smtp_settings(server.port)) as deliverer,
+    ):
+        err = await refused(deliverer, MESSAGE, envelope())
+    assert (err.stage, err.smtp_code) == (SmtpStage.DATA, 554)
+    assert server.contents == []
+
+
+async def test_drop_in_the_middle_of_the_content() -> None:
+    async def drop(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readexactly(100_000)
+        w.transport.abort()
+
+    raw = b"Subject: cut\r\n\r\n" + (b"z" * 998 + b"\r\n") * 2000  # 2 MB
+    async with (
+        RawServer(after_354=drop) as server,
+        SmtpDeliverer(smtp_settings(server.port)) as deliverer,
+    ):
+        err = await refused(deliverer, raw, envelope())
+        assert (err.stage, err.smtp_code) == (SmtpStage.DATA, None)
+        assert err.response == "connection lost"
+        assert classify(err) is Disposition.RETRY
+        assert not is_connected(deliverer)
+
+
+async def test_server_that_stops_reading_times_out_at_data() -> None:
+    stop = asyncio.Event()
+
+    async def stall(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await stop.wait()  # reads nothing: the socket buffers fill, the client must give up
+
+    raw = b"Subject: huge\r\n\r\n" + (b"h" * 1022 + b"\r\n") * (48 * 1024)  # 48 MiB
+    async with (
+        RawServer(after_354=stall) as server,
+        SmtpDeliverer(smtp_settings(server.port, timeout=0.5)) as deliverer,
+    ):
+        err = await refused(deliverer, raw, envelope())
+        stop.set()
+        assert (err.stage, err.smtp_code) == (SmtpStage.DATA, None)
+        assert "timed out" in err.response
+        assert not is_connected(deliverer)
+
+
+class PipeliningHandler(ObservingHandler):
+    """aiosmtpd reads commands line by line, so it copes with pipelining; it only does not
+    advertise it (RFC 2920).  This handler adds the keyword."""
+
+    async def handle_EHLO(  # aiosmtpd hook name
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        responses = await super().handle_EHLO(server, session, envelope, hostname, responses)
+        responses.insert(-1, "250-PIPELINING")
+        return responses
+
+
+async def test_pipelined_transactions_against_aiosmtpd() -> None:
+    handler = PipeliningHandler()
+    sink = SmtpSink()
+    sink.handler = handler
+    sink.controller.handler = handler
+
+    def rule(stage: str, env: Any, data: bytes | None) -> str | None:
+        if stage == "mail" and env.mail_from == "grey@x.test":
+            return "451 4.7.1 Greylisted"
+        if stage == "rcpt" and env.rcpt_tos[-1] == "gone@x.test":
+            return "550 5.1.1 User unknown"
+        if stage == "data" and b"denied" in (data or b""):
+            return "554 5.1.0 Sender denied"
+        return None
+
+    handler.rule = rule
+    with running(sink):
+        async with SmtpDeliverer(smtp_settings(sink.port)) as deliverer:
+            grey = await refused(deliverer, message(1), envelope("grey@x.test"))
+            denied = await refused(deliverer, message(2) + b"denied\r\n", envelope())
+            partial = await deliverer.deliver(
+                message(3), envelope(recipients=("info@x.test", "gone@x.test"))
+            )
+            await deliverer.deliver(message(4), envelope(), trace=TRACE)
+    assert (grey.stage, grey.smtp_code, classify(grey)) == (SmtpStage.MAIL, 451, Disposition.RETRY)
+    assert (denied.stage, denied.smtp_code) == (SmtpStage.DATA, 554)
+    assert classify(denied) is Disposition.DEAD_LETTER
+    assert dict(partial.refused) == {"gone@x.test": "550 5.1.1 User unknown"}
+    # The test handler records MAIL's sender before it refuses it, so it then accepts RCPT and
+    # DATA: the client drops that session rather than send anything (no empty message).
+    assert [m.data for m in sink.received] == [message(3), TRACE + message(4)]
+    assert len(handler.ehlo_peers) == 2

@@ -515,3 +515,128 @@ async def test_transcript_redacts_credentials_and_bodies(caplog: pytest.LogCaptu
     text = "\n".join(lines)
     assert "secret" not in text
     assert "hello" not in text  # the message's Subject
+
+
+# pipelined DELE and the RETR window in octets
+# ---------------------------------------------------------------------------------------------
+
+
+def dele_server(commands: list[bytes], *, refuse: int | None = None, hold: int = 0) -> Handler:
+    """PIPELINING server that answers DELE (``-ERR`` to message ``refuse``), holding its DELE
+    replies until ``hold`` DELEs are in: a client that waits for each reply deadlocks."""
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await logged_in_script(r, w, [*CAPS, b"PIPELINING"])
+        held: list[bytes] = []
+        while line := await r.readline():
+            commands.append(line.rstrip())
+            verb, *args = line.decode().split()
+            if verb == "DELE":
+                gone = int(args[0]) == refuse
+                held.append(b"-ERR [SYS/PERM] gone\r\n" if gone else b"+OK marked\r\n")
+                if len(held) >= hold:
+                    w.write(b"".join(held))
+                    held = []
+            elif verb == "QUIT":
+                w.write(b"+OK bye\r\n")
+                return
+            else:
+                w.write(b"-ERR unknown\r\n")
+
+    return script
+
+
+async def test_dele_is_pipelined_and_quit_reads_the_replies() -> None:
+    commands: list[bytes] = []
+    async with (
+        serve(dele_server(commands, hold=3)) as ep,
+        await Pop3Client.connect(ep, FAST) as pop,
+    ):
+        await pop.login("alice", "secret", AuthMethod.USER)
+        for n in (1, 2, 3):
+            await pop.dele(n)  # returns at once: the server answers only after the third
+        assert await pop.quit() == "bye"
+    assert commands[-4:] == [b"DELE 1", b"DELE 2", b"DELE 3", b"QUIT"]
+
+
+async def test_a_refused_dele_raises_and_no_quit_is_sent() -> None:
+    # A -ERR to DELE means the server and we disagree: without QUIT nothing is deleted
+    # (RFC 1939 §6), so every message stays upstream; the ledger knows what was delivered.
+    commands: list[bytes] = []
+    async with (
+        serve(dele_server(commands, refuse=2)) as ep,
+        await Pop3Client.connect(ep, FAST) as pop,
+    ):
+        await pop.login("alice", "secret", AuthMethod.USER)
+        for n in (1, 2, 3):
+            await pop.dele(n)
+        with pytest.raises(Pop3ResponseError) as info:
+            await pop.quit()
+        assert (info.value.command, info.value.resp_code) == ("DELE 2", "SYS/PERM")
+        with pytest.raises(Pop3ConnectionError):
+            await pop.noop()
+    assert b"QUIT" not in commands
+    assert commands[-3:] == [b"DELE 1", b"DELE 2", b"DELE 3"]
+
+
+async def test_a_refused_dele_surfaces_at_the_next_reply() -> None:
+    messages = [b"Subject: %d\r\n\r\nx\r\n" % i for i in range(1, 5)]
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await logged_in_script(r, w, [*CAPS, b"PIPELINING"])
+        while line := await r.readline():
+            verb, *args = line.decode().split()
+            if verb == "RETR":
+                w.write(b"+OK\r\n" + messages[int(args[0]) - 1] + b".\r\n")
+            elif verb == "DELE":
+                w.write(b"-ERR no such message\r\n" if args[0] == "1" else b"+OK\r\n")
+            else:
+                w.write(b"-ERR unknown\r\n")
+
+    async with serve(script) as ep, await Pop3Client.connect(ep, FAST) as pop:
+        await pop.login("alice", "secret", AuthMethod.USER)
+        seen = []
+
+        async def fetch_and_delete() -> None:
+            async for number, _ in pop.retr_many([1, 2, 3, 4], window=1):
+                seen.append(number)
+                await pop.dele(number)
+
+        with pytest.raises(Pop3ResponseError, match="DELE 1"):
+            await fetch_and_delete()
+        assert seen == [1]  # DELE 1's reply came before RETR 2's
+
+
+async def test_retr_window_is_bounded_by_octets(caplog: pytest.LogCaptureFixture) -> None:
+    # LIST claims 1.5 MiB per message (the bodies are small: the window trusts LIST): with a
+    # 4 MiB window no more than two RETRs may be outstanding, however large the count window.
+    messages = [b"Subject: %d\r\n\r\nx\r\n" % i for i in range(1, 11)]
+    big = 3 * 512 * 1024
+    listing = b"".join(b"%d %d\r\n" % (i, big) for i in range(1, 11))
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await logged_in_script(r, w, [*CAPS, b"PIPELINING"])
+        while line := await r.readline():
+            verb, *args = line.decode().split()
+            if verb == "LIST":
+                w.write(b"+OK\r\n" + listing + b".\r\n")
+            elif verb == "RETR":
+                w.write(b"+OK\r\n" + messages[int(args[0]) - 1] + b".\r\n")
+            else:
+                w.write(b"+OK\r\n")
+
+    logger = logging.getLogger("test.pop3.window")
+    async with (
+        serve(script) as ep,
+        await Pop3Client.connect(ep, FAST, transcript=logger) as pop,
+    ):
+        await pop.login("alice", "secret", AuthMethod.USER)
+        with caplog.at_level(logging.DEBUG, logger=logger.name):
+            got = [m async for m in pop.retr_many(range(1, 11), window=32)]
+    assert got == list(zip(range(1, 11), messages, strict=True))
+    outstanding, most = 0, 0
+    for record in caplog.records:
+        text = record.getMessage()
+        outstanding += text.startswith("C: RETR") - text.startswith("S: +OK [message")
+        most = max(most, outstanding)
+    assert most == 2
