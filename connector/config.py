@@ -792,14 +792,20 @@ def _inline_password_keys(path: Path) -> list[str]:
 
 
 def _group_or_world_readable(path: Path) -> int | None:
-    """The permission bits if group or others may read or write ``path`` (POSIX only)."""
+    """The permission bits if someone besides us may read or write ``path`` (POSIX only).
+
+    Group access by our own group is fine: that is how a service user reads a secret owned by
+    root (``root:pop3-connector``, mode 0640, deploy/README.md).
+    """
     if os.name != "posix":
         return None
     try:
-        mode = stat.S_IMODE(path.stat().st_mode)
+        st = path.stat()
     except OSError:
         return None
-    return mode if mode & 0o077 else None
+    mode = stat.S_IMODE(st.st_mode)
+    risky = 0o007 if st.st_gid in {os.getegid(), *os.getgroups()} and st.st_gid != 0 else 0o077
+    return mode if mode & risky else None
 
 
 def config_warnings(settings: Settings, path: Path) -> list[str]:

@@ -744,6 +744,22 @@ def test_warnings_file_modes(tmp_path: Path) -> None:
     ]
 
 
+def test_group_access_by_our_own_group_is_no_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """root:pop3-connector 0640, read by the service user (deploy/README.md): that is fine;
+    the same file readable by a group we are not in is not."""
+    pw = tmp_path / "pw"
+    pw.write_text(SECRET, encoding="utf-8")
+    pw.chmod(0o640)
+    os.chown(pw, -1, 65534)
+    path = write(tmp_path, with_password(f'password_file = "{pw}"'))
+    settings = load_settings(path)
+    assert len(config_warnings(settings, path)) == 1  # we (root) are not in group 65534
+    monkeypatch.setattr(os, "getegid", lambda: 65534)  # as the service user would be
+    assert config_warnings(settings, path) == []
+
+
 # --------------------------------------------------------------------------------------------
 # The example file
 # --------------------------------------------------------------------------------------------
