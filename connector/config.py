@@ -27,6 +27,7 @@ import ipaddress
 import math
 import os
 import re
+import shlex
 import socket
 import stat
 import tomllib
@@ -78,6 +79,7 @@ __all__ = [
     "format_validation_error",
     "load_settings",
     "parse_duration",
+    "parse_size",
     "render_settings",
 ]
 
@@ -162,6 +164,58 @@ def _duration(value: object) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(_duration)]
+
+# --------------------------------------------------------------------------------------------
+# Sizes
+# --------------------------------------------------------------------------------------------
+
+_SIZE_RE: Final = re.compile(r"(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>[KMG]i?B|B)?", re.IGNORECASE)
+# "MB" is 10^6 octets and "MiB" 2^20 (IEC 80000-13), as the units say.
+_SIZE_UNITS: Final = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
+_SIZE_HINT: Final = 'expected a size in octets, or like "50MB", "25MiB", "512KiB"'
+
+
+def parse_size(value: object) -> int:
+    """Octets from a size: a whole number, or ``"50MB"`` (10^6), ``"25MiB"`` (2^20), ``"1GB"``...
+
+    The result must be a whole number greater than zero.  Raises ``ValueError`` without quoting
+    the value.
+    """
+    if isinstance(value, bool):  # TOML `true` is not a size, though bool is an int
+        raise ValueError(_SIZE_HINT)
+    if isinstance(value, int):
+        octets = value
+    elif isinstance(value, str):
+        m = _SIZE_RE.fullmatch(value.strip())
+        if m is None:
+            raise ValueError(_SIZE_HINT)
+        exact = float(m["n"]) * _SIZE_UNITS[(m["unit"] or "b").lower()]
+        if exact != int(exact):
+            raise ValueError("a size must be a whole number of octets")
+        octets = int(exact)
+    else:
+        raise ValueError(_SIZE_HINT)
+    if octets <= 0:
+        raise ValueError("a size must be greater than 0")
+    return octets
+
+
+def _size(value: object) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise _problem(str(exc)) from None
+
+
+Size = Annotated[int, BeforeValidator(_size)]
 
 # --------------------------------------------------------------------------------------------
 # Small validated types
@@ -486,12 +540,62 @@ class AccountConfig(_Endpoint):
     name: Annotated[str, AfterValidator(_account_name)]
     tls: Literal["implicit", "starttls", "none"] = "implicit"
     username: Annotated[str, AfterValidator(_pop3_username)]
-    auth: Literal["auto", "user", "apop", "plain"] = "auto"
+    auth: Literal["auto", "user", "apop", "plain", "xoauth2"] = "auto"
+    # auth = "xoauth2" (Microsoft 365, Gmail): where each login gets a fresh access token; an
+    # external helper keeps it current.  Exactly one of the two, and then no password.
+    oauth2_token_file: Path | None = None
+    oauth2_token_command: str | None = Field(default=None, min_length=1)
     deliver_to: list[Address] = Field(min_length=1)
     # None before loading; load_settings fills in service.poll_interval.
     poll_interval: Duration | None = None
     enabled: bool = True
     max_deferral: Duration = 5 * 86400.0
+
+    def _resolved_password(self) -> SecretStr | None:
+        oauth2 = [n for n in ("oauth2_token_file", "oauth2_token_command") if getattr(self, n)]
+        if self.auth != "xoauth2":
+            if oauth2:
+                raise _problem('only used with auth = "xoauth2"', oauth2[0])
+            return super()._resolved_password()
+        if len(oauth2) != 1:
+            raise _problem(
+                'auth = "xoauth2" needs exactly one of oauth2_token_file, oauth2_token_command'
+                + (f" (got {', '.join(oauth2)})" if oauth2 else ""),
+                "oauth2_token_file" if not oauth2 else oauth2[1],
+            )
+        given = [n for n in ("password", "password_file", "password_env") if getattr(self, n)]
+        if given:
+            # XOAUTH2 sends a token, never a password: an unused secret is a mistake to report.
+            raise _problem('not used with auth = "xoauth2" (the token replaces it)', given[0])
+        if self.oauth2_token_command is not None:
+            try:
+                argv = shlex.split(self.oauth2_token_command)
+            except ValueError as exc:
+                raise _problem(f"cannot split into words: {exc}", "oauth2_token_command") from None
+            if not argv:
+                raise _problem("must name a program", "oauth2_token_command")
+        return None
+
+    def oauth2_argv(self) -> tuple[str, ...] | None:
+        """``oauth2_token_command`` split into words like a POSIX shell would (no shell runs)."""
+        if self.oauth2_token_command is None:
+            return None
+        return tuple(shlex.split(self.oauth2_token_command))
+
+    # Larger messages are left upstream with a warning (the default is fetcher.AccountSpec's).
+    max_message_size: Size = 256 * 1024 * 1024
+    # Keep mail upstream after delivery (or dead-lettering); never deliver a UIDL twice.
+    leave_on_server: bool = False
+    # With leave_on_server: DELE a kept message this long after it was delivered.
+    delete_after: Duration | None = None
+
+    def _finished(self) -> dict[str, Any]:
+        updates = super()._finished()
+        if self.delete_after is not None and not self.leave_on_server:
+            # Without leave_on_server mail is deleted at once: the key would silently mean
+            # nothing, and its author surely meant something.
+            raise _problem("only meaningful with leave_on_server = true", "delete_after")
+        return updates
 
 
 # Filled in by load_settings for the duration of one Settings() call (see _TomlData).
@@ -700,7 +804,9 @@ def load_settings(path: Path) -> Settings:
 # Rendering and warnings (pop3-connector check)
 # --------------------------------------------------------------------------------------------
 
-_DURATION_KEYS: Final = frozenset({"poll_interval", "shutdown_grace", "timeout", "max_deferral"})
+_DURATION_KEYS: Final = frozenset(
+    {"poll_interval", "shutdown_grace", "timeout", "max_deferral", "delete_after"}
+)
 
 
 def _toml_value(key: str, value: object) -> str:

@@ -13,6 +13,13 @@ The order for each message, oldest first (the order of the UIDL listing, RFC 193
                                          unless deferred longer than max_deferral: dead-letter it
     then QUIT                        ->  the server carries out the DELEs (RFC 1939 §6)
 
+With ``leave_on_server`` the DELEs after "delivered" and "dead_lettered" are not sent: the message
+stays upstream, and its ledger row (kept as long as the UIDL is listed) makes every later cycle
+pass over it without a command, a log line or an observer call, so a mailbox of 10,000 kept
+messages costs the UIDL listing and nothing per message.  With ``delete_after`` a kept message is
+DELEd (once, as a skip) when that long has passed since it was delivered or dead-lettered (the
+row's ``last_attempt``).
+
 Crash anywhere: a DELE without QUIT deletes nothing (RFC 1939 §6), and every DELE we send follows a
 ledger commit, so the next cycle sees each message again and the ledger says what was already done.
 The only duplicate window is between SMTP's 250 and the ledger commit right after it.
@@ -59,12 +66,17 @@ class AccountSpec:
     name: str
     endpoint: Pop3Endpoint
     username: str
-    password: str = field(repr=False)
+    # For auth XOAUTH2: a source of access tokens, awaited at each login (pop3.client.TokenSource).
+    password: str | Callable[[], Awaitable[str]] = field(repr=False)
     auth: AuthMethod
     deliver_to: tuple[str, ...]
     max_deferral: float
     timeouts: Pop3Timeouts = field(default_factory=Pop3Timeouts)
     max_message_size: int = 256 * 1024 * 1024
+    # Keep finished mail upstream; DELE it only ``delete_after`` seconds after it was finished
+    # (never, when None).  ``delete_after`` without ``leave_on_server`` changes nothing.
+    leave_on_server: bool = False
+    delete_after: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +95,7 @@ class Outcome(enum.StrEnum):
     DEAD_LETTERED = "dead_lettered"
     DEFERRED = "deferred"
     SKIPPED = "skipped"  # already in the ledger as delivered or dead-lettered: DELE only
+    # (with leave_on_server: only once delete_after has passed; kept messages are not reported)
 
 
 @dataclass(slots=True)
@@ -98,6 +111,7 @@ class CycleStats:
     delivered_bytes: int = 0
     stopped_early: bool = False
     mailbox_known: bool = False  # STAT answered: the mailbox_* fields are real, not defaults
+    kept: int = 0  # leave_on_server: finished before, left upstream untouched this cycle
 
     def count(self, outcome: Outcome) -> None:
         match outcome:
@@ -288,9 +302,22 @@ class Cycle:
         sizes: dict[int, int],
     ) -> None:
         acct = self.account
+        now = self.clock()
         todo: list[tuple[int, str]] = []
         for number, uid in listing:
             entry = known.get(uid)
+            if entry is not None and entry.state is not MessageState.DEFERRED:
+                # PRODUCT §5.1: done before; only DELE, never SMTP again.  Decided before the
+                # size check: a finished message is never fetched, whatever its size.
+                if not self._dele_due(entry, now):
+                    self.stats.kept += 1  # leave_on_server: no command, no log line
+                    continue
+                await pop.dele(number)
+                self.stats.count(Outcome.SKIPPED)
+                self.observer.message(
+                    acct.name, uid, entry.size, Outcome.SKIPPED, entry.last_response
+                )
+                continue
             if sizes.get(number, 0) > acct.max_message_size:
                 # Fetching it would exceed our cap and fail every cycle at this message, so the
                 # mail behind it would never come.  Leave it upstream and say so.
@@ -302,15 +329,9 @@ class Cycle:
                     acct.max_message_size,
                 )
                 continue
-            if entry is not None and entry.state is not MessageState.DEFERRED:
-                # PRODUCT §5.1: done before; only DELE, never SMTP again.
-                await pop.dele(number)
-                self.stats.count(Outcome.SKIPPED)
-                self.observer.message(
-                    acct.name, uid, entry.size, Outcome.SKIPPED, entry.last_response
-                )
-            else:
-                todo.append((number, uid))
+            todo.append((number, uid))
+        if self.stats.kept:
+            log.debug("account=%s: %d finished messages left upstream", acct.name, self.stats.kept)
         if not todo:
             return
         uids = dict(todo)
@@ -327,6 +348,19 @@ class Cycle:
                 self.stats.count(outcome)
         finally:
             await self.deliverer.close()
+
+    def _dele_due(self, entry: LedgerEntry, now: float) -> bool:
+        """Whether a finished message is to be DELEd now: always, unless leave_on_server
+        keeps it and delete_after (counted from when it was finished) has not yet passed."""
+        acct = self.account
+        if not acct.leave_on_server:
+            return True
+        return acct.delete_after is not None and now - entry.last_attempt >= acct.delete_after
+
+    async def _finished(self, pop: Pop3Client, number: int) -> None:
+        """DELE a message just recorded as finished, unless leave_on_server keeps it."""
+        if not self.account.leave_on_server:
+            await pop.dele(number)
 
     async def _handle(
         self, pop: Pop3Client, number: int, uid: str, raw: bytes, entry: LedgerEntry | None
@@ -358,7 +392,7 @@ class Cycle:
             )
         except LedgerError as exc:
             raise CycleStopped(exc) from exc
-        await pop.dele(number)
+        await self._finished(pop, number)
         self.stats.delivered_bytes += len(trace) + len(raw)
         response = delivered.response
         if delivered.refused:
@@ -419,7 +453,7 @@ class Cycle:
         except (DeadLetterError, LedgerError) as exc:
             # Not stored durably, or not recorded: no DELE; the message stays upstream.
             raise CycleStopped(exc) from exc
-        await pop.dele(number)
+        await self._finished(pop, number)
         self.observer.message(
             acct.name, uid, len(raw), Outcome.DEAD_LETTERED, f"{stage}: {response}"
         )

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import ssl
@@ -88,6 +89,81 @@ def make_ssl_context(verify: bool, ca_file: Path | None, where: str) -> ssl.SSLC
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+# How long an oauth2_token_command may take to print a token; a helper that refreshes the token
+# makes one HTTPS round trip to the identity provider, which should take seconds.
+OAUTH2_COMMAND_TIMEOUT = 30.0
+# RFC 6750 §2.1 b64token: the characters a Bearer token may consist of.
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+@dataclass(frozen=True, slots=True)
+class OAuth2TokenSource:
+    """An account's OAuth2 access token for SASL XOAUTH2, fetched anew at every login.
+
+    From ``file`` (re-read each time) or by running ``argv`` (no shell; its stdout is the
+    token), so that an external helper can refresh the token between sessions.  ``key`` names
+    the config key in error messages.  Comparable, so a reload that changes nothing keeps the
+    account as it is.  Failures raise :class:`ConfigError`; no message contains the token.
+    """
+
+    key: str
+    file: Path | None = None
+    argv: tuple[str, ...] | None = None
+    timeout: float = OAUTH2_COMMAND_TIMEOUT
+
+    async def __call__(self) -> str:
+        """The current access token; raises ConfigError when it cannot be had."""
+        if self.file is not None:
+            text = await asyncio.to_thread(self._read, self.file)
+        elif self.argv is not None:
+            text = await self._run(self.argv)
+        else:  # pragma: no cover (build_runtime sets one)
+            raise ConfigError(f"{self.key}: no token file or command")
+        token = text.strip()
+        if not token:
+            raise ConfigError(f"{self.key}: no access token (empty output)")
+        if not _BEARER_TOKEN.fullmatch(token):
+            # RFC 6750 §2.1; also keeps a multi-line or chatty output out of the AUTH line.
+            raise ConfigError(f"{self.key}: the output is not a single OAuth2 access token")
+        return token
+
+    def _read(self, path: Path) -> str:
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{self.key}: cannot read {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{self.key}: {path} is not UTF-8 text") from None
+
+    async def _run(self, argv: tuple[str, ...]) -> str:
+        try:
+            # No shell (argv from shlex.split); stderr is left to the service's own log.
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            raise ConfigError(f"{self.key}: cannot run {argv[0]}: {exc.strerror or exc}") from None
+        try:
+            async with asyncio.timeout(self.timeout):
+                out, _ = await proc.communicate()
+        except TimeoutError:
+            raise ConfigError(
+                f"{self.key}: no token within {self.timeout:g}s; the command was killed"
+            ) from None
+        finally:
+            if proc.returncode is None:  # timed out or cancelled: do not leave it running
+                proc.kill()
+                await proc.wait()
+        if proc.returncode != 0:
+            raise ConfigError(f"{self.key}: the command exited with status {proc.returncode}")
+        try:
+            return out.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{self.key}: the output is not UTF-8 text") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +262,15 @@ def build_runtime(settings: Settings) -> Runtime:
             if tls is TlsMode.NONE
             else make_ssl_context(acct.verify_certificate, acct.ca_file, f"accounts[{i}]")
         )
-        password = acct.secret()
+        password: str | OAuth2TokenSource | None = acct.secret()
+        if acct.auth == "xoauth2":
+            # The config guarantees exactly one source (and no password) for XOAUTH2.
+            argv = acct.oauth2_argv()
+            password = OAuth2TokenSource(
+                f"accounts[{i}].oauth2_token_{'command' if argv else 'file'}",
+                file=acct.oauth2_token_file,
+                argv=argv,
+            )
         if password is None:  # the config guarantees one; be explicit for the type checker
             raise ConfigError(f"accounts[{i}].password: no password given")
         accounts.append(
@@ -198,6 +282,9 @@ def build_runtime(settings: Settings) -> Runtime:
                 auth=AuthMethod(acct.auth),
                 deliver_to=tuple(acct.deliver_to),
                 max_deferral=acct.max_deferral,
+                max_message_size=acct.max_message_size,
+                leave_on_server=acct.leave_on_server,
+                delete_after=acct.delete_after,
             )
         )
         intervals[acct.name] = settings.poll_interval_of(acct)
@@ -319,7 +406,16 @@ class AccountState:
     removed: bool = False  # dropped from the config by a reload: its loop ends after this cycle
 
 
-_SPEC_FIELDS = ("username", "password", "auth", "deliver_to", "max_deferral", "max_message_size")
+_SPEC_FIELDS = (
+    "username",
+    "password",
+    "auth",
+    "deliver_to",
+    "max_deferral",
+    "max_message_size",
+    "leave_on_server",
+    "delete_after",
+)
 
 
 def _spec_key(spec: AccountSpec) -> tuple[object, ...]:

@@ -28,16 +28,19 @@ Pop3ConnectionError (aiosmtplib does the same; poplib's tests show what reuse do
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import builtins
 import contextlib
 import enum
+import json
 import logging
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, Self, assert_never
 
 from connector.errors import (
     Pop3AuthError,
@@ -89,6 +92,12 @@ class AuthMethod(enum.StrEnum):
     USER = "user"
     APOP = "apop"
     PLAIN = "plain"
+    XOAUTH2 = "xoauth2"  # never chosen by AUTO: it needs an OAuth2 access token, not a password
+
+
+# Where XOAUTH2 gets its access token: awaited once per login, so that a token refreshed by an
+# external helper between two sessions is picked up.  A plain ``str`` is used as it is.
+TokenSource = Callable[[], Awaitable[str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +118,35 @@ class Pop3Endpoint:
     tls: TlsMode
     ssl_context: ssl.SSLContext | None = None
     server_hostname: str | None = None  # default: host
+
+
+def sasl_xoauth2(username: str, token: str) -> str:
+    """The XOAUTH2 initial client response: base64 of ``user=U^Aauth=Bearer T^A^A``.
+
+    Google's and Microsoft's XOAUTH2 documentation (the format RFC 7628 §3.1 later standardised
+    as OAUTHBEARER, without its GS2 header).  ``^A`` is the byte 0x01, which therefore may not
+    appear in either value.
+    """
+    if "\x01" in username + token or any(c in token for c in " \r\n"):
+        raise ValueError("invalid character in the XOAUTH2 user name or access token")
+    raw = f"user={username}\x01auth=Bearer {token}\x01\x01"
+    return base64.b64encode(raw.encode()).decode("ascii")
+
+
+def _xoauth2_status(challenge: str) -> str:
+    """The ``status`` of an XOAUTH2 error challenge (base64 JSON, e.g. ``{"status":"401",...}``).
+
+    Only a short alphanumeric status is returned, so whatever else the server put there can
+    never reach a log line; "" when the challenge is not the expected JSON.
+    """
+    try:
+        data = json.loads(base64.b64decode(challenge, validate=True))
+    except (binascii.Error, ValueError):
+        return ""
+    status = data.get("status") if isinstance(data, dict) else None
+    if isinstance(status, str | int) and str(status).isalnum() and len(str(status)) <= 16:
+        return str(status)
+    return ""
 
 
 def _redact(cmd: Command) -> str:
@@ -440,11 +478,21 @@ class Pop3Client:
         return AuthMethod.PLAIN if plain else AuthMethod.USER
 
     async def login(
-        self, username: str, password: str, method: AuthMethod = AuthMethod.AUTO
+        self, username: str, password: str | TokenSource, method: AuthMethod = AuthMethod.AUTO
     ) -> None:
-        """Authenticate; raises Pop3AuthError (with the RFC 2449 resp_code) on -ERR."""
+        """Authenticate; raises Pop3AuthError (with the RFC 2449 resp_code) on -ERR.
+
+        For XOAUTH2 ``password`` is the access token, or a :data:`TokenSource` awaited now
+        (whatever it raises propagates); every other method needs a ``str``.
+        """
         if method is AuthMethod.AUTO:
             method = self._choose()
+        if method is AuthMethod.XOAUTH2:
+            token = password if isinstance(password, str) else await password()
+            await self._auth_xoauth2(username, token)
+            return
+        if not isinstance(password, str):
+            raise TypeError(f"auth {method.value} needs a password, not a token source")
         match method:
             case AuthMethod.USER:
                 seq = self._submit(Command(Verb.USER, (username,)))
@@ -464,8 +512,10 @@ class Pop3Client:
                 self._auth_ok(await self._request(Command(Verb.APOP, (username, digest))), "APOP")
             case AuthMethod.PLAIN:
                 await self._auth_plain(username, password)
-            case AuthMethod.AUTO:  # pragma: no cover (replaced above)
-                raise AssertionError("AUTO was resolved")
+            case AuthMethod.AUTO | AuthMethod.XOAUTH2:  # pragma: no cover (handled above)
+                raise AssertionError(f"{method.value} was handled above")
+            case _:
+                assert_never(method)
 
     async def _auth_plain(self, username: str, password: str) -> None:
         response = sasl_plain(username, password)
@@ -479,6 +529,47 @@ class Pop3Client:
             await self._flush()
             ev = await self._reply(self._inflight[0][0], long=False)
         self._auth_ok(ev, "AUTH")
+
+    async def _sasl_answer(self, response: str) -> Event:
+        """Answer the pending SASL challenge (RFC 5034 §4); return the server's next reply."""
+        self._writer.write(self._conn.send_sasl_response(response))
+        if self._log is not None:
+            self._log.debug("C: %s", "****" if response else "[empty line]")
+        await self._flush()
+        return await self._reply(self._inflight[0][0], long=False)
+
+    async def _auth_xoauth2(self, username: str, token: str) -> None:
+        """SASL XOAUTH2 in the two-step form Microsoft 365 requires (no initial response).
+
+        ``AUTH XOAUTH2``, ``+ ``, the base64 payload, ``+OK``.  A refused token is answered with
+        a ``+ <base64 JSON>`` error challenge instead; the client must send an empty line, and
+        the server then says ``-ERR`` (Google's XOAUTH2 protocol; RFC 7628 §3.2.3 for
+        OAUTHBEARER).  The token never appears in the transcript or in an exception.
+        """
+        response = sasl_xoauth2(username, token)
+        ev = await self._request(Command(Verb.AUTH, ("XOAUTH2",)))
+        if isinstance(ev, Err):
+            raise Pop3AuthError("AUTH XOAUTH2", ev.text, ev.resp_code)
+        if not isinstance(ev, Continuation):
+            raise self._poison(Pop3ProtocolError(f"unexpected {type(ev).__name__} to AUTH"))
+        ev = await self._sasl_answer(response)
+        status = ""
+        if isinstance(ev, Continuation):
+            status = _xoauth2_status(ev.text)
+            ev = await self._sasl_answer("")
+        match ev:
+            case Ok():
+                return
+            case Err(text=text, resp_code=code):
+                why = f"status {status}, " if status else ""
+                raise Pop3AuthError(
+                    "AUTH XOAUTH2",
+                    f"the OAuth2 access token was refused or has expired ({why}server said: "
+                    f"{text or 'nothing'}); refresh it with the token helper",
+                    code,
+                )
+            case _:
+                raise self._poison(Pop3ProtocolError(f"unexpected {type(ev).__name__} to AUTH"))
 
     def _auth_ok(self, ev: Event, verb: str) -> None:
         match ev:

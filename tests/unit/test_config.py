@@ -26,6 +26,7 @@ from connector.config import (
     format_duration,
     load_settings,
     parse_duration,
+    parse_size,
     render_settings,
 )
 from connector.errors import ConfigError
@@ -835,3 +836,90 @@ def test_password_with_a_line_break_is_refused_without_echoing_it(tmp_path: Path
     (problem,) = problems(tmp_path, text)
     assert problem.startswith("accounts[0].password: must not contain a line break")
     assert "second line" not in problem
+
+
+# --------------------------------------------------------------------------------------------
+# leave_on_server, delete_after, max_message_size
+# --------------------------------------------------------------------------------------------
+
+
+def test_leave_on_server_keys_load_and_render(tmp_path: Path) -> None:
+    s = load(
+        tmp_path,
+        MINIMAL + 'leave_on_server = true\ndelete_after = "7d"\nmax_message_size = "50MB"\n',
+    )
+    (a,) = s.accounts
+    assert (a.leave_on_server, a.delete_after, a.max_message_size) == (
+        True,
+        7 * 86400.0,
+        50 * 10**6,
+    )
+    rendered = render_settings(s)
+    assert 'delete_after = "7d"' in rendered
+    assert "max_message_size = 50000000" in rendered
+    assert "leave_on_server = true" in rendered
+    again = tomllib.loads(rendered)["accounts"][0]
+    assert (again["delete_after"], again["max_message_size"]) == ("7d", 50_000_000)
+
+
+def test_leave_on_server_defaults(tmp_path: Path) -> None:
+    (a,) = load(tmp_path, MINIMAL).accounts
+    assert (a.leave_on_server, a.delete_after, a.max_message_size) == (False, None, 256 * 2**20)
+
+
+def test_delete_after_without_leave_on_server_names_the_key(tmp_path: Path) -> None:
+    assert problems(tmp_path, MINIMAL + 'delete_after = "7d"\n') == [
+        "accounts[0].delete_after: only meaningful with leave_on_server = true"
+    ]
+    assert problems(tmp_path, MINIMAL + 'leave_on_server = false\ndelete_after = "1h"\n') == [
+        "accounts[0].delete_after: only meaningful with leave_on_server = true"
+    ]
+
+
+def test_example_leave_on_server_lines_load_when_uncommented(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POP3_INFO_PASSWORD", SECRET)
+    lines = [
+        re.sub(r"^# (max_message_size|leave_on_server|delete_after)\b", r"\1", line)
+        for line in EXAMPLE.read_text(encoding="utf-8").splitlines()
+    ]
+    text = "\n".join(lines).replace("leave_on_server = false", "leave_on_server = true")
+    (tmp_path / "sales.password").write_text("x\n", encoding="utf-8")
+    text = text.replace('"/etc/pop3-connector/sales.password"', f'"{tmp_path / "sales.password"}"')
+    info = load(tmp_path, text).accounts[0]
+    assert (info.leave_on_server, info.delete_after, info.max_message_size) == (
+        True,
+        7 * 86400.0,
+        256 * 2**20,
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "octets"),
+    [
+        (1000, 1000),
+        ("1000", 1000),
+        ("50MB", 50_000_000),
+        ("25MiB", 25 * 2**20),
+        ("25 mib", 25 * 2**20),
+        ("512KiB", 512 * 1024),
+        ("1.5KB", 1500),
+        ("2GB", 2 * 10**9),
+        ("1GiB", 2**30),
+        ("10B", 10),
+    ],
+)
+def test_parse_size(value: object, octets: int) -> None:
+    assert parse_size(value) == octets
+
+
+@pytest.mark.parametrize("value", [0, -5, "0MB", "", "MB", "5 XB", "1.5B", "0.1KiB", True, 2.5])
+def test_parse_size_refuses(value: object) -> None:
+    with pytest.raises(ValueError, match="size"):
+        parse_size(value)
+
+
+def test_bad_max_message_size_names_the_key(tmp_path: Path) -> None:
+    (line,) = problems(tmp_path, MINIMAL + 'max_message_size = "lots"\n')
+    assert line.startswith("accounts[0].max_message_size: expected a size")

@@ -337,3 +337,132 @@ def test_trace_header_uses_the_message_line_ending_and_is_safe() -> None:
     )
     expected = b"Received: from p by me with POP3 (pop3-connector)\n"
     assert lf == expected + b"\t; Fri, 27 Nov 2026 15:49:35 +0000\n"
+
+
+# -- leave_on_server / delete_after ---------------------------------------------------------------
+
+DAY = 86400.0
+
+
+async def test_leave_on_server_over_cycles_then_delete_after_expires(rig: Rig) -> None:
+    keep_for = 7 * DAY
+    t0 = rig.now
+    old = [rig.pop.add_message(USER, mail(i)) for i in range(3)]
+    stats = await (await rig.cycle(leave_on_server=True, delete_after=keep_for)).run()
+    assert (stats.delivered, stats.kept, stats.skipped) == (3, 0, 0)
+    assert "DELE" not in rig.pop.commands
+    assert rig.pop.uidls(USER) == old
+
+    rig.now = t0 + DAY
+    new = [rig.pop.add_message(USER, mail(i)) for i in range(3, 5)]
+    rig.pop.commands.clear()
+    stats = await (await rig.cycle(leave_on_server=True, delete_after=keep_for)).run()
+    assert (stats.delivered, stats.kept, stats.skipped) == (2, 3, 0)
+    assert rig.pop.commands.count("RETR") == 2  # only the new ones
+    assert "DELE" not in rig.pop.commands
+
+    rig.now = t0 + 7 * DAY - 1  # not yet
+    rec = Recorder()
+    stats = await (await rig.cycle(rec, leave_on_server=True, delete_after=keep_for)).run()
+    assert (stats.delivered, stats.kept, stats.skipped) == (0, 5, 0)
+    assert rec.events == []
+    assert rig.pop.uidls(USER) == old + new
+
+    rig.now = t0 + 7 * DAY  # the first three were delivered exactly delete_after ago
+    stats = await (await rig.cycle(rec, leave_on_server=True, delete_after=keep_for)).run()
+    assert (stats.delivered, stats.kept, stats.skipped) == (0, 2, 3)
+    assert [(u, o) for u, o, _ in rec.events] == [(u, Outcome.SKIPPED) for u in old]
+    assert rig.pop.deleted == old
+    assert rig.pop.uidls(USER) == new
+
+    rig.now = t0 + 8 * DAY
+    stats = await (await rig.cycle(leave_on_server=True, delete_after=keep_for)).run()
+    assert (stats.delivered, stats.kept, stats.skipped) == (0, 0, 2)
+    assert rig.pop.deleted == old + new
+    # Nothing was ever delivered twice.
+    bodies = [m.data.split(b"\r\n", 2)[2] for m in rig.sink.messages]
+    assert bodies == [mail(i) for i in range(5)]
+
+
+async def test_kept_messages_cost_one_listing_and_no_per_message_commands(rig: Rig) -> None:
+    """Kept messages: a cycle sends the same few commands as for an empty mailbox, writes
+    nothing to the ledger and reports nothing per message (2,000 here to stay fast; nothing in
+    the path depends on the count)."""
+    uids = [rig.pop.add_message(USER, mail(i)) for i in range(2_000)]
+    await rig.ledger.sync_listing("info", uids, rig.now)
+    for uid in uids[:-1]:  # as if delivered by earlier cycles
+        await rig.ledger.record_delivered("info", uid, 50, "250 ok", rig.now)
+    stats = await (await rig.cycle(leave_on_server=True)).run()
+    assert (stats.delivered, stats.kept) == (1, 1_999)
+
+    rig.pop.commands.clear()
+    changes = await rig.ledger.total_changes()
+    rec = Recorder()
+    rig.now += 30 * DAY
+    stats = await (await rig.cycle(rec, leave_on_server=True)).run()
+    assert (stats.delivered, stats.skipped, stats.kept) == (0, 0, 2_000)
+    assert rig.pop.commands.count("UIDL") == 1
+    assert not {"RETR", "TOP", "DELE"} & set(rig.pop.commands)
+    assert len(rig.pop.commands) < 10  # greeting-to-QUIT overhead only
+    assert await rig.ledger.total_changes() == changes
+    assert rec.events == []
+    assert len(rig.sink.messages) == 1
+    assert len(rig.pop.uidls(USER)) == 2_000
+
+
+async def test_leave_on_server_keeps_dead_letters_and_retries_deferrals(tmp_path: Path) -> None:
+    def rule(stage: str, sender: str, rcpts: list[str], data: bytes | None) -> str | None:
+        if stage == "data" and sender.endswith("@bad.example"):
+            return "554 5.1.0 Sender denied"
+        if stage == "data" and sender.endswith("@grey.example"):
+            return "451 4.7.1 Try later"
+        return None
+
+    async for rig in make_rig(tmp_path, rule):
+        keep_for = 2 * DAY
+        t0 = rig.now
+        bad = rig.pop.add_message(USER, mail(1, "x@bad.example"))
+        grey = rig.pop.add_message(USER, mail(2, "x@grey.example"))
+        stats = await (await rig.cycle(leave_on_server=True, delete_after=keep_for)).run()
+        assert (stats.dead_lettered, stats.deferred) == (1, 1)
+        rig.now = t0 + DAY
+        rig.pop.commands.clear()
+        stats = await (await rig.cycle(leave_on_server=True, delete_after=keep_for)).run()
+        # The dead letter stays upstream, is not stored again; the deferral is retried.
+        assert (stats.dead_lettered, stats.deferred, stats.kept) == (0, 1, 1)
+        assert rig.pop.commands.count("RETR") == 1
+        assert len(await rig.store.list()) == 1
+        assert rig.pop.uidls(USER) == [bad, grey]
+        rig.now = t0 + 2 * DAY  # delete_after counts from the dead-lettering
+        stats = await (await rig.cycle(leave_on_server=True, delete_after=keep_for)).run()
+        assert (stats.skipped, stats.deferred) == (1, 1)
+        assert rig.pop.uidls(USER) == [grey]
+        entry = await rig.ledger.entry("info", grey)
+        assert entry is not None
+        assert (entry.state, entry.attempts) == (MessageState.DEFERRED, 3)
+
+
+async def test_leave_on_server_without_delete_after_never_deletes(rig: Rig) -> None:
+    uid = rig.pop.add_message(USER, mail(1))
+    await (await rig.cycle(leave_on_server=True)).run()
+    rig.now += 3650 * DAY
+    stats = await (await rig.cycle(leave_on_server=True)).run()
+    assert (stats.kept, stats.skipped) == (1, 0)
+    assert rig.pop.uidls(USER) == [uid]
+    # Turned off again: the kept message is DELEd on the next cycle, not delivered again.
+    stats = await (await rig.cycle()).run()
+    assert (stats.skipped, stats.delivered) == (1, 0)
+    assert rig.pop.deleted == [uid]
+    assert len(rig.sink.messages) == 1
+
+
+async def test_a_finished_message_over_the_size_limit_is_still_deleted(rig: Rig) -> None:
+    """The size limit is about fetching; a message done before is never fetched again."""
+    uid = rig.pop.add_message(USER, mail(1) + b"x" * 5000 + b"\r\n")
+    await (await rig.cycle()).run()  # delivered and deleted...
+    assert rig.pop.deleted == [uid]
+    uid = rig.pop.add_message(USER, mail(2) + b"x" * 5000 + b"\r\n")
+    await (await rig.cycle(leave_on_server=True)).run()  # ...this one kept
+    stats = await (await rig.cycle(max_message_size=1000)).run()  # then the limit lowered
+    assert (stats.skipped, stats.delivered) == (1, 0)
+    assert rig.pop.deleted[-1] == uid
