@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -168,15 +169,22 @@ def test_sigterm_finishes_the_message_in_flight_then_quits(
     assert log.wait_for("stopped"), log.text()
 
 
+def cycles_recorded(s: Setup) -> int:
+    """Accounts with a recorded cycle; 0 while the ledger is not there or not yet migrated."""
+    if not (s.state_dir / "ledger.sqlite3").exists():
+        return 0
+    try:
+        with contextlib.closing(s.ledger()) as db:
+            count: int = db.execute("SELECT count(*) FROM accounts").fetchone()[0]
+            return count
+    except sqlite3.OperationalError:  # the file exists, the schema does not yet
+        return 0
+
+
 def test_sigusr1_polls_now(setup_factory: Callable[..., Setup]) -> None:
     s = setup_factory(service_extra='poll_interval = "1h"')
     with running(s.config) as (proc, log):
-        wait_until(lambda: (s.state_dir / "ledger.sqlite3").exists(), "the first cycle")
-        with s.ledger() as db:
-            wait_until(
-                lambda: db.execute("SELECT count(*) FROM accounts").fetchone()[0] == 1,
-                "the first cycle to finish",
-            )
+        wait_until(lambda: cycles_recorded(s) == 1, "the first cycle to finish")
         s.dovecot.deliver_many(s.user, [message(7)])
         os.kill(proc.pid, signal.SIGUSR1)
         wait_until(lambda: len(s.received()) == 1, "the message polled by SIGUSR1")
