@@ -385,6 +385,15 @@ def _listen(value: str) -> str:
     return value
 
 
+class NoticesConfig(_Model):
+    """``[notices]``: mail to a postmaster about dead letters and failing accounts (optional)."""
+
+    postmaster: Address | None = None  # None: no notices
+    min_interval: Duration = 3600.0  # at most one notice per kind and account this often
+    on_dead_letter: bool = True
+    on_account_failing: bool = True
+
+
 class MetricsSettings(_Model):
     """``[metrics]``: the HTTP endpoint for /metrics, /healthz, /status and POST /poll."""
 
@@ -633,6 +642,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     smtp: SmtpConfig
     dead_letter: DeadLetterConfig = Field(default_factory=MaildirDeadLetter, validate_default=True)
+    notices: NoticesConfig = Field(default_factory=NoticesConfig)
     accounts: list[AccountConfig] = Field(min_length=1)
 
     @classmethod
@@ -805,7 +815,7 @@ def load_settings(path: Path) -> Settings:
 # --------------------------------------------------------------------------------------------
 
 _DURATION_KEYS: Final = frozenset(
-    {"poll_interval", "shutdown_grace", "timeout", "max_deferral", "delete_after"}
+    {"poll_interval", "shutdown_grace", "timeout", "max_deferral", "delete_after", "min_interval"}
 )
 
 
@@ -878,7 +888,7 @@ def _table_lines(model: BaseModel) -> Iterator[str]:
 def render_settings(settings: Settings) -> str:
     """The effective configuration as TOML, defaults filled in and every secret masked."""
     lines = ["# pop3-connector: effective configuration (defaults filled in, secrets masked)"]
-    for table in ("service", "metrics", "smtp", "dead_letter"):
+    for table in ("service", "metrics", "smtp", "dead_letter", "notices"):
         lines += ["", f"[{table}]", *_table_lines(getattr(settings, table))]
     for account in settings.accounts:
         lines += ["", "[[accounts]]", *_table_lines(account)]

@@ -58,6 +58,7 @@ from connector.fetcher import (
 )
 from connector.ledger import AccountStatus, CycleRecord, Ledger
 from connector.metrics import Metrics
+from connector.notices import NoticeSettings, Notifier, RecordingStore
 from connector.pop3 import AuthMethod, Pop3Endpoint, TlsMode
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,7 @@ class Runtime:
     shutdown_grace: float
     transcripts: bool
     imap_store: ImapStoreSpec | None = None
+    notices: NoticeSettings | None = None  # None: [notices] postmaster not set
 
     @property
     def ledger_path(self) -> Path:
@@ -315,6 +317,14 @@ def build_runtime(settings: Settings) -> Runtime:
         shutdown_grace=settings.service.shutdown_grace,
         transcripts=settings.service.log_level == "debug",
         imap_store=imap,
+        notices=None
+        if settings.notices.postmaster is None
+        else NoticeSettings(
+            postmaster=settings.notices.postmaster,
+            min_interval=settings.notices.min_interval,
+            on_dead_letter=settings.notices.on_dead_letter,
+            on_account_failing=settings.notices.on_account_failing,
+        ),
     )
 
 
@@ -497,6 +507,7 @@ class Service:
         base = observer if observer is not None else LogObserver()
         self.observer: CycleObserver = base if metrics is None else _Observers(base, metrics)
         self.clock = clock
+        self.notifier = Notifier(runtime.state_dir / "notices.json", clock=clock)
         self.stopping = asyncio.Event()
         # One lock per account *name*, kept across reloads: an account removed and added back
         # while its old cycle still runs must not get a second, concurrent cycle.
@@ -534,10 +545,11 @@ class Service:
         deliverer = SmtpDeliverer(
             self.runtime.smtp, transcript=SMTP_TRANSCRIPT if self.runtime.transcripts else None
         )
+        recorded = RecordingStore(self.store)  # what the dead-letter digest names
         cycle = Cycle(
             spec,
             ledger=self.ledger,
-            store=self.store,
+            store=recorded,
             deliverer=deliverer,
             policy=self.runtime.policy,
             observer=self.observer,
@@ -586,6 +598,15 @@ class Service:
             )
             result = CycleResult(spec.name, True, stats, duration)
         state.next_poll = self.clock() + self.delay_after(state, result)
+        await self.notifier.after_cycle(  # never raises: a notice never fails the cycle
+            self.runtime.notices,
+            self.runtime.smtp,
+            spec.name,
+            ok=result.ok,
+            failing=state.failing,
+            error=result.error,
+            dead_letters=recorded.notes,
+        )
         known = result.stats.mailbox_known
         try:
             await self.ledger.record_cycle(
