@@ -7,10 +7,11 @@ service's; a Maildir is safe to change from two processes (PRODUCT §7).
 ``requeue`` puts a dead letter back on the way it was refused on: our ``X-POP3-Connector-*``
 lines removed, the original bytes (no new ``Received:`` line: the first attempt's never left
 us), the envelope sender by the configured policy from the message's own Return-Path, and the
-``deliver_to`` of the account it came from (or ``--to``).  Accepted: removed from the store and
-recorded in the ledger as delivered.  Refused again: it stays, with the new reason; the new
-version is stored durably before the old one is removed, so a crash in between leaves two
-copies, never none.
+recipients its ``X-POP3-Connector-Recipients`` line names (a shared mailbox's message), else
+the ``deliver_to`` of the account it came from; ``--to`` overrides both.  Accepted: removed
+from the store and recorded in the ledger as delivered.  Refused again: it stays, with the new
+reason; the new version is stored durably before the old one is removed, so a crash in between
+leaves two copies, never none.
 """
 
 from __future__ import annotations
@@ -220,6 +221,9 @@ async def dead_letters_requeue(
     original = strip_dead_letter_headers(stored)
     if to:
         recipients = tuple(to)
+    elif info.recipients:
+        # A shared mailbox's message, or a copy for the recipients that refused it: to them.
+        recipients = info.recipients
     else:
         spec = next((s for s in runtime.accounts if s.name == info.account), None)
         if spec is None:
@@ -307,6 +311,7 @@ async def _refused_again(
         stage=str(exc.stage),
         response=exc.response,
         failed_at=datetime.fromtimestamp(when, UTC),
+        recipients=info.recipients,
     )
     # The new version first, durably; then the old one goes (two copies at worst, never none).
     new_id = await store.put(original, new_info)

@@ -540,6 +540,60 @@ DeadLetterConfig = Annotated[
 _DEAD_LETTER_TAGS: Final = frozenset({"maildir", "imap"})
 
 
+_DOMAIN_RE: Final = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+# RFC 5322 §3.6.2 / §3.6.3 field names (ftext: printable ASCII except the colon).
+_FIELD_NAME_RE: Final = re.compile(r"[\x21-\x39\x3b-\x7e]{1,76}")
+# A rule's pattern: an address with shell-style wildcards ("*@sales.firma.example").
+_PATTERN_RE: Final = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\[\]-]+@[A-Za-z0-9.*?\[\]-]+")
+
+
+def _domain(value: str) -> str:
+    value = value.lower().rstrip(".")
+    if not _DOMAIN_RE.fullmatch(value) or len(value) > 253:
+        raise _problem("not a valid domain name (expected like firma.example, ASCII)")
+    return value
+
+
+def _field_name(value: str) -> str:
+    if not _FIELD_NAME_RE.fullmatch(value):
+        raise _problem("not a header field name (like Delivered-To)")
+    return value
+
+
+def _pattern(value: str) -> str:
+    if not _PATTERN_RE.fullmatch(value):
+        raise _problem(
+            'expected an address, where * and ? may stand for any text ("*@sales.firma.example")'
+        )
+    return value.lower()
+
+
+Domain = Annotated[str, AfterValidator(_domain)]
+
+
+class RoutingRule(_Model):
+    """One ``[[accounts.shared.rules]]``: an address (pattern) and the Exchange recipients."""
+
+    match: Annotated[str, AfterValidator(_pattern)]
+    deliver_to: list[Address] = Field(min_length=1)
+
+
+class SharedConfig(_Model):
+    """``[accounts.shared]``: a catch-all mailbox whose recipients are read from the messages."""
+
+    domains: list[Domain] = Field(min_length=1)
+    envelope_headers: list[Annotated[str, AfterValidator(_field_name)]] = Field(
+        default_factory=lambda: ["Delivered-To", "X-Original-To", "X-Envelope-To"]
+    )
+    header_recipients: bool = True
+    rewrite_domain: Domain | None = None
+    rules: list[RoutingRule] = Field(default_factory=list)
+    # A provider stores one copy per recipient: a Message-ID already delivered to a recipient
+    # this long ago or less is not delivered to it again.
+    suppress_duplicates: bool = True
+    duplicate_window: Duration = 7 * 86400.0
+
+
 class AccountConfig(_Endpoint):
     """One ``[[accounts]]`` entry: a POP3 mailbox and where its mail goes."""
 
@@ -591,8 +645,12 @@ class AccountConfig(_Endpoint):
             return None
         return tuple(shlex.split(self.oauth2_token_command))
 
-    # Larger messages are left upstream with a warning (the default is fetcher.AccountSpec's).
+    # Larger messages are dead-lettered (stage "size") without an SMTP attempt, or, with
+    # oversize = "leave", left upstream and reported (the default is fetcher.AccountSpec's).
     max_message_size: Size = 256 * 1024 * 1024
+    oversize: Literal["dead-letter", "leave"] = "dead-letter"
+    # A shared (catch-all) mailbox: recipients from each message; deliver_to is the fallback.
+    shared: SharedConfig | None = None
     # Keep mail upstream after delivery (or dead-lettering); never deliver a UIDL twice.
     leave_on_server: bool = False
     # With leave_on_server: DELE a kept message this long after it was delivered.

@@ -113,21 +113,35 @@ class SmtpSettings:
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """``sender`` "" is the null sender <>.  ``sender_fixed``: same for every message."""
+    """``sender`` "" is the null sender <>.  ``sender_fixed``: same for every message.
+
+    ``recipients_fixed``: the recipients come from the config (``deliver_to``), the same for
+    every message.  A shared mailbox reads them from the message instead (False); then
+    ``configured`` names those of them (lower case) that still come from the config (the
+    fallback, a routing rule's targets).  A permanent refusal of a configured recipient is our
+    setup's fault (PRODUCT §6), whatever the message.
+    """
 
     sender: str
     recipients: tuple[str, ...]
     sender_fixed: bool
     recipients_fixed: bool = True
+    configured: frozenset[str] = frozenset()
+
+    def is_configured(self, recipient: str) -> bool:
+        """Whether ``recipient`` comes from the config rather than from the message."""
+        return self.recipients_fixed or recipient.lower() in self.configured
 
 
 @dataclass(frozen=True, slots=True)
 class Delivered:
     """Accepted: ``response`` like ``250 2.0.0 Ok: queued as X``.  ``refused``: recipients
-    refused while others were accepted, recipient -> response line."""
+    refused while others were accepted, recipient -> response line; ``permanent``: those of
+    them refused permanently (5xx; a 552 counts as 452, RFC 5321 §4.5.3.1.10)."""
 
     response: str
     refused: Mapping[str, str] = field(default_factory=dict)
+    permanent: frozenset[str] = frozenset()
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +272,7 @@ def _in_chain(exc: BaseException, kind: type[BaseException]) -> BaseException | 
     return None
 
 
-def _per_message(stage: SmtpStage, envelope: Envelope | None) -> bool:
+def _per_message(stage: SmtpStage, envelope: Envelope | None, recipient: str | None) -> bool:
     """PRODUCT §6: is a refusal at ``stage`` about this message, or about every message?"""
     match stage:
         case SmtpStage.CONNECT | SmtpStage.TLS | SmtpStage.EHLO | SmtpStage.AUTH:
@@ -266,7 +280,9 @@ def _per_message(stage: SmtpStage, envelope: Envelope | None) -> bool:
         case SmtpStage.MAIL:
             return envelope is not None and not envelope.sender_fixed
         case SmtpStage.RCPT:
-            return envelope is not None and not envelope.recipients_fixed
+            if envelope is None or envelope.recipients_fixed:
+                return False
+            return recipient is None or not envelope.is_configured(recipient)
         case SmtpStage.DATA | SmtpStage.SIZE:
             return True
         case _:
@@ -274,7 +290,12 @@ def _per_message(stage: SmtpStage, envelope: Envelope | None) -> bool:
 
 
 def _from_reply(
-    stage: SmtpStage, code: int, message: str, envelope: Envelope | None
+    stage: SmtpStage,
+    code: int,
+    message: str,
+    envelope: Envelope | None,
+    recipient: str | None = None,
+    refused: Mapping[str, str] | None = None,
 ) -> DeliveryError:
     enhanced, text = split_enhanced_code(_one_line(message))
     if stage is SmtpStage.MAIL and (code == 552 or enhanced == "5.3.4"):
@@ -287,8 +308,14 @@ def _from_reply(
         text,
         smtp_code=code,
         enhanced_code=enhanced,
-        per_message=_per_message(stage, envelope),
+        per_message=_per_message(stage, envelope, recipient),
+        refused=refused,
     )
+
+
+def _permanent(refusal: aiosmtplib.SMTPRecipientRefused) -> bool:
+    enhanced, _ = split_enhanced_code(_one_line(refusal.message))
+    return smtp_class(refusal.code, enhanced, SmtpStage.RCPT) == 5
 
 
 def _pick_recipient_refusal(
@@ -343,11 +370,18 @@ def delivery_error(
             chosen = _pick_recipient_refusal(refusals)
             if chosen is None:
                 return DeliveryError(SmtpStage.RCPT, "all recipients refused")
-            return _from_reply(SmtpStage.RCPT, chosen.code, chosen.message, envelope)
+            return _from_reply(
+                SmtpStage.RCPT,
+                chosen.code,
+                chosen.message,
+                envelope,
+                chosen.recipient,
+                {r.recipient: f"{r.code} {_one_line(r.message)}" for r in refusals},
+            )
         case aiosmtplib.SMTPSenderRefused(code=code, message=message):
             return _from_reply(SmtpStage.MAIL, code, message, envelope)
-        case aiosmtplib.SMTPRecipientRefused(code=code, message=message):
-            return _from_reply(SmtpStage.RCPT, code, message, envelope)
+        case aiosmtplib.SMTPRecipientRefused(code=code, message=message, recipient=rcpt):
+            return _from_reply(SmtpStage.RCPT, code, message, envelope, rcpt)
         case aiosmtplib.SMTPDataError(code=code, message=message):
             return _from_reply(SmtpStage.DATA, code, message, envelope)
         case aiosmtplib.SMTPAuthenticationError(code=code, message=message):
@@ -866,6 +900,11 @@ class SmtpDeliverer:
         return Delivered(
             response=f"250 {_one_line(response.message)}".rstrip(),
             refused={rcpt: f"{r.code} {_one_line(r.message)}" for rcpt, r in refused.items()},
+            permanent=frozenset(
+                rcpt
+                for rcpt, r in refused.items()
+                if smtp_class(r.code, split_enhanced_code(r.message)[0], SmtpStage.RCPT) == 5
+            ),
         )
 
     async def _transaction(
@@ -915,9 +954,13 @@ class SmtpDeliverer:
                     refusals.append(
                         aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, recipient)
                     )
-            if len(refusals) == len(envelope.recipients):
+            ours = [r for r in refusals if _permanent(r) and envelope.is_configured(r.recipient)]
+            if ours or len(refusals) == len(envelope.recipients):
+                # A configured recipient refused permanently is our setup's fault (PRODUCT §6):
+                # stop before the content goes out, so that nobody gets this message now and
+                # the whole cycle stops; otherwise every recipient was refused.
                 self._abandon_data(smtp, data_reply)
-                raise aiosmtplib.SMTPRecipientsRefused(refusals)
+                raise aiosmtplib.SMTPRecipientsRefused(ours or refusals)
             if data_reply is None:
                 smtp.stage = SmtpStage.DATA
                 data_reply = await smtp.execute_command(b"DATA", timeout=timeout)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Mapping
 from typing import Final
 
 
@@ -164,6 +165,7 @@ class DeliveryError(ConnectorError):
         enhanced_code: str | None = None,
         per_message: bool = False,
         security: bool = False,
+        refused: Mapping[str, str] | None = None,
     ) -> None:
         self.stage = stage
         self.text = text
@@ -171,6 +173,9 @@ class DeliveryError(ConnectorError):
         self.enhanced_code = enhanced_code
         self.per_message = per_message
         self.security = security
+        # At RCPT, when every recipient was refused: recipient -> "550 5.1.1 text", so that a
+        # dead letter can name each of them (and ``requeue`` send it to them).
+        self.refused: Mapping[str, str] = dict(refused or {})
         super().__init__(stage, text, smtp_code, enhanced_code)
 
     @property

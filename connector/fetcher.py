@@ -41,7 +41,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Protocol
+from typing import Final, Protocol
 
 from connector.deadletter import DeadLetterInfo, DeadLetterStore
 from connector.delivery import Delivered, Envelope, SenderPolicy, envelope_sender
@@ -53,10 +53,23 @@ from connector.errors import (
     Pop3ResponseError,
     classify,
 )
-from connector.ledger import Ledger, LedgerEntry, MessageState
+from connector.ledger import Ledger, LedgerEntry, MessageState, RecipientsDone
 from connector.pop3 import AuthMethod, Pop3Client, Pop3Endpoint, Pop3Timeouts
+from connector.recipients import SharedMailbox, message_id, route
 
 log = logging.getLogger(__name__)
+
+
+FETCH_CEILING: Final = 1024 * 1024 * 1024
+"""No message larger than this is read, whatever the policy: it is left upstream and reported.
+A message is held in memory while it is handled; this bounds what one message may cost."""
+
+
+class Oversize(enum.StrEnum):
+    """``oversize``: what happens to a message larger than ``max_message_size``."""
+
+    DEAD_LETTER = "dead-letter"  # fetched and dead-lettered (stage "size"), never sent to SMTP
+    LEAVE = "leave"  # left upstream untouched; logged every cycle, one notice per message
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +90,11 @@ class AccountSpec:
     # (never, when None).  ``delete_after`` without ``leave_on_server`` changes nothing.
     leave_on_server: bool = False
     delete_after: float | None = None
+    # What to do with a message over max_message_size (PRODUCT §7 stage "size").
+    oversize: Oversize = field(default_factory=lambda: Oversize.DEAD_LETTER)
+    # A shared (catch-all) mailbox: recipients read from each message (recipients.route), with
+    # ``deliver_to`` as the fallback for mail that names nobody of ours.
+    shared: SharedMailbox | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +130,9 @@ class CycleStats:
     stopped_early: bool = False
     mailbox_known: bool = False  # STAT answered: the mailbox_* fields are real, not defaults
     kept: int = 0  # leave_on_server: finished before, left upstream untouched this cycle
+    # Over max_message_size and left upstream (oversize = "leave", or over FETCH_CEILING):
+    # (uid, size) for the admin notice.
+    oversize_left: list[tuple[str, int]] = field(default_factory=list)
 
     def count(self, outcome: Outcome) -> None:
         match outcome:
@@ -270,7 +291,7 @@ class Cycle:
         pop = await self._connect(
             acct.endpoint,
             acct.timeouts,
-            max_message_size=acct.max_message_size,
+            max_message_size=self._fetch_limit(),
             transcript=self.transcript,
         )
         async with pop:
@@ -280,8 +301,12 @@ class Cycle:
             self.stats.mailbox_known = True
             sizes = dict(await pop.list()) if count else {}
             listing = await uid_listing(pop, count, sizes) if count else []
+            now = self.clock()
             known = await self.ledger.sync_listing(
-                acct.name, [uid for _, uid in listing], self.clock()
+                acct.name,
+                [uid for _, uid in listing],
+                now,
+                recipients_before=now - self._recipients_kept(),
             )
             stopped: CycleStopped | None = None
             try:
@@ -304,6 +329,7 @@ class Cycle:
         acct = self.account
         now = self.clock()
         todo: list[tuple[int, str]] = []
+        oversize: set[int] = set()  # to be dead-lettered unsent (stage "size")
         for number, uid in listing:
             entry = known.get(uid)
             if entry is not None and entry.state is not MessageState.DEFERRED:
@@ -318,17 +344,22 @@ class Cycle:
                     acct.name, uid, entry.size, Outcome.SKIPPED, entry.last_response
                 )
                 continue
-            if sizes.get(number, 0) > acct.max_message_size:
-                # Fetching it would exceed our cap and fail every cycle at this message, so the
-                # mail behind it would never come.  Leave it upstream and say so.
-                log.warning(
-                    "account=%s uidl=%s size=%d exceeds the limit of %d octets: left upstream",
-                    acct.name,
-                    uid,
-                    sizes[number],
-                    acct.max_message_size,
-                )
-                continue
+            size = sizes.get(number, 0)
+            if size > acct.max_message_size:
+                if size > self._fetch_limit():
+                    # Fetching it would exceed our cap and fail every cycle at this message,
+                    # so the mail behind it would never come.  Leave it upstream and say so.
+                    log.warning(
+                        "account=%s uidl=%s size=%d exceeds max_message_size (%d octets): "
+                        "left upstream",
+                        acct.name,
+                        uid,
+                        size,
+                        acct.max_message_size,
+                    )
+                    self.stats.oversize_left.append((uid, size))
+                    continue
+                oversize.add(number)
             todo.append((number, uid))
         if self.stats.kept:
             log.debug("account=%s: %d finished messages left upstream", acct.name, self.stats.kept)
@@ -341,13 +372,42 @@ class Cycle:
                     # Stop between messages, never inside one (STYLE §4); this one waits.
                     self.stats.stopped_early = True
                     break
-                outcome = await self._handle(
-                    pop, number, uids[number], raw, known.get(uids[number])
-                )
+                if number in oversize:
+                    outcome = await self._too_large(pop, number, uids[number], raw)
+                else:
+                    outcome = await self._handle(
+                        pop, number, uids[number], raw, known.get(uids[number])
+                    )
                 del raw  # drop this message before the next is read: two copies at most
                 self.stats.count(outcome)
         finally:
             await self.deliverer.close()
+
+    def _fetch_limit(self) -> int:
+        """The most octets one message may have to be fetched (the POP3 client's cap)."""
+        acct = self.account
+        if acct.oversize is Oversize.LEAVE:
+            return acct.max_message_size
+        return max(acct.max_message_size, FETCH_CEILING)
+
+    async def _too_large(self, pop: Pop3Client, number: int, uid: str, raw: bytes) -> Outcome:
+        """Over ``max_message_size``: dead-lettered without an SMTP attempt (PRODUCT §7 "size").
+
+        The code is the one a server gives for it (RFC 1870 §6.1: 552, RFC 3463 5.3.4).
+        """
+        limit = self.account.max_message_size
+        response = (
+            f"552 5.3.4 message of {len(raw)} octets exceeds max_message_size of {limit}; not sent"
+        )
+        await self._dead_letter(pop, number, uid, raw, "size", response)
+        return Outcome.DEAD_LETTERED
+
+    def _recipients_kept(self) -> float:
+        """How long the done recipients of a message are remembered: as long as it may stay
+        deferred (a retry leaves them out), and a shared mailbox's duplicate window."""
+        acct = self.account
+        window = acct.shared.duplicate_window if acct.shared is not None else 0.0
+        return max(window, acct.max_deferral) + 86400.0
 
     def _dele_due(self, entry: LedgerEntry, now: float) -> bool:
         """Whether a finished message is to be DELEd now: always, unless leave_on_server
@@ -367,87 +427,252 @@ class Cycle:
     ) -> Outcome:
         acct, policy = self.account, self.policy
         sender, sender_fixed = envelope_sender(raw, policy.sender_policy, policy.fixed_sender)
-        envelope = Envelope(sender, acct.deliver_to, sender_fixed=sender_fixed)
+        keys: tuple[str, ...] = (f"uidl:{uid}",)
+        if acct.shared is not None:
+            routing = route(raw, acct.shared, acct.deliver_to)
+            recipients, configured = routing.recipients, routing.configured
+            mid = message_id(raw) if acct.shared.duplicate_window > 0 else None
+            if mid is not None:
+                keys += (f"mid:{mid}",)
+        else:
+            recipients, configured = acct.deliver_to, frozenset()
+        done: frozenset[str] = frozenset()
+        if acct.shared is not None or (entry is not None and len(recipients) > 1):
+            # Who has it already: a provider's copy of the same message for another recipient
+            # (shared mailbox), or a retry after only some recipients deferred it.
+            try:
+                done = await self.ledger.done_recipients(acct.name, keys)
+            except LedgerError as exc:
+                raise CycleStopped(exc) from exc
+        todo = tuple(r for r in recipients if r.lower() not in done)
+        if not todo:
+            return await self._duplicate(pop, number, uid, raw, recipients)
+        envelope = Envelope(
+            sender,
+            todo,
+            sender_fixed=sender_fixed,
+            recipients_fixed=acct.shared is None,
+            configured=configured,
+        )
         trace = trace_header(
             raw,
             pop_host=acct.endpoint.host,
             by_host=policy.helo_name,
             uidl=uid,
-            recipients=acct.deliver_to,
+            recipients=todo,
             now=datetime.fromtimestamp(self.clock(), UTC),
         )
         try:
             # The trace line travels beside the message, never joined to it (no copy).
             delivered = await self.deliverer.deliver(raw, envelope, trace=trace)
         except DeliveryError as exc:
-            return await self._refused(pop, number, uid, raw, exc)
+            return await self._refused(pop, number, uid, raw, exc, envelope, keys)
+        self.stats.delivered_bytes += len(trace) + len(raw)
+        if delivered.refused:
+            return await self._partly(pop, number, uid, raw, entry, delivered, envelope, keys)
 
         # The duplicate window of PRODUCT §5: Exchange has the message, the ledger does not yet.
         # Shielded so that a shutdown cannot cancel the commit half-way (STYLE §4).
-        try:
-            await asyncio.shield(
-                self.ledger.record_delivered(
-                    acct.name, uid, len(raw), delivered.response, self.clock()
-                )
+        await self._commit(
+            self.ledger.record_delivered(
+                acct.name,
+                uid,
+                len(raw),
+                delivered.response,
+                self.clock(),
+                done=RecipientsDone(keys, todo) if acct.shared is not None else None,
             )
+        )
+        await self._finished(pop, number)
+        self.observer.message(acct.name, uid, len(raw), Outcome.DELIVERED, delivered.response)
+        return Outcome.DELIVERED
+
+    async def _commit(self, write: Awaitable[object]) -> None:
+        """Await a ledger write, shielded; a failure ends the cycle before the next RETR."""
+        try:
+            await asyncio.shield(write)
         except LedgerError as exc:
             raise CycleStopped(exc) from exc
+
+    async def _duplicate(
+        self, pop: Pop3Client, number: int, uid: str, raw: bytes, recipients: Sequence[str]
+    ) -> Outcome:
+        """Every recipient has this message already: record it as done without SMTP."""
+        acct = self.account
+        response = f"duplicate: already delivered to {', '.join(recipients)}"
+        await self._commit(
+            self.ledger.record_delivered(acct.name, uid, len(raw), response, self.clock())
+        )
         await self._finished(pop, number)
-        self.stats.delivered_bytes += len(trace) + len(raw)
-        response = delivered.response
-        if delivered.refused:
-            refused = "; ".join(f"{r}: {text}" for r, text in delivered.refused.items())
-            response = f"{response} (refused: {refused})"
+        self.observer.message(acct.name, uid, len(raw), Outcome.SKIPPED, response)
+        return Outcome.SKIPPED
+
+    async def _partly(
+        self,
+        pop: Pop3Client,
+        number: int,
+        uid: str,
+        raw: bytes,
+        entry: LedgerEntry | None,
+        delivered: Delivered,
+        envelope: Envelope,
+        keys: tuple[str, ...],
+    ) -> Outcome:
+        """Accepted for some recipients and refused for others (RFC 5321 §3.3: the server has
+        the message; sending it again would duplicate it for those who have it).
+
+        Refused permanently (PRODUCT §6: about this message, since a configured recipient
+        refused permanently stops the cycle before DATA): a copy naming them goes to the
+        dead-letter store.  Refused temporarily: the message stays upstream, deferred, and the
+        recipients done so far are recorded under its UIDL, so a retry goes to the others
+        only; once deferred longer than ``max_deferral`` they get a dead-letter copy too.
+        """
+        acct = self.account
+        now = self.clock()
+        refused = delivered.refused
+        temporary = {r: why for r, why in refused.items() if r not in delivered.permanent}
+        expired = (
+            bool(temporary) and entry is not None and now - entry.first_seen >= (acct.max_deferral)
+        )
+        copy_for = {r: why for r, why in refused.items() if expired or r not in temporary}
+        accepted = tuple(r for r in envelope.recipients if r not in refused)
+        summary = "; ".join(f"<{r}> {why}" for r, why in refused.items())
+        response = f"{delivered.response} (refused: {summary})"
+        dl_id: str | None = None
+        if copy_for:
+            stage = "rcpt" if any(r in delivered.permanent for r in copy_for) else "expired"
+            try:
+                dl_id = await asyncio.shield(
+                    self.store.put(
+                        raw,
+                        self._info(
+                            uid,
+                            stage,
+                            "; ".join(f"<{r}> {why}" for r, why in copy_for.items()),
+                            tuple(copy_for),
+                        ),
+                    )
+                )
+            except DeadLetterError as exc:
+                # No copy: remember who has it, and keep it upstream for the others.
+                await self._commit(
+                    self.ledger.record_deferred(
+                        acct.name, uid, len(raw), response, now, done=RecipientsDone(keys, accepted)
+                    )
+                )
+                raise CycleStopped(exc) from exc
+            self.stats.count(Outcome.DEAD_LETTERED)
+            self.observer.message(
+                acct.name, uid, len(raw), Outcome.DEAD_LETTERED, f"{stage}: {summary}"
+            )
+        done = RecipientsDone(keys, (*accepted, *copy_for))
+        if temporary and not expired:
+            await self._commit(
+                self.ledger.record_deferred(
+                    acct.name, uid, len(raw), response, now, dead_letter_id=dl_id, done=done
+                )
+            )
+            self.observer.message(acct.name, uid, len(raw), Outcome.DEFERRED, response)
+            return Outcome.DEFERRED
+        await self._commit(
+            self.ledger.record_delivered(
+                acct.name, uid, len(raw), response, now, dead_letter_id=dl_id, done=done
+            )
+        )
+        await self._finished(pop, number)
         self.observer.message(acct.name, uid, len(raw), Outcome.DELIVERED, response)
         return Outcome.DELIVERED
 
+    def _info(
+        self, uid: str, stage: str, response: str, recipients: tuple[str, ...] = ()
+    ) -> DeadLetterInfo:
+        return DeadLetterInfo(
+            account=self.account.name,
+            uidl=uid,
+            stage=stage,
+            response=response,
+            failed_at=datetime.fromtimestamp(self.clock(), UTC),
+            recipients=recipients,
+        )
+
     async def _refused(
-        self, pop: Pop3Client, number: int, uid: str, raw: bytes, exc: DeliveryError
+        self,
+        pop: Pop3Client,
+        number: int,
+        uid: str,
+        raw: bytes,
+        exc: DeliveryError,
+        envelope: Envelope,
+        keys: tuple[str, ...],
     ) -> Outcome:
         acct = self.account
         disposition = classify(exc)
         if exc.stage.is_setup or disposition is Disposition.PARK_ACCOUNT:
             # PRODUCT §6: our own setup is wrong; every message would fare the same.
             raise CycleStopped(exc) from exc
+        response = exc.response
+        if exc.refused and acct.shared is not None:
+            # Every recipient refused: name each, for the dead letter and the log line.
+            response = "; ".join(f"<{r}> {why}" for r, why in exc.refused.items())
         match disposition:
             case Disposition.DEAD_LETTER:
-                await self._dead_letter(pop, number, uid, raw, str(exc.stage), exc.response)
+                await self._dead_letter(
+                    pop, number, uid, raw, str(exc.stage), response, envelope, keys
+                )
                 return Outcome.DEAD_LETTERED
             case Disposition.RETRY:
                 now = self.clock()
-                try:
-                    entry = await self.ledger.record_deferred(
-                        acct.name, uid, len(raw), exc.response, now
-                    )
-                except LedgerError as lexc:
-                    raise CycleStopped(lexc) from lexc
+                entry = await self._deferred(uid, raw, response, now)
                 if now - entry.first_seen >= acct.max_deferral:
                     # PRODUCT §5.5: refused only temporarily for longer than max_deferral.
-                    await self._dead_letter(pop, number, uid, raw, "expired", exc.response)
+                    await self._dead_letter(
+                        pop, number, uid, raw, "expired", response, envelope, keys
+                    )
                     return Outcome.DEAD_LETTERED
-                self.observer.message(acct.name, uid, len(raw), Outcome.DEFERRED, exc.response)
+                self.observer.message(acct.name, uid, len(raw), Outcome.DEFERRED, response)
                 return Outcome.DEFERRED
             case Disposition.BUG | Disposition.PARK_ACCOUNT:
                 raise exc
 
+    async def _deferred(self, uid: str, raw: bytes, response: str, now: float) -> LedgerEntry:
+        try:
+            return await self.ledger.record_deferred(
+                self.account.name, uid, len(raw), response, now
+            )
+        except LedgerError as exc:
+            raise CycleStopped(exc) from exc
+
     async def _dead_letter(
-        self, pop: Pop3Client, number: int, uid: str, raw: bytes, stage: str, response: str
+        self,
+        pop: Pop3Client,
+        number: int,
+        uid: str,
+        raw: bytes,
+        stage: str,
+        response: str,
+        envelope: Envelope | None = None,
+        keys: tuple[str, ...] = (),
     ) -> None:
         acct = self.account
-        info = DeadLetterInfo(
-            account=acct.name,
-            uidl=uid,
-            stage=stage,
-            response=response,
-            failed_at=datetime.fromtimestamp(self.clock(), UTC),
-        )
+        # A shared mailbox's recipients were read from the message: the dead letter names them,
+        # so that requeue sends it to them (and the copies of it are suppressed).
+        shared = acct.shared is not None and envelope is not None
+        recipients = envelope.recipients if shared and envelope is not None else ()
         try:
             # Shielded like the ledger writes: a shutdown must not leave a stored dead letter
             # unrecorded (it would be stored again next cycle).
-            dl_id = await asyncio.shield(self.store.put(raw, info))
+            dl_id = await asyncio.shield(
+                self.store.put(raw, self._info(uid, stage, response, recipients))
+            )
             await asyncio.shield(
                 self.ledger.record_dead_lettered(
-                    acct.name, uid, len(raw), response, self.clock(), dead_letter_id=dl_id
+                    acct.name,
+                    uid,
+                    len(raw),
+                    response,
+                    self.clock(),
+                    dead_letter_id=dl_id,
+                    done=RecipientsDone(keys, recipients) if recipients else None,
                 )
             )
         except (DeadLetterError, LedgerError) as exc:

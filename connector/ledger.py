@@ -88,6 +88,19 @@ MIGRATIONS: Final[list[str]] = [
         next_poll           REAL
     ) WITHOUT ROWID;
     """,
+    # 2: the recipients a message is done for (delivered or dead-lettered), by key: "uidl:<id>"
+    # (a message delivered to some recipients and deferred for others is retried for the
+    # others only) and "mid:<Message-ID>" (a shared mailbox's provider stores one copy per
+    # recipient; the copies are suppressed).  Kept for a time, see sync_listing.
+    """
+    CREATE TABLE recipients_done (
+        account   TEXT NOT NULL,
+        key       TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        at        REAL NOT NULL,
+        PRIMARY KEY (account, key, recipient)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 
@@ -112,6 +125,14 @@ class LedgerEntry:
     last_response: str
     dead_letter_id: str | None = None
     gone_since: float | None = None  # set while the UIDL is no longer listed upstream
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientsDone:
+    """Recipients a message is done for, under each of ``keys`` (``uidl:``/``mid:`` keys)."""
+
+    keys: tuple[str, ...]
+    recipients: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +187,7 @@ _UPSERT: Final = """
         attempts = messages.attempts + 1,
         last_attempt = excluded.last_attempt,
         last_response = excluded.last_response,
-        dead_letter_id = excluded.dead_letter_id,
+        dead_letter_id = coalesce(excluded.dead_letter_id, messages.dead_letter_id),
         gone_since = NULL
 """
 # A deferral never overwrites a final state.
@@ -299,27 +320,44 @@ class Ledger:
     # -- the per-message interface -------------------------------------------------------------
 
     async def sync_listing(
-        self, account: str, listed: Collection[str], now: float
+        self,
+        account: str,
+        listed: Collection[str],
+        now: float,
+        *,
+        recipients_before: float | None = None,
     ) -> dict[str, LedgerEntry]:
         """The entries of ``account`` whose UIDL is in ``listed`` (a UIDL listing).
 
         In the same transaction: rows no longer listed get ``gone_since = now`` (if not set
         already), rows listed again lose it, and rows gone for ``prune_after`` are deleted.
         One read of the account's rows; writes only for the rows whose status changed.
+        ``recipients_before``: forget the account's done recipients recorded before then.
         """
         wanted = frozenset(listed)  # a snapshot: the caller may reuse its collection
         return await self._submit(
-            "sync_listing", lambda conn: self._sync_listing(conn, account, wanted, now)
+            "sync_listing",
+            lambda conn: self._sync_listing(conn, account, wanted, now, recipients_before),
         )
 
     def _sync_listing(
-        self, conn: sqlite3.Connection, account: str, wanted: frozenset[str], now: float
+        self,
+        conn: sqlite3.Connection,
+        account: str,
+        wanted: frozenset[str],
+        now: float,
+        recipients_before: float | None,
     ) -> dict[str, LedgerEntry]:
         known: dict[str, LedgerEntry] = {}
         newly_gone: list[tuple[float, str, str]] = []
         back: list[tuple[str, str]] = []
         expired: list[tuple[str, str]] = []
         with _transaction(conn):
+            if recipients_before is not None:
+                conn.execute(
+                    "DELETE FROM recipients_done WHERE account = ? AND at < ?",
+                    (account, recipients_before),
+                )
             for row in conn.execute(_SELECT_ACCOUNT, (account,)):
                 uidl, gone_since = row[0], row[8]
                 if uidl in wanted:
@@ -352,10 +390,24 @@ class Ledger:
         return known
 
     async def record_delivered(
-        self, account: str, uidl: str, size: int, response: str, now: float
+        self,
+        account: str,
+        uidl: str,
+        size: int,
+        response: str,
+        now: float,
+        *,
+        dead_letter_id: str | None = None,
+        done: RecipientsDone | None = None,
     ) -> None:
-        """Commit that SMTP accepted the message (``response`` is the ``250`` line)."""
-        await self._record(account, uidl, MessageState.DELIVERED, size, response, now, None)
+        """Commit that SMTP accepted the message (``response`` is the ``250`` line).
+
+        ``dead_letter_id``: a copy for the recipients who refused it is in the store.
+        ``done``: the recipients it is now done for, recorded in the same transaction.
+        """
+        await self._record(
+            account, uidl, MessageState.DELIVERED, size, response, now, dead_letter_id, done
+        )
 
     async def record_dead_lettered(
         self,
@@ -365,21 +417,52 @@ class Ledger:
         response: str,
         now: float,
         dead_letter_id: str | None = None,
+        *,
+        done: RecipientsDone | None = None,
     ) -> None:
         """Commit that the message is durably in the dead-letter store (as ``dead_letter_id``)."""
         await self._record(
-            account, uidl, MessageState.DEAD_LETTERED, size, response, now, dead_letter_id
+            account, uidl, MessageState.DEAD_LETTERED, size, response, now, dead_letter_id, done
         )
 
     async def record_deferred(
-        self, account: str, uidl: str, size: int, response: str, now: float
+        self,
+        account: str,
+        uidl: str,
+        size: int,
+        response: str,
+        now: float,
+        *,
+        dead_letter_id: str | None = None,
+        done: RecipientsDone | None = None,
     ) -> LedgerEntry:
         """Commit a temporary refusal; return the row (``attempts`` counted, ``first_seen`` kept).
 
         A row already delivered or dead-lettered stays so (those states are final); the
-        returned entry shows it.
+        returned entry shows it.  ``done``: recipients it was delivered (or dead-lettered) to
+        while others deferred it; a retry leaves them out.
         """
-        return await self._record(account, uidl, MessageState.DEFERRED, size, response, now, None)
+        return await self._record(
+            account, uidl, MessageState.DEFERRED, size, response, now, dead_letter_id, done
+        )
+
+    async def done_recipients(self, account: str, keys: Collection[str]) -> frozenset[str]:
+        """The recipients (lower case) recorded as done under any of ``keys``."""
+        wanted = tuple(keys)
+
+        def run(conn: sqlite3.Connection) -> frozenset[str]:
+            found: set[str] = set()
+            for key in wanted:
+                found.update(
+                    r
+                    for (r,) in conn.execute(
+                        "SELECT recipient FROM recipients_done WHERE account = ? AND key = ?",
+                        (account, key),
+                    )
+                )
+            return frozenset(found)
+
+        return await self._submit("done_recipients", run)
 
     async def _record(
         self,
@@ -390,13 +473,25 @@ class Ledger:
         response: str,
         now: float,
         dead_letter_id: str | None,
+        done: RecipientsDone | None,
     ) -> LedgerEntry:
         sql = _UPSERT_DEFERRAL if state is MessageState.DEFERRED else _UPSERT
         params = (account, uidl, state.value, size, now, now, response, dead_letter_id)
+        done_rows = (
+            [(account, k, r.lower(), now) for k in done.keys for r in done.recipients]
+            if done is not None
+            else []
+        )
 
         def run(conn: sqlite3.Connection) -> LedgerEntry:
             with _transaction(conn):
                 conn.execute(sql, params)
+                if done_rows:
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO recipients_done (account, key, recipient, at)"
+                        " VALUES (?, ?, ?, ?)",
+                        done_rows,
+                    )
                 row = conn.execute(_SELECT_ONE, (account, uidl)).fetchone()
             return _entry(row)
 

@@ -51,6 +51,7 @@ class NoticeKind(enum.StrEnum):
     DEAD_LETTERS = "dead_letters"
     FAILING = "failing"
     RECOVERED = "recovered"
+    OVERSIZE = "oversize"  # left upstream over max_message_size; once per message
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +190,26 @@ def failing_notice(
     return _message(settings, subject, "\n".join(lines) + "\n", now)
 
 
+def oversize_notice(
+    settings: NoticeSettings, account: str, left: Sequence[tuple[str, int]], now: float
+) -> bytes:
+    """The notice naming messages left upstream for being over ``max_message_size``."""
+    n = len(left)
+    lines = [
+        f"pop3-connector left {n} message{'s' if n != 1 else ''} of account {account} in the "
+        "POP3 mailbox: larger than its max_message_size.",
+        "They stay there, untouched, and block nothing; this notice is sent once for each.",
+        "",
+        *(f"  UIDL {_clean(uid)}: {size} octets" for uid, size in left),
+        "",
+        "To collect them: raise max_message_size for this account (or set",
+        'oversize = "dead-letter" to move them to the dead-letter store), or remove them with',
+        "a mail client.",
+    ]
+    subject = f"[pop3-connector] {account}: {n} message{'s' if n != 1 else ''} too large"
+    return _message(settings, subject, "\n".join(lines) + "\n", now)
+
+
 def recovered_notice(settings: NoticeSettings, account: str, now: float) -> bytes:
     """The notice that ``account`` completed a cycle again after failing."""
     body = f"pop3-connector collects the mail of account {account} again.\n"
@@ -216,6 +237,8 @@ class _Memory:
     last_sent: dict[str, float] = field(default_factory=dict)
     suppressed: dict[str, int] = field(default_factory=dict)
     announced_failing: set[str] = field(default_factory=set)
+    # account -> UIDLs of oversized messages left upstream whose notice was sent
+    announced_oversize: dict[str, set[str]] = field(default_factory=dict)
 
 
 class Notifier:
@@ -244,8 +267,12 @@ class Notifier:
         failing: bool,
         error: str | None,
         dead_letters: Sequence[DeadLetterNote],
+        oversize: Sequence[tuple[str, int]] = (),
     ) -> None:
-        """Send what this cycle's outcome calls for; ``settings`` None means notices are off."""
+        """Send what this cycle's outcome calls for; ``settings`` None means notices are off.
+
+        ``oversize``: (UIDL, size) of the messages the cycle left upstream as too large.
+        """
         if settings is None:
             return
         try:
@@ -253,6 +280,8 @@ class Notifier:
                 await self._after_cycle(
                     settings, smtp, account, ok, failing, error, list(dead_letters)
                 )
+                if ok:
+                    await self._oversize(settings, smtp, account, oversize)
         except Exception:
             # Notices are a courtesy: whatever goes wrong here, the mail and the cycle stand.
             log.exception("account=%s cannot handle the admin notices", account)
@@ -295,6 +324,39 @@ class Notifier:
         if changed:
             await self._save(memory)
 
+    async def _oversize(
+        self,
+        settings: NoticeSettings,
+        smtp: SmtpSettings,
+        account: str,
+        left: Sequence[tuple[str, int]],
+    ) -> None:
+        """One notice per oversized message left upstream: they are listed every cycle."""
+        memory = await self._load()
+        announced = memory.announced_oversize.get(account, set())
+        current = {uid for uid, _ in left}
+        new = [(uid, size) for uid, size in left if uid not in announced]
+        if (
+            new
+            and settings.on_dead_letter
+            and await self._send(
+                settings,
+                smtp,
+                NoticeKind.OVERSIZE,
+                account,
+                oversize_notice(settings, account, new, self.clock()),
+            )
+        ):
+            announced = announced | {uid for uid, _ in new}
+        # Forget the ones gone upstream: a notice names what is there now.
+        kept = announced & current
+        if kept != memory.announced_oversize.get(account, set()):
+            if kept:
+                memory.announced_oversize[account] = kept
+            else:
+                memory.announced_oversize.pop(account, None)
+            await self._save(memory)
+
     async def _limited(
         self,
         settings: NoticeSettings,
@@ -321,7 +383,7 @@ class Notifier:
                 raw = dead_letter_digest(settings, account, notes, suppressed, now)
             case NoticeKind.FAILING:
                 raw = failing_notice(settings, account, error, suppressed, now)
-            case NoticeKind.RECOVERED:  # pragma: no cover (not rate-limited; see module doc)
+            case NoticeKind.RECOVERED | NoticeKind.OVERSIZE:  # pragma: no cover (not limited)
                 raw = recovered_notice(settings, account, now)
             case _:
                 assert_never(kind)
@@ -371,6 +433,9 @@ def _read_memory(path: Path | None) -> _Memory:
             last_sent={str(k): float(v) for k, v in data["last_sent"].items()},
             suppressed={str(k): int(v) for k, v in data["suppressed"].items()},
             announced_failing={str(a) for a in data["announced_failing"]},
+            announced_oversize={
+                str(k): {str(u) for u in v} for k, v in data.get("announced_oversize", {}).items()
+            },
         )
     except FileNotFoundError:
         return _Memory()
@@ -385,6 +450,7 @@ def _write_memory(path: Path, memory: _Memory) -> None:
         "last_sent": memory.last_sent,
         "suppressed": memory.suppressed,
         "announced_failing": sorted(memory.announced_failing),
+        "announced_oversize": {k: sorted(v) for k, v in memory.announced_oversize.items()},
     }
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")

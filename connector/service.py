@@ -34,7 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from connector.config import ImapDeadLetter, Settings, dead_letter_path
+from connector.config import ImapDeadLetter, Settings, SharedConfig, dead_letter_path
 from connector.deadletter import DeadLetterArchive
 from connector.deadletter.imap import ImapStore
 from connector.deadletter.maildir import MaildirStore
@@ -55,11 +55,13 @@ from connector.fetcher import (
     DeliveryPolicy,
     LogObserver,
     Outcome,
+    Oversize,
 )
 from connector.ledger import AccountStatus, CycleRecord, Ledger
 from connector.metrics import Metrics
 from connector.notices import NoticeSettings, Notifier, RecordingStore
 from connector.pop3 import AuthMethod, Pop3Endpoint, TlsMode
+from connector.recipients import Rule, SharedMailbox
 
 log = logging.getLogger(__name__)
 POP3_TRANSCRIPT = logging.getLogger("connector.transcript.pop3")
@@ -227,6 +229,18 @@ def open_store(runtime: Runtime) -> DeadLetterArchive:
     return MaildirStore(runtime.dead_letter_path)
 
 
+def shared_mailbox(config: SharedConfig) -> SharedMailbox:
+    """``[accounts.shared]`` as the router's plain values."""
+    return SharedMailbox(
+        domains=frozenset(config.domains),
+        envelope_headers=tuple(config.envelope_headers),
+        header_recipients=config.header_recipients,
+        rules=tuple(Rule(r.match, tuple(r.deliver_to)) for r in config.rules),
+        rewrite_domain=config.rewrite_domain,
+        duplicate_window=config.duplicate_window if config.suppress_duplicates else 0.0,
+    )
+
+
 def build_runtime(settings: Settings) -> Runtime:
     """Turn validated settings into runtime objects; raises ConfigError (e.g. a bad ca_file)."""
     smtp_cfg = settings.smtp
@@ -287,6 +301,8 @@ def build_runtime(settings: Settings) -> Runtime:
                 max_message_size=acct.max_message_size,
                 leave_on_server=acct.leave_on_server,
                 delete_after=acct.delete_after,
+                oversize=Oversize(acct.oversize),
+                shared=None if acct.shared is None else shared_mailbox(acct.shared),
             )
         )
         intervals[acct.name] = settings.poll_interval_of(acct)
@@ -606,6 +622,7 @@ class Service:
             failing=state.failing,
             error=result.error,
             dead_letters=recorded.notes,
+            oversize=result.stats.oversize_left,
         )
         known = result.stats.mailbox_known
         try:

@@ -37,6 +37,11 @@ class DeadLetterInfo:
     stage: str  # mail | rcpt | data | size | expired
     response: str  # "554 5.1.0 Sender denied"
     failed_at: dt.datetime  # aware, UTC
+    # Whom it was for, when that is not simply the account's deliver_to: a shared mailbox's
+    # recipients, or the ones refused while others got the message.  ``requeue`` sends it to
+    # them.  Written as a sixth line only when not empty, so the usual dead letter keeps the
+    # five lines of PRODUCT §7.
+    recipients: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +100,8 @@ HEADER_PREFIX: Final = "X-POP3-Connector-"
 # The order is part of the format: strip_dead_letter_headers() removes exactly these, in order.
 _FIELDS: Final = ("Account", "UIDL", "Stage", "Response", "Failed-At")
 _NAMES: Final = tuple(f"{HEADER_PREFIX}{f}: ".encode("ascii") for f in _FIELDS)
+# The optional sixth line, after the five (see DeadLetterInfo.recipients).
+_RECIPIENTS: Final = f"{HEADER_PREFIX}Recipients: ".encode("ascii")
 _TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
 
 # RFC 5322 §2.1.1: a line is at most 998 characters.  The longest name plus ": " is 28, so a
@@ -150,6 +157,8 @@ def dead_letter_headers(info: DeadLetterInfo, eol: bytes) -> bytes:
         name + _one_line(v).encode("ascii") for name, v in zip(_NAMES[:4], values, strict=True)
     ]
     lines.append(_NAMES[4] + format_failed_at(info.failed_at).encode("ascii"))
+    if info.recipients:
+        lines.append(_RECIPIENTS + _one_line(", ".join(info.recipients)).encode("ascii"))
     return b"".join(line + eol for line in lines)
 
 
@@ -174,12 +183,12 @@ def _our_lines(raw: bytes) -> tuple[list[bytes], int]:
     """The values of our leading header lines, in order, and the offset just past them.
 
     Matches the names of PRODUCT §7 in their fixed order and stops at the first line that is
-    not the next one, or after the fifth.  Callers accept the block only when all five are
-    there, so a message that itself starts with one such line keeps it.
+    not the next one, or after the optional sixth (Recipients).  Callers accept the block only
+    when the five are there, so a message that itself starts with one such line keeps it.
     """
     values: list[bytes] = []
     pos = 0
-    for name in _NAMES:
+    for name in (*_NAMES, _RECIPIENTS):
         if not raw.startswith(name, pos):
             break
         nl = raw.find(b"\n", pos)
@@ -191,7 +200,8 @@ def _our_lines(raw: bytes) -> tuple[list[bytes], int]:
 
 
 def strip_dead_letter_headers(raw: bytes) -> bytes:
-    """``raw`` without our five leading ``X-POP3-Connector-*`` lines: the original again.
+    """``raw`` without our leading ``X-POP3-Connector-*`` lines (five, or six with
+    ``Recipients``): the original again.
 
     Anything else (fewer lines, another order) is not our block and is left alone.
 
@@ -199,7 +209,7 @@ def strip_dead_letter_headers(raw: bytes) -> bytes:
     relies on (tested with hypothesis).
     """
     values, end = _our_lines(raw)
-    return raw[end:] if len(values) == len(_NAMES) else raw
+    return raw[end:] if len(values) >= len(_NAMES) else raw
 
 
 def parse_dead_letter_headers(raw: bytes) -> tuple[DeadLetterInfo, int] | None:
@@ -209,14 +219,17 @@ def parse_dead_letter_headers(raw: bytes) -> tuple[DeadLetterInfo, int] | None:
     enough.  Returns ``None`` when the five lines are not all there (not one of ours).
     """
     values, end = _our_lines(raw)
-    if len(values) != len(_NAMES):
+    if len(values) < len(_NAMES):
         return None
-    account, uidl, stage, response, failed_at = (v.decode("ascii", "replace") for v in values)
+    account, uidl, stage, response, failed_at, *extra = (
+        v.decode("ascii", "replace") for v in values
+    )
     try:
         when = dt.datetime.strptime(failed_at, _TIME_FORMAT).replace(tzinfo=dt.UTC)
     except ValueError:
         return None
-    return DeadLetterInfo(account, uidl, stage, response, when), end
+    recipients = tuple(r.strip() for r in extra[0].split(",") if r.strip()) if extra else ()
+    return DeadLetterInfo(account, uidl, stage, response, when, recipients), end
 
 
 __all__ = [

@@ -18,8 +18,10 @@ from connector.config import (
     ImapDeadLetter,
     MaildirDeadLetter,
     MetricsSettings,
+    RoutingRule,
     ServiceSettings,
     Settings,
+    SharedConfig,
     SmtpConfig,
     config_warnings,
     dead_letter_path,
@@ -794,12 +796,17 @@ def test_example_config_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         MaildirDeadLetter,
         ImapDeadLetter,
         AccountConfig,
+        SharedConfig,
+        RoutingRule,
     ],
 )
 def test_example_config_shows_every_key(model: type[BaseModel]) -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
     for key in model.model_fields:
-        assert re.search(rf"^[ \t]*(?:#[ \t]*)?{key}[ \t]*=", text, re.MULTILINE), key
+        # A key, or a table (``[accounts.shared]``, ``[[accounts.shared.rules]]``).
+        assert re.search(
+            rf"^[ \t]*(?:#[ \t]*)?(?:{key}[ \t]*=|\[\[?[\w.]*\b{key}\]\]?)", text, re.MULTILINE
+        ), key
     for table in Settings.model_fields:
         assert re.search(rf"^\[\[?{table}\]\]?", text, re.MULTILINE), table
 

@@ -29,6 +29,7 @@ from connector.fetcher import (
     Cycle,
     DeliveryPolicy,
     Outcome,
+    Oversize,
     header_digest,
     trace_header,
 )
@@ -210,16 +211,40 @@ async def test_a_temporary_uidl_error_is_not_taken_for_a_missing_uidl(
     assert rig.sink.messages == []
 
 
-async def test_a_message_over_the_size_limit_is_left_upstream_and_the_rest_flows(
+async def test_a_message_over_the_size_limit_is_dead_lettered_unsent_by_default(
+    rig: Rig,
+) -> None:
+    big = mail(2, "a@customer.example") + b"x" * 5000 + b"\r\n"
+    rig.pop.add_message(USER, mail(1))
+    rig.pop.add_message(USER, big)
+    rig.pop.add_message(USER, mail(3))
+    stats = await (await rig.cycle(max_message_size=1000)).run()
+    assert (stats.delivered, stats.dead_lettered, stats.oversize_left) == (2, 1, [])
+    assert rig.pop.mailboxes[USER] == []
+    assert len(rig.sink.messages) == 2  # the big one never went to SMTP
+    (record,) = await rig.store.list()
+    assert record.stage == "size"
+    assert record.response.startswith("552 5.3.4 message of")
+    assert "max_message_size of 1000" in record.response
+    assert await rig.store.get(record.id) == await rig.store.get(record.id)
+    assert (await rig.store.get(record.id)).endswith(big)
+
+
+async def test_a_message_over_the_size_limit_is_left_upstream_with_oversize_leave(
     rig: Rig,
 ) -> None:
     rig.pop.add_message(USER, mail(1))
     rig.pop.add_message(USER, mail(2, "a@customer.example") + b"x" * 5000 + b"\r\n")
     rig.pop.add_message(USER, mail(3))
-    stats = await (await rig.cycle(max_message_size=1000)).run()
+    stats = await (await rig.cycle(max_message_size=1000, oversize=Oversize.LEAVE)).run()
     assert stats.delivered == 2
     assert len(rig.pop.mailboxes[USER]) == 1
-    assert "RETR" in rig.pop.commands
+    assert [size for _, size in stats.oversize_left] == [len(rig.pop.mailboxes[USER][0])]
+    assert rig.pop.commands.count("RETR") == 2  # the big one is never fetched
+    assert await rig.store.list() == []
+    # Next cycle: the same, and nothing else happens to it.
+    stats = await (await rig.cycle(max_message_size=1000, oversize=Oversize.LEAVE)).run()
+    assert (stats.delivered, len(stats.oversize_left)) == (0, 1)
 
 
 async def test_in_use_mailbox_fails_the_cycle_for_retry(tmp_path: Path) -> None:

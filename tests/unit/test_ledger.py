@@ -21,6 +21,7 @@ from connector.ledger import (
     Ledger,
     LedgerEntry,
     MessageState,
+    RecipientsDone,
 )
 
 T0 = 1_800_000_000.0
@@ -59,14 +60,14 @@ async def test_open_creates_schema_and_reopen_is_idempotent(db_path: Path) -> No
     led = await Ledger.open(db_path)
     await led.record_delivered("info", "u1", 100, "250 ok", T0)
     await led.close()
-    assert _user_version(db_path) == len(MIGRATIONS) == 1
+    assert _user_version(db_path) == len(MIGRATIONS) == 2
 
     with sqlite3.connect(db_path) as conn:
         (journal,) = conn.execute("PRAGMA journal_mode").fetchone()
         tables = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
     conn.close()
     assert journal == "wal"
-    assert set(tables) == {"messages", "accounts"}
+    assert set(tables) == {"messages", "accounts", "recipients_done"}
     assert "WITHOUT ROWID" in tables["messages"]
 
     again = await Ledger.open(db_path)  # migration 1 would fail with "table exists" if re-run
@@ -76,7 +77,7 @@ async def test_open_creates_schema_and_reopen_is_idempotent(db_path: Path) -> No
         assert entry.state is MessageState.DELIVERED
     finally:
         await again.close()
-    assert _user_version(db_path) == 1
+    assert _user_version(db_path) == 2
 
 
 async def test_pending_migration_runs_once(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,9 +88,9 @@ async def test_pending_migration_runs_once(db_path: Path, monkeypatch: pytest.Mo
     ]
     monkeypatch.setattr(ledger_module, "MIGRATIONS", migrations)
     await (await Ledger.open(db_path)).close()
-    assert _user_version(db_path) == 2
+    assert _user_version(db_path) == 3
     await (await Ledger.open(db_path)).close()  # would fail on "table extra exists"
-    assert _user_version(db_path) == 2
+    assert _user_version(db_path) == 3
 
 
 async def test_failing_migration_rolls_back(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -98,7 +99,7 @@ async def test_failing_migration_rolls_back(db_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(ledger_module, "MIGRATIONS", migrations)
     with pytest.raises(LedgerError, match="no such table"):
         await Ledger.open(db_path)
-    assert _user_version(db_path) == 1
+    assert _user_version(db_path) == 2
     with sqlite3.connect(db_path) as conn:
         names = {n for (n,) in conn.execute("SELECT name FROM sqlite_master")}
     conn.close()
@@ -367,3 +368,68 @@ async def test_close_then_use_is_a_ledger_error(db_path: Path) -> None:
 async def test_sqlite_errors_become_ledger_errors(ledger: Ledger) -> None:
     with pytest.raises(LedgerError, match="no such table"):
         await ledger._submit("probe", lambda conn: conn.execute("SELECT * FROM nope"))
+
+
+# -- recipients done (partial deliveries, a shared mailbox's copies) -----------------------------
+
+
+async def test_a_version_1_ledger_is_migrated_and_keeps_its_rows(db_path: Path) -> None:
+    """A ledger written before migration 2 opens, keeps its rows and gains the new table."""
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(db_path) as conn:
+        conn.executescript(MIGRATIONS[0])
+        conn.execute(
+            "INSERT INTO messages VALUES ('info', 'u1', 'delivered', 5, 1, 1, 1, '250', NULL, NULL)"
+        )
+        conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    led = await Ledger.open(db_path)
+    try:
+        entry = await led.entry("info", "u1")
+        assert entry is not None
+        assert entry.state is MessageState.DELIVERED
+        assert await led.done_recipients("info", ["uidl:u1"]) == frozenset()
+    finally:
+        await led.close()
+    assert _user_version(db_path) == 2
+
+
+async def test_done_recipients_are_recorded_with_the_state_and_found_by_any_key(
+    ledger: Ledger,
+) -> None:
+    done = RecipientsDone(("uidl:u1", "mid:<a@b>"), ("Bob@Firma.local", "carol@firma.local"))
+    entry = await ledger.record_deferred("info", "u1", 10, "451 later", T0, done=done)
+    assert entry.state is MessageState.DEFERRED
+    assert await ledger.done_recipients("info", ["uidl:u1"]) == {
+        "bob@firma.local",
+        "carol@firma.local",
+    }
+    assert await ledger.done_recipients("info", ["mid:<a@b>", "uidl:other"]) == {
+        "bob@firma.local",
+        "carol@firma.local",
+    }
+    # Per account, and nothing under an unknown key.
+    assert await ledger.done_recipients("sales", ["uidl:u1"]) == frozenset()
+    assert await ledger.done_recipients("info", ["uidl:u2"]) == frozenset()
+    # A later deferral keeps the dead letter id of an earlier copy.
+    await ledger.record_deferred("info", "u1", 10, "451 later", T0 + 1, dead_letter_id="dl-1")
+    await ledger.record_deferred("info", "u1", 10, "451 later", T0 + 2)
+    again = await ledger.entry("info", "u1")
+    assert again is not None
+    assert again.dead_letter_id == "dl-1"
+
+
+async def test_done_recipients_are_forgotten_by_sync_listing(ledger: Ledger) -> None:
+    await ledger.record_delivered(
+        "info", "u1", 10, "250", T0, done=RecipientsDone(("mid:<old@x>",), ("a@b",))
+    )
+    await ledger.record_delivered(
+        "info", "u2", 10, "250", T0 + 100, done=RecipientsDone(("mid:<new@x>",), ("a@b",))
+    )
+    await ledger.sync_listing("info", ["u1", "u2"], T0 + 200, recipients_before=T0 + 50)
+    assert await ledger.done_recipients("info", ["mid:<old@x>"]) == frozenset()
+    assert await ledger.done_recipients("info", ["mid:<new@x>"]) == {"a@b"}
+    # A steady listing with nothing to forget writes nothing.
+    before = await ledger.total_changes()
+    await ledger.sync_listing("info", ["u1", "u2"], T0 + 300, recipients_before=T0 + 50)
+    assert await ledger.total_changes() == before

@@ -1,0 +1,228 @@
+"""Shared (catch-all, "multidrop") mailboxes: who a message is for, read from the message.
+
+A provider's catch-all mailbox holds mail for many people of one domain.  The SMTP envelope
+that said who each copy was for is gone by the time POP3 hands the message over; what is left
+are header fields.  :func:`route` reads them, in this order, and stops at the first that names
+an address of ours (a configured domain, or an address a rule matches):
+
+1. The *envelope headers*, as configured (default ``Delivered-To``, ``X-Original-To``,
+   ``X-Envelope-To``): the trace fields a provider's MTA writes at final delivery with the
+   envelope recipient (Postfix writes ``Delivered-To`` and ``X-Original-To``; RFC 9228 documents
+   ``Delivered-To``).  Of each configured name only the topmost field that names one of ours
+   counts: the MTA that delivered the copy prepends its field above any earlier hop's (RFC 5321
+   §4.4), and an earlier hop may name an alias that has since been expanded (``team@`` before
+   ``bob@``).  This is how a Bcc'd copy finds its reader: its ``To`` names somebody else.
+2. ``To`` and ``Cc`` (every field of both; RFC 5322 §3.6.3), unless turned off.  Mail that came
+   through a mailing list names the list here, not us: a rule for the list's address routes it.
+3. Nobody of ours: the account's ``deliver_to``, SBS's "undeliverable POP3 mail" mailbox, so
+   that mail with no usable recipient (Bcc without an envelope header, a list without a rule)
+   never vanishes.
+
+Each address found is mapped by the first rule whose pattern matches it (shell-style ``*`` and
+``?``, case-insensitive) to that rule's Exchange addresses; an address of one of our domains that
+no rule matches goes to itself, with the domain rewritten when ``rewrite_domain`` is set
+(``bob@firma.example`` -> ``bob@firma.local``).  Exchange decides whether such a mailbox exists:
+a ``550 5.1.1`` to its RCPT is about the message (PRODUCT §6), and the fetcher dead-letters a copy
+naming it while the other recipients get theirs.
+
+Pure functions on bytes and frozen data; no I/O.  Header values are decoded as ASCII with
+surrogate escapes (8-bit bytes never raise), and an address that could not go on an SMTP
+envelope as it is (``delivery.address_problem``) is ignored, never "repaired".
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from email.utils import getaddresses
+from typing import Final
+
+from connector.delivery import address_problem
+
+__all__ = [
+    "DEFAULT_ENVELOPE_HEADERS",
+    "Routing",
+    "Rule",
+    "SharedMailbox",
+    "header_fields",
+    "message_id",
+    "route",
+]
+
+DEFAULT_ENVELOPE_HEADERS: Final = ("Delivered-To", "X-Original-To", "X-Envelope-To")
+
+# The end of the header block: the first empty line (RFC 5322 §2.1); bare LF tolerated.
+_HEADER_END: Final = re.compile(rb"\r?\n\r?\n")
+# A field's first line "name:" (RFC 5322 §2.2: printable ASCII except colon, then the colon).
+_FIELD: Final = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+# The largest header block we look into: a message whose header block is larger is routed on
+# what we have read of it (a hostile 1 MiB header line must not cost more than this).
+_MAX_HEADER_BLOCK: Final = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """``pattern`` (lower case, ``*``/``?`` wildcards) -> Exchange recipients."""
+
+    pattern: str
+    deliver_to: tuple[str, ...]
+
+    def matches(self, address: str) -> bool:
+        """Whether ``address`` (lower case) matches the pattern."""
+        return fnmatch.fnmatchcase(address, self.pattern)
+
+
+@dataclass(frozen=True, slots=True)
+class SharedMailbox:
+    """The ``[accounts.shared]`` settings of one account, ready for :func:`route`."""
+
+    domains: frozenset[str]  # lower case
+    envelope_headers: tuple[str, ...] = DEFAULT_ENVELOPE_HEADERS
+    header_recipients: bool = True  # look at To and Cc when no envelope header names one of ours
+    rules: tuple[Rule, ...] = ()
+    rewrite_domain: str | None = None
+    duplicate_window: float = 7 * 86400.0  # 0: no suppression by Message-ID
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """Where one message goes and why.
+
+    ``recipients``: the Exchange addresses, in order, without duplicates (case-insensitive).
+    ``source``: the header name that decided (``"Delivered-To"``, ``"To/Cc"``) or ``"fallback"``.
+    ``found``: the addresses of ours read from that header (empty for the fallback).
+    ``configured``: those of ``recipients`` that come from the config (the fallback, a rule's
+    targets) rather than from the message: a permanent refusal of one of them is our setup's
+    fault (PRODUCT §6), not the message's.
+    """
+
+    recipients: tuple[str, ...]
+    source: str
+    found: tuple[str, ...]
+    configured: frozenset[str]
+
+
+def header_fields(raw: bytes) -> Iterator[tuple[str, str]]:
+    """``(lower-case name, unfolded value)`` of each field of the header block, in order.
+
+    RFC 5322 §2.2.3: a line that starts with a space or tab continues the field above it.
+    Lines that are not fields (no colon) are skipped, as mail readers do.
+    """
+    if raw.startswith((b"\r\n", b"\n")):
+        return
+    end = _HEADER_END.search(raw, 0, _MAX_HEADER_BLOCK)
+    block = raw[: end.start() if end is not None else _MAX_HEADER_BLOCK]
+    name: bytes | None = None
+    value: list[bytes] = []
+    for line in block.split(b"\n"):
+        line = line.rstrip(b"\r")
+        if line[:1] in (b" ", b"\t") and name is not None:
+            value.append(line)
+            continue
+        if name is not None:
+            yield _decoded(name, value)
+        m = _FIELD.match(line)
+        name, value = (m[1], [line[m.end() :]]) if m else (None, [])
+    if name is not None:
+        yield _decoded(name, value)
+
+
+def _decoded(name: bytes, value: list[bytes]) -> tuple[str, str]:
+    text = b" ".join(part.strip() for part in value)
+    return name.decode("ascii").lower(), text.decode("ascii", "surrogateescape")
+
+
+def message_id(raw: bytes) -> str | None:
+    """The first ``Message-ID`` (RFC 5322 §3.6.4) as written, without spaces; None if absent."""
+    for name, value in header_fields(raw):
+        if name == "message-id":
+            text = "".join(value.split())
+            return text if text and text.isascii() else None
+    return None
+
+
+def _addresses(values: Iterable[str]) -> list[str]:
+    """The addr-specs in address-list field values (RFC 5322 §3.4), lower-cased domain."""
+    out: list[str] = []
+    for _, address in getaddresses(list(values)):
+        local, at, domain = address.strip().rpartition("@")
+        if at and local and domain:
+            candidate = f"{local}@{domain.lower().rstrip('.')}"
+            if address_problem(candidate) is None:
+                out.append(candidate)
+    return out
+
+
+def _map(address: str, shared: SharedMailbox) -> tuple[tuple[str, ...], bool] | None:
+    """Where ``address`` goes, and whether that came from the config; None: not ours."""
+    lowered = address.lower()
+    for rule in shared.rules:
+        if rule.matches(lowered):
+            return rule.deliver_to, True
+    local, _, domain = address.rpartition("@")
+    if domain in shared.domains:
+        if shared.rewrite_domain is not None:
+            return (f"{local}@{shared.rewrite_domain}",), False
+        return (address,), False
+    return None
+
+
+def _routed(
+    found: Sequence[str], shared: SharedMailbox
+) -> tuple[list[str], list[str], set[str]] | None:
+    ours: list[str] = []
+    recipients: list[str] = []
+    configured: set[str] = set()
+    for address in found:
+        mapped = _map(address, shared)
+        if mapped is None:
+            continue
+        ours.append(address)
+        targets, from_config = mapped
+        recipients.extend(targets)
+        if from_config:
+            configured.update(t.lower() for t in targets)
+    return (ours, recipients, configured) if ours else None
+
+
+def _unique(addresses: Iterable[str]) -> tuple[str, ...]:
+    seen: set[str] = set()
+    out: list[str] = []
+    for address in addresses:
+        key = address.lower()
+        if key not in seen:
+            seen.add(key)
+            out.append(address)
+    return tuple(out)
+
+
+def route(raw: bytes, shared: SharedMailbox, fallback: Sequence[str]) -> Routing:
+    """Where the message ``raw`` of a shared mailbox goes (see the module docstring)."""
+    fields = list(header_fields(raw))
+    for header in shared.envelope_headers:
+        wanted = header.lower()
+        for name, value in fields:
+            if name != wanted:
+                continue
+            hit = _routed(_addresses([value]), shared)
+            if hit is not None:
+                return _routing(hit, header)
+    if shared.header_recipients:
+        hit = _routed(_addresses(v for n, v in fields if n in ("to", "cc")), shared)
+        if hit is not None:
+            return _routing(hit, "To/Cc")
+    targets = _unique(fallback)
+    return Routing(targets, "fallback", (), frozenset(t.lower() for t in targets))
+
+
+def _routing(hit: tuple[list[str], list[str], set[str]], source: str) -> Routing:
+    ours, recipients, configured = hit
+    targets = _unique(recipients)
+    return Routing(
+        targets,
+        source,
+        _unique(ours),
+        frozenset(t.lower() for t in targets if t.lower() in configured),
+    )
