@@ -431,6 +431,14 @@ class Cycle:
         if acct.shared is not None:
             routing = route(raw, acct.shared, acct.deliver_to)
             recipients, configured = routing.recipients, routing.configured
+            log.debug(
+                "account=%s uidl=%s routed by %s %s to %s",
+                acct.name,
+                uid,
+                routing.source,
+                ", ".join(routing.found),
+                ", ".join(recipients),
+            )
             mid = message_id(raw) if acct.shared.duplicate_window > 0 else None
             if mid is not None:
                 keys += (f"mid:{mid}",)

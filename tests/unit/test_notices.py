@@ -286,3 +286,60 @@ def test_config_section_becomes_runtime_settings(tmp_path: Path) -> None:
         {**base, "notices": {"postmaster": "pm@firma.test", "min_interval": "2h"}}
     )
     assert build_runtime(on).notices == NoticeSettings("pm@firma.test", 7200.0, True, True)
+
+
+async def test_oversize_notice_once_per_message_remembered_across_restarts(
+    tmp_path: Path,
+) -> None:
+    clock, outbox = Clock(), Outbox()
+    state = tmp_path / "notices.json"
+
+    async def cycle(notifier: Notifier, left: list[tuple[str, int]], *, ok: bool = True) -> None:
+        await notifier.after_cycle(
+            NOTICES,
+            SMTP,
+            "info",
+            ok=ok,
+            failing=False,
+            error=None,
+            dead_letters=(),
+            oversize=left,
+        )
+
+    first = Notifier(state, clock=clock, send=outbox)
+    await cycle(first, [("big-1", 300_000_000)])
+    await cycle(first, [("big-1", 300_000_000)])  # listed again: no second notice
+    assert outbox.subjects() == ["[pop3-connector] info: 1 message too large"]
+    assert "UIDL big-1: 300000000 octets" in body(outbox.sent[0][0])
+    # A new one, after a restart (the memory is on disk), within min_interval: named alone.
+    again = Notifier(state, clock=clock, send=outbox)
+    await cycle(again, [("big-1", 300_000_000), ("big-2", 400_000_000)])
+    assert len(outbox.sent) == 2
+    assert "big-2" in body(outbox.sent[1][0])
+    assert "big-1" not in body(outbox.sent[1][0])
+    # A failed cycle's partial listing forgets nothing; a gone message is forgotten, so if it
+    # ever comes back it is named again.
+    await cycle(again, [], ok=False)
+    await cycle(again, [("big-2", 400_000_000)])
+    await cycle(again, [("big-1", 300_000_000), ("big-2", 400_000_000)])
+    assert len(outbox.sent) == 3
+    assert "big-1" in body(outbox.sent[2][0])
+
+
+async def test_oversize_notice_not_sent_is_tried_again_next_cycle(tmp_path: Path) -> None:
+    clock, outbox = Clock(), Outbox()
+    notifier = Notifier(tmp_path / "notices.json", clock=clock, send=outbox)
+    outbox.fail = True
+    for _ in range(2):
+        await notifier.after_cycle(
+            NOTICES,
+            SMTP,
+            "info",
+            ok=True,
+            failing=False,
+            error=None,
+            dead_letters=(),
+            oversize=[("big-1", 10)],
+        )
+        outbox.fail = False
+    assert outbox.subjects() == ["[pop3-connector] info: 1 message too large"]
