@@ -247,6 +247,33 @@ async def dead_letters_requeue(
     finally:
         await deliverer.close()
 
+    if delivered.refused:
+        # Accepted for some, refused (temporarily: a permanent refusal of one of the recipients
+        # given aborts before DATA) for others: those who have it must not get it twice, so a
+        # new dead letter names only the others; it is stored before the old one goes.
+        refused = tuple(delivered.refused)
+        summary = "; ".join(f"<{r}> {why}" for r, why in delivered.refused.items())
+        when = time.time() if now is None else now
+        new_id = await store.put(
+            original,
+            DeadLetterInfo(
+                account=info.account,
+                uidl=info.uidl,
+                stage="rcpt",
+                response=summary,
+                failed_at=datetime.fromtimestamp(when, UTC),
+                recipients=refused,
+            ),
+        )
+        await store.remove(dl_id)
+        accepted = [r for r in recipients if r not in delivered.refused]
+        print(
+            f"pop3-connector: {dl_id} delivered to {', '.join(accepted)} only; refused by "
+            f"{summary}; kept for {', '.join(refused)} as {new_id}",
+            file=err,
+        )
+        return EX_FAILED
+
     await store.remove(dl_id)
     log.info(
         "account=%s uidl=%s size=%d outcome=requeued smtp=%r",

@@ -86,6 +86,7 @@ __all__ = [
 ENV_PREFIX: Final = "POP3_CONNECTOR_"
 # The CLI's config-path variable shares the prefix but is not a setting (PRODUCT §2).
 CONFIG_ENV: Final = ENV_PREFIX + "CONFIG"
+EVENT_LOOP_ENV: Final = ENV_PREFIX + "EVENT_LOOP"  # read by connector.runloop, not a setting
 MASK: Final = "********"
 # The one error type our validators raise: ``key`` (optional) is appended to pydantic's location,
 # so a cross-field check on ``accounts[1]`` can still name ``accounts[1].password_file``.
@@ -587,6 +588,9 @@ class SharedConfig(_Model):
     )
     header_recipients: bool = True
     rewrite_domain: Domain | None = None
+    # Never a recipient: the catch-all's own address (the account's username, when it is an
+    # address, is always added), which providers write into Delivered-To.
+    ignore_addresses: list[Address] = Field(default_factory=list)
     rules: list[RoutingRule] = Field(default_factory=list)
     # A provider stores one copy per recipient: a Message-ID already delivered to a recipient
     # this long ago or less is not delivered to it again.
@@ -819,12 +823,16 @@ def _password_env_names(data: object) -> set[str]:
 def _unknown_env(exempt: set[str]) -> list[str]:
     # pydantic-settings ignores a prefixed variable that matches no field; a typo like
     # POP3_CONNECTOR_SMPT__HOST would be silently dropped, so report it like an unknown key.
-    # Exempt: the config-path variable, and variables that a password_env names.
+    # Exempt: the config-path and event-loop variables, and variables a password_env names.
     fields = set(Settings.model_fields)
     problems = []
     for name in sorted(os.environ):
         upper = name.upper()
-        if not upper.startswith(ENV_PREFIX) or upper == CONFIG_ENV or upper in exempt:
+        if (
+            not upper.startswith(ENV_PREFIX)
+            or upper in (CONFIG_ENV, EVENT_LOOP_ENV)
+            or upper in exempt
+        ):
             continue
         top = name[len(ENV_PREFIX) :].split("__", 1)[0].lower()
         if top not in fields:
@@ -873,7 +881,15 @@ def load_settings(path: Path) -> Settings:
 # --------------------------------------------------------------------------------------------
 
 _DURATION_KEYS: Final = frozenset(
-    {"poll_interval", "shutdown_grace", "timeout", "max_deferral", "delete_after", "min_interval"}
+    {
+        "poll_interval",
+        "shutdown_grace",
+        "timeout",
+        "max_deferral",
+        "delete_after",
+        "min_interval",
+        "duplicate_window",
+    }
 )
 
 
@@ -932,7 +948,9 @@ def _table_lines(model: BaseModel) -> Iterator[str]:
     keys = [k for k in _KEY_ORDER if k in fields] + [k for k in fields if k not in _KEY_ORDER]
     for key in keys:
         value = getattr(model, key)
-        if value is None:
+        if value is None or isinstance(value, BaseModel):
+            continue  # a sub-table: render_settings writes it after the table's own keys
+        if isinstance(value, list) and value and isinstance(value[0], BaseModel):
             continue
         if isinstance(value, SecretStr):
             # Only an inline (or environment-override) password is shown, masked; one from a
@@ -950,6 +968,10 @@ def render_settings(settings: Settings) -> str:
         lines += ["", f"[{table}]", *_table_lines(getattr(settings, table))]
     for account in settings.accounts:
         lines += ["", "[[accounts]]", *_table_lines(account)]
+        if account.shared is not None:
+            lines += ["", "[accounts.shared]", *_table_lines(account.shared)]
+            for rule in account.shared.rules:
+                lines += ["", "[[accounts.shared.rules]]", *_table_lines(rule)]
     return "\n".join(lines) + "\n"
 
 

@@ -53,7 +53,7 @@ import re
 import ssl
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Literal, assert_never
+from typing import Final, Literal, assert_never, cast
 
 import aiosmtplib
 from aiosmtplib.email import parse_address
@@ -480,8 +480,10 @@ async def _write_content(
     batched = 0
 
     async def write(data: bytes | memoryview) -> None:
-        transport = protocol.transport
-        if not isinstance(transport, asyncio.WriteTransport) or transport.is_closing():
+        # Not isinstance(asyncio.WriteTransport): uvloop's transports do not derive from
+        # asyncio's classes, though they offer the same methods.
+        transport = cast(asyncio.WriteTransport | None, protocol.transport)
+        if transport is None or transport.is_closing():
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
         transport.write(data)
         if transport.get_write_buffer_size():

@@ -395,11 +395,17 @@ class Cycle:
 
         The code is the one a server gives for it (RFC 1870 §6.1: 552, RFC 3463 5.3.4).
         """
-        limit = self.account.max_message_size
+        acct = self.account
         response = (
-            f"552 5.3.4 message of {len(raw)} octets exceeds max_message_size of {limit}; not sent"
+            f"552 5.3.4 message of {len(raw)} octets exceeds max_message_size of "
+            f"{acct.max_message_size}; not sent"
         )
-        await self._dead_letter(pop, number, uid, raw, "size", response)
+        envelope: Envelope | None = None
+        if acct.shared is not None:
+            # Named in the dead letter, so that a requeue goes to them, not to the fallback.
+            recipients = route(raw, acct.shared, acct.deliver_to).recipients
+            envelope = Envelope("", recipients, sender_fixed=True, recipients_fixed=False)
+        await self._dead_letter(pop, number, uid, raw, "size", response, envelope)
         return Outcome.DEAD_LETTERED
 
     def _recipients_kept(self) -> float:

@@ -18,12 +18,15 @@ an address of ours (a configured domain, or an address a rule matches):
    that mail with no usable recipient (Bcc without an envelope header, a list without a rule)
    never vanishes.
 
-Each address found is mapped by the first rule whose pattern matches it (shell-style ``*`` and
-``?``, case-insensitive) to that rule's Exchange addresses; an address of one of our domains that
-no rule matches goes to itself, with the domain rewritten when ``rewrite_domain`` is set
-(``bob@firma.example`` -> ``bob@firma.local``).  Exchange decides whether such a mailbox exists:
-a ``550 5.1.1`` to its RCPT is about the message (PRODUCT §6), and the fetcher dead-letters a copy
-naming it while the other recipients get theirs.
+Addresses in ``ignore`` never count: a catch-all mailbox's own address, which providers write
+into ``Delivered-To`` above the real recipient's ``X-Original-To`` (by default the account's
+user name when it is an address).  Each other address found is mapped by the first rule whose
+pattern matches it (shell-style ``*`` and ``?``, case-insensitive) to that rule's Exchange
+addresses; an address of one of our domains that no rule matches goes to itself, with the
+domain rewritten when ``rewrite_domain`` is set (``bob@firma.example`` -> ``bob@firma.local``).
+Exchange decides whether such a mailbox exists: a ``550 5.1.1`` to its RCPT is about the
+message (PRODUCT §6), and the fetcher dead-letters a copy naming it while the other recipients
+get theirs.
 
 Pure functions on bytes and frozen data; no I/O.  Header values are decoded as ASCII with
 surrogate escapes (8-bit bytes never raise), and an address that could not go on an SMTP
@@ -84,6 +87,9 @@ class SharedMailbox:
     rules: tuple[Rule, ...] = ()
     rewrite_domain: str | None = None
     duplicate_window: float = 7 * 86400.0  # 0: no suppression by Message-ID
+    # Addresses (lower case) that never count as a recipient: the catch-all mailbox's own,
+    # which a provider writes into Delivered-To above the real recipient's X-Original-To.
+    ignore: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,13 +164,18 @@ def _addresses(values: Iterable[str]) -> list[str]:
 def _map(address: str, shared: SharedMailbox) -> tuple[tuple[str, ...], bool] | None:
     """Where ``address`` goes, and whether that came from the config; None: not ours."""
     lowered = address.lower()
+    if lowered in shared.ignore:
+        return None
     for rule in shared.rules:
         if rule.matches(lowered):
             return rule.deliver_to, True
     local, _, domain = address.rpartition("@")
     if domain in shared.domains:
         if shared.rewrite_domain is not None:
-            return (f"{local}@{shared.rewrite_domain}",), False
+            rewritten = f"{local}@{shared.rewrite_domain}"
+            # A long local part on a longer domain may pass the RFC 5321 §4.5.3.1.3 limit:
+            # such an address could not go on the envelope at all, so it is not a recipient.
+            return ((rewritten,), False) if address_problem(rewritten) is None else None
         return (address,), False
     return None
 

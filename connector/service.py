@@ -229,8 +229,12 @@ def open_store(runtime: Runtime) -> DeadLetterArchive:
     return MaildirStore(runtime.dead_letter_path)
 
 
-def shared_mailbox(config: SharedConfig) -> SharedMailbox:
-    """``[accounts.shared]`` as the router's plain values."""
+def shared_mailbox(config: SharedConfig, username: str = "") -> SharedMailbox:
+    """``[accounts.shared]`` as the router's plain values; ``username`` (the POP3 login), when
+    it is an address, is the catch-all's own and never a recipient."""
+    ignore = {a.lower() for a in config.ignore_addresses}
+    if "@" in username:
+        ignore.add(username.lower())
     return SharedMailbox(
         domains=frozenset(config.domains),
         envelope_headers=tuple(config.envelope_headers),
@@ -238,6 +242,7 @@ def shared_mailbox(config: SharedConfig) -> SharedMailbox:
         rules=tuple(Rule(r.match, tuple(r.deliver_to)) for r in config.rules),
         rewrite_domain=config.rewrite_domain,
         duplicate_window=config.duplicate_window if config.suppress_duplicates else 0.0,
+        ignore=frozenset(ignore),
     )
 
 
@@ -302,7 +307,7 @@ def build_runtime(settings: Settings) -> Runtime:
                 leave_on_server=acct.leave_on_server,
                 delete_after=acct.delete_after,
                 oversize=Oversize(acct.oversize),
-                shared=None if acct.shared is None else shared_mailbox(acct.shared),
+                shared=None if acct.shared is None else shared_mailbox(acct.shared, acct.username),
             )
         )
         intervals[acct.name] = settings.poll_interval_of(acct)
@@ -643,6 +648,8 @@ class Service:
             # stands and the scheduler goes on.  Stopping every account would help nobody.
             log.error("account=%s cannot record the cycle in the ledger: %s", spec.name, exc)
         if self.metrics is not None:
+            # The gauges first: whoever sees cycles_total count up sees this cycle's backlog.
+            await self.refresh_backlog()
             self.metrics.cycle(
                 spec.name,
                 ok=result.ok,
@@ -651,7 +658,6 @@ class Service:
                 finished=started + result.duration,
                 failing=state.failing,
             )
-            await self.refresh_backlog()
         return result
 
     # -- what the operators see (metrics, /status, /healthz, POST /poll) -----------------------

@@ -39,8 +39,8 @@ class DeadLetterInfo:
     failed_at: dt.datetime  # aware, UTC
     # Whom it was for, when that is not simply the account's deliver_to: a shared mailbox's
     # recipients, or the ones refused while others got the message.  ``requeue`` sends it to
-    # them.  Written as a sixth line only when not empty, so the usual dead letter keeps the
-    # five lines of PRODUCT §7.
+    # them.  Written as an ``X-POP3-Connector-Recipients`` line before the five only when not
+    # empty, so the usual dead letter keeps exactly the five lines of PRODUCT §7.
     recipients: tuple[str, ...] = ()
 
 
@@ -158,7 +158,9 @@ def dead_letter_headers(info: DeadLetterInfo, eol: bytes) -> bytes:
     ]
     lines.append(_NAMES[4] + format_failed_at(info.failed_at).encode("ascii"))
     if info.recipients:
-        lines.append(_RECIPIENTS + _one_line(", ".join(info.recipients)).encode("ascii"))
+        # First, not last: after the five it could not be told from a message's own first
+        # line of that name, and requeue would send the mail where its sender chose.
+        lines.insert(0, _RECIPIENTS + _one_line(", ".join(info.recipients)).encode("ascii"))
     return b"".join(line + eol for line in lines)
 
 
@@ -179,24 +181,38 @@ def with_dead_letter_headers(raw: bytes, info: DeadLetterInfo) -> bytes:
     return dead_letter_headers(info, message_eol(raw)) + raw
 
 
-def _our_lines(raw: bytes) -> tuple[list[bytes], int]:
-    """The values of our leading header lines, in order, and the offset just past them.
+def _our_lines(raw: bytes) -> tuple[list[bytes], bytes | None, int]:
+    """The values of our leading header lines, in order, the optional Recipients line's value,
+    and the offset just past them.
 
-    Matches the names of PRODUCT §7 in their fixed order and stops at the first line that is
-    not the next one, or after the optional sixth (Recipients).  Callers accept the block only
-    when the five are there, so a message that itself starts with one such line keeps it.
+    An optional Recipients line, then the names of PRODUCT §7 in their fixed order; stops at
+    the first line that is not the next one.  Callers accept the block only when the five are
+    there, so a message that itself starts with one such line keeps it.
     """
-    values: list[bytes] = []
-    pos = 0
-    for name in (*_NAMES, _RECIPIENTS):
+
+    def line(name: bytes, pos: int) -> tuple[bytes, int] | None:
         if not raw.startswith(name, pos):
-            break
+            return None
         nl = raw.find(b"\n", pos)
         if nl < 0:
+            return None
+        return raw[pos + len(name) : nl].rstrip(b"\r"), nl + 1
+
+    recipients: bytes | None = None
+    pos = 0
+    first = line(_RECIPIENTS, 0)
+    if first is not None:
+        recipients, pos = first
+    values: list[bytes] = []
+    for name in _NAMES:
+        found = line(name, pos)
+        if found is None:
             break
-        values.append(raw[pos + len(name) : nl].rstrip(b"\r"))
-        pos = nl + 1
-    return values, pos
+        values.append(found[0])
+        pos = found[1]
+    if len(values) < len(_NAMES):
+        return values, None, 0 if recipients is not None else pos
+    return values, recipients, pos
 
 
 def strip_dead_letter_headers(raw: bytes) -> bytes:
@@ -208,8 +224,8 @@ def strip_dead_letter_headers(raw: bytes) -> bytes:
     The exact inverse of :func:`with_dead_letter_headers` for any bytes, which ``requeue``
     relies on (tested with hypothesis).
     """
-    values, end = _our_lines(raw)
-    return raw[end:] if len(values) >= len(_NAMES) else raw
+    values, _, end = _our_lines(raw)
+    return raw[end:] if len(values) == len(_NAMES) else raw
 
 
 def parse_dead_letter_headers(raw: bytes) -> tuple[DeadLetterInfo, int] | None:
@@ -218,17 +234,16 @@ def parse_dead_letter_headers(raw: bytes) -> tuple[DeadLetterInfo, int] | None:
     Only the header lines are read, so the first :data:`HEADER_BLOCK_MAX` bytes of a file are
     enough.  Returns ``None`` when the five lines are not all there (not one of ours).
     """
-    values, end = _our_lines(raw)
+    values, listed, end = _our_lines(raw)
     if len(values) < len(_NAMES):
         return None
-    account, uidl, stage, response, failed_at, *extra = (
-        v.decode("ascii", "replace") for v in values
-    )
+    account, uidl, stage, response, failed_at = (v.decode("ascii", "replace") for v in values)
     try:
         when = dt.datetime.strptime(failed_at, _TIME_FORMAT).replace(tzinfo=dt.UTC)
     except ValueError:
         return None
-    recipients = tuple(r.strip() for r in extra[0].split(",") if r.strip()) if extra else ()
+    text = listed.decode("ascii", "replace") if listed is not None else ""
+    recipients = tuple(r.strip() for r in text.split(",") if r.strip())
     return DeadLetterInfo(account, uidl, stage, response, when, recipients), end
 
 
