@@ -545,9 +545,8 @@ class Cycle:
         now = self.clock()
         refused = delivered.refused
         temporary = {r: why for r, why in refused.items() if r not in delivered.permanent}
-        expired = (
-            bool(temporary) and entry is not None and now - entry.first_seen >= (acct.max_deferral)
-        )
+        first_seen = entry.first_seen if entry is not None else now
+        expired = bool(temporary) and now - first_seen >= acct.max_deferral
         copy_for = {r: why for r, why in refused.items() if expired or r not in temporary}
         accepted = tuple(r for r in envelope.recipients if r not in refused)
         summary = "; ".join(f"<{r}> {why}" for r, why in refused.items())
@@ -670,8 +669,7 @@ class Cycle:
         acct = self.account
         # A shared mailbox's recipients were read from the message: the dead letter names them,
         # so that requeue sends it to them (and the copies of it are suppressed).
-        shared = acct.shared is not None and envelope is not None
-        recipients = envelope.recipients if shared and envelope is not None else ()
+        recipients = envelope.recipients if acct.shared is not None and envelope else ()
         try:
             # Shielded like the ledger writes: a shutdown must not leave a stored dead letter
             # unrecorded (it would be stored again next cycle).
