@@ -8,7 +8,6 @@ directory, 78 (EX_CONFIG) the configuration is invalid.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -17,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from connector import __version__
+from connector import __version__, runloop
 from connector.errors import AlreadyRunningError, ConfigError, DeadLetterError, LedgerError
 
 if TYPE_CHECKING:
@@ -153,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         setup_logging("warning")
         state_dir = Path(args.state_dir) if args.state_dir else None
-        return asyncio.run(run_demo(state_dir))
+        return runloop.run(run_demo(state_dir))
     setup_logging()  # until the config says otherwise: errors while loading still get logged
     try:
         return _dispatch(args)
@@ -189,18 +188,18 @@ def _dispatch(args: argparse.Namespace) -> int:
             if args.connect:
                 from connector.check import check_connections
 
-                return asyncio.run(check_connections(runtime))
+                return runloop.run(check_connections(runtime))
             return EX_OK
         case "once":
-            return asyncio.run(_once(runtime, args.account))
+            return runloop.run(_once(runtime, args.account))
         case "run":
-            return asyncio.run(_run(runtime, settings, path))
+            return runloop.run(_run(runtime, settings, path))
         case "status" | "dead-letters":
             try:
                 if args.command == "status":
                     from connector.admin import status_command
 
-                    return asyncio.run(status_command(runtime, as_json=args.json, out=sys.stdout))
+                    return runloop.run(status_command(runtime, as_json=args.json, out=sys.stdout))
                 return _dead_letters(args, runtime)
             except (DeadLetterError, LedgerError) as exc:
                 # The store or the ledger failed (permissions, disk): say so, no traceback.
@@ -215,20 +214,20 @@ def _dead_letters(args: argparse.Namespace, runtime: Runtime) -> int:
 
     match args.dl_command:
         case "list":
-            return asyncio.run(admin.dead_letters_list(runtime, as_json=args.json, out=sys.stdout))
+            return runloop.run(admin.dead_letters_list(runtime, as_json=args.json, out=sys.stdout))
         case "show":
             sys.stdout.flush()
-            return asyncio.run(
+            return runloop.run(
                 admin.dead_letters_show(runtime, args.id, out=sys.stdout.buffer, err=sys.stderr)
             )
         case "requeue":
-            return asyncio.run(
+            return runloop.run(
                 admin.dead_letters_requeue(
                     runtime, args.id, to=args.to, out=sys.stdout, err=sys.stderr
                 )
             )
         case "purge":
-            return asyncio.run(admin.dead_letters_purge(runtime, args.older_than, out=sys.stdout))
+            return runloop.run(admin.dead_letters_purge(runtime, args.older_than, out=sys.stdout))
         case _:
             raise AssertionError(args.dl_command)
 

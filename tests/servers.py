@@ -144,8 +144,12 @@ def _wait_ready(
         time.sleep(0.02)
 
 
-def start_dovecot() -> DovecotServer:
-    """Start a private Dovecot; the caller must call :func:`stop_dovecot`."""
+def start_dovecot(extra_conf: str = "") -> DovecotServer:
+    """Start a private Dovecot; the caller must call :func:`stop_dovecot`.
+
+    ``extra_conf`` is appended to the configuration (bench/ tunes the login and pop3 services
+    with it); Dovecot merges a repeated ``service`` section into the earlier one.
+    """
     # Directly under $TMPDIR, not pytest's tmp_path: Dovecot's auth user must traverse every
     # parent directory (recipe §2, rule 2).
     root = Path(tempfile.mkdtemp(prefix="dovecot-test-"))
@@ -174,7 +178,7 @@ def start_dovecot() -> DovecotServer:
         IMAP=ports["imap"],
         IMAPS=ports["imaps"],
     )
-    (root / "dovecot.conf").write_text(conf)
+    (root / "dovecot.conf").write_text(conf + extra_conf)
     with (root / "dovecot.stdout").open("wb") as out:
         proc = subprocess.Popen(
             ["dovecot", "-F", "-c", str(root / "dovecot.conf")],
