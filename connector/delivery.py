@@ -508,6 +508,13 @@ async def _write_content(
         await write(b"".join(batch))
 
 
+def _rebind(protocol: SMTPProtocol) -> None:
+    """Have the transport take ``protocol``'s methods afresh (uvloop caches them)."""
+    transport = protocol.transport
+    if transport is not None and not transport.is_closing():
+        transport.set_protocol(protocol)
+
+
 class _Replies:
     """Reads the replies to a pipelined group of commands (RFC 2920) off aiosmtplib's protocol.
 
@@ -539,15 +546,19 @@ class _Replies:
             self._wake.set()
             connection_lost(exc)
 
-        # Instance attributes shadow the methods; the transport looks them up on each call.
+        # Instance attributes shadow the methods.  asyncio's transports look them up on each
+        # call; uvloop's keep the bound ``data_received`` they took when the protocol was set,
+        # so set it again: both then call ours (and, in __exit__, the protocol's own again).
         vars(protocol).update(
             data_received=self._data, eof_received=on_eof, connection_lost=on_lost
         )
+        _rebind(protocol)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         for name in ("data_received", "eof_received", "connection_lost"):
             vars(self._protocol).pop(name, None)
+        _rebind(self._protocol)
 
     def _data(self, data: bytes) -> None:
         self._protocol._buffer.extend(data)
