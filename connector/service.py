@@ -32,11 +32,10 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from connector.config import ImapDeadLetter, Settings, SharedConfig, dead_letter_path
 from connector.deadletter import DeadLetterArchive
-from connector.deadletter.imap import ImapStore
 from connector.deadletter.maildir import MaildirStore
 from connector.delivery import SenderPolicy, SmtpDeliverer, SmtpSettings
 from connector.errors import (
@@ -58,10 +57,14 @@ from connector.fetcher import (
     Oversize,
 )
 from connector.ledger import AccountStatus, CycleRecord, Ledger
-from connector.metrics import Metrics
 from connector.notices import NoticeSettings, Notifier, RecordingStore
 from connector.pop3 import AuthMethod, Pop3Endpoint, TlsMode
 from connector.recipients import Rule, SharedMailbox
+
+if TYPE_CHECKING:
+    # Imported where used: aioimaplib and prometheus_client cost ~40 ms of start-up, which a
+    # `once` from cron with a Maildir store and no metrics endpoint never needs.
+    from connector.metrics import Metrics
 
 log = logging.getLogger(__name__)
 POP3_TRANSCRIPT = logging.getLogger("connector.transcript.pop3")
@@ -215,6 +218,8 @@ def open_store(runtime: Runtime) -> DeadLetterArchive:
     """The configured dead-letter store: the Maildir (default) or an IMAP folder."""
     spec = runtime.imap_store
     if spec is not None:
+        from connector.deadletter.imap import ImapStore  # here: aioimaplib costs start-up time
+
         return ImapStore(
             spec.host,
             spec.port,
