@@ -142,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `pop3-connector demo | head`: the reader is gone, which is no error of ours.  Point
+        # stdout at /dev/null so that the interpreter's final flush cannot fail again (the
+        # recipe of the Python docs, "Note on SIGPIPE").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EX_FAILED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "import-fetchmailrc":
         from connector.fetchmailrc import main as import_fetchmailrc
@@ -166,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_TEMPFAIL
     except KeyboardInterrupt:
         return EX_FAILED
+    except BrokenPipeError:
+        raise  # main() handles it: not a bug
     except Exception:
         # Disposition.BUG: not a failure we know.  Say so loudly, with the traceback.
         log.exception("pop3-connector stopped on an unexpected error")

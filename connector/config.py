@@ -1019,6 +1019,17 @@ def config_warnings(settings: Settings, path: Path) -> list[str]:
     for where, ep in endpoints:
         if ep.tls == "none" and ep.password is not None and not _is_loopback(ep.host):
             warnings.append(f'{where}.tls: "none" sends the password in clear text to {ep.host}')
+        if (
+            isinstance(ep, AccountConfig)
+            and ep.auth == "xoauth2"
+            and ep.tls == "none"
+            and not _is_loopback(ep.host)
+        ):
+            # RFC 6750 §5.3: a bearer token must only travel over TLS; whoever reads it is
+            # the mailbox owner until it expires.
+            warnings.append(
+                f'{where}.tls: "none" sends the OAuth2 access token in clear text to {ep.host}'
+            )
         if ep.tls != "none" and not ep.verify_certificate:
             warnings.append(
                 f"{where}.verify_certificate: false accepts any certificate from {ep.host} "

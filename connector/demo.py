@@ -132,6 +132,8 @@ deliver_to = ["info@firma.local"]
 async def run_demo(state_dir: Path | None = None) -> int:
     """Run the demo and print a summary; returns the exit status."""
     state_dir = state_dir or Path(tempfile.mkdtemp(prefix="pop3-connector-demo-"))
+    # --state-dir may name a directory that does not exist yet; the config is written there.
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     mail = sample_mail()
     subjects = {}
     pop3 = LoopbackPop3Server({USER: PASSWORD})

@@ -698,6 +698,25 @@ def test_warnings_clear_text_password(tmp_path: Path) -> None:
     ]
 
 
+def test_warnings_oauth2_token_in_clear_text(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("ya29.token\n")
+    xoauth2 = SMTP + (
+        '[[accounts]]\nname = "m365"\nhost = "{host}"\nusername = "info@firma.example"\n'
+        f'auth = "xoauth2"\noauth2_token_file = "{token}"\ndeliver_to = ["info@firma.local"]\n'
+    )
+    path = write(tmp_path, xoauth2.format(host="pop.example.net") + 'tls = "none"\n')
+    assert config_warnings(load_settings(path), path) == [
+        'accounts[0].tls: "none" sends the OAuth2 access token in clear text to pop.example.net'
+    ]
+    for text in (
+        xoauth2.format(host="pop.example.net"),  # implicit TLS, the default
+        xoauth2.format(host="127.0.0.1") + 'tls = "none"\n',
+    ):
+        path = write(tmp_path, text)
+        assert config_warnings(load_settings(path), path) == []
+
+
 @pytest.mark.parametrize(
     "host", ["127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost", "x.localhost"]
 )

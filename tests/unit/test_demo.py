@@ -1,0 +1,44 @@
+"""`pop3-connector demo`: the first thing a new user runs; the real code on loopback servers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_demo_tells_the_story_and_leaves_the_dead_letters(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "connector", "demo", "--state-dir", str(tmp_path / "demo")],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert "Traceback" not in proc.stderr.decode()
+    assert "Exchange received 4 messages; 3 are in the dead-letter store; 0 left" in out
+    assert out.count("dead-lettered  ") == 3
+    assert "Cycle 2" in out
+    # The dead letters are where the demo says, as files a mail client can open.
+    new = list((tmp_path / "demo" / "dead-letters" / "new").iterdir())
+    assert len(new) == 3
+    assert all(p.read_bytes().startswith(b"X-POP3-Connector-Account: ") for p in new)
+
+
+def test_demo_piped_into_head_ends_quietly(tmp_path: Path) -> None:
+    """`demo | head -1`: the reader goes away; no traceback, no "unexpected error"."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "connector", "demo", "--state-dir", str(tmp_path / "demo")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        first = proc.stdout.readline()
+        proc.stdout.close()  # like head after its line
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=60) == 1
+    assert first == b"pop3-connector demo\n"
+    assert "Traceback" not in err
+    assert "unexpected error" not in err
