@@ -35,6 +35,10 @@ endings, dot-stuffing: ~30 ms per MB, the bulk of our CPU in the benchmark).  Wh
   buffers what the socket does not take, so a 25 MiB message costs no second copy), small
   pieces (< 64 KiB) are gathered into one write to save system calls.
 * The content ends with CRLF ``.`` CRLF (a CRLF is added first if the message lacks one).
+* The fast path: POP3 received the message dot-stuffed exactly as SMTP wants it (RFC 1939 §3,
+  RFC 5321 §4.5.2), and its parser already knows whether it is CRLF-clean.  When the fetcher
+  passes that form (``deliver(..., wire=...)``, see :func:`prepare_wire`), it is written as it
+  is: no CRLF counts and no dot scan over the message, only over our small trace line.
 * MAIL carries ``size=`` (RFC 1870, the octets as transmitted, as aiosmtplib computed it),
   ``BODY=8BITMIME`` (RFC 6152) and the DSN parameters (RFC 3461) as before.
 
@@ -78,6 +82,8 @@ __all__ = [
     "delivery_error",
     "envelope_sender",
     "prepare_content",
+    "prepare_wire",
+    "stuffed_pieces",
 ]
 
 log = logging.getLogger(__name__)
@@ -442,6 +448,66 @@ def prepare_content(parts: Sequence[bytes]) -> tuple[tuple[bytes, ...], int]:
     return parts, size
 
 
+def _stuff_small(part: bytes) -> bytes:
+    """RFC 5321 §4.5.2 dot-stuffing of a small CRLF-clean part (our trace line): one copy."""
+    stuffed = part.replace(b"\n.", b"\n..")
+    return b"." + stuffed if stuffed.startswith(b".") else stuffed
+
+
+def prepare_wire(trace: bytes, raw: bytes, wire: bytes) -> tuple[tuple[bytes, ...], int] | None:
+    """DATA content from the form POP3 received, or None when the fast path does not apply.
+
+    ``wire`` must be ``raw`` dot-stuffed, CRLF-clean and ending with CRLF, as POP3 sent it
+    (``protocol.Message.wire``); it is not scanned again.  ``trace`` is ours and small: it is
+    checked and stuffed here, and must be empty or CRLF-clean and end with CRLF, else None
+    (the caller takes :func:`prepare_content`).  Returns the parts for
+    :func:`stuffed_pieces` and the RFC 1870 size: the octets before dot-stuffing, which is
+    ``len(trace) + len(raw)`` since both end with CRLF, as :func:`prepare_content` counts.
+    """
+    if not wire.endswith(b"\r\n"):
+        return None
+    if trace and not (trace.endswith(b"\r\n") and _is_crlf(trace)):
+        return None
+    parts = (_stuff_small(trace), wire) if trace else (wire,)
+    return parts, len(trace) + len(raw)
+
+
+def stuffed_pieces(parts: Sequence[bytes]) -> Iterator[bytes | memoryview]:
+    """The DATA content of already dot-stuffed ``parts`` (see :func:`prepare_wire`).
+
+    The parts go out as they are, big ones as slices; then the final ``.`` CRLF
+    (RFC 5321 §4.1.1.4: the last part ends with CRLF already).
+    """
+    for part in parts:
+        yield from _slices(memoryview(part), 0, len(part))
+    yield b".\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class _Content:
+    """What DATA writes: ``parts`` and the RFC 1870 ``size``; ``stuffed``: the parts are
+    already dot-stuffed (from :func:`prepare_wire`), else from :func:`prepare_content`."""
+
+    parts: tuple[bytes, ...]
+    size: int
+    stuffed: bool
+
+    def pieces(self) -> Iterator[bytes | memoryview]:
+        """The content in pieces for ``_write_content``, ending with the final dot line."""
+        if self.stuffed:
+            return stuffed_pieces(self.parts)
+        return content_pieces(self.parts)
+
+
+def _content(trace: bytes, raw: bytes, wire: bytes | None) -> _Content:
+    if wire is not None:
+        fast = prepare_wire(trace, raw, wire)
+        if fast is not None:
+            return _Content(*fast, stuffed=True)
+    parts, size = prepare_content((trace, raw))
+    return _Content(parts, size, stuffed=False)
+
+
 def _slices(view: memoryview, start: int, end: int) -> Iterator[memoryview]:
     for i in range(start, end, _SLICE):
         yield view[i : min(i + _SLICE, end)]
@@ -688,25 +754,25 @@ class _TracingSMTP(aiosmtplib.SMTP):
         return responses
 
     async def send_content(
-        self, parts: Sequence[bytes], *, reply_timeout: float | None
+        self, content: _Content, *, reply_timeout: float | None
     ) -> aiosmtplib.SMTPResponse:
         """After a 354: write the content, read the final reply through aiosmtplib's protocol.
 
-        ``parts`` come from :func:`prepare_content`.  Raises SMTPDataError unless the reply is
-        250; aiosmtplib's disconnect and timeout errors, or TimeoutError when the server stops
-        reading (the connection is closed then).
+        ``content`` comes from :func:`prepare_content` or :func:`prepare_wire`.  Raises
+        SMTPDataError unless the reply is 250; aiosmtplib's disconnect and timeout errors, or
+        TimeoutError when the server stops reading (the connection is closed then).
         """
         self.stage = SmtpStage.DATA
         protocol = self.protocol
         if protocol is None:
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
         if self._trace is not None:
-            self.say("C", f"<{sum(map(len, parts))} octets>")  # never the body (STYLE §6)
+            self.say("C", f"<{sum(map(len, content.parts))} octets>")  # never the body (STYLE §6)
         try:
             # As SMTPProtocol.execute_data_command does: a reply is due from now on, so one
             # that arrives while we still write (a 552, a 421) is kept rather than dropped.
             protocol._response_pending = True
-            await _write_content(protocol, content_pieces(parts), reply_timeout)
+            await _write_content(protocol, content.pieces(), reply_timeout)
             response = await protocol.read_response(timeout=reply_timeout)
         except BaseException:
             # A timeout, a drop or a cancellation with half a message on the wire: the
@@ -855,11 +921,15 @@ class SmtpDeliverer:
                     per_message=not envelope.recipients_fixed,
                 )
 
-    async def deliver(self, raw: bytes, envelope: Envelope, *, trace: bytes = b"") -> Delivered:
+    async def deliver(
+        self, raw: bytes, envelope: Envelope, *, trace: bytes = b"", wire: bytes | None = None
+    ) -> Delivered:
         """Hand one message to the server; return once it answered 250 after DATA.
 
         ``trace`` (a ``Received:`` line, may be empty) is sent in front of ``raw`` without
         joining the two.  The bytes are sent unchanged, dot-stuffed (see the module docstring).
+        ``wire``: ``raw`` as POP3 sent it (dot-stuffed, CRLF-clean, ending with CRLF; see
+        :func:`prepare_wire`), written instead of stuffing ``raw`` again; None: stuff ``raw``.
         Raises DeliveryError for every failure, including session setup.
 
         Partial acceptance: when some recipients are refused and others accepted, the server
@@ -869,7 +939,8 @@ class SmtpDeliverer:
         """
         self._check_envelope(envelope)
         smtp = await self._session()
-        parts, size = prepare_content((trace, raw))
+        content = _content(trace, raw, wire)
+        size = content.size
 
         limit = self.max_size
         if limit is not None and size > limit:
@@ -887,7 +958,10 @@ class SmtpDeliverer:
         rcpt_options: list[bytes] = []
         if smtp.supports_extension("size"):
             mail_options.append(b"size=%d" % size)  # RFC 1870 §6
-        if not all(part.isascii() for part in parts) and smtp.supports_extension("8bitmime"):
+        # One fast C pass per part; dots added by stuffing are ASCII, so either form tells.
+        if not all(part.isascii() for part in content.parts) and smtp.supports_extension(
+            "8bitmime"
+        ):
             mail_options.append(b"BODY=8BITMIME")  # RFC 6152 §3
         if self.settings.dsn and smtp.supports_extension("dsn"):
             # RFC 3461 §4.3 and §4.1: bounce with the full message, and only on failure.
@@ -897,7 +971,7 @@ class SmtpDeliverer:
         smtp.stage = SmtpStage.MAIL
         try:
             refused, response = await self._transaction(
-                smtp, envelope, parts, mail_options, rcpt_options
+                smtp, envelope, content, mail_options, rcpt_options
             )
         except (aiosmtplib.SMTPException, OSError) as exc:
             err = delivery_error(exc, smtp.stage, envelope)
@@ -924,7 +998,7 @@ class SmtpDeliverer:
         self,
         smtp: _TracingSMTP,
         envelope: Envelope,
-        parts: Sequence[bytes],
+        content: _Content,
         mail_options: Sequence[bytes],
         rcpt_options: Sequence[bytes],
     ) -> tuple[dict[str, aiosmtplib.SMTPResponse], aiosmtplib.SMTPResponse]:
@@ -979,7 +1053,7 @@ class SmtpDeliverer:
                 data_reply = await smtp.execute_command(b"DATA", timeout=timeout)
             if data_reply.code != 354:  # RFC 5321 §4.1.1.4: DATA itself refused
                 raise aiosmtplib.SMTPDataError(data_reply.code, data_reply.message)
-            response = await smtp.send_content(parts, reply_timeout=timeout)
+            response = await smtp.send_content(content, reply_timeout=timeout)
         except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused):
             # End the refused transaction (RFC 5321 §4.1.1.5).  A failure here is left to
             # delivery_error(), which prefers the refusal (it is this RSET's __context__).

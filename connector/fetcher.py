@@ -149,7 +149,9 @@ class CycleStats:
 class Deliverer(Protocol):
     """The part of ``delivery.SmtpDeliverer`` the fetcher uses (a seam for tests)."""
 
-    async def deliver(self, raw: bytes, envelope: Envelope, *, trace: bytes = b"") -> Delivered: ...
+    async def deliver(
+        self, raw: bytes, envelope: Envelope, *, trace: bytes = b"", wire: bytes | None = None
+    ) -> Delivered: ...
 
     async def close(self) -> None: ...
 
@@ -367,7 +369,8 @@ class Cycle:
             return
         uids = dict(todo)
         try:
-            async for number, raw in pop.retr_many([n for n, _ in todo], sizes=sizes):
+            async for item in pop.retrieve_many([n for n, _ in todo], sizes=sizes):
+                number, raw = item.number, item.raw
                 if self.stopping.is_set():
                     # Stop between messages, never inside one (STYLE §4); this one waits.
                     self.stats.stopped_early = True
@@ -376,9 +379,9 @@ class Cycle:
                     outcome = await self._too_large(pop, number, uids[number], raw)
                 else:
                     outcome = await self._handle(
-                        pop, number, uids[number], raw, known.get(uids[number])
+                        pop, number, uids[number], raw, known.get(uids[number]), item.wire
                     )
-                del raw  # drop this message before the next is read: two copies at most
+                del raw, item  # drop this message before the next is read: two copies at most
                 self.stats.count(outcome)
         finally:
             await self.deliverer.close()
@@ -429,8 +432,16 @@ class Cycle:
             await pop.dele(number)
 
     async def _handle(
-        self, pop: Pop3Client, number: int, uid: str, raw: bytes, entry: LedgerEntry | None
+        self,
+        pop: Pop3Client,
+        number: int,
+        uid: str,
+        raw: bytes,
+        entry: LedgerEntry | None,
+        wire: bytes | None = None,
     ) -> Outcome:
+        """Deliver one message.  ``wire``: ``raw`` still dot-stuffed as POP3 sent it, when it
+        is SMTP's DATA content as it is (RFC 1939 §3, RFC 5321 §4.5.2): forwarded unscanned."""
         acct, policy = self.account, self.policy
         sender, sender_fixed = envelope_sender(raw, policy.sender_policy, policy.fixed_sender)
         keys: tuple[str, ...] = (f"uidl:{uid}",)
@@ -478,7 +489,7 @@ class Cycle:
         )
         try:
             # The trace line travels beside the message, never joined to it (no copy).
-            delivered = await self.deliverer.deliver(raw, envelope, trace=trace)
+            delivered = await self.deliverer.deliver(raw, envelope, trace=trace, wire=wire)
         except DeliveryError as exc:
             return await self._refused(pop, number, uid, raw, exc, envelope, keys)
         self.stats.delivered_bytes += len(trace) + len(raw)

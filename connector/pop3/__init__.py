@@ -37,10 +37,13 @@ if TYPE_CHECKING:
         Pop3Client,
         Pop3Endpoint,
         Pop3Timeouts,
+        Retrieved,
         TlsMode,
     )
 
-_FROM_CLIENT = frozenset({"AuthMethod", "Pop3Client", "Pop3Endpoint", "Pop3Timeouts", "TlsMode"})
+_FROM_CLIENT = frozenset(
+    {"AuthMethod", "Pop3Client", "Pop3Endpoint", "Pop3Timeouts", "Retrieved", "TlsMode"}
+)
 
 __all__ = [
     "NEED_DATA",
@@ -60,6 +63,7 @@ __all__ = [
     "Pop3Client",
     "Pop3Endpoint",
     "Pop3Timeouts",
+    "Retrieved",
     "State",
     "TlsMode",
     "Verb",

@@ -7,9 +7,10 @@ mail).  Each phase has its own deadline (STYLE §4): ``connect`` for TCP and TLS
 big message never hits a total deadline while bytes keep coming.
 
 Replies are matched to commands by a FIFO, so commands can be pipelined (RFC 2449 §6.6):
-``retr_many`` keeps several RETRs in flight (bounded by count and by octets, from LIST), and a
-``dele()`` called between two of its messages simply queues behind them; replies read on
-someone else's behalf are stashed until claimed.
+``retrieve_many`` (and ``retr_many``, its ``(number, raw)`` form) keeps several RETRs in flight
+(bounded by count and by octets, from LIST), and a ``dele()`` called between two of its
+messages simply queues behind them; replies read on someone else's behalf are stashed until
+claimed.
 
 DELE is pipelined too when the server offers PIPELINING: ``dele()`` sends the command and
 returns without waiting for the reply, which is checked when it arrives (while reading a later
@@ -37,7 +38,7 @@ import json
 import logging
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Self, assert_never
@@ -107,6 +108,20 @@ class Pop3Timeouts:
     connect: float = 30.0
     command: float = 60.0
     idle_read: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Retrieved:
+    """One message from :meth:`Pop3Client.retrieve_many`.
+
+    ``raw``: the message (CRLF line ends, dots unstuffed).  ``wire``: the same message as it
+    came off the wire, still dot-stuffed, when that is byte for byte SMTP's DATA content
+    (RFC 1939 §3 and RFC 5321 §4.5.2 stuff alike), else None (see ``protocol.Message``).
+    """
+
+    number: int
+    raw: bytes
+    wire: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,9 +469,13 @@ class Pop3Client:
 
     @staticmethod
     def _message(ev: Event, verb: str) -> bytes:
+        return Pop3Client._message_event(ev, verb).raw
+
+    @staticmethod
+    def _message_event(ev: Event, verb: str) -> Message:
         match ev:
-            case Message(raw=raw):
-                return raw
+            case Message():
+                return ev
             case Err(text=text, resp_code=code):
                 raise Pop3ResponseError(verb, text, code)
             case _:  # pragma: no cover
@@ -618,7 +637,23 @@ class Pop3Client:
         window_octets: int = RETR_WINDOW_OCTETS,
         sizes: Mapping[int, int] | None = None,
     ) -> AsyncIterator[tuple[int, bytes]]:
-        """Yield ``(number, raw)`` for each message in order.  When the server offers
+        """Yield ``(number, raw)`` for each message in order: :meth:`retrieve_many` without
+        the wire form.  Closing this generator closes the inner one (its replies in flight are
+        then dropped by the next command, as described there)."""
+        async with contextlib.aclosing(
+            self.retrieve_many(numbers, window, window_octets, sizes)
+        ) as items:
+            async for item in items:
+                yield item.number, item.raw
+
+    async def retrieve_many(
+        self,
+        numbers: Sequence[int],
+        window: int = RETR_WINDOW,
+        window_octets: int = RETR_WINDOW_OCTETS,
+        sizes: Mapping[int, int] | None = None,
+    ) -> AsyncGenerator[Retrieved, None]:
+        """Yield a :class:`Retrieved` for each message in order.  When the server offers
         PIPELINING, up to ``window`` RETRs are in flight, and beyond the first no more than
         ``window_octets`` octets of messages (``sizes``, from LIST: given by the caller, else
         asked for here; if LIST is refused, count only); else one at a time.  The window is
@@ -659,7 +694,8 @@ class Pop3Client:
                     await self._flush()
                 number, seq, size = sent.popleft()
                 octets -= size
-                yield number, self._message(await self._reply(seq, long=True), "RETR")
+                message = self._message_event(await self._reply(seq, long=True), "RETR")
+                yield Retrieved(number, message.raw, message.wire)
         finally:
             for _, seq, _ in sent:
                 if self._stash.pop(seq, None) is None:

@@ -36,7 +36,9 @@ the next: almost always that is the terminating ``.`` line.  Dot-stuffing (RFC 1
 starting with ``.`` is sent with one more ``.``) is undone with one ``bytes.replace``, plus the
 first line by hand.  Only if the body contains a bare LF (tolerated, as poplib does) do we take
 a slower, line-by-line path that also rewrites line ends to CRLF, so :attr:`Message.raw` is
-always the exact message with CRLF line ends and without the terminating ``.\\r\\n``.
+always the exact message with CRLF line ends and without the terminating ``.\\r\\n``.  The
+body as received, still stuffed, rides along as :attr:`Message.wire` when it is CRLF-clean: it
+is already SMTP's DATA content (RFC 5321 §4.5.2), so delivery forwards it without a rescan.
 
 Caps are separate, because one shared cap (poplib's 2048) rejects real mail: a status or
 listing line may be :data:`MAX_LINE` octets (RFC 1939 §3 says 512; we allow slack); a message
@@ -58,7 +60,7 @@ import enum
 import hashlib
 import re
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, assert_never
 
 from connector.errors import Pop3ConnectionError, Pop3ProtocolError
@@ -295,9 +297,18 @@ class Listing:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """The multi-line reply to RETR or TOP: the message, CRLF line ends, dots unstuffed."""
+    """The multi-line reply to RETR or TOP: the message, CRLF line ends, dots unstuffed.
+
+    ``wire`` is the body as it came off the wire, still dot-stuffed, when it is byte for byte
+    the SMTP DATA content of ``raw`` without the final ``.`` line: POP3 and SMTP stuff dots
+    alike (RFC 1939 §3, RFC 5321 §4.5.2), so it can be forwarded without another scan.  That
+    holds when every CR and LF is in a CRLF pair, the body is not empty, and ``raw`` does not
+    start with a dot (Dovecot 2.3 leaves the first line unstuffed: see ``_first_line_quirk``).
+    Otherwise ``wire`` is None.  It is derived from ``raw``, so equality ignores it.
+    """
 
     raw: bytes
+    wire: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,20 +402,25 @@ def _unstuff_slow(body: bytes) -> bytes:
     return b"\r\n".join(out) + b"\r\n"
 
 
-def _unstuff(body: bytes, stuffed: bool) -> bytes:
+def _unstuff(body: bytes, stuffed: bool) -> tuple[bytes, bool]:
     """Undo RFC 1939 §3 dot-stuffing of a body that ends in a line end, without a Python loop.
 
-    ``stuffed`` says whether the terminator scan met any line starting with a dot; if not,
-    the body is returned as it is (no copy).  Costs, measured on 200 KiB: count + count
-    ~0.3 ms, replace ~0.1 ms; a Python loop over the lines would be ~10 times that.
+    Returns the message and whether ``body`` is CRLF-clean (every CR and LF in a CRLF pair,
+    so it can go to SMTP as it is).  ``stuffed`` says whether the terminator scan met any line
+    starting with a dot; if not, the body is returned as it is (no copy).  Costs, measured on
+    200 KiB: the counts ~0.1 ms each, replace ~0.1 ms; a Python loop would be ~10 times that.
     """
-    if body.count(b"\n") != body.count(b"\r\n"):
-        return _unstuff_slow(body)  # bare LF somewhere: tolerated, rewritten (poplib does too)
+    lf = body.count(b"\n")
+    if lf != body.count(b"\r\n"):
+        # Bare LF somewhere: tolerated, rewritten (poplib does too).  Not the wire form.
+        return _unstuff_slow(body), False
+    # A lone CR is kept in the message, but SMTP must not see it (RFC 5321 §2.3.8).
+    crlf = body.count(b"\r") == lf
     if not stuffed:
-        return body
+        return body, crlf
     raw = body.replace(b"\r\n..", b"\r\n.")
     # The first line has no CRLF in front of it.
-    return raw[1:] if raw.startswith(b"..") else raw
+    return (raw[1:] if raw.startswith(b"..") else raw), crlf
 
 
 def _lines(body: bytes) -> list[bytes]:
@@ -645,9 +661,12 @@ class Connection:
         self._complete(ok=True)
         match head.frame:
             case _Frame.MESSAGE:
-                return Message(
-                    _first_line_quirk(body, _unstuff(body, self._stuffed), self._announced)
-                )
+                raw, crlf = _unstuff(body, self._stuffed)
+                raw = _first_line_quirk(body, raw, self._announced)
+                # A first line starting with "." may have come unstuffed (Dovecot 2.3): then
+                # the body is not the SMTP form; the rare old path re-stuffs ``raw``.
+                wire = body if crlf and body and not raw.startswith(b".") else None
+                return Message(raw, wire)
             case _Frame.UIDL:
                 return Listing(self._status_text, _parse_listing(body, uidl=True))
             case _Frame.LIST:
