@@ -686,13 +686,16 @@ def _first_line_quirk(body: bytes, raw: bytes, announced: int | None) -> bytes:
     ``.``.  Unstuffing then drops a dot that was content, or ends the message before it began.
     RETR's ``+OK <octets>`` tells the two readings apart: if the usual one is one octet short
     and the first line starts with ``..``, the server did not stuff it.  A "." first line that
-    was taken as content (see ``_body``) must add up exactly, or the reply is not trusted.
+    was taken as content (see ``_body``) must add up, or the reply is not trusted.
     """
     if announced is None or not body.startswith(b"."):
         return raw
-    if body.startswith(b"..") and len(raw) + 1 == announced:
+    # A message stored without a final line end is counted as stored, but goes out with the
+    # CRLF every line needs (RFC 1939 §3): its count is then two octets short (Dovecot 2.3).
+    counts = (announced, announced + 2)
+    if body.startswith(b"..") and len(raw) + 1 in counts:
         return b"." + raw
-    if body.startswith((b".\r\n", b".\n")) and len(raw) != announced:
+    if body.startswith((b".\r\n", b".\n")) and len(raw) not in counts:
         raise Pop3ProtocolError(
             f"message of {len(raw)} octets after a '.' first line, but {announced} announced"
         )

@@ -37,6 +37,9 @@ def retr(reply: bytes) -> Message:
         (b"+OK 9 octets\r\n..two\r\nx\r\n.\r\n", b".two\r\nx\r\n"),  # properly stuffed
         (b"+OK 11 octets\r\n.foo\r\nbar\r\n.\r\n", b".foo\r\nbar\r\n"),
         (b"+OK message follows\r\n..two\r\n.\r\n", b".two\r\n"),  # no count: RFC reading
+        # Stored without a final line end: counted as stored, sent with a CRLF added.
+        (b"+OK 1 octets\r\n.\r\n.\r\n", b".\r\n"),
+        (b"+OK 3 octets\r\n..x\r\n.\r\n", b"..x\r\n"),
         (b"+OK 0 octets\r\n.\r\n", b""),
         (b"+OK\r\n.\r\n", b""),
     ],
