@@ -295,6 +295,10 @@ class Listing:
     entries: tuple[tuple[int, str], ...]
 
 
+WIRE_COPY_LIMIT: Final = 1024 * 1024
+"""The largest stuffed body kept as :attr:`Message.wire` next to its unstuffed copy."""
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """The multi-line reply to RETR or TOP: the message, CRLF line ends, dots unstuffed.
@@ -303,7 +307,8 @@ class Message:
     the SMTP DATA content of ``raw`` without the final ``.`` line: POP3 and SMTP stuff dots
     alike (RFC 1939 §3, RFC 5321 §4.5.2), so it can be forwarded without another scan.  That
     holds when every CR and LF is in a CRLF pair, the body is not empty, and ``raw`` does not
-    start with a dot (Dovecot 2.3 leaves the first line unstuffed: see ``_first_line_quirk``).
+    start with a dot (Dovecot 2.3 leaves the first line unstuffed: see ``_first_line_quirk``),
+    and, if unstuffing made a copy, the body is at most :data:`WIRE_COPY_LIMIT` octets.
     Otherwise ``wire`` is None.  It is derived from ``raw``, so equality ignores it.
     """
 
@@ -664,8 +669,13 @@ class Connection:
                 raw, crlf = _unstuff(body, self._stuffed)
                 raw = _first_line_quirk(body, raw, self._announced)
                 # A first line starting with "." may have come unstuffed (Dovecot 2.3): then
-                # the body is not the SMTP form; the rare old path re-stuffs ``raw``.
-                wire = body if crlf and body and not raw.startswith(b".") else None
+                # the body is not the SMTP form; the rare old path re-stuffs ``raw``.  A large
+                # stuffed body is not kept beside ``raw`` either: two copies of a 25 MiB
+                # message per account in flight cost more memory than the scan saves CPU.
+                forward = crlf and body and not raw.startswith(b".")
+                if body is not raw and len(body) > WIRE_COPY_LIMIT:
+                    forward = False
+                wire = body if forward else None
                 return Message(raw, wire)
             case _Frame.UIDL:
                 return Listing(self._status_text, _parse_listing(body, uidl=True))

@@ -43,7 +43,9 @@ def test_messages_arrive_byte_for_byte_and_mostly_unscanned(
         (b".first line is a dot\r\n\r\nx\r\n", b"", True),  # Dovecot leaves line 1 unstuffed
         (b"..two dots first\r\n\r\nx\r\n", b"", True),
         (b".\r\n", b"", True),  # a "." only message
-        (b"Subject: 20 MiB\r\n\r\n" + (BIG_LINE * 4096 + b".\r\n..x\r\n") * 80, b"", False),
+        # Stuffed and over WIRE_COPY_LIMIT: re-stuffed from raw rather than kept twice.
+        (b"Subject: 20 MiB\r\n\r\n" + (BIG_LINE * 4096 + b".\r\n..x\r\n") * 80, b"", True),
+        (b"Subject: 20 MiB, no dots\r\n\r\n" + BIG_LINE * 4096 * 80, b"", False),
     ]
     s.dovecot.deliver_many(s.user, [stored for stored, _, _ in cases])
 

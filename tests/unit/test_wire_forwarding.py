@@ -23,7 +23,14 @@ from connector.delivery import (
     stuffed_pieces,
 )
 from connector.pop3.client import TlsMode
-from connector.pop3.protocol import NEED_DATA, Command, Connection, Message, Verb
+from connector.pop3.protocol import (
+    NEED_DATA,
+    WIRE_COPY_LIMIT,
+    Command,
+    Connection,
+    Message,
+    Verb,
+)
 from tests.servers import SmtpSink
 
 TRACE = b"Received: from pop.test by connector.test with POP3 (pop3-connector); now\r\n"
@@ -88,9 +95,22 @@ def test_a_crlf_clean_body_is_forwarded_as_received(message: bytes, chunk: int) 
     body = stuff(raw)
     got = retr(body, announced=len(raw), chunk=chunk)
     assert got.raw == raw
+    if body != raw and len(body) > WIRE_COPY_LIMIT:
+        # Stuffed and large: not kept beside its unstuffed copy (memory); the old path.
+        assert got.wire is None
+        return
     assert got.wire == body
     # It is exactly what the old path wrote after DATA (without the final dot line).
     assert got.wire + b".\r\n" == old_content(b"", raw)[0]
+
+
+def test_the_wire_limit_is_on_stuffed_bodies_only() -> None:
+    small = b"Subject: x\r\n\r\n" + (BIG_LINE + b".dot\r\n") * 10
+    assert len(stuff(small)) <= WIRE_COPY_LIMIT
+    assert retr(stuff(small), announced=len(small)).wire == stuff(small)
+    unstuffed = b"Subject: x\r\n\r\n" + BIG_LINE * (2 * WIRE_COPY_LIMIT // len(BIG_LINE))
+    got = retr(unstuffed, announced=len(unstuffed), chunk=65536)
+    assert got.wire is got.raw  # no second copy: forwarded whatever its size
 
 
 def test_an_unstuffed_body_is_not_copied_for_the_wire() -> None:
