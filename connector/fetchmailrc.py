@@ -19,11 +19,21 @@ Everything that has no equivalent here becomes a note for the administrator, wit
 Notes never quote a password or any quoted string (it might be one); the TOML on standard output
 does carry the passwords that were in the rc file, exactly as the rc file did.
 
+A multidrop user (more than one local name, or ``*``, in ``is ... here``; fetchmail(1),
+"Multidrop mode") becomes a shared mailbox, ``[accounts.shared]``: ``localdomains`` gives
+``domains``, ``envelope HEADER`` ``envelope_headers``, each local name (or ``"remote" = "local"``
+mapping) one rule per domain, ``*`` a ``rewrite_domain`` to the Exchange domain, and without ``*``
+a last ``*@domain`` rule per domain to the fallback (fetchmail's postmaster), as fetchmail
+delivered only to the names listed.  ``limit N`` becomes ``max_message_size`` with
+``oversize = "leave"`` (fetchmail leaves larger mail on the server).
+
 Choices that keep mail safe: an account fetchmail ran with ``keep`` is written with
-``enabled = false``, because we delete upstream after delivery and the mailbox still holds mail
-fetchmail already delivered (enabling it as is would deliver all of that again).  An account
+``leave_on_server = true`` and ``enabled = false``, because the mailbox still holds mail
+fetchmail already delivered, which our ledger has never seen (enabling it as is would deliver
+all of that again).  An account
 whose user or local recipient the rc file leaves to "whoever runs fetchmail" gets a
-``change-me`` placeholder and ``enabled = false`` as well.
+``change-me`` placeholder and ``enabled = false`` as well, and so does a multidrop user
+without ``localdomains`` (``domains = ["change-me.invalid"]``).
 """
 
 from __future__ import annotations
@@ -434,13 +444,16 @@ def _parse_option(
         case _Arity.FLAG:
             block.add(_Option(word, line, (), negated))
         case _Arity.ONE:
+            args: tuple[str, ...]
             if word == "envelope":
                 # `envelope [COUNT] HEADER`: the optional count is a bare number.
+                # args are (HEADER,) or (HEADER, COUNT).
                 first = reader.value()
                 nxt = reader.peek()
                 if first is not None and first.text.isdigit() and nxt and not _is_keyword(nxt):
-                    first = reader.take()
-                args = (first.text,) if first is not None else ()
+                    args = (reader.take().text, first.text)
+                else:
+                    args = (first.text,) if first is not None else ()
             elif not negated and reader.peek() is not None:
                 # fetchmail's grammar requires the value, and some values are keywords
                 # themselves (`auth password`), so take the next word whatever it is.
@@ -480,6 +493,24 @@ class _SmtpHost:
 
 
 @dataclass(frozen=True, slots=True)
+class _Rule:
+    """One ``[[accounts.shared.rules]]``."""
+
+    match: str
+    deliver_to: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Shared:
+    """``[accounts.shared]`` for a fetchmail multidrop mailbox."""
+
+    domains: tuple[str, ...]
+    envelope_headers: tuple[str, ...] | None  # None: our default list
+    rewrite_domain: str | None
+    rules: tuple[_Rule, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class _Account:
     """One ``[[accounts]]`` table to write."""
 
@@ -497,6 +528,10 @@ class _Account:
     poll_interval: float | None
     enabled: bool
     comments: tuple[str, ...]
+    max_message_size: int | None = None
+    oversize: str | None = None
+    shared: _Shared | None = None
+    leave_on_server: bool = False
 
 
 @dataclass(slots=True)
@@ -525,6 +560,15 @@ class _Draft:
     esmtppassword: str | None = None
     interval: int | None = None
     interval_line: int = 0
+    localdomains: tuple[str, ...] = ()
+    localdomains_line: int = 0
+    # None: fetchmail's default (the Received: "for" clause); "": `no envelope`.
+    envelope: str | None = None
+    envelope_count: str | None = None
+    envelope_line: int = 0
+    limit: int | None = None
+    limit_line: int = 0
+    limitflush: bool = False
     notes: list[str] = field(default_factory=list)
 
     def note(self, line: int, text: str) -> None:
@@ -537,7 +581,6 @@ _AUTH_MAP: Final = {"any": "auto", "password": "user"}
 _SILENT: Final = frozenset({"uidl", "fetchall", "showdots", "tracepolls", "properties"})
 _IGNORED: Final[dict[str, str]] = {
     "flush": "'flush' has no equivalent: mail is deleted upstream once delivered anyway",
-    "limitflush": "'limitflush' has no equivalent (no size limit)",
     "rewrite": "'rewrite' ignored: headers are passed on unchanged (only a Received: line added)",
     "forcecr": "'forcecr' ignored: messages are passed on unchanged",
     "stripcr": "'stripcr' ignored: messages are passed on unchanged",
@@ -546,8 +589,10 @@ _IGNORED: Final[dict[str, str]] = {
     "dropdelivered": "'dropdelivered' ignored: Delivered-To: headers are kept",
     "mimedecode": "'mimedecode' ignored: messages are passed on unchanged",
     "idle": "'idle' is IMAP only; ignored",
-    "limit": "'limit' (maximum message size) is not supported; every message is fetched",
-    "warnings": "'warnings' (oversized-mail warnings) is not supported",
+    "warnings": (
+        "'warnings' (repeat the oversized-mail warning every N seconds) is not supported: with "
+        'oversize = "leave" a notice is sent once per oversized message'
+    ),
     "fetchlimit": "'fetchlimit' is not supported: every new message is fetched each cycle",
     "fetchsizelimit": "'fetchsizelimit' is not supported",
     "fastuidl": "'fastuidl' is not needed: the ledger knows every UIDL",
@@ -555,12 +600,22 @@ _IGNORED: Final[dict[str, str]] = {
     "expunge": "'expunge' is not supported: deletions happen at QUIT (RFC 1939 §6)",
     "folder": "'folder' is IMAP only; ignored",
     "timeout": "'timeout' has no per-account equivalent; [smtp] timeout covers SMTP",
-    "envelope": "'envelope' (multidrop) is not supported: mail goes to deliver_to",
-    "qvirtual": "'qvirtual' (multidrop) is not supported",
-    "aka": "'aka' (multidrop) is not supported",
-    "localdomains": "'localdomains' (multidrop) is not supported",
-    "dns": "'dns' (multidrop) is not supported",
-    "checkalias": "'checkalias' (multidrop) is not supported",
+    "qvirtual": (
+        "'qvirtual PREFIX' is not supported: the prefix is not stripped from addresses; a rule "
+        'can match such addresses ([[accounts.shared.rules]] match = "PREFIX*@your.domain")'
+    ),
+    "aka": (
+        "'aka' is not supported: addresses at the mail server's other names are not taken as "
+        "ours; add those names to [accounts.shared] domains if mail is addressed to them"
+    ),
+    "dns": (
+        "'dns' is not supported: no DNS lookup decides whether an address is ours, only "
+        "[accounts.shared] domains and the rules do"
+    ),
+    "checkalias": (
+        "'checkalias' is not supported: addresses are compared by domain (domains) and by "
+        "pattern (rules), never by DNS"
+    ),
     "fetchdomains": "'fetchdomains' (ETRN/ODMR) is not supported",
     "smtpname": "'smtpname' is not supported: the envelope sender comes from Return-Path",
     "antispam": (
@@ -638,6 +693,24 @@ def _apply(draft: _Draft, opt: _Option) -> None:
             draft.esmtpname = arg
         case "esmtppassword":
             draft.esmtppassword = arg
+        case "localdomains":
+            draft.localdomains = () if opt.negated else opt.args
+            draft.localdomains_line = opt.line
+        case "envelope":
+            # `no envelope`: fetchmail reads the recipient headers only.
+            draft.envelope = "" if opt.negated else arg
+            draft.envelope_count = opt.args[1] if len(opt.args) > 1 else None
+            draft.envelope_line = opt.line
+        case "limit":
+            # fetchmail's `limit 0` (and `no limit`) means no limit.
+            if opt.negated or arg == "0":
+                draft.limit = None
+            elif arg.isdigit():
+                draft.limit, draft.limit_line = int(arg), opt.line
+            else:
+                draft.note(opt.line, "'limit' needs a number of octets; ignored")
+        case "limitflush":
+            draft.limitflush = not opt.negated
         case "interval":
             if arg.isdigit() and int(arg) > 0:
                 draft.interval, draft.interval_line = int(arg), opt.line
@@ -666,6 +739,12 @@ def _smtp_host(value: str, line: int, draft: _Draft) -> _SmtpHost | None:
 
 _NAME_BAD_CHARS: Final = re.compile(r"[^A-Za-z0-9._@-]+")
 _LOCAL_PART: Final = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+")
+# What connector.config accepts (its validators are private): RFC 5321 §4.1.2 domains, RFC 5322
+# §3.6.8 field names, and rule patterns (an address where * and ? are wildcards).
+_LABEL: Final = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN: Final = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_FIELD_NAME: Final = re.compile(r"[\x21-\x39\x3b-\x7e]{1,76}")
+_PATTERN: Final = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\[\]-]+@[A-Za-z0-9.*?\[\]-]+")
 
 
 def _account_name(remote: str, host: str, taken: set[str]) -> str:
@@ -709,8 +788,11 @@ class _Result:
 def _interpret(parsed: _Parsed, password_dir: Path) -> _Result:
     notes = list(parsed.notes)
     daemon: float | None = None
+    postmaster: str | None = None
     for s in parsed.settings:
         notes.extend(_set_note(s))
+        if s.name == "postmaster" and not s.negated and s.args:
+            postmaster = s.args[0]
         if s.name == "daemon" and not s.negated and s.args and s.args[0].isdigit():
             daemon = float(s.args[0]) if int(s.args[0]) > 0 else None
     drafts: list[_Draft] = []
@@ -783,7 +865,7 @@ def _interpret(parsed: _Parsed, password_dir: Path) -> _Result:
     accounts: list[_Account] = []
     taken: set[str] = set()
     for d in drafts:
-        account = _finish(d, domain, daemon, password_dir, taken)
+        account = _finish(d, domain, daemon, password_dir, taken, postmaster)
         notes.extend(d.notes)
         if account is not None:
             accounts.append(account)
@@ -821,7 +903,12 @@ def _set_note(s: _Option) -> list[str]:
 
 
 def _finish(
-    d: _Draft, domain: str, daemon: float | None, password_dir: Path, taken: set[str]
+    d: _Draft,
+    domain: str,
+    daemon: float | None,
+    password_dir: Path,
+    taken: set[str],
+    postmaster: str | None,
 ) -> _Account | None:
     where = f"poll {d.host}"
     proto = d.proto
@@ -849,7 +936,24 @@ def _finish(
             f"account {name}: no password in the rc file (fetchmail asks or reads ~/.netrc); "
             f"write it into {password_file} (first line, mode 0600)",
         )
-    deliver_to = _recipients(d, domain, name)
+    pairs, wildcard = _local_entries(d.local_names)
+    shared: _Shared | None = None
+    # fetchmail(1), "Multidrop mode": a user with more than one local name, or with `*`, is a
+    # multidrop mailbox; with one local name every message goes to it (single-drop), and
+    # localdomains/envelope are not consulted.
+    if wildcard or len(pairs) > 1:
+        shared, deliver_to, placeholder = _shared(d, pairs, wildcard, domain, name, postmaster)
+        if placeholder:
+            enabled = False
+    else:
+        for line, what in ((d.localdomains_line, "localdomains"), (d.envelope_line, "envelope")):
+            if line:
+                d.note(
+                    line,
+                    f"account {name}: '{what}' only matters for a multidrop mailbox (several "
+                    "local names or '*'); fetchmail ignores it with one local name, so do we",
+                )
+        deliver_to = _recipients(d, [local for _, local in pairs], domain, name)
     if not deliver_to:
         deliver_to = (f"change-me@{domain}",)
         enabled = False
@@ -860,13 +964,14 @@ def _finish(
         )
     if d.keep:
         enabled = False
-        comments.append("keep: mail stays on the server with fetchmail; see the notes")
+        comments.append("keep: leave_on_server = true; see the notes before enabling it")
         d.note(
             d.keep_line,
-            f"account {name}: 'keep' (leave mail on the server) is not supported yet: mail is "
-            "deleted upstream once delivered. The mailbox still holds mail fetchmail already "
-            "delivered, so the account is written with enabled = false; empty the mailbox (or "
-            "accept those duplicates) before enabling it",
+            f"account {name}: 'keep' is written as leave_on_server = true (mail stays upstream, "
+            'never delivered twice; delete_after = "30d" would expire it). The mailbox still '
+            "holds mail fetchmail already delivered, which our ledger has never seen, so the "
+            "account is written with enabled = false; empty the mailbox (or accept those "
+            "duplicates) before enabling it",
         )
     if d.ssl:
         tls = _Tls.IMPLICIT
@@ -889,6 +994,7 @@ def _finish(
             d.note(d.interval_line, "'interval' without 'set daemon'; ignored")
         else:
             interval = daemon * d.interval
+    max_size, oversize = _size_limit(d, name, comments)
     if not enabled and d.enabled and not d.keep:
         comments.append("placeholders: see the notes")
     return _Account(
@@ -906,45 +1012,203 @@ def _finish(
         poll_interval=interval,
         enabled=enabled,
         comments=tuple(comments),
+        max_message_size=max_size,
+        oversize=oversize,
+        leave_on_server=d.keep,
+        shared=shared,
     )
 
 
-def _recipients(d: _Draft, domain: str, name: str) -> tuple[str, ...]:
-    names = [n for n in d.local_names if n not in {"*", "="}]
-    if "*" in d.local_names or "=" in d.local_names or len(names) > 1:
-        d.note(
-            d.local_line,
-            f"account {name}: multidrop (several local names, '*' or a mapping) is not "
-            "supported: every message goes to every deliver_to address",
-        )
-    if "=" in d.local_names:
-        # `"remote" = "local"`: keep the local side of each mapping.
-        args = list(d.local_names)
-        names = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "="]
-        names += [a for i, a in enumerate(args) if a not in {"=", "*"} and _unmapped(args, i)]
+def _recipients(d: _Draft, names: list[str], domain: str, name: str) -> tuple[str, ...]:
     out: list[str] = []
     for local in names:
-        address = local if "@" in local else f"{local}@{domain}"
-        local_part, _, dom = address.rpartition("@")
-        if not _LOCAL_PART.fullmatch(local_part) or not dom or " " in dom:
-            d.note(d.local_line, f"account {name}: a local name is not a mail address; dropped")
-            continue
-        if "@" not in local:
-            d.note(
-                d.local_line,
-                f"account {name}: local name {local} written as {address} (fetchmail adds "
-                "smtpaddress or the smtphost); check Exchange accepts it",
-            )
-        if address not in out:
+        address = _local_address(d, local, domain, name)
+        if address is not None and address not in out:
             out.append(address)
     return tuple(out)
 
 
-def _unmapped(args: list[str], i: int) -> bool:
-    """True when ``args[i]`` is neither side of a ``a = b`` mapping."""
-    before = i > 0 and args[i - 1] == "="
-    after = i + 1 < len(args) and args[i + 1] == "="
-    return not before and not after
+def _local_address(
+    d: _Draft, local: str, domain: str, name: str, *, quiet: bool = False
+) -> str | None:
+    """A fetchmail local name as an Exchange address (``@domain`` added), or None with a note.
+
+    ``quiet`` leaves out the note on the added domain (the caller writes one for all names).
+    """
+    address = local if "@" in local else f"{local}@{domain}"
+    local_part, _, dom = address.rpartition("@")
+    if not _LOCAL_PART.fullmatch(local_part) or not _DOMAIN.fullmatch(dom):
+        d.note(d.local_line, f"account {name}: a local name is not a mail address; dropped")
+        return None
+    if "@" not in local and not quiet:
+        d.note(
+            d.local_line,
+            f"account {name}: local name {local} written as {address} (fetchmail adds "
+            "smtpaddress or the smtphost); check Exchange accepts it",
+        )
+    return address
+
+
+def _local_entries(args: tuple[str, ...]) -> tuple[list[tuple[str, str]], bool]:
+    """``is`` names as (remote, local) pairs, and whether ``*`` was among them.
+
+    A plain name stands for itself; ``"remote" = "local"`` maps a server-side name to a local
+    one (fetchmail(1), "The run control file": the ``=`` map operator).
+    """
+    pairs: list[tuple[str, str]] = []
+    wildcard = False
+    i = 0
+    while i < len(args):
+        word = args[i]
+        if word == "*":
+            wildcard = True
+            i += 1
+        elif word == "=":
+            i += 1  # a stray "=" with no name before it
+        elif args[i + 1 : i + 2] == ("=",):
+            local = args[i + 2] if i + 2 < len(args) else "="
+            if local in {"=", "*"}:  # "remote" = with nothing after it: the name itself
+                pairs.append((word, word))
+                i += 2
+            else:
+                pairs.append((word, local))
+                i += 3
+        else:
+            pairs.append((word, word))
+            i += 1
+    return pairs, wildcard
+
+
+def _shared(
+    d: _Draft,
+    pairs: list[tuple[str, str]],
+    wildcard: bool,
+    domain: str,
+    name: str,
+    postmaster: str | None,
+) -> tuple[_Shared, tuple[str, ...], bool]:
+    """A fetchmail multidrop mailbox as ``[accounts.shared]``.
+
+    Returns the table, the account's fallback ``deliver_to`` and whether a placeholder was
+    written (the account must then stay disabled).
+    """
+    where = f"account {name}"
+    placeholder = False
+    domains = tuple(dict.fromkeys(v.lower().rstrip(".") for v in d.localdomains if _is_domain(v)))
+    if len(domains) < len(d.localdomains):
+        d.note(d.localdomains_line, f"{where}: a 'localdomains' value is not a domain; dropped")
+    if not domains:
+        domains, placeholder = ("change-me.invalid",), True
+        d.note(
+            d.local_line,
+            f"{where}: multidrop without 'localdomains' (fetchmail took the mail server's own "
+            "name, 'aka' names or DNS to tell which addresses are local): [accounts.shared] "
+            'domains is written as ["change-me.invalid"] and the account with enabled = false; '
+            "put your mail domains there",
+        )
+    headers: tuple[str, ...] | None
+    if d.envelope is None:
+        headers = None
+        d.note(
+            d.local_line,
+            f"{where}: no 'envelope': fetchmail read the 'for' clause of Received: lines; we "
+            "read the envelope_headers default (Delivered-To, X-Original-To, X-Envelope-To), "
+            "then To and Cc",
+        )
+    elif d.envelope == "":
+        # `no envelope`: recipients from To/Cc only; an empty list is allowed.
+        headers = ()
+    elif _FIELD_NAME.fullmatch(d.envelope):
+        headers = (d.envelope,)
+    else:
+        headers = None
+        d.note(d.envelope_line, f"{where}: 'envelope' names no header field; default used")
+    if d.envelope_count is not None:
+        d.note(
+            d.envelope_line,
+            f"{where}: 'envelope {d.envelope_count} HEADER': the skip count is not supported; "
+            "instead the catch-all's own address is never taken as a recipient (username when "
+            "it is an address, and [accounts.shared] ignore_addresses: add it there if not)",
+        )
+    rules: list[_Rule] = []
+    if any("@" not in local for _, local in pairs) or wildcard:
+        d.note(
+            d.local_line,
+            f"{where}: local names without a domain are written with @{domain} (fetchmail "
+            "adds smtpaddress or the smtphost); check Exchange accepts them",
+        )
+    for remote, local in pairs:
+        address = _local_address(d, local, domain, name, quiet=True)
+        if address is None:
+            continue
+        # A server-side name without a domain is a local part at each of our domains.
+        matches = [remote] if "@" in remote else [f"{remote}@{dom}" for dom in domains]
+        for match in matches:
+            if _PATTERN.fullmatch(match):
+                rules.append(_Rule(match.lower(), (address,)))
+            else:
+                d.note(d.local_line, f"{where}: a server-side name is not an address; dropped")
+    fallback = _postmaster(d, postmaster, domain, name)
+    rewrite: str | None = None
+    if wildcard:
+        # `*`: deliver to the same local name, here at the Exchange domain.
+        if domains != (domain,):
+            rewrite = domain
+    else:
+        # Without `*` fetchmail delivers only to the names listed, and a message naming none
+        # of them to the postmaster; a last rule per domain does the same here, instead of
+        # offering Exchange addresses it may not have.
+        rules += [_Rule(f"*@{dom}", fallback) for dom in domains]
+        d.note(
+            d.local_line,
+            f"{where}: multidrop without '*': addresses of {', '.join(domains)} that no local "
+            f"name maps go to {', '.join(fallback)} (the last rules)",
+        )
+    shared = _Shared(domains, headers, rewrite, tuple(rules))
+    return shared, fallback, placeholder
+
+
+def _postmaster(d: _Draft, postmaster: str | None, domain: str, name: str) -> tuple[str, ...]:
+    """The fallback deliver_to: fetchmail gives mail naming no local user to its postmaster."""
+    if postmaster is not None:
+        address = _local_address(d, postmaster, domain, name, quiet=True)
+        if address is not None:
+            d.note(
+                d.local_line,
+                f"account {name}: deliver_to = [{address}] ('set postmaster') gets the mail "
+                "naming nobody of ours",
+            )
+            return (address,)
+    address = f"postmaster@{domain}"
+    d.note(
+        d.local_line,
+        f"account {name}: deliver_to = [{address}] gets the mail naming nobody of ours "
+        "(fetchmail's postmaster, the user running it, unless 'set postmaster'); RFC 5321 "
+        "§4.5.1 requires that address to exist; change it to the mailbox that should get it",
+    )
+    return (address,)
+
+
+def _size_limit(d: _Draft, name: str, comments: list[str]) -> tuple[int | None, str | None]:
+    """fetchmail's ``limit``: larger mail is left on the server, and warned about."""
+    if d.limit is None:
+        if d.limitflush:
+            d.note(d.line, f"account {name}: 'limitflush' without 'limit'; ignored")
+        return None, None
+    if d.limitflush:
+        d.note(
+            d.limit_line,
+            f"account {name}: 'limitflush' deleted oversized mail unread; it is dead-lettered "
+            'instead (oversize = "dead-letter"): kept in the dead-letter store, never sent',
+        )
+        comments.append(f"limit {d.limit} limitflush: larger mail goes to the dead-letter store")
+        return d.limit, "dead-letter"
+    comments.append(f"limit {d.limit}: larger mail stays on the server, with one notice each")
+    return d.limit, "leave"
+
+
+def _is_domain(value: str) -> bool:
+    return _DOMAIN.fullmatch(value.lower().rstrip(".")) is not None and len(value) <= 253
 
 
 # --------------------------------------------------------------------------------------------
@@ -1022,9 +1286,38 @@ def _render(result: _Result, source: str, password_dir: Path) -> str:
         lines.append("deliver_to = [" + ", ".join(_toml_str(r) for r in a.deliver_to) + "]")
         if a.poll_interval is not None:
             lines.append(f"poll_interval = {_duration(a.poll_interval)}")
+        if a.max_message_size is not None:
+            lines.append(f"max_message_size = {a.max_message_size}")
+        if a.oversize is not None:
+            lines.append(f"oversize = {_toml_str(a.oversize)}")
+        if a.leave_on_server:
+            lines.append("leave_on_server = true")
         if not a.enabled:
             lines.append("enabled = false")
+        if a.shared is not None:
+            lines += _render_shared(a.shared)
     return "\n".join(lines) + "\n"
+
+
+def _toml_list(values: tuple[str, ...]) -> str:
+    return "[" + ", ".join(_toml_str(v) for v in values) + "]"
+
+
+def _render_shared(shared: _Shared) -> list[str]:
+    """``[accounts.shared]`` and its rules; they follow every plain key of the account."""
+    lines = ["", "[accounts.shared]", f"domains = {_toml_list(shared.domains)}"]
+    if shared.envelope_headers is not None:
+        lines.append(f"envelope_headers = {_toml_list(shared.envelope_headers)}")
+    if shared.rewrite_domain is not None:
+        lines.append(f"rewrite_domain = {_toml_str(shared.rewrite_domain)}")
+    for rule in shared.rules:
+        lines += [
+            "",
+            "[[accounts.shared.rules]]",
+            f"match = {_toml_str(rule.match)}",
+            f"deliver_to = {_toml_list(rule.deliver_to)}",
+        ]
+    return lines
 
 
 def convert(

@@ -120,7 +120,9 @@ def test_office_rc_several_users_starttls_and_smtp_auth(tmp_path: Path) -> None:
     assert jobs.password_file == tmp_path / "jobs@firma.example.password"
     assert jobs.secret() == "jobs-pw"
     assert not jobs.enabled  # keep: never start deleting a kept mailbox unasked
-    assert any("'keep'" in n and "not supported yet" in n for n in notes)
+    assert jobs.leave_on_server  # and once enabled, it keeps mail upstream as fetchmail did
+    assert not _account(settings, "info@firma.example").leave_on_server
+    assert any("'keep' is written as leave_on_server = true" in n for n in notes)
     assert any("jobs@firma.example.password" in n for n in notes)
     assert any("'set syslog'" in n for n in notes)
 
@@ -138,10 +140,13 @@ def test_legacy_rc_domains_apop_interval_skip_imap_multidrop(tmp_path: Path) -> 
     assert "joe3" not in {a.name for a in settings.accounts}  # IMAP
     assert any("protocol IMAP is not supported" in n for n in notes)
     catchall = _account(settings, "catchall")
-    assert not catchall.enabled  # `is *`: nobody to deliver to
-    assert any("multidrop" in n for n in notes)
-    assert any("'envelope'" in n for n in notes)
-    assert any("'localdomains'" in n for n in notes)
+    assert catchall.enabled  # `is *` with localdomains: a shared mailbox
+    assert catchall.shared is not None
+    assert catchall.shared.domains == ["example.local"]
+    assert catchall.shared.envelope_headers == ["X-Original-To"]
+    assert catchall.shared.rewrite_domain is None  # smtpaddress is the local domain already
+    assert catchall.deliver_to == ["postmaster@example.local"]
+    assert any("'envelope 1 HEADER'" in n and "ignore_addresses" in n for n in notes)
     assert settings.smtp.host == "localhost"
     assert settings.smtp.tls == "none"
     assert any("names no smtphost" in n for n in notes)
@@ -225,7 +230,7 @@ def test_untranslatable_options_are_listed_with_their_lines() -> None:
       mda "/usr/bin/procmail -d %T" limit 100000 plugin "ssh gw nc %h %p" fetchlimit 50"""
     _, notes = convert(rc)
     joined = "\n".join(notes)
-    for keyword in ("'mda'", "'limit'", "'plugin'", "'fetchlimit'"):
+    for keyword in ("'mda'", "'plugin'", "'fetchlimit'"):
         assert f"line 3: {keyword}" in joined
 
 
