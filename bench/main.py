@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -30,6 +30,7 @@ FETCHMAIL: Final = "fetchmail"
 MPOP: Final = "mpop"
 POP3_PROBE: Final = "pop3-probe"
 SMTP_PROBE: Final = "smtp-probe"
+SERVICE_ROUND: Final = "pop3-connector round"  # idle: a round of a started service (run mode)
 
 
 def tuned_dovecot_conf(cores: int) -> str:
@@ -182,6 +183,7 @@ class Bench:
     parallel: int
     timeout: float | None
     profile: Path | None = None
+    runners: tuple[str, ...] = (CONNECTOR, SERVICE_ROUND, FETCHMAIL, MPOP, POP3_PROBE, SMTP_PROBE)
     rows: list[Row] = field(default_factory=list)
     _runs: int = 0
 
@@ -278,7 +280,7 @@ def throughput(b: Bench) -> None:
     nbytes = sum(m.size for m in msgs)
     limit = b.limit(len(msgs), nbytes)
     print(f"   corpus: {len(msgs)} messages, {nbytes / MB:.0f} MB", flush=True)
-    order = (CONNECTOR, FETCHMAIL, MPOP, POP3_PROBE, SMTP_PROBE)
+    order = tuple(r for r in b.runners if r != SERVICE_ROUND)
     for rep in range(1, b.reps + 1):
         for runner in order:
             wd = b.rundir(f"throughput-{runner}-{rep}")
@@ -380,7 +382,7 @@ def poison(b: Bench) -> None:
     users = b.users(s.poison_accounts)
     for rep in range(1, b.reps + 1):
         for p in s.poison_counts:
-            for runner in (CONNECTOR, FETCHMAIL):
+            for runner in (r for r in (CONNECTOR, FETCHMAIL) if r in b.runners):
                 _poison_run(b, runner, rep, p, users, bad, good)
 
 
@@ -453,6 +455,42 @@ def _pop3_probe(b: Bench, users: list[str], wd: Path) -> tuple[list[str], Path]:
     )
 
 
+def _service_round(
+    b: Bench, users: list[str], wd: Path, limit: float
+) -> tuple[runners.ProcResult, float]:
+    """A started service's second round (bench/service_round.py): wall and CPU of the round,
+    not of the process; peak RSS and the exit status of the process."""
+    cfg = runners.connector_config(wd, b.ends, users, parallel=b.parallel)
+    out = wd / "rounds.json"
+    argv = [sys.executable, "-m", "bench.service_round", str(cfg), str(out), "2"]
+    res, rx = b.measure(argv, log=wd / "client.log", limit=limit)
+    if res.rc == 0 and out.exists():
+        last = json.loads(out.read_text())[-1]
+        res = replace(res, wall=last["wall"], cpu=last["cpu"])
+    return res, rx
+
+
+def tree_cpu(root: int) -> float:
+    """User + system seconds of ``root``'s process tree: its own, its reaped children's
+    (cutime, cstime) and every live descendant's (/proc/PID/stat fields 14-17)."""
+    parent: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited while we looked
+        pid = int(stat.parent.name)
+        parent[pid] = int(fields[1])
+        times[pid] = sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        tree.add(pid)
+        todo.extend(p for p, pp in parent.items() if pp == pid and p not in tree)
+    return sum(times.get(pid, 0.0) for pid in tree)
+
+
 def idle(b: Bench) -> None:
     n = b.scale.idle_accounts
     print(f"== idle: {n} accounts with empty mailboxes, one round", flush=True)
@@ -466,11 +504,16 @@ def idle(b: Bench) -> None:
     warm, _ = b.measure(argv, log=b.workdir / "idle-warmup.log", limit=b.limit(n * 10, 0))
     print(f"   warm-up round (untimed): {warm.wall:.2f}s rc={warm.rc}", flush=True)
     for rep in range(1, b.reps + 1):
-        for runner in (CONNECTOR, FETCHMAIL, MPOP, POP3_PROBE):
-            wd = b.rundir(f"idle-{runner}-{rep}")
+        for runner in (
+            r for r in (CONNECTOR, SERVICE_ROUND, FETCHMAIL, MPOP, POP3_PROBE) if r in b.runners
+        ):
+            wd = b.rundir(f"idle-{runner.replace(' ', '-')}-{rep}")
+            server_before = tree_cpu(b.dovecot.proc.pid)
             if runner == POP3_PROBE:
                 argv, _ = _pop3_probe(b, users, wd)
                 res, rx = b.measure(argv, log=wd / "client.log", limit=b.limit(n * 10, 0))
+            elif runner == SERVICE_ROUND:
+                res, rx = _service_round(b, users, wd, b.limit(n * 10, 0))
             else:
                 res, rx, _ = b.run_client(
                     runner, users, wd, b.limit(n * 10, 0), parallel=b.parallel
@@ -491,7 +534,12 @@ def idle(b: Bench) -> None:
                     check=check,
                     left_upstream=0,
                     rc=res.rc,
-                    extra={"accounts": n},
+                    # Dovecot's CPU over the whole client run (start-up included): the server's
+                    # share of the round, the same for everyone; it bounds the round on 2 cores.
+                    extra={
+                        "accounts": n,
+                        "server_cpu": tree_cpu(b.dovecot.proc.pid) - server_before,
+                    },
                 )
             )
             b.rows.append(row)
@@ -522,7 +570,7 @@ def large(b: Bench) -> None:
     msgs = [m for box in boxes for m in box.messages]
     nbytes = sum(m.size for m in msgs)
     for rep in range(1, b.reps + 1):
-        for runner in (CONNECTOR, FETCHMAIL, MPOP):
+        for runner in (r for r in (CONNECTOR, FETCHMAIL, MPOP) if r in b.runners):
             b.fill(users, [box.messages for box in boxes])
             wd = b.rundir(f"large-{runner}-{rep}")
             res, rx, target = b.run_client(
@@ -715,6 +763,7 @@ def report_simple(rows: list[Row], scenario: str, title: str) -> str:
                     f"{_med([r.cpu for r in rs]):.2f}",
                     f"{_med([r.cpu for r in rs]) / n * 1000:.2f}",
                     f"{_med([r.maxrss_mib for r in rs]):.1f}",
+                    f"{_med([r.extra.get('server_cpu', 0.0) for r in rs]):.2f}",
                     _checks(rs),
                 ]
             )
@@ -730,7 +779,16 @@ def report_simple(rows: list[Row], scenario: str, title: str) -> str:
                 ]
             )
     head = (
-        ["runner", "wall s", "wall ms/account", "CPU s", "CPU ms/account", "peak RSS MiB", "check"]
+        [
+            "runner",
+            "wall s",
+            "wall ms/account",
+            "CPU s",
+            "CPU ms/account",
+            "peak RSS MiB",
+            "Dovecot CPU s",
+            "check",
+        ]
         if scenario == "idle"
         else ["runner", "wall s", "MB/s", "CPU s", "peak RSS MiB", "exactly once"]
     )
@@ -776,6 +834,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=8,
         help="pop3-connector's max_parallel_accounts (default 8, the product's default)",
+    )
+    p.add_argument(
+        "--runner",
+        action="append",
+        choices=(CONNECTOR, SERVICE_ROUND, FETCHMAIL, MPOP, POP3_PROBE, SMTP_PROBE),
+        help="run only this runner (repeatable; default: all); for quick A/B runs of one",
     )
     p.add_argument("--timeout", type=float, default=None, help="seconds per client run")
     p.add_argument(
@@ -837,6 +901,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parallel=args.parallel,
             timeout=args.timeout,
             profile=Path(args.profile) if args.profile else None,
+            runners=tuple(args.runner) if args.runner else Bench.runners,
         )
         steps: dict[str, Callable[[Bench], None]] = {
             "throughput": throughput,
