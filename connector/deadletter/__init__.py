@@ -15,6 +15,11 @@ gives ``requeue`` the original bytes back exactly.  The header values come from 
 one line of printable ASCII, which makes a header injection (a CR/LF in a reply text starting a
 new header line, or a body) impossible.
 
+A shared mailbox's dead letter has an ``X-POP3-Connector-Recipients`` field before the five
+(see :attr:`DeadLetterInfo.recipients`).  ``requeue`` sends to exactly that list, so it is never
+cut: a list too long for one line is folded after a comma (RFC 5322 §2.2.3) into lines that
+start with a space, and the reader unfolds it.
+
 Two protocols: :class:`DeadLetterStore` is what the fetcher needs (``put``);
 :class:`DeadLetterArchive` adds what the ``dead-letters`` commands need.
 """
@@ -39,8 +44,9 @@ class DeadLetterInfo:
     failed_at: dt.datetime  # aware, UTC
     # Whom it was for, when that is not simply the account's deliver_to: a shared mailbox's
     # recipients, or the ones refused while others got the message.  ``requeue`` sends it to
-    # them.  Written as an ``X-POP3-Connector-Recipients`` line before the five only when not
-    # empty, so the usual dead letter keeps exactly the five lines of PRODUCT §7.
+    # them.  Written as an ``X-POP3-Connector-Recipients`` field before the five only when not
+    # empty, so the usual dead letter keeps exactly the five lines of PRODUCT §7.  Never cut;
+    # folded over several lines when long (see _recipients_field).
     recipients: tuple[str, ...] = ()
 
 
@@ -100,26 +106,34 @@ HEADER_PREFIX: Final = "X-POP3-Connector-"
 # The order is part of the format: strip_dead_letter_headers() removes exactly these, in order.
 _FIELDS: Final = ("Account", "UIDL", "Stage", "Response", "Failed-At")
 _NAMES: Final = tuple(f"{HEADER_PREFIX}{f}: ".encode("ascii") for f in _FIELDS)
-# The optional sixth line, after the five (see DeadLetterInfo.recipients).
+# The optional sixth field, before the five (see DeadLetterInfo.recipients).
 _RECIPIENTS: Final = f"{HEADER_PREFIX}Recipients: ".encode("ascii")
 _TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
 
-# RFC 5322 §2.1.1: a line is at most 998 characters.  The longest name plus ": " is 28, so a
-# value of 900 leaves room, and the five lines together stay far below HEADER_BLOCK_MAX.
+# RFC 5322 §2.1.1: a line is at most 998 characters.  The longest of the five names plus ": "
+# is 28, so a value of 900 leaves room, and the five lines together stay far below
+# HEADER_BLOCK_MAX.
 _MAX_VALUE: Final = 900
+_MAX_LINE: Final = 998
+# RFC 5322 §2.1.1: lines SHOULD be at most 78 characters; a folded Recipients field keeps to it.
+_FOLD_WIDTH: Final = 78
+# RFC 5322 §2.2.3: a line starting with white space continues the field above it.
+_WSP: Final = b" \t"
 HEADER_BLOCK_MAX: Final = 8192
-"""Reading this many bytes from the start of a dead letter always covers our header lines."""
+"""Reading this many bytes from the start of a dead letter covers our header lines, unless a
+Recipients field is longer (about 240 addresses of 30 characters): then
+:func:`header_block_continues` is true and the whole dead letter must be read."""
 
 _WHITESPACE_RE: Final = re.compile(r"\s+")
 
 
-def _one_line(value: str) -> str:
+def _one_line(value: str, cut: bool = True) -> str:
     """``value`` as one line of printable ASCII: no header injection, whatever the server sent.
 
     Runs of whitespace (CR, LF, tab, Unicode spaces) become one space, so a reply text spread
     over lines stays readable.  Other control characters and non-ASCII are backslash-escaped,
     as Python's ``backslashreplace`` does, so nothing is lost silently.  Over-long values are
-    cut (RFC 5322 §2.1.1).
+    cut (RFC 5322 §2.1.1) unless ``cut`` is false.
     """
     out: list[str] = []
     for ch in _WHITESPACE_RE.sub(" ", value).strip():
@@ -133,9 +147,36 @@ def _one_line(value: str) -> str:
         else:
             out.append(f"\\U{code:08x}")
     text = "".join(out)
-    if len(text) > _MAX_VALUE:
+    if cut and len(text) > _MAX_VALUE:
         text = text[: _MAX_VALUE - 3] + "..."
     return text
+
+
+def _recipients_field(recipients: tuple[str, ...], eol: bytes) -> bytes:
+    """The ``X-POP3-Connector-Recipients`` field: every address, whole, ", "-separated.
+
+    One line when it fits in 998 characters (RFC 5322 §2.1.1), as this field always was, so
+    that a short list reads the same to an older reader.  Longer lists are folded after a
+    comma (RFC 5322 §2.2.3: the line end goes before a space) into lines of at most 78
+    characters, but for an address longer than that, which gets a line of its own; unfolding
+    gives back the one-line form.  An address that can go on an SMTP envelope is at most 254
+    octets of ASCII (RFC 5321 §4.5.3.1.3, ``delivery.address_problem``), so every line stays
+    within 998.
+    Each address is sanitised on its own and never cut: ``requeue`` sends to what is here.
+    """
+    values = [_one_line(r, cut=False).encode("ascii") for r in recipients]
+    line = _RECIPIENTS + b", ".join(values)
+    if len(line) <= _MAX_LINE:
+        return line + eol
+    lines = [_RECIPIENTS + values[0]]
+    for i, value in enumerate(values[1:], 2):
+        lines[-1] += b","
+        comma = 1 if i < len(values) else 0
+        if len(lines[-1]) + 1 + len(value) + comma <= _FOLD_WIDTH:
+            lines[-1] += b" " + value
+        else:
+            lines.append(b" " + value)
+    return b"".join(line + eol for line in lines)
 
 
 def format_failed_at(when: dt.datetime) -> str:
@@ -146,9 +187,11 @@ def format_failed_at(when: dt.datetime) -> str:
 
 
 def dead_letter_headers(info: DeadLetterInfo, eol: bytes) -> bytes:
-    """The five ``X-POP3-Connector-*`` lines of PRODUCT §7, each ended by ``eol``.
+    """The five ``X-POP3-Connector-*`` lines of PRODUCT §7, each ended by ``eol``, after the
+    Recipients field when there are recipients.
 
-    Every value is sanitised to one line of printable ASCII (see module docstring).
+    Every value is sanitised to printable ASCII (see module docstring); each of the five is
+    one line.
     """
     if eol not in (b"\r\n", b"\n"):
         raise ValueError("eol must be CRLF or LF")
@@ -157,11 +200,13 @@ def dead_letter_headers(info: DeadLetterInfo, eol: bytes) -> bytes:
         name + _one_line(v).encode("ascii") for name, v in zip(_NAMES[:4], values, strict=True)
     ]
     lines.append(_NAMES[4] + format_failed_at(info.failed_at).encode("ascii"))
+    five = b"".join(line + eol for line in lines)
     if info.recipients:
         # First, not last: after the five it could not be told from a message's own first
-        # line of that name, and requeue would send the mail where its sender chose.
-        lines.insert(0, _RECIPIENTS + _one_line(", ".join(info.recipients)).encode("ascii"))
-    return b"".join(line + eol for line in lines)
+        # line of that name, and requeue would send the mail where its sender chose.  Its
+        # continuation lines are followed by Account, so none can be the message's own line.
+        return _recipients_field(info.recipients, eol) + five
+    return five
 
 
 def message_eol(raw: bytes) -> bytes:
@@ -182,12 +227,14 @@ def with_dead_letter_headers(raw: bytes, info: DeadLetterInfo) -> bytes:
 
 
 def _our_lines(raw: bytes) -> tuple[list[bytes], bytes | None, int]:
-    """The values of our leading header lines, in order, the optional Recipients line's value,
-    and the offset just past them.
+    """The values of our leading header lines, in order, the optional Recipients field's value
+    (unfolded), and the offset just past them.
 
-    An optional Recipients line, then the names of PRODUCT §7 in their fixed order; stops at
+    An optional Recipients field, then the names of PRODUCT §7 in their fixed order; stops at
     the first line that is not the next one.  Callers accept the block only when the five are
-    there, so a message that itself starts with one such line keeps it.
+    there, so a message that itself starts with one such line keeps it.  Only the Recipients
+    field is unfolded: each of the five is one line, so a message whose own first line starts
+    with white space keeps it.
     """
 
     def line(name: bytes, pos: int) -> tuple[bytes, int] | None:
@@ -203,6 +250,13 @@ def _our_lines(raw: bytes) -> tuple[list[bytes], bytes | None, int]:
     first = line(_RECIPIENTS, 0)
     if first is not None:
         recipients, pos = first
+        # RFC 5322 §2.2.3: unfolding removes the line end before the white space.
+        while pos < len(raw) and raw[pos] in _WSP:
+            nl = raw.find(b"\n", pos)
+            if nl < 0:
+                break  # cut off (a head of HEADER_BLOCK_MAX bytes): not a complete block
+            recipients += raw[pos:nl].rstrip(b"\r")
+            pos = nl + 1
     values: list[bytes] = []
     for name in _NAMES:
         found = line(name, pos)
@@ -215,9 +269,20 @@ def _our_lines(raw: bytes) -> tuple[list[bytes], bytes | None, int]:
     return values, recipients, pos
 
 
+def header_block_continues(head: bytes) -> bool:
+    """Whether ``head``, the first bytes of a dead letter, may end inside our header lines.
+
+    True when it starts with a Recipients field and holds no complete block: a long folded
+    field can pass :data:`HEADER_BLOCK_MAX`, and the caller must parse the whole dead letter
+    before taking it for a file that is not ours.
+    """
+    values, _, _ = _our_lines(head)
+    return head.startswith(_RECIPIENTS) and len(values) < len(_NAMES)
+
+
 def strip_dead_letter_headers(raw: bytes) -> bytes:
-    """``raw`` without our leading ``X-POP3-Connector-*`` lines (five, or six with
-    ``Recipients``): the original again.
+    """``raw`` without our leading ``X-POP3-Connector-*`` lines (the five, after a
+    ``Recipients`` field if there is one): the original again.
 
     Anything else (fewer lines, another order) is not our block and is left alone.
 
@@ -256,6 +321,7 @@ __all__ = [
     "DeadLetterStore",
     "dead_letter_headers",
     "format_failed_at",
+    "header_block_continues",
     "message_eol",
     "parse_dead_letter_headers",
     "strip_dead_letter_headers",

@@ -21,14 +21,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from connector.deadletter import (
+    HEADER_BLOCK_MAX,
     DeadLetterArchive,
     DeadLetterInfo,
     dead_letter_headers,
+    header_block_continues,
     parse_dead_letter_headers,
     strip_dead_letter_headers,
     with_dead_letter_headers,
 )
 from connector.deadletter.maildir import MaildirStore, unique_name
+from connector.delivery import address_problem
 from connector.errors import DeadLetterError
 from tests.fakes import InMemoryDeadLetterStore
 
@@ -394,3 +397,172 @@ def test_strip_undoes_with_for_any_bytes(
     assert parsed is not None
     assert parsed[1] == len(head)
     assert parsed[0].failed_at == when.replace(microsecond=0)
+
+
+# ============================================================================================
+# The Recipients field: never cut, folded when long (RFC 5322 §2.2.3)
+# ============================================================================================
+
+# RFC 5321 §4.5.3.1: a 64-octet local part and a domain of 189, 254 octets in all.
+LONGEST = "l" * 64 + "@" + "a" * 63 + "." + "b" * 63 + "." + "c" * 61
+
+
+def addresses(n: int) -> tuple[str, ...]:
+    """``n`` distinct addresses of 30 octets, the middle one replaced by a 254-octet one."""
+    out = [f"user{i:04d}@department{i:03d}.example" for i in range(n)]
+    out[n // 2] = LONGEST
+    return tuple(out)
+
+
+def recipients_info(recipients: tuple[str, ...]) -> DeadLetterInfo:
+    return DeadLetterInfo("catchall", "u1", "rcpt", "550 5.1.1 no such user", WHEN, recipients)
+
+
+def physical_lines(head: bytes, eol: bytes) -> list[bytes]:
+    assert head.endswith(eol)
+    lines = head[: -len(eol)].split(eol)
+    assert all(b"\r" not in line and b"\n" not in line for line in lines)
+    return lines
+
+
+def test_the_test_addresses_could_go_on_an_smtp_envelope() -> None:
+    assert len(LONGEST) == 254
+    assert all(address_problem(a) is None for a in addresses(200))
+    assert len(addresses(40)[0]) == 30
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n"])
+@pytest.mark.parametrize("n", [1, 2, 40, 200])
+def test_recipients_round_trip_whole(n: int, eol: bytes) -> None:
+    raw = MESSAGE.replace(b"\r\n", eol)
+    dl = recipients_info(addresses(n))
+    wrapped = with_dead_letter_headers(raw, dl)
+    head = wrapped[: len(wrapped) - len(raw)]
+    assert wrapped[len(head) :] == raw
+    lines = physical_lines(head, eol)
+    assert max(len(line) for line in lines) <= 998  # RFC 5322 §2.1.1
+    assert lines[0].startswith(b"X-POP3-Connector-Recipients: ")
+    assert lines[-5:] == physical_lines(dead_letter_headers(recipients_info(()), eol), eol)
+    assert parse_dead_letter_headers(wrapped) == (dl, len(head))
+    assert strip_dead_letter_headers(wrapped) == raw
+    assert not header_block_continues(wrapped)
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n"])
+def test_a_long_list_is_folded_after_commas(eol: bytes) -> None:
+    recipients = addresses(40)
+    lines = physical_lines(dead_letter_headers(recipients_info(recipients), eol), eol)
+    field = lines[:-5]
+    assert len(field) > 1
+    # Continuation lines start with a space; every line but the field's last ends in a comma.
+    assert all(line.startswith(b" ") for line in field[1:])
+    assert all(line.endswith(b",") for line in field[:-1])
+    assert not field[-1].endswith(b",")
+    # At most 78 octets (RFC 5322 §2.1.1 SHOULD), but for the line the 254-octet address is on.
+    assert [len(line) <= 78 for line in field].count(False) == 1
+    assert max(len(line) for line in field) == len(" " + LONGEST + ",")
+    # Unfolding (RFC 5322 §2.2.3: remove the line ends) gives the one-line form.
+    assert b"".join(field) == b"X-POP3-Connector-Recipients: " + ", ".join(recipients).encode()
+    # And Python's email parser reads the same list.
+    wrapped = with_dead_letter_headers(MESSAGE.replace(b"\r\n", eol), recipients_info(recipients))
+    parsed = email.message_from_bytes(wrapped, policy=email.policy.default)
+    value = str(parsed["X-POP3-Connector-Recipients"])
+    assert tuple(a.strip() for a in value.split(",")) == recipients
+
+
+def test_a_list_that_fits_stays_one_line() -> None:
+    recipients = addresses(29)  # 28 * 32 + 254 + 29 octets: 1179 with the longest address
+    recipients = tuple(a for a in recipients if a != LONGEST)  # 28 * 32 - 2 + 29 = 923
+    block = dead_letter_headers(recipients_info(recipients), b"\r\n")
+    assert block.count(b"\r\n") == 6
+    assert block.startswith(b"X-POP3-Connector-Recipients: user0000@department000.example, ")
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n"])
+@pytest.mark.parametrize("own_first", [b" starts with a space", b"\tstarts with a tab"])
+def test_a_message_starting_with_white_space_keeps_its_first_line(
+    eol: bytes, own_first: bytes
+) -> None:
+    # Such a line after our block must never be unfolded into one of our fields.
+    raw = own_first + eol + MESSAGE.replace(b"\r\n", eol)
+    for dl in (recipients_info(addresses(40)), recipients_info(("a@b",)), INFO):
+        wrapped = with_dead_letter_headers(raw, dl)
+        assert parse_dead_letter_headers(wrapped) == (dl, len(wrapped) - len(raw))
+        assert strip_dead_letter_headers(wrapped) == raw
+
+
+def test_a_message_starting_with_a_folded_recipients_field_is_not_ours() -> None:
+    own = dead_letter_headers(recipients_info(addresses(40)), b"\r\n")[:-1000] + MESSAGE
+    assert own.startswith(b"X-POP3-Connector-Recipients: ")
+    assert parse_dead_letter_headers(own) is None
+    assert strip_dead_letter_headers(own) == own
+    # Wrapped without recipients: ours are the five, its field is the message's own.
+    wrapped = with_dead_letter_headers(own, INFO)
+    assert parse_dead_letter_headers(wrapped) == (INFO, len(EXPECTED_HEADERS))
+    assert strip_dead_letter_headers(wrapped) == own
+    # Wrapped with recipients: ours are read, its own are not.
+    dl = recipients_info(("a@b", "c@d"))
+    wrapped = with_dead_letter_headers(own, dl)
+    assert parse_dead_letter_headers(wrapped) == (dl, len(wrapped) - len(own))
+    assert strip_dead_letter_headers(wrapped) == own
+
+
+def test_a_head_cut_inside_the_recipients_field() -> None:
+    wrapped = with_dead_letter_headers(MESSAGE, recipients_info(addresses(300)))
+    assert len(wrapped) > HEADER_BLOCK_MAX
+    head = wrapped[:HEADER_BLOCK_MAX]
+    assert parse_dead_letter_headers(head) is None
+    assert strip_dead_letter_headers(head) == head
+    assert header_block_continues(head)
+    # Cut in the middle of a continuation line, or right after one.
+    for cut in (head.rfind(b"\n") + 1, head.rfind(b"\n") + 3):
+        assert header_block_continues(wrapped[:cut])
+    assert not header_block_continues(MESSAGE)
+    assert not header_block_continues(wrapped)
+    assert not header_block_continues(with_dead_letter_headers(MESSAGE, INFO)[:100])
+
+
+async def test_maildir_keeps_a_folded_recipients_field(tmp_path: Path) -> None:
+    store = MaildirStore(tmp_path / "dead-letters")
+    dl = recipients_info(addresses(40))
+    id = await store.put(MESSAGE, dl)
+    (record,) = await store.list()
+    assert (record.id, record.size) == (id, len(MESSAGE))
+    stored = await store.get(id)
+    assert parse_dead_letter_headers(stored) == (dl, len(stored) - len(MESSAGE))
+    assert strip_dead_letter_headers(stored) == MESSAGE
+
+
+def _address(local: str, local_len: int, domain_len: int) -> str:
+    labels = ["d" * 63] * (domain_len // 64) + ["e" * (domain_len % 64 or 1)]
+    return (local * local_len)[:local_len] + "@" + ".".join(labels)
+
+
+# Addresses of any length an SMTP envelope allows, drawn by length (a regex strategy is too
+# slow for 200 of them): a local part of 1-64 octets, a domain of up to 189, 254 in all.
+_ADDRESS = st.builds(
+    _address,
+    st.sampled_from(["a", "B", "0", "x.y", "!#$%&'*+/=?^_`{|}~-"]),
+    st.integers(1, 64),
+    st.integers(1, 189),
+)
+
+
+@given(
+    raw=st.binary(max_size=300),
+    # The size drawn first: left to itself, st.lists stays short, below any folding.
+    recipients=st.integers(1, 200).flatmap(
+        lambda n: st.lists(_ADDRESS, min_size=n, max_size=n).map(tuple)
+    ),
+    eol=st.sampled_from([b"\r\n", b"\n"]),
+)
+def test_recipients_round_trip_for_any_list(
+    raw: bytes, recipients: tuple[str, ...], eol: bytes
+) -> None:
+    raw = eol + raw if eol == b"\r\n" else b"x\n" + raw  # fixes the message's line end
+    dl = recipients_info(recipients)
+    wrapped = with_dead_letter_headers(raw, dl)
+    head = wrapped[: len(wrapped) - len(raw)]
+    assert max(len(line) for line in physical_lines(head, eol)) <= 998
+    assert parse_dead_letter_headers(wrapped) == (dl, len(head))
+    assert strip_dead_letter_headers(wrapped) == raw
