@@ -59,6 +59,7 @@ from connector.deadletter import (
     DeadLetterInfo,
     DeadLetterRecord,
     format_failed_at,
+    header_block_continues,
     parse_dead_letter_headers,
     with_dead_letter_headers,
 )
@@ -638,9 +639,20 @@ class ImapStore:
             fetched = await session.uid_fetch(
                 "1:*", f"(UID RFC822.SIZE BODY.PEEK[]<0.{HEADER_BLOCK_MAX}>)"
             )
+            # A long Recipients field can go on past those octets: fetch those few whole.
+            longer = [i.uid for i in fetched if i.literal and header_block_continues(i.literal)]
+            whole = {
+                i.uid: i.literal
+                for i in (
+                    await session.uid_fetch(",".join(map(str, longer)), "(UID BODY.PEEK[])")
+                    if longer
+                    else []
+                )
+            }
         records: builtins.list[tuple[DeadLetterRecord, int]] = []
         for item in fetched:
-            parsed = parse_dead_letter_headers(item.literal) if item.literal else None
+            literal = whole.get(item.uid) or item.literal
+            parsed = parse_dead_letter_headers(literal) if literal else None
             if parsed is None or item.size is None:
                 log.warning("%s: UID %d is not a dead letter of ours, skipped", self, item.uid)
                 continue

@@ -34,6 +34,7 @@ from connector.deadletter import (
     HEADER_BLOCK_MAX,
     DeadLetterInfo,
     DeadLetterRecord,
+    header_block_continues,
     parse_dead_letter_headers,
     with_dead_letter_headers,
 )
@@ -258,6 +259,8 @@ class MaildirStore:
             with open(entry.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 head = f.read(HEADER_BLOCK_MAX)
+                if header_block_continues(head):
+                    head += f.read()  # a long Recipients field: our lines go on past the head
         except (FileNotFoundError, IsADirectoryError):
             return None
         except OSError as exc:

@@ -28,6 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from connector.deadletter import (
+    HEADER_BLOCK_MAX,
     DeadLetterArchive,
     DeadLetterInfo,
     DeadLetterStore,
@@ -540,3 +541,17 @@ async def test_fake_flat_server_refuses_a_nested_folder(fake_imap: FakeImap) -> 
     with pytest.raises(DeadLetterError, match="no folder hierarchy"):
         await _fake_store(fake_imap).put(b"x", INFO)
     assert not fake_imap.sent("APPEND")
+
+
+async def test_list_reads_a_recipients_field_longer_than_the_head(imap_store: ImapStore) -> None:
+    recipients = tuple(f"user{i:04d}@department{i:03d}.example" for i in range(300))
+    dl = DeadLetterInfo("catchall", "u1", "rcpt", "550 5.1.1 x", WHEN, recipients)
+    assert len(with_dead_letter_headers(contract.MESSAGE, dl)) > HEADER_BLOCK_MAX
+    short = await imap_store.put(
+        contract.MESSAGE, DeadLetterInfo("info", "u2", "data", "554", WHEN)
+    )
+    id = await imap_store.put(contract.MESSAGE, dl)
+    records = {r.id: r for r in await imap_store.list()}
+    assert set(records) == {id, short}
+    assert records[id].size == len(contract.MESSAGE)
+    assert records[short].size == len(contract.MESSAGE)

@@ -566,3 +566,13 @@ def test_recipients_round_trip_for_any_list(
     assert max(len(line) for line in physical_lines(head, eol)) <= 998
     assert parse_dead_letter_headers(wrapped) == (dl, len(head))
     assert strip_dead_letter_headers(wrapped) == raw
+
+
+async def test_maildir_lists_a_recipients_field_longer_than_the_head(tmp_path: Path) -> None:
+    store = MaildirStore(tmp_path / "dead-letters")
+    dl = recipients_info(addresses(300))
+    id = await store.put(MESSAGE, dl)
+    assert len(with_dead_letter_headers(MESSAGE, dl)) > HEADER_BLOCK_MAX
+    (record,) = await store.list()
+    assert (record.id, record.account, record.size) == (id, "catchall", len(MESSAGE))
+    assert await store.count_by_account() == {"catchall": 1}
