@@ -185,6 +185,7 @@ class Bench:
     profile: Path | None = None
     runners: tuple[str, ...] = (CONNECTOR, SERVICE_ROUND, FETCHMAIL, MPOP, POP3_PROBE, SMTP_PROBE)
     rows: list[Row] = field(default_factory=list)
+    server_cpu: float = 0.0  # Dovecot's CPU seconds during the last measure()
     _runs: int = 0
 
     @property
@@ -224,9 +225,10 @@ class Bench:
     ) -> tuple[ProcResult, float]:
         """Run one client with a fresh receiver count; (its cost, the receiver's CPU)."""
         self.receiver.reset()
-        before = self.receiver.cpu()
+        before, server_before = self.receiver.cpu(), tree_cpu(self.dovecot.proc.pid)
         result = runners.run_measured(argv, timeout=limit, log=log, env=env)
         rx = self.receiver.cpu() - before
+        self.server_cpu = tree_cpu(self.dovecot.proc.pid) - server_before
         if result.timed_out:
             print(f"  ! {argv[0]} timed out after {limit:.0f}s; log: {log}", file=sys.stderr)
         return result, rx
@@ -328,6 +330,7 @@ def throughput(b: Bench) -> None:
                     check=runners.check_once(expected, seen),
                     left_upstream=left,
                     rc=res.rc,
+                    extra={"server_cpu": b.server_cpu},
                 )
             )
             b.rows.append(row)
@@ -508,7 +511,6 @@ def idle(b: Bench) -> None:
             r for r in (CONNECTOR, SERVICE_ROUND, FETCHMAIL, MPOP, POP3_PROBE) if r in b.runners
         ):
             wd = b.rundir(f"idle-{runner.replace(' ', '-')}-{rep}")
-            server_before = tree_cpu(b.dovecot.proc.pid)
             if runner == POP3_PROBE:
                 argv, _ = _pop3_probe(b, users, wd)
                 res, rx = b.measure(argv, log=wd / "client.log", limit=b.limit(n * 10, 0))
@@ -538,7 +540,7 @@ def idle(b: Bench) -> None:
                     # share of the round, the same for everyone; it bounds the round on 2 cores.
                     extra={
                         "accounts": n,
-                        "server_cpu": tree_cpu(b.dovecot.proc.pid) - server_before,
+                        "server_cpu": b.server_cpu,
                     },
                 )
             )
@@ -644,6 +646,7 @@ def report_throughput(rows: list[Row]) -> str:
                 f"{_med([r.cpu for r in rs]):.2f}",
                 f"{_med([r.maxrss_mib for r in rs]):.1f}",
                 f"{_med([r.receiver_cpu for r in rs]):.2f}",
+                f"{_med([r.extra.get('server_cpu', 0.0) for r in rs]):.2f}",
                 _checks(rs),
                 str(max(left)) if left else "-",
             ]
@@ -663,6 +666,7 @@ def report_throughput(rows: list[Row]) -> str:
                 "CPU s",
                 "peak RSS MiB",
                 "receiver CPU s",
+                "Dovecot CPU s",
                 "exactly once",
                 "left upstream",
             ],

@@ -158,7 +158,8 @@ def connector_config(
 
 def connector_argv(config: Path, profile: Path | None = None) -> list[str]:
     """``python -m connector --config F once`` with this interpreter (the project's venv)."""
-    head = [sys.executable]
+    # POP3_BENCH_WRAP: a command to run the connector under, e.g. "py-spy record -o F --"
+    head = [*os.environ.get("POP3_BENCH_WRAP", "").split(), sys.executable]
     if profile is not None:
         head += ["-m", "cProfile", "-o", str(profile)]
     return [*head, "-m", "connector", "--config", str(config), "once"]
