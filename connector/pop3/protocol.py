@@ -37,8 +37,9 @@ starting with ``.`` is sent with one more ``.``) is undone with one ``bytes.repl
 first line by hand.  Only if the body contains a bare LF (tolerated, as poplib does) do we take
 a slower, line-by-line path that also rewrites line ends to CRLF, so :attr:`Message.raw` is
 always the exact message with CRLF line ends and without the terminating ``.\\r\\n``.  The
-body as received, still stuffed, rides along as :attr:`Message.wire` when it is CRLF-clean: it
-is already SMTP's DATA content (RFC 5321 §4.5.2), so delivery forwards it without a rescan.
+body as received, still stuffed, rides along as :attr:`Message.wire` when it is CRLF-clean and
+stuffed as RFC 1939 §3 says: it is already SMTP's DATA content (RFC 5321 §4.5.2), so delivery
+forwards it without a rescan.
 
 Caps are separate, because one shared cap (poplib's 2048) rejects real mail: a status or
 listing line may be :data:`MAX_LINE` octets (RFC 1939 §3 says 512; we allow slack); a message
@@ -306,9 +307,11 @@ class Message:
     ``wire`` is the body as it came off the wire, still dot-stuffed, when it is byte for byte
     the SMTP DATA content of ``raw`` without the final ``.`` line: POP3 and SMTP stuff dots
     alike (RFC 1939 §3, RFC 5321 §4.5.2), so it can be forwarded without another scan.  That
-    holds when every CR and LF is in a CRLF pair, the body is not empty, and ``raw`` does not
-    start with a dot (Dovecot 2.3 leaves the first line unstuffed: see ``_first_line_quirk``),
-    and, if unstuffing made a copy, the body is at most :data:`WIRE_COPY_LIMIT` octets.
+    holds when every CR and LF is in a CRLF pair, the body is not empty, every line after the
+    first that starts with a dot came stuffed (a ``.x`` sent unstuffed stays ``.x`` in ``raw``,
+    and SMTP would strip its dot), ``raw`` does not start with a dot (Dovecot 2.3 leaves the
+    first line unstuffed: see ``_first_line_quirk``), and, if unstuffing made a copy, the body
+    is at most :data:`WIRE_COPY_LIMIT` octets.
     Otherwise ``wire`` is None.  It is derived from ``raw``, so equality ignores it.
     """
 
@@ -410,8 +413,9 @@ def _unstuff_slow(body: bytes) -> bytes:
 def _unstuff(body: bytes, stuffed: bool) -> tuple[bytes, bool]:
     """Undo RFC 1939 §3 dot-stuffing of a body that ends in a line end, without a Python loop.
 
-    Returns the message and whether ``body`` is CRLF-clean (every CR and LF in a CRLF pair,
-    so it can go to SMTP as it is).  ``stuffed`` says whether the terminator scan met any line
+    Returns the message and whether ``body`` can go to SMTP as it is, apart from its first
+    line: it is CRLF-clean (every CR and LF in a CRLF pair) and every later line that starts
+    with a dot came stuffed.  ``stuffed`` says whether the terminator scan met any line
     starting with a dot; if not, the body is returned as it is (no copy).  Costs, measured on
     200 KiB: the counts ~0.1 ms each, replace ~0.1 ms; a Python loop would be ~10 times that.
     """
@@ -424,6 +428,15 @@ def _unstuff(body: bytes, stuffed: bool) -> tuple[bytes, bool]:
     if not stuffed:
         return body, crlf
     raw = body.replace(b"\r\n..", b"\r\n.")
+    if crlf:
+        # A line ".x" the server did not stuff stays ".x" in raw (poplib's reading; RFC 1939
+        # §3 would drop the dot, but an unstuffed ".x" most likely was ".x"), and SMTP would
+        # strip the dot from the body (RFC 5321 §4.5.2): then the body is not the wire form.
+        # Neither "\r\n." nor "\r\n.." overlaps itself, so count() and replace() see every
+        # occurrence, and each "\r\n.." is one "\r\n.": the numbers are equal exactly when
+        # every "\r\n." is followed by another dot.  replace() shortened the body by one octet
+        # per "\r\n..", so one more count suffices.
+        crlf = body.count(b"\r\n.") == len(body) - len(raw)
     # The first line has no CRLF in front of it.
     return (raw[1:] if raw.startswith(b"..") else raw), crlf
 
@@ -666,13 +679,13 @@ class Connection:
         self._complete(ok=True)
         match head.frame:
             case _Frame.MESSAGE:
-                raw, crlf = _unstuff(body, self._stuffed)
+                raw, as_is = _unstuff(body, self._stuffed)
                 raw = _first_line_quirk(body, raw, self._announced)
                 # A first line starting with "." may have come unstuffed (Dovecot 2.3): then
                 # the body is not the SMTP form; the rare old path re-stuffs ``raw``.  A large
                 # stuffed body is not kept beside ``raw`` either: two copies of a 25 MiB
                 # message per account in flight cost more memory than the scan saves CPU.
-                forward = crlf and body and not raw.startswith(b".")
+                forward = as_is and body and not raw.startswith(b".")
                 if body is not raw and len(body) > WIRE_COPY_LIMIT:
                     forward = False
                 wire = body if forward else None
@@ -700,8 +713,18 @@ def _first_line_quirk(body: bytes, raw: bytes, announced: int | None) -> bytes:
     """
     if announced is None or not body.startswith(b"."):
         return raw
-    # A message stored without a final line end is counted as stored, but goes out with the
-    # CRLF every line needs (RFC 1939 §3): its count is then two octets short (Dovecot 2.3).
+    # Dovecot 2.3 counts the message with CRLF line ends (RFC 1939 §5: exact octets; it adds
+    # the CR of a bare LF itself and counts it), but one stored without a final line end goes
+    # out with the CRLF every line needs (RFC 1939 §3): its count is then two octets short
+    # (pop3-commands.c, fetch_callback).  Nothing else it sends changes the length.
+    # The two readings below differ by one octet and the two counts by two, so no message fits
+    # both: with counts made that way the choice is exact, and with Dovecot, which never
+    # stuffs line 1, the unstuffed reading is the true one whenever a count fits it.  Only a
+    # count one octet off could mislead: a server that does stuff line 1 but counts a stored
+    # LF as one octet (the "physical" size many servers give, per Dovecot's
+    # pop3_fast_size_lookups) sends the one-line message ".x" LF as "+OK 3", "..x" CRLF, the
+    # very bytes of Dovecot's "..x" stored without a line end, and it becomes "..x".  No real
+    # mail is one line (RFC 5322 §3.6 requires From: and Date:), so the tolerance stays.
     counts = (announced, announced + 2)
     if body.startswith(b"..") and len(raw) + 1 in counts:
         return b"." + raw

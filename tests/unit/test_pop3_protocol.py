@@ -255,6 +255,43 @@ def test_replies(
 
 
 # ---------------------------------------------------------------------------------------------
+# Message.wire: the body as received, only when it is SMTP's DATA content of Message.raw
+# ---------------------------------------------------------------------------------------------
+
+# (id, body as the server sends it before the terminator, raw, whether wire is the body)
+WIRE_CASES: list[tuple[str, bytes, bytes, bool]] = [
+    ("no-dots", b"a\r\nb\r\n", b"a\r\nb\r\n", True),
+    ("stuffed-dot-line", b"a\r\n..\r\nb\r\n", b"a\r\n.\r\nb\r\n", True),
+    ("stuffed-two-dots", b"a\r\n...\r\n", b"a\r\n..\r\n", True),  # "\r\n..." is one "\r\n.."
+    ("stuffed-dot-x", b"a\r\n..x\r\n....y\r\n", b"a\r\n.x\r\n...y\r\n", True),
+    # A "." line stuffed as ".." right before the terminator, twice in a row.
+    ("stuffed-dot-last", b"a\r\n..\r\n..\r\n", b"a\r\n.\r\n.\r\n", True),
+    # A non-conforming server: ".x" not stuffed.  Kept as sent (poplib, "retr-unstuffed-dot-
+    # tolerated"), so the body is not DATA's content of raw: SMTP would strip that dot.
+    ("unstuffed-dot-x", b"a\r\n.x\r\n", b"a\r\n.x\r\n", False),
+    ("unstuffed-after-stuffed", b"a\r\n..\r\n.x\r\n", b"a\r\n.\r\n.x\r\n", False),
+    ("unstuffed-before-stuffed", b"a\r\n.x\r\n..y\r\n", b"a\r\n.x\r\n.y\r\n", False),
+    ("unstuffed-dot-space", b"a\r\n. \r\n", b"a\r\n. \r\n", False),
+    ("unstuffed-last-line", b"a\r\n" * 50 + b".end\r\n", b"a\r\n" * 50 + b".end\r\n", False),
+]
+
+
+@pytest.mark.parametrize("runner", RUNNERS, ids=lambda r: r.__name__)
+@pytest.mark.parametrize(
+    ("body", "raw", "forwarded"), [c[1:] for c in WIRE_CASES], ids=[c[0] for c in WIRE_CASES]
+)
+def test_wire_only_when_every_dot_line_came_stuffed(
+    runner: object, body: bytes, raw: bytes, forwarded: bool
+) -> None:
+    assert callable(runner)
+    for status in (b"+OK\r\n", b"+OK %d octets\r\n" % len(raw)):
+        events = runner(T, [C(Verb.RETR, 1)], status + body + b".\r\n")
+        assert events == [Message(raw)]
+        assert isinstance(events[0], Message)
+        assert events[0].wire == (body if forwarded else None)
+
+
+# ---------------------------------------------------------------------------------------------
 # greetings, states, transitions
 # ---------------------------------------------------------------------------------------------
 

@@ -172,6 +172,28 @@ def test_any_body_gives_the_old_paths_content_or_none(lines: list[bytes], quirk:
     assert got.wire + b".\r\n" == aiosmtplib_content(raw)
 
 
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(st.sampled_from([b".", b"..", b"a", b" "])).map(b"".join),
+            st.booleans(),
+        )
+    )
+)
+def test_a_server_that_skips_stuffing_never_gets_its_body_forwarded(
+    lines: list[tuple[bytes, bool]],
+) -> None:
+    # A non-conforming server: each line stuffed, or (False) sent as it is; a "." line always
+    # stuffed, or it would end the reply.  Whatever comes, a wire form kept must be exactly
+    # what DATA carries for raw, or SMTP would deliver a message other than the one the ledger
+    # and the dead-letter store see.
+    body = b"".join((stuff(line) if ok or line == b"." else line) + b"\r\n" for line, ok in lines)
+    got = retr(body)
+    if got.wire is not None:
+        assert got.wire + b".\r\n" == aiosmtplib_content(got.raw)
+
+
 # ------------------------------------------------------------------------------------------
 # delivery.py: prepare_wire and stuffed_pieces
 # ------------------------------------------------------------------------------------------
@@ -248,6 +270,18 @@ async def test_the_sink_gets_trace_and_raw_byte_for_byte(smtp_sink: SmtpSink) ->
     for raw, mail in zip(raws, got, strict=True):
         assert f"SIZE={len(TRACE) + len(raw)}" in mail.mail_options
         assert ("BODY=8BITMIME" in mail.mail_options) is not raw.isascii()
+
+
+async def test_a_dot_line_the_server_did_not_stuff_arrives_as_raw(smtp_sink: SmtpSink) -> None:
+    # ".x" should have come as "..x" (RFC 1939 §3); raw keeps it as sent.  Forwarding the body
+    # as DATA would let the SMTP server strip that dot (RFC 5321 §4.5.2), so what Exchange got
+    # would differ from what the ledger and a dead letter hold.
+    body = b"Subject: sloppy\r\n\r\n..\r\n.x\r\nend\r\n"
+    got = retr(body, announced=len(body) - 1)
+    assert got.raw == b"Subject: sloppy\r\n\r\n.\r\n.x\r\nend\r\n"
+    async with deliverer(smtp_sink.port) as d:
+        await d.deliver(got.raw, ENVELOPE, trace=TRACE, wire=got.wire)
+    assert [m.data for m in smtp_sink.received] == [TRACE + got.raw]
 
 
 async def test_the_wire_form_is_what_goes_out(smtp_sink: SmtpSink) -> None:
