@@ -145,31 +145,51 @@ class OAuth2TokenSource:
 
     async def _run(self, argv: tuple[str, ...]) -> str:
         try:
-            # No shell (argv from shlex.split); stderr is left to the service's own log.
+            # No shell (argv from shlex.split); stderr is left to the service's own log.  A
+            # session (so a process group) of its own: a helper may fork (a refresher, or
+            # `sh -c '... &'`), and a descendant that inherited stdout keeps the pipe open after
+            # the helper is gone.  Killing the helper alone would leave that descendant running
+            # and, on the stock loop, Process.wait() waiting for the pipe to close, for ever.
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
+                start_new_session=True,
             )
         except OSError as exc:
             raise ConfigError(f"{self.key}: cannot run {argv[0]}: {exc.strerror or exc}") from None
+        finished = False
         try:
             async with asyncio.timeout(self.timeout):
                 out, _ = await proc.communicate()
+            finished = True
         except TimeoutError:
             raise ConfigError(
                 f"{self.key}: no token within {self.timeout:g}s; the command was killed"
             ) from None
         finally:
-            if proc.returncode is None:  # timed out or cancelled: do not leave it running
-                proc.kill()
-                await proc.wait()
+            if not finished:  # timed out or cancelled: leave nothing of it running
+                _kill_group(proc.pid)
+                # Reap it, and read what is left of stdout (discarded) to its EOF, which comes
+                # now that every writer is dead: uvloop's wait() does not wait for the pipe,
+                # whose transport would otherwise stay open.
+                await proc.communicate()
         if proc.returncode != 0:
             raise ConfigError(f"{self.key}: the command exited with status {proc.returncode}")
         try:
             return out.decode("utf-8")
         except UnicodeDecodeError:
             raise ConfigError(f"{self.key}: the output is not UTF-8 text") from None
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL every process in the group ``pgid``; a group already gone is no error.
+
+    Even once the leader has exited (or been reaped), its id stays the group's while any member
+    lives, and the kernel does not hand that id to a new process meanwhile.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,15 +15,19 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 
 import pytest
 
+from connector import runloop
 from connector.config import Settings, load_settings
 from connector.errors import ConfigError, Pop3AuthError, Pop3ProtocolError
 from connector.pop3 import AuthMethod, Pop3Client, Pop3Endpoint, Pop3Timeouts, TlsMode
+from connector.runloop import ENV_VAR
 from connector.service import OAuth2TokenSource, build_runtime
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -247,6 +251,144 @@ async def test_hanging_token_command_is_killed_at_its_timeout() -> None:
     source = OAuth2TokenSource("accounts[0].oauth2_token_command", argv=argv, timeout=0.2)
     with pytest.raises(ConfigError, match=r"no token within 0\.2s; the command was killed"):
         await source()
+
+
+# A helper that forks: its background child inherits stdout and outlives it (a token refresher,
+# or `sh -c 'refresh & ...'`).  It writes its own pid ($$: the leader of its process group) and
+# the child's ($!) to the file named by $1 before anything else, then prints the token.  The
+# child would run a minute, far past each test's bounds; not longer, should a test leak it.
+FORKING_HELPER = f'sleep 60 & echo "$$ $!" > "$1"; echo \'{TOKEN}\'; '
+LOOPS = [
+    pytest.param({ENV_VAR: "uvloop"}, id="uvloop"),
+    pytest.param({ENV_VAR: "asyncio"}, id="asyncio"),
+]
+
+
+def forking_helper(pidfile: Path, then: str) -> tuple[str, ...]:
+    return ("sh", "-c", FORKING_HELPER + then, "sh", str(pidfile))
+
+
+def check_loop(env: Mapping[str, str]) -> None:
+    # runloop falls back to the stock loop without uvloop; then this case would test nothing new.
+    on_uvloop = type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+    assert on_uvloop == (env[ENV_VAR] == "uvloop")
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie (killed, its parent now init, not yet reaped) does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+    except FileNotFoundError:
+        return not Path("/proc/self").is_dir()  # Linux: gone meanwhile; elsewhere: no /proc
+    return stat.rpartition(")")[2].split()[0] != "Z"  # the field after "(comm)" is the state
+
+
+def read_pids(pidfile: Path) -> list[int]:
+    """The pids the helper wrote: its own and its child's; [] until it has written both."""
+    words = pidfile.read_text(encoding="ascii").split() if pidfile.exists() else []
+    return [int(w) for w in words] if len(words) == 2 else []
+
+
+async def helper_pids(pidfile: Path) -> list[int]:
+    """The helper's pids, once written.  Polled (bounded): the helper is another process, and
+    the file is all it tells us; there is no event to await."""
+    async with asyncio.timeout(10):
+        while not (pids := read_pids(pidfile)):  # noqa: ASYNC110 (see the docstring)
+            await asyncio.sleep(0.01)
+    return pids
+
+
+async def all_gone(pids: list[int]) -> bool:
+    """True once none of ``pids`` runs; False if one still does after 10 s.  Polled (bounded):
+    the child is not ours to wait for (init reaps it once its parent is gone)."""
+    try:
+        async with asyncio.timeout(10):
+            while any(map(alive, pids)):  # noqa: ASYNC110 (see the docstring)
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        return False
+    return True
+
+
+def kill_leftovers(pidfile: Path) -> None:
+    """Only after a failure is anything left.  Called before the loop closes: uvloop's close()
+    blocks, deaf to pytest-timeout, while a child process's pipe is open."""
+    for pid in read_pids(pidfile):
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("then", ["wait", "exit 0"], ids=["helper-waits", "helper-exits"])
+@pytest.mark.parametrize("env", LOOPS)
+def test_a_token_command_whose_child_holds_stdout_is_killed_with_it(
+    env: Mapping[str, str], then: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # stdout never reaches EOF while the child lives.  Killing the helper alone left the child
+    # running and, on the stock loop, Process.wait() waiting for the pipe to close: a hang.
+    pidfile = tmp_path / "pids"
+    source = OAuth2TokenSource(
+        "accounts[0].oauth2_token_command", argv=forking_helper(pidfile, then), timeout=1.0
+    )
+
+    async def attempt() -> ConfigError:
+        # The checks run before the loop closes: on uvloop, a pipe left open makes close() fail.
+        check_loop(env)
+        try:
+            # 10 s: only the failure detector; the command's own deadline is 1 s.
+            await asyncio.wait_for(source(), 10)
+        except ConfigError as exc:
+            pids = read_pids(pidfile)
+            assert len(pids) == 2, "the helper had not forked by its deadline"
+            assert await all_gone(pids), "the helper or its child still runs"
+            return exc
+        except TimeoutError:
+            pytest.fail("the token command hung past its deadline")
+        finally:
+            kill_leftovers(pidfile)
+        pytest.fail("a token from a command that never finished")
+
+    caplog.set_level(logging.DEBUG)
+    err = runloop.run(attempt(), env=env)
+    assert (
+        str(err) == "accounts[0].oauth2_token_command: no token within 1s; the command was killed"
+    )
+    # The token was printed before the deadline; it is in no error and no log line.
+    for text in ["".join(traceback.format_exception(err)), repr(err), caplog.text]:
+        assert TOKEN not in text
+
+
+@pytest.mark.parametrize("env", LOOPS)
+def test_a_cancelled_token_command_is_killed_with_its_child(
+    env: Mapping[str, str], tmp_path: Path
+) -> None:
+    # A login cancelled at shutdown (STYLE §4) must not leave the helper's family behind either.
+    pidfile = tmp_path / "pids"
+    source = OAuth2TokenSource(
+        "accounts[0].oauth2_token_command", argv=forking_helper(pidfile, "wait"), timeout=60
+    )
+
+    async def attempt() -> None:
+        check_loop(env)
+        task = asyncio.create_task(source())
+        try:
+            pids = await helper_pids(pidfile)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=10)  # the failure detector
+            if task not in done:
+                kill_leftovers(pidfile)  # unblocks the task, so that the loop can close
+                await asyncio.wait({task}, timeout=10)
+                pytest.fail("the cancelled token command hung")
+            assert task.cancelled()  # CancelledError is never swallowed
+            assert await all_gone(pids), "the helper or its child still runs"
+        finally:
+            kill_leftovers(pidfile)
+
+    runloop.run(attempt(), env=env)
 
 
 async def test_a_failing_source_stops_the_login_before_auth() -> None:
