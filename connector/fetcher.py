@@ -225,6 +225,34 @@ def header_digest(data: bytes, size: int | None = None) -> str:
     return "sha256:" + digest.hexdigest()[:40]
 
 
+# The end of the header block: the first empty line (RFC 5322 §2.1); a bare LF tolerated, as
+# recipients.route does, so the body never starts later than after the first CRLF CRLF.  Looked
+# for in the first 256 KiB only, as route does: a regex over a 1 GiB message without an empty
+# line would take seconds, and without one the whole message is taken, which is safe.
+_HEADER_END: Final = re.compile(rb"\r?\n\r?\n")
+_MAX_HEADER_BLOCK: Final = 256 * 1024
+# A Message-ID longer than this goes into a duplicate key as its digest, to bound the key.
+_MAX_KEY_MESSAGE_ID: Final = 200
+
+
+def duplicate_key(mid: str, raw: bytes) -> str:
+    """The ledger key under which a shared mailbox's copies of one message meet:
+    ``mid:<Message-ID>:<SHA-256 of the body, hex>``.
+
+    A provider stores one copy per recipient of ours, and the copies differ only in the trace
+    fields at the top (``Delivered-To``, ``Received``: RFC 5321 §4.4), so the Message-ID and the
+    body (the bytes after the header block) identify them.  The Message-ID alone does not: a
+    broken mailer reuses one, and a forged message could reuse one to have the real one
+    dropped; a different body is a different message, and is delivered.  The digest has a
+    fixed length at the end, so no two (Message-ID, body) pairs give one key.
+    """
+    end = _HEADER_END.search(raw, 0, _MAX_HEADER_BLOCK)
+    body = memoryview(raw)[end.end() :] if end is not None else raw
+    if len(mid) > _MAX_KEY_MESSAGE_ID:
+        mid = "sha256:" + hashlib.sha256(mid.encode("ascii")).hexdigest()
+    return f"mid:{mid}:{hashlib.sha256(body).hexdigest()}"
+
+
 async def uid_listing(pop: Pop3Client, count: int, sizes: dict[int, int]) -> list[tuple[int, str]]:
     """(number, uid) of every message: UIDL (RFC 1939 §7), or digests on a server without it.
 
@@ -412,11 +440,11 @@ class Cycle:
         return Outcome.DEAD_LETTERED
 
     def _recipients_kept(self) -> float:
-        """How long the done recipients of a message are remembered: as long as it may stay
-        deferred (a retry leaves them out), and a shared mailbox's duplicate window."""
+        """How long a shared mailbox's ``mid:`` rows are remembered: its duplicate window.
+        (The ``uidl:`` rows, who got a message some recipients deferred, stay as long as the
+        message's own ledger row: ledger.sync_listing.)"""
         acct = self.account
-        window = acct.shared.duplicate_window if acct.shared is not None else 0.0
-        return max(window, acct.max_deferral) + 86400.0
+        return acct.shared.duplicate_window if acct.shared is not None else 0.0
 
     def _dele_due(self, entry: LedgerEntry, now: float) -> bool:
         """Whether a finished message is to be DELEd now: always, unless leave_on_server
@@ -445,6 +473,7 @@ class Cycle:
         acct, policy = self.account, self.policy
         sender, sender_fixed = envelope_sender(raw, policy.sender_policy, policy.fixed_sender)
         keys: tuple[str, ...] = (f"uidl:{uid}",)
+        mid_key: str | None = None
         if acct.shared is not None:
             routing = route(raw, acct.shared, acct.deliver_to)
             recipients, configured = routing.recipients, routing.configured
@@ -458,17 +487,33 @@ class Cycle:
             )
             mid = message_id(raw) if acct.shared.duplicate_window > 0 else None
             if mid is not None:
-                keys += (f"mid:{mid}",)
+                # Keys of the "mid:<Message-ID>" form, from before the body digest, match no
+                # more: a copy whose sibling came just before an upgrade is delivered again,
+                # once; those rows age out with the duplicate window.
+                mid_key = duplicate_key(mid, raw)
+                keys += (mid_key,)
         else:
             recipients, configured = acct.deliver_to, frozenset()
         done: frozenset[str] = frozenset()
         if acct.shared is not None or (entry is not None and len(recipients) > 1):
             # Who has it already: a provider's copy of the same message for another recipient
-            # (shared mailbox), or a retry after only some recipients deferred it.
+            # (shared mailbox), or a retry after only some recipients deferred it.  With a
+            # Message-ID, also whether it came before with another body (the same prefix).
+            prefix = mid_key[: mid_key.rindex(":") + 1] if mid_key is not None else ""
             try:
-                done = await self.ledger.done_recipients(acct.name, keys)
+                found = await self.ledger.recipients_by_key(acct.name, keys, prefix=prefix)
             except LedgerError as exc:
                 raise CycleStopped(exc) from exc
+            done = frozenset(r for key in keys for r in found.get(key, ()))
+            if any(key not in keys for key in found):
+                # Only the prefix matched: the same Message-ID with another body.
+                log.info(
+                    "account=%s uidl=%s Message-ID %s came before with a different body: "
+                    "not a copy, delivered as a message of its own",
+                    acct.name,
+                    uid,
+                    prefix.removeprefix("mid:").removesuffix(":"),
+                )
         todo = tuple(r for r in recipients if r.lower() not in done)
         if not todo:
             return await self._duplicate(pop, number, uid, raw, recipients)
@@ -573,7 +618,7 @@ class Cycle:
                             uid,
                             stage,
                             "; ".join(f"<{r}> {why}" for r, why in copy_for.items()),
-                            tuple(copy_for),
+                            self._named(tuple(copy_for)),
                         ),
                     )
                 )
@@ -606,6 +651,22 @@ class Cycle:
         await self._finished(pop, number)
         self.observer.message(acct.name, uid, len(raw), Outcome.DELIVERED, response)
         return Outcome.DELIVERED
+
+    def _named(self, recipients: tuple[str, ...]) -> tuple[str, ...]:
+        """The recipients a dead letter names (its X-POP3-Connector-Recipients line), so that
+        ``dead-letters requeue`` sends it to them and to nobody else.
+
+        A shared mailbox's are always named: they were read from the message, and without
+        them requeue would go to the fallback.  Otherwise they are named whenever they are not
+        the account's whole ``deliver_to``: the others got the message (a retry after some
+        recipients deferred it), and a requeue to all of ``deliver_to`` would duplicate it.
+        """
+        acct = self.account
+        if acct.shared is None and {r.lower() for r in recipients} == {
+            r.lower() for r in acct.deliver_to
+        }:
+            return ()
+        return recipients
 
     def _info(
         self, uid: str, stage: str, response: str, recipients: tuple[str, ...] = ()
@@ -678,9 +739,10 @@ class Cycle:
         keys: tuple[str, ...] = (),
     ) -> None:
         acct = self.account
-        # A shared mailbox's recipients were read from the message: the dead letter names them,
-        # so that requeue sends it to them (and the copies of it are suppressed).
-        recipients = envelope.recipients if acct.shared is not None and envelope else ()
+        # Named when they are not simply the account's deliver_to (see _named): a shared
+        # mailbox's recipients (the copies of the message are then suppressed too), or those
+        # still owed a message that others got on an earlier attempt.
+        recipients = self._named(envelope.recipients) if envelope is not None else ()
         try:
             # Shielded like the ledger writes: a shutdown must not leave a stored dead letter
             # unrecorded (it would be stored again next cycle).

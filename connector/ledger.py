@@ -90,8 +90,8 @@ MIGRATIONS: Final[list[str]] = [
     """,
     # 2: the recipients a message is done for (delivered or dead-lettered), by key: "uidl:<id>"
     # (a message delivered to some recipients and deferred for others is retried for the
-    # others only) and "mid:<Message-ID>" (a shared mailbox's provider stores one copy per
-    # recipient; the copies are suppressed).  Kept for a time, see sync_listing.
+    # others only) and "mid:..." (a shared mailbox's provider stores one copy per recipient;
+    # the copies are suppressed).  See RecipientsDone for the keys, sync_listing for how long.
     """
     CREATE TABLE recipients_done (
         account   TEXT NOT NULL,
@@ -100,6 +100,17 @@ MIGRATIONS: Final[list[str]] = [
         at        REAL NOT NULL,
         PRIMARY KEY (account, key, recipient)
     ) WITHOUT ROWID;
+    """,
+    # 3: "uidl:" rows now go with their message's row (sync_listing); before, they aged out on
+    # their own and could outlive it.  Such a row would leave its recipients out if the server
+    # ever listed the UIDL again, so the ones left over from before are dropped.
+    """
+    DELETE FROM recipients_done
+    WHERE key >= 'uidl:' AND key < 'uidl;'
+      AND NOT EXISTS (
+          SELECT 1 FROM messages m
+          WHERE m.account = recipients_done.account AND m.uidl = substr(recipients_done.key, 6)
+      );
     """,
 ]
 
@@ -129,7 +140,13 @@ class LedgerEntry:
 
 @dataclass(frozen=True, slots=True)
 class RecipientsDone:
-    """Recipients a message is done for, under each of ``keys`` (``uidl:``/``mid:`` keys)."""
+    """Recipients a message is done for, under each of ``keys``.
+
+    ``uidl:<UIDL>``: a retry of a message that some recipients deferred goes to the others
+    only; such rows live as long as the message's row.  ``mid:<Message-ID>:<body digest>``
+    (built by the fetcher): a shared mailbox's copies of one message meet there; such rows
+    are kept for the duplicate window.
+    """
 
     keys: tuple[str, ...]
     recipients: tuple[str, ...]
@@ -330,9 +347,10 @@ class Ledger:
         """The entries of ``account`` whose UIDL is in ``listed`` (a UIDL listing).
 
         In the same transaction: rows no longer listed get ``gone_since = now`` (if not set
-        already), rows listed again lose it, and rows gone for ``prune_after`` are deleted.
-        One read of the account's rows; writes only for the rows whose status changed.
-        ``recipients_before``: forget the account's done recipients recorded before then.
+        already), rows listed again lose it, and rows gone for ``prune_after`` are deleted,
+        with the recipients done under their ``uidl:`` key.  One read of the account's rows;
+        writes only for the rows whose status changed.  ``recipients_before``: forget the
+        account's ``mid:`` rows (the duplicate window) recorded before then.
         """
         wanted = frozenset(listed)  # a snapshot: the caller may reuse its collection
         return await self._submit(
@@ -354,8 +372,14 @@ class Ledger:
         expired: list[tuple[str, str]] = []
         with _transaction(conn):
             if recipients_before is not None:
+                # Only the "mid:" rows (the keys from "mid:" up to "mid;", ';' following ':'
+                # in ASCII: a range of the primary key).  Not the "uidl:" rows: a message
+                # deferred for some recipients may stay upstream longer than any age (the
+                # connector down, the account parked), and a retry that forgot who has it
+                # would send it to them again.
                 conn.execute(
-                    "DELETE FROM recipients_done WHERE account = ? AND at < ?",
+                    "DELETE FROM recipients_done"
+                    " WHERE account = ? AND key >= 'mid:' AND key < 'mid;' AND at < ?",
                     (account, recipients_before),
                 )
             for row in conn.execute(_SELECT_ACCOUNT, (account,)):
@@ -379,6 +403,10 @@ class Ledger:
                 )
             if expired:
                 conn.executemany("DELETE FROM messages WHERE account = ? AND uidl = ?", expired)
+                conn.executemany(
+                    "DELETE FROM recipients_done WHERE account = ? AND key = ?",
+                    [(acct, f"uidl:{uidl}") for acct, uidl in expired],
+                )
         if newly_gone or back or expired:
             log.debug(
                 "ledger: account %s: %d gone, %d listed again, %d pruned",
@@ -448,21 +476,41 @@ class Ledger:
 
     async def done_recipients(self, account: str, keys: Collection[str]) -> frozenset[str]:
         """The recipients (lower case) recorded as done under any of ``keys``."""
+        found = await self.recipients_by_key(account, keys)
+        return frozenset(r for recipients in found.values() for r in recipients)
+
+    async def recipients_by_key(
+        self, account: str, keys: Collection[str], *, prefix: str = ""
+    ) -> dict[str, frozenset[str]]:
+        """The recipients (lower case) recorded as done under each of ``keys``, and under
+        every key that starts with ``prefix`` (none when empty); keys without any are absent.
+
+        One job (one thread hop) for both, so that the fetcher learns at once whether a
+        message is a copy and whether its Message-ID came before with another body.
+        """
         wanted = tuple(keys)
+        # Every key that starts with prefix sorts in [prefix, prefix with its last character
+        # incremented): a range of the primary key, not a scan.
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else ""
 
-        def run(conn: sqlite3.Connection) -> frozenset[str]:
-            found: set[str] = set()
+        def run(conn: sqlite3.Connection) -> dict[str, frozenset[str]]:
+            found: dict[str, set[str]] = {}
             for key in wanted:
-                found.update(
-                    r
-                    for (r,) in conn.execute(
-                        "SELECT recipient FROM recipients_done WHERE account = ? AND key = ?",
-                        (account, key),
-                    )
-                )
-            return frozenset(found)
+                for (r,) in conn.execute(
+                    "SELECT recipient FROM recipients_done WHERE account = ? AND key = ?",
+                    (account, key),
+                ):
+                    found.setdefault(key, set()).add(r)
+            if prefix:
+                for key, r in conn.execute(
+                    "SELECT key, recipient FROM recipients_done"
+                    " WHERE account = ? AND key >= ? AND key < ?",
+                    (account, prefix, upper),
+                ):
+                    found.setdefault(key, set()).add(r)
+            return {key: frozenset(rs) for key, rs in found.items()}
 
-        return await self._submit("done_recipients", run)
+        return await self._submit("recipients_by_key", run)
 
     async def _record(
         self,

@@ -320,3 +320,87 @@ def test_requeue_refused_for_one_recipient_keeps_a_dead_letter_for_it(
     (left,) = dead_letters(s, capsys)  # fails today: the dead letter is removed
     assert left.info.recipients == ("ghost@firma.local",)
     assert left.original == raw
+
+
+def test_a_reused_message_id_with_another_body_is_delivered_but_copies_are_not(
+    setup_factory: Callable[..., Setup], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Duplicate suppression goes by Message-ID and body.  Sent to info@ (info and chef) and
+    to chef@, the provider stores one copy for each, differing only in trace fields: chef gets
+    it once.  A later message reusing the Message-ID with another body (a broken mailer, a
+    forgery) is no copy: it reaches chef too, and is not DELEd unseen."""
+    s = shared_setup(setup_factory)
+    to_info = mail("d1", "Delivered-To: info@firma.example\r\n", subject="Invoice")
+    to_chef = mail(
+        "d1",
+        "Delivered-To: chef@firma.example\r\n"
+        "Received: from mx2.provider.example; Mon, 2 Mar 2026 10:00:02 +0100\r\n",
+        subject="Invoice",
+    )
+    reused = to_chef.replace(b"Body of d1.", b"Please pay to another account.")
+    assert reused != to_chef
+    s.dovecot.deliver_many(s.user, [to_info, to_chef, reused])
+
+    capsys.readouterr()
+    assert s.run("once") == 0
+    assert summary(capsys.readouterr().out) == (
+        "delivered 2, dead-lettered 0, deferred 0, skipped 1"
+    )
+    got = s.received()
+    assert len(got) == 2
+    arrived(got[0], to_info, "info@firma.local", "chef@firma.local")
+    arrived(got[1], reused, "chef@firma.local")
+    assert s.upstream() == []
+    with s.ledger() as db:
+        responses = [r[0] for r in db.execute("SELECT last_response FROM messages")]
+    assert "duplicate: already delivered to chef@firma.local" in responses
+
+    # Nothing left: a second cycle sends nothing.
+    assert s.run("once") == 0
+    assert len(s.received()) == 2
+
+
+def test_expired_after_some_of_several_deliver_to_got_it_requeue_goes_to_the_others(
+    setup_factory: Callable[..., Setup], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An ordinary account with two deliver_to addresses; b's mailbox stays busy (451) past
+    max_deferral after a got the message.  The dead letter names b, so that requeue sends it
+    to b alone: a must not get it twice."""
+    s = setup_factory()
+    text = s.config.read_text()
+    a, b = "a@firma.local", "b@firma.local"
+    s.config.write_text(
+        text.replace('deliver_to = ["info@firma.test"]', f'deliver_to = ["{a}", "{b}"]')
+    )
+    raw = mail("x1", "To: info@firma.example\r\n")
+    s.dovecot.deliver_many(s.user, [raw])
+    s.sink.handler.rule = lambda stage, env, data: (
+        "451 4.2.1 Mailbox busy" if stage == "rcpt" and env.rcpt_tos[-1] == b else None
+    )
+
+    capsys.readouterr()
+    assert s.run("once") == 0
+    assert summary(capsys.readouterr().out) == (
+        "delivered 0, dead-lettered 0, deferred 1, skipped 0"
+    )
+    (got,) = s.received()
+    arrived(got, raw, a, offered=2)
+    assert s.upstream() == [raw]
+
+    s.age_deferrals(6 * 86400)  # past max_deferral (5 days by default)
+    assert s.run("once") == 0
+    assert summary(capsys.readouterr().out) == (
+        "delivered 0, dead-lettered 1, deferred 0, skipped 0"
+    )
+    assert len(s.received()) == 1  # the retry offered it to b only; b refused again
+    assert s.upstream() == []
+    (stored,) = dead_letters(s, capsys)
+    assert (stored.info.stage, stored.info.recipients) == ("expired", (b,))
+    assert stored.original == raw
+
+    s.sink.handler.rule = None  # b is back
+    assert s.run("dead-letters", "requeue", stored.id) == 0
+    (requeued,) = s.received()[1:]
+    assert requeued.rcpt_tos == (b,)
+    assert requeued.data == raw
+    assert dead_letters(s, capsys) == []

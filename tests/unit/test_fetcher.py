@@ -7,6 +7,7 @@ also lack UIDL, lock the mailbox or refuse logins in the ways a test needs.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from connector.deadletter import parse_dead_letter_headers
 from connector.deadletter.maildir import MaildirStore
 from connector.delivery import SenderPolicy, SmtpDeliverer, SmtpSettings
 from connector.errors import (
@@ -30,12 +32,14 @@ from connector.fetcher import (
     DeliveryPolicy,
     Outcome,
     Oversize,
+    duplicate_key,
     header_digest,
     trace_header,
 )
 from connector.ledger import Ledger, MessageState
 from connector.loopback import LoopbackPop3Server, LoopbackSmtpSink, SmtpRule
 from connector.pop3 import AuthMethod, Pop3Endpoint, TlsMode
+from connector.recipients import Rule, SharedMailbox
 from tests.fakes import InMemoryDeadLetterStore
 
 USER, PASSWORD = "info@firma.example", "pop-secret"
@@ -491,3 +495,165 @@ async def test_a_finished_message_over_the_size_limit_is_still_deleted(rig: Rig)
     stats = await (await rig.cycle(max_message_size=1000)).run()  # then the limit lowered
     assert (stats.skipped, stats.delivered) == (1, 0)
     assert rig.pop.deleted[-1] == uid
+
+
+# -- several recipients: a shared mailbox's copies, partial deliveries ---------------------------
+
+SHARED = SharedMailbox(
+    domains=frozenset({"firma.example"}),
+    rules=(Rule("info@firma.example", ("info@firma.local", "chef@firma.local")),),
+    rewrite_domain="firma.local",
+)
+
+
+def copy_for(delivered_to: str, body: str, mx: str = "mx1") -> bytes:
+    """A provider's copy of one message (always the same Message-ID) for one recipient: its
+    trace fields at the top name that recipient and the provider's host."""
+    return (
+        f"Delivered-To: {delivered_to}\r\n"
+        f"Received: from {mx}.provider.example; Mon, 2 Mar 2026 10:00:0{len(mx)} +0100\r\n"
+        "Return-Path: <a@customer.example>\r\n"
+        "Message-ID: <m1@customer.example>\r\n"
+        f"Subject: invoice\r\n\r\n{body}\r\n"
+    ).encode()
+
+
+async def test_the_same_message_id_with_another_body_is_delivered_not_dropped(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broken mailer or a forger reuses a Message-ID: the second message is not a copy of
+    the first, and dropping it (then DELEing it) would lose it."""
+    first = copy_for("bob@firma.example", "The invoice.")
+    second = copy_for("bob@firma.example", "Another message, the same Message-ID.")
+    rig.pop.add_message(USER, first)
+    uid = rig.pop.add_message(USER, second)
+    rec = Recorder()
+    with caplog.at_level(logging.INFO, logger="connector.fetcher"):
+        stats = await (await rig.cycle(rec, shared=SHARED)).run()
+    assert (stats.delivered, stats.skipped) == (2, 0)
+    assert rec.outcomes() == [Outcome.DELIVERED, Outcome.DELIVERED]
+    assert [(m.recipients, m.data.split(b"\r\n", 2)[2]) for m in rig.sink.messages] == [
+        (("bob@firma.local",), first),
+        (("bob@firma.local",), second),
+    ]
+    assert rig.pop.mailboxes[USER] == []
+    (line,) = [r for r in caplog.records if "different body" in r.getMessage()]
+    assert line.levelno == logging.INFO
+    assert line.getMessage() == (
+        f"account=info uidl={uid} Message-ID <m1@customer.example> came before with a "
+        "different body: not a copy, delivered as a message of its own"
+    )
+
+
+async def test_copies_that_differ_only_in_trace_fields_are_still_suppressed(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Sent to info@ (info and chef) and to chef@: the provider stores one copy for each, with
+    its own Delivered-To and Received.  chef gets it once."""
+    to_info = copy_for("info@firma.example", "The invoice.")
+    to_chef = copy_for("chef@firma.example", "The invoice.", mx="mx22")
+    rig.pop.add_message(USER, to_info)
+    rig.pop.add_message(USER, to_chef)
+    rec = Recorder()
+    with caplog.at_level(logging.INFO, logger="connector.fetcher"):
+        stats = await (await rig.cycle(rec, shared=SHARED)).run()
+    assert (stats.delivered, stats.skipped) == (1, 1)
+    (got,) = rig.sink.messages
+    assert got.recipients == ("info@firma.local", "chef@firma.local")
+    assert rec.events[1][1:] == (
+        Outcome.SKIPPED,
+        "duplicate: already delivered to chef@firma.local",
+    )
+    assert rig.pop.mailboxes[USER] == []
+    assert not [r for r in caplog.records if "different body" in r.getMessage()]
+
+
+def test_duplicate_key_is_the_message_id_and_a_digest_of_the_body_only() -> None:
+    key = duplicate_key("<m1@customer.example>", copy_for("info@firma.example", "x"))
+    assert key.startswith("mid:<m1@customer.example>:")
+    assert len(key.rpartition(":")[2]) == 64  # SHA-256, hex
+    assert key == duplicate_key(
+        "<m1@customer.example>", copy_for("chef@firma.example", "x", mx="mx22")
+    )
+    assert key != duplicate_key("<m1@customer.example>", copy_for("info@firma.example", "y"))
+    assert key != duplicate_key("<m2@customer.example>", copy_for("info@firma.example", "x"))
+    # LF line ends, as route() tolerates them; no empty line: the whole message.
+    assert duplicate_key("<a@b>", b"To: x\n\nbody\n") == duplicate_key("<a@b>", b"To: y\n\nbody\n")
+    assert duplicate_key("<a@b>", b"To: x\r\n") != duplicate_key("<a@b>", b"To: y\r\n")
+    # A hostile Message-ID cannot make the key unbounded.
+    long = duplicate_key("<" + "x" * 100_000 + "@b>", b"To: x\r\n\r\nbody\r\n")
+    assert len(long) < 200
+    assert long != duplicate_key("<" + "x" * 100_001 + "@b>", b"To: x\r\n\r\nbody\r\n")
+
+
+async def test_expired_after_some_recipients_got_it_the_dead_letter_names_the_others(
+    tmp_path: Path,
+) -> None:
+    """deliver_to a and b; b defers until max_deferral is past.  The dead letter must name b
+    only: ``dead-letters requeue`` sends it to the recipients it names, else to all of
+    deliver_to, and a would get it twice."""
+
+    def b_busy(stage: str, sender: str, rcpts: list[str], data: bytes | None) -> str | None:
+        busy = stage == "rcpt" and rcpts[-1] == "b@firma.local"
+        return "451 4.2.1 Mailbox busy" if busy else None
+
+    async for rig in make_rig(tmp_path, b_busy):
+        both = ("a@firma.local", "b@firma.local")
+        uid = rig.pop.add_message(USER, mail(1))
+        stats = await (await rig.cycle(deliver_to=both)).run()
+        assert stats.deferred == 1
+        rig.now += 86400
+        stats = await (await rig.cycle(deliver_to=both)).run()  # retried for b only
+        assert stats.deferred == 1
+        rig.now += 5 * 86400
+        stats = await (await rig.cycle(deliver_to=both)).run()
+        assert stats.dead_lettered == 1
+        assert [m.recipients for m in rig.sink.messages] == [("a@firma.local",)]
+        assert rig.pop.mailboxes[USER] == []
+        (record,) = await rig.store.list()
+        assert (record.uidl, record.stage) == (uid, "expired")
+        parsed = parse_dead_letter_headers(await rig.store.get(record.id))
+        assert parsed is not None
+        assert parsed[0].recipients == ("b@firma.local",)
+
+
+async def test_expired_for_every_recipient_the_dead_letter_names_nobody(tmp_path: Path) -> None:
+    """Nobody got it: requeue goes to the account's deliver_to, as for one recipient."""
+
+    def busy(stage: str, sender: str, rcpts: list[str], data: bytes | None) -> str | None:
+        return "451 4.2.1 Mailbox busy" if stage == "rcpt" else None
+
+    async for rig in make_rig(tmp_path, busy):
+        both = ("a@firma.local", "b@firma.local")
+        rig.pop.add_message(USER, mail(1))
+        assert (await (await rig.cycle(deliver_to=both)).run()).deferred == 1
+        rig.now += 6 * 86400
+        assert (await (await rig.cycle(deliver_to=both)).run()).dead_lettered == 1
+        (record,) = await rig.store.list()
+        parsed = parse_dead_letter_headers(await rig.store.get(record.id))
+        assert parsed is not None
+        assert parsed[0].recipients == ()
+
+
+async def test_who_got_a_deferred_message_is_remembered_however_long_the_pause(
+    tmp_path: Path,
+) -> None:
+    """The connector is down (or the account parked) for longer than max_deferral plus a day:
+    the retry still knows that a has the message, and sends it to b only."""
+
+    def b_busy(stage: str, sender: str, rcpts: list[str], data: bytes | None) -> str | None:
+        busy = stage == "rcpt" and rcpts[-1] == "b@firma.local"
+        return "451 4.2.1 Mailbox busy" if busy else None
+
+    async for rig in make_rig(tmp_path, b_busy):
+        both = ("a@firma.local", "b@firma.local")
+        rig.pop.add_message(USER, mail(1))
+        assert (await (await rig.cycle(deliver_to=both)).run()).deferred == 1
+        rig.now += 30 * 86400
+        rig.sink.rule = None  # b is back
+        stats = await (await rig.cycle(deliver_to=both)).run()
+        assert stats.delivered == 1
+        assert [m.recipients for m in rig.sink.messages] == [
+            ("a@firma.local",),
+            ("b@firma.local",),
+        ]

@@ -60,7 +60,7 @@ async def test_open_creates_schema_and_reopen_is_idempotent(db_path: Path) -> No
     led = await Ledger.open(db_path)
     await led.record_delivered("info", "u1", 100, "250 ok", T0)
     await led.close()
-    assert _user_version(db_path) == len(MIGRATIONS) == 2
+    assert _user_version(db_path) == len(MIGRATIONS) == 3
 
     with sqlite3.connect(db_path) as conn:
         (journal,) = conn.execute("PRAGMA journal_mode").fetchone()
@@ -77,7 +77,7 @@ async def test_open_creates_schema_and_reopen_is_idempotent(db_path: Path) -> No
         assert entry.state is MessageState.DELIVERED
     finally:
         await again.close()
-    assert _user_version(db_path) == 2
+    assert _user_version(db_path) == len(MIGRATIONS)
 
 
 async def test_pending_migration_runs_once(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,9 +88,9 @@ async def test_pending_migration_runs_once(db_path: Path, monkeypatch: pytest.Mo
     ]
     monkeypatch.setattr(ledger_module, "MIGRATIONS", migrations)
     await (await Ledger.open(db_path)).close()
-    assert _user_version(db_path) == 3
+    assert _user_version(db_path) == len(migrations)
     await (await Ledger.open(db_path)).close()  # would fail on "table extra exists"
-    assert _user_version(db_path) == 3
+    assert _user_version(db_path) == len(migrations)
 
 
 async def test_failing_migration_rolls_back(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -99,7 +99,7 @@ async def test_failing_migration_rolls_back(db_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(ledger_module, "MIGRATIONS", migrations)
     with pytest.raises(LedgerError, match="no such table"):
         await Ledger.open(db_path)
-    assert _user_version(db_path) == 2
+    assert _user_version(db_path) == len(MIGRATIONS)
     with sqlite3.connect(db_path) as conn:
         names = {n for (n,) in conn.execute("SELECT name FROM sqlite_master")}
     conn.close()
@@ -391,7 +391,7 @@ async def test_a_version_1_ledger_is_migrated_and_keeps_its_rows(db_path: Path) 
         assert await led.done_recipients("info", ["uidl:u1"]) == frozenset()
     finally:
         await led.close()
-    assert _user_version(db_path) == 2
+    assert _user_version(db_path) == len(MIGRATIONS)
 
 
 async def test_done_recipients_are_recorded_with_the_state_and_found_by_any_key(
@@ -433,3 +433,96 @@ async def test_done_recipients_are_forgotten_by_sync_listing(ledger: Ledger) -> 
     before = await ledger.total_changes()
     await ledger.sync_listing("info", ["u1", "u2"], T0 + 300, recipients_before=T0 + 50)
     assert await ledger.total_changes() == before
+
+
+async def test_uidl_rows_stay_while_the_message_is_listed_however_old(ledger: Ledger) -> None:
+    """A message delivered to some recipients and deferred for others stays upstream: who has
+    it must be remembered for as long as it is listed (the connector may have been down, or the
+    account parked, for longer than any age), or the retry sends it to them again."""
+    mid = "mid:<a@b>:" + "0" * 64
+    done = RecipientsDone(("uidl:u1", mid), ("bob@firma.local",))
+    await ledger.sync_listing("info", ["u1"], T0)
+    await ledger.record_deferred("info", "u1", 10, "451 later", T0, done=done)
+    later = T0 + 100 * DAY
+    await ledger.sync_listing("info", ["u1"], later, recipients_before=later - DAY)
+    assert await ledger.done_recipients("info", ["uidl:u1"]) == {"bob@firma.local"}
+    # The duplicate window's rows age out as before.
+    assert await ledger.done_recipients("info", [mid]) == frozenset()
+
+
+async def test_uidl_rows_are_pruned_with_their_message_row(ledger: Ledger) -> None:
+    for uidl in ("u1", "u2"):
+        await ledger.record_delivered(
+            "info", uidl, 10, "250", T0, done=RecipientsDone((f"uidl:{uidl}",), ("a@b",))
+        )
+    await ledger.record_delivered(
+        "sales", "u1", 10, "250", T0, done=RecipientsDone(("uidl:u1",), ("c@d",))
+    )
+    await ledger.sync_listing("info", ["u2"], T0)  # u1 gone upstream
+    assert await ledger.done_recipients("info", ["uidl:u1"]) == {"a@b"}  # not yet pruned
+    await ledger.sync_listing("info", ["u2"], T0 + DEFAULT_PRUNE_AFTER)
+    assert await ledger.entry("info", "u1") is None
+    assert await ledger.done_recipients("info", ["uidl:u1"]) == frozenset()
+    assert await ledger.done_recipients("info", ["uidl:u2"]) == {"a@b"}
+    assert await ledger.done_recipients("sales", ["uidl:u1"]) == {"c@d"}  # another account's
+
+
+async def test_recipients_by_key_finds_the_keys_and_every_key_with_the_prefix(
+    ledger: Ledger,
+) -> None:
+    rows = {
+        "uidl:u1": ("a@b",),
+        "mid:<x@y>:" + "1" * 64: ("Bob@Firma.local",),
+        "mid:<x@y>:" + "2" * 64: ("carol@firma.local",),
+        "mid:<x@y>z:" + "3" * 64: ("dave@firma.local",),  # another Message-ID
+        "mid:<x@y>": ("erin@firma.local",),  # the form without a digest
+    }
+    for i, (key, recipients) in enumerate(rows.items()):
+        await ledger.record_delivered(
+            "info", f"m{i}", 10, "250", T0, done=RecipientsDone((key,), recipients)
+        )
+    await ledger.record_delivered(
+        "sales", "s1", 10, "250", T0, done=RecipientsDone(("mid:<x@y>:" + "4" * 64,), ("f@g",))
+    )
+    found = await ledger.recipients_by_key(
+        "info", ["uidl:u1", "mid:<x@y>:" + "1" * 64, "uidl:none"], prefix="mid:<x@y>:"
+    )
+    assert found == {
+        "uidl:u1": {"a@b"},
+        "mid:<x@y>:" + "1" * 64: {"bob@firma.local"},
+        "mid:<x@y>:" + "2" * 64: {"carol@firma.local"},
+    }
+    assert await ledger.recipients_by_key("info", ["uidl:none"]) == {}
+
+
+async def test_migration_3_drops_uidl_rows_that_outlived_their_message(db_path: Path) -> None:
+    """Before migration 3 "uidl:" rows aged out on their own and could outlive their message's
+    row; one left over must not leave recipients out if the server lists that UIDL again."""
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(db_path) as conn:
+        for script in MIGRATIONS[:2]:
+            conn.executescript(script)
+        conn.execute(
+            "INSERT INTO messages"
+            " VALUES ('info', 'kept', 'deferred', 5, 1, 1, 1, '451', NULL, NULL)"
+        )
+        conn.executemany(
+            "INSERT INTO recipients_done VALUES (?, ?, 'a@b', 1)",
+            [
+                ("info", "uidl:kept"),
+                ("info", "uidl:pruned"),
+                ("sales", "uidl:kept"),  # its message row is another account's
+                ("info", "mid:<x@y>"),
+            ],
+        )
+        conn.execute("PRAGMA user_version = 2")
+    conn.close()
+    led = await Ledger.open(db_path)
+    try:
+        assert await led.done_recipients("info", ["uidl:kept"]) == {"a@b"}
+        assert await led.done_recipients("info", ["uidl:pruned"]) == frozenset()
+        assert await led.done_recipients("sales", ["uidl:kept"]) == frozenset()
+        assert await led.done_recipients("info", ["mid:<x@y>"]) == {"a@b"}  # by age, later
+    finally:
+        await led.close()
+    assert _user_version(db_path) == len(MIGRATIONS)
