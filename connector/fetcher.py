@@ -8,6 +8,8 @@ The order for each message, oldest first (the order of the UIDL listing, RFC 193
     known delivered / dead-lettered  ->  DELE only (never handed to SMTP again)
     new or deferred                  ->  RETR -> SMTP
         250 after DATA               ->  ledger "delivered" committed  -> DELE
+                                         (group-committed on the ledger thread while the next
+                                         message goes on; its DELE follows the commit: _settle)
         refused permanently          ->  dead-letter store (fsynced) -> "dead_lettered" -> DELE
         refused temporarily          ->  ledger "deferred" (attempts, first seen); stays upstream,
                                          unless deferred longer than max_deferral: dead-letter it
@@ -25,8 +27,9 @@ ledger commit, so the next cycle sees each message again and the ledger says wha
 The only duplicate window is between SMTP's 250 and the ledger commit right after it.
 
 A failure of our own setup (SMTP connect, TLS, AUTH; a 5xx to a fixed sender or recipient), of the
-dead-letter store or of the ledger ends the cycle *before the next RETR*; the QUIT still goes out so
-the DELEs of the messages already finished take effect.
+dead-letter store or of the ledger ends the cycle *before the next RETR* (a failed group commit of
+a ``delivered`` row: before the next message goes to SMTP); the QUIT still goes out so the DELEs of
+the messages already finished take effect.
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ from connector.recipients import SharedMailbox, message_id, route
 
 log = logging.getLogger(__name__)
 
+
+SETTLE_EVERY: Final = 32
+"""Delivered messages whose DELEs wait for their group-committed ledger rows (Cycle._settle)
+before they are sent; a bound on the list, not on safety: a DELE counts only at QUIT."""
 
 FETCH_CEILING: Final = 1024 * 1024 * 1024
 """No message larger than this is read, whatever the policy: it is left upstream and reported.
@@ -314,6 +321,9 @@ class Cycle:
         self.transcript = transcript
         self._connect = connect
         self.stats = CycleStats()
+        # Delivered messages whose ledger row is queued (record_delivered_soon): (message
+        # number to DELE once the row is committed, or None with leave_on_server; ticket).
+        self._unsettled: list[tuple[int | None, int]] = []
 
     async def run(self) -> CycleStats:
         """Run the cycle; raises the error that ended it (already classified by the caller)."""
@@ -343,6 +353,10 @@ class Cycle:
                 await self._process(pop, listing, known, sizes)
             except CycleStopped as exc:
                 stopped = exc
+            try:
+                await self._settle(pop)  # the DELEs of the last delivered messages
+            except CycleStopped as exc:
+                stopped = stopped or exc
             # QUIT even after a stop: every DELE sent so far follows a committed ledger row.
             await pop.quit()
         if stopped is not None:
@@ -514,6 +528,10 @@ class Cycle:
                     uid,
                     prefix.removeprefix("mid:").removesuffix(":"),
                 )
+        if self.ledger.failed(ticket for _, ticket in self._unsettled):
+            # A group commit of an earlier message failed (a full disk): stop before this one
+            # goes to SMTP, as a failed commit always stopped the cycle (_settle raises).
+            await self._settle(pop)
         todo = tuple(r for r in recipients if r.lower() not in done)
         if not todo:
             return await self._duplicate(pop, number, uid, raw, recipients)
@@ -542,9 +560,10 @@ class Cycle:
             return await self._partly(pop, number, uid, raw, entry, delivered, envelope, keys)
 
         # The duplicate window of PRODUCT §5: Exchange has the message, the ledger does not yet.
-        # Shielded so that a shutdown cannot cancel the commit half-way (STYLE §4).
-        await self._commit(
-            self.ledger.record_delivered(
+        # The row goes to the ledger thread's next group commit, which starts at once and
+        # which no cancellation can stop half-way (STYLE §4); the DELE waits for it (_settle).
+        try:
+            ticket = self.ledger.record_delivered_soon(
                 acct.name,
                 uid,
                 len(raw),
@@ -552,10 +571,29 @@ class Cycle:
                 self.clock(),
                 done=RecipientsDone(keys, todo) if acct.shared is not None else None,
             )
-        )
-        await self._finished(pop, number)
+        except LedgerError as exc:
+            raise CycleStopped(exc) from exc
+        self._unsettled.append((None if acct.leave_on_server else number, ticket))
         self.observer.message(acct.name, uid, len(raw), Outcome.DELIVERED, delivered.response)
+        if len(self._unsettled) >= SETTLE_EVERY:
+            await self._settle(pop)
         return Outcome.DELIVERED
+
+    async def _settle(self, pop: Pop3Client) -> None:
+        """DELE the delivered messages whose ``delivered`` rows are committed by now
+        (invariant 1); a row that failed to commit stops the cycle and its message stays."""
+        pending, self._unsettled = self._unsettled, []
+        if not pending:
+            return
+        errors = await self.ledger.settle([ticket for _, ticket in pending])
+        failed: LedgerError | None = None
+        for (number, _), error in zip(pending, errors, strict=True):
+            if error is not None:
+                failed = failed or error
+            elif number is not None:
+                await pop.dele(number)
+        if failed is not None:
+            raise CycleStopped(failed)
 
     async def _commit(self, write: Awaitable[object]) -> None:
         """Await a ledger write, shielded; a failure ends the cycle before the next RETR."""

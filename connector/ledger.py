@@ -25,6 +25,14 @@ Theory of operation
   duplicates the message (PRODUCT §5.3).  The record methods keep that window to one thread hop
   and one small transaction, and they are shielded from cancellation, so a shutdown that
   cancels the fetcher right after the ``250`` still gets the row committed.
+* **Group commit for the common case.**  :meth:`Ledger.record_delivered_soon` queues a
+  ``delivered`` row and returns at once with a ticket; the ledger thread commits every row
+  queued so far in one transaction, starting as soon as it is free (the window stays one
+  hop and one transaction long), and wakes nobody.  The fetcher sends the message's DELE only
+  after :meth:`Ledger.settle` has seen its ticket committed, so invariant 1 holds as before;
+  DELE takes effect at QUIT anyway (RFC 1939 §6), so sending it later costs nothing.  What
+  this saves is the round trip to the thread for every message (a future, a wake-up of the
+  event loop: ~60 µs of CPU each on uvloop), which was ~10 % of a message's cost.
 * **Migrations.**  ``PRAGMA user_version`` counts the scripts of :data:`MIGRATIONS` applied;
   pending ones run in one transaction on open.  Only ever append to that list.
 * **Listing sync.**  :meth:`Ledger.sync_listing` reads an account's rows with one query and
@@ -40,7 +48,8 @@ import enum
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Collection, Iterator
+import threading
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -207,6 +216,9 @@ _UPSERT: Final = """
         dead_letter_id = coalesce(excluded.dead_letter_id, messages.dead_letter_id),
         gone_since = NULL
 """
+_INSERT_DONE: Final = (
+    "INSERT OR REPLACE INTO recipients_done (account, key, recipient, at) VALUES (?, ?, ?, ?)"
+)
 # A deferral never overwrites a final state.
 _UPSERT_DEFERRAL: Final = _UPSERT + "    WHERE messages.state = 'deferred'\n"
 
@@ -311,6 +323,14 @@ class Ledger:
         self._executor = executor
         self._conn = conn
         self._closed = False
+        # Group commit (record_delivered_soon): rows queued on the event loop's thread, taken
+        # by the ledger thread's drain job under the lock.
+        self._lock = threading.Lock()
+        self._queued: list[tuple[int, tuple[object, ...], list[tuple[object, ...]]]] = []
+        self._tickets = 0  # the last ticket handed out
+        self._draining = False  # a drain job is queued or running
+        self._settled = 0  # every ticket up to this one is committed or failed (thread writes)
+        self._failed: dict[int, LedgerError] = {}  # tickets whose commit failed (rare)
 
     @classmethod
     async def open(cls, path: Path, *, prune_after: float = DEFAULT_PRUNE_AFTER) -> Self:
@@ -437,6 +457,96 @@ class Ledger:
             account, uidl, MessageState.DELIVERED, size, response, now, dead_letter_id, done
         )
 
+    def record_delivered_soon(
+        self,
+        account: str,
+        uidl: str,
+        size: int,
+        response: str,
+        now: float,
+        *,
+        done: RecipientsDone | None = None,
+    ) -> int:
+        """Queue a ``delivered`` row for the next group commit; return its ticket at once.
+
+        The ledger thread starts committing it as soon as it is free (see "Group commit" in
+        the module docstring).  Nothing may rely on the row, and no DELE may go out for the
+        message, before :meth:`settle` has seen the ticket committed.
+        """
+        if self._closed:
+            raise LedgerError(f"ledger {self.path}: closed")
+        params = (account, uidl, MessageState.DELIVERED.value, size, now, now, response, None)
+        done_rows: list[tuple[object, ...]] = (
+            [(account, k, r.lower(), now) for k in done.keys for r in done.recipients]
+            if done is not None
+            else []
+        )
+        with self._lock:
+            self._tickets += 1
+            ticket = self._tickets
+            self._queued.append((ticket, params, done_rows))
+            start, self._draining = not self._draining, True
+        if start:
+            # A plain executor job, not run_in_executor: its end wakes no event loop.
+            self._executor.submit(self._drain)
+        return ticket
+
+    def _drain(self) -> None:
+        """On the ledger thread: commit what is queued, one transaction per batch taken,
+        until the queue is empty."""
+        conn = self._conn
+        batch: list[tuple[int, tuple[object, ...], list[tuple[object, ...]]]] = []
+        try:
+            while True:
+                with self._lock:
+                    batch, self._queued = self._queued, []
+                    if not batch:
+                        return
+                error: LedgerError | None = None
+                try:
+                    with _transaction(conn):
+                        for _, params, done_rows in batch:
+                            conn.execute(_UPSERT, params)
+                            if done_rows:
+                                conn.executemany(_INSERT_DONE, done_rows)
+                except (sqlite3.Error, OSError) as exc:
+                    error = _ledger_error(self.path, "record delivered", exc)
+                    error.__cause__ = exc
+                with self._lock:
+                    if error is not None:
+                        self._failed.update((ticket, error) for ticket, _, _ in batch)
+                    self._settled = batch[-1][0]
+                batch = []
+        finally:
+            with self._lock:
+                # Normally empty; after an unexpected exception (a bug) nothing taken is
+                # settled, so settle() reports those tickets as not committed.
+                self._draining = False
+                if self._queued:
+                    self._draining = True
+                    self._executor.submit(self._drain)
+
+    def failed(self, tickets: Iterable[int]) -> bool:
+        """Whether the group commit of any of ``tickets`` has failed already (a cheap check,
+        without waiting, before each message: the caller stops before sending more mail)."""
+        return bool(self._failed) and any(ticket in self._failed for ticket in tickets)
+
+    async def settle(self, tickets: Sequence[int]) -> list[LedgerError | None]:
+        """Wait until every ticket of :meth:`record_delivered_soon` so far is committed; for
+        each of ``tickets``, None if its row is committed, else why it is not."""
+        if tickets and self._settled < max(tickets):
+            # The executor runs jobs in order: this one runs after the drain job that takes
+            # the rows queued before it.
+            await self._submit("commit", lambda conn: None, closing=True)
+        with self._lock:
+            settled = self._settled
+            return [
+                self._failed.pop(ticket, None)
+                if ticket <= settled
+                else LedgerError(f"ledger {self.path}: record delivered: not committed")
+                for ticket in tickets
+            ]
+
     async def record_dead_lettered(
         self,
         account: str,
@@ -535,11 +645,7 @@ class Ledger:
             with _transaction(conn):
                 conn.execute(sql, params)
                 if done_rows:
-                    conn.executemany(
-                        "INSERT OR REPLACE INTO recipients_done (account, key, recipient, at)"
-                        " VALUES (?, ?, ?, ?)",
-                        done_rows,
-                    )
+                    conn.executemany(_INSERT_DONE, done_rows)
                 row = conn.execute(_SELECT_ONE, (account, uidl)).fetchone()
             return _entry(row)
 
@@ -655,8 +761,12 @@ def _guarded(path: Path, op: str, fn: Callable[[A], T], arg: A) -> T:
     """Call ``fn(arg)`` on the ledger thread, turning SQLite and OS errors into LedgerError."""
     try:
         return fn(arg)
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, OSError) as exc:
+        raise _ledger_error(path, op, exc) from exc
+
+
+def _ledger_error(path: Path, op: str, exc: sqlite3.Error | OSError) -> LedgerError:
+    if isinstance(exc, sqlite3.Error):
         name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
-        raise LedgerError(f"ledger {path}: {op} failed: {exc} [{name}]") from exc
-    except OSError as exc:
-        raise LedgerError(f"ledger {path}: {op} failed: {exc.strerror or exc}") from exc
+        return LedgerError(f"ledger {path}: {op} failed: {exc} [{name}]")
+    return LedgerError(f"ledger {path}: {op} failed: {exc.strerror or exc}")

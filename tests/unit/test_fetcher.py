@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,11 +24,13 @@ from connector.errors import (
     DeadLetterError,
     DeliveryError,
     Disposition,
+    LedgerError,
     Pop3AuthError,
     Pop3ResponseError,
     classify,
 )
 from connector.fetcher import (
+    SETTLE_EVERY,
     AccountSpec,
     Cycle,
     DeliveryPolicy,
@@ -657,3 +661,57 @@ async def test_who_got_a_deferred_message_is_remembered_however_long_the_pause(
             ("a@firma.local",),
             ("b@firma.local",),
         ]
+
+
+async def test_a_failed_ledger_commit_keeps_its_message_upstream_and_stops_the_cycle(
+    rig: Rig,
+) -> None:
+    # The delivered rows are group-committed while the cycle goes on (Ledger.record_delivered
+    # _soon); their DELEs wait for the commit.  A commit that fails (a real SQLite abort, from a
+    # trigger) must leave its message upstream and stop the cycle before much more is sent.
+    uids = [rig.pop.add_message(USER, mail(i)) for i in range(6)]
+    await rig.ledger._submit(
+        "trigger",
+        lambda conn: conn.execute(
+            "CREATE TEMP TRIGGER fail_one BEFORE INSERT ON main.messages"
+            f" WHEN NEW.uidl = '{uids[1]}' BEGIN SELECT RAISE(ABORT, 'disk says no'); END"
+        ),
+    )
+    # Let the ledger thread finish each group commit before the cycle goes on (it competes for
+    # the GIL and may otherwise commit later): the outcome is then the same on every run.
+    queue = rig.ledger.record_delivered_soon
+
+    def queue_and_wait(*args: Any, **kwargs: Any) -> int:
+        ticket = queue(*args, **kwargs)
+        deadline = time.monotonic() + 10
+        while rig.ledger._settled < ticket:
+            assert time.monotonic() < deadline, "the ledger thread never committed"
+            time.sleep(0.001)
+        return ticket
+
+    rig.ledger.record_delivered_soon = queue_and_wait  # type: ignore[method-assign]
+    with pytest.raises(LedgerError, match="disk says no"):
+        await (await rig.cycle()).run()
+    upstream = rig.pop.uidls(USER)
+    # m0 committed and deleted; m1's commit failed: kept, and the cycle stopped before m2 went
+    # to SMTP.
+    assert upstream == uids[1:]
+    assert [m.data.rsplit(b"\r\n", 2)[-2] for m in rig.sink.messages] == [b"body 0", b"body 1"]
+    for uid in uids:
+        entry = await rig.ledger.entry("info", uid)
+        # Invariant 1: deleted only with a committed row; kept only when none was committed
+        # or when the cycle never reached it.
+        assert (uid in upstream) == (entry is None), uid
+
+
+async def test_deles_wait_for_the_group_commit_of_their_rows(rig: Rig) -> None:
+    # More messages than one settle batch: every DELE follows its committed row.
+    uids = [rig.pop.add_message(USER, mail(i)) for i in range(2 * SETTLE_EVERY + 3)]
+    stats = await (await rig.cycle()).run()
+    assert stats.delivered == len(uids)
+    assert rig.pop.mailboxes[USER] == []
+    assert rig.pop.deleted == uids
+    for uid in uids:
+        entry = await rig.ledger.entry("info", uid)
+        assert entry is not None
+        assert entry.state is MessageState.DELIVERED

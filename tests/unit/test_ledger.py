@@ -526,3 +526,89 @@ async def test_migration_3_drops_uidl_rows_that_outlived_their_message(db_path: 
     finally:
         await led.close()
     assert _user_version(db_path) == len(MIGRATIONS)
+
+
+# -- group commit (record_delivered_soon / settle) -----------------------------------------------
+
+
+async def _fail_uidl(ledger: Ledger, uidl: str) -> None:
+    """A real SQLite failure for one row: a temporary trigger that aborts its insert."""
+    await ledger._submit(
+        "trigger",
+        lambda conn: conn.execute(
+            "CREATE TEMP TRIGGER fail_one BEFORE INSERT ON main.messages"
+            f" WHEN NEW.uidl = '{uidl}' BEGIN SELECT RAISE(ABORT, 'disk says no'); END"
+        ),
+    )
+
+
+async def test_rows_queued_soon_are_committed_once_settled(ledger: Ledger) -> None:
+    tickets = [ledger.record_delivered_soon("info", f"u{i}", 10, "250 ok", T0) for i in range(100)]
+    assert tickets == sorted(set(tickets))  # distinct and in order
+    assert await ledger.settle(tickets) == [None] * 100
+    for i in (0, 57, 99):
+        entry = await ledger.entry("info", f"u{i}")
+        assert entry is not None
+        assert entry.state is MessageState.DELIVERED
+        assert entry.last_response == "250 ok"
+
+
+async def test_rows_queued_while_the_thread_is_busy_are_committed_together(
+    ledger: Ledger,
+) -> None:
+    statements: list[str] = []
+    await ledger._submit("trace", lambda conn: conn.set_trace_callback(statements.append))
+    # Hold the thread: every row queued meanwhile lands in one transaction.
+    gate = threading.Event()
+    hold = asyncio.create_task(ledger._submit("hold", lambda conn: gate.wait(10)))
+    await asyncio.sleep(0)
+    tickets = [ledger.record_delivered_soon("info", f"u{i}", 10, "ok", T0) for i in range(20)]
+    gate.set()
+    assert await hold is True
+    assert await ledger.settle(tickets) == [None] * 20
+    assert statements.count("COMMIT") == 1
+    assert sum(s.lstrip().startswith("INSERT INTO messages") for s in statements) == 20
+
+
+async def test_a_failed_group_commit_is_reported_for_each_of_its_tickets(ledger: Ledger) -> None:
+    await _fail_uidl(ledger, "bad")
+    gate = threading.Event()
+    hold = asyncio.create_task(ledger._submit("hold", lambda conn: gate.wait(10)))
+    await asyncio.sleep(0)
+    # Queued behind the hold, so all three go into one transaction, which the trigger fails.
+    tickets = [ledger.record_delivered_soon("info", u, 10, "ok", T0) for u in ("a", "bad", "c")]
+    gate.set()
+    await hold
+    errors = await ledger.settle(tickets)
+    assert all(isinstance(e, LedgerError) for e in errors)
+    assert "disk says no" in str(errors[0])
+    # Rolled back as a whole: no row of the group is there, so none may be DELEd.
+    for u in ("a", "bad", "c"):
+        assert await ledger.entry("info", u) is None
+    # A later row commits again; an error is reported once.
+    later = ledger.record_delivered_soon("info", "d", 10, "ok", T0)
+    assert await ledger.settle([later]) == [None]
+
+
+async def test_settle_of_nothing_and_soon_after_close(db_path: Path) -> None:
+    led = await Ledger.open(db_path)
+    assert await led.settle([]) == []
+    ticket = led.record_delivered_soon("info", "u", 1, "250 ok", T0)
+    await led.close()  # the queued row is committed before the connection closes
+    with pytest.raises(LedgerError, match="closed"):
+        led.record_delivered_soon("info", "v", 1, "250 ok", T0)
+    again = await Ledger.open(db_path)
+    try:
+        assert ticket == 1
+        assert await again.entry("info", "u") is not None
+    finally:
+        await again.close()
+
+
+async def test_soon_rows_record_their_done_recipients(ledger: Ledger) -> None:
+    ticket = ledger.record_delivered_soon(
+        "info", "u", 10, "ok", T0, done=RecipientsDone(("uidl:u", "mid:x"), ("B@x.example",))
+    )
+    assert await ledger.settle([ticket]) == [None]
+    found = await ledger.recipients_by_key("info", ("uidl:u", "mid:x"))
+    assert found == {"uidl:u": frozenset({"b@x.example"}), "mid:x": frozenset({"b@x.example"})}
