@@ -61,10 +61,20 @@ import enum
 import hashlib
 import re
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, assert_never
 
 from connector.errors import Pop3ConnectionError, Pop3ProtocolError
+
+_LineCounts = Callable[[bytes], tuple[int, int, int, int, int]]
+_fast_line_counts: _LineCounts | None
+try:
+    # The C loop of _scan.c: one pass instead of up to five bytes.count() (a tenth of the CPU);
+    # built at install when a compiler is there (setup.py), else the counts below.
+    from connector.pop3._scan import line_counts as _fast_line_counts
+except ImportError:  # pragma: no cover - an install without a C compiler
+    _fast_line_counts = None
 
 __all__ = [
     "MAX_LINE",
@@ -416,27 +426,37 @@ def _unstuff(body: bytes, stuffed: bool) -> tuple[bytes, bool]:
     Returns the message and whether ``body`` can go to SMTP as it is, apart from its first
     line: it is CRLF-clean (every CR and LF in a CRLF pair) and every later line that starts
     with a dot came stuffed.  ``stuffed`` says whether the terminator scan met any line
-    starting with a dot; if not, the body is returned as it is (no copy).  Costs, measured on
-    200 KiB: the counts ~0.1 ms each, replace ~0.1 ms; a Python loop would be ~10 times that.
+    starting with a dot; if not, the body is returned as it is (no copy).
+
+    The counts come from one C pass (``_scan.line_counts``, ~0.03 ms on the benchmark's 47 KB
+    average) or, without it, from ``bytes.count`` (~0.03 ms per count, up to four of them).
     """
-    lf = body.count(b"\n")
-    if lf != body.count(b"\r\n"):
+    if _fast_line_counts is not None:
+        lf, cr, pairs, dot, dotdot = _fast_line_counts(body)
+    else:
+        lf, pairs = body.count(b"\n"), body.count(b"\r\n")
+        cr = body.count(b"\r") if lf == pairs else -1
+        dot = dotdot = -1  # counted below, only if needed
+    if lf != pairs:
         # Bare LF somewhere: tolerated, rewritten (poplib does too).  Not the wire form.
         return _unstuff_slow(body), False
     # A lone CR is kept in the message, but SMTP must not see it (RFC 5321 §2.3.8).
-    crlf = body.count(b"\r") == lf
+    crlf = cr == lf
     if not stuffed:
         return body, crlf
-    raw = body.replace(b"\r\n..", b"\r\n.")
+    if dotdot < 0:
+        raw = body.replace(b"\r\n..", b"\r\n.")
+        dotdot = len(body) - len(raw)  # one octet shorter per "\r\n.."
+    else:
+        raw = body.replace(b"\r\n..", b"\r\n.") if dotdot else body
     if crlf:
         # A line ".x" the server did not stuff stays ".x" in raw (poplib's reading; RFC 1939
         # §3 would drop the dot, but an unstuffed ".x" most likely was ".x"), and SMTP would
         # strip the dot from the body (RFC 5321 §4.5.2): then the body is not the wire form.
-        # Neither "\r\n." nor "\r\n.." overlaps itself, so count() and replace() see every
-        # occurrence, and each "\r\n.." is one "\r\n.": the numbers are equal exactly when
-        # every "\r\n." is followed by another dot.  replace() shortened the body by one octet
-        # per "\r\n..", so one more count suffices.
-        crlf = body.count(b"\r\n.") == len(body) - len(raw)
+        # Neither "\r\n." nor "\r\n.." overlaps itself, so the counts see every occurrence,
+        # and each "\r\n.." is one "\r\n.": the numbers are equal exactly when every
+        # "\r\n." is followed by another dot.
+        crlf = (dot if dot >= 0 else body.count(b"\r\n.")) == dotdot
     # The first line has no CRLF in front of it.
     return (raw[1:] if raw.startswith(b"..") else raw), crlf
 
