@@ -475,7 +475,16 @@ class Ledger:
         """
         if self._closed:
             raise LedgerError(f"ledger {self.path}: closed")
-        params = (account, uidl, MessageState.DELIVERED.value, size, now, now, response, None)
+        params = (
+            account,
+            uidl,
+            MessageState.DELIVERED.value,
+            size,
+            now,
+            now,
+            _storable(response),
+            None,
+        )
         done_rows: list[tuple[object, ...]] = (
             [(account, k, r.lower(), now) for k in done.keys for r in done.recipients]
             if done is not None
@@ -493,38 +502,39 @@ class Ledger:
 
     def _drain(self) -> None:
         """On the ledger thread: commit what is queued, one transaction per batch taken,
-        until the queue is empty."""
+        until the queue is empty.  Every ticket taken ends up committed or failed, never
+        dropped: ``settle`` counts on it."""
         conn = self._conn
-        batch: list[tuple[int, tuple[object, ...], list[tuple[object, ...]]]] = []
-        try:
-            while True:
-                with self._lock:
-                    batch, self._queued = self._queued, []
-                    if not batch:
-                        return
-                error: LedgerError | None = None
-                try:
-                    with _transaction(conn):
-                        for _, params, done_rows in batch:
-                            conn.execute(_UPSERT, params)
-                            if done_rows:
-                                conn.executemany(_INSERT_DONE, done_rows)
-                except (sqlite3.Error, OSError) as exc:
-                    error = _ledger_error(self.path, "record delivered", exc)
-                    error.__cause__ = exc
-                with self._lock:
-                    if error is not None:
-                        self._failed.update((ticket, error) for ticket, _, _ in batch)
-                    self._settled = batch[-1][0]
-                batch = []
-        finally:
+        while True:
             with self._lock:
-                # Normally empty; after an unexpected exception (a bug) nothing taken is
-                # settled, so settle() reports those tickets as not committed.
-                self._draining = False
-                if self._queued:
-                    self._draining = True
-                    self._executor.submit(self._drain)
+                batch, self._queued = self._queued, []
+                if not batch:
+                    # In the same locked step as the empty check: a row queued after this
+                    # submits a new drain job (record_delivered_soon), so none waits unseen.
+                    self._draining = False
+                    return
+            error: LedgerError | None = None
+            try:
+                with _transaction(conn):
+                    for _, params, done_rows in batch:
+                        conn.execute(_UPSERT, params)
+                        if done_rows:
+                            conn.executemany(_INSERT_DONE, done_rows)
+            except (sqlite3.Error, OSError) as exc:
+                error = _ledger_error(self.path, "record delivered", exc)
+                error.__cause__ = exc
+            except Exception as exc:  # noqa: BLE001 - a row that is not committed must fail
+                error = LedgerError(f"ledger {self.path}: record delivered failed: {exc!r}")
+                error.__cause__ = exc
+            with self._lock:
+                if error is not None:
+                    self._failed.update((ticket, error) for ticket, _, _ in batch)
+                self._settled = batch[-1][0]
+
+    @property
+    def settled(self) -> int:
+        """Every ticket up to this one is committed or failed (see :meth:`failed`)."""
+        return self._settled
 
     def failed(self, tickets: Iterable[int]) -> bool:
         """Whether the group commit of any of ``tickets`` has failed already (a cheap check,
@@ -537,7 +547,10 @@ class Ledger:
         if tickets and self._settled < max(tickets):
             # The executor runs jobs in order: this one runs after the drain job that takes
             # the rows queued before it.
-            await self._submit("commit", lambda conn: None, closing=True)
+            try:
+                await self._submit("commit", lambda conn: None, closing=True)
+            except RuntimeError as exc:  # the executor is shut down: the ledger was closed
+                raise LedgerError(f"ledger {self.path}: closed") from exc
         with self._lock:
             settled = self._settled
             return [
@@ -634,7 +647,7 @@ class Ledger:
         done: RecipientsDone | None,
     ) -> LedgerEntry:
         sql = _UPSERT_DEFERRAL if state is MessageState.DEFERRED else _UPSERT
-        params = (account, uidl, state.value, size, now, now, response, dead_letter_id)
+        params = (account, uidl, state.value, size, now, now, _storable(response), dead_letter_id)
         done_rows = (
             [(account, k, r.lower(), now) for k in done.keys for r in done.recipients]
             if done is not None
@@ -763,6 +776,17 @@ def _guarded(path: Path, op: str, fn: Callable[[A], T], arg: A) -> T:
         return fn(arg)
     except (sqlite3.Error, OSError) as exc:
         raise _ledger_error(path, op, exc) from exc
+
+
+def _storable(text: str) -> str:
+    """``text`` as SQLite can store it (UTF-8).  An SMTP reply decoded with surrogateescape
+    (aiosmtplib does) holds a lone surrogate for each byte that is not UTF-8; binding it would
+    fail the commit after the message was delivered, and deliver it again every cycle."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _ledger_error(path: Path, op: str, exc: sqlite3.Error | OSError) -> LedgerError:

@@ -8,6 +8,7 @@ import stat
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -612,3 +613,79 @@ async def test_soon_rows_record_their_done_recipients(ledger: Ledger) -> None:
     assert await ledger.settle([ticket]) == [None]
     found = await ledger.recipients_by_key("info", ("uidl:u", "mid:x"))
     assert found == {"uidl:u": frozenset({"b@x.example"}), "mid:x": frozenset({"b@x.example"})}
+
+
+async def test_a_row_queued_as_a_drain_ends_is_seen_by_the_next_job(ledger: Ledger) -> None:
+    # The drain job finds the queue empty and returns; a row queued in that instant must start
+    # a new drain that runs before any job submitted after it (a shared mailbox's duplicate
+    # check, settle), or the check misses the row and settle calls it uncommitted.  The instant
+    # is forced: the ledger thread is paused right after its empty check.
+    paused, go = threading.Event(), threading.Event()
+    real = ledger._lock
+    exits = 0
+
+    class PauseAfterEmptyCheck:
+        def __enter__(self) -> None:
+            real.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            nonlocal exits
+            real.release()
+            if threading.current_thread().name.startswith("ledger"):
+                exits += 1
+                if exits == 3:  # 1: take A, 2: mark A committed, 3: find the queue empty
+                    paused.set()
+                    assert go.wait(10)
+
+    ledger._lock = PauseAfterEmptyCheck()  # type: ignore[assignment]
+    ledger.record_delivered_soon("shared", "A", 1, "250 ok", T0)
+    assert await asyncio.to_thread(paused.wait, 10)  # A committed; the drain is returning
+    later = ledger.record_delivered_soon(
+        "shared", "B", 1, "250 ok", T0, done=RecipientsDone(("mid:<z@y>:d",), ("ann@x",))
+    )
+    check = asyncio.ensure_future(ledger.recipients_by_key("shared", ["mid:<z@y>:d"]))
+    settle = asyncio.ensure_future(ledger.settle([later]))
+    await asyncio.sleep(0)  # both jobs are submitted now
+    go.set()
+    assert await check == {"mid:<z@y>:d": frozenset({"ann@x"})}
+    assert await settle == [None]
+
+
+async def test_any_failure_of_a_group_commit_fails_its_tickets(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not only SQLite's errors: whatever stops a batch must fail its tickets, or settle would
+    # take them for committed once a later batch moves the mark past them.
+    real = ledger_module._transaction
+    calls = 0
+
+    def broken_once(conn: sqlite3.Connection) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ValueError("unexpected")
+        return real(conn)
+
+    monkeypatch.setattr(ledger_module, "_transaction", broken_once)
+    first = ledger.record_delivered_soon("info", "u1", 1, "250 ok", T0)
+    (error,) = await ledger.settle([first])
+    assert isinstance(error, LedgerError)
+    assert "unexpected" in str(error)
+    second = ledger.record_delivered_soon("info", "u2", 1, "250 ok", T0)
+    assert await ledger.settle([second]) == [None]
+    assert await ledger.entry("info", "u1") is None
+    assert await ledger.entry("info", "u2") is not None
+
+
+async def test_a_reply_with_bytes_that_are_not_utf8_is_stored(ledger: Ledger) -> None:
+    # aiosmtplib decodes replies with surrogateescape: "\udcff" stands for the byte 0xFF.  The
+    # commit must not fail on it (the message is delivered already).
+    reply = "250 2.0.0 queued as caf\udcff"
+    ticket = ledger.record_delivered_soon("info", "u1", 1, reply, T0)
+    assert await ledger.settle([ticket]) == [None]
+    await ledger.record_deferred("info", "u2", 1, "451 busy \udcfe", T0)
+    one, two = await ledger.entry("info", "u1"), await ledger.entry("info", "u2")
+    assert one is not None
+    assert two is not None
+    assert one.last_response == "250 2.0.0 queued as caf\\udcff"
+    assert two.last_response == "451 busy \\udcfe"
