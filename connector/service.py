@@ -144,20 +144,29 @@ class OAuth2TokenSource:
             raise ConfigError(f"{self.key}: {path} is not UTF-8 text") from None
 
     async def _run(self, argv: tuple[str, ...]) -> str:
-        try:
-            # No shell (argv from shlex.split); stderr is left to the service's own log.  A
-            # session (so a process group) of its own: a helper may fork (a refresher, or
-            # `sh -c '... &'`), and a descendant that inherited stdout keeps the pipe open after
-            # the helper is gone.  Killing the helper alone would leave that descendant running
-            # and, on the stock loop, Process.wait() waiting for the pipe to close, for ever.
-            proc = await asyncio.create_subprocess_exec(
+        # No shell (argv from shlex.split); stderr is left to the service's own log.  A session
+        # (so a process group) of its own: a helper may fork (a refresher, or `sh -c '... &'`),
+        # and a descendant that inherited stdout keeps the pipe open after the helper is gone.
+        # Killing the helper alone would leave that descendant running and, on the stock loop,
+        # Process.wait() waiting for the pipe to close, for ever.
+        spawn = asyncio.ensure_future(
+            asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 start_new_session=True,
             )
+        )
+        try:
+            # Shielded: cancelled while the helper starts, the loop would kill the helper alone
+            # (or nothing), and we would never learn the group to end.
+            proc = await asyncio.shield(spawn)
         except OSError as exc:
             raise ConfigError(f"{self.key}: cannot run {argv[0]}: {exc.strerror or exc}") from None
+        except asyncio.CancelledError:
+            with contextlib.suppress(OSError):  # it did not start: nothing to end
+                await _end_group(await spawn)
+            raise
         finished = False
         try:
             async with asyncio.timeout(self.timeout):
@@ -169,11 +178,7 @@ class OAuth2TokenSource:
             ) from None
         finally:
             if not finished:  # timed out or cancelled: leave nothing of it running
-                _kill_group(proc.pid)
-                # Reap it, and read what is left of stdout (discarded) to its EOF, which comes
-                # now that every writer is dead: uvloop's wait() does not wait for the pipe,
-                # whose transport would otherwise stay open.
-                await proc.communicate()
+                await _end_group(proc)
         if proc.returncode != 0:
             raise ConfigError(f"{self.key}: the command exited with status {proc.returncode}")
         try:
@@ -182,14 +187,18 @@ class OAuth2TokenSource:
             raise ConfigError(f"{self.key}: the output is not UTF-8 text") from None
 
 
-def _kill_group(pgid: int) -> None:
-    """SIGKILL every process in the group ``pgid``; a group already gone is no error.
+async def _end_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL every process in ``proc``'s group (it leads one), then reap ``proc``.
 
-    Even once the leader has exited (or been reaped), its id stays the group's while any member
-    lives, and the kernel does not hand that id to a new process meanwhile.
+    A group already gone is no error.  Even once the leader has exited (or been reaped), its id
+    stays the group's while any member lives, and the kernel gives that id to no new process
+    meanwhile.  Reaping reads what is left of stdout (discarded) to its EOF, which comes now
+    that every writer is dead: uvloop's wait() does not wait for the pipe, whose transport
+    would otherwise stay open.
     """
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+    await proc.communicate()
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ import sys
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -362,22 +363,39 @@ def test_a_token_command_whose_child_holds_stdout_is_killed_with_it(
         assert TOKEN not in text
 
 
+@pytest.mark.parametrize("when", ["while-starting", "after-start"])
 @pytest.mark.parametrize("env", LOOPS)
 def test_a_cancelled_token_command_is_killed_with_its_child(
-    env: Mapping[str, str], tmp_path: Path
+    env: Mapping[str, str], when: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A login cancelled at shutdown (STYLE §4) must not leave the helper's family behind either.
+    # A login cancelled at shutdown (STYLE §4) must not leave the helper's family behind either:
+    # not while it runs, and not while it is being started (the caller has no pid yet then).
     pidfile = tmp_path / "pids"
     source = OAuth2TokenSource(
         "accounts[0].oauth2_token_command", argv=forking_helper(pidfile, "wait"), timeout=60
     )
+    real_spawn = asyncio.create_subprocess_exec
 
     async def attempt() -> None:
         check_loop(env)
+        started, gate = asyncio.Event(), asyncio.Event()
+
+        async def spawn(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+            proc = await real_spawn(*args, **kwargs)
+            started.set()
+            if when == "while-starting":
+                await gate.wait()  # the helper runs, but its start has not returned yet
+            return proc
+
+        monkeypatch.setattr(asyncio, "create_subprocess_exec", spawn)
         task = asyncio.create_task(source())
         try:
             pids = await helper_pids(pidfile)
+            await started.wait()
+            # While starting: the gate holds the start.  After it: usually while the token is
+            # read, the start may just be returning; either way the group must end.
             task.cancel()
+            gate.set()
             done, _ = await asyncio.wait({task}, timeout=10)  # the failure detector
             if task not in done:
                 kill_leftovers(pidfile)  # unblocks the task, so that the loop can close
