@@ -55,7 +55,7 @@ import functools
 import logging
 import re
 import ssl
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal, assert_never, cast
 
@@ -922,7 +922,13 @@ class SmtpDeliverer:
                 )
 
     async def deliver(
-        self, raw: bytes, envelope: Envelope, *, trace: bytes = b"", wire: bytes | None = None
+        self,
+        raw: bytes,
+        envelope: Envelope,
+        *,
+        trace: bytes = b"",
+        wire: bytes | None = None,
+        before_content: Callable[[], Awaitable[None]] | None = None,
     ) -> Delivered:
         """Hand one message to the server; return once it answered 250 after DATA.
 
@@ -931,6 +937,11 @@ class SmtpDeliverer:
         ``wire``: ``raw`` as POP3 sent it (dot-stuffed, CRLF-clean, ending with CRLF; see
         :func:`prepare_wire`), written instead of stuffing ``raw`` again; None: stuff ``raw``.
         Raises DeliveryError for every failure, including session setup.
+
+        ``before_content`` is awaited after the server's 354, right before the content goes
+        out: the last moment at which this message can still not be delivered.  Whatever it
+        raises ends the transaction unsent (the connection is closed, so the server cannot
+        take half a message) and propagates as it is.
 
         Partial acceptance: when some recipients are refused and others accepted, the server
         has taken responsibility for the message (RFC 5321 §3.3), so the result is
@@ -971,7 +982,7 @@ class SmtpDeliverer:
         smtp.stage = SmtpStage.MAIL
         try:
             refused, response = await self._transaction(
-                smtp, envelope, content, mail_options, rcpt_options
+                smtp, envelope, content, mail_options, rcpt_options, before_content
             )
         except (aiosmtplib.SMTPException, OSError) as exc:
             err = delivery_error(exc, smtp.stage, envelope)
@@ -1001,6 +1012,7 @@ class SmtpDeliverer:
         content: _Content,
         mail_options: Sequence[bytes],
         rcpt_options: Sequence[bytes],
+        before_content: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[dict[str, aiosmtplib.SMTPResponse], aiosmtplib.SMTPResponse]:
         """MAIL, RCPT for each recipient, DATA (RFC 5321 §3.3), raising aiosmtplib's exceptions
         as ``sendmail()`` did, and RSET after a refusal as it did.
@@ -1053,6 +1065,8 @@ class SmtpDeliverer:
                 data_reply = await smtp.execute_command(b"DATA", timeout=timeout)
             if data_reply.code != 354:  # RFC 5321 §4.1.1.4: DATA itself refused
                 raise aiosmtplib.SMTPDataError(data_reply.code, data_reply.message)
+            if before_content is not None:
+                await before_content()
             response = await smtp.send_content(content, reply_timeout=timeout)
         except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused):
             # End the refused transaction (RFC 5321 §4.1.1.5).  A failure here is left to

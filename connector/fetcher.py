@@ -28,8 +28,8 @@ The only duplicate window is between SMTP's 250 and the ledger commit right afte
 
 A failure of our own setup (SMTP connect, TLS, AUTH; a 5xx to a fixed sender or recipient), of the
 dead-letter store or of the ledger ends the cycle *before the next RETR* (a failed group commit of
-a ``delivered`` row: at the latest SETTLE_LAG messages later); the QUIT still goes out so the DELEs
-of the messages already finished take effect.
+a ``delivered`` row: before the next message's content goes to SMTP); the QUIT still goes out so
+the DELEs of the messages already finished take effect.
 """
 
 from __future__ import annotations
@@ -66,13 +66,6 @@ log = logging.getLogger(__name__)
 SETTLE_EVERY: Final = 32
 """Delivered messages whose DELEs wait for their group-committed ledger rows (Cycle._settle)
 before they are sent; a bound on the list, not on safety: a DELE counts only at QUIT."""
-
-SETTLE_LAG: Final = 4
-"""How many delivered messages' ledger commits may still be running when the next message
-goes to SMTP.  Waiting for the very last one costs a thread round trip per message (~8 % of
-the CPU, measured in bench/): the ledger thread gets the GIL only when the loop lets go of it.
-A commit that fails late (another process holding the lock past the busy timeout) therefore
-stops the cycle within this many messages, which the next cycle delivers again."""
 
 FETCH_CEILING: Final = 1024 * 1024 * 1024
 """No message larger than this is read, whatever the policy: it is left upstream and reported.
@@ -164,7 +157,13 @@ class Deliverer(Protocol):
     """The part of ``delivery.SmtpDeliverer`` the fetcher uses (a seam for tests)."""
 
     async def deliver(
-        self, raw: bytes, envelope: Envelope, *, trace: bytes = b"", wire: bytes | None = None
+        self,
+        raw: bytes,
+        envelope: Envelope,
+        *,
+        trace: bytes = b"",
+        wire: bytes | None = None,
+        before_content: Callable[[], Awaitable[None]] | None = None,
     ) -> Delivered: ...
 
     async def close(self) -> None: ...
@@ -535,16 +534,6 @@ class Cycle:
                     uid,
                     prefix.removeprefix("mid:").removesuffix(":"),
                 )
-        unsettled = self._unsettled
-        if len(unsettled) >= SETTLE_LAG and self.ledger.settled < unsettled[-SETTLE_LAG][1]:
-            # The ledger thread lags SETTLE_LAG messages behind (a lock held by another
-            # process, a slow disk): wait for it, so that a commit that fails late stops the
-            # cycle within SETTLE_LAG messages (each of them is delivered again next cycle).
-            await self._settle(pop)
-        elif unsettled and self.ledger.failed(ticket for _, ticket in unsettled):
-            # A commit failed (a full disk): stop before this message goes to SMTP (_settle
-            # raises), as a failed commit always did.
-            await self._settle(pop)
         todo = tuple(r for r in recipients if r.lower() not in done)
         if not todo:
             return await self._duplicate(pop, number, uid, raw, recipients)
@@ -565,7 +554,9 @@ class Cycle:
         )
         try:
             # The trace line travels beside the message, never joined to it (no copy).
-            delivered = await self.deliverer.deliver(raw, envelope, trace=trace, wire=wire)
+            delivered = await self.deliverer.deliver(
+                raw, envelope, trace=trace, wire=wire, before_content=lambda: self._committed(pop)
+            )
         except DeliveryError as exc:
             return await self._refused(pop, number, uid, raw, exc, envelope, keys)
         self.stats.delivered_bytes += len(trace) + len(raw)
@@ -591,6 +582,22 @@ class Cycle:
         if len(self._unsettled) >= SETTLE_EVERY:
             await self._settle(pop)
         return Outcome.DELIVERED
+
+    async def _committed(self, pop: Pop3Client) -> None:
+        """Before a message's content goes to SMTP: the earlier messages' rows are committed.
+
+        So a crash can duplicate at most the one message Exchange took last (invariant 2: the
+        window stays one message wide), and a failed commit stops the cycle before another
+        message is delivered (raised as CycleStopped; the transaction is abandoned unsent).
+        Usually the ledger thread committed while the server answered MAIL/RCPT/DATA, and
+        nothing waits here.
+        """
+        unsettled = self._unsettled
+        if unsettled and (
+            self.ledger.settled < unsettled[-1][1]
+            or self.ledger.failed(ticket for _, ticket in unsettled)
+        ):
+            await self._settle(pop)
 
     async def _settle(self, pop: Pop3Client) -> None:
         """DELE the delivered messages whose ``delivered`` rows are committed by now

@@ -19,7 +19,7 @@ import pytest
 
 from connector.deadletter import parse_dead_letter_headers
 from connector.deadletter.maildir import MaildirStore
-from connector.delivery import SenderPolicy, SmtpDeliverer, SmtpSettings
+from connector.delivery import Envelope, SenderPolicy, SmtpDeliverer, SmtpSettings
 from connector.errors import (
     DeadLetterError,
     DeliveryError,
@@ -31,7 +31,6 @@ from connector.errors import (
 )
 from connector.fetcher import (
     SETTLE_EVERY,
-    SETTLE_LAG,
     AccountSpec,
     Cycle,
     DeliveryPolicy,
@@ -670,7 +669,7 @@ async def test_a_failed_ledger_commit_keeps_its_message_upstream_and_stops_the_c
     # The delivered rows are group-committed while the cycle goes on (Ledger.record_delivered
     # _soon); their DELEs wait for the commit.  A commit that fails (a real SQLite abort, from a
     # trigger) must leave its message upstream and stop the cycle before much more is sent.
-    uids = [rig.pop.add_message(USER, mail(i)) for i in range(SETTLE_LAG + 6)]
+    uids = [rig.pop.add_message(USER, mail(i)) for i in range(6)]
     await rig.ledger._submit(
         "trigger",
         lambda conn: conn.execute(
@@ -681,14 +680,13 @@ async def test_a_failed_ledger_commit_keeps_its_message_upstream_and_stops_the_c
     with pytest.raises(LedgerError, match="disk says no"):
         await (await rig.cycle()).run()
     upstream = rig.pop.uidls(USER)
-    assert uids[1] in upstream
-    # The failure is seen before the next message goes to SMTP once the ledger thread has
-    # run, and at the latest SETTLE_LAG messages later.
-    assert len(rig.sink.messages) <= 2 + SETTLE_LAG
+    # m0 committed and deleted; m1's commit failed: kept; m2's content waited for that commit
+    # and was never sent.
+    assert upstream == uids[1:]
+    assert [m.data.rsplit(b"\r\n", 2)[-2] for m in rig.sink.messages] == [b"body 0", b"body 1"]
     for uid in uids:
         entry = await rig.ledger.entry("info", uid)
-        # Invariant 1: deleted only with a committed row; kept when none was committed or
-        # when the cycle never reached it.
+        # Invariant 1: deleted only with a committed row.
         assert (uid in upstream) == (entry is None), uid
 
 
@@ -709,9 +707,9 @@ async def test_a_commit_that_fails_slowly_still_stops_the_cycle_before_the_next_
     rig: Rig,
 ) -> None:
     # Another process holds the ledger's write lock (SQLite waits out its busy timeout), so the
-    # first row's commit fails late: at most SETTLE_LAG messages go to SMTP meanwhile (each is
-    # delivered again next cycle), not a whole settle batch.
-    for i in range(SETTLE_LAG + 6):
+    # first row's commit fails late: the next message's content waits for it, so nothing more
+    # is delivered (each would be delivered again next cycle).
+    for i in range(6):
         rig.pop.add_message(USER, mail(i))
     await rig.ledger._submit(
         "trigger",
@@ -735,5 +733,33 @@ async def test_a_commit_that_fails_slowly_still_stops_the_cycle_before_the_next_
     rig.ledger.record_delivered_soon = busy_then_queue  # type: ignore[method-assign]
     with pytest.raises(LedgerError, match="database is locked"):
         await (await rig.cycle()).run()
-    assert len(rig.sink.messages) == SETTLE_LAG
-    assert len(rig.pop.uidls(USER)) == SETTLE_LAG + 6
+    assert len(rig.sink.messages) == 1
+    assert len(rig.pop.uidls(USER)) == 6
+
+
+async def test_before_content_can_still_stop_a_message(rig: Rig) -> None:
+    # The hook runs after the 354; what it raises leaves the message unsent, the connection
+    # closed (the server must not take half a message), and the next message reconnects.
+    class Stop(Exception):
+        pass
+
+    async def refuse() -> None:
+        raise Stop
+
+    deliverer = SmtpDeliverer(
+        SmtpSettings("127.0.0.1", rig.sink.port, TlsMode.NONE, None, "connector.test")
+    )
+    envelope = Envelope("a@customer.example", ("info@firma.local",), sender_fixed=False)
+    async with deliverer:
+        with pytest.raises(Stop):
+            await deliverer.deliver(mail(1), envelope, before_content=refuse)
+        assert not deliverer.connected
+        called: list[bool] = []
+
+        async def allow() -> None:
+            called.append(True)
+
+        delivered = await deliverer.deliver(mail(2), envelope, before_content=allow)
+    assert called == [True]
+    assert delivered.response.startswith("250")
+    assert [m.data for m in rig.sink.messages] == [mail(2)]
