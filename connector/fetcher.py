@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import hashlib
 import logging
 import re
@@ -224,9 +225,16 @@ def trace_header(
         + eol
         + b"\t"
         + (rcpt.strip() + b"; " if rcpt else b"; ")
-        + format_datetime(now).encode("ascii")
+        + _date_field(now.replace(microsecond=0))
         + eol
     )
+
+
+@functools.lru_cache(maxsize=4)
+def _date_field(now: datetime) -> bytes:
+    """RFC 5322 §3.3 date-time of a whole second: the same for every message of that second
+    (formatting it was 2.5 % of a message's CPU in the benchmark)."""
+    return format_datetime(now).encode("ascii")
 
 
 def header_digest(data: bytes, size: int | None = None) -> str:
