@@ -787,6 +787,14 @@ class _TracingSMTP(aiosmtplib.SMTP):
         return response
 
 
+class _BeforeContentFailed(Exception):
+    """Carries what ``before_content`` raised past the SMTP error handling of ``deliver``."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
 class SmtpDeliverer:
     """One SMTP connection reused across a cycle's messages; connects lazily, reconnects
     after a failure that closed the connection.  Raises only DeliveryError."""
@@ -984,6 +992,12 @@ class SmtpDeliverer:
             refused, response = await self._transaction(
                 smtp, envelope, content, mail_options, rcpt_options, before_content
             )
+        except _BeforeContentFailed as failed:
+            # Not about SMTP at all (the caller's own failure, even an OSError such as a POP3
+            # drop): the transaction is abandoned unsent, and the error goes on as it was.
+            smtp.close()
+            self._smtp = None
+            raise failed.cause from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             err = delivery_error(exc, smtp.stage, envelope)
             smtp.say("--", str(err))
@@ -1066,7 +1080,10 @@ class SmtpDeliverer:
             if data_reply.code != 354:  # RFC 5321 §4.1.1.4: DATA itself refused
                 raise aiosmtplib.SMTPDataError(data_reply.code, data_reply.message)
             if before_content is not None:
-                await before_content()
+                try:
+                    await before_content()
+                except Exception as exc:  # noqa: BLE001 - carried out unchanged by deliver()
+                    raise _BeforeContentFailed(exc) from None
             response = await smtp.send_content(content, reply_timeout=timeout)
         except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused):
             # End the refused transaction (RFC 5321 §4.1.1.5).  A failure here is left to

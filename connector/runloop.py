@@ -110,11 +110,11 @@ def return_large_blocks(platform: str = sys.platform) -> bool:
     """
     if platform != "linux":
         return False
-    import ctypes
-
     try:
+        import ctypes
+
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # no C library to ask, or one without mallopt
+    except (ImportError, OSError, AttributeError):  # no ctypes, no C library, no mallopt (musl)
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int

@@ -26,6 +26,7 @@ from connector.errors import (
     Disposition,
     LedgerError,
     Pop3AuthError,
+    Pop3ConnectionError,
     Pop3ResponseError,
     classify,
 )
@@ -771,5 +772,27 @@ async def test_before_content_can_still_stop_a_message(rig: Rig) -> None:
 
         delivered = await deliverer.deliver(mail(2), envelope, before_content=allow)
     assert called == [True]
+    assert delivered.response.startswith("250")
+    assert [m.data for m in rig.sink.messages] == [mail(2)]
+
+
+async def test_a_pop3_error_in_before_content_is_not_taken_for_an_smtp_failure(rig: Rig) -> None:
+    # The hook sends DELEs; a POP3 drop there is an OSError, like an SMTP drop.  It must come
+    # out as itself (the cycle's POP3 failure), not as a DeliveryError at DATA, which would
+    # defer or even dead-letter a message Exchange never refused, and the session must not
+    # be left in the middle of DATA.
+    deliverer = SmtpDeliverer(
+        SmtpSettings("127.0.0.1", rig.sink.port, TlsMode.NONE, None, "connector.test")
+    )
+    envelope = Envelope("a@customer.example", ("info@firma.local",), sender_fixed=False)
+
+    async def pop3_dropped() -> None:
+        raise Pop3ConnectionError("the server closed the connection")
+
+    async with deliverer:
+        with pytest.raises(Pop3ConnectionError):
+            await deliverer.deliver(mail(1), envelope, before_content=pop3_dropped)
+        assert not deliverer.connected
+        delivered = await deliverer.deliver(mail(2), envelope)
     assert delivered.response.startswith("250")
     assert [m.data for m in rig.sink.messages] == [mail(2)]
