@@ -118,6 +118,7 @@ class FaultProxy:
         self.observer = observer
         self.triggered = threading.Event()
         self.connections = 0
+        self.upstream_ports: list[int] = []  # local ports of our connections to the upstream
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
         self._links: list[_Link] = []
@@ -163,6 +164,7 @@ class FaultProxy:
             except OSError:
                 _close(client)
                 continue
+            self.upstream_ports.append(server.getsockname()[1])
             index = self.connections
             self.connections += 1
             fault = self.fault

@@ -233,6 +233,7 @@ class RecordingHandler:
         self.rule: Rule | None = None
         self.refused: list[tuple[str, str]] = []  # (stage, reply)
         self.transactions = 0
+        self.peer: Any = None  # the (host, port) of the connection of the DATA being handled
         self._lock = threading.Lock()
 
     def _check(self, stage: str, envelope: Envelope, data: bytes | None) -> str | None:
@@ -274,6 +275,9 @@ class RecordingHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         data = envelope.original_content or b""
+        # Which connection this DATA came on, for a rule that needs it (the crash harness:
+        # a killed run's last DATA may be handled after the next run began).
+        self.peer = session.peer
         with self._lock:
             self.transactions += 1
         reply = self._check("data", envelope, data)
