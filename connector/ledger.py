@@ -232,6 +232,40 @@ def _entry(row: Any) -> LedgerEntry:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """A message's row and its done recipients, as bound to the statements that write them."""
+
+    params: tuple[object, ...]
+    done: list[tuple[object, ...]]
+
+    @classmethod
+    def of(
+        cls,
+        account: str,
+        uidl: str,
+        state: MessageState,
+        size: int,
+        response: str,
+        now: float,
+        dead_letter_id: str | None,
+        done: RecipientsDone | None,
+    ) -> _Row:
+        params = (account, uidl, state.value, size, now, now, _storable(response), dead_letter_id)
+        rows: list[tuple[object, ...]] = (
+            [(account, k, r.lower(), now) for k in done.keys for r in done.recipients]
+            if done is not None
+            else []
+        )
+        return cls(params, rows)
+
+    def write(self, conn: sqlite3.Connection, upsert: str) -> None:
+        """Inside the caller's transaction."""
+        conn.execute(upsert, self.params)
+        if self.done:
+            conn.executemany(_INSERT_DONE, self.done)
+
+
 @contextlib.contextmanager
 def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on any error."""
@@ -328,7 +362,7 @@ class Ledger:
         # Group commit (record_delivered_soon): rows queued on the event loop's thread, taken
         # by the ledger thread's drain job under the lock.
         self._lock = threading.Lock()
-        self._queued: list[tuple[int, tuple[object, ...], list[tuple[object, ...]]]] = []
+        self._queued: list[tuple[int, _Row]] = []  # (ticket, row)
         self._tickets = 0  # the last ticket handed out
         self._draining = False  # a drain job is queued or running
         self._settled = 0  # every ticket up to this one is committed or failed (thread writes)
@@ -477,25 +511,11 @@ class Ledger:
         """
         if self._closed:
             raise LedgerError(f"ledger {self.path}: closed")
-        params = (
-            account,
-            uidl,
-            MessageState.DELIVERED.value,
-            size,
-            now,
-            now,
-            _storable(response),
-            None,
-        )
-        done_rows: list[tuple[object, ...]] = (
-            [(account, k, r.lower(), now) for k in done.keys for r in done.recipients]
-            if done is not None
-            else []
-        )
+        row = _Row.of(account, uidl, MessageState.DELIVERED, size, response, now, None, done)
         with self._lock:
             self._tickets += 1
             ticket = self._tickets
-            self._queued.append((ticket, params, done_rows))
+            self._queued.append((ticket, row))
             start, self._draining = not self._draining, True
         if start:
             # A plain executor job, not run_in_executor: its end wakes no event loop.
@@ -518,10 +538,8 @@ class Ledger:
             error: LedgerError | None = None
             try:
                 with _transaction(conn):
-                    for _, params, done_rows in batch:
-                        conn.execute(_UPSERT, params)
-                        if done_rows:
-                            conn.executemany(_INSERT_DONE, done_rows)
+                    for _, row in batch:
+                        row.write(conn, _UPSERT)
             except (sqlite3.Error, OSError) as exc:
                 error = _ledger_error(self.path, "record delivered", exc)
                 error.__cause__ = exc
@@ -530,7 +548,7 @@ class Ledger:
                 error.__cause__ = exc
             with self._lock:
                 if error is not None:
-                    self._failed.update((ticket, error) for ticket, _, _ in batch)
+                    self._failed.update((ticket, error) for ticket, _ in batch)
                 self._settled = batch[-1][0]
 
     @property
@@ -649,20 +667,13 @@ class Ledger:
         done: RecipientsDone | None,
     ) -> LedgerEntry:
         sql = _UPSERT_DEFERRAL if state is MessageState.DEFERRED else _UPSERT
-        params = (account, uidl, state.value, size, now, now, _storable(response), dead_letter_id)
-        done_rows = (
-            [(account, k, r.lower(), now) for k in done.keys for r in done.recipients]
-            if done is not None
-            else []
-        )
+        row = _Row.of(account, uidl, state, size, response, now, dead_letter_id, done)
 
         def run(conn: sqlite3.Connection) -> LedgerEntry:
             with _transaction(conn):
-                conn.execute(sql, params)
-                if done_rows:
-                    conn.executemany(_INSERT_DONE, done_rows)
-                row = conn.execute(_SELECT_ONE, (account, uidl)).fetchone()
-            return _entry(row)
+                row.write(conn, sql)
+                found = conn.execute(_SELECT_ONE, (account, uidl)).fetchone()
+            return _entry(found)
 
         return await self._submit(f"record {state.value}", run, shield=True)
 
