@@ -82,7 +82,12 @@ class Oversize(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class AccountSpec:
-    """Everything a cycle needs to know about one account; built from the config by the service."""
+    """Everything a cycle needs to know about one account; built from the config by the service.
+
+    A reload compares specs by value (``service.Service.apply_runtime``): every field must be a
+    value that compares by its contents (an OAuth2 token source is a frozen dataclass; a field
+    that cannot compare is excluded with ``field(compare=False)`` and its inputs compared).
+    """
 
     name: str
     endpoint: Pop3Endpoint

@@ -212,6 +212,9 @@ class ImapStoreSpec:
     username: str
     password: str = field(repr=False)
     folder: str
+    # What ssl_context was built from, compared in its place (a reload rebuilds the context).
+    verify_certificate: bool = True
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +334,15 @@ def build_runtime(settings: Settings) -> Runtime:
         accounts.append(
             AccountSpec(
                 name=acct.name,
-                endpoint=Pop3Endpoint(acct.host, acct.effective_port, tls, ctx, acct.host),
+                endpoint=Pop3Endpoint(
+                    acct.host,
+                    acct.effective_port,
+                    tls,
+                    ctx,
+                    acct.host,
+                    verify_certificate=acct.verify_certificate,
+                    ca_file=acct.ca_file,
+                ),
                 username=acct.username,
                 password=password,
                 auth=AuthMethod(acct.auth),
@@ -360,6 +371,8 @@ def build_runtime(settings: Settings) -> Runtime:
             username=dl.username or "",
             password=dl.secret() or "",
             folder=dl.folder,
+            verify_certificate=dl.verify_certificate,
+            ca_file=dl.ca_file,
         )
     return Runtime(
         accounts=tuple(accounts),
@@ -469,24 +482,6 @@ class AccountState:
     last: CycleResult | None = None
     next_poll: float | None = None
     removed: bool = False  # dropped from the config by a reload: its loop ends after this cycle
-
-
-_SPEC_FIELDS = (
-    "username",
-    "password",
-    "auth",
-    "deliver_to",
-    "max_deferral",
-    "max_message_size",
-    "leave_on_server",
-    "delete_after",
-)
-
-
-def _spec_key(spec: AccountSpec) -> tuple[object, ...]:
-    """What decides whether a reload changed an account (SSL contexts are rebuilt every time,
-    so the endpoint is compared without its context)."""
-    return (replace(spec.endpoint, ssl_context=None), *(getattr(spec, f) for f in _SPEC_FIELDS))
 
 
 class _Observers:
@@ -865,7 +860,9 @@ class Service:
                 self._start_loop(added)
                 continue
             interval = new.intervals[name]
-            if _spec_key(spec) != _spec_key(current.spec) or interval != current.interval:
+            # By value: AccountSpec and everything in it are frozen values that compare by
+            # their contents (an SSL context by what it was built from: Pop3Endpoint).
+            if spec != current.spec or interval != current.interval:
                 current.spec, current.interval = spec, interval
                 log.info("reload: account=%s changed; applies from its next cycle", name)
                 if current.failing:

@@ -39,7 +39,8 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Final, Self, assert_never
 
@@ -126,13 +127,20 @@ class Retrieved:
 
 @dataclass(frozen=True, slots=True)
 class Pop3Endpoint:
-    """Where and how to connect.  Without ``ssl_context`` TLS uses the system's default trust."""
+    """Where and how to connect.  Without ``ssl_context`` TLS uses the system's default trust.
+
+    Compared by value, so that a reload can tell a changed account from an unchanged one.  An
+    ``SSLContext`` compares by identity and a reload builds a new one, so it is left out of the
+    comparison; ``verify_certificate`` and ``ca_file``, what it was built from, stand in for it.
+    """
 
     host: str
     port: int
     tls: TlsMode
-    ssl_context: ssl.SSLContext | None = None
+    ssl_context: ssl.SSLContext | None = field(default=None, compare=False)
     server_hostname: str | None = None  # default: host
+    verify_certificate: bool = True  # ssl_context's inputs: compared, never read here
+    ca_file: Path | None = None
 
 
 def sasl_xoauth2(username: str, token: str) -> str:
