@@ -1,4 +1,6 @@
-"""``pop3-connector import-fetchmailrc FILE``: turn a ``.fetchmailrc`` into our TOML (PRODUCT §3).
+"""``pop3-connector import-fetchmailrc FILE``: turn a ``.fetchmailrc`` into our TOML.
+
+The TOML is the config file of docs/design.md §4.1, every key as in ``config.example.toml``.
 
 Theory of operation.  A fetchmail run control file is a stream of words: ``set`` statements,
 ``defaults`` blocks, and ``poll``/``skip`` blocks naming a server, each followed by server

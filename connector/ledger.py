@@ -1,8 +1,8 @@
 """The SQLite ledger: what happened to each message, so none is handed to SMTP twice.
 
-PRODUCT §5 and STYLE §5.  One row per (account, UIDL) in state ``delivered``,
-``dead_lettered`` or ``deferred``, and one row per account with its last cycle (for ``status``
-and ``/status``).
+docs/design.md §8 (schema, states, pruning, group commit).  One row per (account, UIDL) in
+state ``delivered``, ``dead_lettered`` or ``deferred``, and one row per account with its last
+cycle (for ``status`` and ``/status``).
 
 Theory of operation
 -------------------
@@ -18,28 +18,27 @@ Theory of operation
 * **WAL with ``synchronous=NORMAL``.**  A commit then costs no fsync; a power loss may lose the
   last commits, never corrupt the file.  That is enough here because the ledger only prevents
   duplicates, it never holds the only copy of anything: a dead letter is fsynced in its store
-  before the ledger records it (PRODUCT §5.4), and a delivered message is in Exchange.  Losing
-  a ``delivered`` or ``dead_lettered`` commit means the message is offered once more: a
+  before the ledger records it (docs/design.md §5.1), and a delivered message is in Exchange.
+  Losing a ``delivered`` or ``dead_lettered`` commit means the message is offered once more: a
   duplicate, never a loss.  A lost deferral only restarts its ``max_deferral`` clock.
 * **The duplicate window.**  Between Exchange's ``250`` and the ``delivered`` commit a crash
-  duplicates the message (PRODUCT §5.3).  The record methods keep that window to one thread hop
+  duplicates the message (docs/design.md §9).  The record methods keep that window to one thread hop
   and one small transaction, and they are shielded from cancellation, so a shutdown that
   cancels the fetcher right after the ``250`` still gets the row committed.
 * **Group commit for the common case.**  :meth:`Ledger.record_delivered_soon` queues a
   ``delivered`` row and returns at once with a ticket; the ledger thread commits every row
   queued so far in one transaction, starting as soon as it is free (the window stays one hop
   and one transaction long), and wakes nobody.  The fetcher sends the message's DELE only
-  after :meth:`Ledger.settle` has seen its ticket committed, so invariant 1 holds as before
-  (DELE takes effect at QUIT anyway, RFC 1939 §6), and it waits for the commit only right
-  before the next message's content goes out, after fetching that message and its
-  MAIL/RCPT/DATA round trip.  Measured (bench/README.md): without that wait the group commit
-  took a run from 7.1 to 5.4 CPU s per 10,000 messages; the wait gives back about 10 % of a
-  message's CPU, the price of keeping the crash window one message wide.
+  after :meth:`Ledger.settle` has seen its ticket committed (docs/design.md §5.2, invariant 1;
+  DELE takes effect at QUIT anyway, RFC 1939 §6), and it waits for the commit right before
+  the next message's content goes out, so that a crash duplicates at most the message
+  accepted last (docs/design.md §8.5, §9).  What the group commit and that wait cost and
+  save is measured in bench/README.md.
 * **Migrations.**  ``PRAGMA user_version`` counts the scripts of :data:`MIGRATIONS` applied;
   pending ones run in one transaction on open.  Only ever append to that list.
 * **Listing sync.**  :meth:`Ledger.sync_listing` reads an account's rows with one query and
   does the set arithmetic in Python; a steady mailbox of 10,000 kept messages costs one read and
-  no writes per cycle (PRODUCT §5: a cycle's cost grows with the new mail only).
+  no writes per cycle (docs/design.md §5.2, invariant 5: a cycle costs what is new).
 """
 
 from __future__ import annotations
@@ -65,7 +64,7 @@ T = TypeVar("T")
 A = TypeVar("A")
 
 DEFAULT_PRUNE_AFTER: Final = 7 * 24 * 3600.0
-"""Seconds a row stays after its UIDL stopped being listed (PRODUCT §5.6)."""
+"""Seconds a row stays after its UIDL stopped being listed (docs/design.md §8.4)."""
 
 BUSY_TIMEOUT_MS: Final = 5000
 """How long to wait for another process's write lock (a CLI command) before failing."""
@@ -112,9 +111,10 @@ MIGRATIONS: Final[list[str]] = [
         PRIMARY KEY (account, key, recipient)
     ) WITHOUT ROWID;
     """,
-    # 3: "uidl:" rows now go with their message's row (sync_listing); before, they aged out on
-    # their own and could outlive it.  Such a row would leave its recipients out if the server
-    # ever listed the UIDL again, so the ones left over from before are dropped.
+    # 3: a "uidl:" row lives as long as its message's row (sync_listing deletes them together).
+    # One without its message's row would leave its recipients out if the server ever listed
+    # the UIDL again, so a ledger that has such rows (schema 2 aged them out on their own)
+    # drops them.
     """
     DELETE FROM recipients_done
     WHERE key >= 'uidl:' AND key < 'uidl;'
@@ -178,7 +178,7 @@ class CycleRecord:
 
 @dataclass(frozen=True, slots=True)
 class AccountStatus:
-    """An account's last cycle plus its counts of rows, for ``status`` (PRODUCT §4, §8).
+    """An account's last cycle plus its counts of rows, for ``status`` (docs/design.md §11).
 
     ``deferred`` counts deferred messages still listed upstream (waiting for a retry);
     ``dead_lettered`` counts the ledger's dead-lettered rows, which are pruned like any other

@@ -1,7 +1,7 @@
-"""Every Prometheus object of PRODUCT §8, declared once, on a registry of our own.
+"""Every Prometheus object of docs/design.md §11.1, declared once, on a registry of our own.
 
 Our own :class:`~prometheus_client.CollectorRegistry` (not the library's global default) keeps
-the exposition to what §8 lists, and lets every test build a fresh set.  Label values are
+the exposition to what §11.1 lists, and lets every test build a fresh set.  Label values are
 bounded: ``account`` (from the config), ``outcome`` and ``result`` (enums), ``code`` (a
 three-digit SMTP code, or ``none`` when a message was deferred without a reply, e.g. a timeout),
 ``version``.  Never a UIDL, an address or a subject: those would make a new series per message.
@@ -67,14 +67,15 @@ def smtp_code(response: str) -> str:
 
 
 class Metrics:
-    """The metrics of PRODUCT §8.  Also a ``CycleObserver``: :meth:`message` counts one message."""
+    """The metrics of docs/design.md §11.1.  Also a ``CycleObserver``: :meth:`message` counts one
+    message."""
 
     def __init__(
         self, registry: CollectorRegistry | None = None, *, version: str = __version__
     ) -> None:
-        # The exposition holds the series of PRODUCT §8 and nothing else: no *_created gauge
-        # beside each counter and histogram.  (A process-wide switch of prometheus-client; we
-        # own the process, and nothing else in it exports metrics.)
+        # The exposition holds the series of docs/design.md §11.1 and nothing else: no
+        # *_created gauge beside each counter and histogram.  (A process-wide switch of
+        # prometheus-client; we own the process, and nothing else in it exports metrics.)
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry

@@ -101,11 +101,11 @@ def return_large_blocks(platform: str = sys.platform) -> bool:
 
     By default glibc raises its mmap threshold to the size of each large block freed (up to
     32 MiB, mallopt(3)), so the next 25 MiB message is built in the heap, and freed heap
-    memory stays with the process: in the benchmark's large scenario (8 accounts, 25 MiB
-    messages) peak RSS reached 477 MiB, the goal being 60 MiB plus twice the messages in
-    flight (460); with this, 390-400 MiB.  A fixed threshold turns that adjustment off.  At
-    16 MiB the POP3 read buffers of ordinary mail (a few MiB with RETRs pipelined) stay in
-    the heap: at 1 MiB they were mapped and unmapped over and over, 10 % more CPU per message.
+    memory stays with the process: with several large messages in flight the peak grows past
+    twice the bytes in flight.  A fixed threshold turns that adjustment off.  At 16 MiB the
+    POP3 read buffers of ordinary mail (a few MiB with RETRs pipelined) stay in the heap and
+    are reused; a lower threshold maps and unmaps them for every message, which costs CPU.
+    bench/README.md has the figures of both (the "large" scenario and the throughput run).
     Returns whether the setting took (Linux with glibc).
     """
     if platform != "linux":

@@ -70,8 +70,9 @@ from connector.errors import Pop3ConnectionError, Pop3ProtocolError
 _LineCounts = Callable[[bytes], tuple[int, int, int, int, int]]
 _fast_line_counts: _LineCounts | None
 try:
-    # The C loop of _scan.c: one pass instead of up to five bytes.count() (a tenth of the CPU);
-    # built at install when a compiler is there (setup.py), else the counts below.
+    # The C loop of _scan.c: one pass instead of up to five bytes.count() (bench/README.md has
+    # the cost of each); built at install when a compiler is there (setup.py), else the counts
+    # below.
     from connector.pop3._scan import line_counts as _fast_line_counts
 except ImportError:  # pragma: no cover - an install without a C compiler
     _fast_line_counts = None
@@ -428,8 +429,8 @@ def _unstuff(body: bytes, stuffed: bool) -> tuple[bytes, bool]:
     with a dot came stuffed.  ``stuffed`` says whether the terminator scan met any line
     starting with a dot; if not, the body is returned as it is (no copy).
 
-    The counts come from one C pass (``_scan.line_counts``, ~0.03 ms on the benchmark's 47 KB
-    average) or, without it, from ``bytes.count`` (~0.03 ms per count, up to four of them).
+    The counts come from one C pass (``_scan.line_counts``) or, without it, from ``bytes.count``
+    (up to four passes over the body).
     """
     if _fast_line_counts is not None:
         lf, cr, pairs, dot, dotdot = _fast_line_counts(body)
@@ -771,8 +772,9 @@ def _parse_listing(body: bytes, *, uidl: bool) -> tuple[tuple[int, str], ...]:
         if uidl:
             if not _UID.fullmatch(value):
                 raise Pop3ProtocolError("unique-id is not 1-70 characters 0x21-0x7E")
-            # RFC 1939 §7: unique within the maildrop; a repeat would make us skip or
-            # delete the wrong message (STYLE §5, getmail6 agrees).
+            # RFC 1939 §7: unique within the maildrop, and so the ledger's key (see
+            # docs/design.md §8.2); a repeat would make us skip or delete the wrong message
+            # (getmail6 agrees).
             if value in values:
                 raise Pop3ProtocolError("the same unique-id is listed twice")
             values.add(value)
