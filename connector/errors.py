@@ -307,6 +307,10 @@ def _classify_delivery(exc: DeliveryError) -> Disposition:
         if exc.security or cls == 5:
             return Disposition.PARK_ACCOUNT
         return Disposition.RETRY
+    if cls == 5 and exc.smtp_code == 530:
+        # RFC 4954 §6: "530 5.7.0 Authentication required" (Exchange: "530 5.7.1 Client was not
+        # authenticated") is what every sender gets, whatever the message (PRODUCT §6).
+        return Disposition.PARK_ACCOUNT
     if cls == 5:
         return Disposition.DEAD_LETTER if exc.per_message else Disposition.PARK_ACCOUNT
     # 4xx, 421, timeouts, drops, and any odd 2xx/3xx where a final answer was due: transient.
