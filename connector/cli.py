@@ -337,7 +337,7 @@ async def _once(runtime: Runtime, names: list[str] | None) -> int:
 
 
 async def _run(runtime: Runtime, settings: Settings, path: Path) -> int:
-    from connector.config import load_settings
+    from connector.config import load_settings, poll_interval_warnings
     from connector.http import HttpEndpoint
     from connector.metrics import Metrics
     from connector.service import build_runtime, open_service
@@ -381,6 +381,8 @@ async def _run(runtime: Runtime, settings: Settings, path: Path) -> int:
                 len(runtime.accounts),
                 runtime.state_dir,
             )
+            for warning in poll_interval_warnings(settings):
+                log.warning("%s", warning)
             await service.serve()
         finally:
             if endpoint is not None:

@@ -80,6 +80,8 @@ __all__ = [
     "load_settings",
     "parse_duration",
     "parse_size",
+    "poll_interval_warnings",
+    "port_tls_warnings",
     "render_settings",
 ]
 
@@ -1153,4 +1155,72 @@ def config_warnings(settings: Settings, path: Path) -> list[str]:
         )
     if not any(a.enabled for a in settings.accounts):
         warnings.append("accounts: no account is enabled; run and once will do nothing")
+    return warnings + port_tls_warnings(settings) + poll_interval_warnings(settings)
+
+
+def _account_key(index: int, account: AccountConfig) -> str:
+    """``accounts[4] (name "buchhaltung")``, as the config errors name an account."""
+    return f"accounts[{index}] (name {_toml_string(account.name)})"
+
+
+# Well-known ports and the TLS they speak: implicit TLS from the first byte (RFC 8314 §3.3:
+# 995 POP3S, 465 submissions, 993 IMAPS), or plain text with an optional STARTTLS/STLS
+# (RFC 1939 110, RFC 5321 25, RFC 6409 587, RFC 3501 143).
+_IMPLICIT_PORTS: Final = {"pop3": 995, "smtp": 465, "imap": 993}
+_PLAIN_PORTS: Final = {"pop3": (110,), "smtp": (25, 587), "imap": (143,)}
+
+
+def port_tls_warnings(settings: Settings) -> list[str]:
+    """A well-known port set with the other kind of TLS: ``port = 110`` with the default
+    ``tls = "implicit"`` fails every handshake ("wrong version number"), ``port = 995`` with
+    ``tls = "starttls"`` waits for a greeting that never comes in clear text."""
+    endpoints: list[tuple[str, str, _Endpoint]] = [("smtp", "smtp", settings.smtp)]
+    if isinstance(settings.dead_letter, ImapDeadLetter):
+        endpoints.append(("dead_letter", "imap", settings.dead_letter))
+    endpoints += [(_account_key(i, a), "pop3", a) for i, a in enumerate(settings.accounts)]
+    warnings = []
+    for where, protocol, ep in endpoints:
+        implicit_port = _IMPLICIT_PORTS[protocol]
+        if ep.tls == "implicit" and ep.port in _PLAIN_PORTS[protocol]:
+            # The IMAP store has no STARTTLS (aioimaplib): plain IMAP is "none".
+            other = "none" if protocol == "imap" else "starttls"
+            default = ' (tls is "implicit" unless set)' if isinstance(ep, AccountConfig) else ""
+            warnings.append(
+                f"{where}.port: {ep.port} speaks plain text (STARTTLS at most), but tls = "
+                f'"implicit"{default} starts with a TLS handshake; use port {implicit_port}, '
+                f'or tls = "{other}"'
+            )
+        elif ep.tls != "implicit" and ep.port == implicit_port:
+            warnings.append(
+                f"{where}.port: {ep.port} expects a TLS handshake first (implicit TLS), but "
+                f'tls = "{ep.tls}" waits for a greeting in plain text; use tls = "implicit"'
+            )
+    return warnings
+
+
+# RFC 2449 §6.8 LOGIN-DELAY: a server may ask for minutes between logins; and ``15`` is
+# seconds, where the SBS schedule said minutes.
+_MIN_SENSIBLE_POLL: Final = 60.0
+
+
+def poll_interval_warnings(settings: Settings) -> list[str]:
+    """A poll interval under a minute: most likely minutes written as a bare number, which is
+    seconds (``poll_interval = 15``).  For ``check`` and the log when ``run`` starts."""
+    warnings = []
+
+    def warn(where: str, seconds: float) -> None:
+        minutes = f"{seconds:g}m"
+        warnings.append(
+            f"{where}.poll_interval: {seconds:g} s, a login every {seconds:g} seconds; a bare "
+            f'number is seconds: for {seconds:g} minutes write "{minutes}".  Providers may '
+            "lock or refuse a mailbox polled this often (RFC 2449 LOGIN-DELAY)"
+        )
+
+    service = settings.service.poll_interval
+    if service < _MIN_SENSIBLE_POLL:
+        warn("service", service)
+    for i, account in enumerate(settings.accounts):
+        interval = settings.poll_interval_of(account)
+        if interval < _MIN_SENSIBLE_POLL and interval != service:
+            warn(_account_key(i, account), interval)
     return warnings

@@ -855,6 +855,86 @@ def test_group_access_by_our_own_group_is_no_warning(
     assert config_warnings(settings, path) == []
 
 
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        (
+            "port = 110",  # tls left at its default, "implicit"
+            'accounts[0] (name "info").port: 110 speaks plain text (STARTTLS at most), but '
+            'tls = "implicit" (tls is "implicit" unless set) starts with a TLS handshake; use '
+            'port 995, or tls = "starttls"',
+        ),
+        (
+            'port = 995\ntls = "starttls"',
+            'accounts[0] (name "info").port: 995 expects a TLS handshake first (implicit TLS), '
+            'but tls = "starttls" waits for a greeting in plain text; use tls = "implicit"',
+        ),
+        (
+            'port = 995\ntls = "none"',
+            'accounts[0] (name "info").port: 995 expects a TLS handshake first (implicit TLS), '
+            'but tls = "none" waits for a greeting in plain text; use tls = "implicit"',
+        ),
+        ("port = 995", None),
+        ('port = 110\ntls = "starttls"', None),
+        ("port = 1995", None),  # not a well-known port: the admin knows best
+    ],
+)
+def test_warnings_pop3_port_against_tls(tmp_path: Path, setting: str, expected: str | None) -> None:
+    path = write(tmp_path, MINIMAL.replace('name = "info"', f'name = "info"\n{setting}'))
+    warnings = [w for w in config_warnings(load_settings(path), path) if ".port: " in w]
+    assert warnings == ([expected] if expected else [])
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        (
+            'port = 587\ntls = "implicit"',
+            'smtp.port: 587 speaks plain text (STARTTLS at most), but tls = "implicit" starts '
+            'with a TLS handshake; use port 465, or tls = "starttls"',
+        ),
+        (
+            "port = 465",  # tls left at its default, "starttls"
+            'smtp.port: 465 expects a TLS handshake first (implicit TLS), but tls = "starttls" '
+            'waits for a greeting in plain text; use tls = "implicit"',
+        ),
+        ("port = 587", None),
+        ('port = 465\ntls = "implicit"', None),
+    ],
+)
+def test_warnings_smtp_port_against_tls(tmp_path: Path, setting: str, expected: str | None) -> None:
+    path = write(tmp_path, MINIMAL.replace("[smtp]", f"[smtp]\n{setting}"))
+    assert config_warnings(load_settings(path), path) == ([expected] if expected else [])
+
+
+def test_warnings_imap_store_port_against_tls(tmp_path: Path) -> None:
+    dl = '[dead_letter]\nstore = "imap"\nhost = "h"\nusername = "u"\npassword = "p"\nport = 143\n'
+    path = write(tmp_path, dl + MINIMAL)
+    assert config_warnings(load_settings(path), path) == [
+        'dead_letter.port: 143 speaks plain text (STARTTLS at most), but tls = "implicit" '
+        'starts with a TLS handshake; use port 993, or tls = "none"'
+    ]
+
+
+def test_warnings_poll_interval_under_a_minute(tmp_path: Path) -> None:
+    """SBS said "every 15 minutes"; ``poll_interval = 15`` is fifteen seconds."""
+    text = MINIMAL.replace("[smtp]", "[service]\npoll_interval = 15\n\n[smtp]")
+    path = write(tmp_path, text)
+    assert config_warnings(load_settings(path), path) == [
+        "service.poll_interval: 15 s, a login every 15 seconds; a bare number is seconds: for "
+        '15 minutes write "15m".  Providers may lock or refuse a mailbox polled this often '
+        "(RFC 2449 LOGIN-DELAY)"
+    ]
+    # An account's own interval is named with the account; one inherited is not repeated.
+    text = MINIMAL + ACCOUNT.replace('"info"', '"sales"', 1) + 'poll_interval = "30s"\n'
+    path = write(tmp_path, text)
+    (warning,) = config_warnings(load_settings(path), path)
+    assert warning.startswith('accounts[1] (name "sales").poll_interval: 30 s, a login every')
+    for fine in ("60", '"1m"', '"15m"', "900"):
+        path = write(tmp_path, MINIMAL + f"poll_interval = {fine}\n")
+        assert config_warnings(load_settings(path), path) == []
+
+
 # --------------------------------------------------------------------------------------------
 # The example file
 # --------------------------------------------------------------------------------------------
