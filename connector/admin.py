@@ -22,13 +22,16 @@ the same answer, and its refusal says nothing about any of them, so they stay as
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 from connector.deadletter import (
@@ -168,16 +171,36 @@ async def dead_letters_list(runtime: Runtime, *, as_json: bool, out: TextIO) -> 
     return EX_OK
 
 
-async def dead_letters_show(runtime: Runtime, dl_id: str, *, out: BinaryIO, err: TextIO) -> int:
-    """Write the stored message (our header lines, then the original) to ``out``."""
+async def dead_letters_show(
+    runtime: Runtime, dl_id: str, *, out: BinaryIO, err: TextIO, eml: Path | None = None
+) -> int:
+    """Write the stored message (our header lines, then the original) to ``out``, or to the
+    file ``eml``: a message file Outlook and other mail clients open (RFC 5322; our
+    ``X-POP3-Connector-*`` lines are header fields like any other).  A file, not a shell
+    redirection: Windows PowerShell 5.1's ``>`` re-encodes the bytes as UTF-16."""
     try:
         data = await open_store(runtime).get(dl_id)
     except KeyError:
         print(f"pop3-connector: no dead letter {dl_id!r}", file=err)
         return EX_FAILED
-    out.write(data)
-    out.flush()
+    if eml is None:
+        out.write(data)
+        out.flush()
+        return EX_OK
+    try:
+        await asyncio.to_thread(_write_private, eml, data)
+    except OSError as exc:
+        print(f"pop3-connector: cannot write {eml}: {exc.strerror or exc}", file=err)
+        return EX_FAILED
+    print(f"{dl_id}: written to {eml} ({len(data)} bytes)", file=err)
     return EX_OK
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    # Mail is private: owner-only, as the dead-letter store itself (README "Permissions").
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 async def dead_letters_purge(

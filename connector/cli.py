@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     dl_list.add_argument("--json", action="store_true", help="as JSON")
     dl_show = dl_sub.add_parser("show", help="print a dead letter as stored")
     dl_show.add_argument("id", metavar="ID")
+    dl_show.add_argument(
+        "--eml",
+        metavar="FILE",
+        type=Path,
+        help="write it to FILE instead (a .eml file that Outlook and other mail clients open)",
+    )
     requeue = dl_sub.add_parser(
         "requeue",
         help="deliver a dead letter (or a selection) again, without our headers, once the cause "
@@ -292,7 +298,9 @@ def _dead_letters(args: argparse.Namespace, runtime: Runtime) -> int:
         case "show":
             sys.stdout.flush()
             return runloop.run(
-                admin.dead_letters_show(runtime, args.id, out=sys.stdout.buffer, err=sys.stderr)
+                admin.dead_letters_show(
+                    runtime, args.id, out=sys.stdout.buffer, err=sys.stderr, eml=args.eml
+                )
             )
         case "requeue":
             return runloop.run(

@@ -222,3 +222,29 @@ def test_requeue_needs_an_id_or_a_selection_not_both(
             bench.run("dead-letters", "requeue", *args)
         assert exc.value.code == 2
     assert "either an ID or" in capsys.readouterr().err
+
+
+def test_show_writes_an_eml_file_for_outlook(
+    bench: Bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``dead-letters show ID --eml FILE``: the stored bytes (our header lines on top, then the
+    original message), owner-only, written by us rather than by a shell redirection (Windows
+    PowerShell 5.1's ``>`` writes UTF-16)."""
+    dl_id = bench.put("x", "info", "data", dt.timedelta(hours=1))
+    capsys.readouterr()
+    assert bench.run("dead-letters", "show", dl_id) == 0
+    stored = capsys.readouterr().out.encode()
+    eml = tmp_path / "refused.eml"
+    eml.write_bytes(b"an older export, replaced")
+    assert bench.run("dead-letters", "show", dl_id, "--eml", str(eml)) == 0
+    assert f"written to {eml}" in capsys.readouterr().err
+    data = eml.read_bytes()
+    assert data == stored
+    assert data.startswith(b"X-POP3-Connector-Account: info\r\n")
+    assert data.endswith(raw("x"))
+    fresh = tmp_path / "fresh.eml"
+    assert bench.run("dead-letters", "show", dl_id, "--eml", str(fresh)) == 0
+    assert fresh.stat().st_mode & 0o077 == 0  # a new file is owner-only
+    missing = tmp_path / "missing.eml"
+    assert bench.run("dead-letters", "show", "no-such-id", "--eml", str(missing)) == 1
+    assert not missing.exists()
