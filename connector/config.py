@@ -1184,7 +1184,7 @@ def port_tls_warnings(settings: Settings) -> list[str]:
         if ep.tls == "implicit" and ep.port in _PLAIN_PORTS[protocol]:
             # The IMAP store has no STARTTLS (aioimaplib): plain IMAP is "none".
             other = "none" if protocol == "imap" else "starttls"
-            default = ' (tls is "implicit" unless set)' if isinstance(ep, AccountConfig) else ""
+            default = "" if "tls" in ep.model_fields_set else " (the default: tls is not set)"
             warnings.append(
                 f"{where}.port: {ep.port} speaks plain text (STARTTLS at most), but tls = "
                 f'"implicit"{default} starts with a TLS handshake; use port {implicit_port}, '

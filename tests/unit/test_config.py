@@ -861,7 +861,7 @@ def test_group_access_by_our_own_group_is_no_warning(
         (
             "port = 110",  # tls left at its default, "implicit"
             'accounts[0] (name "info").port: 110 speaks plain text (STARTTLS at most), but '
-            'tls = "implicit" (tls is "implicit" unless set) starts with a TLS handshake; use '
+            'tls = "implicit" (the default: tls is not set) starts with a TLS handshake; use '
             'port 995, or tls = "starttls"',
         ),
         (
@@ -912,7 +912,7 @@ def test_warnings_imap_store_port_against_tls(tmp_path: Path) -> None:
     path = write(tmp_path, dl + MINIMAL)
     assert config_warnings(load_settings(path), path) == [
         'dead_letter.port: 143 speaks plain text (STARTTLS at most), but tls = "implicit" '
-        'starts with a TLS handshake; use port 993, or tls = "none"'
+        '(the default: tls is not set) starts with a TLS handshake; use port 993, or tls = "none"'
     ]
 
 
