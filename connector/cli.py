@@ -30,7 +30,7 @@ EX_SOFTWARE = 70
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
 DEFAULT_CONFIG = Path("/etc/pop3-connector/config.toml")
-# PRODUCT §7: X-POP3-Connector-Stage.
+# X-POP3-Connector-Stage (docs/design.md §7.1).
 DEAD_LETTER_STAGES = ("mail", "rcpt", "data", "size", "expired", "error")
 
 log = logging.getLogger("connector")

@@ -322,7 +322,7 @@ def _classify_delivery(exc: DeliveryError) -> Disposition:
         return Disposition.RETRY
     if cls == 5 and exc.smtp_code == 530:
         # RFC 4954 §6: "530 5.7.0 Authentication required" (Exchange: "530 5.7.1 Client was not
-        # authenticated") is what every sender gets, whatever the message (PRODUCT §6).
+        # authenticated") is what every sender gets, whatever the message (docs/design.md §6.1).
         return Disposition.PARK_ACCOUNT
     if cls == 5:
         return Disposition.DEAD_LETTER if exc.per_message else Disposition.PARK_ACCOUNT
