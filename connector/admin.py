@@ -12,15 +12,26 @@ the ``deliver_to`` of the account it came from; ``--to`` overrides both.  Accept
 from the store and recorded in the ledger as delivered.  Refused again: it stays, with the new
 reason; the new version is stored durably before the old one is removed, so a crash in between
 leaves two copies, never none.
+
+In bulk (``requeue --account/--stage/--since/--all``) the selected dead letters go oldest first
+through one SMTP session, and the batch stops at the first failure that is about our setup
+rather than the message (connect, TLS, AUTH, or what :func:`~connector.errors.classify` puts on
+the account: a 530, a refused ``deliver_to`` or relay): every dead letter after it would meet
+the same answer, and its refusal says nothing about any of them, so they stay as they are.
 """
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 from connector.deadletter import (
@@ -160,16 +171,36 @@ async def dead_letters_list(runtime: Runtime, *, as_json: bool, out: TextIO) -> 
     return EX_OK
 
 
-async def dead_letters_show(runtime: Runtime, dl_id: str, *, out: BinaryIO, err: TextIO) -> int:
-    """Write the stored message (our header lines, then the original) to ``out``."""
+async def dead_letters_show(
+    runtime: Runtime, dl_id: str, *, out: BinaryIO, err: TextIO, eml: Path | None = None
+) -> int:
+    """Write the stored message (our header lines, then the original) to ``out``, or to the
+    file ``eml``: a message file Outlook and other mail clients open (RFC 5322; our
+    ``X-POP3-Connector-*`` lines are header fields like any other).  A file, not a shell
+    redirection: Windows PowerShell 5.1's ``>`` re-encodes the bytes as UTF-16."""
     try:
         data = await open_store(runtime).get(dl_id)
     except KeyError:
         print(f"pop3-connector: no dead letter {dl_id!r}", file=err)
         return EX_FAILED
-    out.write(data)
-    out.flush()
+    if eml is None:
+        out.write(data)
+        out.flush()
+        return EX_OK
+    try:
+        await asyncio.to_thread(_write_private, eml, data)
+    except OSError as exc:
+        print(f"pop3-connector: cannot write {eml}: {exc.strerror or exc}", file=err)
+        return EX_FAILED
+    print(f"{dl_id}: written to {eml} ({len(data)} bytes)", file=err)
     return EX_OK
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    # Mail is private: owner-only, as the dead-letter store itself (README "Permissions").
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 async def dead_letters_purge(
@@ -197,55 +228,255 @@ async def dead_letters_purge(
     return EX_OK
 
 
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which dead letters a bulk ``requeue`` takes.  Every criterion given must hold (AND);
+    none given (``--all``) takes them all.  ``since``: failed at or after this instant."""
+
+    accounts: tuple[str, ...] = ()
+    stages: tuple[str, ...] = ()
+    since: datetime | None = None
+
+    def matches(self, record: DeadLetterRecord) -> bool:
+        """Whether ``record`` is selected."""
+        return (
+            (not self.accounts or record.account in self.accounts)
+            and (not self.stages or record.stage in self.stages)
+            and (self.since is None or record.failed_at >= self.since)
+        )
+
+
+class Outcome(enum.Enum):
+    """What became of one dead letter in a requeue."""
+
+    DELIVERED = "delivered"
+    PARTIAL = "partly delivered"  # to some; a new dead letter names the others
+    REFUSED_AGAIN = "refused again"  # kept, with the new reason
+    UNCHANGED = "not delivered"  # a temporary refusal, or our setup failed: kept as it was
+    NOT_ATTEMPTED = "not attempted"
+    GONE = "gone"  # removed meanwhile (a purge, another requeue, a mail client)
+
+
+@dataclass(frozen=True, slots=True)
+class _Result:
+    outcome: Outcome
+    text: str  # one line, without the "pop3-connector: " prefix
+    setup_failed: bool = False  # the batch must stop here
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """One dead letter, read and ready to send: its original bytes and whom they go to."""
+
+    info: DeadLetterInfo
+    original: bytes
+    recipients: tuple[str, ...]  # () when no recipient is known (see ``problem``)
+    problem: str | None  # why it cannot be sent as it is
+
+
+async def _plan(
+    runtime: Runtime, store: DeadLetterArchive, dl_id: str, to: Sequence[str] | None
+) -> _Plan | _Result:
+    try:
+        stored = await store.get(dl_id)
+    except KeyError:
+        return _Result(Outcome.GONE, f"no dead letter {dl_id!r}")
+    parsed = parse_dead_letter_headers(stored)
+    if parsed is None:
+        return _Result(
+            Outcome.NOT_ATTEMPTED, f"{dl_id}: not attempted: no X-POP3-Connector-* header lines"
+        )
+    info, _ = parsed
+    original = strip_dead_letter_headers(stored)
+    if to:
+        return _Plan(info, original, tuple(to), None)
+    if info.recipients:
+        # A shared mailbox's message, or a copy for the recipients that refused it: to them.
+        return _Plan(info, original, info.recipients, None)
+    spec = next((s for s in runtime.accounts if s.name == info.account), None)
+    if spec is None:
+        problem = (
+            f"account {info.account!r} is not configured (or disabled); "
+            "give the recipient with --to ADDR"
+        )
+        return _Plan(info, original, (), problem)
+    return _Plan(info, original, spec.deliver_to, None)
+
+
+class _History:
+    """The ledger, opened on first use and kept for a whole batch.  Without a ledger (the
+    store came from elsewhere) there is no history to write."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._path = runtime.ledger_path
+        self._ledger: Ledger | None = None
+
+    async def _open(self) -> Ledger | None:
+        if self._ledger is None and self._path.exists():
+            self._ledger = await Ledger.open(self._path)
+        return self._ledger
+
+    async def record(
+        self,
+        info: DeadLetterInfo,
+        size: int,
+        response: str,
+        when: float,
+        dead_letter_id: str | None,
+    ) -> None:
+        """``delivered``, or ``dead_lettered`` again under the new id."""
+        ledger = await self._open()
+        if ledger is None:
+            return
+        if dead_letter_id is None:
+            await ledger.record_delivered(info.account, info.uidl, size, response, when)
+        else:
+            await ledger.record_dead_lettered(
+                info.account, info.uidl, size, response, when, dead_letter_id=dead_letter_id
+            )
+
+    async def close(self) -> None:
+        if self._ledger is not None:
+            await self._ledger.close()
+
+
+def _about_our_setup(exc: DeliveryError) -> bool:
+    """A failure that the next dead letter would meet just the same: the session could not
+    be set up (connect, TLS, EHLO, AUTH), or :func:`classify` puts the refusal on our setup
+    (a 530, a fixed recipient or ``--to`` refused, relay denied)."""
+    return exc.stage.is_setup or classify(exc) is Disposition.PARK_ACCOUNT
+
+
 async def dead_letters_requeue(
     runtime: Runtime,
-    dl_id: str,
+    dl_id: str | None,
     *,
     to: Sequence[str] | None,
     out: TextIO,
     err: TextIO,
+    selection: Selection | None = None,
+    dry_run: bool = False,
     now: float | None = None,
 ) -> int:
-    """Deliver a dead letter again (see the module docstring).  0 delivered, 1 otherwise."""
+    """Deliver one dead letter (``dl_id``) or every one ``selection`` takes, again, oldest
+    first, through one SMTP session (see the module docstring).
+
+    A batch stops at the first failure of our own setup: the dead letters after it are not
+    attempted (nothing about them is known), and the command can simply be run again once
+    the setup is fixed.  ``dry_run`` lists what would be sent and sends nothing.
+    0 when every one was delivered; 1 when any was refused, not delivered or not attempted.
+    """
     store = open_store(runtime)
-    try:
-        stored = await store.get(dl_id)
-    except KeyError:
-        print(f"pop3-connector: no dead letter {dl_id!r}", file=err)
-        return EX_FAILED
-    parsed = parse_dead_letter_headers(stored)
-    if parsed is None:
-        print(f"pop3-connector: {dl_id} has no X-POP3-Connector-* header lines", file=err)
-        return EX_FAILED
-    info, _ = parsed
-    original = strip_dead_letter_headers(stored)
-    if to:
-        recipients = tuple(to)
-    elif info.recipients:
-        # A shared mailbox's message, or a copy for the recipients that refused it: to them.
-        recipients = info.recipients
+    if dl_id is not None:
+        ids = [dl_id]
     else:
-        spec = next((s for s in runtime.accounts if s.name == info.account), None)
-        if spec is None:
-            print(
-                f"pop3-connector: account {info.account!r} of {dl_id} is not configured "
-                "(or disabled); give the recipient with --to ADDR",
-                file=err,
-            )
-            return EX_FAILED
-        recipients = spec.deliver_to
-    policy = runtime.policy
-    sender, sender_fixed = envelope_sender(original, policy.sender_policy, policy.fixed_sender)
-    envelope = Envelope(sender, recipients, sender_fixed=sender_fixed)
+        chosen = selection if selection is not None else Selection()
+        ids = [r.id for r in await store.list() if chosen.matches(r)]
+        if not ids:
+            print(f"no dead letters selected in {runtime.dead_letter_where}", file=out)
+            return EX_OK
+    if dry_run:
+        return await _dry_run(runtime, store, ids, to, out=out, err=err, single=dl_id is not None)
+
+    single = dl_id is not None
+    counts = dict.fromkeys(Outcome, 0)
+    history = _History(runtime)
     deliverer = SmtpDeliverer(
         runtime.smtp, transcript=SMTP_TRANSCRIPT if runtime.transcripts else None
     )
     try:
-        delivered = await deliverer.deliver(original, envelope)
-    except DeliveryError as exc:
-        return await _refused_again(runtime, store, dl_id, info, original, exc, err, now)
+        for done, current in enumerate(ids):
+            result = await _requeue_one(runtime, store, deliverer, history, current, to, now)
+            counts[result.outcome] += 1
+            if single:
+                ok = result.outcome is Outcome.DELIVERED
+                print(
+                    result.text if ok else f"pop3-connector: {result.text}", file=out if ok else err
+                )
+                break
+            gone = result.outcome is Outcome.GONE
+            print(f"{current}: gone (removed meanwhile)" if gone else result.text, file=out)
+            if result.setup_failed:
+                rest = ids[done + 1 :]
+                for other in rest:
+                    print(f"{other}: not attempted", file=out)
+                counts[Outcome.NOT_ATTEMPTED] += len(rest)
+                print(
+                    f"pop3-connector: stopped at {current}: the SMTP setup failed, not the "
+                    f"message; {len(rest)} dead letter(s) not attempted.  Fix [smtp] or the "
+                    "receive connector (pop3-connector check --connect), then run the same "
+                    "command again.",
+                    file=err,
+                )
+                break
     finally:
         await deliverer.close()
+        await history.close()
+    if not single:
+        summary = ", ".join(f"{n} {o.value}" for o, n in counts.items() if n)
+        print(f"requeue: {summary}", file=out)
+    failed = sum(n for o, n in counts.items() if o not in (Outcome.DELIVERED, Outcome.GONE))
+    if single and counts[Outcome.GONE]:
+        failed += 1  # the one ID asked for does not exist
+    return EX_FAILED if failed else EX_OK
+
+
+async def _dry_run(
+    runtime: Runtime,
+    store: DeadLetterArchive,
+    ids: Sequence[str],
+    to: Sequence[str] | None,
+    *,
+    out: TextIO,
+    err: TextIO,
+    single: bool,
+) -> int:
+    """List what a real run would send: id, account, stage, recipients, size.  Sends nothing,
+    changes nothing."""
+    rows: list[list[str]] = []
+    unsendable = 0
+    for dl_id in ids:
+        plan = await _plan(runtime, store, dl_id, to)
+        if isinstance(plan, _Result):
+            if single:
+                print(f"pop3-connector: {plan.text}", file=err)
+                return EX_FAILED
+            continue  # gone meanwhile, or not one of ours: a real run would not send it
+        recipients = (
+            ", ".join(plan.recipients) if plan.problem is None else "- (" + plan.problem + ")"
+        )
+        unsendable += plan.problem is not None
+        rows.append(
+            [dl_id, plan.info.account, plan.info.stage, recipients, str(len(plan.original))]
+        )
+    print(format_table(["ID", "ACCOUNT", "STAGE", "RECIPIENTS", "SIZE"], rows), file=out)
+    print(f"dry run: {len(rows)} dead letter(s) would be requeued; nothing sent", file=out)
+    return EX_FAILED if unsendable else EX_OK
+
+
+async def _requeue_one(
+    runtime: Runtime,
+    store: DeadLetterArchive,
+    deliverer: SmtpDeliverer,
+    history: _History,
+    dl_id: str,
+    to: Sequence[str] | None,
+    now: float | None,
+) -> _Result:
+    plan = await _plan(runtime, store, dl_id, to)
+    if isinstance(plan, _Result):
+        return plan
+    if plan.problem is not None:
+        return _Result(Outcome.NOT_ATTEMPTED, f"{dl_id}: not attempted: {plan.problem}")
+    info, original, recipients = plan.info, plan.original, plan.recipients
+    policy = runtime.policy
+    sender, sender_fixed = envelope_sender(original, policy.sender_policy, policy.fixed_sender)
+    envelope = Envelope(sender, recipients, sender_fixed=sender_fixed)
+    try:
+        delivered = await deliverer.deliver(original, envelope)
+    except DeliveryError as exc:
+        return await _refused_again(store, history, dl_id, info, original, exc, now)
+    when = time.time() if now is None else now
 
     if delivered.refused:
         # Accepted for some, refused (temporarily: a permanent refusal of one of the recipients
@@ -253,7 +484,6 @@ async def dead_letters_requeue(
         # new dead letter names only the others; it is stored before the old one goes.
         refused = tuple(delivered.refused)
         summary = "; ".join(f"<{r}> {why}" for r, why in delivered.refused.items())
-        when = time.time() if now is None else now
         new_id = await store.put(
             original,
             DeadLetterInfo(
@@ -267,12 +497,11 @@ async def dead_letters_requeue(
         )
         await store.remove(dl_id)
         accepted = [r for r in recipients if r not in delivered.refused]
-        print(
-            f"pop3-connector: {dl_id} delivered to {', '.join(accepted)} only; refused by "
+        return _Result(
+            Outcome.PARTIAL,
+            f"{dl_id}: partly delivered: to {', '.join(accepted)} only; refused by "
             f"{summary}; kept for {', '.join(refused)} as {new_id}",
-            file=err,
         )
-        return EX_FAILED
 
     await store.remove(dl_id)
     log.info(
@@ -283,54 +512,33 @@ async def dead_letters_requeue(
         delivered.response,
     )
     try:
-        await _record(runtime, info, len(original), delivered.response, now, None)
+        await history.record(info, len(original), delivered.response, when, None)
     except LedgerError as exc:
         # Delivered and out of the store: the ledger row is only the history.
         log.warning("%s delivered, but the ledger was not updated: %s", dl_id, exc)
-    print(f"{dl_id}: delivered to {', '.join(recipients)}: {delivered.response}", file=out)
-    return EX_OK
-
-
-async def _record(
-    runtime: Runtime,
-    info: DeadLetterInfo,
-    size: int,
-    response: str,
-    now: float | None,
-    dead_letter_id: str | None,
-) -> None:
-    """The requeue's result in the ledger: ``delivered``, or ``dead_lettered`` again under the
-    new id.  Nothing to do without a ledger (the store came from elsewhere)."""
-    if not runtime.ledger_path.exists():
-        return
-    when = time.time() if now is None else now
-    ledger = await Ledger.open(runtime.ledger_path)
-    try:
-        if dead_letter_id is None:
-            await ledger.record_delivered(info.account, info.uidl, size, response, when)
-        else:
-            await ledger.record_dead_lettered(
-                info.account, info.uidl, size, response, when, dead_letter_id=dead_letter_id
-            )
-    finally:
-        await ledger.close()
+    return _Result(
+        Outcome.DELIVERED, f"{dl_id}: delivered to {', '.join(recipients)}: {delivered.response}"
+    )
 
 
 async def _refused_again(
-    runtime: Runtime,
     store: DeadLetterArchive,
+    history: _History,
     dl_id: str,
     info: DeadLetterInfo,
     original: bytes,
     exc: DeliveryError,
-    err: TextIO,
     now: float | None,
-) -> int:
-    if exc.stage.is_setup or classify(exc) is not Disposition.DEAD_LETTER:
-        # Our own setup failed (connect, TLS, AUTH, a refused --to), or the refusal was only
-        # temporary: nothing final was said about this message, so its recorded reason stays.
-        print(f"pop3-connector: {dl_id} not delivered, unchanged: {exc}", file=err)
-        return EX_FAILED
+) -> _Result:
+    if _about_our_setup(exc):
+        # Our own setup failed (connect, TLS, AUTH, a 530, a refused --to): nothing was said
+        # about this message, so its recorded reason stays.
+        return _Result(
+            Outcome.UNCHANGED, f"{dl_id}: not delivered, unchanged: {exc}", setup_failed=True
+        )
+    if classify(exc) is not Disposition.DEAD_LETTER:
+        # Only temporary: nothing final was said either; the next dead letter may go through.
+        return _Result(Outcome.UNCHANGED, f"{dl_id}: not delivered, unchanged: {exc}")
     when = time.time() if now is None else now
     new_info = DeadLetterInfo(
         account=info.account,
@@ -352,11 +560,10 @@ async def _refused_again(
         new_id,
     )
     try:
-        await _record(runtime, info, len(original), exc.response, when, new_id)
+        await history.record(info, len(original), exc.response, when, new_id)
     except LedgerError as lexc:
         log.warning("%s kept as %s, but the ledger was not updated: %s", dl_id, new_id, lexc)
-    print(
-        f"pop3-connector: {dl_id} refused again ({exc}); kept as {new_id} with the new reason",
-        file=err,
+    return _Result(
+        Outcome.REFUSED_AGAIN,
+        f"{dl_id}: refused again ({exc}); kept as {new_id} with the new reason",
     )
-    return EX_FAILED

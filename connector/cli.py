@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,8 @@ EX_SOFTWARE = 70
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
 DEFAULT_CONFIG = Path("/etc/pop3-connector/config.toml")
+# X-POP3-Connector-Stage (docs/design.md §7.1).
+DEAD_LETTER_STAGES = ("mail", "rcpt", "data", "size", "expired", "error")
 
 log = logging.getLogger("connector")
 
@@ -88,6 +91,24 @@ def _age(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _since(text: str) -> datetime:
+    """``--since``: an age (``7d``, ``12h``: failed that long ago or less) or a date or time in
+    UTC (``2026-11-27``, ``2026-11-27T15:00``), as ``dead-letters list`` shows them."""
+    from connector.config import parse_duration
+
+    try:
+        return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
+    except (ValueError, OverflowError):
+        pass
+    try:
+        when = datetime.fromisoformat(text.strip().replace(" ", "T", 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            'expected an age like "7d" or "12h", or a UTC date like 2026-11-27 or 2026-11-27T15:00'
+        ) from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pop3-connector",
@@ -121,10 +142,40 @@ def build_parser() -> argparse.ArgumentParser:
     dl_list.add_argument("--json", action="store_true", help="as JSON")
     dl_show = dl_sub.add_parser("show", help="print a dead letter as stored")
     dl_show.add_argument("id", metavar="ID")
-    requeue = dl_sub.add_parser(
-        "requeue", help="deliver a dead letter again (without our headers), once the cause is fixed"
+    dl_show.add_argument(
+        "--eml",
+        metavar="FILE",
+        type=Path,
+        help="write it to FILE instead (a .eml file that Outlook and other mail clients open)",
     )
-    requeue.add_argument("id", metavar="ID")
+    requeue = dl_sub.add_parser(
+        "requeue",
+        help="deliver a dead letter (or a selection) again, without our headers, once the cause "
+        "is fixed",
+    )
+    requeue.add_argument("id", metavar="ID", nargs="?", help="the one dead letter to requeue")
+    requeue.add_argument(
+        "--account", action="append", metavar="NAME", help="those of this account (repeatable)"
+    )
+    requeue.add_argument(
+        "--stage",
+        action="append",
+        choices=DEAD_LETTER_STAGES,
+        metavar="STAGE",
+        help=f"those refused at this stage: {', '.join(DEAD_LETTER_STAGES)} (repeatable)",
+    )
+    requeue.add_argument(
+        "--since",
+        type=_since,
+        metavar="AGE|DATE",
+        help='those that failed within AGE ("7d") or since DATE (UTC, "2026-11-27T15:00")',
+    )
+    requeue.add_argument(
+        "--all", action="store_true", help="every dead letter (the other options narrow it down)"
+    )
+    requeue.add_argument(
+        "--dry-run", action="store_true", help="list what would be sent; send nothing"
+    )
     requeue.add_argument(
         "--to",
         action="append",
@@ -162,7 +213,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "dead-letters" and args.dl_command == "requeue":
+        selecting = args.all or args.account or args.stage or args.since is not None
+        if args.id is not None and selecting:
+            parser.error("requeue: give either an ID or --account/--stage/--since/--all, not both")
+        if args.id is None and not selecting:
+            parser.error("requeue: give an ID, or select with --account/--stage/--since/--all")
     if args.command == "import-fetchmailrc":
         from connector.fetchmailrc import main as import_fetchmailrc
 
@@ -240,12 +298,24 @@ def _dead_letters(args: argparse.Namespace, runtime: Runtime) -> int:
         case "show":
             sys.stdout.flush()
             return runloop.run(
-                admin.dead_letters_show(runtime, args.id, out=sys.stdout.buffer, err=sys.stderr)
+                admin.dead_letters_show(
+                    runtime, args.id, out=sys.stdout.buffer, err=sys.stderr, eml=args.eml
+                )
             )
         case "requeue":
             return runloop.run(
                 admin.dead_letters_requeue(
-                    runtime, args.id, to=args.to, out=sys.stdout, err=sys.stderr
+                    runtime,
+                    args.id,
+                    to=args.to,
+                    out=sys.stdout,
+                    err=sys.stderr,
+                    selection=admin.Selection(
+                        accounts=tuple(args.account or ()),
+                        stages=tuple(args.stage or ()),
+                        since=args.since,
+                    ),
+                    dry_run=args.dry_run,
                 )
             )
         case "purge":
@@ -275,7 +345,7 @@ async def _once(runtime: Runtime, names: list[str] | None) -> int:
 
 
 async def _run(runtime: Runtime, settings: Settings, path: Path) -> int:
-    from connector.config import load_settings
+    from connector.config import load_settings, poll_interval_warnings
     from connector.http import HttpEndpoint
     from connector.metrics import Metrics
     from connector.service import build_runtime, open_service
@@ -319,6 +389,8 @@ async def _run(runtime: Runtime, settings: Settings, path: Path) -> int:
                 len(runtime.accounts),
                 runtime.state_dir,
             )
+            for warning in poll_interval_warnings(settings):
+                log.warning("%s", warning)
             await service.serve()
         finally:
             if endpoint is not None:

@@ -31,7 +31,7 @@ import shlex
 import socket
 import stat
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Final, Literal, Self
@@ -80,6 +80,8 @@ __all__ = [
     "load_settings",
     "parse_duration",
     "parse_size",
+    "poll_interval_warnings",
+    "port_tls_warnings",
     "render_settings",
 ]
 
@@ -319,7 +321,10 @@ class _Secretful(_Model):
             )
         if self.password_file is not None:
             try:
-                text = self.password_file.read_text(encoding="utf-8")
+                # UTF-8; "utf-8-sig" drops the byte-order mark that Windows editors and
+                # PowerShell 5.1's Set-Content -Encoding utf8 put first, which would otherwise
+                # become the password's first character.
+                text = self.password_file.read_text(encoding="utf-8-sig")
             except (OSError, UnicodeDecodeError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 if isinstance(exc, UnicodeDecodeError):
@@ -784,10 +789,105 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
     return path
 
 
-def format_validation_error(exc: ValidationError) -> list[str]:
-    """One line per error, ``key.path[0].name: message``; never an input value or a URL."""
+# Keys whose value is a secret, or may hold one (a token command's arguments): never shown.
+_SECRET_KEYS: Final = frozenset({"password", "oauth2_token_command"})
+_SHOWN_VALUE_MAX: Final = 60
+_ACCOUNT_PATH: Final = re.compile(r"accounts\[(\d+)\]")
+
+
+def _shown_value(err: Any, secrets: Collection[str]) -> str:
+    """`` (got VALUE)`` for the value an error is about, when that is safe to show: a plain
+    value (not a table), not under a secret key, not an unknown key (a misspelt ``pasword``
+    would hold the password), and not one of ``secrets`` nor a piece of one (a password pasted
+    into the wrong key).  TOML-quoted, control characters escaped, cut."""
+    value = err.get("input")
+    keys = {str(part) for part in err["loc"]}
+    key = (err.get("ctx") or {}).get("key")
+    if key:
+        keys.add(str(key).rsplit(".", 1)[-1])
+    if err["type"] == "extra_forbidden" or keys & _SECRET_KEYS:
+        return ""
+    match value:
+        case bool():
+            shown = "true" if value else "false"
+        case int() | float():
+            shown = repr(value)
+        case str():
+            if any(s in value or (len(value) >= 4 and value in s) for s in secrets if s):
+                return ""
+            text = value if len(value) <= _SHOWN_VALUE_MAX else value[:_SHOWN_VALUE_MAX] + "..."
+            shown = _toml_string(text)
+        case _:
+            return ""
+    return f" (got {shown})"
+
+
+def _with_account_name(path: str, names: Mapping[int, str]) -> str:
+    """``accounts[4].port`` -> ``accounts[4] (name "buchhaltung").port``: an index alone is
+    hard to find in a file of twenty accounts."""
+    m = _ACCOUNT_PATH.match(path)
+    if m is None or int(m[1]) not in names:
+        return path
+    name = names[int(m[1])]
+    name = name if len(name) <= _SHOWN_VALUE_MAX else name[:_SHOWN_VALUE_MAX] + "..."
+    return f"{m[0]} (name {_toml_string(name)}){path[m.end() :]}"
+
+
+def _account_names(data: Mapping[str, Any]) -> dict[int, str]:
+    """Each ``[[accounts]]`` table's ``name`` in the TOML, by index; none when the environment
+    replaces the list (``POP3_CONNECTOR_ACCOUNTS``), whose indexes the file does not know."""
+    if any(n.upper() == ENV_PREFIX + "ACCOUNTS" for n in os.environ):
+        return {}
+    accounts = data.get("accounts")
+    if not isinstance(accounts, list):
+        return {}
+    return {
+        i: a["name"]
+        for i, a in enumerate(accounts)
+        if isinstance(a, dict) and isinstance(a.get("name"), str)
+    }
+
+
+def _known_secrets(data: object) -> set[str]:
+    """Every secret the configuration gives: inline passwords, the variables ``password_env``
+    names and the ``POP3_CONNECTOR_*PASSWORD*`` overrides, the first line of each readable
+    ``password_file``.  Only to keep them out of error messages."""
+    found: set[str] = set()
+    match data:
+        case dict():
+            for key, value in data.items():
+                if key == "password" and isinstance(value, str):
+                    found.add(value)
+                elif key == "password_file" and isinstance(value, str):
+                    try:
+                        with open(value, encoding="utf-8-sig", errors="replace") as f:
+                            found.add(f.read(4096).strip("\r\n"))
+                    except OSError:
+                        pass
+                else:
+                    found |= _known_secrets(value)
+        case list():
+            for value in data:
+                found |= _known_secrets(value)
+    return found
+
+
+def _secrets_in(data: Mapping[str, Any]) -> set[str]:
+    env = {n.upper(): v for n, v in os.environ.items()}
+    names = _password_env_names(data)
+    names |= {n for n in env if n.startswith(ENV_PREFIX) and "PASSWORD" in n}
+    return _known_secrets(data) | {env[n] for n in names if n in env}
+
+
+def format_validation_error(
+    exc: ValidationError,
+    account_names: Mapping[int, str] | None = None,
+    secrets: Collection[str] = (),
+) -> list[str]:
+    """One line per error, ``key.path[0].name: message``, the bad value after it when it is
+    no secret (see :func:`_shown_value`), and an account's name next to its index."""
     lines: list[str] = []
-    for err in exc.errors(include_input=False, include_url=False):
+    for err in exc.errors(include_input=True, include_url=False):
         path = _key_path(err["loc"])
         msg = err["msg"]
         ctx = err.get("ctx") or {}
@@ -802,7 +902,10 @@ def format_validation_error(exc: ValidationError) -> list[str]:
             msg = "unknown key"
         elif msg.startswith("Value error, "):
             msg = msg.removeprefix("Value error, ")
-        lines.append(f"{path or '<config>'}: {msg}")
+        shown = _shown_value(err, secrets)
+        if not (shown and path.endswith("].name")):  # the name itself is the bad value
+            path = _with_account_name(path, account_names or {})
+        lines.append(f"{path or '<config>'}: {msg}{shown}")
     return lines
 
 
@@ -865,7 +968,8 @@ def load_settings(path: Path) -> Settings:
     try:
         settings = Settings()
     except ValidationError as exc:
-        raise ConfigError(unknown + format_validation_error(exc)) from None
+        problems = format_validation_error(exc, _account_names(data), _secrets_in(data))
+        raise ConfigError(unknown + problems) from None
     except SettingsError as exc:
         # Bad JSON in a variable such as POP3_CONNECTOR_ACCOUNTS; the message names the field.
         raise ConfigError([*unknown, f"environment: {exc}"]) from None
@@ -1051,4 +1155,72 @@ def config_warnings(settings: Settings, path: Path) -> list[str]:
         )
     if not any(a.enabled for a in settings.accounts):
         warnings.append("accounts: no account is enabled; run and once will do nothing")
+    return warnings + port_tls_warnings(settings) + poll_interval_warnings(settings)
+
+
+def _account_key(index: int, account: AccountConfig) -> str:
+    """``accounts[4] (name "buchhaltung")``, as the config errors name an account."""
+    return f"accounts[{index}] (name {_toml_string(account.name)})"
+
+
+# Well-known ports and the TLS they speak: implicit TLS from the first byte (RFC 8314 §3.3:
+# 995 POP3S, 465 submissions, 993 IMAPS), or plain text with an optional STARTTLS/STLS
+# (RFC 1939 110, RFC 5321 25, RFC 6409 587, RFC 3501 143).
+_IMPLICIT_PORTS: Final = {"pop3": 995, "smtp": 465, "imap": 993}
+_PLAIN_PORTS: Final = {"pop3": (110,), "smtp": (25, 587), "imap": (143,)}
+
+
+def port_tls_warnings(settings: Settings) -> list[str]:
+    """A well-known port set with the other kind of TLS: ``port = 110`` with the default
+    ``tls = "implicit"`` fails every handshake ("wrong version number"), ``port = 995`` with
+    ``tls = "starttls"`` waits for a greeting that never comes in clear text."""
+    endpoints: list[tuple[str, str, _Endpoint]] = [("smtp", "smtp", settings.smtp)]
+    if isinstance(settings.dead_letter, ImapDeadLetter):
+        endpoints.append(("dead_letter", "imap", settings.dead_letter))
+    endpoints += [(_account_key(i, a), "pop3", a) for i, a in enumerate(settings.accounts)]
+    warnings = []
+    for where, protocol, ep in endpoints:
+        implicit_port = _IMPLICIT_PORTS[protocol]
+        if ep.tls == "implicit" and ep.port in _PLAIN_PORTS[protocol]:
+            # The IMAP store has no STARTTLS (aioimaplib): plain IMAP is "none".
+            other = "none" if protocol == "imap" else "starttls"
+            default = "" if "tls" in ep.model_fields_set else " (the default: tls is not set)"
+            warnings.append(
+                f"{where}.port: {ep.port} speaks plain text (STARTTLS at most), but tls = "
+                f'"implicit"{default} starts with a TLS handshake; use port {implicit_port}, '
+                f'or tls = "{other}"'
+            )
+        elif ep.tls != "implicit" and ep.port == implicit_port:
+            warnings.append(
+                f"{where}.port: {ep.port} expects a TLS handshake first (implicit TLS), but "
+                f'tls = "{ep.tls}" waits for a greeting in plain text; use tls = "implicit"'
+            )
+    return warnings
+
+
+# RFC 2449 §6.8 LOGIN-DELAY: a server may ask for minutes between logins; and ``15`` is
+# seconds, where the SBS schedule said minutes.
+_MIN_SENSIBLE_POLL: Final = 60.0
+
+
+def poll_interval_warnings(settings: Settings) -> list[str]:
+    """A poll interval under a minute: most likely minutes written as a bare number, which is
+    seconds (``poll_interval = 15``).  For ``check`` and the log when ``run`` starts."""
+    warnings = []
+
+    def warn(where: str, seconds: float) -> None:
+        minutes = f"{seconds:g}m"
+        warnings.append(
+            f"{where}.poll_interval: {seconds:g} s, a login every {seconds:g} seconds; a bare "
+            f'number is seconds: for {seconds:g} minutes write "{minutes}".  Providers may '
+            "lock or refuse a mailbox polled this often (RFC 2449 LOGIN-DELAY)"
+        )
+
+    service = settings.service.poll_interval
+    if service < _MIN_SENSIBLE_POLL:
+        warn("service", service)
+    for i, account in enumerate(settings.accounts):
+        interval = settings.poll_interval_of(account)
+        if interval < _MIN_SENSIBLE_POLL and interval != service:
+            warn(_account_key(i, account), interval)
     return warnings

@@ -68,7 +68,13 @@ from aiosmtplib.protocol import (
 )
 from aiosmtplib.typing import Default
 
-from connector.errors import DeliveryError, SmtpStage, smtp_class, split_enhanced_code
+from connector.errors import (
+    DeliveryError,
+    SmtpStage,
+    smtp_class,
+    split_enhanced_code,
+    tls_reason_hint,
+)
 from connector.pop3.client import TlsMode
 
 __all__ = [
@@ -368,7 +374,9 @@ def delivery_error(
     if isinstance(tls_failure, ssl.SSLError):
         reason = getattr(tls_failure, "reason", None) or type(tls_failure).__name__
         if stage.is_setup:  # a handshake (implicit TLS or STARTTLS) that failed
-            return DeliveryError(SmtpStage.TLS, f"TLS handshake failed: {reason}")
+            # The implicit handshake happens while connecting (_session's CONNECT stage).
+            hint = tls_reason_hint(reason) if stage is SmtpStage.CONNECT else ""
+            return DeliveryError(SmtpStage.TLS, f"TLS handshake failed: {reason}{hint}")
         return DeliveryError(stage, f"connection lost (TLS: {reason})")
 
     match exc:

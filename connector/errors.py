@@ -49,6 +49,19 @@ class ConfigError(ConnectorError):
 # --------------------------------------------------------------------------------------------
 
 
+def tls_reason_hint(reason: str | None) -> str:
+    """What an OpenSSL handshake failure reason most likely means for an administrator, as a
+    suffix for the error text; empty when there is nothing to add.
+
+    ``WRONG_VERSION_NUMBER``: the first bytes back were no TLS record, typically the server's
+    plain-text greeting (``+OK``, ``220``) on a port that speaks TLS only after STLS/STARTTLS,
+    or not at all.  Only meaningful for implicit TLS, where we speak TLS first.
+    """
+    if reason == "WRONG_VERSION_NUMBER":
+        return " (the port speaks plain text: implicit TLS against a STARTTLS/plain port?)"
+    return ""
+
+
 class Pop3Error(ConnectorError):
     """Anything that went wrong talking to a POP3 server."""
 
@@ -307,6 +320,10 @@ def _classify_delivery(exc: DeliveryError) -> Disposition:
         if exc.security or cls == 5:
             return Disposition.PARK_ACCOUNT
         return Disposition.RETRY
+    if cls == 5 and exc.smtp_code == 530:
+        # RFC 4954 §6: "530 5.7.0 Authentication required" (Exchange: "530 5.7.1 Client was not
+        # authenticated") is what every sender gets, whatever the message (docs/design.md §6.1).
+        return Disposition.PARK_ACCOUNT
     if cls == 5:
         return Disposition.DEAD_LETTER if exc.per_message else Disposition.PARK_ACCOUNT
     # 4xx, 421, timeouts, drops, and any odd 2xx/3xx where a final answer was due: transient.

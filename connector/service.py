@@ -137,7 +137,8 @@ class OAuth2TokenSource:
 
     def _read(self, path: Path) -> str:
         try:
-            return path.read_text(encoding="utf-8")
+            # "utf-8-sig": a byte-order mark (Windows editors, PowerShell 5.1) is not the token's.
+            return path.read_text(encoding="utf-8-sig")
         except OSError as exc:
             raise ConfigError(f"{self.key}: cannot read {path}: {exc.strerror or exc}") from None
         except UnicodeDecodeError:

@@ -52,6 +52,7 @@ from connector.errors import (
     Pop3ResponseError,
     Pop3TimeoutError,
     Pop3TlsError,
+    tls_reason_hint,
 )
 from connector.pop3.protocol import (
     Capabilities,
@@ -204,10 +205,11 @@ def _describe(event: Event) -> str:
             return "[connection closed]"
 
 
-def _tls_failure(exc: BaseException) -> Pop3TlsError:
+def _tls_failure(exc: BaseException, *, implicit: bool = False) -> Pop3TlsError:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return Pop3TlsError(f"certificate not accepted: {exc.verify_message}")
-    return Pop3TlsError(f"TLS handshake failed: {exc}")
+    hint = tls_reason_hint(getattr(exc, "reason", None)) if implicit else ""
+    return Pop3TlsError(f"TLS handshake failed: {exc}{hint}")
 
 
 class Pop3Client:
@@ -286,7 +288,7 @@ class Pop3Client:
                     limit=_STREAM_LIMIT,
                 )
         except ssl.SSLError as exc:
-            raise _tls_failure(exc) from None
+            raise _tls_failure(exc, implicit=implicit) from None
         except TimeoutError:
             raise Pop3TimeoutError(
                 f"connect to {endpoint.host}:{endpoint.port} timed out"

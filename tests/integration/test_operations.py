@@ -334,10 +334,10 @@ def test_sighup_adds_an_account_and_a_broken_config_keeps_the_old(
         )
         proc.send_signal(signal.SIGHUP)
         assert log.wait_for("keeping the old configuration"), log.text()
-        assert log.wait_for("accounts[1].port"), log.text()
+        assert log.wait_for('accounts[1] (name "second").port'), log.text()
         text = log.text()
-        assert "accounts[0].colour" in text
-        assert "accounts[0].deliver_to" in text
+        assert 'accounts[0] (name "info").colour' in text
+        assert 'accounts[0] (name "info").deliver_to' in text
         assert password2 not in text
         assert http(base + "/healthz") == (200, b"ok\n")
 

@@ -112,9 +112,9 @@ def test_bad_config_exits_78_naming_each_key(
     )
     assert main(["--config", str(config), "once"]) == 78
     err = capsys.readouterr().err
-    assert "accounts[0].port" in err
-    assert "accounts[0].deliver_to" in err
-    assert "accounts[0].colour" in err
+    assert 'accounts[0] (name "a").port' in err
+    assert 'accounts[0] (name "a").deliver_to' in err
+    assert 'accounts[0] (name "a").colour' in err
     assert "hunter2-secret" not in err
     assert "Traceback" not in err
 

@@ -45,7 +45,7 @@ def expected(stage: SmtpStage, code: int, enhanced: str | None, per_message: boo
     permanent = (enhanced[0] == "5") if enhanced else (500 <= code < 600)
     if not permanent:
         return Disposition.RETRY
-    if stage in SETUP:
+    if stage in SETUP or code == 530:  # RFC 4954 §6: authentication required, of every sender
         return Disposition.PARK_ACCOUNT
     return Disposition.DEAD_LETTER if per_message else Disposition.PARK_ACCOUNT
 

@@ -202,7 +202,8 @@ def test_bad_json_in_env_is_a_config_error(tmp_path: Path, monkeypatch: pytest.M
 def test_env_validation_error_names_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POP3_CONNECTOR_SMTP__PORT", "abc")
     assert problems(tmp_path, MINIMAL) == [
-        "smtp.port: Input should be a valid integer, unable to parse string as an integer"
+        "smtp.port: Input should be a valid integer, unable to parse string as an integer "
+        '(got "abc")'
     ]
 
 
@@ -239,27 +240,34 @@ def test_password_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     [
         (
             f'password = "{SECRET}"\npassword_env = "PW"',
-            "accounts[0]: set only one of password, password_file, password_env "
+            'accounts[0] (name "info"): set only one of password, password_file, password_env '
             "(got password, password_env)",
         ),
         (
             'password_file = "/nonexistent/pw"\npassword_env = "PW"',
-            "accounts[0]: set only one of password, password_file, password_env "
+            'accounts[0] (name "info"): set only one of password, password_file, password_env '
             "(got password_file, password_env)",
         ),
-        ("", "accounts[0].password: required: set password, password_file or password_env"),
-        ('password = ""', "accounts[0].password: must not be empty"),
+        (
+            "",
+            'accounts[0] (name "info").password: '
+            "required: set password, password_file or password_env",
+        ),
+        ('password = ""', 'accounts[0] (name "info").password: must not be empty'),
         (
             'password_file = "/nonexistent/pw"',
-            "accounts[0].password_file: cannot read /nonexistent/pw: No such file or directory",
+            'accounts[0] (name "info").password_file: '
+            "cannot read /nonexistent/pw: No such file or directory",
         ),
         (
             'password_env = "POP3_TEST_UNSET_VARIABLE"',
-            "accounts[0].password_env: environment variable POP3_TEST_UNSET_VARIABLE is not set",
+            'accounts[0] (name "info").password_env: '
+            "environment variable POP3_TEST_UNSET_VARIABLE is not set",
         ),
         (
             'password_env = "NOT A NAME"',
-            "accounts[0].password_env: not a valid environment variable name",
+            'accounts[0] (name "info").password_env: not a valid environment variable name '
+            '(got "NOT A NAME")',
         ),
     ],
 )
@@ -270,18 +278,45 @@ def test_password_problems(tmp_path: Path, source: str, expected: str) -> None:
 def test_empty_password_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "pw").write_text("\n", encoding="utf-8")
     assert problems(tmp_path, with_password(f'password_file = "{tmp_path / "pw"}"')) == [
-        f"accounts[0].password_file: {tmp_path / 'pw'} is empty"
+        f'accounts[0] (name "info").password_file: {tmp_path / "pw"} is empty'
     ]
     monkeypatch.setenv("EMPTY_PW", "")
     assert problems(tmp_path, with_password('password_env = "EMPTY_PW"')) == [
-        "accounts[0].password_env: environment variable EMPTY_PW is empty"
+        'accounts[0] (name "info").password_env: environment variable EMPTY_PW is empty'
+    ]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        # Windows PowerShell 5.1: Set-Content -NoNewline -Encoding utf8 (a BOM, no line end)
+        b"\xef\xbb\xbf" + "Pässwort!".encode(),
+        # Notepad: a BOM and a CRLF
+        b"\xef\xbb\xbf" + "Pässwort!".encode() + b"\r\n",
+        # [IO.File]::WriteAllText(path, pw), or printf on Linux
+        "Pässwort!".encode(),
+        "Pässwort!\n".encode(),
+    ],
+)
+def test_password_file_is_utf8_and_a_byte_order_mark_is_dropped(
+    tmp_path: Path, content: bytes
+) -> None:
+    (tmp_path / "pw").write_bytes(content)
+    settings = load(tmp_path, with_password(f'password_file = "{tmp_path / "pw"}"'))
+    assert settings.accounts[0].secret() == "Pässwort!"
+
+
+def test_password_file_with_only_a_byte_order_mark_is_empty(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_bytes(b"\xef\xbb\xbf\r\n")
+    assert problems(tmp_path, with_password(f'password_file = "{tmp_path / "pw"}"')) == [
+        f'accounts[0] (name "info").password_file: {tmp_path / "pw"} is empty'
     ]
 
 
 def test_unreadable_password_file_names_the_key(tmp_path: Path) -> None:
     # A directory cannot be read as a file, even by root (the tests may run as root).
     assert problems(tmp_path, with_password(f'password_file = "{tmp_path}"')) == [
-        f"accounts[0].password_file: cannot read {tmp_path}: Is a directory"
+        f'accounts[0] (name "info").password_file: cannot read {tmp_path}: Is a directory'
     ]
 
 
@@ -408,7 +443,7 @@ def test_unknown_keys_are_named(tmp_path: Path) -> None:
     assert problems(tmp_path, text) == [
         "smtp.hots: unknown key",
         "dead_letter.pth: unknown key",
-        "accounts[0].secuirty: unknown key",
+        'accounts[0] (name "info").secuirty: unknown key',
         "servic: unknown key",
     ]
 
@@ -417,7 +452,7 @@ def test_unknown_keys_are_named(tmp_path: Path) -> None:
 def test_duplicate_account_names(tmp_path: Path, second: str) -> None:
     text = MINIMAL + ACCOUNT.replace('"info"', '"other"') + ACCOUNT.replace('"info"', f'"{second}"')
     assert problems(tmp_path, text) == [
-        "accounts[2].name: duplicate account name (also accounts[0])"
+        f'accounts[2] (name "{second}").name: duplicate account name (also accounts[0])'
     ]
 
 
@@ -428,8 +463,10 @@ def test_good_account_names(tmp_path: Path, name: str) -> None:
 
 @pytest.mark.parametrize("name", ["", "n" * 65, "has space", "a/b", "..", "ünï", "a:b"])
 def test_bad_account_names(tmp_path: Path, name: str) -> None:
+    shown = name if len(name) <= 60 else name[:60] + "..."
     assert problems(tmp_path, MINIMAL.replace('"info"', f'"{name}"', 1)) == [
-        "accounts[0].name: use 1-64 characters: letters, digits, '.', '_', '-' or '@'"
+        "accounts[0].name: use 1-64 characters: letters, digits, '.', '_', '-' or '@' "
+        f'(got "{shown}")'
     ]
 
 
@@ -500,9 +537,12 @@ def test_envelope_sender(tmp_path: Path, sender: str) -> None:
 @pytest.mark.parametrize("sender", ["<>", "", "nobody", "a b@x", "x@y\\r\\nRCPT TO:<z@w>"])
 def test_bad_envelope_sender(tmp_path: Path, sender: str) -> None:
     text = MINIMAL.replace("[smtp]", f'[smtp]\nenvelope_sender = "{sender}"')
-    assert problems(tmp_path, text) == [
-        'smtp.envelope_sender: expected "return-path", "null" or a mail address'
-    ]
+    (problem,) = problems(tmp_path, text)
+    assert problem.startswith(
+        'smtp.envelope_sender: expected "return-path", "null" or a mail address (got "'
+    )
+    assert "\r" not in problem
+    assert "\n" not in problem  # control characters escaped
 
 
 def test_several_problems_all_listed(tmp_path: Path) -> None:
@@ -531,20 +571,28 @@ deliver_to = ["info@firma.local", "not an address"]
 poll_interval = "7x"
 secuirty = "tls"
 """
+    # Each account is named next to its index, and a bad value is shown (never a secret, nor
+    # the value of an unknown key, which may be a misspelt password).
+    bad = 'accounts[1] (name "bad one")'
     assert problems(tmp_path, text) == [
-        "service.max_parallel_accounts: Input should be greater than or equal to 1",
-        "service.log_level: Input should be 'debug', 'info', 'warning' or 'error'",
+        "service.max_parallel_accounts: Input should be greater than or equal to 1 (got 0)",
+        "service.log_level: Input should be 'debug', 'info', 'warning' or 'error' "
+        '(got "verbose")',
         "smtp.host: Field required",
-        "smtp.port: Input should be a valid integer, unable to parse string as an integer",
-        "accounts[0].deliver_to: List should have at least 1 item after validation, not 0",
-        "accounts[1].host: Field required",
-        "accounts[1].port: Input should be less than or equal to 65535",
-        "accounts[1].tls: Input should be 'implicit', 'starttls' or 'none'",
-        "accounts[1].name: use 1-64 characters: letters, digits, '.', '_', '-' or '@'",
-        "accounts[1].deliver_to[1]: not a valid mail address (expected user@domain, ASCII, no <>)",
-        'accounts[1].poll_interval: expected a duration like "30s", "15m", "2h", "5d", '
-        '"1h30m" or seconds',
-        "accounts[1].secuirty: unknown key",
+        "smtp.port: Input should be a valid integer, unable to parse string as an integer "
+        '(got "twenty-five")',
+        'accounts[0] (name "ok").deliver_to: List should have at least 1 item after validation, '
+        "not 0",
+        f"{bad}.host: Field required",
+        f"{bad}.port: Input should be less than or equal to 65535 (got 70000)",
+        f"{bad}.tls: Input should be 'implicit', 'starttls' or 'none' (got \"ssl\")",
+        "accounts[1].name: use 1-64 characters: letters, digits, '.', '_', '-' or '@' "
+        '(got "bad one")',
+        f"{bad}.deliver_to[1]: not a valid mail address (expected user@domain, ASCII, no <>) "
+        '(got "not an address")',
+        f'{bad}.poll_interval: expected a duration like "30s", "15m", "2h", "5d", '
+        '"1h30m" or seconds (got "7x")',
+        f"{bad}.secuirty: unknown key",
     ]
 
 
@@ -610,6 +658,31 @@ def test_no_secret_from_files_or_env_in_errors(
     assert problems(tmp_path, text)
     monkeypatch.setenv("POP3_CONNECTOR_SMTP__PASSWORD", SECRET)  # without a username
     assert problems(tmp_path, MINIMAL)
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["poll_interval", "tls", "port", "deliver_to", "max_message_size", "auth"],
+)
+@pytest.mark.parametrize("source", ["env", "file", "smtp-env"])
+def test_a_secret_pasted_into_another_key_is_not_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str, source: str
+) -> None:
+    """Bad values are shown, but never a password that landed in the wrong key, whichever way
+    the password is given."""
+    (tmp_path / "pw").write_bytes(b"\xef\xbb\xbf" + SECRET.encode() + b"\r\n")
+    monkeypatch.setenv("PW", SECRET)
+    given = {
+        "env": 'password_env = "PW"',
+        "file": f'password_file = "{tmp_path / "pw"}"',
+        "smtp-env": f'password = "other-{SECRET[:3]}"',
+    }[source]
+    if source == "smtp-env":
+        monkeypatch.setenv("POP3_CONNECTOR_SMTP__PASSWORD", SECRET)
+    value = f'["{SECRET}"]' if key == "deliver_to" else f'"{SECRET}"'
+    text = with_password(given).replace('name = "info"', f'name = "info"\n{key} = {value}')
+    text = text.replace('deliver_to = ["info@firma.local"]\n', "") if key == "deliver_to" else text
+    assert problems(tmp_path, text)  # problems() asserts the secret is absent
 
 
 # --------------------------------------------------------------------------------------------
@@ -782,6 +855,86 @@ def test_group_access_by_our_own_group_is_no_warning(
     assert config_warnings(settings, path) == []
 
 
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        (
+            "port = 110",  # tls left at its default, "implicit"
+            'accounts[0] (name "info").port: 110 speaks plain text (STARTTLS at most), but '
+            'tls = "implicit" (the default: tls is not set) starts with a TLS handshake; use '
+            'port 995, or tls = "starttls"',
+        ),
+        (
+            'port = 995\ntls = "starttls"',
+            'accounts[0] (name "info").port: 995 expects a TLS handshake first (implicit TLS), '
+            'but tls = "starttls" waits for a greeting in plain text; use tls = "implicit"',
+        ),
+        (
+            'port = 995\ntls = "none"',
+            'accounts[0] (name "info").port: 995 expects a TLS handshake first (implicit TLS), '
+            'but tls = "none" waits for a greeting in plain text; use tls = "implicit"',
+        ),
+        ("port = 995", None),
+        ('port = 110\ntls = "starttls"', None),
+        ("port = 1995", None),  # not a well-known port: the admin knows best
+    ],
+)
+def test_warnings_pop3_port_against_tls(tmp_path: Path, setting: str, expected: str | None) -> None:
+    path = write(tmp_path, MINIMAL.replace('name = "info"', f'name = "info"\n{setting}'))
+    warnings = [w for w in config_warnings(load_settings(path), path) if ".port: " in w]
+    assert warnings == ([expected] if expected else [])
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        (
+            'port = 587\ntls = "implicit"',
+            'smtp.port: 587 speaks plain text (STARTTLS at most), but tls = "implicit" starts '
+            'with a TLS handshake; use port 465, or tls = "starttls"',
+        ),
+        (
+            "port = 465",  # tls left at its default, "starttls"
+            'smtp.port: 465 expects a TLS handshake first (implicit TLS), but tls = "starttls" '
+            'waits for a greeting in plain text; use tls = "implicit"',
+        ),
+        ("port = 587", None),
+        ('port = 465\ntls = "implicit"', None),
+    ],
+)
+def test_warnings_smtp_port_against_tls(tmp_path: Path, setting: str, expected: str | None) -> None:
+    path = write(tmp_path, MINIMAL.replace("[smtp]", f"[smtp]\n{setting}"))
+    assert config_warnings(load_settings(path), path) == ([expected] if expected else [])
+
+
+def test_warnings_imap_store_port_against_tls(tmp_path: Path) -> None:
+    dl = '[dead_letter]\nstore = "imap"\nhost = "h"\nusername = "u"\npassword = "p"\nport = 143\n'
+    path = write(tmp_path, dl + MINIMAL)
+    assert config_warnings(load_settings(path), path) == [
+        'dead_letter.port: 143 speaks plain text (STARTTLS at most), but tls = "implicit" '
+        '(the default: tls is not set) starts with a TLS handshake; use port 993, or tls = "none"'
+    ]
+
+
+def test_warnings_poll_interval_under_a_minute(tmp_path: Path) -> None:
+    """SBS said "every 15 minutes"; ``poll_interval = 15`` is fifteen seconds."""
+    text = MINIMAL.replace("[smtp]", "[service]\npoll_interval = 15\n\n[smtp]")
+    path = write(tmp_path, text)
+    assert config_warnings(load_settings(path), path) == [
+        "service.poll_interval: 15 s, a login every 15 seconds; a bare number is seconds: for "
+        '15 minutes write "15m".  Providers may lock or refuse a mailbox polled this often '
+        "(RFC 2449 LOGIN-DELAY)"
+    ]
+    # An account's own interval is named with the account; one inherited is not repeated.
+    text = MINIMAL + ACCOUNT.replace('"info"', '"sales"', 1) + 'poll_interval = "30s"\n'
+    path = write(tmp_path, text)
+    (warning,) = config_warnings(load_settings(path), path)
+    assert warning.startswith('accounts[1] (name "sales").poll_interval: 30 s, a login every')
+    for fine in ("60", '"1m"', '"15m"', "900"):
+        path = write(tmp_path, MINIMAL + f"poll_interval = {fine}\n")
+        assert config_warnings(load_settings(path), path) == []
+
+
 # --------------------------------------------------------------------------------------------
 # The example file
 # --------------------------------------------------------------------------------------------
@@ -852,7 +1005,9 @@ def test_models_can_be_built_directly(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("username", ["info firma", "info\tfirma", "in\x00fo"])
 def test_pop3_username_without_spaces_or_controls(tmp_path: Path, username: str) -> None:
     text = SMTP + ACCOUNT.replace('"info@firma.example"', json.dumps(username))
-    assert [p.split(":")[0] for p in problems(tmp_path, text)] == ["accounts[0].username"]
+    assert [p.split(":")[0] for p in problems(tmp_path, text)] == [
+        'accounts[0] (name "info").username'
+    ]
 
 
 def test_password_with_a_line_break_is_refused_without_echoing_it(tmp_path: Path) -> None:
@@ -860,7 +1015,7 @@ def test_password_with_a_line_break_is_refused_without_echoing_it(tmp_path: Path
     secret_file.write_text(f"{SECRET}\nsecond line\n")
     text = SMTP + ACCOUNT.replace(f'password = "{SECRET}"', f'password_file = "{secret_file}"')
     (problem,) = problems(tmp_path, text)
-    assert problem.startswith("accounts[0].password: must not contain a line break")
+    assert problem.startswith('accounts[0] (name "info").password: must not contain a line break')
     assert "second line" not in problem
 
 
@@ -895,10 +1050,10 @@ def test_leave_on_server_defaults(tmp_path: Path) -> None:
 
 def test_delete_after_without_leave_on_server_names_the_key(tmp_path: Path) -> None:
     assert problems(tmp_path, MINIMAL + 'delete_after = "7d"\n') == [
-        "accounts[0].delete_after: only meaningful with leave_on_server = true"
+        'accounts[0] (name "info").delete_after: only meaningful with leave_on_server = true'
     ]
     assert problems(tmp_path, MINIMAL + 'leave_on_server = false\ndelete_after = "1h"\n') == [
-        "accounts[0].delete_after: only meaningful with leave_on_server = true"
+        'accounts[0] (name "info").delete_after: only meaningful with leave_on_server = true'
     ]
 
 
@@ -948,4 +1103,4 @@ def test_parse_size_refuses(value: object) -> None:
 
 def test_bad_max_message_size_names_the_key(tmp_path: Path) -> None:
     (line,) = problems(tmp_path, MINIMAL + 'max_message_size = "lots"\n')
-    assert line.startswith("accounts[0].max_message_size: expected a size")
+    assert line.startswith('accounts[0] (name "info").max_message_size: expected a size')

@@ -168,76 +168,86 @@ def test_check_renders_a_shared_account(tmp_path: Path) -> None:
         pytest.param(
             "domains = []\n",
             [
-                "accounts[1].shared.domains: "
+                'accounts[1] (name "catchall").shared.domains: '
                 "List should have at least 1 item after validation, not 0"
             ],
             id="empty-domains",
         ),
         pytest.param(
             "header_recipients = true\n",
-            ["accounts[1].shared.domains: Field required"],
+            ['accounts[1] (name "catchall").shared.domains: Field required'],
             id="missing-domains",
         ),
         pytest.param(
             'domains = ["firma.example", "bad domain"]\n',
             [
-                "accounts[1].shared.domains[1]: "
-                "not a valid domain name (expected like firma.example, ASCII)"
+                'accounts[1] (name "catchall").shared.domains[1]: '
+                'not a valid domain name (expected like firma.example, ASCII) (got "bad domain")'
             ],
             id="bad-domain",
         ),
         pytest.param(
             'domains = ["münchen.example"]\n',
             [
-                "accounts[1].shared.domains[0]: "
+                'accounts[1] (name "catchall").shared.domains[0]: '
                 "not a valid domain name (expected like firma.example, ASCII)"
+                ' (got "münchen.example")'
             ],
             id="non-ascii-domain",
         ),
         pytest.param(
             'domains = ["firma.example"]\nrewrite_domain = "firma local"\n',
             [
-                "accounts[1].shared.rewrite_domain: "
-                "not a valid domain name (expected like firma.example, ASCII)"
+                'accounts[1] (name "catchall").shared.rewrite_domain: '
+                'not a valid domain name (expected like firma.example, ASCII) (got "firma local")'
             ],
             id="bad-rewrite-domain",
         ),
         pytest.param(
             'domains = ["firma.example"]\nrewrite_domain = "@firma.local"\n',
             [
-                "accounts[1].shared.rewrite_domain: "
-                "not a valid domain name (expected like firma.example, ASCII)"
+                'accounts[1] (name "catchall").shared.rewrite_domain: '
+                'not a valid domain name (expected like firma.example, ASCII) (got "@firma.local")'
             ],
             id="rewrite-domain-with-at",
         ),
         pytest.param(
             'domains = ["firma.example"]\nenvelope_headers = ["Delivered To"]\n',
-            ["accounts[1].shared.envelope_headers[0]: not a header field name (like Delivered-To)"],
+            [
+                'accounts[1] (name "catchall").shared.envelope_headers[0]: '
+                "not a header field name (like Delivered-To)"
+                ' (got "Delivered To")'
+            ],
             id="bad-envelope-header",
         ),
         pytest.param(
             'domains = ["firma.example"]\nenvelope_headers = ["Delivered-To:"]\n',
-            ["accounts[1].shared.envelope_headers[0]: not a header field name (like Delivered-To)"],
+            [
+                'accounts[1] (name "catchall").shared.envelope_headers[0]: '
+                "not a header field name (like Delivered-To)"
+                ' (got "Delivered-To:")'
+            ],
             id="envelope-header-with-colon",
         ),
         pytest.param(
             'domains = ["firma.example"]\ndomain = "typo"\n',
-            ["accounts[1].shared.domain: unknown key"],
+            ['accounts[1] (name "catchall").shared.domain: unknown key'],
             id="unknown-key",
         ),
         pytest.param(
             'domains = ["firma.example"]\nduplicate_window = "forever"\n',
             [
-                "accounts[1].shared.duplicate_window: "
+                'accounts[1] (name "catchall").shared.duplicate_window: '
                 'expected a duration like "30s", "15m", "2h", "5d", "1h30m" or seconds'
+                ' (got "forever")'
             ],
             id="bad-duplicate-window",
         ),
         pytest.param(
             'domains = ["firma.example"]\nheader_recipients = "maybe"\n',
             [
-                "accounts[1].shared.header_recipients: "
-                "Input should be a valid boolean, unable to interpret input"
+                'accounts[1] (name "catchall").shared.header_recipients: '
+                'Input should be a valid boolean, unable to interpret input (got "maybe")'
             ],
             id="bad-bool",
         ),
@@ -257,23 +267,32 @@ _PATTERN_HINT = (
     [
         pytest.param(
             'match = "no-at-sign"\ndeliver_to = ["x@firma.local"]',
-            [f"accounts[1].shared.rules[1].match: {_PATTERN_HINT}"],
+            [
+                f'accounts[1] (name "catchall").shared.rules[1].match: {_PATTERN_HINT}'
+                ' (got "no-at-sign")'
+            ],
             id="pattern-without-at",
         ),
         pytest.param(
             'match = "a b@firma.example"\ndeliver_to = ["x@firma.local"]',
-            [f"accounts[1].shared.rules[1].match: {_PATTERN_HINT}"],
+            [
+                f'accounts[1] (name "catchall").shared.rules[1].match: {_PATTERN_HINT}'
+                ' (got "a b@firma.example")'
+            ],
             id="pattern-with-space",
         ),
         pytest.param(
             'match = "<a@firma.example>"\ndeliver_to = ["x@firma.local"]',
-            [f"accounts[1].shared.rules[1].match: {_PATTERN_HINT}"],
+            [
+                f'accounts[1] (name "catchall").shared.rules[1].match: {_PATTERN_HINT}'
+                ' (got "<a@firma.example>")'
+            ],
             id="pattern-with-brackets",
         ),
         pytest.param(
             'match = "a@firma.example"\ndeliver_to = []',
             [
-                "accounts[1].shared.rules[1].deliver_to: "
+                'accounts[1] (name "catchall").shared.rules[1].deliver_to: '
                 "List should have at least 1 item after validation, not 0"
             ],
             id="empty-deliver-to",
@@ -281,19 +300,20 @@ _PATTERN_HINT = (
         pytest.param(
             'match = "a@firma.example"\ndeliver_to = ["ok@firma.local", "not an address"]',
             [
-                "accounts[1].shared.rules[1].deliver_to[1]: "
+                'accounts[1] (name "catchall").shared.rules[1].deliver_to[1]: '
                 "not a valid mail address (expected user@domain, ASCII, no <>)"
+                ' (got "not an address")'
             ],
             id="bad-deliver-to",
         ),
         pytest.param(
             'deliver_to = ["x@firma.local"]',
-            ["accounts[1].shared.rules[1].match: Field required"],
+            ['accounts[1] (name "catchall").shared.rules[1].match: Field required'],
             id="missing-match",
         ),
         pytest.param(
             'match = "a@firma.example"\ndeliver_to = ["x@firma.local"]\nto = "y"',
-            ["accounts[1].shared.rules[1].to: unknown key"],
+            ['accounts[1] (name "catchall").shared.rules[1].to: unknown key'],
             id="unknown-rule-key",
         ),
     ],
@@ -313,9 +333,9 @@ def test_several_shared_problems_all_listed(tmp_path: Path) -> None:
         '[[accounts.shared.rules]]\nmatch = "nope"\ndeliver_to = ["a@b"]\n'
     )
     assert [p.split(":")[0] for p in problems(tmp_path, text)] == [
-        "accounts[1].shared.domains[1]",
-        "accounts[1].shared.rewrite_domain",
-        "accounts[1].shared.rules[0].match",
+        'accounts[1] (name "catchall").shared.domains[1]',
+        'accounts[1] (name "catchall").shared.rewrite_domain',
+        'accounts[1] (name "catchall").shared.rules[0].match',
     ]
 
 
@@ -326,5 +346,6 @@ def test_oversize_accepts_only_dead_letter_or_leave(tmp_path: Path, oversize: st
         f'deliver_to = ["info@firma.local"]\noversize = "{oversize}"',
     )
     assert problems(tmp_path, text) == [
-        "accounts[0].oversize: Input should be 'dead-letter' or 'leave'"
+        f"accounts[0] (name \"info\").oversize: Input should be 'dead-letter' or 'leave' "
+        f'(got "{oversize}")'
     ]

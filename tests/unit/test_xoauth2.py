@@ -212,6 +212,12 @@ async def test_token_file_is_read_again_for_every_login(tmp_path: Path) -> None:
             await pop.stat()
 
 
+async def test_token_file_written_by_windows_powershell_has_its_bom_dropped(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_bytes(b"\xef\xbb\xbf" + TOKEN.encode() + b"\r\n")  # Set-Content -Encoding utf8
+    assert await OAuth2TokenSource("accounts[0].oauth2_token_file", file=token_file)() == TOKEN
+
+
 async def test_token_command_output_is_used(tmp_path: Path) -> None:
     argv = (sys.executable, "-c", f"print({TOKEN!r})")
     source = OAuth2TokenSource("accounts[0].oauth2_token_command", argv=argv)
@@ -487,26 +493,28 @@ def test_config_token_command_is_split_without_a_shell(tmp_path: Path) -> None:
     [
         (
             ['auth = "xoauth2"'],
-            'accounts[0].oauth2_token_file: auth = "xoauth2" needs exactly one of '
+            'accounts[0] (name "m365").oauth2_token_file: auth = "xoauth2" needs exactly one of '
             "oauth2_token_file, oauth2_token_command",
         ),
         (
             ['auth = "xoauth2"', 'oauth2_token_file = "/t"', 'oauth2_token_command = "h"'],
-            'accounts[0].oauth2_token_command: auth = "xoauth2" needs exactly one of '
+            'accounts[0] (name "m365").oauth2_token_command: auth = "xoauth2" needs exactly one of '
             "oauth2_token_file, oauth2_token_command (got oauth2_token_file, "
             "oauth2_token_command)",
         ),
         (
             ['auth = "xoauth2"', 'oauth2_token_file = "/t"', 'password = "pw"'],
-            'accounts[0].password: not used with auth = "xoauth2" (the token replaces it)',
+            'accounts[0] (name "m365").password: not used with auth = "xoauth2" '
+            "(the token replaces it)",
         ),
         (
             ['password = "pw"', 'oauth2_token_file = "/t"'],
-            'accounts[0].oauth2_token_file: only used with auth = "xoauth2"',
+            'accounts[0] (name "m365").oauth2_token_file: only used with auth = "xoauth2"',
         ),
         (
             ['auth = "xoauth2"', 'oauth2_token_command = "helper \'unclosed"'],
-            "accounts[0].oauth2_token_command: cannot split into words: No closing quotation",
+            'accounts[0] (name "m365").oauth2_token_command: cannot split into words: '
+            "No closing quotation",
         ),
     ],
 )
