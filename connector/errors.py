@@ -13,6 +13,7 @@
     │   └── Pop3TimeoutError           also a TimeoutError
     ├── DeliveryError                  SMTP: .stage, .smtp_code, .enhanced_code, .text,
     │                                  .per_message, .evidence
+    │   └── RefusedAlikeError          the circuit breaker: every message refused alike
     ├── DeadLetterError                the store failed: .store, .reason
     ├── LedgerError                    SQLite failed
     └── AlreadyRunningError            another instance holds the state directory's lock
@@ -263,6 +264,31 @@ class DeliveryError(ConnectorError):
 
     def __str__(self) -> str:
         return f"{self.response} (at {self.stage})"
+
+
+class RefusedAlikeError(DeliveryError):
+    """The circuit breaker of PRODUCT §6 held mail upstream: messages were refused alike at MAIL
+    or RCPT, one after another, and no message got past that stage; only probes said that the
+    refusals were about the messages.  A guard against our own misjudgement: the account is
+    marked failing (``per_message`` is False: PARK_ACCOUNT) and an administrator looks at the
+    SMTP target.  ``last`` is the latest refusal; ``held`` counts the messages left upstream.
+    """
+
+    def __init__(self, last: DeliveryError, held: int) -> None:
+        super().__init__(
+            last.stage,
+            last.text,
+            smtp_code=last.smtp_code,
+            enhanced_code=last.enhanced_code,
+            refused=last.refused,
+        )
+        self.held = held
+
+    def __str__(self) -> str:
+        return (
+            f"every message refused alike: check the SMTP target ({self.response} at "
+            f"{self.stage}; {self.held} message(s) left upstream)"
+        )
 
 
 # --------------------------------------------------------------------------------------------

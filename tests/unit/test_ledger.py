@@ -61,7 +61,7 @@ async def test_open_creates_schema_and_reopen_is_idempotent(db_path: Path) -> No
     led = await Ledger.open(db_path)
     await led.record_delivered("info", "u1", 100, "250 ok", T0)
     await led.close()
-    assert _user_version(db_path) == len(MIGRATIONS) == 3
+    assert _user_version(db_path) == len(MIGRATIONS) == 4
 
     with sqlite3.connect(db_path) as conn:
         (journal,) = conn.execute("PRAGMA journal_mode").fetchone()
