@@ -850,13 +850,39 @@ class ProbeResult:
     rcpt: Mapping[str, Reply] = field(default_factory=dict)
 
 
-def _evidence_of(reply: Reply) -> Evidence:
-    """A probe's answer as evidence about the refusal it tested."""
-    if reply.accepted:
-        return Evidence.PROBE_ACCEPTED
-    if reply.reply_class == 5:
-        return Evidence.PROBE_REFUSED
-    return Evidence.PROBE_FAILED  # 4xx, 421, or nonsense: no verdict
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    """What testing one refusal showed; ``probe`` the probe's reply that refused it too."""
+
+    evidence: Evidence
+    probe: Reply | None = None
+    probe_sender: str = ""
+
+    @classmethod
+    def of(cls, reply: Reply, probe_sender: str) -> _Verdict:
+        """A probe's answer as evidence about the refusal it tested."""
+        if reply.accepted:
+            return cls(Evidence.PROBE_ACCEPTED)
+        if reply.reply_class == 5:
+            return cls(Evidence.PROBE_REFUSED, reply, probe_sender)
+        return cls(Evidence.PROBE_FAILED)  # 4xx, 421, or nonsense: no verdict
+
+    def applied(
+        self, err: DeliveryError, envelope: Envelope, recipient: str | None = None
+    ) -> DeliveryError:
+        """``err`` with this evidence; when the probe was refused too, its reply instead."""
+        tested = err
+        if self.probe is not None:
+            tested = _from_reply(
+                err.stage,
+                self.probe.code,
+                f"{self.probe.text} (probe from <{self.probe_sender}>)",
+                envelope,
+                recipient,
+                err.refused,
+            )
+        tested.evidence = self.evidence
+        return tested
 
 
 class _SessionEvidence:
@@ -1316,74 +1342,80 @@ class SmtpDeliverer:
         The session's record comes first; failing that, a probe on the same connection (after
         the refused transaction's RSET) with another sender.  Of several fixed recipients
         refused, the one with the weakest evidence is the one reported: one that our setup
-        refuses is enough to stop the cycle.
+        refuses is enough to stop the cycle.  When the probe was refused too, its reply is the
+        one reported: it is what the server says to every sender, so it names the setup fault
+        (``User unknown`` rather than the message's ``Sender denied``).
         """
         permanent = smtp_class(err.smtp_code, err.enhanced_code, err.stage) == 5
         if not permanent or envelope.sender_fixed or err.smtp_code == AUTH_REQUIRED:
             return err
         if err.stage is SmtpStage.MAIL and err.per_message:
-            err.evidence = await self._sender_evidence(envelope.sender)
-            self._note_evidence(err)
+            verdict = await self._sender_evidence(envelope.sender)
+            tested = verdict.applied(err, envelope)
+        elif err.stage is SmtpStage.RCPT and not err.per_message:
+            fixed = [r for r in refusals if _permanent(r) and envelope.is_configured(r.recipient)]
+            if not fixed:
+                return err
+            found = await self._recipient_evidence([r.recipient for r in fixed], envelope.sender)
+            for r in fixed:
+                if r.code == AUTH_REQUIRED:
+                    found[r.recipient] = _Verdict(Evidence.NONE)
+            weakest = min(fixed, key=lambda r: found[r.recipient].evidence.rank)
+            refused = _from_reply(
+                SmtpStage.RCPT,
+                weakest.code,
+                weakest.message,
+                envelope,
+                weakest.recipient,
+                err.refused,
+            )
+            tested = found[weakest.recipient].applied(refused, envelope, weakest.recipient)
+        else:
             return err
-        if err.stage is not SmtpStage.RCPT or err.per_message:
-            return err
-        fixed = [r for r in refusals if _permanent(r) and envelope.is_configured(r.recipient)]
-        if not fixed:
-            return err
-        found = await self._recipient_evidence([r.recipient for r in fixed], envelope.sender)
-        for r in fixed:
-            if r.code == AUTH_REQUIRED:
-                found[r.recipient] = Evidence.NONE
-        weakest = min(fixed, key=lambda r: found[r.recipient].rank)
-        tested = _from_reply(
-            SmtpStage.RCPT, weakest.code, weakest.message, envelope, weakest.recipient, err.refused
-        )
-        tested.evidence = found[weakest.recipient]
-        self._note_evidence(tested)
+        if self._smtp is not None:
+            self._smtp.say("--", f"{err}: tested, {tested.evidence}: {tested}")
         return tested
 
-    def _note_evidence(self, err: DeliveryError) -> None:
-        if self._smtp is not None:
-            self._smtp.say("--", f"{err}: evidence {err.evidence}")
-
-    async def _sender_evidence(self, sender: str) -> Evidence:
+    async def _sender_evidence(self, sender: str) -> _Verdict:
         """Whether a 5xx to ``MAIL FROM:<sender>`` depends on the sender: another sender
         accepted in this session, else a probe with the null sender."""
         if self._evidence.other_sender(sender):
-            return Evidence.SESSION
+            return _Verdict(Evidence.SESSION)
         probe_sender = self._evidence.probe_sender(sender)
         if probe_sender is None:
-            return Evidence.NO_PROBE
+            return _Verdict(Evidence.NO_PROBE)
         try:
             result = await self.probe(probe_sender)
         except DeliveryError:
-            return Evidence.PROBE_FAILED
-        return _evidence_of(result.mail)
+            return _Verdict(Evidence.PROBE_FAILED)
+        return _Verdict.of(result.mail, probe_sender)
 
     async def _recipient_evidence(
         self, recipients: Sequence[str], sender: str
-    ) -> dict[str, Evidence]:
+    ) -> dict[str, _Verdict]:
         """For each fixed recipient refused at RCPT in a transaction from ``sender``: shown by
         the session, or by one probe ``MAIL FROM:<other>`` + ``RCPT TO`` each + RSET."""
         found = {
-            r: Evidence.SESSION for r in recipients if self._evidence.rcpt_other_sender(r, sender)
+            r: _Verdict(Evidence.SESSION)
+            for r in recipients
+            if self._evidence.rcpt_other_sender(r, sender)
         }
         untested = [r for r in recipients if r not in found]
         if not untested:
             return found
         probe_sender = self._evidence.probe_sender(sender)
         if probe_sender is None:
-            return found | dict.fromkeys(untested, Evidence.NO_PROBE)
+            return found | dict.fromkeys(untested, _Verdict(Evidence.NO_PROBE))
         try:
             result = await self.probe(probe_sender, untested)
         except DeliveryError:
-            return found | dict.fromkeys(untested, Evidence.PROBE_FAILED)
+            return found | dict.fromkeys(untested, _Verdict(Evidence.PROBE_FAILED))
         if not result.mail.accepted:
             # The probe's sender is refused at MAIL: the recipient was never asked.  A 5xx
-            # counts as refused (we cannot show the refusal depends on the message: our
+            # counts as refused (nothing shows that the refusal depends on the message: our
             # setup), anything else as no verdict.
-            return found | dict.fromkeys(untested, _evidence_of(result.mail))
-        return found | {r: _evidence_of(result.rcpt[r]) for r in untested}
+            return found | dict.fromkeys(untested, _Verdict.of(result.mail, probe_sender))
+        return found | {r: _Verdict.of(result.rcpt[r], probe_sender) for r in untested}
 
     async def close(self) -> None:
         """Send QUIT if connected and close the connection; errors here are ignored."""
