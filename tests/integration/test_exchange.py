@@ -247,6 +247,31 @@ def test_breaker_stops_a_storm_of_identical_refusals(
     assert w.breaker() is None
 
 
+def test_breaker_says_so_in_the_log_status_and_the_failing_notice(
+    world: Callable[..., World], capsys: pytest.CaptureFixture[str]
+) -> None:
+    reply = "550 5.7.60 SMTP; Client does not have permissions to send as this sender"
+    mail = [message(i, f"sender{i}@partner.example") for i in range(BREAKER_THRESHOLD + 1)]
+    w = world(
+        exchange_2019(
+            lambda stage, sender, rcpt, data: reply if stage == "mail" and sender else None
+        ),
+        mail,
+    )
+    w.config.write_text(w.config.read_text() + '\n[notices]\npostmaster = "pm@firma.test"\n')
+    phrase = "every message refused alike: check the SMTP target"
+    capsys.readouterr()
+    assert w.run("once") == 1
+    out = capsys.readouterr()
+    assert phrase in out.err  # the log
+    assert phrase in out.out  # once's summary line
+    assert str(w.status(capsys)["last_error"]).startswith(phrase)  # status and /status
+    notices = [m.data for m in w.peer.received if m.rcpt_tos == ("pm@firma.test",)]
+    failing = [n for n in notices if b"account failing" in n]
+    assert len(failing) == 1
+    assert phrase.encode() in failing[0]
+
+
 def test_a_run_of_refused_senders_before_good_mail_is_all_decided(
     world: Callable[..., World],
 ) -> None:
@@ -279,6 +304,94 @@ def test_refusals_after_data_are_dead_lettered_however_many(
     assert w.dead_letters() == [("data", raw) for raw in sorted(mail)]
     assert w.upstream() == []
     assert w.breaker() is None
+
+
+def test_a_bounce_refused_first_waits_for_mail_that_shows_why(
+    world: Callable[..., World], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A bounce (null sender) refused at RCPT before anything else was accepted: no other
+    # sender to probe with yet.  It is held, the good mail behind it goes through, and then
+    # the bounce is decided with that evidence (a probe from the last sender accepted).
+    bounce = message(0, "")
+    assert b"Return-Path: <>" in bounce
+    mail = [bounce, message(1)]
+    w = world(postfix(sender_access([""], mailboxes=[DELIVER_TO])), mail)
+    assert w.run("once") == 0
+    assert w.delivered() == [mail[1]]
+    assert w.dead_letters() == [("rcpt", bounce)]
+    assert w.upstream() == []
+
+
+def test_a_bounce_refused_alone_stays_upstream_and_the_account_says_why(
+    world: Callable[..., World], capsys: pytest.CaptureFixture[str]
+) -> None:
+    bounce = message(0, "")
+    w = world(postfix(sender_access([""], mailboxes=[DELIVER_TO])), [bounce])
+    assert w.run("once") == 1
+    assert w.dead_letters() == []
+    assert w.upstream() == [bounce]
+    assert "Sender address rejected" in str(w.status(capsys)["last_error"])
+
+
+# --------------------------------------------------------------------------------------------
+# Shared mailboxes: configured recipients follow the rule, the message's keep theirs
+# --------------------------------------------------------------------------------------------
+
+SHARED = """
+[accounts.shared]
+domains = ["firma.example"]
+rewrite_domain = "firma.test"
+
+[[accounts.shared.rules]]
+match = "sales@firma.example"
+deliver_to = ["chef@firma.test"]
+"""
+FALLBACK = "undeliverable@firma.test"
+
+
+def shared_world(world: Callable[..., World], peer: SmtpPeer, mail: list[bytes]) -> World:
+    w = world(peer, mail, account_extra=SHARED)
+    text = w.config.read_text()
+    w.config.write_text(
+        text.replace(f'deliver_to = ["{DELIVER_TO}"]', f'deliver_to = ["{FALLBACK}"]')
+    )
+    return w
+
+
+def shared_message(i: int, sender: str, to: str) -> bytes:
+    return message(i, sender).replace(b"To: info@firma.example", f"To: {to}".encode())
+
+
+def test_shared_mailbox_denied_sender_at_rcpt_to_the_fallback_and_a_rule_target(
+    world: Callable[..., World],
+) -> None:
+    mail = [
+        shared_message(0, DENIED, "stranger@elsewhere.example"),  # to the fallback
+        shared_message(1, "alice@customer.example", "bob@firma.example"),
+        shared_message(2, DENIED, "sales@firma.example"),  # to a rule's target
+        shared_message(3, "alice@customer.example", "nobody@firma.example"),  # unknown: theirs
+        shared_message(4, "alice@customer.example", "sales@firma.example"),
+    ]
+    mailboxes = [FALLBACK, "bob@firma.test", "chef@firma.test"]
+    w = shared_world(world, postfix(sender_access([DENIED], mailboxes=mailboxes)), mail)
+    assert w.run("once") == 0
+    assert w.delivered() == [mail[1], mail[4]]
+    assert w.dead_letters() == sorted([("rcpt", mail[0]), ("rcpt", mail[2]), ("rcpt", mail[3])])
+    assert w.upstream() == []
+
+
+def test_shared_mailbox_fallback_refused_for_every_sender_stops(
+    world: Callable[..., World],
+) -> None:
+    mail = [
+        shared_message(0, "alice@customer.example", "stranger@elsewhere.example"),
+        shared_message(1, "alice@customer.example", "bob@firma.example"),
+    ]
+    peer = postfix(sender_access([], mailboxes=["bob@firma.test"]))
+    w = shared_world(world, peer, mail)
+    assert w.run("once") == 1
+    assert w.dead_letters() == []
+    assert w.upstream() == mail
 
 
 # --------------------------------------------------------------------------------------------
