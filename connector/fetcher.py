@@ -432,8 +432,9 @@ class Cycle:
                 await self._process(pop, listing, known, sizes)
             except CycleStopped as exc:
                 stopped = exc
-            if stopped is None and self._held:
-                stopped = CycleStopped(self._held_failure())
+            failure = self._held_failure() if stopped is None and self._held else None
+            if failure is not None:
+                stopped = CycleStopped(failure)
             try:
                 await self._settle(pop)  # the DELEs of the last delivered messages
             except CycleStopped as exc:
@@ -553,13 +554,18 @@ class Cycle:
         )
         await self._deliver_all(pop, [n for n, _ in held], uids, known, sizes)
 
-    def _held_failure(self) -> DeliveryError:
+    def _held_failure(self) -> DeliveryError | None:
         """Why the cycle fails with mail held upstream: the breaker, or the first refusal
-        there was nothing to test with (a null sender, no other sender accepted yet)."""
+        there was nothing to test with (a null sender, no other sender accepted yet).  None
+        when a message got through but a shutdown came before the held mail was decided
+        again: it simply waits for the next cycle."""
         last = self._held[-1][1]
         if self.breaker.tripped is not None:
             return RefusedAlikeError(last, len(self._held))
-        return self._held[0][1]
+        if self.stopping.is_set():
+            return None  # a message got through, but the shutdown came before _revisit
+        undecided = [exc for _, exc in self._held if exc.evidence is Evidence.NO_PROBE]
+        return undecided[0] if undecided else RefusedAlikeError(last, len(self._held))
 
     def _hold(self, number: int, uid: str, exc: DeliveryError, why: str) -> None:
         """Leave a refused message upstream undecided (no ledger row, no dead letter)."""
