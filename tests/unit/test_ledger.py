@@ -310,6 +310,23 @@ async def test_record_cycle_and_account_status(ledger: Ledger) -> None:
 # -- concurrency, cancellation, close ---------------------------------------------------------
 
 
+async def test_breaker_is_remembered_per_account_and_survives_cycle_records(
+    ledger: Ledger,
+) -> None:
+    # The circuit breaker's trip (fetcher.Breaker) lives in the accounts row, beside what
+    # record_cycle writes there, which must not forget it.
+    assert await ledger.breaker("info") is None
+    await ledger.set_breaker("info", "550 5.7.60 SMTP; not as this sender (at mail)")
+    await ledger.record_cycle("info", CycleRecord(T0, T0 + 1, "failed", "x", 3, 30, T0 + 900))
+    assert await ledger.breaker("info") == "550 5.7.60 SMTP; not as this sender (at mail)"
+    assert await ledger.breaker("other") is None
+    await ledger.set_breaker("info", None)
+    assert await ledger.breaker("info") is None
+    # A reply decoded with surrogateescape (aiosmtplib) is stored, not refused by SQLite.
+    await ledger.set_breaker("other", "550 bad \udcff byte")
+    assert await ledger.breaker("other") == "550 bad \\udcff byte"
+
+
 async def test_concurrent_tasks_are_serialised(ledger: Ledger) -> None:
     async def defer_many(uidl: str) -> None:
         for i in range(20):
