@@ -56,7 +56,7 @@ class _Row:
 
 
 def _shown(text: str) -> str:
-    """Server text with control characters escaped (PRODUCT §8)."""
+    """Server text with control characters escaped (docs/design.md §11.3)."""
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 

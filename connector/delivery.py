@@ -813,7 +813,7 @@ class _BeforeContentFailed(Exception):
 
 
 # --------------------------------------------------------------------------------------------
-# Evidence: does a 5xx at MAIL or RCPT depend on the message? (PRODUCT §6)
+# Evidence: does a 5xx at MAIL or RCPT depend on the message? (docs/design.md §6.2)
 # --------------------------------------------------------------------------------------------
 
 
@@ -888,9 +888,9 @@ class _Verdict:
 class _SessionEvidence:
     """What this SMTP session (one deliverer, one cycle) saw accepted for real messages.
 
-    PRODUCT §6: a 5xx at MAIL depends on the message if another sender was accepted at MAIL
-    in this session; a 5xx at RCPT of a fixed recipient, if that recipient was accepted for
-    another sender.  Probes are not recorded: the circuit breaker (fetcher) must know whether a
+    docs/design.md §6.2: a 5xx at MAIL depends on the message if another sender was accepted at
+    MAIL in this session; a 5xx at RCPT of a fixed recipient, if that recipient was accepted
+    for another sender.  Probes are not recorded: the circuit breaker (fetcher) must know whether a
     real message got through.  Kept across reconnects: the server and our setup are the same.
 
     Two distinct senders per entry are enough to always find one that differs from a refused
@@ -1229,10 +1229,10 @@ class SmtpDeliverer:
                 and not self._shown(envelope, r)
             ]
             if ours or len(refusals) == len(envelope.recipients):
-                # A configured recipient refused permanently may be our setup's fault (PRODUCT
-                # §6) unless this session already showed that it depends on the message: stop
-                # before the content goes out, so that nobody gets this message now, and let
-                # deliver() test it; otherwise every recipient was refused.
+                # A configured recipient refused permanently may be our setup's fault unless
+                # this session already showed that it depends on the message (docs/design.md
+                # §6.2): stop before the content goes out, so that nobody gets this message
+                # now, and let deliver() test it; otherwise every recipient was refused.
                 self._abandon_data(smtp, data_reply)
                 raise aiosmtplib.SMTPRecipientsRefused(ours or refusals)
             if data_reply is None:
@@ -1269,7 +1269,7 @@ class SmtpDeliverer:
             smtp.say("--", "354 after a refused envelope; closing to abort the transaction")
             smtp.close()
 
-    # -- evidence: does a refusal at MAIL or RCPT depend on the message? (PRODUCT §6) ----------
+    # -- evidence: does a refusal at MAIL or RCPT depend on the message? (docs/design.md §6.2)
 
     def _shown(self, envelope: Envelope, refusal: aiosmtplib.SMTPRecipientRefused) -> bool:
         """Whether this session already showed that a configured recipient's permanent
@@ -1335,7 +1335,7 @@ class SmtpDeliverer:
         envelope: Envelope,
         refusals: Sequence[aiosmtplib.SMTPRecipientRefused],
     ) -> DeliveryError:
-        """``err`` with the evidence of whether it depends on the message (PRODUCT §6).
+        """``err`` with the evidence of whether it depends on the message (docs/design.md §6.2).
 
         Only a 5xx at MAIL of the message's own sender, or at RCPT of a recipient fixed in the
         config, is tested; never a ``530`` (RFC 4954 §6), never with a fixed envelope sender.

@@ -146,14 +146,14 @@ def split_enhanced_code(text: str) -> tuple[str | None, str]:
 
 
 class Evidence(enum.StrEnum):
-    """What testing showed about a 5xx to MAIL or RCPT (PRODUCT §6): does it depend on the message?
+    """What testing showed about a 5xx to MAIL or RCPT: does it depend on the message?
 
     A refusal at MAIL of the message's own sender, or at RCPT of a recipient fixed in the
     config, may be about this message (a sender restriction; Postfix's default
     ``smtpd_delay_reject = yes`` answers one at RCPT) or about our setup (authentication or
     relay not granted, a wrong ``deliver_to``), and the reply text does not say which in any
-    reliable way.  The delivery module finds out by testing and reports what it found here;
-    :func:`classify` decides from it.
+    reliable way.  The delivery module finds out by testing (docs/design.md §6.2) and reports
+    what it found here; :func:`classify` decides from it.
 
     NONE
         Nothing to test: the stage or the refused thing is the same for every message (a
@@ -267,9 +267,9 @@ class DeliveryError(ConnectorError):
 
 
 class RefusedAlikeError(DeliveryError):
-    """The circuit breaker of PRODUCT §6 held mail upstream: messages were refused alike at MAIL
-    or RCPT, one after another, and no message got past that stage; only probes said that the
-    refusals were about the messages.  A guard against our own misjudgement: the account is
+    """The circuit breaker (docs/design.md §6.2) held mail upstream: messages were refused alike
+    at MAIL or RCPT, one after another, and no message got past that stage; only probes said that
+    the refusals were about the messages.  A guard against our own misjudgement: the account is
     marked failing (``per_message`` is False: PARK_ACCOUNT) and an administrator looks at the
     SMTP target.  ``last`` is the latest refusal; ``held`` counts the messages left upstream.
     """
@@ -417,7 +417,8 @@ def _classify_delivery(exc: DeliveryError) -> Disposition:
 
 
 def _classify_envelope(exc: DeliveryError) -> Disposition:
-    """A 5xx to MAIL or RCPT (PRODUCT §6): a dead letter only when it depends on the message.
+    """A 5xx to MAIL or RCPT: a dead letter only when it depends on the message (docs/design.md
+    §6.2).
 
     ``530`` is our setup whatever else is known (RFC 4954 §6).  A recipient read from the
     message is the message's own; a fixed envelope sender refused at MAIL would refuse every

@@ -76,12 +76,13 @@ FETCH_CEILING: Final = 1024 * 1024 * 1024
 A message is held in memory while it is handled; this bounds what one message may cost."""
 
 BREAKER_THRESHOLD: Final = 5
-"""The circuit breaker of PRODUCT §6 (:class:`Breaker`) trips at the fifth message in a row that
-is refused alike at MAIL or RCPT with only a probe to say it depends on the message: at most four
-dead letters for a misjudged setup refusal, each of which ``requeue`` repairs.  Lower would hold
-a real burst of refused senders (spam from one blocked network comes in runs) for longer before
-the mail behind it shows the stage works; that costs little, since held mail is decided again
-as soon as a message gets through (Cycle._revisit), but it costs a second RETR of each."""
+"""The circuit breaker (docs/design.md §6.2, :class:`Breaker`) trips at the fifth message in a row
+refused alike at MAIL or RCPT with only a probe to say that the refusal depends on the message.
+A setup refusal that the probe misjudges then costs at most four dead letters, each repaired by
+``dead-letters requeue``.  A real run of refused senders at the head of a session (spam comes in
+runs) is mostly dead-lettered at once; the rest is held and decided again as soon as a message
+gets through (Cycle._revisit), at the price of a second RETR each.  Higher would let a
+misjudgement cost more dead letters; lower would fetch more messages twice."""
 
 
 class Oversize(enum.StrEnum):
@@ -319,7 +320,7 @@ async def uid_listing(pop: Pop3Client, count: int, sizes: dict[int, int]) -> lis
 
 
 class Breaker:
-    """The guard of PRODUCT §6 against our own misjudgement at MAIL and RCPT.
+    """The guard of docs/design.md §6.2 against our own misjudgement at MAIL and RCPT.
 
     A 5xx at MAIL or RCPT is dead-lettered when a probe with another sender was accepted
     (delivery: ``Evidence.PROBE_ACCEPTED``).  If a target refused every real sender but took
@@ -540,7 +541,7 @@ class Cycle:
         sizes: dict[int, int],
     ) -> None:
         """Decide the held messages again, now that a message got past MAIL and RCPT in this
-        session: the session's own evidence (PRODUCT §6) now speaks for or against each.
+        session: the session's own evidence (docs/design.md §6.2) now speaks for or against each.
 
         They are fetched again (RETR is repeatable until QUIT, RFC 1939 §5); a message the
         server takes now is delivered.  One more pass at most: what is still held stays
@@ -895,7 +896,8 @@ class Cycle:
             self.breaker.through()  # it got past MAIL and RCPT: those stages work
         if disposition is Disposition.PARK_ACCOUNT and exc.evidence is Evidence.NO_PROBE:
             # A null sender refused, and nothing accepted yet to test another sender with:
-            # undecided, not (yet) our setup.  A later message may show either (PRODUCT §6).
+            # undecided, not (yet) our setup.  A later message may show either
+            # (docs/design.md §6.2).
             self._hold(number, uid, exc, "nothing to test the refusal with yet")
             return None
         if exc.stage.is_setup or disposition is Disposition.PARK_ACCOUNT:

@@ -123,9 +123,9 @@ MIGRATIONS: Final[list[str]] = [
           WHERE m.account = recipients_done.account AND m.uidl = substr(recipients_done.key, 6)
       );
     """,
-    # 4: the circuit breaker of PRODUCT §6 (fetcher.Breaker): the refusal that tripped it, kept
-    # until a message of the account gets past MAIL and RCPT again, so that a target refusing
-    # every real sender costs a handful of dead letters once, not a handful every cycle.
+    # 4: the circuit breaker (docs/design.md §6.2, fetcher.Breaker): the refusal that tripped it,
+    # kept until a message of the account gets past MAIL and RCPT again, so that a target
+    # refusing every real sender costs a handful of dead letters once, not a handful every cycle.
     """
     ALTER TABLE accounts ADD COLUMN breaker TEXT;
     """,

@@ -1,5 +1,5 @@
 """Does a 5xx at MAIL or RCPT depend on the message?  The deliverer finds out by testing
-(PRODUCT §6), against peers that answer like Exchange and Postfix (tests/smtp_peers.py).
+(docs/design.md §6.2), against peers that answer like Exchange and Postfix (tests/smtp_peers.py).
 
 One mechanism for both stages: the session's record of what it accepted for real messages
 (another sender accepted at MAIL; the same fixed recipient accepted for another sender at RCPT),

@@ -800,7 +800,7 @@ async def test_a_pop3_error_in_before_content_is_not_taken_for_an_smtp_failure(r
 
 
 # --------------------------------------------------------------------------------------------
-# The circuit breaker of PRODUCT §6 (more end to end in tests/integration/test_exchange.py)
+# The circuit breaker of docs/design.md §6.2 (more end to end in tests/integration/test_exchange.py)
 # --------------------------------------------------------------------------------------------
 
 
