@@ -10,15 +10,24 @@ MAIL, RCPT and DATA go out in one write) and one that does not.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import ssl
+from collections.abc import Callable, Iterator
 
+import aiosmtplib
 import pytest
 
 from connector.delivery import Delivered, Envelope, SmtpDeliverer, SmtpSettings
 from connector.errors import DeliveryError, Disposition, Evidence, SmtpStage, classify
 from connector.pop3.client import TlsMode
 from tests.faults import Action, Direction, Fault, FaultProxy
-from tests.smtp_peers import PeerRule, SmtpPeer, exchange_2019, postfix, sender_access
+from tests.smtp_peers import (
+    PeerRule,
+    SmtpPeer,
+    exchange_2019,
+    exchange_online,
+    postfix,
+    sender_access,
+)
 
 DELIVER_TO = "info@firma.local"
 GOOD = "alice@partner.example"
@@ -297,3 +306,40 @@ async def test_shared_recipient_read_from_the_message_is_never_probed(peer: Smtp
         Disposition.DEAD_LETTER,
     )
     assert probes(peer) == []
+
+
+# --------------------------------------------------------------------------------------------
+# The peers themselves: they greet like their models
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        (
+            exchange_2019,
+            {"x-anonymoustls", "x-exps", "chunking", "binarymime", "8bitmime", "smtputf8", "size",
+             "pipelining", "dsn", "enhancedstatuscodes", "starttls", "xrdst"},
+        ),
+        (
+            exchange_online,
+            {"chunking", "binarymime", "8bitmime", "smtputf8", "size", "pipelining", "dsn",
+             "enhancedstatuscodes", "starttls"},
+        ),
+    ],
+    ids=["2019", "online"],
+)  # fmt: skip
+async def test_peers_greet_like_their_models(
+    model: Callable[..., SmtpPeer], expected: set[str], smtp_server_context: ssl.SSLContext
+) -> None:
+    with model(tls_context=smtp_server_context) as ex:
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=ex.port, start_tls=False) as smtp:
+            response = await smtp.ehlo()
+            assert set(smtp.esmtp_extensions) == expected
+            assert "Hello [127.0.0.1]" in response.message
+        # And a delivery through them works, DSN parameters and all.
+        async with deliverer(ex.port) as d:
+            await d.deliver(MESSAGE, env(GOOD))
+    (got,) = ex.received
+    assert got.data == MESSAGE
+    assert "RET=FULL" not in got.mail_options  # taken and dropped, as Exchange takes them
