@@ -22,7 +22,7 @@ from typing import Final, TextIO
 
 from connector.admin import format_table
 from connector.delivery import Reply, SenderPolicy, SmtpDeliverer
-from connector.errors import AUTH_REQUIRED, ConnectorError, split_enhanced_code
+from connector.errors import AUTH_REQUIRED, ConnectorError, SmtpStage, split_enhanced_code
 from connector.fetcher import AccountSpec
 from connector.pop3 import Pop3Client
 from connector.service import Runtime
@@ -139,7 +139,7 @@ def _reply_row(target: str, where: str, tls: str, stage: str, reply: Reply) -> _
     shown = _shown(str(reply))
     if reply.accepted:
         return _Row(target, where, tls, "ok", shown)
-    if reply.reply_class == 5:
+    if reply.reply_class(SmtpStage.MAIL if stage == "mail" else SmtpStage.RCPT) == 5:
         return _Row(target, where, tls, "FAILED", f"{shown}: {hint(stage, reply)}")
     return _Row(target, where, tls, "temporary", f"{shown}: refused for now, try again later")
 

@@ -829,11 +829,11 @@ class Reply:
         """250, or 251 to RCPT (RFC 5321 §4.1.1.3: "user not local; will forward")."""
         return self.code in (250, 251)
 
-    @property
-    def reply_class(self) -> int | None:
-        """The class that decides (2, 4, 5...): the enhanced code's digit wins (RFC 3463)."""
+    def reply_class(self, stage: SmtpStage) -> int | None:
+        """The class that decides (2, 4, 5...) as a reply to ``stage``: the enhanced code's
+        digit wins (RFC 3463); a 552 to RCPT counts as 452 (RFC 5321 §4.5.3.1.10)."""
         enhanced, _ = split_enhanced_code(self.text)
-        return smtp_class(self.code, enhanced, SmtpStage.RCPT)
+        return smtp_class(self.code, enhanced, stage)
 
     def __str__(self) -> str:
         return f"{self.code} {self.text}".rstrip()
@@ -859,27 +859,27 @@ class _Verdict:
     probe_sender: str = ""
 
     @classmethod
-    def of(cls, reply: Reply, probe_sender: str) -> _Verdict:
-        """A probe's answer as evidence about the refusal it tested."""
+    def of(cls, reply: Reply, stage: SmtpStage, probe_sender: str) -> _Verdict:
+        """A probe's answer (to ``stage``) as evidence about the refusal it tested."""
         if reply.accepted:
             return cls(Evidence.PROBE_ACCEPTED)
-        if reply.reply_class == 5:
+        if reply.reply_class(stage) == 5:
             return cls(Evidence.PROBE_REFUSED, reply, probe_sender)
         return cls(Evidence.PROBE_FAILED)  # 4xx, 421, or nonsense: no verdict
 
-    def applied(
-        self, err: DeliveryError, envelope: Envelope, recipient: str | None = None
-    ) -> DeliveryError:
-        """``err`` with this evidence; when the probe was refused too, its reply instead."""
+    def applied(self, err: DeliveryError) -> DeliveryError:
+        """``err`` with this evidence; when the probe was refused too, its reply instead, at
+        the same stage (a probe's 552 to MAIL is not about this message's size)."""
         tested = err
         if self.probe is not None:
-            tested = _from_reply(
+            enhanced, text = split_enhanced_code(self.probe.text)
+            tested = DeliveryError(
                 err.stage,
-                self.probe.code,
-                f"{self.probe.text} (probe from <{self.probe_sender}>)",
-                envelope,
-                recipient,
-                err.refused,
+                f"{text} (probe from <{self.probe_sender}>)",
+                smtp_code=self.probe.code,
+                enhanced_code=enhanced,
+                per_message=err.per_message,
+                refused=err.refused,
             )
         tested.evidence = self.evidence
         return tested
@@ -1351,7 +1351,7 @@ class SmtpDeliverer:
             return err
         if err.stage is SmtpStage.MAIL and err.per_message:
             verdict = await self._sender_evidence(envelope.sender)
-            tested = verdict.applied(err, envelope)
+            tested = verdict.applied(err)
         elif err.stage is SmtpStage.RCPT and not err.per_message:
             fixed = [r for r in refusals if _permanent(r) and envelope.is_configured(r.recipient)]
             if not fixed:
@@ -1369,7 +1369,7 @@ class SmtpDeliverer:
                 weakest.recipient,
                 err.refused,
             )
-            tested = found[weakest.recipient].applied(refused, envelope, weakest.recipient)
+            tested = found[weakest.recipient].applied(refused)
         else:
             return err
         if self._smtp is not None:
@@ -1388,7 +1388,7 @@ class SmtpDeliverer:
             result = await self.probe(probe_sender)
         except DeliveryError:
             return _Verdict(Evidence.PROBE_FAILED)
-        return _Verdict.of(result.mail, probe_sender)
+        return _Verdict.of(result.mail, SmtpStage.MAIL, probe_sender)
 
     async def _recipient_evidence(
         self, recipients: Sequence[str], sender: str
@@ -1414,8 +1414,12 @@ class SmtpDeliverer:
             # The probe's sender is refused at MAIL: the recipient was never asked.  A 5xx
             # counts as refused (nothing shows that the refusal depends on the message: our
             # setup), anything else as no verdict.
-            return found | dict.fromkeys(untested, _Verdict.of(result.mail, probe_sender))
-        return found | {r: _Verdict.of(result.rcpt[r], probe_sender) for r in untested}
+            return found | dict.fromkeys(
+                untested, _Verdict.of(result.mail, SmtpStage.MAIL, probe_sender)
+            )
+        return found | {
+            r: _Verdict.of(result.rcpt[r], SmtpStage.RCPT, probe_sender) for r in untested
+        }
 
     async def close(self) -> None:
         """Send QUIT if connected and close the connection; errors here are ignored."""

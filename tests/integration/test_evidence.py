@@ -262,6 +262,31 @@ async def test_a_fixed_recipient_refused_by_the_session_evidence_gets_a_partial_
     assert probes(peer) == []
 
 
+@pytest.mark.parametrize(
+    ("stage", "evidence", "disposition"),
+    [
+        # RFC 5321 §4.5.3.1.10: a 552 to RCPT was "too many recipients": counts as 452, so the
+        # probe says nothing.  To MAIL it is a permanent refusal of the probe's sender too.
+        ("rcpt", Evidence.PROBE_FAILED, Disposition.RETRY),
+        ("mail", Evidence.PROBE_REFUSED, Disposition.PARK_ACCOUNT),
+    ],
+)
+async def test_a_probe_reply_is_read_as_a_reply_to_its_own_command(
+    peer: SmtpPeer, stage: str, evidence: Evidence, disposition: Disposition
+) -> None:
+    def rule(at: str, sender: str, rcpt: str | None, data: bytes | None) -> str | None:
+        if at == stage and sender == DENIED:
+            return "554 5.7.1 Sender denied"
+        if at == stage and sender == "":
+            return "552 Requested action aborted"
+        return None
+
+    peer.rule = rule
+    async with deliverer(peer.port) as d:
+        err = await refusal(d, env(DENIED))
+    assert (err.evidence, classify(err)) == (evidence, disposition)
+
+
 # --------------------------------------------------------------------------------------------
 # Shared mailboxes: recipients read from the message vs configured ones
 # --------------------------------------------------------------------------------------------
