@@ -1,22 +1,63 @@
 """``pop3-connector check --connect``: log in everywhere, like the SBS connector's "Test" button.
 
-Each POP3 account: connect, TLS as configured, login, STAT, QUIT (nothing is fetched or deleted).
-SMTP: connect, EHLO, STARTTLS, AUTH, QUIT.  All at once; then one table row per target; exit 1
-when any failed.  The texts are our errors' ``str()``, which never carry a password.
+Each POP3 account, the disabled ones too (marked, so that a cut-over is tested before it
+happens): connect, TLS as configured, login, STAT, QUIT (nothing is fetched or deleted).
+SMTP: connect, EHLO, STARTTLS, AUTH; then what a delivery needs, without sending a message:
+``MAIL FROM`` with the sender real mail has, ``RCPT TO`` each recipient fixed in the config
+(every account's ``deliver_to``, which is a shared mailbox's fallback, and the shared
+mailboxes' rule targets), RSET, QUIT.  All at once; then one table row per target, envelope
+sender and recipient; exit 1 when any failed.  A refusal that would stop or dead-letter real
+mail is a failure, with a hint at the Exchange setting that most likely causes it.  The texts
+are our errors' ``str()`` and the server's replies, which never carry a password.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
-from typing import TextIO
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final, TextIO
 
 from connector.admin import format_table
-from connector.delivery import SmtpDeliverer
-from connector.errors import ConnectorError
+from connector.delivery import Reply, SenderPolicy, SmtpDeliverer
+from connector.errors import AUTH_REQUIRED, ConnectorError, SmtpStage, split_enhanced_code
 from connector.fetcher import AccountSpec
 from connector.pop3 import Pop3Client
 from connector.service import Runtime
+
+CHECK_SENDER: Final = "check@pop3-connector.invalid"
+"""The envelope sender of the test transaction with ``envelope_sender = "return-path"``: a
+foreign sender, as real mail has.  ``.invalid`` (RFC 6761 §6.4) can never be one of the
+organisation's accepted domains, so an Exchange anonymous connector takes it like any outside
+sender (it refuses anonymous mail from its own authoritative domains, which would fail the check
+for a reason real mail never meets), and Exchange does not look a sender's domain up in DNS at
+MAIL.  A front end that does (Postfix ``reject_unknown_sender_domain``) answers 4xx by default,
+which the check reports as temporary, not as a failure."""
+
+RCPT_BATCH: Final = 50
+"""Recipients tested per transaction: well under Exchange's default of 200 per message
+(``MaxRecipientsPerMessage``) and RFC 5321 §4.5.3.1.8's minimum of 100."""
+
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    target: str
+    address: str
+    tls: str
+    result: str  # "ok", "FAILED", "temporary", "-" (not tested)
+    detail: str
+
+    def cells(self) -> list[str]:
+        return [self.target, self.address, self.tls, self.result, self.detail]
+
+
+def _shown(text: str) -> str:
+    """Server text with control characters escaped (docs/design.md §11.3)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 async def _check_pop3(spec: AccountSpec) -> str:
@@ -27,16 +68,128 @@ async def _check_pop3(spec: AccountSpec) -> str:
     return f"{count} message(s), {octets} bytes waiting"
 
 
-async def _check_smtp(runtime: Runtime) -> str:
-    deliverer = SmtpDeliverer(runtime.smtp)
+def fixed_recipients(accounts: Iterable[AccountSpec]) -> list[str]:
+    """Every recipient fixed in the config, once each (case-insensitive), in config order."""
+    seen: dict[str, str] = {}
+    for spec in accounts:
+        targets = list(spec.deliver_to)
+        if spec.shared is not None:
+            targets += [r for rule in spec.shared.rules for r in rule.deliver_to]
+        for recipient in targets:
+            seen.setdefault(recipient.lower(), recipient)
+    return list(seen.values())
+
+
+def check_sender(runtime: Runtime) -> str:
+    """The envelope sender real mail would have: a foreign one, or the fixed one."""
+    policy = runtime.policy
+    match policy.sender_policy:
+        case SenderPolicy.RETURN_PATH:
+            return CHECK_SENDER
+        case SenderPolicy.NULL:
+            return ""
+        case SenderPolicy.FIXED:
+            return policy.fixed_sender or ""
+
+
+def hint(stage: str, reply: Reply) -> str:
+    """What most likely causes a refusal at ``stage`` ("mail" or "rcpt") on Exchange.
+
+    Reading the reply text is fine here: a hint decides nothing, it only points the
+    administrator at a setting.
+    """
+    enhanced, _ = split_enhanced_code(reply.text)
+    text = reply.text.lower()
+    if reply.code == AUTH_REQUIRED:
+        return (
+            "the receive connector does not accept mail from this host without "
+            'authentication: add "Anonymous users" to its permission groups (port 25), or set '
+            "[smtp] username and password for a connector with AUTH (port 587)"
+        )
+    if stage == "mail" and (enhanced in ("5.7.60", "5.7.1") or "send as" in text):
+        return (
+            "the connector's permissions do not let this host send mail from outside senders: "
+            "grant ms-Exch-SMTP-Accept-Any-Sender on the receive connector (Add-ADPermission "
+            "-ExtendedRights ms-Exch-SMTP-Accept-Any-Sender, to ANONYMOUS LOGON or the AUTH "
+            "account)"
+        )
+    if stage == "rcpt" and enhanced == "5.7.64":
+        return (
+            "Exchange Online (TenantAttribution): no inbound connector matches this host: "
+            "add its public IP address or certificate to an inbound connector from your "
+            "organisation's email server"
+        )
+    if stage == "rcpt" and (enhanced in ("5.7.1", "5.7.54") or "relay" in text):
+        return (
+            "relay denied: the recipient's domain is not an accepted domain, or the connector "
+            "may not relay: grant ms-Exch-SMTP-Accept-Any-Recipient on the receive connector, "
+            "or correct the address"
+        )
+    if stage == "rcpt" and (enhanced in ("5.1.1", "5.1.10") or "unknown" in text):
+        return (
+            "the recipient does not exist in Exchange: check deliver_to (and the shared "
+            "mailboxes' rule targets): a mailbox, mail contact or group address"
+        )
+    if stage == "mail":
+        return "every message with this sender would be refused"
+    return "every message to this recipient would be refused"
+
+
+def _reply_row(target: str, where: str, tls: str, stage: str, reply: Reply) -> _Row:
+    shown = _shown(str(reply))
+    if reply.accepted:
+        return _Row(target, where, tls, "ok", shown)
+    if reply.reply_class(SmtpStage.MAIL if stage == "mail" else SmtpStage.RCPT) == 5:
+        return _Row(target, where, tls, "FAILED", f"{shown}: {hint(stage, reply)}")
+    return _Row(target, where, tls, "temporary", f"{shown}: refused for now, try again later")
+
+
+async def _check_smtp(runtime: Runtime, recipients: Sequence[str]) -> list[_Row]:
+    smtp = runtime.smtp
+    where, tls = f"{smtp.host}:{smtp.port}", str(smtp.tls)
+    rows: list[_Row] = []
+    deliverer = SmtpDeliverer(smtp)
     try:
-        await deliverer.connect()
+        try:
+            await deliverer.connect()
+        except ConnectorError as exc:
+            return [_Row("smtp", where, tls, "FAILED", str(exc))]
         limit = deliverer.max_size
+        auth = ", logged in" if smtp.username else ""
+        size = f", size limit {limit} bytes" if limit else ""
+        rows.append(_Row("smtp", where, tls, "ok", f"session accepted{auth}{size}"))
+        sender = check_sender(runtime)
+        try:
+            rows += await _check_envelope(deliverer, sender, recipients, where, tls)
+        except ConnectorError as exc:
+            rows.append(_Row(f"smtp MAIL FROM:<{sender}>", where, tls, "FAILED", str(exc)))
     finally:
         await deliverer.close()
-    auth = ", logged in" if runtime.smtp.username else ""
-    size = f", size limit {limit} bytes" if limit else ""
-    return f"session accepted{auth}{size}"
+    return rows
+
+
+async def _check_envelope(
+    deliverer: SmtpDeliverer, sender: str, recipients: Sequence[str], where: str, tls: str
+) -> list[_Row]:
+    """MAIL FROM the test sender, RCPT TO each recipient, RSET.  If the sender is refused,
+    the recipients are still tested, with the null sender (the probe the delivery makes)."""
+    rows: list[_Row] = []
+    mail_sender = sender
+    for start in range(0, max(len(recipients), 1), RCPT_BATCH):
+        batch = recipients[start : start + RCPT_BATCH]
+        result = await deliverer.probe(mail_sender, batch)
+        if start == 0:
+            rows.append(_reply_row(f"smtp MAIL FROM:<{sender}>", where, tls, "mail", result.mail))
+        if not result.mail.accepted and mail_sender and batch:
+            mail_sender = ""
+            result = await deliverer.probe(mail_sender, batch)
+        if not result.mail.accepted:
+            detail = f"not tested: MAIL FROM:<{mail_sender}> was refused"
+            rows += [_Row(f"smtp RCPT TO:<{r}>", where, tls, "-", detail) for r in batch]
+            continue
+        for recipient, reply in result.rcpt.items():
+            rows.append(_reply_row(f"smtp RCPT TO:<{recipient}>", where, tls, "rcpt", reply))
+    return rows
 
 
 async def _guarded(task: asyncio.Task[str]) -> tuple[bool, str]:
@@ -49,29 +202,26 @@ async def _guarded(task: asyncio.Task[str]) -> tuple[bool, str]:
 async def check_connections(runtime: Runtime, out: TextIO | None = None) -> int:
     """Try every connection at once; print a table; 0 when all succeeded, else 1."""
     out = out if out is not None else sys.stdout
-    targets: list[tuple[str, str, str, asyncio.Task[str]]] = [
+    accounts = [(spec, "") for spec in runtime.accounts]
+    accounts += [(spec, " (disabled)") for spec in runtime.disabled]
+    pop3 = [
         (
-            f"pop3 {spec.name}",
+            f"pop3 {spec.name}{mark}",
             f"{spec.endpoint.host}:{spec.endpoint.port}",
             str(spec.endpoint.tls),
             asyncio.create_task(_check_pop3(spec)),
         )
-        for spec in runtime.accounts
+        for spec, mark in accounts
     ]
-    smtp = runtime.smtp
-    targets.append(
-        (
-            "smtp",
-            f"{smtp.host}:{smtp.port}",
-            str(smtp.tls),
-            asyncio.create_task(_check_smtp(runtime)),
-        )
-    )
-    rows = []
-    all_ok = True
-    for name, where, tls, task in targets:
+    recipients = fixed_recipients(spec for spec, _ in accounts)
+    smtp = asyncio.create_task(_check_smtp(runtime, recipients))
+    rows: list[_Row] = []
+    for name, where, tls, task in pop3:
         ok, text = await _guarded(task)
-        all_ok &= ok
-        rows.append([name, where, tls, "ok" if ok else "FAILED", text])
-    print(format_table(["TARGET", "ADDRESS", "TLS", "RESULT", "DETAIL"], rows), file=out)
-    return 0 if all_ok else 1
+        rows.append(_Row(name, where, tls, "ok" if ok else "FAILED", text))
+    rows += await smtp
+    print(
+        format_table(["TARGET", "ADDRESS", "TLS", "RESULT", "DETAIL"], [r.cells() for r in rows]),
+        file=out,
+    )
+    return 1 if any(r.result == "FAILED" for r in rows) else 0

@@ -126,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     once.add_argument("--account", action="append", metavar="NAME", help="only this account")
     check = sub.add_parser("check", help="validate the config and print it, secrets masked")
     check.add_argument(
-        "--connect", action="store_true", help="also log in to each POP3 account and to SMTP"
+        "--connect",
+        action="store_true",
+        help="also log in to each POP3 account (disabled ones too) and to SMTP, and test "
+        "MAIL FROM and RCPT TO each fixed recipient (nothing is sent)",
     )
     rc = sub.add_parser(
         "import-fetchmailrc", help="print a config translated from a .fetchmailrc (stdout)"
@@ -268,7 +271,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             if args.connect:
                 from connector.check import check_connections
 
-                return runloop.run(check_connections(runtime))
+                # The disabled accounts too: a cut-over is tested before it happens.
+                everything = build_runtime(settings, include_disabled=True)
+                return runloop.run(check_connections(everything))
             return EX_OK
         case "once":
             return runloop.run(_once(runtime, args.account))

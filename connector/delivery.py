@@ -69,7 +69,9 @@ from aiosmtplib.protocol import (
 from aiosmtplib.typing import Default
 
 from connector.errors import (
+    AUTH_REQUIRED,
     DeliveryError,
+    Evidence,
     SmtpStage,
     smtp_class,
     split_enhanced_code,
@@ -80,6 +82,8 @@ from connector.pop3.client import TlsMode
 __all__ = [
     "Delivered",
     "Envelope",
+    "ProbeResult",
+    "Reply",
     "SenderPolicy",
     "SmtpDeliverer",
     "SmtpSettings",
@@ -323,6 +327,14 @@ def _from_reply(
         per_message=_per_message(stage, envelope, recipient),
         refused=refused,
     )
+
+
+def _recipient_refusals(exc: BaseException) -> list[aiosmtplib.SMTPRecipientRefused]:
+    """The recipients refused in ``exc`` (or in the refusal a failed RSET replaced)."""
+    found = _in_chain(exc, aiosmtplib.SMTPRecipientsRefused)
+    if isinstance(found, aiosmtplib.SMTPRecipientsRefused):
+        return list(found.recipients)
+    return []
 
 
 def _permanent(refusal: aiosmtplib.SMTPRecipientRefused) -> bool:
@@ -803,6 +815,134 @@ class _BeforeContentFailed(Exception):
         self.cause = cause
 
 
+# --------------------------------------------------------------------------------------------
+# Evidence: does a 5xx at MAIL or RCPT depend on the message? (docs/design.md §6.2)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply on one line: ``code`` and the text with its enhanced code."""
+
+    code: int
+    text: str
+
+    @property
+    def accepted(self) -> bool:
+        """250, or 251 to RCPT (RFC 5321 §4.1.1.3: "user not local; will forward")."""
+        return self.code in (250, 251)
+
+    def reply_class(self, stage: SmtpStage) -> int | None:
+        """The class that decides (2, 4, 5...) as a reply to ``stage``: the enhanced code's
+        digit wins (RFC 3463); a 552 to RCPT counts as 452 (RFC 5321 §4.5.3.1.10)."""
+        enhanced, _ = split_enhanced_code(self.text)
+        return smtp_class(self.code, enhanced, stage)
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}".rstrip()
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """What the server answered to an envelope tested without a message (:meth:`probe`).
+
+    ``rcpt`` holds one reply per recipient, in order; it is empty when MAIL was refused.
+    """
+
+    mail: Reply
+    rcpt: Mapping[str, Reply] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    """What testing one refusal showed; ``probe`` the probe's reply that refused it too."""
+
+    evidence: Evidence
+    probe: Reply | None = None
+    probe_sender: str = ""
+
+    @classmethod
+    def of(cls, reply: Reply, stage: SmtpStage, probe_sender: str) -> _Verdict:
+        """A probe's answer (to ``stage``) as evidence about the refusal it tested."""
+        if reply.accepted:
+            return cls(Evidence.PROBE_ACCEPTED)
+        if reply.reply_class(stage) == 5:
+            return cls(Evidence.PROBE_REFUSED, reply, probe_sender)
+        return cls(Evidence.PROBE_FAILED)  # 4xx, 421, or nonsense: no verdict
+
+    def applied(self, err: DeliveryError) -> DeliveryError:
+        """``err`` with this evidence; when the probe was refused too, its reply instead, at
+        the same stage (a probe's 552 to MAIL is not about this message's size)."""
+        tested = err
+        if self.probe is not None:
+            enhanced, text = split_enhanced_code(self.probe.text)
+            tested = DeliveryError(
+                err.stage,
+                f"{text} (probe from <{self.probe_sender}>)",
+                smtp_code=self.probe.code,
+                enhanced_code=enhanced,
+                per_message=err.per_message,
+                refused=err.refused,
+            )
+        tested.evidence = self.evidence
+        return tested
+
+
+class _SessionEvidence:
+    """What this SMTP session (one deliverer, one cycle) saw accepted for real messages.
+
+    docs/design.md §6.2: a 5xx at MAIL depends on the message if another sender was accepted at
+    MAIL in this session; a 5xx at RCPT of a fixed recipient, if that recipient was accepted
+    for another sender.  Probes are not recorded: the circuit breaker (fetcher) must know whether a
+    real message got through.  Kept across reconnects: the server and our setup are the same.
+
+    Two distinct senders per entry are enough to always find one that differs from a refused
+    sender, so memory stays small whatever the number of messages.  Addresses are compared
+    without case (a domain has none; a local part rarely differs only by case, and then the
+    evidence is only weaker, never taken from the very sender refused).
+    """
+
+    __slots__ = ("_mail", "_rcpt")
+
+    def __init__(self) -> None:
+        self._mail: list[str] = []  # senders accepted at MAIL, most recent first
+        self._rcpt: dict[str, list[str]] = {}  # recipient (lower case) -> senders
+
+    @staticmethod
+    def _note(senders: list[str], sender: str) -> None:
+        key = sender.lower()
+        for i, known in enumerate(senders):
+            if known.lower() == key:
+                del senders[i]
+                break
+        senders.insert(0, sender)
+        del senders[2:]
+
+    def mail_accepted(self, sender: str) -> None:
+        """A real message's sender was accepted at MAIL."""
+        self._note(self._mail, sender)
+
+    def rcpt_accepted(self, recipient: str, sender: str) -> None:
+        """A fixed recipient was accepted at RCPT in a real message's transaction from sender."""
+        self._note(self._rcpt.setdefault(recipient.lower(), []), sender)
+
+    def other_sender(self, sender: str) -> bool:
+        """Whether a sender other than ``sender`` was accepted at MAIL."""
+        return any(s.lower() != sender.lower() for s in self._mail)
+
+    def rcpt_other_sender(self, recipient: str, sender: str) -> bool:
+        """Whether ``recipient`` was accepted for a sender other than ``sender``."""
+        senders = self._rcpt.get(recipient.lower(), ())
+        return any(s.lower() != sender.lower() for s in senders)
+
+    def probe_sender(self, refused_sender: str) -> str | None:
+        """Another sender to probe with: the null sender, or, when the null sender is the one
+        refused, the last other sender accepted at MAIL; None when there is none."""
+        if refused_sender:
+            return ""
+        return next((s for s in self._mail if s), None)
+
+
 class SmtpDeliverer:
     """One SMTP connection reused across a cycle's messages; connects lazily, reconnects
     after a failure that closed the connection.  Raises only DeliveryError."""
@@ -816,6 +956,7 @@ class SmtpDeliverer:
             # the safe default (verify against the system store), never an unverified one.
             self._context = settings.ssl_context or ssl.create_default_context()
         self._smtp: _TracingSMTP | None = None
+        self._evidence = _SessionEvidence()
 
     async def __aenter__(self) -> SmtpDeliverer:
         return self
@@ -917,6 +1058,8 @@ class SmtpDeliverer:
                     smtp_code=553,
                     enhanced_code="5.1.7",
                     per_message=not envelope.sender_fixed,
+                    # The message's own Return-Path, refused by us: no server to test.
+                    evidence=Evidence.LOCAL,
                 )
         if not envelope.recipients:
             raise DeliveryError(
@@ -1011,6 +1154,7 @@ class SmtpDeliverer:
             smtp.say("--", str(err))
             if not smtp.is_connected:
                 self._smtp = None  # 421, timeout or drop: reconnect before the next message
+            err = await self._tested(err, envelope, _recipient_refusals(exc))
             raise err from exc
         except BaseException:
             # Cancelled inside a transaction: the stream is out of step; drop it (STYLE §4).
@@ -1070,16 +1214,28 @@ class SmtpDeliverer:
                 raise aiosmtplib.SMTPSenderRefused(
                     mail_reply.code, mail_reply.message, envelope.sender
                 )
+            evidence = self._evidence
+            evidence.mail_accepted(envelope.sender)
             for recipient, reply in zip(envelope.recipients, rcpt_replies, strict=True):
-                if reply.code not in (250, 251):  # RFC 5321 §4.1.1.3
+                if reply.code in (250, 251):  # RFC 5321 §4.1.1.3
+                    if envelope.is_configured(recipient):
+                        evidence.rcpt_accepted(recipient, envelope.sender)
+                else:
                     refusals.append(
                         aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, recipient)
                     )
-            ours = [r for r in refusals if _permanent(r) and envelope.is_configured(r.recipient)]
+            ours = [
+                r
+                for r in refusals
+                if _permanent(r)
+                and envelope.is_configured(r.recipient)
+                and not self._shown(envelope, r)
+            ]
             if ours or len(refusals) == len(envelope.recipients):
-                # A configured recipient refused permanently is our setup's fault (PRODUCT §6):
-                # stop before the content goes out, so that nobody gets this message now and
-                # the whole cycle stops; otherwise every recipient was refused.
+                # A configured recipient refused permanently may be our setup's fault unless
+                # this session already showed that it depends on the message (docs/design.md
+                # §6.2): stop before the content goes out, so that nobody gets this message
+                # now, and let deliver() test it; otherwise every recipient was refused.
                 self._abandon_data(smtp, data_reply)
                 raise aiosmtplib.SMTPRecipientsRefused(ours or refusals)
             if data_reply is None:
@@ -1115,6 +1271,158 @@ class SmtpDeliverer:
         if data_reply is not None and data_reply.code == 354:
             smtp.say("--", "354 after a refused envelope; closing to abort the transaction")
             smtp.close()
+
+    # -- evidence: does a refusal at MAIL or RCPT depend on the message? (docs/design.md §6.2)
+
+    def _shown(self, envelope: Envelope, refusal: aiosmtplib.SMTPRecipientRefused) -> bool:
+        """Whether this session already showed that a configured recipient's permanent
+        refusal depends on the message: the recipient was accepted for another sender (a
+        sender restriction answered at RCPT, Postfix's ``smtpd_delay_reject = yes``)."""
+        return (
+            not envelope.sender_fixed
+            and refusal.code != AUTH_REQUIRED
+            and self._evidence.rcpt_other_sender(refusal.recipient, envelope.sender)
+        )
+
+    async def probe(self, sender: str, recipients: Sequence[str] = ()) -> ProbeResult:
+        """Test an envelope without sending a message: ``MAIL FROM:<sender>``, then (when it is
+        accepted) ``RCPT TO`` each recipient, then RSET (RFC 5321 §4.1.1.5).  One command at a
+        time, on this deliverer's connection (opened if need be).
+
+        ``sender`` "" is the null sender.  Raises DeliveryError when the session cannot be set
+        up or the connection fails; a failure of the closing RSET is not one (the answers are
+        in; the connection is dropped and reopened next time).
+        """
+        for address in (sender, *recipients):
+            problem = address_problem(address) if address else None
+            if problem is not None:
+                raise DeliveryError(SmtpStage.MAIL, f"cannot probe <{address}>: {problem}")
+        smtp = await self._session()
+        timeout = self.settings.timeout
+        try:
+            smtp.stage = SmtpStage.MAIL
+            answer = await smtp.execute_command(
+                b"MAIL", b"FROM:<" + sender.encode("ascii") + b">", timeout=timeout
+            )
+            mail = Reply(answer.code, _one_line(answer.message))
+            rcpt: dict[str, Reply] = {}
+            if mail.code == 250:
+                for recipient in recipients:
+                    answer = await smtp.execute_command(
+                        b"RCPT", b"TO:<" + recipient.encode("ascii") + b">", timeout=timeout
+                    )
+                    rcpt[recipient] = Reply(answer.code, _one_line(answer.message))
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            err = delivery_error(exc, smtp.stage)
+            smtp.say("--", f"probe: {err}")
+            if not smtp.is_connected:
+                self._smtp = None
+            raise err from exc
+        except BaseException:
+            smtp.close()  # cancelled mid-probe: out of step (STYLE §4)
+            self._smtp = None
+            raise
+        if smtp.is_connected:
+            try:
+                await smtp.rset()
+            except (aiosmtplib.SMTPException, OSError) as exc:
+                smtp.say("--", f"probe: RSET failed ({_one_line(str(exc))}); closing")
+                smtp.close()
+        if not smtp.is_connected:
+            self._smtp = None
+        return ProbeResult(mail, rcpt)
+
+    async def _tested(
+        self,
+        err: DeliveryError,
+        envelope: Envelope,
+        refusals: Sequence[aiosmtplib.SMTPRecipientRefused],
+    ) -> DeliveryError:
+        """``err`` with the evidence of whether it depends on the message (docs/design.md §6.2).
+
+        Only a 5xx at MAIL of the message's own sender, or at RCPT of a recipient fixed in the
+        config, is tested; never a ``530`` (RFC 4954 §6), never with a fixed envelope sender.
+        The session's record comes first; failing that, a probe on the same connection (after
+        the refused transaction's RSET) with another sender.  Of several fixed recipients
+        refused, the one with the weakest evidence is the one reported: one that our setup
+        refuses is enough to stop the cycle.  When the probe was refused too, its reply is the
+        one reported: it is what the server says to every sender, so it names the setup fault
+        (``User unknown`` rather than the message's ``Sender denied``).
+        """
+        permanent = smtp_class(err.smtp_code, err.enhanced_code, err.stage) == 5
+        if not permanent or envelope.sender_fixed or err.smtp_code == AUTH_REQUIRED:
+            return err
+        if err.stage is SmtpStage.MAIL and err.per_message:
+            verdict = await self._sender_evidence(envelope.sender)
+            tested = verdict.applied(err)
+        elif err.stage is SmtpStage.RCPT and not err.per_message:
+            fixed = [r for r in refusals if _permanent(r) and envelope.is_configured(r.recipient)]
+            if not fixed:
+                return err
+            found = await self._recipient_evidence([r.recipient for r in fixed], envelope.sender)
+            for r in fixed:
+                if r.code == AUTH_REQUIRED:
+                    found[r.recipient] = _Verdict(Evidence.NONE)
+            weakest = min(fixed, key=lambda r: found[r.recipient].evidence.rank)
+            refused = _from_reply(
+                SmtpStage.RCPT,
+                weakest.code,
+                weakest.message,
+                envelope,
+                weakest.recipient,
+                err.refused,
+            )
+            tested = found[weakest.recipient].applied(refused)
+        else:
+            return err
+        if self._smtp is not None:
+            self._smtp.say("--", f"{err}: tested, {tested.evidence}: {tested}")
+        return tested
+
+    async def _sender_evidence(self, sender: str) -> _Verdict:
+        """Whether a 5xx to ``MAIL FROM:<sender>`` depends on the sender: another sender
+        accepted in this session, else a probe with the null sender."""
+        if self._evidence.other_sender(sender):
+            return _Verdict(Evidence.SESSION)
+        probe_sender = self._evidence.probe_sender(sender)
+        if probe_sender is None:
+            return _Verdict(Evidence.NO_PROBE)
+        try:
+            result = await self.probe(probe_sender)
+        except DeliveryError:
+            return _Verdict(Evidence.PROBE_FAILED)
+        return _Verdict.of(result.mail, SmtpStage.MAIL, probe_sender)
+
+    async def _recipient_evidence(
+        self, recipients: Sequence[str], sender: str
+    ) -> dict[str, _Verdict]:
+        """For each fixed recipient refused at RCPT in a transaction from ``sender``: shown by
+        the session, or by one probe ``MAIL FROM:<other>`` + ``RCPT TO`` each + RSET."""
+        found = {
+            r: _Verdict(Evidence.SESSION)
+            for r in recipients
+            if self._evidence.rcpt_other_sender(r, sender)
+        }
+        untested = [r for r in recipients if r not in found]
+        if not untested:
+            return found
+        probe_sender = self._evidence.probe_sender(sender)
+        if probe_sender is None:
+            return found | dict.fromkeys(untested, _Verdict(Evidence.NO_PROBE))
+        try:
+            result = await self.probe(probe_sender, untested)
+        except DeliveryError:
+            return found | dict.fromkeys(untested, _Verdict(Evidence.PROBE_FAILED))
+        if not result.mail.accepted:
+            # The probe's sender is refused at MAIL: the recipient was never asked.  A 5xx
+            # counts as refused (nothing shows that the refusal depends on the message: our
+            # setup), anything else as no verdict.
+            return found | dict.fromkeys(
+                untested, _Verdict.of(result.mail, SmtpStage.MAIL, probe_sender)
+            )
+        return found | {
+            r: _Verdict.of(result.rcpt[r], SmtpStage.RCPT, probe_sender) for r in untested
+        }
 
     async def close(self) -> None:
         """Send QUIT if connected and close the connection; errors here are ignored."""

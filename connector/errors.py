@@ -11,7 +11,9 @@
     │   ├── Pop3ConnectionError        also a ConnectionError
     │   │   └── Pop3TlsError           handshake or certificate failure
     │   └── Pop3TimeoutError           also a TimeoutError
-    ├── DeliveryError                  SMTP: .stage, .smtp_code, .enhanced_code, .text, .per_message
+    ├── DeliveryError                  SMTP: .stage, .smtp_code, .enhanced_code, .text,
+    │                                  .per_message, .evidence
+    │   └── RefusedAlikeError          the circuit breaker: every message refused alike
     ├── DeadLetterError                the store failed: .store, .reason
     ├── LedgerError                    SQLite failed
     └── AlreadyRunningError            another instance holds the state directory's lock
@@ -156,13 +158,83 @@ def split_enhanced_code(text: str) -> tuple[str | None, str]:
     return code, text[m.end() :].strip()
 
 
+class Evidence(enum.StrEnum):
+    """What testing showed about a 5xx to MAIL or RCPT: does it depend on the message?
+
+    A refusal at MAIL of the message's own sender, or at RCPT of a recipient fixed in the
+    config, may be about this message (a sender restriction; Postfix's default
+    ``smtpd_delay_reject = yes`` answers one at RCPT) or about our setup (authentication or
+    relay not granted, a wrong ``deliver_to``), and the reply text does not say which in any
+    reliable way.  The delivery module finds out by testing (docs/design.md §6.2) and reports
+    what it found here; :func:`classify` decides from it.
+
+    NONE
+        Nothing to test: the stage or the refused thing is the same for every message (a
+        fixed envelope sender, session setup, DATA), or a ``530`` (RFC 4954 §6: authentication
+        required, our setup whatever the message).
+    SESSION
+        Shown by this SMTP session: another sender was accepted at MAIL, or the refused
+        recipient was accepted for another sender.  The refusal depends on the message.
+    PROBE_ACCEPTED
+        A probe on the same connection with another sender (``MAIL FROM:<>``, and
+        ``RCPT TO:<the recipient>`` for RCPT) was accepted: it depends on the message.
+    PROBE_REFUSED
+        The probe was refused too: the server refuses every sender alike, our setup.
+    PROBE_FAILED
+        The probe could not be made (timeout, dropped connection, 4xx): we do not know yet.
+    NO_PROBE
+        The refused sender was the null sender and no other sender was accepted in this
+        session to probe with: we do not know yet.
+    LOCAL
+        Refused by us before anything was sent, for the message's own data (an envelope
+        sender we would not send as it is).
+    """
+
+    NONE = "none"
+    SESSION = "session"
+    PROBE_ACCEPTED = "probe-accepted"
+    PROBE_REFUSED = "probe-refused"
+    PROBE_FAILED = "probe-failed"
+    NO_PROBE = "no-probe"
+    LOCAL = "local"
+
+    @property
+    def shows_message(self) -> bool:
+        """True when the evidence shows that the refusal depends on the message."""
+        return self in _SHOWS_MESSAGE
+
+    @property
+    def rank(self) -> int:
+        """How strongly this evidence speaks for the message; of several recipients refused,
+        the weakest decides (a single one that our setup refuses stops the cycle)."""
+        return _RANK[self]
+
+
+_SHOWS_MESSAGE: Final = frozenset({Evidence.SESSION, Evidence.PROBE_ACCEPTED, Evidence.LOCAL})
+_RANK: Final[Mapping[Evidence, int]] = {
+    Evidence.NONE: 0,
+    Evidence.PROBE_REFUSED: 0,
+    Evidence.NO_PROBE: 1,
+    Evidence.PROBE_FAILED: 2,
+    Evidence.PROBE_ACCEPTED: 3,
+    Evidence.SESSION: 4,
+    Evidence.LOCAL: 4,
+}
+
+# RFC 4954 §6: "530 5.7.0 Authentication required".  Whatever the message, our setup.
+AUTH_REQUIRED: Final = 530
+
+
 class DeliveryError(ConnectorError):
     """SMTP did not accept a message, or the session could not be set up.
 
-    ``per_message`` says whether the refused thing depends on this message (its own
-    Return-Path at MAIL, DATA and after, the size check) or is the same for every message (a
-    fixed envelope sender, a recipient fixed in the config, the session setup).  The delivery
-    module knows which, so it sets it; :func:`classify` only reads it.
+    ``per_message`` says whether the refused thing is taken from this message (its own
+    Return-Path at MAIL, a recipient read from a shared mailbox's message at RCPT, DATA and
+    after, the size check) or is the same for every message (a fixed envelope sender, a
+    recipient fixed in the config, the session setup).  At MAIL (the message's own sender)
+    and at RCPT (a recipient fixed in the config) that alone does not show whether a 5xx
+    depends on the message; ``evidence`` says what testing showed (:class:`Evidence`).  The
+    delivery module knows both, so it sets them; :func:`classify` only reads them.
 
     ``smtp_code`` is ``None`` for timeouts, dropped connections and TLS failures.  ``security``
     marks a TLS or authentication failure that no retry will fix (an untrusted certificate,
@@ -179,6 +251,7 @@ class DeliveryError(ConnectorError):
         per_message: bool = False,
         security: bool = False,
         refused: Mapping[str, str] | None = None,
+        evidence: Evidence = Evidence.NONE,
     ) -> None:
         self.stage = stage
         self.text = text
@@ -189,6 +262,7 @@ class DeliveryError(ConnectorError):
         # At RCPT, when every recipient was refused: recipient -> "550 5.1.1 text", so that a
         # dead letter can name each of them (and ``requeue`` send it to them).
         self.refused: Mapping[str, str] = dict(refused or {})
+        self.evidence = evidence
         super().__init__(stage, text, smtp_code, enhanced_code)
 
     @property
@@ -203,6 +277,31 @@ class DeliveryError(ConnectorError):
 
     def __str__(self) -> str:
         return f"{self.response} (at {self.stage})"
+
+
+class RefusedAlikeError(DeliveryError):
+    """The circuit breaker (docs/design.md §6.2) held mail upstream: messages were refused alike
+    at MAIL or RCPT, one after another, and no message got past that stage; only probes said that
+    the refusals were about the messages.  A guard against our own misjudgement: the account is
+    marked failing (``per_message`` is False: PARK_ACCOUNT) and an administrator looks at the
+    SMTP target.  ``last`` is the latest refusal; ``held`` counts the messages left upstream.
+    """
+
+    def __init__(self, last: DeliveryError, held: int) -> None:
+        super().__init__(
+            last.stage,
+            last.text,
+            smtp_code=last.smtp_code,
+            enhanced_code=last.enhanced_code,
+            refused=last.refused,
+        )
+        self.held = held
+
+    def __str__(self) -> str:
+        return (
+            f"every message refused alike: check the SMTP target ({self.response} at "
+            f"{self.stage}; {self.held} message(s) left upstream)"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,7 +373,9 @@ def classify(exc: BaseException) -> Disposition:
       PARK_ACCOUNT; anything transient there is RETRY.  Neither ever dead-letters.
     * SMTP transaction: a 552 to RCPT counts as 452 (RFC 5321 §4.5.3.1.10); the class digit of an
       enhanced code (RFC 3463 §3.1) wins over the basic code; 4xx, timeouts and drops are RETRY;
-      5xx is DEAD_LETTER when the refused thing is about this message, else PARK_ACCOUNT.
+      5xx is DEAD_LETTER when the refused thing is about this message, else PARK_ACCOUNT.  At
+      MAIL and RCPT "about this message" must be shown by testing (``evidence``, see
+      :class:`Evidence` and :func:`_classify_envelope`); a ``530`` never is.
     * Dead-letter store and ledger failures are RETRY: the message stays upstream.
     """
     match exc:
@@ -320,11 +421,36 @@ def _classify_delivery(exc: DeliveryError) -> Disposition:
         if exc.security or cls == 5:
             return Disposition.PARK_ACCOUNT
         return Disposition.RETRY
-    if cls == 5 and exc.smtp_code == 530:
+    if cls == 5 and exc.smtp_code == AUTH_REQUIRED:
         # RFC 4954 §6: "530 5.7.0 Authentication required" (Exchange: "530 5.7.1 Client was not
         # authenticated") is what every sender gets, whatever the message (docs/design.md §6.1).
         return Disposition.PARK_ACCOUNT
+    if cls == 5 and exc.stage in (SmtpStage.MAIL, SmtpStage.RCPT):
+        return _classify_envelope(exc)
     if cls == 5:
         return Disposition.DEAD_LETTER if exc.per_message else Disposition.PARK_ACCOUNT
     # 4xx, 421, timeouts, drops, and any odd 2xx/3xx where a final answer was due: transient.
     return Disposition.RETRY
+
+
+def _classify_envelope(exc: DeliveryError) -> Disposition:
+    """A 5xx to MAIL or RCPT: a dead letter only when it depends on the message (docs/design.md
+    §6.2).
+
+    ``530`` is our setup whatever else is known (RFC 4954 §6).  A recipient read from the
+    message is the message's own; a fixed envelope sender refused at MAIL would refuse every
+    message.  Otherwise the evidence decides: shown to depend on the message, a dead letter;
+    a probe that could not be made, a retry (the message is deferred); refused alike for
+    another sender, or nothing to test with, our setup.
+    """
+    if exc.smtp_code == AUTH_REQUIRED:
+        return Disposition.PARK_ACCOUNT
+    if exc.per_message and exc.stage is SmtpStage.RCPT:
+        return Disposition.DEAD_LETTER
+    if not exc.per_message and exc.stage is SmtpStage.MAIL:
+        return Disposition.PARK_ACCOUNT
+    if exc.evidence.shows_message:
+        return Disposition.DEAD_LETTER
+    if exc.evidence is Evidence.PROBE_FAILED:
+        return Disposition.RETRY
+    return Disposition.PARK_ACCOUNT

@@ -53,8 +53,11 @@ from connector.errors import (
     DeadLetterError,
     DeliveryError,
     Disposition,
+    Evidence,
     LedgerError,
     Pop3ResponseError,
+    RefusedAlikeError,
+    SmtpStage,
     classify,
 )
 from connector.ledger import Ledger, LedgerEntry, MessageState, RecipientsDone
@@ -71,6 +74,15 @@ before they are sent; a bound on the list, not on safety: a DELE counts only at 
 FETCH_CEILING: Final = 1024 * 1024 * 1024
 """No message larger than this is read, whatever the policy: it is left upstream and reported.
 A message is held in memory while it is handled; this bounds what one message may cost."""
+
+BREAKER_THRESHOLD: Final = 5
+"""The circuit breaker (docs/design.md §6.2, :class:`Breaker`) trips at the fifth message in a row
+refused alike at MAIL or RCPT with only a probe to say that the refusal depends on the message.
+A setup refusal that the probe misjudges then costs at most four dead letters, each repaired by
+``dead-letters requeue``.  A real run of refused senders at the head of a session (spam comes in
+runs) is mostly dead-lettered at once; the rest is held and decided again as soon as a message
+gets through (Cycle._revisit), at the price of a second RETR each.  Higher would let a
+misjudgement cost more dead letters; lower would fetch more messages twice."""
 
 
 class Oversize(enum.StrEnum):
@@ -312,6 +324,56 @@ async def uid_listing(pop: Pop3Client, count: int, sizes: dict[int, int]) -> lis
     return sorted(listing)
 
 
+class Breaker:
+    """The guard of docs/design.md §6.2 against our own misjudgement at MAIL and RCPT.
+
+    A 5xx at MAIL or RCPT is dead-lettered when a probe with another sender was accepted
+    (delivery: ``Evidence.PROBE_ACCEPTED``).  If a target refused every real sender but took
+    the probe's (an Exchange connector without Accept-Any-Sender may take the null sender),
+    that judgement would dead-letter a whole mailbox.  So: when :data:`BREAKER_THRESHOLD`
+    messages in a row are refused at the same stage with the same code on a probe's word alone,
+    and no message of this session got past MAIL and RCPT, the breaker trips.  From then on
+    such refusals are *held*: left upstream untouched (no dead letter, no ledger row), and the
+    cycle goes on.  A message that gets past MAIL and RCPT (delivered, or refused at or after
+    DATA) resets it: the stage works, the held mail is decided again with this session's
+    evidence (Cycle._revisit).  If none does, the cycle ends failing with
+    :class:`~connector.errors.RefusedAlikeError` ("every message refused alike: check the SMTP
+    target"), and the trip is remembered in the ledger, so the next cycles start tripped: no
+    more dead letters on a probe's word until a message gets through again.
+
+    Refusals shown by the session itself (``Evidence.SESSION``: another sender or the same
+    recipient accepted for a real message) and refusals after DATA never count: a mailbox full
+    of spam refused after DATA is the case this product exists for.
+    """
+
+    __slots__ = ("count", "key", "passed", "tripped")
+
+    def __init__(self, tripped: str | None = None) -> None:
+        self.tripped = tripped  # the refusal that tripped it (this cycle or an earlier one)
+        self.key: tuple[SmtpStage, int | None, str | None] | None = None
+        self.count = 0
+        self.passed = False  # a message got past MAIL and RCPT in this session
+
+    def holds(self, exc: DeliveryError) -> bool:
+        """For a refusal at MAIL or RCPT about to be dead-lettered: hold it instead?"""
+        if exc.evidence is not Evidence.PROBE_ACCEPTED:
+            return False
+        if self.tripped is not None:
+            return True
+        key = (exc.stage, exc.smtp_code, exc.enhanced_code)
+        if key != self.key:
+            self.key, self.count = key, 0
+        self.count += 1
+        if self.count < BREAKER_THRESHOLD:
+            return False
+        self.tripped = f"{exc.response} (at {exc.stage})"
+        return True
+
+    def through(self) -> None:
+        """A message got past MAIL and RCPT: the stage works; start again."""
+        self.tripped, self.key, self.count, self.passed = None, None, 0, True
+
+
 class Cycle:
     """One cycle of one account.  Construct, then ``await cycle.run()``; not reusable."""
 
@@ -343,6 +405,10 @@ class Cycle:
         # Delivered messages whose ledger row is queued (record_delivered_soon): (message
         # number to DELE once the row is committed, or None with leave_on_server; ticket).
         self._unsettled: list[tuple[int | None, int]] = []
+        self.breaker = Breaker()
+        # Refused at MAIL or RCPT and left upstream undecided (Breaker, Evidence.NO_PROBE):
+        # (message number, the refusal), to be decided again once a message gets through.
+        self._held: list[tuple[int, DeliveryError]] = []
 
     async def run(self) -> CycleStats:
         """Run the cycle; raises the error that ended it (already classified by the caller)."""
@@ -372,6 +438,9 @@ class Cycle:
                 await self._process(pop, listing, known, sizes)
             except CycleStopped as exc:
                 stopped = exc
+            failure = self._held_failure() if stopped is None and self._held else None
+            if failure is not None:
+                stopped = CycleStopped(failure)
             try:
                 await self._settle(pop)  # the DELEs of the last delivered messages
             except CycleStopped as exc:
@@ -429,23 +498,85 @@ class Cycle:
         if not todo:
             return
         uids = dict(todo)
+        # Only a cycle with something to deliver reads (and may change) the breaker's memory.
+        remembered = await self.ledger.breaker(acct.name)
+        self.breaker = Breaker(remembered)
         try:
-            async for item in pop.retrieve_many([n for n, _ in todo], sizes=sizes):
-                number, raw = item.number, item.raw
-                if self.stopping.is_set():
-                    # Stop between messages, never inside one (STYLE §4); this one waits.
-                    self.stats.stopped_early = True
-                    break
-                if number in oversize:
-                    outcome = await self._too_large(pop, number, uids[number], raw)
-                else:
-                    outcome = await self._handle(
-                        pop, number, uids[number], raw, known.get(uids[number]), item.wire
-                    )
-                del raw, item  # drop this message before the next is read: two copies at most
-                self.stats.count(outcome)
+            try:
+                await self._deliver_all(pop, [n for n, _ in todo], uids, known, sizes, oversize)
+                if self._held and self.breaker.passed and not self.stopping.is_set():
+                    await self._revisit(pop, uids, known, sizes)
+            finally:
+                await self.deliverer.close()
         finally:
-            await self.deliverer.close()
+            if self.breaker.tripped != remembered:
+                await self._commit(self.ledger.set_breaker(acct.name, self.breaker.tripped))
+
+    async def _deliver_all(
+        self,
+        pop: Pop3Client,
+        numbers: list[int],
+        uids: dict[int, str],
+        known: dict[str, LedgerEntry],
+        sizes: dict[int, int],
+        oversize: set[int] | None = None,
+    ) -> None:
+        """RETR and handle ``numbers`` in order, until done or ``stopping``."""
+        async for item in pop.retrieve_many(numbers, sizes=sizes):
+            number, raw = item.number, item.raw
+            if self.stopping.is_set():
+                # Stop between messages, never inside one (STYLE §4); this one waits.
+                self.stats.stopped_early = True
+                break
+            if oversize and number in oversize:
+                outcome: Outcome | None = await self._too_large(pop, number, uids[number], raw)
+            else:
+                outcome = await self._handle(
+                    pop, number, uids[number], raw, known.get(uids[number]), item.wire
+                )
+            del raw, item  # drop this message before the next is read: two copies at most
+            if outcome is not None:  # None: held upstream, undecided (Breaker)
+                self.stats.count(outcome)
+
+    async def _revisit(
+        self,
+        pop: Pop3Client,
+        uids: dict[int, str],
+        known: dict[str, LedgerEntry],
+        sizes: dict[int, int],
+    ) -> None:
+        """Decide the held messages again, now that a message got past MAIL and RCPT in this
+        session: the session's own evidence (docs/design.md §6.2) now speaks for or against each.
+
+        They are fetched again (RETR is repeatable until QUIT, RFC 1939 §5); a message the
+        server takes now is delivered.  One more pass at most: what is still held stays
+        upstream and fails the cycle.
+        """
+        held, self._held = self._held, []
+        log.info(
+            "account=%s: a message got through; deciding the %d held message(s) again",
+            self.account.name,
+            len(held),
+        )
+        await self._deliver_all(pop, [n for n, _ in held], uids, known, sizes)
+
+    def _held_failure(self) -> DeliveryError | None:
+        """Why the cycle fails with mail held upstream: the breaker, or the first refusal
+        there was nothing to test with (a null sender, no other sender accepted yet).  None
+        when a message got through but a shutdown came before the held mail was decided
+        again: it simply waits for the next cycle."""
+        last = self._held[-1][1]
+        if self.breaker.tripped is not None:
+            return RefusedAlikeError(last, len(self._held))
+        if self.stopping.is_set():
+            return None  # a message got through, but the shutdown came before _revisit
+        undecided = [exc for _, exc in self._held if exc.evidence is Evidence.NO_PROBE]
+        return undecided[0] if undecided else RefusedAlikeError(last, len(self._held))
+
+    def _hold(self, number: int, uid: str, exc: DeliveryError, why: str) -> None:
+        """Leave a refused message upstream undecided (no ledger row, no dead letter)."""
+        self._held.append((number, exc))
+        log.warning("account=%s uidl=%s held upstream (%s): %s", self.account.name, uid, why, exc)
 
     def _fetch_limit(self) -> int:
         """The most octets one message may have to be fetched (the POP3 client's cap)."""
@@ -500,9 +631,10 @@ class Cycle:
         raw: bytes,
         entry: LedgerEntry | None,
         wire: bytes | None = None,
-    ) -> Outcome:
+    ) -> Outcome | None:
         """Deliver one message.  ``wire``: ``raw`` still dot-stuffed as POP3 sent it, when it
-        is SMTP's DATA content as it is (RFC 1939 §3, RFC 5321 §4.5.2): forwarded unscanned."""
+        is SMTP's DATA content as it is (RFC 1939 §3, RFC 5321 §4.5.2): forwarded unscanned.
+        None: refused at MAIL or RCPT and held upstream, undecided (:class:`Breaker`)."""
         acct, policy = self.account, self.policy
         sender, sender_fixed = envelope_sender(raw, policy.sender_policy, policy.fixed_sender)
         keys: tuple[str, ...] = (f"uidl:{uid}",)
@@ -573,6 +705,7 @@ class Cycle:
         except DeliveryError as exc:
             return await self._refused(pop, number, uid, raw, exc, envelope, keys)
         self.stats.delivered_bytes += len(trace) + len(raw)
+        self.breaker.through()
         if delivered.refused:
             return await self._partly(pop, number, uid, raw, entry, delivered, envelope, keys)
 
@@ -761,12 +894,23 @@ class Cycle:
         exc: DeliveryError,
         envelope: Envelope,
         keys: tuple[str, ...],
-    ) -> Outcome:
+    ) -> Outcome | None:
         acct = self.account
         disposition = classify(exc)
+        if exc.stage is SmtpStage.DATA:
+            self.breaker.through()  # it got past MAIL and RCPT: those stages work
+        if disposition is Disposition.PARK_ACCOUNT and exc.evidence is Evidence.NO_PROBE:
+            # A null sender refused, and nothing accepted yet to test another sender with:
+            # undecided, not (yet) our setup.  A later message may show either
+            # (docs/design.md §6.2).
+            self._hold(number, uid, exc, "nothing to test the refusal with yet")
+            return None
         if exc.stage.is_setup or disposition is Disposition.PARK_ACCOUNT:
             # PRODUCT §6: our own setup is wrong; every message would fare the same.
             raise CycleStopped(exc) from exc
+        if disposition is Disposition.DEAD_LETTER and self.breaker.holds(exc):
+            self._hold(number, uid, exc, "every message refused alike so far")
+            return None
         response = exc.response
         if exc.refused and acct.shared is not None:
             # Every recipient refused: name each, for the dead letter and the log line.

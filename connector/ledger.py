@@ -123,6 +123,12 @@ MIGRATIONS: Final[list[str]] = [
           WHERE m.account = recipients_done.account AND m.uidl = substr(recipients_done.key, 6)
       );
     """,
+    # 4: the circuit breaker (docs/design.md §6.2, fetcher.Breaker): the refusal that tripped it,
+    # kept until a message of the account gets past MAIL and RCPT again, so that a target
+    # refusing every real sender costs a handful of dead letters once, not a handful every cycle.
+    """
+    ALTER TABLE accounts ADD COLUMN breaker TEXT;
+    """,
 ]
 
 
@@ -721,6 +727,34 @@ class Ledger:
                 )
 
         await self._submit("record_cycle", run)
+
+    async def breaker(self, account: str) -> str | None:
+        """The refusal that tripped the account's circuit breaker, or None (fetcher.Breaker)."""
+
+        def run(conn: sqlite3.Connection) -> str | None:
+            found = conn.execute(
+                "SELECT breaker FROM accounts WHERE name = ?", (account,)
+            ).fetchone()
+            tripped: str | None = None if found is None else found[0]
+            return tripped
+
+        return await self._submit("breaker", run)
+
+    async def set_breaker(self, account: str, tripped: str | None) -> None:
+        """Remember (or, with None, forget) the refusal that tripped the circuit breaker."""
+        text = None if tripped is None else _storable(tripped)
+
+        def run(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.execute(
+                    """
+                    INSERT INTO accounts (name, breaker) VALUES (?, ?)
+                    ON CONFLICT (name) DO UPDATE SET breaker = excluded.breaker
+                    """,
+                    (account, text),
+                )
+
+        await self._submit("set_breaker", run, shield=True)
 
     async def account_status(self) -> list[AccountStatus]:
         """Every account with a cycle record or ledger rows, by name."""

@@ -233,6 +233,9 @@ class Runtime:
     transcripts: bool
     imap_store: ImapStoreSpec | None = None
     notices: NoticeSettings | None = None  # None: [notices] postmaster not set
+    # Accounts with enabled = false, built only for `check --connect` (build_runtime's
+    # include_disabled): never polled.
+    disabled: tuple[AccountSpec, ...] = ()
 
     @property
     def ledger_path(self) -> Path:
@@ -284,8 +287,13 @@ def shared_mailbox(config: SharedConfig, username: str = "") -> SharedMailbox:
     )
 
 
-def build_runtime(settings: Settings) -> Runtime:
-    """Turn validated settings into runtime objects; raises ConfigError (e.g. a bad ca_file)."""
+def build_runtime(settings: Settings, *, include_disabled: bool = False) -> Runtime:
+    """Turn validated settings into runtime objects; raises ConfigError (e.g. a bad ca_file).
+
+    ``include_disabled`` also builds the accounts with ``enabled = false`` (``disabled``), for
+    ``check --connect``; otherwise they are skipped, so a disabled account's bad ``ca_file``
+    never stops the service.
+    """
     smtp_cfg = settings.smtp
     smtp_tls = TlsMode(smtp_cfg.tls)
     helo = smtp_cfg.helo_name or socket.getfqdn()
@@ -311,9 +319,10 @@ def build_runtime(settings: Settings) -> Runtime:
             policy = DeliveryPolicy(SenderPolicy.FIXED, address, helo)
 
     accounts: list[AccountSpec] = []
+    disabled: list[AccountSpec] = []
     intervals: dict[str, float] = {}
     for i, acct in enumerate(settings.accounts):
-        if not acct.enabled:
+        if not acct.enabled and not include_disabled:
             continue
         tls = TlsMode(acct.tls)
         ctx = (
@@ -332,7 +341,7 @@ def build_runtime(settings: Settings) -> Runtime:
             )
         if password is None:  # the config guarantees one; be explicit for the type checker
             raise ConfigError(f"accounts[{i}].password: no password given")
-        accounts.append(
+        (accounts if acct.enabled else disabled).append(
             AccountSpec(
                 name=acct.name,
                 endpoint=Pop3Endpoint(
@@ -356,7 +365,8 @@ def build_runtime(settings: Settings) -> Runtime:
                 shared=None if acct.shared is None else shared_mailbox(acct.shared, acct.username),
             )
         )
-        intervals[acct.name] = settings.poll_interval_of(acct)
+        if acct.enabled:
+            intervals[acct.name] = settings.poll_interval_of(acct)
     state_dir = settings.service.state_dir
     dl = settings.dead_letter
     imap: ImapStoreSpec | None = None
@@ -386,6 +396,7 @@ def build_runtime(settings: Settings) -> Runtime:
         shutdown_grace=settings.service.shutdown_grace,
         transcripts=settings.service.log_level == "debug",
         imap_store=imap,
+        disabled=tuple(disabled),
         notices=None
         if settings.notices.postmaster is None
         else NoticeSettings(

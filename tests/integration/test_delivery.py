@@ -32,7 +32,7 @@ from connector.delivery import (
     SmtpSettings,
     envelope_sender,
 )
-from connector.errors import DeliveryError, Disposition, SmtpStage, classify
+from connector.errors import DeliveryError, Disposition, Evidence, SmtpStage, classify
 from connector.pop3.client import TlsMode
 from tests.servers import RecordingHandler, SmtpSink, free_port
 
@@ -369,8 +369,12 @@ async def test_451_at_mail_retries_and_next_message_goes_through(smtp_sink: Smtp
 async def test_5xx_at_mail_depends_on_whose_sender(
     smtp_sink: SmtpSink, policy: SenderPolicy, disposition: Disposition
 ) -> None:
+    # Every sender refused but the null sender, which is what the deliverer probes with
+    # (unless the null sender is the one refused: then there is nothing to probe with).
     smtp_sink.handler.rule = lambda stage, env, data: (
-        "550 5.7.1 Sender rejected by policy" if stage == "mail" else None
+        "550 5.7.1 Sender rejected by policy"
+        if stage == "mail" and (env.mail_from != "<>" or policy is SenderPolicy.NULL)
+        else None
     )
     sender, fixed = envelope_sender(MESSAGE, policy, "relay@firma.local")
     env = Envelope(sender, TO, sender_fixed=fixed)
@@ -378,6 +382,11 @@ async def test_5xx_at_mail_depends_on_whose_sender(
         err = await refused(deliverer, MESSAGE, env)
     assert (err.stage, err.smtp_code, err.enhanced_code) == (SmtpStage.MAIL, 550, "5.7.1")
     assert err.per_message is (policy is SenderPolicy.RETURN_PATH)
+    # The message's own sender: the probe with the null sender (this rule refuses every
+    # sender but <>) shows it depends on the message.  A fixed sender is never probed.
+    assert err.evidence is (
+        Evidence.PROBE_ACCEPTED if policy is SenderPolicy.RETURN_PATH else Evidence.NONE
+    )
     assert classify(err) is disposition
 
 
@@ -781,12 +790,13 @@ async def test_exact_bytes_on_the_wire(pipelining: bool, split: bool) -> None:
 async def test_pipelined_refusals_keep_their_stage() -> None:
     # RCPT refused (fixed recipient), but the server answered the pipelined DATA with 354
     # (RFC 2920 §3.1): the client aborts by closing, never sends content (not even "."), and
-    # the next message reconnects.
+    # the next message reconnects.  A fixed sender: nothing to probe (this server answers
+    # only whole pipelined groups, so a probe would wait for its timeout).
     async with (
         RawServer(rcpt_reply=b"550 5.1.1 no such user") as server,
         SmtpDeliverer(smtp_settings(server.port)) as deliverer,
     ):
-        err = await refused(deliverer, MESSAGE, envelope())
+        err = await refused(deliverer, MESSAGE, envelope(sender_fixed=True))
         assert (err.stage, err.smtp_code, err.enhanced_code) == (SmtpStage.RCPT, 550, "5.1.1")
         assert classify(err) is Disposition.PARK_ACCOUNT
         assert not is_connected(deliverer)

@@ -1,8 +1,9 @@
 """classify(): the one place that turns a failure into a Disposition (PRODUCT §6, STYLE §3).
 
 The SMTP table is checked against an oracle written from PRODUCT §6 in the words of the spec,
-over every code 200-599, every stage, with and without enhanced codes, and both values of
-``per_message``.  The POP3 rows follow RFC 2449 §8 and RFC 3206.
+over every code 200-599, every stage, with and without enhanced codes, both values of
+``per_message`` and every kind of evidence (what testing showed about a refusal at MAIL or
+RCPT).  The POP3 rows follow RFC 2449 §8 and RFC 3206.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from connector.errors import (
     DeadLetterError,
     DeliveryError,
     Disposition,
+    Evidence,
     LedgerError,
     Pop3AuthError,
     Pop3ConnectionError,
@@ -38,7 +40,13 @@ TRANSACTION = (SmtpStage.MAIL, SmtpStage.RCPT, SmtpStage.DATA, SmtpStage.SIZE)
 ENHANCED = (None, "2.0.0", "4.7.1", "4.2.2", "5.1.0", "5.3.4", "5.7.1")
 
 
-def expected(stage: SmtpStage, code: int, enhanced: str | None, per_message: bool) -> Disposition:
+def expected(
+    stage: SmtpStage,
+    code: int,
+    enhanced: str | None,
+    per_message: bool,
+    evidence: Evidence = Evidence.NONE,
+) -> Disposition:
     """PRODUCT §6, spelled out independently of errors.py."""
     if stage is SmtpStage.RCPT and code == 552:
         code = 452  # RFC 5321 §4.5.3.1.10
@@ -46,6 +54,19 @@ def expected(stage: SmtpStage, code: int, enhanced: str | None, per_message: boo
     if not permanent:
         return Disposition.RETRY
     if stage in SETUP or code == 530:  # RFC 4954 §6: authentication required, of every sender
+        return Disposition.PARK_ACCOUNT
+    if stage in (SmtpStage.MAIL, SmtpStage.RCPT):
+        if code == 530:  # RFC 4954 §6: authentication required, whatever the message
+            return Disposition.PARK_ACCOUNT
+        if stage is SmtpStage.RCPT and per_message:  # a recipient read from the message
+            return Disposition.DEAD_LETTER
+        if stage is SmtpStage.MAIL and not per_message:  # a fixed envelope sender
+            return Disposition.PARK_ACCOUNT
+        # The message's own sender, or a recipient fixed in the config: tested.
+        if evidence in (Evidence.SESSION, Evidence.PROBE_ACCEPTED, Evidence.LOCAL):
+            return Disposition.DEAD_LETTER
+        if evidence is Evidence.PROBE_FAILED:
+            return Disposition.RETRY
         return Disposition.PARK_ACCOUNT
     return Disposition.DEAD_LETTER if per_message else Disposition.PARK_ACCOUNT
 
@@ -59,17 +80,26 @@ def expected(stage: SmtpStage, code: int, enhanced: str | None, per_message: boo
 @pytest.mark.parametrize("enhanced", ENHANCED)
 @pytest.mark.parametrize("per_message", [True, False])
 def test_smtp_code_table(stage: SmtpStage, enhanced: str | None, per_message: bool) -> None:
-    for code in range(200, 600):
+    for code, evidence in itertools.product(range(200, 600), Evidence):
         exc = DeliveryError(
-            stage, "text", smtp_code=code, enhanced_code=enhanced, per_message=per_message
+            stage,
+            "text",
+            smtp_code=code,
+            enhanced_code=enhanced,
+            per_message=per_message,
+            evidence=evidence,
         )
-        assert classify(exc) is expected(stage, code, enhanced, per_message), (code, exc)
+        assert classify(exc) is expected(stage, code, enhanced, per_message, evidence), (
+            code,
+            evidence,
+            exc,
+        )
 
 
 @pytest.mark.parametrize("stage", SETUP)
 def test_setup_stages_never_dead_letter(stage: SmtpStage) -> None:
-    for code, enhanced, per_message, certificate in itertools.product(
-        [None, *range(200, 600)], ENHANCED, [True, False], [True, False]
+    for code, enhanced, per_message, certificate, evidence in itertools.product(
+        [None, *range(200, 600)], ENHANCED, [True, False], [True, False], Evidence
     ):
         exc = DeliveryError(
             stage,
@@ -78,6 +108,7 @@ def test_setup_stages_never_dead_letter(stage: SmtpStage) -> None:
             enhanced_code=enhanced,
             per_message=per_message,
             security=certificate,
+            evidence=evidence,
         )
         assert classify(exc) is not Disposition.DEAD_LETTER
 
@@ -90,11 +121,11 @@ def test_setup_stages_never_dead_letter(stage: SmtpStage) -> None:
         (SmtpStage.DATA, 552, "5.3.4", True, Disposition.DEAD_LETTER),
         (SmtpStage.DATA, 451, "4.3.0", True, Disposition.RETRY),
         (SmtpStage.DATA, 421, "4.4.2", True, Disposition.RETRY),
-        # MAIL: the message's own Return-Path vs a sender fixed for every message.
-        (SmtpStage.MAIL, 550, "5.7.1", True, Disposition.DEAD_LETTER),
+        # MAIL: untested, even the message's own Return-Path is not shown to be the cause.
+        (SmtpStage.MAIL, 550, "5.7.1", True, Disposition.PARK_ACCOUNT),
         (SmtpStage.MAIL, 550, "5.7.1", False, Disposition.PARK_ACCOUNT),
         (SmtpStage.MAIL, 451, "4.7.1", False, Disposition.RETRY),
-        # RCPT: a fixed deliver_to recipient refused is the account's problem.
+        # RCPT: a fixed deliver_to recipient refused, untested, is the account's problem.
         (SmtpStage.RCPT, 550, "5.1.1", False, Disposition.PARK_ACCOUNT),
         (SmtpStage.RCPT, 550, "5.1.1", True, Disposition.DEAD_LETTER),
         # RFC 5321 §4.5.3.1.10: 552 at RCPT counts as 452 ...
@@ -102,7 +133,6 @@ def test_setup_stages_never_dead_letter(stage: SmtpStage) -> None:
         (SmtpStage.RCPT, 552, None, False, Disposition.RETRY),
         # ... but only at RCPT.
         (SmtpStage.DATA, 552, None, True, Disposition.DEAD_LETTER),
-        (SmtpStage.MAIL, 552, None, True, Disposition.DEAD_LETTER),
         # RFC 3463 §3.1: the enhanced class digit wins over the basic code.
         (SmtpStage.DATA, 550, "4.2.2", True, Disposition.RETRY),
         (SmtpStage.DATA, 450, "5.2.2", True, Disposition.DEAD_LETTER),
@@ -122,6 +152,140 @@ def test_smtp_named_cases(
 ) -> None:
     exc = DeliveryError(stage, "t", smtp_code=code, enhanced_code=enhanced, per_message=per_message)
     assert classify(exc) is disposition
+
+
+@pytest.mark.parametrize(
+    ("stage", "code", "enhanced", "per_message", "evidence", "disposition"),
+    [
+        # MAIL with the message's own Return-Path: a dead letter only when shown.
+        (SmtpStage.MAIL, 554, "5.1.0", True, Evidence.SESSION, Disposition.DEAD_LETTER),
+        (SmtpStage.MAIL, 554, "5.1.0", True, Evidence.PROBE_ACCEPTED, Disposition.DEAD_LETTER),
+        (SmtpStage.MAIL, 554, "5.1.0", True, Evidence.PROBE_REFUSED, Disposition.PARK_ACCOUNT),
+        (SmtpStage.MAIL, 554, "5.1.0", True, Evidence.NO_PROBE, Disposition.PARK_ACCOUNT),
+        (SmtpStage.MAIL, 554, "5.1.0", True, Evidence.PROBE_FAILED, Disposition.RETRY),
+        (SmtpStage.MAIL, 554, "5.1.0", True, Evidence.NONE, Disposition.PARK_ACCOUNT),
+        (SmtpStage.MAIL, 553, "5.1.7", True, Evidence.LOCAL, Disposition.DEAD_LETTER),
+        # A fixed envelope sender: never tested, never a dead letter.
+        (SmtpStage.MAIL, 554, "5.1.0", False, Evidence.PROBE_ACCEPTED, Disposition.PARK_ACCOUNT),
+        # RFC 4954 §6: 530 is our setup, whatever a probe said.
+        (SmtpStage.MAIL, 530, "5.7.1", True, Evidence.PROBE_ACCEPTED, Disposition.PARK_ACCOUNT),
+        (SmtpStage.MAIL, 530, "5.7.0", True, Evidence.SESSION, Disposition.PARK_ACCOUNT),
+        (SmtpStage.RCPT, 530, "5.7.1", False, Evidence.SESSION, Disposition.PARK_ACCOUNT),
+        (SmtpStage.RCPT, 530, "5.7.1", True, Evidence.NONE, Disposition.PARK_ACCOUNT),
+        # RCPT of a fixed recipient: Postfix's delay_reject sender refusal vs a wrong address.
+        (SmtpStage.RCPT, 554, "5.1.0", False, Evidence.SESSION, Disposition.DEAD_LETTER),
+        (SmtpStage.RCPT, 554, "5.1.0", False, Evidence.PROBE_ACCEPTED, Disposition.DEAD_LETTER),
+        (SmtpStage.RCPT, 550, "5.1.1", False, Evidence.PROBE_REFUSED, Disposition.PARK_ACCOUNT),
+        (SmtpStage.RCPT, 550, "5.1.1", False, Evidence.NO_PROBE, Disposition.PARK_ACCOUNT),
+        (SmtpStage.RCPT, 550, "5.1.1", False, Evidence.PROBE_FAILED, Disposition.RETRY),
+        # Evidence changes nothing after DATA, nor in a temporary refusal.
+        (SmtpStage.DATA, 554, "5.1.0", True, Evidence.PROBE_REFUSED, Disposition.DEAD_LETTER),
+        (SmtpStage.MAIL, 451, "4.7.1", True, Evidence.PROBE_ACCEPTED, Disposition.RETRY),
+    ],
+)
+def test_smtp_evidence_cases(
+    stage: SmtpStage,
+    code: int,
+    enhanced: str | None,
+    per_message: bool,
+    evidence: Evidence,
+    disposition: Disposition,
+) -> None:
+    exc = DeliveryError(
+        stage,
+        "t",
+        smtp_code=code,
+        enhanced_code=enhanced,
+        per_message=per_message,
+        evidence=evidence,
+    )
+    assert classify(exc) is disposition
+
+
+# Exchange 2016/2019 and Exchange Online as they answer (issue 12, "Exchange as it answers"):
+# where the refusal comes, the reply, what the evidence is when the server refuses it for every
+# sender ("alike": the probe is refused too) or for this message only ("message": the probe
+# with another sender is accepted), and the disposition.  tests/integration/test_exchange.py
+# drives the same replies through the fetcher.
+EXCHANGE_REFUSALS: list[tuple[SmtpStage, str, Evidence, Disposition]] = [
+    (
+        SmtpStage.RCPT,
+        "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup",
+        Evidence.PROBE_REFUSED,
+        Disposition.PARK_ACCOUNT,
+    ),
+    (SmtpStage.MAIL, "554 5.1.0 Sender denied", Evidence.PROBE_ACCEPTED, Disposition.DEAD_LETTER),
+    (SmtpStage.DATA, "554 5.1.0 Sender denied", Evidence.NONE, Disposition.DEAD_LETTER),
+    (
+        SmtpStage.DATA,
+        "552 5.3.4 Message size exceeds fixed maximum message size",
+        Evidence.NONE,
+        Disposition.DEAD_LETTER,
+    ),
+    (
+        SmtpStage.SIZE,
+        "552 5.3.4 Message size exceeds fixed maximum message size",
+        Evidence.NONE,
+        Disposition.DEAD_LETTER,
+    ),
+    (SmtpStage.MAIL, "452 4.3.1 Insufficient system resources", Evidence.NONE, Disposition.RETRY),
+    (SmtpStage.RCPT, "452 4.3.1 Insufficient system resources", Evidence.NONE, Disposition.RETRY),
+    (
+        SmtpStage.DATA,
+        "421 4.3.2 Service not available, closing transmission channel",
+        Evidence.NONE,
+        Disposition.RETRY,
+    ),
+    (
+        SmtpStage.MAIL,
+        "451 4.7.0 Temporary server error. Please try again later. PRX4",
+        Evidence.NONE,
+        Disposition.RETRY,
+    ),
+    (
+        SmtpStage.RCPT,
+        "550 5.7.64 TenantAttribution; Relay Access Denied",
+        Evidence.PROBE_REFUSED,
+        Disposition.PARK_ACCOUNT,
+    ),
+    (
+        SmtpStage.MAIL,
+        "451 4.7.500 Server busy. Please try again later",
+        Evidence.NONE,
+        Disposition.RETRY,
+    ),
+    (
+        SmtpStage.MAIL,
+        "530 5.7.1 Client was not authenticated",
+        Evidence.NONE,
+        Disposition.PARK_ACCOUNT,
+    ),
+    (
+        SmtpStage.MAIL,
+        "550 5.7.60 SMTP; Client does not have permissions to send as this sender",
+        Evidence.PROBE_REFUSED,
+        Disposition.PARK_ACCOUNT,
+    ),
+]
+
+
+@pytest.mark.parametrize(("stage", "reply", "evidence", "disposition"), EXCHANGE_REFUSALS)
+def test_exchange_refusals(
+    stage: SmtpStage, reply: str, evidence: Evidence, disposition: Disposition
+) -> None:
+    code, _, rest = reply.partition(" ")
+    enhanced, text = split_enhanced_code(rest)
+    per_message = stage is not SmtpStage.RCPT  # the message's own sender; deliver_to fixed
+    exc = DeliveryError(
+        stage,
+        text,
+        smtp_code=int(code),
+        enhanced_code=enhanced,
+        per_message=per_message,
+        evidence=evidence,
+    )
+    assert classify(exc) is disposition
+    assert exc.response == reply
 
 
 def test_seed_case_many_messages_all_dead_lettered() -> None:
@@ -259,6 +423,7 @@ _errors: st.SearchStrategy[BaseException] = st.one_of(
         enhanced_code=_enhanced,
         per_message=st.booleans(),
         security=st.booleans(),
+        evidence=st.sampled_from(Evidence),
     ),
     st.builds(Pop3ResponseError, _texts, _texts, _resp_codes),
     st.builds(Pop3AuthError, _texts, _texts, _resp_codes),

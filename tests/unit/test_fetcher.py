@@ -31,6 +31,7 @@ from connector.errors import (
     classify,
 )
 from connector.fetcher import (
+    BREAKER_THRESHOLD,
     SETTLE_EVERY,
     AccountSpec,
     Cycle,
@@ -796,3 +797,41 @@ async def test_a_pop3_error_in_before_content_is_not_taken_for_an_smtp_failure(r
         delivered = await deliverer.deliver(mail(2), envelope)
     assert delivered.response.startswith("250")
     assert [m.data for m in rig.sink.messages] == [mail(2)]
+
+
+# --------------------------------------------------------------------------------------------
+# The circuit breaker of docs/design.md §6.2 (more end to end in tests/integration/test_exchange.py)
+# --------------------------------------------------------------------------------------------
+
+
+async def test_held_mail_waits_quietly_when_a_shutdown_comes_before_it_is_decided_again(
+    tmp_path: Path,
+) -> None:
+    # The breaker trips at the fifth refused sender and holds it; a good message then gets
+    # through, but SIGTERM comes before the held one is fetched again: it stays upstream
+    # untouched (no ledger row), and the cycle ends without blaming the SMTP target.
+    stopping = asyncio.Event()
+
+    def rule(stage: str, sender: str, rcpts: list[str], data: bytes | None) -> str | None:
+        if stage == "mail" and sender.endswith("@bad.example"):
+            return "554 5.1.0 Sender denied"
+        if stage == "data":
+            stopping.set()  # the good message is being delivered: stop after it
+        return None
+
+    async for rig in make_rig(tmp_path, rule):
+        spam = [mail(i, f"s{i}@bad.example") for i in range(BREAKER_THRESHOLD)]
+        for raw in [*spam, mail(99), mail(100)]:
+            rig.pop.add_message(USER, raw)
+        held_uidl = rig.pop.uidls(USER)[BREAKER_THRESHOLD - 1]
+        cycle = await rig.cycle()
+        cycle.stopping = stopping
+        stats = await cycle.run()
+        assert (stats.dead_lettered, stats.delivered, stats.stopped_early) == (
+            BREAKER_THRESHOLD - 1,
+            1,
+            True,
+        )
+        assert rig.pop.mailboxes[USER] == [spam[-1], mail(100)]
+        assert await rig.ledger.entry("info", held_uidl) is None
+        assert await rig.ledger.breaker("info") is None  # the good message reset it

@@ -61,7 +61,7 @@ async def test_open_creates_schema_and_reopen_is_idempotent(db_path: Path) -> No
     led = await Ledger.open(db_path)
     await led.record_delivered("info", "u1", 100, "250 ok", T0)
     await led.close()
-    assert _user_version(db_path) == len(MIGRATIONS) == 3
+    assert _user_version(db_path) == len(MIGRATIONS) == 4
 
     with sqlite3.connect(db_path) as conn:
         (journal,) = conn.execute("PRAGMA journal_mode").fetchone()
@@ -308,6 +308,23 @@ async def test_record_cycle_and_account_status(ledger: Ledger) -> None:
 
 
 # -- concurrency, cancellation, close ---------------------------------------------------------
+
+
+async def test_breaker_is_remembered_per_account_and_survives_cycle_records(
+    ledger: Ledger,
+) -> None:
+    # The circuit breaker's trip (fetcher.Breaker) lives in the accounts row, beside what
+    # record_cycle writes there, which must not forget it.
+    assert await ledger.breaker("info") is None
+    await ledger.set_breaker("info", "550 5.7.60 SMTP; not as this sender (at mail)")
+    await ledger.record_cycle("info", CycleRecord(T0, T0 + 1, "failed", "x", 3, 30, T0 + 900))
+    assert await ledger.breaker("info") == "550 5.7.60 SMTP; not as this sender (at mail)"
+    assert await ledger.breaker("other") is None
+    await ledger.set_breaker("info", None)
+    assert await ledger.breaker("info") is None
+    # A reply decoded with surrogateescape (aiosmtplib) is stored, not refused by SQLite.
+    await ledger.set_breaker("other", "550 bad \udcff byte")
+    assert await ledger.breaker("other") == "550 bad \\udcff byte"
 
 
 async def test_concurrent_tasks_are_serialised(ledger: Ledger) -> None:
