@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from connector import __version__, runloop
-from connector.errors import AlreadyRunningError, ConfigError, DeadLetterError, LedgerError
+from connector.errors import (
+    AlreadyRunningError,
+    ConfigError,
+    DeadLetterError,
+    LedgerError,
+    printable,
+)
 
 if TYPE_CHECKING:
     from connector.config import Settings
@@ -33,15 +39,31 @@ DEFAULT_CONFIG = Path("/etc/pop3-connector/config.toml")
 log = logging.getLogger("connector")
 
 
+class TextFormatter(logging.Formatter):
+    """One line per record (``log_format = "text"``), control characters escaped.
+
+    Server text is escaped where it enters (``errors.printable``); this is the net under it, for
+    a library's message or one we missed: a log line can never move the cursor of the terminal
+    that shows it, or forge a line of its own.  A traceback keeps its line breaks.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line, for log shippers (``log_format = "json"``)."""
+    """One JSON object per line, for log shippers (``log_format = "json"``).
+
+    JSON escapes C0 controls itself but not DEL or the C1 controls; the message is escaped as
+    the text format's is.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": printable(record.getMessage()),
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
@@ -54,7 +76,7 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     # Neither format shows a record's source line, thread or process, and a busy cycle logs a
     # line per message: skip collecting them (the logging HOWTO's "Optimization" section).
     # findCaller alone walked the stack for every line (~10 % of the cost of a log line).

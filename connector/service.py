@@ -45,6 +45,7 @@ from connector.errors import (
     Disposition,
     Pop3AuthError,
     classify,
+    printable,
 )
 from connector.fetcher import (
     AccountSpec,
@@ -507,6 +508,10 @@ def rfc3339(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _shown(text: str | None) -> str | None:
+    return None if text is None else printable(text)
+
+
 def status_document(
     names: Iterable[str],
     rows: Iterable[AccountStatus],
@@ -533,7 +538,8 @@ def status_document(
                 "last_cycle_started": rfc3339(row.last_cycle_started if row else None),
                 "last_cycle_finished": rfc3339(row.last_cycle_finished if row else None),
                 "result": row.result if row else None,
-                "last_error": row.last_error if row else None,
+                # Escaped again: a row written before errors were escaped at the edge.
+                "last_error": _shown(row.last_error if row else None),
                 "mailbox_messages": row.mailbox_messages if row else None,
                 "deferred": row.deferred if row else 0,
                 "dead_letters": dead_letters.get(name, 0),
