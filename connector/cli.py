@@ -88,8 +88,13 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Libraries stay quiet unless we are debugging; our transcripts say what matters.
-    for noisy in ("aiosmtplib", "aioimaplib", "asyncio"):
+    for noisy in ("aiosmtplib", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    # aioimaplib stays quiet even then: its DEBUG lines show the LOGIN command with the password
+    # in IMAP's quoted form (it masks only the unquoted one, so a password with a quote or a
+    # backslash is readable) and every line received, the text of each dead letter included.
+    # Our IMAP store's errors say what failed.
+    logging.getLogger("aioimaplib").setLevel(logging.WARNING)
 
 
 def config_path(args: argparse.Namespace) -> Path:

@@ -118,7 +118,7 @@ class SmtpSettings:
     ssl_context: ssl.SSLContext | None  # required unless tls is NONE
     helo_name: str
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     dsn: bool = True
     timeout: float = 60.0
 

@@ -27,14 +27,20 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from connector.config import ImapDeadLetter, Settings, SharedConfig, dead_letter_path
+from connector.config import (
+    ENV_PREFIX,
+    ImapDeadLetter,
+    Settings,
+    SharedConfig,
+    dead_letter_path,
+)
 from connector.deadletter import DeadLetterArchive
 from connector.deadletter.maildir import MaildirStore
 from connector.delivery import SenderPolicy, SmtpDeliverer, SmtpSettings
@@ -119,6 +125,8 @@ class OAuth2TokenSource:
     file: Path | None = None
     argv: tuple[str, ...] | None = None
     timeout: float = OAUTH2_COMMAND_TIMEOUT
+    # Variables the command must not inherit (see child_environment); names, not secrets.
+    secret_env: frozenset[str] = field(default=frozenset(), repr=False)
 
     async def __call__(self) -> str:
         """The current access token; raises ConfigError when it cannot be had."""
@@ -156,6 +164,7 @@ class OAuth2TokenSource:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 start_new_session=True,
+                env=child_environment(os.environ, self.secret_env),
             )
         )
         try:
@@ -186,6 +195,29 @@ class OAuth2TokenSource:
             return out.decode("utf-8")
         except UnicodeDecodeError:
             raise ConfigError(f"{self.key}: the output is not UTF-8 text") from None
+
+
+def secret_env_names(settings: Settings) -> frozenset[str]:
+    """Every variable a ``password_env`` names (accounts, ``[smtp]``, ``[dead_letter]``), in
+    upper case."""
+    models: list[object] = [*settings.accounts, settings.smtp, settings.dead_letter]
+    names = (getattr(m, "password_env", None) for m in models)
+    return frozenset(n.upper() for n in names if isinstance(n, str))
+
+
+def child_environment(environ: Mapping[str, str], secret_env: frozenset[str]) -> dict[str, str]:
+    """``environ`` for a helper we run (``oauth2_token_command``), without our secrets.
+
+    Dropped: every variable a ``password_env`` names (``secret_env``, upper case: another
+    account's password is none of the helper's business) and every ``POP3_CONNECTOR_*``
+    variable (our settings overrides, ``POP3_CONNECTOR_SMTP__PASSWORD`` among them).  The rest
+    (PATH, HOME, proxies, the helper's own variables) stays: the helper may need it.
+    """
+    return {
+        name: value
+        for name, value in environ.items()
+        if name.upper() not in secret_env and not name.upper().startswith(ENV_PREFIX)
+    }
 
 
 async def _end_group(proc: asyncio.subprocess.Process) -> None:
@@ -326,6 +358,7 @@ def build_runtime(settings: Settings) -> Runtime:
                 f"accounts[{i}].oauth2_token_{'command' if argv else 'file'}",
                 file=acct.oauth2_token_file,
                 argv=argv,
+                secret_env=secret_env_names(settings),
             )
         if password is None:  # the config guarantees one; be explicit for the type checker
             raise ConfigError(f"accounts[{i}].password: no password given")

@@ -217,7 +217,8 @@ def test_server_text_is_escaped_in_every_output(
 
         code, out, log = _cli("--config", str(config), "once")
         assert code == 1, (out, log)
-        assert out.count("\n") == 1 and out.startswith("hostile: FAILED: "), out
+        assert out.count("\n") == 1, out
+        assert out.startswith("hostile: FAILED: "), out
         _assert_clean("once stdout", out)
         _assert_clean("once log", log)
         assert "C: USER u" in log or at_greeting  # the transcript was on, and it is clean too
@@ -258,7 +259,8 @@ def test_the_dead_letter_response_header_stays_one_printable_line(text: str) -> 
     info = DeadLetterInfo("info", "u1", "data", error.response, datetime(2026, 1, 1, tzinfo=UTC))
     block = dead_letter_headers(info, b"\r\n")
     lines = block.split(b"\r\n")
-    assert len(lines) == 6 and lines[-1] == b""  # the five fields, one line each
+    assert len(lines) == 6
+    assert lines[-1] == b""
     (response,) = [line for line in lines if line.startswith(b"X-POP3-Connector-Response: ")]
     assert all(0x20 <= c < 0x7F for c in response)
 
