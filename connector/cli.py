@@ -8,6 +8,8 @@ directory, 78 (EX_CONFIG) the configuration is invalid.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -327,16 +329,13 @@ async def _run(runtime: Runtime, settings: Settings, path: Path) -> int:
 
     async with open_service(runtime, metrics=Metrics()) as service:
         endpoint: HttpEndpoint | None = None
+        binding: asyncio.Task[None] | None = None
         address = settings.metrics.address
         if address is not None:
-            endpoint = HttpEndpoint(service)
-            try:
-                await endpoint.start(*address)
-            except OSError as exc:
-                raise ConfigError(
-                    f"metrics.listen: cannot listen on {listen}: {exc.strerror or exc}"
-                ) from None
-            log.info("serving /metrics, /healthz, /status and POST /poll on %s", endpoint.url)
+            endpoint = HttpEndpoint(service, allowed_hosts=settings.metrics.allowed_hosts)
+            # Beside the scheduler, not before it: a port someone else holds must not stop
+            # the mail (PRODUCT §8); the endpoint says so loudly and keeps trying.
+            binding = asyncio.create_task(endpoint.start_retrying(*address), name="http-bind")
         try:
             service.install_signal_handlers(reload=reload)
             await service.refresh_backlog()
@@ -348,6 +347,10 @@ async def _run(runtime: Runtime, settings: Settings, path: Path) -> int:
             )
             await service.serve()
         finally:
+            if binding is not None:
+                binding.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await binding
             if endpoint is not None:
                 await endpoint.close()
     log.info("stopped")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -497,6 +498,7 @@ class AccountState:
     interval: float
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     poll_now: asyncio.Event = field(default_factory=asyncio.Event)
+    forced: bool = False  # poll_now was set by SIGUSR1 or a reload: it overrides the backoff
     failures: int = 0
     bare_login_errors: int = 0
     failing: bool = False
@@ -610,6 +612,9 @@ class Service:
         self._semaphore = asyncio.Semaphore(runtime.max_parallel)
         self._tg: asyncio.TaskGroup | None = None
         self.alive = False
+        # Dead letters per account, as last counted after a cycle: /status reads this, since
+        # counting an IMAP store means logging in to it, which a request must not cost.
+        self.dead_letter_counts: dict[str, int] | None = None
         if metrics is not None:
             metrics.set_accounts(self.accounts)
 
@@ -736,26 +741,29 @@ class Service:
     # -- what the operators see (metrics, /status, /healthz, POST /poll) -----------------------
 
     async def refresh_backlog(self) -> None:
-        """Set the ``deferred_messages`` and ``dead_letters`` gauges from the ledger and the
-        dead-letter store (which ``dead-letters requeue/purge`` change from outside)."""
-        if self.metrics is None:
-            return
+        """Set the ``deferred_messages`` and ``dead_letters`` gauges, and the dead-letter
+        counts /status shows, from the ledger and the dead-letter store (which ``dead-letters
+        requeue/purge`` change from outside)."""
         try:
             rows = await self.ledger.account_status()
             counts = await self.store.count_by_account()
         except ConnectorError as exc:
             log.warning("cannot refresh the deferred and dead-letter gauges: %s", exc)
             return
-        self.metrics.backlog({r.name: r.deferred for r in rows}, counts)
+        self.dead_letter_counts = counts
+        if self.metrics is not None:
+            self.metrics.backlog({r.name: r.deferred for r in rows}, counts)
 
     async def status(self) -> dict[str, Any]:
         """The ``/status`` document: the ledger's view plus the scheduler's next polls."""
         rows = await self.ledger.account_status()
-        try:
-            counts = await self.store.count_by_account()
-        except ConnectorError as exc:
-            log.warning("cannot count dead letters: %s", exc)
-            counts = {}
+        counts = self.dead_letter_counts
+        if counts is None:  # not counted yet (the service counts at start and after cycles)
+            try:
+                counts = self.dead_letter_counts = await self.store.count_by_account()
+            except ConnectorError as exc:
+                log.warning("cannot count dead letters: %s", exc)
+                counts = self.dead_letter_counts = {}
         polls = {name: state.next_poll for name, state in self.accounts.items()}
         return status_document(self.accounts, rows, counts, polls)
 
@@ -797,23 +805,47 @@ class Service:
             tasks = [tg.create_task(self.run_cycle(name)) for name in selected]
         return [t.result() for t in tasks]
 
-    def poll_now(self, name: str | None = None) -> list[str]:
-        """Start a cycle now (SIGUSR1, or ``POST /poll``), like SBS's "Retrieve now".
+    def held_until(self, state: AccountState) -> float | None:
+        """When a failing account's backoff ends, while it runs; None if it may poll now."""
+        if state.failures == 0 or state.next_poll is None or state.next_poll <= self.clock():
+            return None
+        return state.next_poll
 
-        Returns the accounts woken; an unknown ``name`` raises KeyError.  An account in a
-        cycle polls again right after it.
+    def poll_now(
+        self, name: str | None = None, *, force: bool = False
+    ) -> tuple[list[str], dict[str, float]]:
+        """Start a cycle now (``POST /poll``, or SIGUSR1), like SBS's "Retrieve now".
+
+        Returns the accounts woken, and those held back: a failing account polls at the end
+        of its backoff and not before (PRODUCT §8: a wrong password must not be tried again
+        at every request), unless ``force`` (SIGUSR1: only root or the service's own user can
+        send it).  An unknown ``name`` raises KeyError.  An account in a cycle polls again
+        right after it, unless that cycle fails.
         """
         if name is not None and name not in self.accounts:
             raise KeyError(name)
-        woken = [n for n in self.accounts if name is None or n == name]
-        for n in woken:
-            self.accounts[n].poll_now.set()
-        return woken
+        woken: list[str] = []
+        held: dict[str, float] = {}
+        for n, state in self.accounts.items():
+            if name is not None and n != name:
+                continue
+            until = None if force else self.held_until(state)
+            if until is not None:
+                held[n] = until
+                continue
+            state.forced |= force
+            state.poll_now.set()
+            woken.append(n)
+        return woken, held
 
     async def _account_loop(self, state: AccountState) -> None:
         while not self.stopping.is_set() and not state.removed:
             state.poll_now.clear()
+            state.forced = False
             result = await self._run_state(state)
+            if state.poll_now.is_set() and not state.forced and self.held_until(state):
+                # Asked for while this cycle ran, and the cycle failed: the backoff stands.
+                state.poll_now.clear()
             delay = (state.next_poll or self.clock()) - self.clock()
             if self.stopping.is_set() or state.removed:
                 return
@@ -908,6 +940,7 @@ class Service:
                 current.spec, current.interval = spec, interval
                 log.info("reload: account=%s changed; applies from its next cycle", name)
                 if current.failing:
+                    current.forced = True
                     current.poll_now.set()
         if self.metrics is not None:
             self.metrics.set_accounts(self.accounts)
@@ -930,7 +963,7 @@ class Service:
                     ),
                 )
         if hasattr(signal, "SIGUSR1"):
-            loop.add_signal_handler(signal.SIGUSR1, self.poll_now)
+            loop.add_signal_handler(signal.SIGUSR1, functools.partial(self.poll_now, force=True))
         if reload is not None and hasattr(signal, "SIGHUP"):
             loop.add_signal_handler(signal.SIGHUP, reload)
 
