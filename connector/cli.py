@@ -29,7 +29,8 @@ from connector.errors import (
 
 if TYPE_CHECKING:
     from connector.config import Settings
-    from connector.service import Runtime
+    from connector.sdnotify import SystemdNotifier
+    from connector.service import Runtime, Service
 
 EX_OK = 0
 EX_FAILED = 1
@@ -307,6 +308,7 @@ async def _run(runtime: Runtime, settings: Settings, path: Path) -> int:
     from connector.config import load_settings
     from connector.http import HttpEndpoint
     from connector.metrics import Metrics
+    from connector.sdnotify import SystemdNotifier
     from connector.service import build_runtime, open_service
 
     listen = settings.metrics.listen
@@ -327,15 +329,16 @@ async def _run(runtime: Runtime, settings: Settings, path: Path) -> int:
             log.warning("reload: metrics.listen changes take effect at the next restart")
         service.apply_runtime(new_runtime)
 
+    systemd = SystemdNotifier.from_environment()
     async with open_service(runtime, metrics=Metrics()) as service:
         endpoint: HttpEndpoint | None = None
-        binding: asyncio.Task[None] | None = None
+        helpers: list[asyncio.Task[None]] = []
         address = settings.metrics.address
         if address is not None:
             endpoint = HttpEndpoint(service, allowed_hosts=settings.metrics.allowed_hosts)
             # Beside the scheduler, not before it: a port someone else holds must not stop
             # the mail (PRODUCT §8); the endpoint says so loudly and keeps trying.
-            binding = asyncio.create_task(endpoint.start_retrying(*address), name="http-bind")
+            helpers.append(asyncio.create_task(endpoint.start_retrying(*address), name="http"))
         try:
             service.install_signal_handlers(reload=reload)
             await service.refresh_backlog()
@@ -345,16 +348,28 @@ async def _run(runtime: Runtime, settings: Settings, path: Path) -> int:
                 len(runtime.accounts),
                 runtime.state_dir,
             )
+            # systemd (Type=notify, WatchdogSec=): ready now; pings from this loop while the
+            # scheduler lives, so that a frozen loop gets the process restarted.
+            helpers.append(asyncio.create_task(systemd.keep_alive(service.healthy), name="wd"))
+            helpers.append(asyncio.create_task(_tell_stopping(service, systemd), name="stop"))
+            systemd.notify("READY=1", f"STATUS=polling {len(runtime.accounts)} account(s)")
             await service.serve()
         finally:
-            if binding is not None:
-                binding.cancel()
+            systemd.notify("STOPPING=1")
+            for helper in helpers:
+                helper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await binding
+                    await helper
             if endpoint is not None:
                 await endpoint.close()
     log.info("stopped")
     return EX_OK
+
+
+async def _tell_stopping(service: Service, systemd: SystemdNotifier) -> None:
+    """STOPPING=1 as soon as a stop begins (the messages in flight may take shutdown_grace)."""
+    await service.stopping.wait()
+    systemd.notify("STOPPING=1", "STATUS=finishing the messages in flight")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -68,6 +68,7 @@ from connector.ledger import AccountStatus, CycleRecord, Ledger
 from connector.notices import NoticeSettings, Notifier, RecordingStore
 from connector.pop3 import AuthMethod, Pop3Endpoint, TlsMode
 from connector.recipients import Rule, SharedMailbox
+from connector.sdnotify import NOTIFY_VARIABLES
 
 if TYPE_CHECKING:
     # Imported where used: aioimaplib and prometheus_client cost ~40 ms of start-up, which a
@@ -211,13 +212,16 @@ def child_environment(environ: Mapping[str, str], secret_env: frozenset[str]) ->
 
     Dropped: every variable a ``password_env`` names (``secret_env``, upper case: another
     account's password is none of the helper's business) and every ``POP3_CONNECTOR_*``
-    variable (our settings overrides, ``POP3_CONNECTOR_SMTP__PASSWORD`` among them).  The rest
+    variable (our settings overrides, ``POP3_CONNECTOR_SMTP__PASSWORD`` among them), and
+    systemd's notification socket and watchdog variables.  The rest
     (PATH, HOME, proxies, the helper's own variables) stays: the helper may need it.
     """
     return {
         name: value
         for name, value in environ.items()
-        if name.upper() not in secret_env and not name.upper().startswith(ENV_PREFIX)
+        if name.upper() not in secret_env
+        and not name.upper().startswith(ENV_PREFIX)
+        and name not in NOTIFY_VARIABLES  # sd_notify(3): systemd's messages are ours to send
     }
 
 
