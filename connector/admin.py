@@ -124,12 +124,13 @@ async def status_command(runtime: Runtime, *, as_json: bool, out: TextIO) -> int
 
 
 def _record_json(r: DeadLetterRecord) -> dict[str, Any]:
+    # Escaped as in the table: JSON would carry a control character through to its reader.
     return {
         "id": r.id,
-        "account": r.account,
-        "uidl": r.uidl,
-        "stage": r.stage,
-        "response": r.response,
+        "account": printable(r.account),
+        "uidl": printable(r.uidl),
+        "stage": printable(r.stage),
+        "response": printable(r.response),
         "failed_at": rfc3339(r.failed_at.timestamp()),
         "size": r.size,
     }

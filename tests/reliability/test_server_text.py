@@ -34,7 +34,7 @@ from connector.config import load_settings
 from connector.deadletter import DeadLetterInfo, dead_letter_headers
 from connector.errors import DeadLetterError, DeliveryError, Pop3ResponseError, SmtpStage
 from connector.http import HttpEndpoint
-from connector.service import build_runtime, open_service
+from connector.service import build_runtime, open_service, open_store
 
 PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
@@ -286,3 +286,28 @@ def test_log_lines_are_escaped_whoever_logs_them(fmt: str) -> None:
         assert lines[-1] == "ValueError: boom"
     else:
         assert json.loads(lines[-1])["exception"].endswith("ValueError: boom")
+
+
+@pytest.mark.usefixtures("keep_logging")
+@settings(PROFILE, max_examples=min(PROFILE.max_examples, 30))
+@given(payload=payloads.map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")))
+def test_a_planted_dead_letter_is_listed_escaped(hostile: HostilePop3, payload: bytes) -> None:
+    """Anyone who can write to the store (an IMAP folder is a mailbox) can plant raw bytes in
+    our header lines, past the sanitiser that writes them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = _config(Path(tmp), hostile.server_address[1])
+        runtime = build_runtime(load_settings(config))
+        info = DeadLetterInfo("info", "u1", "data", "PLANTED", datetime(2026, 1, 1, tzinfo=UTC))
+        asyncio.run(open_store(runtime).put(b"Subject: x\r\n\r\nbody\r\n", info))
+        assert runtime.dead_letter_path is not None
+        (stored,) = (runtime.dead_letter_path / "new").iterdir()
+        stored.write_bytes(stored.read_bytes().replace(b"PLANTED", b"554 " + payload))
+
+        code, table, log = _cli("--config", str(config), "dead-letters", "list")
+        assert code == 0, log
+        assert len(table.splitlines()) == 2, table
+        _assert_clean("dead-letters list", table)
+        code, doc_text, log = _cli("--config", str(config), "dead-letters", "list", "--json")
+        assert code == 0, log
+        (record,) = _assert_clean_json("dead-letters list --json", doc_text)["dead_letters"]
+        assert record["response"].startswith("554")
