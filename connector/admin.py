@@ -42,7 +42,7 @@ from connector.deadletter import (
     strip_dead_letter_headers,
 )
 from connector.delivery import Envelope, SmtpDeliverer, envelope_sender
-from connector.errors import DeliveryError, Disposition, LedgerError, classify
+from connector.errors import DeliveryError, Disposition, LedgerError, classify, printable
 from connector.ledger import AccountStatus, Ledger
 from connector.service import SMTP_TRANSCRIPT, Runtime, open_store, rfc3339, status_document
 
@@ -135,12 +135,13 @@ async def status_command(runtime: Runtime, *, as_json: bool, out: TextIO) -> int
 
 
 def _record_json(r: DeadLetterRecord) -> dict[str, Any]:
+    # Escaped as in the table: JSON would carry a control character through to its reader.
     return {
         "id": r.id,
-        "account": r.account,
-        "uidl": r.uidl,
-        "stage": r.stage,
-        "response": r.response,
+        "account": printable(r.account),
+        "uidl": printable(r.uidl),
+        "stage": printable(r.stage),
+        "response": printable(r.response),
         "failed_at": rfc3339(r.failed_at.timestamp()),
         "size": r.size,
     }
@@ -155,14 +156,16 @@ async def dead_letters_list(runtime: Runtime, *, as_json: bool, out: TextIO) -> 
     if not records:
         print(f"no dead letters in {runtime.dead_letter_where}", file=out)
         return EX_OK
+    # The values were sanitised when written, but anyone with access to the store can plant a
+    # dead letter (an IMAP folder is a mailbox): escape what is shown.
     rows = [
         [
-            r.id,
-            r.account,
+            printable(r.id),
+            printable(r.account),
             _when(rfc3339(r.failed_at.timestamp())),
-            r.stage,
+            printable(r.stage),
             str(r.size),
-            r.response,
+            printable(r.response),
         ]
         for r in records
     ]

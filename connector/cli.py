@@ -8,6 +8,8 @@ directory, 78 (EX_CONFIG) the configuration is invalid.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -18,11 +20,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from connector import __version__, runloop
-from connector.errors import AlreadyRunningError, ConfigError, DeadLetterError, LedgerError
+from connector.errors import (
+    AlreadyRunningError,
+    ConfigError,
+    DeadLetterError,
+    LedgerError,
+    printable,
+)
 
 if TYPE_CHECKING:
     from connector.config import Settings
-    from connector.service import Runtime
+    from connector.sdnotify import SystemdNotifier
+    from connector.service import Runtime, Service
 
 EX_OK = 0
 EX_FAILED = 1
@@ -36,15 +45,31 @@ DEAD_LETTER_STAGES = ("mail", "rcpt", "data", "size", "expired", "error")
 log = logging.getLogger("connector")
 
 
+class TextFormatter(logging.Formatter):
+    """One line per record (``log_format = "text"``), control characters escaped.
+
+    Server text is escaped where it enters (``errors.printable``); this is the net under it, for
+    a library's message or one we missed: a log line can never move the cursor of the terminal
+    that shows it, or forge a line of its own.  A traceback keeps its line breaks.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line, for log shippers (``log_format = "json"``)."""
+    """One JSON object per line, for log shippers (``log_format = "json"``).
+
+    JSON escapes C0 controls itself but not DEL or the C1 controls; the message is escaped as
+    the text format's is.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": printable(record.getMessage()),
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
@@ -57,7 +82,7 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     # Neither format shows a record's source line, thread or process, and a busy cycle logs a
     # line per message: skip collecting them (the logging HOWTO's "Optimization" section).
     # findCaller alone walked the stack for every line (~10 % of the cost of a log line).
@@ -69,8 +94,13 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Libraries stay quiet unless we are debugging; our transcripts say what matters.
-    for noisy in ("aiosmtplib", "aioimaplib", "asyncio"):
+    for noisy in ("aiosmtplib", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    # aioimaplib stays quiet even then: its DEBUG lines show the LOGIN command with the password
+    # in IMAP's quoted form (it masks only the unquoted one, so a password with a quote or a
+    # backslash is readable) and every line received, the text of each dead letter included.
+    # Our IMAP store's errors say what failed.
+    logging.getLogger("aioimaplib").setLevel(logging.WARNING)
 
 
 def config_path(args: argparse.Namespace) -> Path:
@@ -353,6 +383,7 @@ async def _run(runtime: Runtime, settings: Settings, path: Path) -> int:
     from connector.config import load_settings, poll_interval_warnings
     from connector.http import HttpEndpoint
     from connector.metrics import Metrics
+    from connector.sdnotify import SystemdNotifier
     from connector.service import build_runtime, open_service
 
     listen = settings.metrics.listen
@@ -373,18 +404,16 @@ async def _run(runtime: Runtime, settings: Settings, path: Path) -> int:
             log.warning("reload: metrics.listen changes take effect at the next restart")
         service.apply_runtime(new_runtime)
 
+    systemd = SystemdNotifier.from_environment()
     async with open_service(runtime, metrics=Metrics()) as service:
         endpoint: HttpEndpoint | None = None
+        helpers: list[asyncio.Task[None]] = []
         address = settings.metrics.address
         if address is not None:
-            endpoint = HttpEndpoint(service)
-            try:
-                await endpoint.start(*address)
-            except OSError as exc:
-                raise ConfigError(
-                    f"metrics.listen: cannot listen on {listen}: {exc.strerror or exc}"
-                ) from None
-            log.info("serving /metrics, /healthz, /status and POST /poll on %s", endpoint.url)
+            endpoint = HttpEndpoint(service, allowed_hosts=settings.metrics.allowed_hosts)
+            # Beside the scheduler, not before it: a port someone else holds must not stop
+            # the mail (PRODUCT §8); the endpoint says so loudly and keeps trying.
+            helpers.append(asyncio.create_task(endpoint.start_retrying(*address), name="http"))
         try:
             service.install_signal_handlers(reload=reload)
             await service.refresh_backlog()
@@ -396,12 +425,28 @@ async def _run(runtime: Runtime, settings: Settings, path: Path) -> int:
             )
             for warning in poll_interval_warnings(settings):
                 log.warning("%s", warning)
+            # systemd (Type=notify, WatchdogSec=): ready now; pings from this loop while the
+            # scheduler lives, so that a frozen loop gets the process restarted.
+            helpers.append(asyncio.create_task(systemd.keep_alive(service.healthy), name="wd"))
+            helpers.append(asyncio.create_task(_tell_stopping(service, systemd), name="stop"))
+            systemd.notify("READY=1", f"STATUS=polling {len(runtime.accounts)} account(s)")
             await service.serve()
         finally:
+            systemd.notify("STOPPING=1")
+            for helper in helpers:
+                helper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await helper
             if endpoint is not None:
                 await endpoint.close()
     log.info("stopped")
     return EX_OK
+
+
+async def _tell_stopping(service: Service, systemd: SystemdNotifier) -> None:
+    """STOPPING=1 as soon as a stop begins (the messages in flight may take shutdown_grace)."""
+    await service.stopping.wait()
+    systemd.notify("STOPPING=1", "STATUS=finishing the messages in flight")
 
 
 if __name__ == "__main__":  # pragma: no cover

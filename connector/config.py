@@ -367,6 +367,9 @@ _LISTEN_V6_RE: Final = re.compile(r"\[(?P<host>[^\]]+)\]:(?P<port>\d{1,5})")
 _LISTEN_RE: Final = re.compile(r"(?P<host>[A-Za-z0-9.-]+):(?P<port>\d{1,5})")
 
 
+_HOST_NAME_RE: Final = re.compile(r"[a-z0-9_-]{1,63}(?:\.[a-z0-9_-]{1,63}){0,126}")
+
+
 def _split_listen(value: str) -> tuple[str, int] | None:
     if value == "":
         return None
@@ -384,6 +387,14 @@ def _split_listen(value: str) -> tuple[str, int] | None:
     if port > 65535:
         raise _problem("port must be 0-65535")
     return m["host"], port
+
+
+def _host_name(value: str) -> str:
+    # RFC 1123 §2.1 labels; compared in lower case, without a final dot.
+    name = value.lower().removesuffix(".")
+    if not _HOST_NAME_RE.fullmatch(name):
+        raise _problem(f"{value!r} is not a host name (letters, digits, '-' and '.')")
+    return name
 
 
 def _listen(value: str) -> str:
@@ -405,6 +416,9 @@ class MetricsSettings(_Model):
 
     # Port 0 is allowed: the OS picks one (tests use it).
     listen: Annotated[str, AfterValidator(_listen)] = "127.0.0.1:9469"
+    # Host names a request's Host header may give besides the listen address, localhost and
+    # IP literals (connector/http.py: DNS rebinding): the name Prometheus scrapes us by.
+    allowed_hosts: list[Annotated[str, AfterValidator(_host_name)]] = []
 
     @property
     def address(self) -> tuple[str, int] | None:

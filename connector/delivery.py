@@ -73,6 +73,7 @@ from connector.errors import (
     DeliveryError,
     Evidence,
     SmtpStage,
+    printable,
     smtp_class,
     split_enhanced_code,
     tls_reason_hint,
@@ -122,7 +123,7 @@ class SmtpSettings:
     ssl_context: ssl.SSLContext | None  # required unless tls is NONE
     helo_name: str
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     dsn: bool = True
     timeout: float = 60.0
 
@@ -273,8 +274,9 @@ _STAGE_OF_VERB: Final[Mapping[bytes, SmtpStage]] = {
 
 
 def _one_line(text: str) -> str:
-    # aiosmtplib joins multi-line replies with "\n"; keep log lines and headers single-line.
-    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+    # aiosmtplib joins multi-line replies with "\n"; keep log lines and headers single-line,
+    # and the server's control characters escaped (it chose them: errors.printable).
+    return printable(" ".join(part.strip() for part in text.splitlines() if part.strip()))
 
 
 def _in_chain(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
@@ -709,9 +711,9 @@ class _TracingSMTP(aiosmtplib.SMTP):
         self._auth_continues = False
 
     def say(self, direction: Literal["C", "S", "--"], line: str) -> None:
-        """One transcript line, at DEBUG."""
+        """One transcript line, at DEBUG, its control characters escaped (server text)."""
         if self._trace is not None:
-            self._trace.debug("%s: %s", direction, line)
+            self._trace.debug("%s: %s", direction, printable(line))
 
     def reply(self, response: aiosmtplib.SMTPResponse) -> None:
         """Log a (possibly multi-line) reply the way it looked on the wire."""

@@ -33,6 +33,35 @@ import re
 from collections.abc import Mapping
 from typing import Final
 
+# --------------------------------------------------------------------------------------------
+# Text from servers, for display
+# --------------------------------------------------------------------------------------------
+
+# What a terminal or log viewer acts on instead of showing: the C0 controls, DEL and the C1
+# controls (Unicode category Cc: ESC starts an ANSI sequence, CR returns to the line's start,
+# U+009B is a one-character CSI), the Unicode line and paragraph separators, and the
+# bidirectional embeddings, overrides and isolates (Unicode TR #9 §2), which reorder a line.
+_CONTROLS: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    r"""``text`` with every control character shown as an escape, for logs and output.
+
+    Text that came from a server (a POP3 ``-ERR``, an SMTP reply, an IMAP response) is hostile:
+    an ESC or CR in it could rewrite an administrator's terminal.  Each control character
+    becomes ``\xNN`` (``\uNNNN`` above U+00FF); everything else, non-ASCII letters included,
+    stays as it is.  Idempotent: the result holds no control character.
+
+    >>> printable("-ERR \x1b[2Jcycle ok\r")
+    '-ERR \\x1b[2Jcycle ok\\x0d'
+    """
+    return _CONTROLS.sub(_escape, text)
+
 
 class ConnectorError(Exception):
     """Base of every error the connector raises on purpose."""
@@ -84,9 +113,10 @@ class Pop3ResponseError(Pop3Error):
 
     def __init__(self, command: str, text: str, resp_code: str | None = None) -> None:
         self.command = command
-        self.text = text
-        self.resp_code = resp_code
-        super().__init__(command, text, resp_code)
+        # The server's words, escaped here once: every log line and output shows them.
+        self.text = printable(text)
+        self.resp_code = None if resp_code is None else printable(resp_code)
+        super().__init__(command, self.text, self.resp_code)
 
     def __str__(self) -> str:
         code = f"[{self.resp_code}] " if self.resp_code else ""
@@ -254,16 +284,16 @@ class DeliveryError(ConnectorError):
         evidence: Evidence = Evidence.NONE,
     ) -> None:
         self.stage = stage
-        self.text = text
+        self.text = printable(text)  # the server's words: escaped once, here
         self.smtp_code = smtp_code
         self.enhanced_code = enhanced_code
         self.per_message = per_message
         self.security = security
         # At RCPT, when every recipient was refused: recipient -> "550 5.1.1 text", so that a
         # dead letter can name each of them (and ``requeue`` send it to them).
-        self.refused: Mapping[str, str] = dict(refused or {})
+        self.refused: Mapping[str, str] = {r: printable(t) for r, t in (refused or {}).items()}
         self.evidence = evidence
-        super().__init__(stage, text, smtp_code, enhanced_code)
+        super().__init__(stage, self.text, smtp_code, enhanced_code)
 
     @property
     def response(self) -> str:
@@ -314,8 +344,8 @@ class DeadLetterError(ConnectorError):
 
     def __init__(self, store: str, reason: str) -> None:
         self.store = store
-        self.reason = reason
-        super().__init__(store, reason)
+        self.reason = printable(reason)  # may quote the IMAP server: escaped once, here
+        super().__init__(store, self.reason)
 
     def __str__(self) -> str:
         return f"dead-letter store {self.store}: {self.reason}"

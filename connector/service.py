@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -27,14 +28,20 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from connector.config import ImapDeadLetter, Settings, SharedConfig, dead_letter_path
+from connector.config import (
+    ENV_PREFIX,
+    ImapDeadLetter,
+    Settings,
+    SharedConfig,
+    dead_letter_path,
+)
 from connector.deadletter import DeadLetterArchive
 from connector.deadletter.maildir import MaildirStore
 from connector.delivery import SenderPolicy, SmtpDeliverer, SmtpSettings
@@ -45,6 +52,7 @@ from connector.errors import (
     Disposition,
     Pop3AuthError,
     classify,
+    printable,
 )
 from connector.fetcher import (
     AccountSpec,
@@ -60,6 +68,7 @@ from connector.ledger import AccountStatus, CycleRecord, Ledger
 from connector.notices import NoticeSettings, Notifier, RecordingStore
 from connector.pop3 import AuthMethod, Pop3Endpoint, TlsMode
 from connector.recipients import Rule, SharedMailbox
+from connector.sdnotify import NOTIFY_VARIABLES
 
 if TYPE_CHECKING:
     # Imported where used: aioimaplib and prometheus_client cost ~40 ms of start-up, which a
@@ -118,6 +127,8 @@ class OAuth2TokenSource:
     file: Path | None = None
     argv: tuple[str, ...] | None = None
     timeout: float = OAUTH2_COMMAND_TIMEOUT
+    # Variables the command must not inherit (see child_environment); names, not secrets.
+    secret_env: frozenset[str] = field(default=frozenset(), repr=False)
 
     async def __call__(self) -> str:
         """The current access token; raises ConfigError when it cannot be had."""
@@ -156,6 +167,7 @@ class OAuth2TokenSource:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 start_new_session=True,
+                env=child_environment(os.environ, self.secret_env),
             )
         )
         try:
@@ -186,6 +198,32 @@ class OAuth2TokenSource:
             return out.decode("utf-8")
         except UnicodeDecodeError:
             raise ConfigError(f"{self.key}: the output is not UTF-8 text") from None
+
+
+def secret_env_names(settings: Settings) -> frozenset[str]:
+    """Every variable a ``password_env`` names (accounts, ``[smtp]``, ``[dead_letter]``), in
+    upper case."""
+    models: list[object] = [*settings.accounts, settings.smtp, settings.dead_letter]
+    names = (getattr(m, "password_env", None) for m in models)
+    return frozenset(n.upper() for n in names if isinstance(n, str))
+
+
+def child_environment(environ: Mapping[str, str], secret_env: frozenset[str]) -> dict[str, str]:
+    """``environ`` for a helper we run (``oauth2_token_command``), without our secrets.
+
+    Dropped: every variable a ``password_env`` names (``secret_env``, upper case: another
+    account's password is none of the helper's business) and every ``POP3_CONNECTOR_*``
+    variable (our settings overrides, ``POP3_CONNECTOR_SMTP__PASSWORD`` among them), and
+    systemd's notification socket and watchdog variables.  The rest
+    (PATH, HOME, proxies, the helper's own variables) stays: the helper may need it.
+    """
+    return {
+        name: value
+        for name, value in environ.items()
+        if name.upper() not in secret_env
+        and not name.upper().startswith(ENV_PREFIX)
+        and name not in NOTIFY_VARIABLES  # sd_notify(3): systemd's messages are ours to send
+    }
 
 
 async def _end_group(proc: asyncio.subprocess.Process) -> None:
@@ -338,6 +376,7 @@ def build_runtime(settings: Settings, *, include_disabled: bool = False) -> Runt
                 f"accounts[{i}].oauth2_token_{'command' if argv else 'file'}",
                 file=acct.oauth2_token_file,
                 argv=argv,
+                secret_env=secret_env_names(settings),
             )
         if password is None:  # the config guarantees one; be explicit for the type checker
             raise ConfigError(f"accounts[{i}].password: no password given")
@@ -488,6 +527,7 @@ class AccountState:
     interval: float
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     poll_now: asyncio.Event = field(default_factory=asyncio.Event)
+    forced: bool = False  # poll_now was set by SIGUSR1 or a reload: it overrides the backoff
     failures: int = 0
     bare_login_errors: int = 0
     failing: bool = False
@@ -512,6 +552,10 @@ def rfc3339(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _shown(text: str | None) -> str | None:
+    return None if text is None else printable(text)
 
 
 def status_document(
@@ -540,7 +584,8 @@ def status_document(
                 "last_cycle_started": rfc3339(row.last_cycle_started if row else None),
                 "last_cycle_finished": rfc3339(row.last_cycle_finished if row else None),
                 "result": row.result if row else None,
-                "last_error": row.last_error if row else None,
+                # Escaped again: a row written before errors were escaped at the edge.
+                "last_error": _shown(row.last_error if row else None),
                 "mailbox_messages": row.mailbox_messages if row else None,
                 "deferred": row.deferred if row else 0,
                 "dead_letters": dead_letters.get(name, 0),
@@ -578,6 +623,9 @@ class Service:
         self._semaphore = asyncio.Semaphore(runtime.max_parallel)
         self._tg: asyncio.TaskGroup | None = None
         self.alive = False
+        # Dead letters per account, as last counted after a cycle: /status reads this, since
+        # counting an IMAP store means logging in to it, which a request must not cost.
+        self.dead_letter_counts: dict[str, int] | None = None
         if metrics is not None:
             metrics.set_accounts(self.accounts)
 
@@ -704,26 +752,29 @@ class Service:
     # -- what the operators see (metrics, /status, /healthz, POST /poll) -----------------------
 
     async def refresh_backlog(self) -> None:
-        """Set the ``deferred_messages`` and ``dead_letters`` gauges from the ledger and the
-        dead-letter store (which ``dead-letters requeue/purge`` change from outside)."""
-        if self.metrics is None:
-            return
+        """Set the ``deferred_messages`` and ``dead_letters`` gauges, and the dead-letter
+        counts /status shows, from the ledger and the dead-letter store (which ``dead-letters
+        requeue/purge`` change from outside)."""
         try:
             rows = await self.ledger.account_status()
             counts = await self.store.count_by_account()
         except ConnectorError as exc:
             log.warning("cannot refresh the deferred and dead-letter gauges: %s", exc)
             return
-        self.metrics.backlog({r.name: r.deferred for r in rows}, counts)
+        self.dead_letter_counts = counts
+        if self.metrics is not None:
+            self.metrics.backlog({r.name: r.deferred for r in rows}, counts)
 
     async def status(self) -> dict[str, Any]:
         """The ``/status`` document: the ledger's view plus the scheduler's next polls."""
         rows = await self.ledger.account_status()
-        try:
-            counts = await self.store.count_by_account()
-        except ConnectorError as exc:
-            log.warning("cannot count dead letters: %s", exc)
-            counts = {}
+        counts = self.dead_letter_counts
+        if counts is None:  # not counted yet (the service counts at start and after cycles)
+            try:
+                counts = self.dead_letter_counts = await self.store.count_by_account()
+            except ConnectorError as exc:
+                log.warning("cannot count dead letters: %s", exc)
+                counts = self.dead_letter_counts = {}
         polls = {name: state.next_poll for name, state in self.accounts.items()}
         return status_document(self.accounts, rows, counts, polls)
 
@@ -765,23 +816,47 @@ class Service:
             tasks = [tg.create_task(self.run_cycle(name)) for name in selected]
         return [t.result() for t in tasks]
 
-    def poll_now(self, name: str | None = None) -> list[str]:
-        """Start a cycle now (SIGUSR1, or ``POST /poll``), like SBS's "Retrieve now".
+    def held_until(self, state: AccountState) -> float | None:
+        """When a failing account's backoff ends, while it runs; None if it may poll now."""
+        if state.failures == 0 or state.next_poll is None or state.next_poll <= self.clock():
+            return None
+        return state.next_poll
 
-        Returns the accounts woken; an unknown ``name`` raises KeyError.  An account in a
-        cycle polls again right after it.
+    def poll_now(
+        self, name: str | None = None, *, force: bool = False
+    ) -> tuple[list[str], dict[str, float]]:
+        """Start a cycle now (``POST /poll``, or SIGUSR1), like SBS's "Retrieve now".
+
+        Returns the accounts woken, and those held back: a failing account polls at the end
+        of its backoff and not before (PRODUCT §8: a wrong password must not be tried again
+        at every request), unless ``force`` (SIGUSR1: only root or the service's own user can
+        send it).  An unknown ``name`` raises KeyError.  An account in a cycle polls again
+        right after it, unless that cycle fails.
         """
         if name is not None and name not in self.accounts:
             raise KeyError(name)
-        woken = [n for n in self.accounts if name is None or n == name]
-        for n in woken:
-            self.accounts[n].poll_now.set()
-        return woken
+        woken: list[str] = []
+        held: dict[str, float] = {}
+        for n, state in self.accounts.items():
+            if name is not None and n != name:
+                continue
+            until = None if force else self.held_until(state)
+            if until is not None:
+                held[n] = until
+                continue
+            state.forced |= force
+            state.poll_now.set()
+            woken.append(n)
+        return woken, held
 
     async def _account_loop(self, state: AccountState) -> None:
         while not self.stopping.is_set() and not state.removed:
             state.poll_now.clear()
+            state.forced = False
             result = await self._run_state(state)
+            if state.poll_now.is_set() and not state.forced and self.held_until(state):
+                # Asked for while this cycle ran, and the cycle failed: the backoff stands.
+                state.poll_now.clear()
             delay = (state.next_poll or self.clock()) - self.clock()
             if self.stopping.is_set() or state.removed:
                 return
@@ -878,6 +953,7 @@ class Service:
                 current.spec, current.interval = spec, interval
                 log.info("reload: account=%s changed; applies from its next cycle", name)
                 if current.failing:
+                    current.forced = True
                     current.poll_now.set()
         if self.metrics is not None:
             self.metrics.set_accounts(self.accounts)
@@ -900,7 +976,7 @@ class Service:
                     ),
                 )
         if hasattr(signal, "SIGUSR1"):
-            loop.add_signal_handler(signal.SIGUSR1, self.poll_now)
+            loop.add_signal_handler(signal.SIGUSR1, functools.partial(self.poll_now, force=True))
         if reload is not None and hasattr(signal, "SIGHUP"):
             loop.add_signal_handler(signal.SIGHUP, reload)
 

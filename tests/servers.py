@@ -48,6 +48,10 @@ def _has_ipv6_loopback() -> bool:
 _user_counter = itertools.count(1)
 SPARE_USERS = 500
 USER_PASSWORD = "secret-pw"
+# A mailbox whose password IMAP must quote and escape (RFC 3501 §4.3: quoted-specials), for
+# the tests that look for it in logs: every run of letters in it is long enough to search for.
+QUOTED_USER = "quoted"
+QUOTED_PASSWORD = 'Fq8zR2kLw"Hn4Tq7Xb\\Pz7Jm9Wc ok'
 
 
 @dataclass
@@ -164,6 +168,7 @@ def start_dovecot(extra_conf: str = "") -> DovecotServer:
     (root / "tls" / "key.pem").chmod(0o600)
     ca.cert_pem.write_to_path(str(root / "tls" / "ca.pem"))
     users = ["alice:{PLAIN}alicepw::::::", "bob@example.test:{PLAIN}bobpw::::::"]
+    users.append(f"{QUOTED_USER}:{{PLAIN}}{QUOTED_PASSWORD}::::::")
     users += [f"user{n}:{{PLAIN}}{USER_PASSWORD}::::::" for n in range(1, SPARE_USERS + 1)]
     (root / "users").write_text("\n".join(users) + "\n")
     (root / "mail").mkdir()

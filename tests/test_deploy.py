@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tomllib
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -126,7 +127,7 @@ def test_systemd_unit_verifies(systemd_analyze: str, tmp_path: Path) -> None:
 
 
 def test_systemd_verify_catches_a_broken_unit(systemd_analyze: str, tmp_path: Path) -> None:
-    broken = UNIT.read_text(encoding="utf-8").replace("Type=exec", "Type=sometimes")
+    broken = UNIT.read_text(encoding="utf-8").replace("Type=notify", "Type=sometimes")
     result = _run(systemd_analyze, "verify", str(_unit_copy(tmp_path, broken)))
     assert "Failed to parse service type" in result.stderr
     missing = UNIT.read_text(encoding="utf-8").replace("/opt/pop3-connector/bin/", "/nonexistent/")
@@ -172,10 +173,33 @@ def test_systemd_unit_settings() -> None:
         "ExecReload=/bin/kill -HUP $MAINPID",
         "RestartPreventExitStatus=75 78",
         "UMask=0077",
+        # connector/sdnotify.py: READY=1, then WATCHDOG=1 from the event loop.
+        "Type=notify",
+        "NotifyAccess=main",
+        "LimitCORE=0",  # a core dump would hold passwords and mail
     ):
         assert wanted in lines
+    watchdog = [line.split("=", 1)[1] for line in lines if line.startswith("WatchdogSec=")]
+    assert watchdog == ["60s"]  # pings every 30 s; a frozen loop is restarted within a minute
     sysusers = (DEPLOY / "systemd" / "pop3-connector.sysusers").read_text(encoding="utf-8")
     assert re.search(r"^u pop3-connector - .* /var/lib/pop3-connector$", sysusers, re.M)
+
+
+_SIZE_UNITS: Final = {"K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def test_memory_max_leaves_room_over_the_measured_peak() -> None:
+    (value,) = [
+        line.split("=", 1)[1]
+        for line in UNIT.read_text(encoding="utf-8").splitlines()
+        if line.startswith("MemoryMax=")
+    ]
+    limit = int(value[:-1]) * _SIZE_UNITS[value[-1]]
+    bench = (ROOT / "bench" / "README.md").read_text(encoding="utf-8")
+    m = re.search(r"^\| large \| ([\d,]+) MiB peak RSS", bench, re.M)
+    assert m, "bench/README.md no longer states the large scenario's peak RSS"
+    peak = int(m.group(1).replace(",", "")) * 2**20
+    assert limit >= 2 * peak  # a margin over today's figure; a spool file will lower it
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,3 +411,107 @@ def test_winsw_definition_and_windows_config(tmp_path: Path) -> None:
     data = tomllib.loads((DEPLOY / "windows" / "config.windows.toml").read_text("utf-8"))
     assert data["service"]["state_dir"] == r"C:\ProgramData\pop3-connector\state"
     assert data["accounts"][0]["password_file"] == r"C:\ProgramData\pop3-connector\info.password"
+
+
+# --------------------------------------------------------------------------------------------
+# Compose secrets and Grafana
+# --------------------------------------------------------------------------------------------
+
+# CVE-2024-9264 (code execution through SQL expressions): 11.0.0 to 11.2.x before their
+# +security-01 builds.
+_GRAFANA_FIXED: Final = (11, 3, 0)
+
+
+def test_grafana_is_past_cve_2024_9264() -> None:
+    image = _yaml(DEPLOY / "compose.yaml")["services"]["grafana"]["image"]
+    name, _, tag = image.partition(":")
+    assert name in {"grafana/grafana", "grafana/grafana-oss"}
+    m = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)", tag)
+    assert m, f"pin a release, not {tag!r}"
+    assert tuple(int(g) for g in m.groups()) >= _GRAFANA_FIXED
+
+
+@pytest.fixture
+def world_dir() -> Iterator[Path]:
+    """A directory other uids can enter (pytest's tmp_path is root's 0700)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="deploy-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def _as_uid(
+    uid: int, gid: int, *args: str, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    setpriv = _tool("setpriv", "util-linux")
+    if os.geteuid() != 0:
+        pytest.fail("this test switches uid with setpriv: run the suite as root (as CI does)")
+    command = [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=60, check=False)
+
+
+def test_grafana_refuses_to_start_without_its_password(world_dir: Path) -> None:
+    """The compose entrypoint, run as Grafana's uid 472 against a secret it cannot read.
+
+    Compose mounts the host file as it is; Grafana would fall back to admin/admin.
+    """
+    grafana = _yaml(DEPLOY / "compose.yaml")["services"]["grafana"]
+    shell, flag, script, name = grafana["entrypoint"]
+    assert (shell, flag) == ("/bin/sh", "-c")
+    variable = grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD__FILE"]
+    assert variable == "/run/secrets/grafana-admin.password"
+    assert "grafana-admin.password" in grafana["secrets"]
+    # Compose turns $$ into $; the image's /run.sh becomes a stand-in that says it ran.
+    stand_in = world_dir / "run.sh"
+    stand_in.write_text('#!/bin/sh\necho "grafana started with $*"\n', encoding="utf-8")
+    stand_in.chmod(0o755)
+    script = script.replace("$$", "$").replace("/run.sh", str(stand_in))
+    secret = world_dir / "grafana-admin.password"
+    secret.write_text("a Grafana admin password\n", encoding="utf-8")
+    env = {"PATH": "/usr/bin:/bin", "GF_SECURITY_ADMIN_PASSWORD__FILE": str(secret)}
+
+    secret.chmod(0o600)  # root's, as `printf > file; chmod 600` leaves it: unreadable to 472
+    refused = _as_uid(472, 0, shell, flag, script, name, env=env)
+    assert refused.returncode == 1
+    assert f"cannot read {secret} as uid 472" in refused.stderr
+    assert "started" not in refused.stdout
+
+    os.chown(secret, 472, 0)  # as deploy/README.md says
+    secret.chmod(0o400)
+    started = _as_uid(472, 0, shell, flag, script, name, env=env)
+    assert started.returncode == 0, started.stderr
+    assert started.stdout == "grafana started with \n"
+
+    secret.write_text("", encoding="utf-8")  # an empty password is no password either
+    assert _as_uid(472, 0, shell, flag, script, name, env=env).returncode == 1
+
+
+def test_the_connector_refuses_to_start_without_its_password(world_dir: Path) -> None:
+    """As uid 10001 (the image's user), a secret it cannot read stops it, naming the file."""
+    exe = shutil.which("pop3-connector", path=str(Path(sys.executable).parent))
+    assert exe
+    secret = world_dir / "info.password"
+    secret.write_text("the POP3 password\n", encoding="utf-8")
+    secret.chmod(0o600)
+    config = world_dir / "config.toml"
+    text = (DEPLOY / "config.container.toml").read_text(encoding="utf-8")
+    config.write_text(text.replace("/run/secrets/info.password", str(secret)), "utf-8")
+    config.chmod(0o644)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(world_dir)}
+    refused = _as_uid(10001, 10001, exe, "--config", str(config), "check", env=env)
+    assert refused.returncode == 78, refused.stderr
+    assert f"accounts[0].password_file: cannot read {secret}: Permission denied" in refused.stderr
+    os.chown(secret, 10001, 10001)
+    checked = _as_uid(10001, 10001, exe, "--config", str(config), "check", env=env)
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_readme_tells_who_must_read_each_secret() -> None:
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    assert "chown 10001:10001 secrets/info.password" in readme
+    assert "chown 472:0 secrets/grafana-admin.password" in readme
+    assert "chmod 600 secrets/*" not in readme  # root's 0600: no container user can read it

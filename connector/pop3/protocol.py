@@ -65,7 +65,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, assert_never
 
-from connector.errors import Pop3ConnectionError, Pop3ProtocolError
+from connector.errors import Pop3ConnectionError, Pop3ProtocolError, printable
 
 _LineCounts = Callable[[bytes], tuple[int, int, int, int, int]]
 _fast_line_counts: _LineCounts | None
@@ -405,8 +405,9 @@ _UID: Final = re.compile(rb"[\x21-\x7e]{1,70}")
 
 
 def _text(data: bytes | bytearray) -> str:
-    """Status text for humans and logs: decoded leniently, never raising."""
-    return bytes(data).decode("utf-8", errors="replace").strip()
+    """Status text for humans and logs: decoded leniently, never raising, and with its control
+    characters escaped (:func:`connector.errors.printable`): the server chose these bytes."""
+    return printable(bytes(data).decode("utf-8", errors="replace").strip())
 
 
 def _unstuff_slow(body: bytes) -> bytes:
@@ -625,7 +626,7 @@ class Connection:
 
     def _err(self, head: _Pending, rest: bytes) -> Err:
         m = _RESP_CODE.match(rest)
-        code = m.group(1).decode("ascii", errors="replace").upper() if m else None
+        code = printable(m.group(1).decode("ascii", errors="replace").upper()) if m else None
         text = _text(rest[m.end() :] if m else rest)
         self._complete(ok=False)
         if head.frame is _Frame.GREETING:
@@ -788,7 +789,8 @@ def _parse_capa(body: bytes) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """RFC 2449 §5: one capability per line, a name and space-separated arguments."""
     caps = []
     for line in _lines(body):
-        words = _text(line).split()
+        # Split before escaping: the words are separated by white space, which _text escapes.
+        words = [printable(w) for w in bytes(line).decode("utf-8", errors="replace").split()]
         if words:
             caps.append((words[0].upper(), tuple(words[1:])))
     return tuple(caps)

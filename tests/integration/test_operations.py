@@ -9,6 +9,7 @@ import json
 import poplib
 import re
 import signal
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -46,7 +47,9 @@ def endpoint_url(log: StderrWatcher) -> str:
 def http(url: str, method: str = "GET") -> tuple[int, bytes]:
     assert url.startswith("http://127.0.0.1:")
     data = b"" if method == "POST" else None
-    request = urllib.request.Request(url, method=method, data=data)  # noqa: S310 (checked)
+    # POST /poll needs a type no browser sends cross-site without a preflight (PRODUCT §8).
+    headers = {"Content-Type": "application/json"} if method == "POST" else {}
+    request = urllib.request.Request(url, method=method, data=data, headers=headers)  # noqa: S310
     try:
         with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (loopback)
             return int(response.status), bytes(response.read())
@@ -193,7 +196,7 @@ def test_metrics_during_and_after_real_cycles(
         # POST /poll: the greylisted message goes through now.
         assert http(base + "/poll?account=nobody", "POST")[0] == 404
         code, body = http(base + "/poll", "POST")
-        assert (code, json.loads(body)) == (202, {"polling": ["info"]})
+        assert (code, json.loads(body)) == (202, {"polling": ["info"], "held_back": []})
         wait_until(lambda: cycles_ok(base) == 2, "the cycle started by POST /poll")
         second = scrape(base)
         assert value(second, "messages_total", account="info", outcome="delivered") == 4
@@ -350,3 +353,30 @@ def test_sighup_adds_an_account_and_a_broken_config_keeps_the_old(
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     assert proc.returncode == 0, log.text()
+
+
+def test_mail_flows_while_someone_else_holds_the_metrics_port(
+    setup_factory: Callable[..., Setup],
+) -> None:
+    squatter = socket.socket()  # a local user who took the port first
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    port = squatter.getsockname()[1]
+    s = setup_factory(service_extra='poll_interval = "1h"')
+    text = s.config.read_text()
+    s.config.write_text(text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"'))
+    s.dovecot.deliver_many(s.user, [message(0), message(1)])
+    try:
+        with running(s.config) as (proc, log):
+            assert log.wait_for(f"cannot listen on 127.0.0.1:{port}"), log.text()
+            wait_until(lambda: len(s.received()) == 2, "the mail, while the port is taken")
+            assert proc.poll() is None
+            squatter.close()
+            base = endpoint_url(log)  # bound on a later attempt
+            assert base == f"http://127.0.0.1:{port}"
+            assert http(base + "/healthz") == (200, b"ok\n")
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+        assert proc.returncode == 0, log.text()
+    finally:
+        squatter.close()
