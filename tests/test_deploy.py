@@ -504,7 +504,9 @@ def test_the_connector_refuses_to_start_without_its_password(world_dir: Path) ->
     env = {"PATH": "/usr/bin:/bin", "HOME": str(world_dir)}
     refused = _as_uid(10001, 10001, exe, "--config", str(config), "check", env=env)
     assert refused.returncode == 78, refused.stderr
-    assert f"accounts[0].password_file: cannot read {secret}: Permission denied" in refused.stderr
+    assert f'accounts[0] (name "info").password_file: cannot read {secret}: Permission denied' in (
+        refused.stderr
+    )
     os.chown(secret, 10001, 10001)
     checked = _as_uid(10001, 10001, exe, "--config", str(config), "check", env=env)
     assert checked.returncode == 0, checked.stderr
