@@ -48,6 +48,8 @@ def _has_ipv6_loopback() -> bool:
 _user_counter = itertools.count(1)
 SPARE_USERS = 500
 USER_PASSWORD = "secret-pw"
+# The account Postfix's SASL AUTH checks through Dovecot's auth socket (tests/mailservers.py).
+RELAY_USER, RELAY_PASSWORD = "relay@exchange.test", "relay-pw"
 
 
 @dataclass
@@ -67,6 +69,11 @@ class DovecotServer:
     @property
     def ca_file(self) -> Path:
         return self.root / "tls" / "ca.pem"
+
+    @property
+    def auth_socket(self) -> Path:
+        """Dovecot's auth socket for Postfix's ``smtpd_sasl_type = dovecot``."""
+        return self.root / "run" / "auth-postfix"
 
     def add_user(self) -> tuple[str, str]:
         """A fresh, empty mailbox: (user, password).
@@ -164,6 +171,7 @@ def start_dovecot(extra_conf: str = "") -> DovecotServer:
     (root / "tls" / "key.pem").chmod(0o600)
     ca.cert_pem.write_to_path(str(root / "tls" / "ca.pem"))
     users = ["alice:{PLAIN}alicepw::::::", "bob@example.test:{PLAIN}bobpw::::::"]
+    users.append(f"{RELAY_USER}:{{PLAIN}}{RELAY_PASSWORD}::::::")
     users += [f"user{n}:{{PLAIN}}{USER_PASSWORD}::::::" for n in range(1, SPARE_USERS + 1)]
     (root / "users").write_text("\n".join(users) + "\n")
     (root / "mail").mkdir()
