@@ -125,13 +125,15 @@ class State(enum.Enum):
 
 
 class Verb(enum.Enum):
-    """Client commands: RFC 1939 (§4-§7), CAPA (RFC 2449), STLS (RFC 2595), AUTH (RFC 5034)."""
+    """Client commands: RFC 1939 (§4-§7), CAPA (RFC 2449), STLS (RFC 2595), AUTH (RFC 5034),
+    UTF8 (RFC 6856)."""
 
     USER = "USER"
     PASS = "PASS"  # noqa: S105 (a verb, not a password)
     APOP = "APOP"
     AUTH = "AUTH"
     STLS = "STLS"
+    UTF8 = "UTF8"
     CAPA = "CAPA"
     STAT = "STAT"
     LIST = "LIST"
@@ -172,6 +174,9 @@ TRANSITIONS: Final[dict[State, dict[Verb, Transition]]] = {
         Verb.APOP: Transition(_T, _A, exclusive=True),
         Verb.AUTH: Transition(_T, _A, exclusive=True),  # RFC 5034 §4
         Verb.STLS: Transition(_A, _A, exclusive=True),  # RFC 2595 §4: TLS follows the +OK
+        # RFC 6856 §2: UTF-8 mode, "valid in states: AUTHORIZATION" (not after login).  It
+        # changes how later arguments and messages are read, not the state.
+        Verb.UTF8: _STAY_A,
         # RFC 1939 §5: QUIT in AUTHORIZATION ends the session without an UPDATE state.
         Verb.QUIT: Transition(State.CLOSED, State.CLOSED, exclusive=True),
     },
@@ -200,6 +205,7 @@ _ARITY: Final[dict[Verb, tuple[int, int]]] = {
     Verb.APOP: (2, 2),
     Verb.AUTH: (1, 2),
     Verb.STLS: (0, 0),
+    Verb.UTF8: (0, 0),
     Verb.CAPA: (0, 0),
     Verb.STAT: (0, 0),
     Verb.LIST: (0, 1),
@@ -385,7 +391,7 @@ def _frame_for(cmd: Command) -> _Frame:
         case Verb.AUTH:
             return _Frame.SASL
         case (
-            Verb.USER | Verb.PASS | Verb.APOP | Verb.STLS | Verb.STAT
+            Verb.USER | Verb.PASS | Verb.APOP | Verb.STLS | Verb.UTF8 | Verb.STAT
             | Verb.DELE | Verb.NOOP | Verb.RSET | Verb.QUIT
         ):  # fmt: skip
             return _Frame.SINGLE
