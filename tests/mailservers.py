@@ -605,11 +605,14 @@ class MailutilsServer:
     each with a Maildir or an mbox of its own.
 
     Quirks seen: RETR's ``+OK`` carries no octet count; it inserts an ``X-UIDL:`` line into each
-    message it serves and rewrites the Maildir file (sizes change, the UIDL stays); a message
+    message it serves and rewrites the mailbox after the first session (Maildir: sizes change,
+    the UIDL stays; mbox: ``X-UID:``, ``Status:``, ``X-IMAPbase:`` are added too); a message
     without a final newline is counted two octets short; an mbox is read as mboxrd (a stored
-    ``>From `` line is served without its first ``>``); a headers-only message without an empty line is served as its ``X-UIDL:`` line
-    alone; the greeting carries an APOP timestamp, though APOP works only with an APOP database
-    (so ``auth = "auto"`` over a connection without TLS picks APOP, and fails).
+    ``>From `` line is served without its first ``>``); a headers-only message without an
+    empty line is served as its ``X-UIDL:`` line alone from a Maildir, and from an mbox with
+    the next message as its body (the empty line that ends an mbox entry is taken for the end
+    of its header block); the greeting carries an APOP timestamp, though APOP works only with
+    an APOP database (so ``auth = "auto"`` over a connection without TLS picks APOP, and fails).
     """
 
     root: Path

@@ -491,7 +491,10 @@ class Pop3Client:
         """AUTO: on TLS, SASL PLAIN, else USER/PASS, else APOP; in clear, APOP (the password
         is not sent), else PLAIN, else USER."""
         plain = "PLAIN" in (m.upper() for m in self.capabilities.get("SASL", []))
-        user = "USER" in self.capabilities or not self.capabilities  # no CAPA: RFC 1939 only
+        # No CAPA (popa3d answers it -ERR): an RFC 1939 server, USER/PASS.  GNU mailutils
+        # pop3d puts an APOP stamp in its greeting even without an APOP database: in clear,
+        # APOP is tried and refused (configure auth = "user"); over TLS, USER is chosen.
+        user = "USER" in self.capabilities or not self.capabilities
         if self.tls_active:
             if plain:
                 return AuthMethod.PLAIN

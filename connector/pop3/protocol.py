@@ -170,6 +170,8 @@ TRANSITIONS: Final[dict[State, dict[Verb, Transition]]] = {
     State.AUTHORIZATION: {
         Verb.CAPA: _STAY_A,  # RFC 2449 §5: any state
         Verb.USER: _STAY_A,  # RFC 1939 §7: only PASS completes the login
+        # Exclusive, which Courier needs: courierpop3login execs courierpop3d after a good PASS,
+        # and whatever a client pipelined behind the PASS is lost with it.
         Verb.PASS: Transition(_T, _A, exclusive=True),
         Verb.APOP: Transition(_T, _A, exclusive=True),
         Verb.AUTH: Transition(_T, _A, exclusive=True),  # RFC 5034 §4
@@ -655,6 +657,8 @@ class Connection:
             case _Frame.MESSAGE | _Frame.UIDL | _Frame.LIST | _Frame.CAPA:
                 # Keep the status line's LF as _buf[0]: the body then starts after an LF.
                 self._status_text = _text(rest)
+                # RFC 1939 §5 only suggests the octet count; GNU mailutils pop3d and popa3d send
+                # a bare "+OK" to RETR, and Courier "+OK n octets follow.": None, or the count.
                 size = rest.split(None, 1)[0] if rest else b""
                 self._announced = int(size) if head.verb is Verb.RETR and size.isdigit() else None
                 del self._buf[:end]
@@ -742,7 +746,8 @@ def _first_line_quirk(body: bytes, raw: bytes, announced: int | None) -> bytes:
     # Dovecot 2.3 counts the message with CRLF line ends (RFC 1939 §5: exact octets; it adds
     # the CR of a bare LF itself and counts it), but one stored without a final line end goes
     # out with the CRLF every line needs (RFC 1939 §3): its count is then two octets short
-    # (pop3-commands.c, fetch_callback).  Nothing else it sends changes the length.
+    # (pop3-commands.c, fetch_callback).  Nothing else it sends changes the length.  Courier
+    # (RETR's count) and GNU mailutils pop3d (LIST's) count such a message two octets short too.
     # The two readings below differ by one octet and the two counts by two, so no message fits
     # both: with counts made that way the choice is exact, and with Dovecot, which never
     # stuffs line 1, the unstuffed reading is the true one whenever a count fits it.  Only a
@@ -778,7 +783,9 @@ def _parse_listing(body: bytes, *, uidl: bool) -> tuple[tuple[int, str], ...]:
             if not _UID.fullmatch(value):
                 raise Pop3ProtocolError("unique-id is not 1-70 characters 0x21-0x7E")
             # RFC 1939 §7: unique within the maildrop; a repeat would make us skip or
-            # delete the wrong message (STYLE §5, getmail6 agrees).
+            # delete the wrong message (STYLE §5, getmail6 agrees).  popa3d's unique-id is a
+            # digest of a few header fields (Received, Date, Message-ID...), so two messages
+            # lacking all of them repeat one: the cycle then fails until one of them is gone.
             if value in values:
                 raise Pop3ProtocolError("the same unique-id is listed twice")
             values.add(value)
