@@ -14,6 +14,7 @@ the one refused temporarily stays upstream; a second ``once`` delivers nothing.
 from __future__ import annotations
 
 import base64
+import json
 import random
 import re
 import textwrap
@@ -35,7 +36,7 @@ from tests.mailservers import (
     PostfixServer,
     served_messages,
 )
-from tests.servers import DovecotServer
+from tests.servers import DovecotServer, SmtpSink
 
 pytestmark = pytest.mark.integration
 
@@ -337,9 +338,12 @@ def run_matrix_cell(
     }
     for uidl, (_, _, message) in dead.items():
         assert message == served[uidl]
-    # Upstream: only what was refused temporarily.
+    # Upstream: only what was refused temporarily; `status` says so (not STAT's count before).
     left = served_messages(cell.upstream.endpoint)
     assert sorted(names[u] for u in left) == sorted(s.name for s in corpus if s.fate == "deferred")
+    assert main(["--config", str(cell.config), "status", "--json"]) == 0
+    [status] = json.loads(capsys.readouterr().out)["accounts"]
+    assert (status["mailbox_messages"], status["deferred"]) == (len(left), len(left))
 
     # A second once delivers and dead-letters nothing (the deferred one is only retried).
     code, out = cell.once(capsys)
@@ -454,3 +458,79 @@ def test_over_postfix_size_limit_is_a_dead_letter_the_rest_flows(
     assert response.startswith("552 5.3.4 ")
     # Postfix's cleanup logs the Message-ID of every message it receives: not this one.
     assert "message-id=<too-big@corpus.example>" not in cell.postfix.maillog()
+
+
+def test_bare_errs_at_login_from_cron_mark_the_account_failing(
+    popa3d: Popa3dServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """popa3d refuses a password with a bare -ERR (no RFC 3206 code): transient twice, failing
+    the third time in a row (README "Backoff").  ``once`` from cron is a new process each
+    time, so the count must come from the ledger, and so must the failing notice."""
+    user, password = popa3d.add_user()
+    ep = popa3d.endpoint(user, password)
+    sink = SmtpSink().start()
+    config = tmp_path / "config.toml"
+
+    def write(pw: str) -> None:
+        config.write_text(
+            textwrap.dedent(
+                f"""\
+                [service]
+                state_dir = "{tmp_path / "state"}"
+                [metrics]
+                listen = ""
+                [smtp]
+                host = "127.0.0.1"
+                port = {sink.port}
+                tls = "none"
+                helo_name = "{HELO}"
+                [notices]
+                postmaster = "postmaster@firma.test"
+                [[accounts]]
+                name = "cron"
+                host = "{ep.host}"
+                port = {ep.port}
+                tls = "{ep.tls}"
+                ca_file = "{ep.ca_file}"
+                username = "{user}"
+                password = "{pw}"
+                deliver_to = ["info@firma.test"]
+                """
+            )
+        )
+        config.chmod(0o600)
+
+    def status() -> dict[str, object]:
+        capsys.readouterr()
+        assert main(["--config", str(config), "status", "--json"]) == 0
+        [account] = json.loads(capsys.readouterr().out)["accounts"]
+        assert isinstance(account, dict)
+        return account
+
+    def subjects() -> list[str]:
+        return [
+            line.removeprefix(b"Subject: ").decode()
+            for m in sink.received
+            for line in m.data.split(b"\r\n")
+            if line.startswith(b"Subject: ")
+        ]
+
+    try:
+        write("wrong-" + password)
+        for _ in range(2):
+            assert main(["--config", str(config), "once"]) == 1
+            assert (status()["result"], status()["failing"]) == ("failed", False)
+            assert subjects() == []
+        assert main(["--config", str(config), "once"]) == 1
+        assert (status()["result"], status()["failing"]) == ("failed", True)
+        assert subjects() == ["[pop3-connector] cron: account failing"]
+        capsys.readouterr()
+        assert main(["--config", str(config), "status"]) == 0
+        assert capsys.readouterr().out.splitlines()[1].split()[3] == "failing"
+
+        write(password)
+        assert main(["--config", str(config), "once"]) == 0
+        assert (status()["result"], status()["failing"]) == ("ok", False)
+        assert subjects()[1:] == ["[pop3-connector] cron: account recovered"]
+    finally:
+        sink.stop()
