@@ -33,6 +33,7 @@ import os
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -120,7 +121,13 @@ def _spawn(
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """End the process we started, by its PID, and reap it."""
+    """End the process we started, by its PID, and reap it; then whatever is left of the
+    process group it leads (``_spawn`` made it, so it holds only that server's own children).
+
+    The sweep is for mailutils pop3d: a session child that its master's SIGTERM caught in the
+    middle of its work once hung in its signal handler (a futex, SIGTERM blocked), and lived on
+    as the test user, so that the user could not be removed.
+    """
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -128,6 +135,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _wait_greeting(
