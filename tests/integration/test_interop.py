@@ -423,7 +423,7 @@ def test_a_wrong_deliver_to_stops_the_cycle_with_nothing_lost(
     request: pytest.FixtureRequest, tmp_path: Path, capsys: pytest.CaptureFixture[str], port: str
 ) -> None:
     """Postfix refuses an unknown mailbox at RCPT (550 5.1.1): our setup is wrong, so the cycle
-    stops, nothing is dead-lettered and nothing is deleted upstream (PRODUCT §6)."""
+    stops, nothing is dead-lettered and nothing is deleted upstream (docs/design.md §6.1)."""
     cell = make_cell(request, tmp_path, "dovecot", port)
     cell.config.write_text(
         cell.config.read_text().replace(cell.mailbox, f"nobody@{cell.mailbox.split('@')[1]}")

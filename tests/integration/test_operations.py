@@ -170,7 +170,7 @@ def test_metrics_during_and_after_real_cycles(
         assert info["result"] == "ok"
         assert info["failing"] is False
         # What the cycle left upstream (the greylisted one), not STAT's 6 at its start; the
-        # mailbox_messages gauge above keeps STAT's (PRODUCT §8).
+        # mailbox_messages gauge above keeps STAT's (docs/design.md §11.1).
         assert info["mailbox_messages"] == 1
         assert info["deferred"] == 1
         assert info["dead_letters"] == 2
