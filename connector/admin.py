@@ -106,7 +106,7 @@ async def status_command(runtime: Runtime, *, as_json: bool, out: TextIO) -> int
         [
             a["name"],
             _when(a["last_cycle_finished"] or a["last_cycle_started"]),
-            a["result"] or "never",
+            "failing" if a["failing"] else (a["result"] or "never"),
             _dash(a["mailbox_messages"]),
             str(a["deferred"]),
             str(a["dead_letters"]),

@@ -372,9 +372,10 @@ async def _once(runtime: Runtime, names: list[str] | None) -> int:
     for r in results:
         s = r.stats
         status = "ok" if r.ok else f"FAILED: {r.error}"
+        removed = f", removed {s.removed}" if s.removed else ""  # leave_on_server only
         print(
             f"{r.account}: {status}; delivered {s.delivered}, dead-lettered {s.dead_lettered}, "
-            f"deferred {s.deferred}, skipped {s.skipped} ({r.duration:.2f} s)"
+            f"deferred {s.deferred}, skipped {s.skipped}{removed} ({r.duration:.2f} s)"
         )
     return EX_OK if all(r.ok for r in results) else EX_FAILED
 

@@ -40,7 +40,9 @@ endings, dot-stuffing: ~30 ms per MB, the bulk of our CPU in the benchmark).  Wh
   passes that form (``deliver(..., wire=...)``, see :func:`prepare_wire`), it is written as it
   is: no CRLF counts and no dot scan over the message, only over our small trace line.
 * MAIL carries ``size=`` (RFC 1870, the octets as transmitted, as aiosmtplib computed it),
-  ``BODY=8BITMIME`` (RFC 6152) and the DSN parameters (RFC 3461) as before.
+  ``BODY=8BITMIME`` (RFC 6152) and the DSN parameters (RFC 3461) as before, and ``SMTPUTF8``
+  (RFC 6531 §3.4) for a message with a UTF-8 envelope address or raw UTF-8 in its header
+  fields, when the server offers it (see ``SmtpDeliverer._smtputf8``).
 
 A refused transaction is reset with RSET, as ``sendmail()`` did.  After a timeout or a drop in
 the middle of DATA the connection is closed (the stream is out of step).
@@ -92,6 +94,7 @@ __all__ = [
     "content_pieces",
     "delivery_error",
     "envelope_sender",
+    "needs_smtputf8",
     "prepare_content",
     "prepare_wire",
     "stuffed_pieces",
@@ -167,6 +170,8 @@ class Delivered:
 
 # The end of the header block: the first empty line (RFC 5322 §2.1).  Bare LF is tolerated.
 _HEADER_END: Final = re.compile(rb"\r?\n\r?\n")
+# How far into a message a header block is looked for; no real header block is larger.
+_MAX_HEADER_BLOCK: Final = 256 * 1024
 # The first Return-Path field with its folded continuation lines (RFC 5322 §2.2.3).
 _RETURN_PATH: Final = re.compile(rb"^return-path[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)", re.I | re.M)
 # RFC 5321 §4.1.2 Reverse-path: "<" [ A-d-l ":" ] Mailbox ">", or "<>".  The source route
@@ -182,32 +187,55 @@ _DOMAIN: Final = re.compile(r"^(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?|\[[A-Za-z
 
 
 @functools.lru_cache(maxsize=4096)  # the same few addresses, every message
-def address_problem(address: str) -> str | None:
+def address_problem(address: str, *, utf8: bool = False) -> str | None:
     """Why ``address`` can't be sent as an SMTP mailbox as-is, or None when it can.
 
     We check ourselves because aiosmtplib passes addresses through ``email.utils.parseaddr``
     and silently rewrites some bad ones (``"bad\\r\\nRCPT TO:<x@y>"`` went out as ``x@y``).
-    Only ASCII is accepted: we never request SMTPUTF8 (RFC 6531).  The empty string (the null
-    sender) is not checked here.
+    Only ASCII, unless ``utf8``: RFC 6531 §3.3 extends a Mailbox's atext and sub-domains by
+    UTF8-non-ascii (RFC 6532 §3.1), and such an address needs the SMTPUTF8 parameter, which
+    :meth:`SmtpDeliverer.deliver` sends when the server offers it and otherwise refuses locally.
+    The empty string (the null sender) is not checked here.
     """
+    probe = address
     if not address.isascii():
-        return "not ASCII"
-    if len(address) > 254:  # RFC 5321 §4.5.3.1.3: a path is at most 256 octets with "<>"
+        if not utf8:
+            return "not ASCII"
+        if any(not c.isprintable() or c.isspace() for c in address):  # C1 controls, U+2028...
+            return "invalid characters"
+        # Check the syntax with each non-ASCII character standing in as a letter.
+        probe = "".join(c if c.isascii() else "u" for c in address)
+    if len(address.encode()) > 254:  # RFC 5321 §4.5.3.1.3: a path is at most 256 octets
         return "too long"
-    local, at, domain = address.rpartition("@")
+    local, at, domain = probe.rpartition("@")
     if not at or not local or not domain:
         return "not of the form local@domain"
-    if len(local) > 64:  # RFC 5321 §4.5.3.1.1
+    if len(address.rpartition("@")[0].encode()) > 64:  # RFC 5321 §4.5.3.1.1: octets
         return "local part too long"
     if not _LOCAL.match(local) or not _DOMAIN.match(domain):
         return "invalid characters"
     try:
-        unchanged = parse_address(address) == address
+        unchanged = parse_address(probe) == probe
     except ValueError:
         unchanged = False
     if not unchanged:
         return "would be rewritten by the SMTP client"
     return None
+
+
+def needs_smtputf8(raw: bytes, envelope: Envelope) -> bool:
+    """Whether the message is an internationalized one (RFC 6530 §4.2 and RFC 6531 §3.4): an
+    envelope address that is not ASCII, or a header field with raw UTF-8 (RFC 6532).
+
+    Only the header block is looked at (up to the first empty line, bare LF tolerated), and of
+    it only the first :data:`_MAX_HEADER_BLOCK` octets: one C scan, however big the message.
+    """
+    if not envelope.sender.isascii() or not all(r.isascii() for r in envelope.recipients):
+        return True
+    if raw.startswith((b"\r\n", b"\n")):
+        return False  # no header block at all
+    end = _HEADER_END.search(raw, 0, _MAX_HEADER_BLOCK)
+    return not raw[: end.start() if end is not None else _MAX_HEADER_BLOCK].isascii()
 
 
 def envelope_sender(
@@ -1050,9 +1078,10 @@ class SmtpDeliverer:
     def _check_envelope(self, envelope: Envelope) -> None:
         # A bad address is refused locally with the code the server would give for a syntax
         # error (RFC 3463: X.1.7 bad sender, X.1.3 bad recipient address syntax), so that
-        # classify() treats it like the server's refusal.
+        # classify() treats it like the server's refusal.  UTF-8 is checked here like ASCII;
+        # whether the server takes it (SMTPUTF8) is known only once connected (_smtputf8).
         if envelope.sender:
-            problem = address_problem(envelope.sender)
+            problem = address_problem(envelope.sender, utf8=True)
             if problem is not None:
                 raise DeliveryError(
                     SmtpStage.MAIL,
@@ -1072,7 +1101,7 @@ class SmtpDeliverer:
                 per_message=not envelope.recipients_fixed,
             )
         for recipient in envelope.recipients:
-            problem = address_problem(recipient)
+            problem = address_problem(recipient, utf8=True)
             if problem is not None:
                 raise DeliveryError(
                     SmtpStage.RCPT,
@@ -1081,6 +1110,40 @@ class SmtpDeliverer:
                     enhanced_code="5.1.3",
                     per_message=not envelope.recipients_fixed,
                 )
+
+    @staticmethod
+    def _smtputf8(smtp: _TracingSMTP, envelope: Envelope) -> bool:
+        """For an internationalized message: True when the server offers SMTPUTF8.
+
+        Otherwise an address that is not ASCII cannot be sent at all: it is refused here, as a
+        server would refuse it (RFC 6531 §3.7.1, 553 5.6.7), at MAIL for the sender and at
+        RCPT for a recipient, so that classify() judges it like a server's refusal (about
+        this message, unless the address is the same for every message).  Header fields with
+        raw UTF-8 go out without the parameter, as they did before SMTPUTF8 (Exchange takes
+        them; RFC 6531 §3.7 would have us bounce or downgrade, and we change no bytes).
+        """
+        if smtp.supports_extension("smtputf8"):
+            return True
+        why = "the server does not offer SMTPUTF8 (RFC 6531); refused locally"
+        if not envelope.sender.isascii():
+            raise DeliveryError(
+                SmtpStage.MAIL,
+                f"envelope sender is not ASCII and {why}",
+                smtp_code=553,
+                enhanced_code="5.6.7",
+                per_message=not envelope.sender_fixed,
+                evidence=Evidence.LOCAL,  # this sender's own form, whatever the server takes
+            )
+        for recipient in envelope.recipients:
+            if not recipient.isascii():
+                raise DeliveryError(
+                    SmtpStage.RCPT,
+                    f"recipient is not ASCII and {why}",
+                    smtp_code=553,
+                    enhanced_code="5.6.7",
+                    per_message=_per_message(SmtpStage.RCPT, envelope, recipient),
+                )
+        return False
 
     async def deliver(
         self,
@@ -1128,6 +1191,7 @@ class SmtpDeliverer:
 
         mail_options: list[bytes] = []
         rcpt_options: list[bytes] = []
+        smtputf8 = needs_smtputf8(raw, envelope) and self._smtputf8(smtp, envelope)
         if smtp.supports_extension("size"):
             mail_options.append(b"size=%d" % size)  # RFC 1870 §6
         # One fast C pass per part; dots added by stuffing are ASCII, so either form tells.
@@ -1135,6 +1199,8 @@ class SmtpDeliverer:
             "8bitmime"
         ):
             mail_options.append(b"BODY=8BITMIME")  # RFC 6152 §3
+        if smtputf8:
+            mail_options.append(b"SMTPUTF8")  # RFC 6531 §3.4
         if self.settings.dsn and smtp.supports_extension("dsn"):
             # RFC 3461 §4.3 and §4.1: bounce with the full message, and only on failure.
             mail_options.append(b"RET=FULL")
@@ -1187,13 +1253,13 @@ class SmtpDeliverer:
 
         With PIPELINING (RFC 2920) MAIL, the RCPTs and DATA go out in one write and their
         replies are read in order; else one command at a time through ``execute_command``.
-        Addresses were checked by ``_check_envelope`` (ASCII, no spaces or controls), so they
-        go out as they are.
+        Addresses were checked by ``_check_envelope`` (no spaces or controls), so they go out
+        as they are: UTF-8 only with SMTPUTF8 (``_smtputf8``, RFC 6531 §3.3).
         """
         timeout = self.settings.timeout
-        mail = b" ".join([b"MAIL FROM:<" + envelope.sender.encode("ascii") + b">", *mail_options])
+        mail = b" ".join([b"MAIL FROM:<" + envelope.sender.encode() + b">", *mail_options])
         rcpts = [
-            b" ".join([b"RCPT TO:<" + recipient.encode("ascii") + b">", *rcpt_options])
+            b" ".join([b"RCPT TO:<" + recipient.encode() + b">", *rcpt_options])
             for recipient in envelope.recipients
         ]
         refusals: list[aiosmtplib.SMTPRecipientRefused] = []

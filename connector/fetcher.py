@@ -19,8 +19,8 @@ With ``leave_on_server`` the DELEs after "delivered" and "dead_lettered" are not
 stays upstream, and its ledger row (kept as long as the UIDL is listed) makes every later cycle
 pass over it without a command, a log line or an observer call, so a mailbox of 10,000 kept
 messages costs the UIDL listing and nothing per message.  With ``delete_after`` a kept message is
-DELEd (once, as a skip) when that long has passed since it was delivered or dead-lettered (the
-row's ``last_attempt``).
+DELEd (once, counted as ``removed``) when that long has passed since it was delivered or
+dead-lettered (the row's ``last_attempt``).
 
 Crash anywhere: a DELE without QUIT deletes nothing (RFC 1939 §6), and every DELE we send follows a
 ledger commit, so the next cycle sees each message again and the ledger says what was already done.
@@ -137,8 +137,10 @@ class Outcome(enum.StrEnum):
     DELIVERED = "delivered"
     DEAD_LETTERED = "dead_lettered"
     DEFERRED = "deferred"
-    SKIPPED = "skipped"  # already in the ledger as delivered or dead-lettered: DELE only
-    # (with leave_on_server: only once delete_after has passed; kept messages are not reported)
+    SKIPPED = "skipped"  # already in the ledger as delivered or dead-lettered (a DELE that a
+    # crash or a failed QUIT left undone), or a shared mailbox's copy: DELE only
+    REMOVED = "removed"  # kept upstream (leave_on_server) until delete_after passed: DELE only
+    # (kept messages before that are not reported at all)
 
 
 @dataclass(slots=True)
@@ -151,6 +153,7 @@ class CycleStats:
     dead_lettered: int = 0
     deferred: int = 0
     skipped: int = 0
+    removed: int = 0
     delivered_bytes: int = 0
     stopped_early: bool = False
     mailbox_known: bool = False  # STAT answered: the mailbox_* fields are real, not defaults
@@ -158,6 +161,19 @@ class CycleStats:
     # Over max_message_size and left upstream (oversize = "leave", or over FETCH_CEILING):
     # (uid, size) for the admin notice.
     oversize_left: list[tuple[str, int]] = field(default_factory=list)
+    # The messages (and their octets, from LIST) that the server deleted at this cycle's QUIT
+    # (RFC 1939 §6): the DELEs sent, once QUIT was answered +OK; none without that.
+    deleted: int = 0
+    deleted_bytes: int = 0
+
+    @property
+    def left_upstream(self) -> tuple[int, int]:
+        """(messages, octets) in the mailbox after the cycle: STAT at its start minus what
+        its QUIT deleted (mail that arrived meanwhile is not counted); ``mailbox_known``."""
+        return (
+            max(self.mailbox_messages - self.deleted, 0),
+            max(self.mailbox_bytes - self.deleted_bytes, 0),
+        )
 
     def count(self, outcome: Outcome) -> None:
         match outcome:
@@ -169,6 +185,8 @@ class CycleStats:
                 self.deferred += 1
             case Outcome.SKIPPED:
                 self.skipped += 1
+            case Outcome.REMOVED:
+                self.removed += 1
 
 
 class Deliverer(Protocol):
@@ -409,6 +427,7 @@ class Cycle:
         # Refused at MAIL or RCPT and left upstream undecided (Breaker, Evidence.NO_PROBE):
         # (message number, the refusal), to be decided again once a message gets through.
         self._held: list[tuple[int, DeliveryError]] = []
+        self._deles: list[int] = []  # the message numbers DELEd in this session
 
     async def run(self) -> CycleStats:
         """Run the cycle; raises the error that ended it (already classified by the caller)."""
@@ -447,6 +466,8 @@ class Cycle:
                 stopped = stopped or exc
             # QUIT even after a stop: every DELE sent so far follows a committed ledger row.
             await pop.quit()
+            self.stats.deleted = len(self._deles)
+            self.stats.deleted_bytes = sum(sizes.get(n, 0) for n in self._deles)
         if stopped is not None:
             raise stopped.cause
         return self.stats
@@ -470,11 +491,12 @@ class Cycle:
                 if not self._dele_due(entry, now):
                     self.stats.kept += 1  # leave_on_server: no command, no log line
                     continue
-                await pop.dele(number)
-                self.stats.count(Outcome.SKIPPED)
-                self.observer.message(
-                    acct.name, uid, entry.size, Outcome.SKIPPED, entry.last_response
-                )
+                await self._dele(pop, number)
+                # Kept until delete_after passed, or left behind by a crash: two different
+                # things for whoever reads the metrics.
+                done = Outcome.REMOVED if acct.leave_on_server else Outcome.SKIPPED
+                self.stats.count(done)
+                self.observer.message(acct.name, uid, entry.size, done, entry.last_response)
                 continue
             size = sizes.get(number, 0)
             if size > acct.max_message_size:
@@ -621,7 +643,12 @@ class Cycle:
     async def _finished(self, pop: Pop3Client, number: int) -> None:
         """DELE a message just recorded as finished, unless leave_on_server keeps it."""
         if not self.account.leave_on_server:
-            await pop.dele(number)
+            await self._dele(pop, number)
+
+    async def _dele(self, pop: Pop3Client, number: int) -> None:
+        """DELE ``number``, remembered for what the cycle leaves upstream (``left_upstream``)."""
+        await pop.dele(number)
+        self._deles.append(number)
 
     async def _handle(
         self,
@@ -758,7 +785,7 @@ class Cycle:
             if error is not None:
                 failed = failed or error
             elif number is not None:
-                await pop.dele(number)
+                await self._dele(pop, number)
         if failed is not None:
             raise CycleStopped(failed)
 

@@ -129,6 +129,14 @@ MIGRATIONS: Final[list[str]] = [
     """
     ALTER TABLE accounts ADD COLUMN breaker TEXT;
     """,
+    # 5: the scheduler's memory of an account's failures (its consecutive failed cycles, bare
+    # -ERRs at login, whether it is marked failing), so that `once` from cron counts them
+    # across runs as `run` does, and `status` and the failing notice see them.
+    """
+    ALTER TABLE accounts ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE accounts ADD COLUMN bare_login_errors INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE accounts ADD COLUMN failing INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -170,8 +178,21 @@ class RecipientsDone:
 
 
 @dataclass(frozen=True, slots=True)
+class Failures:
+    """An account's failures as the scheduler counts them (``service.AccountState``)."""
+
+    failures: int = 0  # consecutive failed cycles
+    bare_login_errors: int = 0  # consecutive -ERRs at login without a response code
+    failing: bool = False  # marked failing: it needs an administrator
+
+
+@dataclass(frozen=True, slots=True)
 class CycleRecord:
-    """The outcome of one account's cycle, for ``status`` and ``/status``."""
+    """The outcome of one account's cycle, for ``status`` and ``/status``.
+
+    ``mailbox_messages`` and ``mailbox_bytes``: what the cycle left in the mailbox (STAT at
+    its start minus what its QUIT deleted), None when it never got as far as STAT.
+    """
 
     started: float
     finished: float
@@ -180,6 +201,7 @@ class CycleRecord:
     mailbox_messages: int | None
     mailbox_bytes: int | None
     next_poll: float | None
+    failures: Failures = Failures()
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +223,7 @@ class AccountStatus:
     next_poll: float | None
     deferred: int
     dead_lettered: int
+    failing: bool = False
 
 
 _SELECT_ACCOUNT: Final = """
@@ -705,6 +728,9 @@ class Ledger:
             record.mailbox_messages,
             record.mailbox_bytes,
             record.next_poll,
+            record.failures.failures,
+            record.failures.bare_login_errors,
+            record.failures.failing,
         )
 
         def run(conn: sqlite3.Connection) -> None:
@@ -712,8 +738,9 @@ class Ledger:
                 conn.execute(
                     """
                     INSERT INTO accounts (name, last_cycle_started, last_cycle_finished, result,
-                                          last_error, mailbox_messages, mailbox_bytes, next_poll)
-                    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                                          last_error, mailbox_messages, mailbox_bytes, next_poll,
+                                          failures, bare_login_errors, failing)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                     ON CONFLICT (name) DO UPDATE SET
                         last_cycle_started = excluded.last_cycle_started,
                         last_cycle_finished = excluded.last_cycle_finished,
@@ -721,7 +748,10 @@ class Ledger:
                         last_error = excluded.last_error,
                         mailbox_messages = excluded.mailbox_messages,
                         mailbox_bytes = excluded.mailbox_bytes,
-                        next_poll = excluded.next_poll
+                        next_poll = excluded.next_poll,
+                        failures = excluded.failures,
+                        bare_login_errors = excluded.bare_login_errors,
+                        failing = excluded.failing
                     """,
                     params,
                 )
@@ -771,16 +801,38 @@ class Ledger:
                 names AS (SELECT name FROM accounts UNION SELECT account FROM counts)
                 SELECT names.name, a.last_cycle_started, a.last_cycle_finished, a.result,
                        a.last_error, a.mailbox_messages, a.mailbox_bytes, a.next_poll,
-                       coalesce(c.deferred, 0), coalesce(c.dead_lettered, 0)
+                       coalesce(c.deferred, 0), coalesce(c.dead_lettered, 0),
+                       coalesce(a.failing, 0) != 0
                 FROM names
                 LEFT JOIN accounts a ON a.name = names.name
                 LEFT JOIN counts c ON c.account = names.name
                 ORDER BY names.name
                 """
             ).fetchall()
-            return [AccountStatus(*row) for row in rows]
+            statuses = []
+            for name, started, finished, result, error, messages, octets, poll, *rest in rows:
+                deferred, dead_lettered, failing = rest
+                statuses.append(
+                    AccountStatus(
+                        name, started, finished, result, error, messages, octets, poll,
+                        deferred, dead_lettered, bool(failing),
+                    )
+                )  # fmt: skip
+            return statuses
 
         return await self._submit("account_status", run)
+
+    async def failures(self, account: str) -> Failures:
+        """The failures recorded with the account's last cycle (none: never ran)."""
+
+        def run(conn: sqlite3.Connection) -> Failures:
+            row = conn.execute(
+                "SELECT failures, bare_login_errors, failing FROM accounts WHERE name = ?",
+                (account,),
+            ).fetchone()
+            return Failures() if row is None else Failures(row[0], row[1], bool(row[2]))
+
+        return await self._submit("failures", run)
 
     async def total_changes(self) -> int:
         """Rows changed through this connection since it was opened (SQLite total_changes).

@@ -91,7 +91,7 @@ class Metrics:
         )
         self.messages = Counter(
             PREFIX + "messages",
-            "Messages by outcome (delivered, dead_lettered, deferred, skipped).",
+            "Messages by outcome (delivered, dead_lettered, deferred, skipped, removed).",
             ["account", "outcome"],
             registry=r,
         )
@@ -185,8 +185,8 @@ class Metrics:
     def message(self, account: str, uidl: str, size: int, outcome: Outcome, response: str) -> None:
         """Count one message (``uidl`` and ``size`` are not labels: unbounded)."""
         self.messages.labels(account=account, outcome=outcome.value).inc()
-        if outcome is not Outcome.SKIPPED:
-            # A skipped message was not handed to SMTP this cycle: no reply to count.
+        if outcome not in (Outcome.SKIPPED, Outcome.REMOVED):
+            # Only DELEd this cycle, not handed to SMTP: no reply to count.
             self.smtp_responses.labels(account=account, code=smtp_code(response)).inc()
 
     # -- per cycle -----------------------------------------------------------------------------

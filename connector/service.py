@@ -64,7 +64,7 @@ from connector.fetcher import (
     Outcome,
     Oversize,
 )
-from connector.ledger import AccountStatus, CycleRecord, Ledger
+from connector.ledger import AccountStatus, CycleRecord, Failures, Ledger
 from connector.notices import NoticeSettings, Notifier, RecordingStore
 from connector.pop3 import AuthMethod, Pop3Endpoint, TlsMode
 from connector.recipients import Rule, SharedMailbox
@@ -531,6 +531,7 @@ class AccountState:
     failures: int = 0
     bare_login_errors: int = 0
     failing: bool = False
+    restored: bool = False  # the three above read back from the ledger (_restore)
     last: CycleResult | None = None
     next_poll: float | None = None
     removed: bool = False  # dropped from the config by a reload: its loop ends after this cycle
@@ -587,6 +588,7 @@ def status_document(
                 # Escaped again: a row written before errors were escaped at the edge.
                 "last_error": _shown(row.last_error if row else None),
                 "mailbox_messages": row.mailbox_messages if row else None,
+                "failing": row.failing if row else False,
                 "deferred": row.deferred if row else 0,
                 "dead_letters": dead_letters.get(name, 0),
                 "next_poll": rfc3339(poll),
@@ -649,8 +651,26 @@ class Service:
         state.last = result
         return result
 
+    async def _restore(self, state: AccountState) -> None:
+        """Take up the account's failures where the last process left them: ``once`` from
+        cron is a new process every time, and must count consecutive failures (and mark the
+        account failing, and notify) as ``run`` does; ``run`` keeps them across restarts."""
+        if state.restored:
+            return
+        try:
+            saved = await self.ledger.failures(state.spec.name)
+        except ConnectorError as exc:
+            log.warning(
+                "account=%s cannot read its failures from the ledger: %s", state.spec.name, exc
+            )
+            return  # counted from zero in this process; tried again before the next cycle
+        state.failures, state.bare_login_errors = saved.failures, saved.bare_login_errors
+        state.failing = saved.failing
+        state.restored = True
+
     async def _cycle(self, state: AccountState) -> CycleResult:
         spec = state.spec
+        await self._restore(state)
         started = self.clock()
         deliverer = SmtpDeliverer(
             self.runtime.smtp, transcript=SMTP_TRANSCRIPT if self.runtime.transcripts else None
@@ -678,7 +698,7 @@ class Service:
             duration = self.clock() - started
             log.error(
                 "account=%s cycle failed after %.2fs (%s): %s; so far: delivered=%d "
-                "dead_lettered=%d deferred=%d skipped=%d",
+                "dead_lettered=%d deferred=%d skipped=%d removed=%d",
                 spec.name,
                 duration,
                 "account failing" if disposition is Disposition.PARK_ACCOUNT else "will retry",
@@ -687,6 +707,7 @@ class Service:
                 cycle.stats.dead_lettered,
                 cycle.stats.deferred,
                 cycle.stats.skipped,
+                cycle.stats.removed,
             )
             result = CycleResult(spec.name, False, cycle.stats, duration, str(exc), disposition)
         else:
@@ -697,7 +718,7 @@ class Service:
             duration = self.clock() - started
             log.info(
                 "account=%s cycle ok in %.2fs: mailbox=%d delivered=%d dead_lettered=%d "
-                "deferred=%d skipped=%d",
+                "deferred=%d skipped=%d removed=%d",
                 spec.name,
                 duration,
                 stats.mailbox_messages,
@@ -705,6 +726,7 @@ class Service:
                 stats.dead_lettered,
                 stats.deferred,
                 stats.skipped,
+                stats.removed,
             )
             result = CycleResult(spec.name, True, stats, duration)
         state.next_poll = self.clock() + self.delay_after(state, result)
@@ -718,7 +740,8 @@ class Service:
             dead_letters=recorded.notes,
             oversize=result.stats.oversize_left,
         )
-        known = result.stats.mailbox_known
+        # What the admin sees as waiting upstream: what this cycle left there (status, README).
+        left = result.stats.left_upstream if result.stats.mailbox_known else (None, None)
         try:
             await self.ledger.record_cycle(
                 spec.name,
@@ -727,9 +750,10 @@ class Service:
                     finished=started + result.duration,
                     result="ok" if result.ok else "failed",
                     error=result.error,
-                    mailbox_messages=result.stats.mailbox_messages if known else None,
-                    mailbox_bytes=result.stats.mailbox_bytes if known else None,
+                    mailbox_messages=left[0],
+                    mailbox_bytes=left[1],
                     next_poll=state.next_poll,
+                    failures=Failures(state.failures, state.bare_login_errors, state.failing),
                 ),
             )
         except ConnectorError as exc:

@@ -1,4 +1,5 @@
-"""Session-wide real servers: one Dovecot for the whole run, aiosmtpd sinks per test."""
+"""Session-wide real servers: one Dovecot (and, when a test asks, one Postfix, Courier, mailutils
+pop3d and popa3d) for the whole run; aiosmtpd sinks per test."""
 
 from __future__ import annotations
 
@@ -9,6 +10,20 @@ from collections.abc import Iterator
 import pytest
 import trustme
 
+from tests.mailservers import (
+    CourierServer,
+    MailutilsServer,
+    Popa3dServer,
+    PostfixServer,
+    start_courier,
+    start_mailutils,
+    start_popa3d,
+    start_postfix,
+    stop_courier,
+    stop_mailutils,
+    stop_popa3d,
+    stop_postfix,
+)
 from tests.servers import DovecotServer, SmtpSink, start_dovecot, stop_dovecot
 
 # aiosmtpd logs every connection at INFO; keep test output about our code.
@@ -22,6 +37,43 @@ def dovecot() -> Iterator[DovecotServer]:
         yield server
     finally:
         stop_dovecot(server)
+
+
+@pytest.fixture(scope="session")
+def postfix(dovecot: DovecotServer) -> Iterator[PostfixServer]:
+    """Postfix as the MTA in front of Exchange (its SASL AUTH asks ``dovecot``)."""
+    server = start_postfix(dovecot)
+    try:
+        yield server
+    finally:
+        stop_postfix(server)
+
+
+@pytest.fixture(scope="session")
+def courier() -> Iterator[CourierServer]:
+    server = start_courier()
+    try:
+        yield server
+    finally:
+        stop_courier(server)
+
+
+@pytest.fixture(scope="session")
+def mailutils() -> Iterator[MailutilsServer]:
+    server = start_mailutils()
+    try:
+        yield server
+    finally:
+        stop_mailutils(server)
+
+
+@pytest.fixture(scope="session")
+def popa3d() -> Iterator[Popa3dServer]:
+    server = start_popa3d()
+    try:
+        yield server
+    finally:
+        stop_popa3d(server)
 
 
 @pytest.fixture

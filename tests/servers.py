@@ -52,6 +52,8 @@ USER_PASSWORD = "secret-pw"
 # the tests that look for it in logs: every run of letters in it is long enough to search for.
 QUOTED_USER = "quoted"
 QUOTED_PASSWORD = 'Fq8zR2kLw"Hn4Tq7Xb\\Pz7Jm9Wc ok'
+# The account Postfix's SASL AUTH checks through Dovecot's auth socket (tests/mailservers.py).
+RELAY_USER, RELAY_PASSWORD = "relay@exchange.test", "relay-pw"
 
 
 @dataclass
@@ -71,6 +73,11 @@ class DovecotServer:
     @property
     def ca_file(self) -> Path:
         return self.root / "tls" / "ca.pem"
+
+    @property
+    def auth_socket(self) -> Path:
+        """Dovecot's auth socket for Postfix's ``smtpd_sasl_type = dovecot``."""
+        return self.root / "run" / "auth-postfix"
 
     def add_user(self) -> tuple[str, str]:
         """A fresh, empty mailbox: (user, password).
@@ -169,6 +176,7 @@ def start_dovecot(extra_conf: str = "") -> DovecotServer:
     ca.cert_pem.write_to_path(str(root / "tls" / "ca.pem"))
     users = ["alice:{PLAIN}alicepw::::::", "bob@example.test:{PLAIN}bobpw::::::"]
     users.append(f"{QUOTED_USER}:{{PLAIN}}{QUOTED_PASSWORD}::::::")
+    users.append(f"{RELAY_USER}:{{PLAIN}}{RELAY_PASSWORD}::::::")
     users += [f"user{n}:{{PLAIN}}{USER_PASSWORD}::::::" for n in range(1, SPARE_USERS + 1)]
     (root / "users").write_text("\n".join(users) + "\n")
     (root / "mail").mkdir()

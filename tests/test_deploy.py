@@ -303,6 +303,20 @@ def test_dashboard_shows_what_the_issue_asks() -> None:
     assert {p["datasource"]["uid"] for p in dash["panels"]} == {"prometheus"}
 
 
+def test_every_outcome_label_is_explained_where_the_admin_reads() -> None:
+    """The ``outcome`` values (fetcher.Outcome) in the dashboard's panel and in the README."""
+    from connector.fetcher import Outcome
+
+    dash = json.loads((DEPLOY / "grafana" / "dashboards" / "pop3-connector.json").read_text())
+    [panel] = [
+        p for p in dash["panels"] if any("messages_total" in t["expr"] for t in p["targets"])
+    ]
+    readme = (DEPLOY.parent / "README.md").read_text(encoding="utf-8")
+    for outcome in Outcome:
+        assert outcome.value in panel["description"], outcome
+        assert f"`{outcome.value}`" in readme, outcome
+
+
 # --------------------------------------------------------------------------------------------
 # Container and compose
 # --------------------------------------------------------------------------------------------

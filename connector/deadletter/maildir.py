@@ -24,6 +24,7 @@ import errno
 import itertools
 import logging
 import os
+import re
 import secrets
 import socket
 import time
@@ -251,7 +252,9 @@ class MaildirStore:
                 record = self._read_record(entry)
                 if record is not None:
                     records.append(record)
-        records.sort(key=lambda r: (r.failed_at, r.id))
+        # Failed-At has whole seconds; within one, the time in the file's name (ours, from
+        # unique_name: seconds, microseconds, then a counter) keeps the order they were stored.
+        records.sort(key=lambda r: (r.failed_at, _name_order(r.id), r.id))
         return records
 
     def _read_record(self, entry: os.DirEntry[str]) -> DeadLetterRecord | None:
@@ -279,6 +282,17 @@ class MaildirStore:
             failed_at=info.failed_at,
             size=size - header_len,
         )
+
+
+# The time and counter at the start of a name from unique_name: "<sec>.M<usec>P<pid>Q<n>...".
+_NAME_ORDER: Final = re.compile(r"(\d{1,20})\.M(\d{1,6})P\d{1,10}Q(\d{1,20})")
+
+
+def _name_order(name: str) -> tuple[int, int, int]:
+    """When a file named by :func:`unique_name` was stored, as numbers (a plain string sort
+    puts ``M123456`` before ``M99``); (0, 0, 0) for a name of another form."""
+    m = _NAME_ORDER.match(name)
+    return (int(m[1]), int(m[2]), int(m[3])) if m else (0, 0, 0)
 
 
 __all__ = ["MaildirStore", "unique_name"]

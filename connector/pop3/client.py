@@ -73,6 +73,8 @@ from connector.pop3.protocol import (
     sasl_plain,
 )
 
+log = logging.getLogger(__name__)
+
 _CHUNK: Final = 256 * 1024  # bytes per read(); big reads keep a 20 MiB RETR cheap
 RETR_WINDOW: Final = 32  # RETRs in flight at most (retr_many's default)
 RETR_WINDOW_OCTETS: Final = 4 * 1024 * 1024  # octets of the RETRs in flight, beyond the first
@@ -224,6 +226,7 @@ class Pop3Client:
     apop_stamp: str | None
     capabilities: dict[str, list[str]]  # upper-case capability name -> arguments ({} if no CAPA)
     tls_active: bool  # implicit TLS, or STLS completed
+    utf8_mode: bool  # the server accepted RFC 6856 UTF8 (see login)
 
     def __init__(
         self,
@@ -251,6 +254,7 @@ class Pop3Client:
         self._broken: str | None = None  # why the connection is unusable
         self.greeting_text, self.apop_stamp, self.capabilities = "", None, {}
         self.tls_active = endpoint.tls is TlsMode.IMPLICIT
+        self.utf8_mode = False
 
     @property
     def pipelining(self) -> bool:
@@ -497,7 +501,10 @@ class Pop3Client:
         """AUTO: on TLS, SASL PLAIN, else USER/PASS, else APOP; in clear, APOP (the password
         is not sent), else PLAIN, else USER."""
         plain = "PLAIN" in (m.upper() for m in self.capabilities.get("SASL", []))
-        user = "USER" in self.capabilities or not self.capabilities  # no CAPA: RFC 1939 only
+        # No CAPA (popa3d answers it -ERR): an RFC 1939 server, USER/PASS.  GNU mailutils
+        # pop3d puts an APOP stamp in its greeting even without an APOP database: in clear,
+        # APOP is tried and refused (configure auth = "user"); over TLS, USER is chosen.
+        user = "USER" in self.capabilities or not self.capabilities
         if self.tls_active:
             if plain:
                 return AuthMethod.PLAIN
@@ -513,7 +520,10 @@ class Pop3Client:
 
         For XOAUTH2 ``password`` is the access token, or a :data:`TokenSource` awaited now
         (whatever it raises propagates); every other method needs a ``str``.
+
+        First, when CAPA offers it, UTF-8 mode (:meth:`utf8`).
         """
+        await self.utf8()
         if method is AuthMethod.AUTO:
             method = self._choose()
         if method is AuthMethod.XOAUTH2:
@@ -545,6 +555,29 @@ class Pop3Client:
                 raise AssertionError(f"{method.value} was handled above")
             case _:
                 assert_never(method)
+
+    async def utf8(self) -> bool:
+        """Ask for RFC 6856 UTF-8 mode when CAPA offers ``UTF8``; True when the server agreed.
+
+        Without it a server may withhold a message whose header fields are raw UTF-8 (RFC 6532)
+        from an "ASCII" client: Courier, which offers UTF8, serves in its place a "Cannot
+        display Unicode content" message from ``<postmaster>`` wrapping it, and that would be
+        delivered and the original deleted.  We pass bytes through and never need ASCII.
+        RFC 6856 §2 registers the command as valid in the AUTHORIZATION state, so it goes
+        before the login (after STLS).  A refusal leaves the session as it was (RFC 1939
+        ASCII mode): the cycle goes on.
+        """
+        if self.utf8_mode or "UTF8" not in self.capabilities:
+            return self.utf8_mode
+        match await self._request(Command(Verb.UTF8)):
+            case Ok():
+                self.utf8_mode = True
+            case Err(text=text):
+                # %r: the server's text, control characters escaped.
+                log.info("the server refused UTF8 (RFC 6856): %r", text)
+            case ev:  # pragma: no cover (single-line commands only get Ok or Err)
+                raise self._poison(Pop3ProtocolError(f"unexpected {type(ev).__name__} to UTF8"))
+        return self.utf8_mode
 
     async def _auth_plain(self, username: str, password: str) -> None:
         response = sasl_plain(username, password)

@@ -126,13 +126,15 @@ class State(enum.Enum):
 
 
 class Verb(enum.Enum):
-    """Client commands: RFC 1939 (§4-§7), CAPA (RFC 2449), STLS (RFC 2595), AUTH (RFC 5034)."""
+    """Client commands: RFC 1939 (§4-§7), CAPA (RFC 2449), STLS (RFC 2595), AUTH (RFC 5034),
+    UTF8 (RFC 6856)."""
 
     USER = "USER"
     PASS = "PASS"  # noqa: S105 (a verb, not a password)
     APOP = "APOP"
     AUTH = "AUTH"
     STLS = "STLS"
+    UTF8 = "UTF8"
     CAPA = "CAPA"
     STAT = "STAT"
     LIST = "LIST"
@@ -169,10 +171,15 @@ TRANSITIONS: Final[dict[State, dict[Verb, Transition]]] = {
     State.AUTHORIZATION: {
         Verb.CAPA: _STAY_A,  # RFC 2449 §5: any state
         Verb.USER: _STAY_A,  # RFC 1939 §7: only PASS completes the login
+        # Exclusive, which Courier needs: courierpop3login execs courierpop3d after a good PASS,
+        # and whatever a client pipelined behind the PASS is lost with it.
         Verb.PASS: Transition(_T, _A, exclusive=True),
         Verb.APOP: Transition(_T, _A, exclusive=True),
         Verb.AUTH: Transition(_T, _A, exclusive=True),  # RFC 5034 §4
         Verb.STLS: Transition(_A, _A, exclusive=True),  # RFC 2595 §4: TLS follows the +OK
+        # RFC 6856 §2: UTF-8 mode, "valid in states: AUTHORIZATION" (not after login).  It
+        # changes how later arguments and messages are read, not the state.
+        Verb.UTF8: _STAY_A,
         # RFC 1939 §5: QUIT in AUTHORIZATION ends the session without an UPDATE state.
         Verb.QUIT: Transition(State.CLOSED, State.CLOSED, exclusive=True),
     },
@@ -201,6 +208,7 @@ _ARITY: Final[dict[Verb, tuple[int, int]]] = {
     Verb.APOP: (2, 2),
     Verb.AUTH: (1, 2),
     Verb.STLS: (0, 0),
+    Verb.UTF8: (0, 0),
     Verb.CAPA: (0, 0),
     Verb.STAT: (0, 0),
     Verb.LIST: (0, 1),
@@ -386,7 +394,7 @@ def _frame_for(cmd: Command) -> _Frame:
         case Verb.AUTH:
             return _Frame.SASL
         case (
-            Verb.USER | Verb.PASS | Verb.APOP | Verb.STLS | Verb.STAT
+            Verb.USER | Verb.PASS | Verb.APOP | Verb.STLS | Verb.UTF8 | Verb.STAT
             | Verb.DELE | Verb.NOOP | Verb.RSET | Verb.QUIT
         ):  # fmt: skip
             return _Frame.SINGLE
@@ -651,6 +659,8 @@ class Connection:
             case _Frame.MESSAGE | _Frame.UIDL | _Frame.LIST | _Frame.CAPA:
                 # Keep the status line's LF as _buf[0]: the body then starts after an LF.
                 self._status_text = _text(rest)
+                # RFC 1939 §5 only suggests the octet count; GNU mailutils pop3d and popa3d send
+                # a bare "+OK" to RETR, and Courier "+OK n octets follow.": None, or the count.
                 size = rest.split(None, 1)[0] if rest else b""
                 self._announced = int(size) if head.verb is Verb.RETR and size.isdigit() else None
                 del self._buf[:end]
@@ -738,7 +748,8 @@ def _first_line_quirk(body: bytes, raw: bytes, announced: int | None) -> bytes:
     # Dovecot 2.3 counts the message with CRLF line ends (RFC 1939 §5: exact octets; it adds
     # the CR of a bare LF itself and counts it), but one stored without a final line end goes
     # out with the CRLF every line needs (RFC 1939 §3): its count is then two octets short
-    # (pop3-commands.c, fetch_callback).  Nothing else it sends changes the length.
+    # (pop3-commands.c, fetch_callback).  Nothing else it sends changes the length.  Courier
+    # (RETR's count) and GNU mailutils pop3d (LIST's) count such a message two octets short too.
     # The two readings below differ by one octet and the two counts by two, so no message fits
     # both: with counts made that way the choice is exact, and with Dovecot, which never
     # stuffs line 1, the unstuffed reading is the true one whenever a count fits it.  Only a
@@ -775,7 +786,9 @@ def _parse_listing(body: bytes, *, uidl: bool) -> tuple[tuple[int, str], ...]:
                 raise Pop3ProtocolError("unique-id is not 1-70 characters 0x21-0x7E")
             # RFC 1939 §7: unique within the maildrop, and so the ledger's key (see
             # docs/design.md §8.2); a repeat would make us skip or delete the wrong message
-            # (getmail6 agrees).
+            # (getmail6 agrees).  popa3d's unique-id is a digest of a few header fields
+            # (Received, Date, Message-ID...), so two messages lacking all of them repeat one:
+            # the cycle then fails until one of them is gone.
             if value in values:
                 raise Pop3ProtocolError("the same unique-id is listed twice")
             values.add(value)

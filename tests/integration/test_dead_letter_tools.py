@@ -198,6 +198,7 @@ def test_status_without_a_ledger_and_unknown_ids(
         "result": None,
         "last_error": None,
         "mailbox_messages": None,
+        "failing": False,
         "deferred": 0,
         "dead_letters": 0,
         "next_poll": None,

@@ -175,8 +175,9 @@ async def test_byte_exact_relay(smtp_sink: SmtpSink) -> None:
     assert got.data == TRICKY
     assert got.mail_from == OWN_SENDER
     assert got.rcpt_tos == TO
-    # RFC 6152: 8-bit bytes are announced; aiosmtplib adds SIZE itself (RFC 1870), once.
-    assert got.mail_options == (f"SIZE={len(TRICKY)}", "BODY=8BITMIME")
+    # RFC 6152: 8-bit bytes are announced; SIZE once (RFC 1870); 8-bit header fields make it
+    # an internationalized message (RFC 6531 §3.4).
+    assert got.mail_options == (f"SIZE={len(TRICKY)}", "BODY=8BITMIME", "SMTPUTF8")
 
 
 async def test_ascii_message_gets_no_body_parameter(smtp_sink: SmtpSink) -> None:
@@ -682,10 +683,11 @@ class RawServer:
         split: bool = False,
         rcpt_reply: bytes = b"250 2.1.5 ok",
         data_reply: bytes = b"354 go ahead",
+        smtputf8: bool = False,
         after_354: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
         | None = None,
     ) -> None:
-        self.pipelining, self.split = pipelining, split
+        self.pipelining, self.split, self.smtputf8 = pipelining, split, smtputf8
         self.rcpt_reply, self.data_reply, self.after_354 = rcpt_reply, data_reply, after_354
         self.commands: list[bytes] = []
         self.contents: list[bytes] = []
@@ -715,7 +717,8 @@ class RawServer:
     async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
             w.write(b"220 raw ready\r\n")
-            extensions = [b"SIZE 100000000", b"8BITMIME"] + ([b"PIPELINING"] * self.pipelining)
+            extensions = [b"SIZE 100000000", b"8BITMIME"] + ([b"SMTPUTF8"] * self.smtputf8)
+            extensions += [b"PIPELINING"] * self.pipelining
             group: list[bytes] = []
             while line := await r.readline():
                 self.commands.append(line)
@@ -894,3 +897,70 @@ async def test_pipelined_transactions_against_aiosmtpd() -> None:
     # DATA: the client drops that session rather than send anything (no empty message).
     assert [m.data for m in sink.received] == [message(3), TRACE + message(4)]
     assert len(handler.ehlo_peers) == 2
+
+
+# ------------------------------------------------------------------------------------------
+# SMTPUTF8 (RFC 6531): an internationalized message
+# ------------------------------------------------------------------------------------------
+
+UTF8_HEADERS = "Subject: Grüße aus Köln\r\nFrom: Jürgen <j@x.test>\r\n\r\nHallo.\r\n".encode()
+UTF8_SENDER = "jürgen@bücher.example"
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_smtputf8_on_the_wire_for_a_utf8_sender_and_headers(pipelining: bool) -> None:
+    async with (
+        RawServer(pipelining=pipelining, smtputf8=True) as server,
+        SmtpDeliverer(smtp_settings(server.port)) as deliverer,
+    ):
+        await deliverer.deliver(UTF8_HEADERS, envelope(UTF8_SENDER))  # both reasons
+        await deliverer.deliver(UTF8_HEADERS, envelope())  # the header fields alone
+        await deliverer.deliver(MESSAGE, envelope(UTF8_SENDER))  # the address alone
+        await deliverer.deliver(b"Subject: x\r\n\r\nK\xc3\xb6ln\r\n", envelope())  # body only
+    mails = [c for c in server.commands if c.startswith(b"MAIL")]
+    n, m, b = len(UTF8_HEADERS), len(MESSAGE), len(b"Subject: x\r\n\r\nK\xc3\xb6ln\r\n")
+    assert mails == [
+        b"MAIL FROM:<j\xc3\xbcrgen@b\xc3\xbccher.example> size=%d BODY=8BITMIME SMTPUTF8\r\n" % n,
+        b"MAIL FROM:<owner@example.test> size=%d BODY=8BITMIME SMTPUTF8\r\n" % n,
+        b"MAIL FROM:<j\xc3\xbcrgen@b\xc3\xbccher.example> size=%d SMTPUTF8\r\n" % m,
+        b"MAIL FROM:<owner@example.test> size=%d BODY=8BITMIME\r\n" % b,
+    ]
+    assert server.contents[0] == aiosmtplib_wire(UTF8_HEADERS)  # the bytes, unchanged
+
+
+async def test_smtputf8_against_aiosmtpd(smtp_sink: SmtpSink) -> None:
+    recipients = ("info@firma.local", "zoë@firma.local")
+    async with SmtpDeliverer(smtp_settings(smtp_sink.port)) as deliverer:
+        await deliverer.deliver(UTF8_HEADERS, envelope(UTF8_SENDER, recipients))
+    [got] = smtp_sink.received
+    assert (got.mail_from, got.rcpt_tos, got.data) == (UTF8_SENDER, recipients, UTF8_HEADERS)
+    assert "SMTPUTF8" in got.mail_options
+
+
+async def test_utf8_address_without_smtputf8_is_refused_locally_per_message() -> None:
+    """RFC 6531 §3.7.1: a server without SMTPUTF8 cannot take a UTF-8 address; the refusal is
+    ours (553 5.6.7), about this message unless the address is the same for every message."""
+    async with (
+        RawServer() as server,
+        SmtpDeliverer(smtp_settings(server.port)) as deliverer,
+    ):
+        own = await refused(deliverer, MESSAGE, envelope(UTF8_SENDER))
+        fixed = await refused(deliverer, MESSAGE, envelope(UTF8_SENDER, sender_fixed=True))
+        read = await refused(
+            deliverer, MESSAGE, envelope(recipients=("zoë@firma.local",), recipients_fixed=False)
+        )
+        configured = await refused(deliverer, MESSAGE, envelope(recipients=("zoë@firma.local",)))
+        # Header fields in UTF-8 still go out, unchanged and without the parameter.
+        await deliverer.deliver(UTF8_HEADERS, envelope())
+    for err in (own, fixed, read, configured):
+        assert (err.smtp_code, err.enhanced_code) == (553, "5.6.7"), err
+        assert "SMTPUTF8" in err.response
+    assert (own.stage, classify(own)) == (SmtpStage.MAIL, Disposition.DEAD_LETTER)
+    assert (fixed.stage, classify(fixed)) == (SmtpStage.MAIL, Disposition.PARK_ACCOUNT)
+    assert (read.stage, classify(read)) == (SmtpStage.RCPT, Disposition.DEAD_LETTER)
+    assert (configured.stage, classify(configured)) == (SmtpStage.RCPT, Disposition.PARK_ACCOUNT)
+    mails = [c for c in server.commands if c.startswith(b"MAIL")]
+    assert mails == [
+        b"MAIL FROM:<owner@example.test> size=%d BODY=8BITMIME\r\n" % len(UTF8_HEADERS)
+    ]
+    assert server.contents == [aiosmtplib_wire(UTF8_HEADERS)]

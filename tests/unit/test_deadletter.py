@@ -123,6 +123,22 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+async def test_maildir_lists_oldest_first_within_one_second(tmp_path: Path) -> None:
+    """Failed-At has whole seconds; the names' microseconds and counter order the rest, as
+    numbers (as strings, ``M123456`` sorts before ``M99`` and ``Q10`` before ``Q2``)."""
+    store = MaildirStore(tmp_path / "dead-letters")
+    names = [  # in the order they were stored, all in one second
+        "1796643000.M99P7Q1R0a0a0a0a.host",
+        "1796643000.M123456P7Q2R0a0a0a0a.host",
+        "1796643000.M123456P7Q10R0a0a0a0a.host",
+    ]
+    for n, name in enumerate(names):
+        stored = await store.put(MESSAGE, info(uidl=f"u{n}"))
+        (store.path / "new" / stored).rename(store.path / "new" / name)
+    assert [r.uidl for r in await store.list()] == ["u0", "u1", "u2"]
+    assert sorted(names) == names[::-1]  # what a sort by the name alone gave
+
+
 async def test_maildir_files_appear_only_in_new(tmp_path: Path) -> None:
     root = tmp_path / "dead-letters"
     id = await MaildirStore(root).put(MESSAGE, INFO)

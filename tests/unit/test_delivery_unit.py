@@ -20,6 +20,7 @@ from connector.delivery import (
     content_pieces,
     delivery_error,
     envelope_sender,
+    needs_smtputf8,
     prepare_content,
 )
 from connector.errors import DeliveryError, Disposition, SmtpStage, classify
@@ -136,6 +137,56 @@ def test_address_ok(address: str) -> None:
 )
 def test_address_refused(address: str) -> None:
     assert address_problem(address) is not None
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["jürgen@bücher.example", "δοκιμή@παράδειγμα.δοκιμή", "用户@例子.广告", "a@exämple.test"],
+)
+def test_utf8_address_ok_only_where_utf8_is_allowed(address: str) -> None:
+    """RFC 6531 §3.3: UTF-8 in a Mailbox, for an envelope (SMTPUTF8); never by default."""
+    assert address_problem(address, utf8=True) is None
+    assert address_problem(address) == "not ASCII"
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "j\u0085@x.test",  # a C1 control (NEL)
+        "a\u2028b@x.test",  # LINE SEPARATOR
+        "a\u00a0b@x.test",  # NO-BREAK SPACE
+        "ü" * 33 + "@x.test",  # 66 octets: over RFC 5321 §4.5.3.1.1's 64
+        "ü@x..test",
+        "<ü@x.test>",
+    ],
+)
+def test_utf8_address_refused(address: str) -> None:
+    assert address_problem(address, utf8=True) is not None
+
+
+ASCII_ENVELOPE = Envelope("a@x.test", ("b@x.test",), sender_fixed=False)
+
+
+@pytest.mark.parametrize(
+    ("raw", "needed"),
+    [
+        (b"Subject: K\xc3\xb6ln\r\n\r\nbody\r\n", True),
+        (b"Subject: x\r\nX-Raw: \xff\r\n\r\n", True),  # 8-bit, not even UTF-8: still 8-bit
+        (b"Subject: x\r\nX: \xc3\xb6", True),  # headers only, no empty line
+        (b"Subject: x\r\n\r\nK\xc3\xb6ln\r\n", False),  # 8-bit body only: 8BITMIME
+        (b"Subject: x\n\nK\xc3\xb6ln\n", False),  # bare LF
+        (b"\r\nSubject: K\xc3\xb6ln\r\n", False),  # no header block at all
+        (b"Subject: x\r\n\r\n", False),
+    ],
+)
+def test_needs_smtputf8_looks_at_the_header_block(raw: bytes, needed: bool) -> None:
+    assert needs_smtputf8(raw, ASCII_ENVELOPE) is needed
+
+
+def test_needs_smtputf8_for_any_utf8_envelope_address() -> None:
+    raw = b"Subject: x\r\n\r\n"
+    assert needs_smtputf8(raw, Envelope("jü@x.test", ("b@x.test",), sender_fixed=False))
+    assert needs_smtputf8(raw, Envelope("", ("b@x.test", "zoë@x.test"), sender_fixed=True))
 
 
 # ------------------------------------------------------------------------------------------

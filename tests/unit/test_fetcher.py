@@ -145,6 +145,21 @@ async def test_delivers_records_and_deletes(rig: Rig) -> None:
     assert entry.state is MessageState.DELIVERED
 
 
+async def test_left_upstream_is_what_the_quit_did_not_delete(tmp_path: Path) -> None:
+    """What ``status`` shows as waiting upstream: STAT minus what this cycle's QUIT deleted
+    (the only message delivered: 0, not STAT's 1)."""
+    async for rig in make_rig(tmp_path, deny("@grey.example", "451 4.7.1 later")):
+        rig.pop.add_message(USER, mail(1))
+        stats = await (await rig.cycle()).run()
+        assert (stats.mailbox_messages, stats.left_upstream) == (1, (0, 0))
+        rig.pop.add_message(USER, mail(2))
+        grey = mail(3, "x@grey.example")
+        rig.pop.add_message(USER, grey)
+        stats = await (await rig.cycle()).run()
+        assert stats.mailbox_messages == 2
+        assert stats.left_upstream == (1, len(grey))  # the deferred one, LIST's octets
+
+
 async def test_known_uidl_is_only_deleted_never_sent_again(rig: Rig) -> None:
     uid = rig.pop.add_message(USER, mail(1))
     await rig.ledger.sync_listing("info", [uid], rig.now)
@@ -415,14 +430,15 @@ async def test_leave_on_server_over_cycles_then_delete_after_expires(rig: Rig) -
 
     rig.now = t0 + 7 * DAY  # the first three were delivered exactly delete_after ago
     stats = await (await rig.cycle(rec, leave_on_server=True, delete_after=keep_for)).run()
-    assert (stats.delivered, stats.kept, stats.skipped) == (0, 2, 3)
-    assert [(u, o) for u, o, _ in rec.events] == [(u, Outcome.SKIPPED) for u in old]
+    # Removed, not "skipped" (the word for what a crash left behind, and for duplicates).
+    assert (stats.delivered, stats.kept, stats.removed, stats.skipped) == (0, 2, 3, 0)
+    assert [(u, o) for u, o, _ in rec.events] == [(u, Outcome.REMOVED) for u in old]
     assert rig.pop.deleted == old
     assert rig.pop.uidls(USER) == new
 
     rig.now = t0 + 8 * DAY
     stats = await (await rig.cycle(leave_on_server=True, delete_after=keep_for)).run()
-    assert (stats.delivered, stats.kept, stats.skipped) == (0, 0, 2)
+    assert (stats.delivered, stats.kept, stats.removed) == (0, 0, 2)
     assert rig.pop.deleted == old + new
     # Nothing was ever delivered twice.
     bodies = [m.data.split(b"\r\n", 2)[2] for m in rig.sink.messages]
@@ -480,7 +496,7 @@ async def test_leave_on_server_keeps_dead_letters_and_retries_deferrals(tmp_path
         assert rig.pop.uidls(USER) == [bad, grey]
         rig.now = t0 + 2 * DAY  # delete_after counts from the dead-lettering
         stats = await (await rig.cycle(leave_on_server=True, delete_after=keep_for)).run()
-        assert (stats.skipped, stats.deferred) == (1, 1)
+        assert (stats.removed, stats.deferred) == (1, 1)
         assert rig.pop.uidls(USER) == [grey]
         entry = await rig.ledger.entry("info", grey)
         assert entry is not None

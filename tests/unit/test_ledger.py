@@ -19,6 +19,7 @@ from connector.ledger import (
     MIGRATIONS,
     AccountStatus,
     CycleRecord,
+    Failures,
     Ledger,
     LedgerEntry,
     MessageState,
@@ -61,7 +62,7 @@ async def test_open_creates_schema_and_reopen_is_idempotent(db_path: Path) -> No
     led = await Ledger.open(db_path)
     await led.record_delivered("info", "u1", 100, "250 ok", T0)
     await led.close()
-    assert _user_version(db_path) == len(MIGRATIONS) == 4
+    assert _user_version(db_path) == len(MIGRATIONS) == 5
 
     with sqlite3.connect(db_path) as conn:
         (journal,) = conn.execute("PRAGMA journal_mode").fetchone()
@@ -305,6 +306,39 @@ async def test_record_cycle_and_account_status(ledger: Ledger) -> None:
         AccountStatus("info", T0 + 900, T0 + 903, "ok", None, 12, 3456, T0 + 1800, 1, 1),
         AccountStatus("orphan", None, None, None, None, None, None, None, 0, 0),
     ]
+
+
+async def test_failures_are_kept_with_the_cycle_record(ledger: Ledger) -> None:
+    """``once`` from cron is a new process each time: the failures live in the ledger."""
+    assert await ledger.failures("info") == Failures()  # never ran
+    failing = Failures(failures=3, bare_login_errors=2, failing=True)
+    await ledger.record_cycle(
+        "info", CycleRecord(T0, T0 + 1, "failed", "-ERR", None, None, T0 + 900, failing)
+    )
+    assert await ledger.failures("info") == failing
+    [status] = await ledger.account_status()
+    assert status.failing is True
+    await ledger.record_cycle("info", CycleRecord(T0, T0 + 1, "ok", None, 0, 0, T0 + 900))
+    assert await ledger.failures("info") == Failures()
+    assert (await ledger.account_status())[0].failing is False
+
+
+async def test_a_version_3_ledger_gains_the_failure_columns(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(db_path) as conn:
+        for script in MIGRATIONS[:3]:
+            conn.executescript(script)
+        conn.execute("INSERT INTO accounts VALUES ('info', 1, 2, 'failed', 'x', 3, 4, 5)")
+        conn.execute("PRAGMA user_version = 3")
+    conn.close()
+    led = await Ledger.open(db_path)
+    try:
+        assert await led.failures("info") == Failures()
+        [status] = await led.account_status()
+        assert (status.result, status.mailbox_messages, status.failing) == ("failed", 3, False)
+    finally:
+        await led.close()
+    assert _user_version(db_path) == len(MIGRATIONS)
 
 
 # -- concurrency, cancellation, close ---------------------------------------------------------

@@ -53,7 +53,7 @@ def test_series_exist_at_zero_for_each_account() -> None:
     m.set_accounts(["info", "sales"])
     get = m.registry.get_sample_value
     for account in ("info", "sales"):
-        for outcome in ("delivered", "dead_lettered", "deferred", "skipped"):
+        for outcome in ("delivered", "dead_lettered", "deferred", "skipped", "removed"):
             labels = {"account": account, "outcome": outcome}
             assert get("pop3_connector_messages_total", labels) == 0
         for result in ("ok", "failed"):
@@ -90,8 +90,9 @@ def test_message_counts_outcomes_and_final_codes_never_uidls() -> None:
     m.message("info", "UID-2", 10, Outcome.DEAD_LETTERED, "data: 554 5.1.0 Sender denied")
     m.message("info", "UID-3", 10, Outcome.DEFERRED, "timed out waiting for the server")
     m.message("info", "UID-4", 10, Outcome.SKIPPED, "250 2.0.0 OK")  # no SMTP this cycle
+    m.message("info", "UID-5", 10, Outcome.REMOVED, "250 2.0.0 OK")  # neither
     get = m.registry.get_sample_value
-    for outcome in ("delivered", "dead_lettered", "deferred", "skipped"):
+    for outcome in ("delivered", "dead_lettered", "deferred", "skipped", "removed"):
         assert get("pop3_connector_messages_total", {"account": "info", "outcome": outcome}) == 1
     assert get("pop3_connector_smtp_responses_total", {"account": "info", "code": "250"}) == 1
     assert get("pop3_connector_smtp_responses_total", {"account": "info", "code": "554"}) == 1

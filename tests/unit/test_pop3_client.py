@@ -137,6 +137,39 @@ async def test_user_and_pass_are_pipelined_when_offered() -> None:
         assert await pop.stat() == (0, 0)
 
 
+async def test_utf8_refused_by_the_server_leaves_the_login_as_it_was() -> None:
+    """RFC 6856: UTF8 goes before the login when CAPA offers it; a -ERR to it is no failure.
+    (Courier's acceptance is tested against Courier in tests/integration/test_interop.py.)"""
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await hello(r, w, [*CAPS, b"UTF8 USER"])
+        await expect(r, b"UTF8")
+        w.write(b"-ERR [SYS/TEMP] not now\r\n")
+        await login(r, w)
+        await until_eof(r)
+
+    async with serve(script) as ep, await Pop3Client.connect(ep, FAST) as pop:
+        await pop.login("alice", "secret", AuthMethod.USER)
+        assert not pop.utf8_mode
+
+
+async def test_utf8_is_sent_once_before_the_login() -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await hello(r, w, [*CAPS, b"UTF8"])
+        await expect(r, b"UTF8")
+        w.write(b"+OK UTF8 enabled\r\n")
+        await login(r, w)
+        await expect(r, b"STAT")
+        w.write(b"+OK 0 0\r\n")
+        await until_eof(r)
+
+    async with serve(script) as ep, await Pop3Client.connect(ep, FAST) as pop:
+        assert await pop.utf8()
+        await pop.login("alice", "secret", AuthMethod.USER)  # does not ask again
+        assert pop.utf8_mode
+        assert await pop.stat() == (0, 0)
+
+
 async def test_auto_picks_apop_when_the_greeting_has_a_stamp() -> None:
     stamp = "<1896.697170952@dbc.mtview.ca.us>"
 
