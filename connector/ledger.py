@@ -40,7 +40,9 @@ Theory of operation
   from turning one delivery into one per cycle.  :meth:`Ledger.prove_writable` commits a
   heartbeat (a row whose counter goes up, so the page changes and SQLite must write it: an
   update to the same value writes nothing, and in WAL mode a full disk shows only when the WAL
-  grows) before a cycle's first SMTP transaction; the fetcher delivers nothing if it fails.
+  grows; and a disk with less than :data:`MIN_FREE_BYTES` free counts as full, since a
+  commit may pass by reusing WAL frames a checkpoint freed) before a cycle's first SMTP
+  transaction; the fetcher delivers nothing if it fails.
   And a ``delivered`` row whose commit failed after the ``250`` is *owed*: the ledger keeps it
   in memory and writes it first in its next write transaction (the listing sync, the proof,
   the cycle record), so that while this process lives the message is known as delivered
@@ -63,6 +65,7 @@ import errno
 import functools
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -83,6 +86,12 @@ DEFAULT_PRUNE_AFTER: Final = 7 * 24 * 3600.0
 
 BUSY_TIMEOUT_MS: Final = 5000
 """How long to wait for another process's write lock (a CLI command) before failing."""
+
+MIN_FREE_BYTES: Final = 1024 * 1024
+"""Room the ledger's file system must have for :meth:`Ledger.prove_writable` to pass.  A commit
+can succeed on a full disk by overwriting WAL frames a checkpoint has freed, and the next one,
+which needs a new frame, fail: the heartbeat alone does not show a disk that is nearly full.
+A group commit of many rows writes a few pages of 4 KiB; a WAL checkpoint may grow the file."""
 
 MIGRATIONS: Final[list[str]] = [
     # 1: the initial schema.  WITHOUT ROWID: the rows are small and always found by their key.
@@ -467,10 +476,18 @@ class Ledger:
         nothing when nothing changed, so without it the first real write would be the row after
         a ``250``, and a message would be delivered again on every cycle while the disk is full
         or read-only.  The heartbeat's counter goes up, so the page changes: SQLite skips
-        writing a row updated to the value it has.  Owed rows are written first.
+        writing a row updated to the value it has.  Owed rows are written first.  Less room
+        than :data:`MIN_FREE_BYTES` counts as a full disk.
         """
 
         def run(conn: sqlite3.Connection) -> None:
+            free = shutil.disk_usage(self.path.parent).free  # what this user may take
+            if free < MIN_FREE_BYTES:
+                raise OSError(
+                    errno.ENOSPC,
+                    f"{free} bytes left on its file system; the ledger wants "
+                    f"{MIN_FREE_BYTES // 1024} KiB of room",
+                )
             with self._writing(conn):
                 conn.execute(_HEARTBEAT, (now,))
 
@@ -1021,8 +1038,8 @@ def _hint(path: Path, kind: str) -> str | None:
             )
         case "IOERR":
             return (
-                f"the file system of {where} failed a write, or went read-only after an "
-                "error (see mount and the kernel log, dmesg)"
+                f"the file system of {where} failed a write: check that it has free space "
+                f"(df {where}) and is still mounted read-write (mount; the kernel log, dmesg)"
             )
         case "BUSY" | "LOCKED":
             return (

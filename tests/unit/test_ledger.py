@@ -815,7 +815,7 @@ async def test_rows_still_owed_at_close_are_named_in_the_log(
         ("SQLITE_FULL", "is full: free space there"),
         ("SQLITE_READONLY", "mounted read-write"),
         ("SQLITE_READONLY_DBMOVED", "mounted read-write"),
-        ("SQLITE_IOERR_WRITE", "went read-only after an error"),
+        ("SQLITE_IOERR_WRITE", "failed a write: check that it has free space"),
         ("SQLITE_BUSY", "held the write lock"),
         ("SQLITE_CANTOPEN", "exists and that this user can create files"),
     ],
@@ -838,3 +838,15 @@ def test_other_ledger_errors_keep_their_plain_text(tmp_path: Path) -> None:
     assert (
         text == f"ledger {tmp_path}/l.sqlite3: open failed: file is not a database [SQLITE_NOTADB]"
     )
+
+
+async def test_a_nearly_full_disk_fails_the_proof(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A commit may pass on a full disk by reusing WAL frames a checkpoint freed; the rows after
+    # it then fail.  Less room than MIN_FREE_BYTES counts as full.
+    monkeypatch.setattr(ledger_module, "MIN_FREE_BYTES", 1 << 62)
+    with pytest.raises(LedgerError, match="bytes left on its file system") as info:
+        await ledger.prove_writable(T0)
+    assert "is full: free space there" in str(info.value)
+    assert not ledger.writable
