@@ -89,6 +89,7 @@ class RunRecord:
     ledger_after: dict[str, str] = field(default_factory=dict)
     smtp_ports: frozenset[int] = frozenset()  # its proxy's connections to the sink
     pid: int | None = None
+    unrecorded_after: frozenset[str] = frozenset()  # dead-letter files without a ledger row
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,8 +359,18 @@ deliver_to = ["info@firma.test"]
             how = "at a new dead letter"
         else:
             how = f"at byte {threshold}"
+        recorded = ledger_dead_letter_ids(self.state_dir)
+        unrecorded = frozenset(f.name for f in self.dead_letters() if f.name not in recorded)
         self.runs.append(
-            RunRecord(len(self.runs), killed, how, ledger_states(self.state_dir), ports, self.pid)
+            RunRecord(
+                len(self.runs),
+                killed,
+                how,
+                ledger_states(self.state_dir),
+                ports,
+                self.pid,
+                unrecorded,
+            )
         )
         if not killed:
             assert rc in (0, 1), f"exit status {rc}; see {self.work}/run-{len(self.runs) - 1}.log"
@@ -398,6 +409,7 @@ class Table:
     duplicates_in_window: int
     dead_letter_duplicates: int
     dead_letter_duplicates_in_window: int
+    dead_letters_left_by_kills: int
     dead_letters_unrecorded: int
     partial_dead_letters: int
     seconds: float
@@ -416,7 +428,8 @@ class Table:
             ("  of them in the 250-to-commit window", self.duplicates_in_window),
             ("duplicate dead letters", self.dead_letter_duplicates),
             ("  of them in the fsync-to-commit window", self.dead_letter_duplicates_in_window),
-            ("dead letters the ledger does not record", self.dead_letters_unrecorded),
+            ("dead letters a kill left unrecorded", self.dead_letters_left_by_kills),
+            ("  of them unrecorded at the end", self.dead_letters_unrecorded),
             ("partial files left in the Maildir's tmp/", self.partial_dead_letters),
             ("wall time (s)", round(self.seconds, 1)),
         ]
@@ -486,6 +499,7 @@ def account(h: Harness, kills: int, seconds: float) -> Table:
         duplicates_in_window=window,
         dead_letter_duplicates=sum(dead[m] - 1 for m in dl_dups),
         dead_letter_duplicates_in_window=dl_window,
+        dead_letters_left_by_kills=len(frozenset().union(*(r.unrecorded_after for r in h.runs))),
         dead_letters_unrecorded=sum(1 for f in files if f.name not in recorded),
         partial_dead_letters=h.partial_dead_letters(),
         seconds=seconds,
