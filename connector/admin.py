@@ -23,6 +23,7 @@ the same answer, and its refusal says nothing about any of them, so they stay as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import logging
@@ -44,7 +45,14 @@ from connector.deadletter import (
 from connector.delivery import Envelope, SmtpDeliverer, envelope_sender
 from connector.errors import DeliveryError, Disposition, LedgerError, classify, printable
 from connector.ledger import AccountStatus, Ledger
-from connector.service import SMTP_TRANSCRIPT, Runtime, open_store, rfc3339, status_document
+from connector.service import (
+    SMTP_TRANSCRIPT,
+    Runtime,
+    ledger_health,
+    open_store,
+    rfc3339,
+    status_document,
+)
 
 __all__ = [
     "dead_letters_list",
@@ -84,21 +92,27 @@ def _dash(value: object) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-async def _ledger_rows(runtime: Runtime) -> list[AccountStatus]:
+async def _ledger_rows(runtime: Runtime) -> tuple[list[AccountStatus], dict[str, Any]]:
+    """The accounts' rows, and whether the ledger takes a write (a heartbeat, as the service
+    commits before a cycle's first SMTP transaction: status runs in its own process, and the
+    service's cycle records stop when the ledger cannot be written)."""
     if not runtime.ledger_path.exists():
-        return []  # never ran: do not create a ledger just to read it
+        # Never ran: do not create a ledger just to read it.
+        return [], ledger_health(runtime.ledger_path, None)
     ledger = await Ledger.open(runtime.ledger_path)
     try:
-        return await ledger.account_status()
+        with contextlib.suppress(LedgerError):  # ledger.write_error says why
+            await ledger.prove_writable(time.time())
+        return await ledger.account_status(), ledger_health(runtime.ledger_path, ledger)
     finally:
         await ledger.close()
 
 
 async def status_command(runtime: Runtime, *, as_json: bool, out: TextIO) -> int:
     """Print a table (or the ``/status`` JSON) per account, from the ledger and the store."""
-    rows = await _ledger_rows(runtime)
+    rows, health = await _ledger_rows(runtime)
     counts = await open_store(runtime).count_by_account()
-    doc = status_document([spec.name for spec in runtime.accounts], rows, counts)
+    doc = status_document([spec.name for spec in runtime.accounts], rows, counts, ledger=health)
     if as_json:
         print(json.dumps(doc, indent=2, ensure_ascii=False), file=out)
         return EX_OK
@@ -126,6 +140,9 @@ async def status_command(runtime: Runtime, *, as_json: bool, out: TextIO) -> int
         "LAST ERROR",
     ]
     print(format_table(headers, table), file=out)
+    if health["writable"] is False:
+        # The cycles' own records stop with the ledger, so the table above may look fine.
+        print(f"\nLEDGER NOT WRITABLE: no mail is delivered. {health['error']}", file=out)
     return EX_OK
 
 

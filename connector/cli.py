@@ -1,8 +1,10 @@
 """The ``pop3-connector`` command: argument parsing, logging setup and exit codes (PRODUCT §4).
 
 Exit codes follow sysexits.h where one fits: 0 success, 1 a cycle or connection failed,
-70 (EX_SOFTWARE) an unexpected error, 75 (EX_TEMPFAIL) another instance holds the state
-directory, 78 (EX_CONFIG) the configuration is invalid.
+70 (EX_SOFTWARE) an unexpected error, 74 (EX_IOERR) the state directory cannot be used at start
+(its file system full or read-only, the ledger locked by another process past the busy timeout,
+damaged), 75 (EX_TEMPFAIL) another instance holds the state directory, 78 (EX_CONFIG) the
+configuration is invalid.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from connector.errors import (
     ConfigError,
     DeadLetterError,
     LedgerError,
+    StateError,
     printable,
 )
 
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
 EX_OK = 0
 EX_FAILED = 1
 EX_SOFTWARE = 70
+EX_IOERR = 74
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
 DEFAULT_CONFIG = Path("/etc/pop3-connector/config.toml")
@@ -275,6 +279,11 @@ def _main(argv: Sequence[str] | None) -> int:
     except AlreadyRunningError as exc:
         print(f"pop3-connector: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
+    except StateError as exc:
+        # `run` or `once` could not open its state: not a bug, so no traceback; the line
+        # names the file and what to check (the same line a cycle logs when it fails so).
+        print(f"pop3-connector: {exc}", file=sys.stderr)
+        return EX_IOERR
     except KeyboardInterrupt:
         return EX_FAILED
     except BrokenPipeError:

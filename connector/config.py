@@ -499,6 +499,9 @@ class SmtpConfig(_Endpoint):
     envelope_sender: Annotated[str, AfterValidator(_envelope_sender)] = "return-path"
     dsn: bool = True
     timeout: Duration = 60.0
+    # RFC 5321 §4.5.3.2.6: the reply to the final dot, 10 minutes (a timeout there may deliver
+    # the message twice).
+    data_termination_timeout: Duration = 600.0
 
     def _finished(self) -> dict[str, Any]:
         updates = super()._finished()
@@ -1003,6 +1006,7 @@ _DURATION_KEYS: Final = frozenset(
         "poll_interval",
         "shutdown_grace",
         "timeout",
+        "data_termination_timeout",
         "max_deferral",
         "delete_after",
         "min_interval",

@@ -117,7 +117,11 @@ class SmtpSettings:
 
     ``ssl_context`` carries the verification policy (CA file, ``verify_certificate``); when it
     is None and TLS is used, a default verifying context is built.  ``timeout`` bounds the
-    connect and every wait for a server reply (aiosmtplib's per-reply timeout).
+    connect and every wait for a server reply (aiosmtplib's per-reply timeout), but the reply
+    to the end of the message (the final dot): that one waits ``data_termination_timeout``,
+    10 minutes as RFC 5321 §4.5.3.2.6 recommends, since a server may scan a large message
+    before it answers, and a timeout there is what delivers a message twice (a deferral,
+    though the server may have taken it).
     """
 
     host: str
@@ -129,6 +133,7 @@ class SmtpSettings:
     password: str | None = field(default=None, repr=False)
     dsn: bool = True
     timeout: float = 60.0
+    data_termination_timeout: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -452,6 +457,12 @@ def delivery_error(
             return DeliveryError(SmtpStage.CONNECT, "timed out connecting")
         case aiosmtplib.SMTPConnectError():
             return DeliveryError(SmtpStage.CONNECT, _one_line(str(exc)))
+        case EndOfDataTimeout(seconds=seconds):
+            return DeliveryError(
+                SmtpStage.DATA,
+                f"no reply to the end of the message within {seconds:g}s; the server may "
+                "have taken it (RFC 5321 §4.5.3.2.6)",
+            )
         case TimeoutError():  # SMTPTimeoutError, SMTPReadTimeoutError, the builtin
             if stage is SmtpStage.TLS:
                 return DeliveryError(stage, "timed out during the TLS handshake")
@@ -804,13 +815,14 @@ class _TracingSMTP(aiosmtplib.SMTP):
         return responses
 
     async def send_content(
-        self, content: _Content, *, reply_timeout: float | None
+        self, content: _Content, *, reply_timeout: float | None, final_timeout: float | None
     ) -> aiosmtplib.SMTPResponse:
         """After a 354: write the content, read the final reply through aiosmtplib's protocol.
 
-        ``content`` comes from :func:`prepare_content` or :func:`prepare_wire`.  Raises
-        SMTPDataError unless the reply is 250; aiosmtplib's disconnect and timeout errors, or
-        TimeoutError when the server stops reading (the connection is closed then).
+        ``content`` comes from :func:`prepare_content` or :func:`prepare_wire`.  A write that
+        stalls for ``reply_timeout`` raises TimeoutError; no reply to the final dot within
+        ``final_timeout`` raises :class:`EndOfDataTimeout` (the connection is closed then).
+        Raises SMTPDataError unless the reply is 250, aiosmtplib's errors for a drop.
         """
         self.stage = SmtpStage.DATA
         protocol = self.protocol
@@ -823,7 +835,10 @@ class _TracingSMTP(aiosmtplib.SMTP):
             # that arrives while we still write (a 552, a 421) is kept rather than dropped.
             protocol._response_pending = True
             await _write_content(protocol, content.pieces(), reply_timeout)
-            response = await protocol.read_response(timeout=reply_timeout)
+            try:
+                response = await protocol.read_response(timeout=final_timeout)
+            except aiosmtplib.SMTPReadTimeoutError as exc:
+                raise EndOfDataTimeout(final_timeout) from exc
         except BaseException:
             # A timeout, a drop or a cancellation with half a message on the wire: the
             # stream is out of step; never reuse it (aiosmtplib's data() does the same).
@@ -835,6 +850,19 @@ class _TracingSMTP(aiosmtplib.SMTP):
         if response.code != 250:
             raise aiosmtplib.SMTPDataError(response.code, response.message)
         return response
+
+
+class EndOfDataTimeout(aiosmtplib.SMTPReadTimeoutError):
+    """No reply to the end of a message's content (the final dot) within its deadline.
+
+    The server may have taken the message: RFC 5321 §4.5.3.2.6 warns that a timeout here is
+    what delivers a message more than once.  It is still a deferral (we cannot know), counted
+    apart (``SmtpDeliverer.data_timeouts``, the ``smtp_data_timeouts_total`` metric).
+    """
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds if seconds is not None else float("inf")
+        super().__init__(f"no reply to the end of data within {self.seconds:g}s")
 
 
 class _BeforeContentFailed(Exception):
@@ -987,6 +1015,7 @@ class SmtpDeliverer:
             self._context = settings.ssl_context or ssl.create_default_context()
         self._smtp: _TracingSMTP | None = None
         self._evidence = _SessionEvidence()
+        self.data_timeouts = 0  # messages whose final dot got no reply in time (EndOfDataTimeout)
 
     async def __aenter__(self) -> SmtpDeliverer:
         return self
@@ -1218,6 +1247,8 @@ class SmtpDeliverer:
             self._smtp = None
             raise failed.cause from None
         except (aiosmtplib.SMTPException, OSError) as exc:
+            if isinstance(exc, EndOfDataTimeout):
+                self.data_timeouts += 1
             err = delivery_error(exc, smtp.stage, envelope)
             smtp.say("--", str(err))
             if not smtp.is_connected:
@@ -1316,7 +1347,11 @@ class SmtpDeliverer:
                     await before_content()
                 except Exception as exc:  # noqa: BLE001 - carried out unchanged by deliver()
                     raise _BeforeContentFailed(exc) from None
-            response = await smtp.send_content(content, reply_timeout=timeout)
+            response = await smtp.send_content(
+                content,
+                reply_timeout=timeout,
+                final_timeout=self.settings.data_termination_timeout,
+            )
         except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused):
             # End the refused transaction (RFC 5321 §4.1.1.5).  A failure here is left to
             # delivery_error(), which prefers the refusal (it is this RSET's __context__).

@@ -15,7 +15,8 @@
     │                                  .per_message, .evidence
     │   └── RefusedAlikeError          the circuit breaker: every message refused alike
     ├── DeadLetterError                the store failed: .store, .reason
-    ├── LedgerError                    SQLite failed
+    ├── StateError                     the state directory cannot be used (full, read-only)
+    │   └── LedgerError                SQLite failed (also: locked by another process)
     └── AlreadyRunningError            another instance holds the state directory's lock
 
 Every module translates its library's exceptions into these at its edge, so the policy code
@@ -351,8 +352,14 @@ class DeadLetterError(ConnectorError):
         return f"dead-letter store {self.store}: {self.reason}"
 
 
-class LedgerError(ConnectorError):
-    """The SQLite ledger failed (disk full, corrupt, locked)."""
+class StateError(ConnectorError):
+    """The state directory cannot be used: its file system is full or read-only, or a file in
+    it cannot be written.  The text names the file and what to check; at start the CLI exits
+    with EX_IOERR (74) and that one line, no traceback."""
+
+
+class LedgerError(StateError):
+    """The SQLite ledger failed (disk full, read-only, locked by another process, corrupt)."""
 
 
 class AlreadyRunningError(ConnectorError):
@@ -421,7 +428,7 @@ def classify(exc: BaseException) -> Disposition:
             return Disposition.RETRY
         case DeliveryError():
             return _classify_delivery(exc)
-        case DeadLetterError() | LedgerError():
+        case DeadLetterError() | StateError():
             return Disposition.RETRY
         case ConfigError():
             return Disposition.PARK_ACCOUNT

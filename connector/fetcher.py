@@ -11,6 +11,7 @@ The order for each message, oldest first (the order of the UIDL listing, RFC 193
                                          (group-committed on the ledger thread while the next
                                          message goes on; its DELE follows the commit: _settle)
         refused permanently          ->  dead-letter store (fsynced) -> "dead_lettered" -> DELE
+                                         (the file removed again if that commit fails)
         refused temporarily          ->  ledger "deferred" (attempts, first seen); stays upstream,
                                          unless deferred longer than max_deferral: dead-letter it
     then QUIT                        ->  the server carries out the DELEs (RFC 1939 §6)
@@ -24,7 +25,9 @@ dead-lettered (the row's ``last_attempt``).
 
 Crash anywhere: a DELE without QUIT deletes nothing (RFC 1939 §6), and every DELE we send follows a
 ledger commit, so the next cycle sees each message again and the ledger says what was already done.
-The only duplicate window is between SMTP's 250 and the ledger commit right after it.
+The only duplicate window is between SMTP's 250 and the ledger commit right after it.  Before a
+cycle's first SMTP transaction the ledger proves it can commit (Ledger.prove_writable), so a full
+or read-only disk stops deliveries instead of repeating them each cycle.
 
 A failure of our own setup (SMTP connect, TLS, AUTH; a 5xx to a fixed sender or recipient), of the
 dead-letter store or of the ledger ends the cycle *before the next RETR* (a failed group commit of
@@ -519,6 +522,10 @@ class Cycle:
             log.debug("account=%s: %d finished messages left upstream", acct.name, self.stats.kept)
         if not todo:
             return
+        # Before the first SMTP transaction: a ledger that cannot commit (a full or read-only
+        # disk, a lock held elsewhere) would see each message delivered again every cycle, its
+        # row failing after the 250.  One tiny transaction, only in a cycle with work.
+        await self._commit(self.ledger.prove_writable(now))
         uids = dict(todo)
         # Only a cycle with something to deliver reads (and may change) the breaker's memory.
         remembered = await self.ledger.breaker(acct.name)
@@ -986,14 +993,11 @@ class Cycle:
         # mailbox's recipients (the copies of the message are then suppressed too), or those
         # still owed a message that others got on an earlier attempt.
         recipients = self._named(envelope.recipients) if envelope is not None else ()
-        try:
-            # Shielded like the ledger writes: a shutdown must not leave a stored dead letter
-            # unrecorded (it would be stored again next cycle).
-            dl_id = await asyncio.shield(
-                self.store.put(raw, self._info(uid, stage, response, recipients))
-            )
-            await asyncio.shield(
-                self.ledger.record_dead_lettered(
+
+        async def store_and_record() -> None:
+            dl_id = await self.store.put(raw, self._info(uid, stage, response, recipients))
+            try:
+                await self.ledger.record_dead_lettered(
                     acct.name,
                     uid,
                     len(raw),
@@ -1002,11 +1006,61 @@ class Cycle:
                     dead_letter_id=dl_id,
                     done=RecipientsDone(keys, recipients) if recipients else None,
                 )
-            )
+            except LedgerError:
+                # Not recorded: the message stays upstream and the next cycle stores it again,
+                # so this copy goes, or a requeue of both would deliver it twice.
+                await self._discard(uid, dl_id)
+                raise
+
+        try:
+            # Shielded as one: a shutdown must not leave a stored dead letter unrecorded, nor
+            # cut the removal of one whose commit failed.
+            await asyncio.shield(store_and_record())
         except (DeadLetterError, LedgerError) as exc:
             # Not stored durably, or not recorded: no DELE; the message stays upstream.
             raise CycleStopped(exc) from exc
         await self._finished(pop, number)
         self.observer.message(
             acct.name, uid, len(raw), Outcome.DEAD_LETTERED, f"{stage}: {response}"
+        )
+
+    async def _discard(self, uid: str, dl_id: str) -> None:
+        """Remove the dead letter ``dl_id``, stored for ``uid`` but whose row failed to commit.
+
+        Only when the ledger shows no row naming it: a commit reported failed yet durable
+        would otherwise leave a recorded dead letter without its file, and the message would
+        be DELEd next cycle.  If the ledger cannot be read or the store refuses, the file
+        stays: a twin at worst, which the store's reconciliation matches to the next copy
+        (``deadletter.reconcile``), never a loss.
+        """
+        acct = self.account
+        try:
+            entry = await self.ledger.entry(acct.name, uid)
+        except LedgerError as exc:
+            log.warning(
+                "account=%s uidl=%s dead letter %s kept: cannot read the ledger: %s",
+                acct.name,
+                uid,
+                dl_id,
+                exc,
+            )
+            return
+        if entry is not None and entry.dead_letter_id == dl_id:
+            return
+        try:
+            await self.store.remove(dl_id)
+        except (DeadLetterError, KeyError) as exc:
+            log.warning(
+                "account=%s uidl=%s dead letter %s not recorded and not removed: %s",
+                acct.name,
+                uid,
+                dl_id,
+                exc,
+            )
+            return
+        log.info(
+            "account=%s uidl=%s dead letter %s removed: its ledger row was not committed",
+            acct.name,
+            uid,
+            dl_id,
         )

@@ -34,6 +34,20 @@ Theory of operation
   the next message's content goes out, so that a crash duplicates at most the message
   accepted last (docs/design.md §8.5, §9).  What the group commit and that wait cost and
   save is measured in bench/README.md.
+* **A ledger that cannot be written.**  A full or read-only file system, or another process
+  holding the write lock past :data:`BUSY_TIMEOUT_MS`, fails a commit.  Two things keep that
+  from turning one delivery into one per cycle.  :meth:`Ledger.prove_writable` commits a
+  heartbeat (a row whose counter goes up, so the page changes and SQLite must write it: an
+  update to the same value writes nothing, and in WAL mode a full disk shows only when the WAL
+  grows; and a disk with less than :data:`MIN_FREE_BYTES` free counts as full, since a
+  commit may pass by reusing WAL frames a checkpoint freed) before a cycle's first SMTP
+  transaction; the fetcher delivers nothing if it fails.
+  And a ``delivered`` row whose commit failed after the ``250`` is *owed*: the ledger keeps it
+  in memory and writes it first in its next write transaction (the listing sync, the proof,
+  the cycle record), so that while this process lives the message is known as delivered
+  (never handed to SMTP again) and is DELEd only after that row is committed.
+  :attr:`Ledger.writable` and :attr:`Ledger.write_error` say how the last write went, for
+  ``status``, ``/status`` and the ``ledger_writable`` metric.
 * **Migrations.**  ``PRAGMA user_version`` counts the scripts of :data:`MIGRATIONS` applied;
   pending ones run in one transaction on open.  Only ever append to that list.
 * **Listing sync.**  :meth:`Ledger.sync_listing` reads an account's rows with one query and
@@ -46,8 +60,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
+import functools
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -68,6 +85,12 @@ DEFAULT_PRUNE_AFTER: Final = 7 * 24 * 3600.0
 
 BUSY_TIMEOUT_MS: Final = 5000
 """How long to wait for another process's write lock (a CLI command) before failing."""
+
+MIN_FREE_BYTES: Final = 1024 * 1024
+"""Room the ledger's file system must have for :meth:`Ledger.prove_writable` to pass.  A commit
+can succeed on a full disk by overwriting WAL frames a checkpoint has freed, and the next one,
+which needs a new frame, fail: the heartbeat alone does not show a disk that is nearly full.
+A group commit of many rows writes a few pages of 4 KiB; a WAL checkpoint may grow the file."""
 
 MIGRATIONS: Final[list[str]] = [
     # 1: the initial schema.  WITHOUT ROWID: the rows are small and always found by their key.
@@ -136,6 +159,15 @@ MIGRATIONS: Final[list[str]] = [
     ALTER TABLE accounts ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE accounts ADD COLUMN bare_login_errors INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE accounts ADD COLUMN failing INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 6: the heartbeat that Ledger.prove_writable commits before a cycle's first SMTP
+    # transaction.  One row; ``beats`` counts up, so that every proof changes the page.
+    """
+    CREATE TABLE heartbeat (
+        id    INTEGER PRIMARY KEY CHECK (id = 1),
+        beats INTEGER NOT NULL,
+        at    REAL    NOT NULL
+    );
     """,
 ]
 
@@ -246,6 +278,10 @@ _UPSERT: Final = """
         last_response = excluded.last_response,
         dead_letter_id = coalesce(excluded.dead_letter_id, messages.dead_letter_id),
         gone_since = NULL
+"""
+_HEARTBEAT: Final = """
+    INSERT INTO heartbeat (id, beats, at) VALUES (1, 1, ?)
+    ON CONFLICT (id) DO UPDATE SET beats = heartbeat.beats + 1, at = excluded.at
 """
 _INSERT_DONE: Final = (
     "INSERT OR REPLACE INTO recipients_done (account, key, recipient, at) VALUES (?, ?, ?, ?)"
@@ -396,6 +432,11 @@ class Ledger:
         self._draining = False  # a drain job is queued or running
         self._settled = 0  # every ticket up to this one is committed or failed (thread writes)
         self._failed: dict[int, LedgerError] = {}  # tickets whose commit failed (rare)
+        # Rows of messages SMTP accepted whose commit failed: (statement, row), written first by
+        # the next write transaction (_writing).  Touched on the ledger thread only.
+        self._owed: list[tuple[str, _Row]] = []
+        # Why the last write failed; None once one succeeds (set on the ledger thread).
+        self._write_error: LedgerError | None = None
 
     @classmethod
     async def open(cls, path: Path, *, prune_after: float = DEFAULT_PRUNE_AFTER) -> Self:
@@ -415,9 +456,107 @@ class Ledger:
             return
         self._closed = True  # calls queued before this one still run first (FIFO)
         try:
-            await self._submit("close", lambda conn: conn.close(), closing=True)
+            await self._submit("close", self._close, closing=True)
         finally:
             self._executor.shutdown(wait=False)
+
+    def _close(self, conn: sqlite3.Connection) -> None:
+        """On the ledger thread: a last try at the owed rows, then close the connection."""
+        try:
+            if self._owed:
+                with self._writing(conn):
+                    pass
+        except (sqlite3.Error, OSError) as exc:
+            error = _ledger_error(self.path, "record delivered", exc)
+            for _, row in self._owed:
+                # The message is in Exchange and still upstream, unknown to the ledger: the
+                # next run delivers it again (PRODUCT §5.3's window, widened by the failure).
+                log.error(
+                    "account=%s uidl=%s: accepted by SMTP but not recorded (%s): "
+                    "it will be delivered again",
+                    row.params[0],
+                    row.params[1],
+                    error,
+                )
+        finally:
+            conn.close()
+
+    # -- writability ---------------------------------------------------------------------------
+
+    @property
+    def writable(self) -> bool:
+        """False after a write failed, until one succeeds (True before any write)."""
+        return self._write_error is None
+
+    @property
+    def write_error(self) -> str | None:
+        """Why the last write failed (with a hint: which file, what to check), or None."""
+        return None if self._write_error is None else str(self._write_error)
+
+    @property
+    def unrecorded(self) -> int:
+        """Messages SMTP accepted whose rows are owed (their commit failed; see _writing)."""
+        return len(self._owed)
+
+    async def prove_writable(self, now: float) -> None:
+        """Commit a heartbeat that SQLite must write to the file; raise LedgerError if it cannot.
+
+        The fetcher calls it before a cycle's first SMTP transaction: the listing sync commits
+        nothing when nothing changed, so without it the first real write would be the row after
+        a ``250``, and a message would be delivered again on every cycle while the disk is full
+        or read-only.  The heartbeat's counter goes up, so the page changes: SQLite skips
+        writing a row updated to the value it has.  Owed rows are written first.  Less room
+        than :data:`MIN_FREE_BYTES` counts as a full disk.
+        """
+
+        def run(conn: sqlite3.Connection) -> None:
+            free = shutil.disk_usage(self.path.parent).free  # what this user may take
+            if free < MIN_FREE_BYTES:
+                raise OSError(
+                    errno.ENOSPC,
+                    f"{free} bytes left on its file system; the ledger wants "
+                    f"{MIN_FREE_BYTES // 1024} KiB of room",
+                )
+            with self._writing(conn):
+                conn.execute(_HEARTBEAT, (now,))
+
+        await self._submit("prove writable", run, writes=True)
+
+    @contextlib.contextmanager
+    def _writing(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """On the ledger thread: a write transaction that first writes the owed rows.
+
+        Rows owed are those of messages SMTP accepted whose commit failed (the group commit's,
+        or :meth:`_record`'s): written before anything else, so that a listing sync knows
+        their messages as delivered before it says what is new.  They stay owed until a
+        transaction with them commits.
+        """
+        owed, self._owed = self._owed, []
+        try:
+            with _transaction(conn):
+                for sql, row in owed:
+                    row.write(conn, sql)
+                yield
+        except BaseException:
+            self._owed[:0] = owed
+            raise
+        if owed:
+            log.warning(
+                "ledger %s: recorded %d message(s) accepted by SMTP whose commit had failed",
+                self.path,
+                len(owed),
+            )
+
+    def _wrote(self, error: LedgerError | None) -> None:
+        """On the ledger thread: remember how a write went; log when that changes."""
+        if error is None:
+            if self._write_error is not None:
+                log.warning("ledger %s is writable again", self.path)
+            self._write_error = None
+            return
+        if self._write_error is None:
+            log.error("%s; no mail is handed to SMTP until a write to the ledger succeeds", error)
+        self._write_error = error
 
     # -- the per-message interface -------------------------------------------------------------
 
@@ -441,6 +580,7 @@ class Ledger:
         return await self._submit(
             "sync_listing",
             lambda conn: self._sync_listing(conn, account, wanted, now, recipients_before),
+            writes=True,
         )
 
     def _sync_listing(
@@ -455,7 +595,7 @@ class Ledger:
         newly_gone: list[tuple[float, str, str]] = []
         back: list[tuple[str, str]] = []
         expired: list[tuple[str, str]] = []
-        with _transaction(conn):
+        with self._writing(conn):
             if recipients_before is not None:
                 # Only the "mid:" rows (the keys from "mid:" up to "mid;", ';' following ':'
                 # in ASCII: a range of the primary key).  Not the "uidl:" rows: a message
@@ -575,6 +715,10 @@ class Ledger:
             except Exception as exc:  # noqa: BLE001 - a row that is not committed must fail
                 error = LedgerError(f"ledger {self.path}: record delivered failed: {exc!r}")
                 error.__cause__ = exc
+            if error is not None:
+                # SMTP took these messages: owed, so that none is handed to SMTP again.
+                self._owed.extend((_UPSERT, row) for _, row in batch)
+            self._wrote(error)
             with self._lock:
                 if error is not None:
                     self._failed.update((ticket, error) for ticket, _ in batch)
@@ -697,14 +841,34 @@ class Ledger:
     ) -> LedgerEntry:
         sql = _UPSERT_DEFERRAL if state is MessageState.DEFERRED else _UPSERT
         row = _Row.of(account, uidl, state, size, response, now, dead_letter_id, done)
+        # SMTP took the message (for some recipients at least): if the commit fails the row is
+        # owed.  Not a dead letter's: the fetcher removes its file instead (the message is
+        # still upstream and is dead-lettered again).
+        owe = state is MessageState.DELIVERED or (state is MessageState.DEFERRED and bool(done))
 
         def run(conn: sqlite3.Connection) -> LedgerEntry:
-            with _transaction(conn):
-                row.write(conn, sql)
-                found = conn.execute(_SELECT_ONE, (account, uidl)).fetchone()
+            try:
+                with _transaction(conn):
+                    row.write(conn, sql)
+                    found = conn.execute(_SELECT_ONE, (account, uidl)).fetchone()
+            except Exception:
+                if owe:
+                    self._owed.append((sql, row))
+                raise
             return _entry(found)
 
-        return await self._submit(f"record {state.value}", run, shield=True)
+        return await self._submit(f"record {state.value}", run, shield=True, writes=True)
+
+    async def dead_letter_ids(self) -> frozenset[str]:
+        """Every dead-letter id a row records (deadletter.reconcile: which are not)."""
+
+        def run(conn: sqlite3.Connection) -> frozenset[str]:
+            rows = conn.execute(
+                "SELECT dead_letter_id FROM messages WHERE dead_letter_id IS NOT NULL"
+            )
+            return frozenset(dl_id for (dl_id,) in rows)
+
+        return await self._submit("dead_letter_ids", run)
 
     async def entry(self, account: str, uidl: str) -> LedgerEntry | None:
         """The row of one message, or None; changes nothing (for ``status`` and tests)."""
@@ -734,7 +898,7 @@ class Ledger:
         )
 
         def run(conn: sqlite3.Connection) -> None:
-            with _transaction(conn):
+            with self._writing(conn):
                 conn.execute(
                     """
                     INSERT INTO accounts (name, last_cycle_started, last_cycle_finished, result,
@@ -756,7 +920,7 @@ class Ledger:
                     params,
                 )
 
-        await self._submit("record_cycle", run)
+        await self._submit("record_cycle", run, writes=True)
 
     async def breaker(self, account: str) -> str | None:
         """The refusal that tripped the account's circuit breaker, or None (fetcher.Breaker)."""
@@ -850,23 +1014,42 @@ class Ledger:
         *,
         shield: bool = False,
         closing: bool = False,
+        writes: bool = False,
     ) -> T:
         """Run ``fn(conn)`` on the ledger thread.
 
         ``shield``: if the caller is cancelled while the job is queued or running, the job
         still runs to its commit (and the caller still gets CancelledError).  Without it a
-        queued job would be dropped by the cancellation.
+        queued job would be dropped by the cancellation.  ``writes``: ``fn`` takes the write
+        lock; its outcome sets :attr:`writable` (a success only when it changed rows: a commit
+        of nothing proves nothing).
         """
         if self._closed and not closing:
             raise LedgerError(f"ledger {self.path}: closed")
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, _guarded, self.path, op, fn, self._conn)
+        call = functools.partial(self._call, op, fn, writes=writes)
+        future = loop.run_in_executor(self._executor, call)
         if shield:
             # If the caller is gone, nobody awaits the result: retrieve a failure here so that
             # asyncio does not log "exception was never retrieved".
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
             return await asyncio.shield(future)
         return await future
+
+    def _call(self, op: str, fn: Callable[[sqlite3.Connection], T], *, writes: bool) -> T:
+        """On the ledger thread: ``fn(conn)``, with SQLite and OS errors as LedgerError."""
+        conn = self._conn
+        before = conn.total_changes
+        try:
+            result = fn(conn)
+        except (sqlite3.Error, OSError) as exc:
+            error = _ledger_error(self.path, op, exc)
+            if writes:
+                self._wrote(error)
+            raise error from exc
+        if writes and conn.total_changes != before:
+            self._wrote(None)
+        return result
 
 
 def _guarded(path: Path, op: str, fn: Callable[[A], T], arg: A) -> T:
@@ -889,7 +1072,67 @@ def _storable(text: str) -> str:
 
 
 def _ledger_error(path: Path, op: str, exc: sqlite3.Error | OSError) -> LedgerError:
+    """One line an administrator can act on: the file, what failed, why, and what to check.
+
+    The failures that are the disk's or another process's (full, read-only, I/O error, lock)
+    read ``ledger PATH not writable: ...; <hint>``, at start (exit status 74, see cli) and
+    mid-cycle alike.
+    """
     if isinstance(exc, sqlite3.Error):
         name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
-        return LedgerError(f"ledger {path}: {op} failed: {exc} [{name}]")
-    return LedgerError(f"ledger {path}: {op} failed: {exc.strerror or exc}")
+        detail = f"{exc} [{name}]"
+        hint = _hint(path, name.split("_")[1] if name.startswith("SQLITE_") else "")
+    else:
+        detail = exc.strerror or str(exc)
+        hint = _hint(path, _ERRNO_KIND.get(exc.errno or 0, ""))
+    if hint is None:
+        return LedgerError(f"ledger {path}: {op} failed: {detail}")
+    return LedgerError(f"ledger {path} not writable: {op}: {detail}; {hint}")
+
+
+def os_error_text(path: Path, what: str, exc: OSError) -> str:
+    """An OSError on a file of the state directory as one line, as :func:`_ledger_error` puts
+    the ledger's: ``PATH not writable: WHAT: reason; hint`` when a hint applies."""
+    reason = exc.strerror or str(exc)
+    hint = _hint(path, _ERRNO_KIND.get(exc.errno or 0, ""))
+    if hint is None:
+        return f"{path}: {what}: {reason}"
+    return f"{path} not writable: {what}: {reason}; {hint}"
+
+
+# errno -> the SQLite primary result code name of the same condition
+_ERRNO_KIND: Final = {
+    errno.ENOSPC: "FULL",
+    errno.EDQUOT: "FULL",
+    errno.EROFS: "READONLY",
+    errno.EACCES: "READONLY",
+    errno.EPERM: "READONLY",
+    errno.EIO: "IOERR",
+}
+
+
+def _hint(path: Path, kind: str) -> str | None:
+    """What to check, by SQLite's primary result code (https://sqlite.org/rescode.html)."""
+    where = path.parent
+    match kind:
+        case "FULL":
+            return f"the file system of {where} is full: free space there (df {where})"
+        case "READONLY" | "PERM" | "AUTH":
+            return (
+                f"check that {where} is on a file system mounted read-write and that this "
+                f"user can write {path.name} and its -wal and -shm files"
+            )
+        case "IOERR":
+            return (
+                f"the file system of {where} failed a write: check that it has free space "
+                f"(df {where}) and is still mounted read-write (mount; the kernel log, dmesg)"
+            )
+        case "BUSY" | "LOCKED":
+            return (
+                f"another process held the write lock on {path} for more than "
+                f"{BUSY_TIMEOUT_MS / 1000:g} s (an sqlite3 shell or a backup in a transaction?)"
+            )
+        case "CANTOPEN":
+            return f"check that {where} exists and that this user can create files in it"
+        case _:
+            return None

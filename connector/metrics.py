@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 from prometheus_client import (
@@ -144,6 +144,20 @@ class Metrics:
             ["account", "code"],
             registry=r,
         )
+        self.smtp_data_timeouts = Counter(
+            PREFIX + "smtp_data_timeouts",
+            "Messages whose end of data got no reply within [smtp] data_termination_timeout: "
+            "deferred, though the server may have taken them (RFC 5321 §4.5.3.2.6).",
+            ["account"],
+            registry=r,
+        )
+        self.ledger_writable = Gauge(
+            PREFIX + "ledger_writable",
+            "0 after a write to the ledger failed (a full or read-only disk, a lock held by "
+            "another process), until one succeeds: no mail is handed to SMTP meanwhile.",
+            registry=r,
+        )
+        self.ledger_writable.set(1)
         self.build_info = Gauge(
             PREFIX + "build_info", "Always 1; the version label.", ["version"], registry=r
         )
@@ -164,6 +178,7 @@ class Metrics:
             for outcome in Outcome:
                 self.messages.labels(account=name, outcome=outcome.value)
             self.delivered_bytes.labels(account=name)
+            self.smtp_data_timeouts.labels(account=name)
             self.deferred_messages.labels(account=name)
             self.dead_letters.labels(account=name)
             self.account_failing.labels(account=name)
@@ -212,6 +227,15 @@ class Metrics:
         if ok:
             self.last_success.labels(account=account).set(finished)
         self.account_failing.labels(account=account).set(1 if failing else 0)
+
+    def watch_ledger(self, writable: Callable[[], bool]) -> None:
+        """Have ``ledger_writable`` read ``writable()`` at every scrape (``Ledger.writable``)."""
+        self.ledger_writable.set_function(lambda: 1.0 if writable() else 0.0)
+
+    def data_timeouts(self, account: str, count: int) -> None:
+        """Count messages whose final dot got no reply in time (``SmtpDeliverer.data_timeouts``)."""
+        if count:
+            self.smtp_data_timeouts.labels(account=account).inc(count)
 
     def backlog(self, deferred: dict[str, int], dead_letters: dict[str, int]) -> None:
         """Set the ``deferred_messages`` and ``dead_letters`` gauges of every known account."""

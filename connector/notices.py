@@ -111,6 +111,11 @@ class RecordingStore:
         self.notes.append(note_for(dl_id, raw, info))
         return dl_id
 
+    async def remove(self, id: str) -> None:
+        """Remove through the wrapped store (its ledger row failed): the digest forgets it."""
+        await self.store.remove(id)
+        self.notes = [note for note in self.notes if note.id != id]
+
 
 # --------------------------------------------------------------------------------------------
 # The messages

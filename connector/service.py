@@ -44,6 +44,7 @@ from connector.config import (
 )
 from connector.deadletter import DeadLetterArchive
 from connector.deadletter.maildir import MaildirStore
+from connector.deadletter.reconcile import ReconcilingStore
 from connector.delivery import SenderPolicy, SmtpDeliverer, SmtpSettings
 from connector.errors import (
     AlreadyRunningError,
@@ -51,6 +52,7 @@ from connector.errors import (
     ConnectorError,
     Disposition,
     Pop3AuthError,
+    StateError,
     classify,
     printable,
 )
@@ -64,7 +66,7 @@ from connector.fetcher import (
     Outcome,
     Oversize,
 )
-from connector.ledger import AccountStatus, CycleRecord, Failures, Ledger
+from connector.ledger import AccountStatus, CycleRecord, Failures, Ledger, os_error_text
 from connector.notices import NoticeSettings, Notifier, RecordingStore
 from connector.pop3 import AuthMethod, Pop3Endpoint, TlsMode
 from connector.recipients import Rule, SharedMailbox
@@ -347,6 +349,7 @@ def build_runtime(settings: Settings, *, include_disabled: bool = False) -> Runt
         password=smtp_cfg.secret(),
         dsn=smtp_cfg.dsn,
         timeout=smtp_cfg.timeout,
+        data_termination_timeout=smtp_cfg.data_termination_timeout,
     )
     match smtp_cfg.envelope_sender:
         case "return-path":
@@ -461,8 +464,13 @@ class StateLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        """Take the lock; AlreadyRunningError if another holds it, StateError (one line,
+        with a hint) if the directory cannot be written."""
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StateError(os_error_text(self.path, "cannot open the lock file", exc)) from None
         try:
             _lock_fd(fd)
         except OSError:
@@ -472,8 +480,12 @@ class StateLock:
                 f"another pop3-connector (pid {holder}) is using {self.path.parent}; "
                 "two would deliver every message twice"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:
+            os.close(fd)
+            raise StateError(os_error_text(self.path, "cannot write the lock file", exc)) from None
         self._fd = fd
 
     def release(self) -> None:
@@ -564,12 +576,14 @@ def status_document(
     rows: Iterable[AccountStatus],
     dead_letters: dict[str, int],
     next_poll: dict[str, float | None] | None = None,
+    ledger: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``/status`` and ``status --json`` document (PRODUCT §8).
 
     ``names`` (the configured accounts) come first, in config order, then accounts the ledger
     or the dead-letter store still knows (removed from the config).  ``next_poll`` overrides
     the ledger's value with the scheduler's (SIGUSR1 or a reload may have moved it).
+    ``ledger`` (:func:`ledger_health`) becomes the document's ``ledger`` object.
     """
     by_name = {row.name: row for row in rows}
     order = list(dict.fromkeys([*names, *sorted(by_name), *sorted(dead_letters)]))
@@ -594,7 +608,20 @@ def status_document(
                 "next_poll": rfc3339(poll),
             }
         )
-    return {"accounts": accounts}
+    if ledger is None:
+        return {"accounts": accounts}
+    return {"accounts": accounts, "ledger": ledger}
+
+
+def ledger_health(path: Path, ledger: Ledger | None) -> dict[str, Any]:
+    """The ``ledger`` object of the status document: whether its last write succeeded, why
+    not, and how many accepted messages wait for their rows (``None``: no ledger opened)."""
+    return {
+        "path": str(path),
+        "writable": None if ledger is None else ledger.writable,
+        "error": None if ledger is None else ledger.write_error,
+        "unrecorded": 0 if ledger is None else ledger.unrecorded,
+    }
 
 
 class Service:
@@ -611,7 +638,11 @@ class Service:
     ) -> None:
         self.runtime = runtime
         self.ledger = ledger
-        self.store = open_store(runtime)
+        # Matches a dead letter stored but never recorded (a run killed in between) to the
+        # next copy of its message, instead of storing it twice (deadletter.reconcile).
+        self.store: DeadLetterArchive = ReconcilingStore(
+            open_store(runtime), ledger.dead_letter_ids
+        )
         self.metrics = metrics
         base = observer if observer is not None else LogObserver()
         self.observer: CycleObserver = base if metrics is None else _Observers(base, metrics)
@@ -630,6 +661,7 @@ class Service:
         self.dead_letter_counts: dict[str, int] | None = None
         if metrics is not None:
             metrics.set_accounts(self.accounts)
+            metrics.watch_ledger(lambda: ledger.writable)
 
     def _new_state(self, spec: AccountSpec, runtime: Runtime) -> AccountState:
         lock = self._locks.setdefault(spec.name, asyncio.Lock())
@@ -761,6 +793,7 @@ class Service:
             # stands and the scheduler goes on.  Stopping every account would help nobody.
             log.error("account=%s cannot record the cycle in the ledger: %s", spec.name, exc)
         if self.metrics is not None:
+            self.metrics.data_timeouts(spec.name, deliverer.data_timeouts)
             # The gauges first: whoever sees cycles_total count up sees this cycle's backlog.
             await self.refresh_backlog()
             self.metrics.cycle(
@@ -800,7 +833,8 @@ class Service:
                 log.warning("cannot count dead letters: %s", exc)
                 counts = self.dead_letter_counts = {}
         polls = {name: state.next_poll for name, state in self.accounts.items()}
-        return status_document(self.accounts, rows, counts, polls)
+        health = ledger_health(self.ledger.path, self.ledger)
+        return status_document(self.accounts, rows, counts, polls, health)
 
     def metrics_text(self) -> bytes:
         """The Prometheus exposition (empty without metrics)."""
@@ -1028,6 +1062,16 @@ async def open_service(
     with StateLock(runtime.state_dir):
         ledger = await Ledger.open(runtime.ledger_path)
         try:
+            if runtime.dead_letter_path is not None:
+                await _remove_stale_tmp(MaildirStore(runtime.dead_letter_path))
             yield Service(runtime, ledger, observer=observer, metrics=metrics)
         finally:
             await ledger.close()
+
+
+async def _remove_stale_tmp(store: MaildirStore) -> None:
+    """At start, the Maildir's partial files (writes that a kill or a power cut ended)."""
+    try:
+        await store.remove_stale_tmp()
+    except ConnectorError as exc:  # the store's trouble shows at its first put, where it counts
+        log.warning("%s", exc)

@@ -43,6 +43,9 @@ PRODUCT_METRICS: Final = {
     "account_failing": "gauge",
     "smtp_responses_total": "counter",
     "build_info": "gauge",
+    # Beyond §8 (issue 18, README "Running it").
+    "ledger_writable": "gauge",
+    "smtp_data_timeouts_total": "counter",
 }
 HISTOGRAM_SUFFIXES: Final = ("_bucket", "_sum", "_count")
 
@@ -210,7 +213,7 @@ def test_memory_max_leaves_room_over_the_measured_peak() -> None:
 def test_promtool_check_rules(promtool: str) -> None:
     result = _run(promtool, "check", "rules", "alerts.yml", cwd=DEPLOY / "prometheus")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert "SUCCESS: 7 rules found" in result.stdout
 
 
 def test_promtool_test_rules(promtool: str) -> None:
@@ -241,6 +244,7 @@ def test_alert_rules_cover_the_issue() -> None:
     assert 'outcome="dead_lettered"' in exprs["Pop3ConnectorDeadLettersRising"]
     assert "mailbox_messages" in exprs["Pop3ConnectorUpstreamMailboxGrowing"]
     assert "cycle_duration_seconds" in exprs["Pop3ConnectorCycleNearInterval"]
+    assert "pop3_connector_ledger_writable == 0" in exprs["Pop3ConnectorLedgerNotWritable"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ A shared mailbox's dead letter has an ``X-POP3-Connector-Recipients`` field befo
 cut: a list too long for one line is folded after a comma (RFC 5322 §2.2.3) into lines that
 start with a space, and the reader unfolds it.
 
-Two protocols: :class:`DeadLetterStore` is what the fetcher needs (``put``);
-:class:`DeadLetterArchive` adds what the ``dead-letters`` commands need.
+Two protocols: :class:`DeadLetterStore` is what the fetcher needs (``put``, and ``remove`` for a
+dead letter whose ledger row failed to commit); :class:`DeadLetterArchive` adds what the
+``dead-letters`` commands need.
 """
 
 from __future__ import annotations
@@ -74,6 +75,13 @@ class DeadLetterStore(Protocol):
         """Store durably; return the dead letter's id.  Raises DeadLetterError."""
         ...
 
+    async def remove(self, id: str) -> None:
+        """Delete one dead letter (the fetcher's own, when its ledger row failed to commit).
+
+        Unknown id: KeyError; a failing store: DeadLetterError.
+        """
+        ...
+
 
 class DeadLetterArchive(DeadLetterStore, Protocol):
     """A store that can also be inspected and cleaned (``dead-letters list/show/requeue/purge``).
@@ -87,10 +95,6 @@ class DeadLetterArchive(DeadLetterStore, Protocol):
 
     async def get(self, id: str) -> bytes:
         """The stored bytes: our header lines followed by the original message."""
-        ...
-
-    async def remove(self, id: str) -> None:
-        """Delete one dead letter."""
         ...
 
     async def count_by_account(self) -> dict[str, int]:

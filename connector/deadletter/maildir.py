@@ -44,6 +44,10 @@ from connector.errors import DeadLetterError
 log = logging.getLogger(__name__)
 
 _SUBDIRS: Final = ("tmp", "new", "cur")
+STALE_TMP: Final = 36 * 3600.0
+"""A file in ``tmp/`` untouched this long is a write that died (a kill, a power cut) and is
+removed at start: the age the Maildir documents give (qmail's maildir(5): not accessed in 36
+hours; Courier's: "at least 36 hours old").  No write of ours takes that long."""
 # The Maildir spec's per-process delivery counter (the "Q" part of a unique name).
 _counter: Final = itertools.count(1)
 # link() fails this way on filesystems without hard links; the spec allows rename() there.
@@ -123,6 +127,11 @@ class MaildirStore:
         records = await self.list()
         return dict(collections.Counter(r.account for r in records))
 
+    async def remove_stale_tmp(self, *, older_than: float = STALE_TMP) -> int:
+        """Remove the files in ``tmp/`` neither read nor written for ``older_than`` seconds
+        (see :data:`STALE_TMP`); return how many.  A missing Maildir has none."""
+        return await asyncio.to_thread(self._remove_stale_tmp, older_than)
+
     # -- worker-thread side --------------------------------------------------------------------
 
     def _error(self, what: str, exc: OSError) -> DeadLetterError:
@@ -194,6 +203,34 @@ class MaildirStore:
             raise self._error(stage, exc) from exc
         log.debug("dead letter %s stored in %s", name, self.path)
         return name
+
+    def _remove_stale_tmp(self, older_than: float) -> int:
+        cutoff = time.time() - older_than
+        removed = 0
+        try:
+            with os.scandir(self.path / "tmp") as it:
+                entries = list(it)
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise self._error("cannot read tmp/", exc) from exc
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+                touched = max(st.st_atime, st.st_mtime)
+                if not entry.is_file(follow_symlinks=False) or touched > cutoff:
+                    continue
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning(
+                    "%s: cannot remove tmp/%s: %s", self.store_name, entry.name, exc.strerror
+                )
+                continue
+            removed += 1
+            log.info("%s: removed tmp/%s, a write that never finished", self.store_name, entry.name)
+        return removed
 
     def _locate(self, id: str) -> Path:
         # An id comes from the command line: refuse anything that is not a plain file name.
@@ -295,4 +332,4 @@ def _name_order(name: str) -> tuple[int, int, int]:
     return (int(m[1]), int(m[2]), int(m[3])) if m else (0, 0, 0)
 
 
-__all__ = ["MaildirStore", "unique_name"]
+__all__ = ["STALE_TMP", "MaildirStore", "unique_name"]

@@ -103,6 +103,7 @@ class Rig:
             None,
             "connector.test",
             timeout=SHORT,
+            data_termination_timeout=SHORT,
         )
         return Cycle(
             spec or self.spec(),

@@ -4,7 +4,9 @@ A real Dovecot mailbox holds mixed mail: accepted, refused permanently (``554`` 
 refused temporarily (``451``, accepted from the third attempt on).  Each round tops the mailbox
 up, starts the connector through two :class:`~tests.faults.FaultProxy` (POP3 and SMTP) that count
 bytes, and kills it with SIGKILL at a seeded random instant: at a random byte of the traffic, or
-(one round in four) after a random delay, which also covers start-up and the ledger's opening.
+(one round in four) after a random delay, which also covers start-up and the ledger's opening, or
+(a quarter of the rest) as soon as a new dead letter is in the Maildir's ``new/``, before its
+ledger row is committed.
 Then it runs unkilled until the mailbox is empty, and accounts for every Message-ID
 (PRODUCT §5): delivered exactly once, dead-lettered exactly once, or still upstream and deferred;
 lost must be 0.
@@ -14,7 +16,15 @@ ledger commit.  The evidence, for every extra copy: the earlier copy was accepte
 was killed; it was the *last* message that run got accepted (nothing after it was accepted, so
 the process died before finishing that message's step, whose next act is the commit); right after
 the kill the ledger had no ``delivered`` row for its UIDL; and when the copy was accepted again,
-the ledger still had none.  The same is checked for dead-letter duplicates (fsync, then commit).
+the ledger still had none.
+
+Dead letters are counted the same way: a second dead-letter file of one message is a duplicate,
+explained only if the run that wrote the first (its pid is in the Maildir file name) was killed
+with no ``dead_lettered`` row for the UIDL (the window between the fsync and the commit).  That
+window no longer makes a twin: the next run's dead letter of the message is the file left behind
+(deadletter.reconcile), so the harness wants none, and every dead letter recorded in the ledger
+at the end.  Partial files a kill left in the Maildir's ``tmp/`` are counted (removed at a start
+36 hours later).
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ pytestmark = pytest.mark.integration
 _MID = re.compile(rb"^Message-ID: <([^>]+)>", re.MULTILINE | re.IGNORECASE)
 _TRACE_ID = re.compile(rb"^Received: from \S+ by \S+ with POP3 \(pop3-connector\) id (\S+)")
 _DL_UIDL = re.compile(rb"^X-POP3-Connector-UIDL: (\S+)", re.MULTILINE)
+_MAILDIR_NAME = re.compile(r"^(\d+)\.M(\d+)P(\d+)Q")  # MaildirStore.unique_name
 _names = itertools.count()
 HANG_AFTER = 100  # seconds; longer than any deadline of one cycle with these settings
 
@@ -77,6 +88,33 @@ class RunRecord:
     how: str
     ledger_after: dict[str, str] = field(default_factory=dict)
     smtp_ports: frozenset[int] = frozenset()  # its proxy's connections to the sink
+    pid: int | None = None
+    unrecorded_after: frozenset[str] = frozenset()  # dead-letter files without a ledger row
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterFile:
+    """One dead letter in the Maildir: its message, its UIDL, its file name (the id)."""
+
+    mid: str
+    uidl: str
+    name: str
+
+    @property
+    def written(self) -> tuple[int, int, int]:
+        """(seconds, microseconds, pid) from the Maildir unique name."""
+        m = _MAILDIR_NAME.match(self.name)
+        assert m is not None, self.name
+        return int(m.group(1)), int(m.group(2)), int(m.group(3))
+
+
+def ledger_dead_letter_ids(state_dir: Path) -> set[str]:
+    path = state_dir / "ledger.sqlite3"
+    if not path.exists():
+        return set()
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT dead_letter_id FROM messages WHERE dead_letter_id IS NOT NULL")
+        return {dl_id for (dl_id,) in rows}
 
 
 def ledger_states(state_dir: Path) -> dict[str, str]:
@@ -142,6 +180,7 @@ class Harness:
     runs: list[RunRecord] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.pid: int | None = None  # of the run going on
         self.state_dir = self.work / "state"
         self.exchange = Exchange(self.kinds, self.state_dir, self.sink.handler)
         self.sink.handler.rule = self.exchange.rule
@@ -186,8 +225,8 @@ class Harness:
                 out[m.group(1).decode()] = len(data)
         return out
 
-    def dead_letters(self) -> list[tuple[str, str]]:
-        """(Message-ID, UIDL) of every dead-letter file."""
+    def dead_letters(self) -> list[DeadLetterFile]:
+        """Every dead-letter file, in the order they were written."""
         md = self.state_dir / "dead-letters"
         out = []
         for sub in ("new", "cur"):
@@ -196,8 +235,13 @@ class Harness:
                 m, u = _MID.search(data), _DL_UIDL.search(data)
                 assert m is not None
                 assert u is not None
-                out.append((m.group(1).decode(), u.group(1).decode()))
-        return out
+                out.append(DeadLetterFile(m.group(1).decode(), u.group(1).decode(), p.name))
+        return sorted(out, key=lambda f: f.written)
+
+    def partial_dead_letters(self) -> int:
+        """Files a kill left half-written in the Maildir's tmp/."""
+        tmp = self.state_dir / "dead-letters" / "tmp"
+        return len(list(tmp.iterdir())) if tmp.exists() else 0
 
     # -- running the connector ------------------------------------------------------------------
 
@@ -238,6 +282,7 @@ deliver_to = ["info@firma.test"]
                 # SIGABRT then dumps every thread's stack into the log (a hang's evidence).
                 env={**os.environ, "PYTHONFAULTHANDLER": "1"},
             )
+            self.pid = proc.pid
             kill(proc)
             try:
                 rc = proc.wait(timeout=HANG_AFTER)
@@ -254,9 +299,22 @@ deliver_to = ["info@firma.test"]
         threshold = self.rng.randint(0, 2 * pending + 3_000)
         delay = self.rng.uniform(0.0, 1.2)
         by_time = self.rng.random() < 0.25
+        # Or (a quarter of the others) as soon as a dead letter reaches new/: the window
+        # between its fsync and its commit, which no socket byte marks.
+        at_dead_letter = not by_time and self.rng.random() < 0.25
         seen = [0]
         victim: list[subprocess.Popen[bytes]] = []
         lock = threading.Lock()
+        finished = threading.Event()
+        new = self.state_dir / "dead-letters" / "new"
+        stored = set(os.listdir(new)) if new.exists() else set()
+
+        def watch() -> None:
+            while not finished.is_set():
+                if new.exists() and set(os.listdir(new)) - stored:
+                    kill()
+                    return
+                finished.wait(0.0005)
 
         def kill() -> None:
             if victim and victim[0].poll() is None:
@@ -265,12 +323,13 @@ deliver_to = ["info@firma.test"]
         def observe(direction: Direction, data: bytes) -> None:
             with lock:
                 before, seen[0] = seen[0], seen[0] + len(data)
-                if not by_time and before < threshold <= seen[0]:
+                if not (by_time or at_dead_letter) and before < threshold <= seen[0]:
                     kill()
 
         pop = FaultProxy(("127.0.0.1", self.dovecot.ports["pop3"]), observer=observe).start()
         smtp = FaultProxy(("127.0.0.1", self.sink.port), observer=observe).start()
         timer: threading.Timer | None = None
+        watcher = threading.Thread(target=watch, daemon=True)
         try:
 
             def arm(proc: subprocess.Popen[bytes]) -> None:
@@ -280,18 +339,38 @@ deliver_to = ["info@firma.test"]
                 if by_time:
                     timer = threading.Timer(delay, kill)
                     timer.start()
+                elif at_dead_letter:
+                    watcher.start()
 
             rc = self.run_once(self.config(pop.port, smtp.port), arm)
         finally:
+            finished.set()
+            if watcher.is_alive():
+                watcher.join(timeout=10)
             if timer is not None:
                 timer.cancel()
             ports = frozenset(smtp.upstream_ports)
             pop.close()
             smtp.close()
         killed = rc == -signal.SIGKILL
-        how = f"after {delay:.3f} s" if by_time else f"at byte {threshold}"
+        if by_time:
+            how = f"after {delay:.3f} s"
+        elif at_dead_letter:
+            how = "at a new dead letter"
+        else:
+            how = f"at byte {threshold}"
+        recorded = ledger_dead_letter_ids(self.state_dir)
+        unrecorded = frozenset(f.name for f in self.dead_letters() if f.name not in recorded)
         self.runs.append(
-            RunRecord(len(self.runs), killed, how, ledger_states(self.state_dir), ports)
+            RunRecord(
+                len(self.runs),
+                killed,
+                how,
+                ledger_states(self.state_dir),
+                ports,
+                self.pid,
+                unrecorded,
+            )
         )
         if not killed:
             assert rc in (0, 1), f"exit status {rc}; see {self.work}/run-{len(self.runs) - 1}.log"
@@ -310,7 +389,9 @@ deliver_to = ["info@firma.test"]
         rc = self.run_once(
             self.config(self.dovecot.ports["pop3"], self.sink.port), lambda proc: None
         )
-        self.runs.append(RunRecord(len(self.runs), False, "clean", ledger_states(self.state_dir)))
+        self.runs.append(
+            RunRecord(len(self.runs), False, "clean", ledger_states(self.state_dir), pid=self.pid)
+        )
         return rc
 
 
@@ -328,6 +409,9 @@ class Table:
     duplicates_in_window: int
     dead_letter_duplicates: int
     dead_letter_duplicates_in_window: int
+    dead_letters_left_by_kills: int
+    dead_letters_unrecorded: int
+    partial_dead_letters: int
     seconds: float
 
     def render(self) -> str:
@@ -344,6 +428,9 @@ class Table:
             ("  of them in the 250-to-commit window", self.duplicates_in_window),
             ("duplicate dead letters", self.dead_letter_duplicates),
             ("  of them in the fsync-to-commit window", self.dead_letter_duplicates_in_window),
+            ("dead letters a kill left unrecorded", self.dead_letters_left_by_kills),
+            ("  of them unrecorded at the end", self.dead_letters_unrecorded),
+            ("partial files left in the Maildir's tmp/", self.partial_dead_letters),
             ("wall time (s)", round(self.seconds, 1)),
         ]
         width = max(len(name) for name, _ in rows)
@@ -377,8 +464,9 @@ def account(h: Harness, kills: int, seconds: float) -> Table:
     """Account for every Message-ID; assert the invariants; return the table."""
     upstream = h.upstream()
     delivered = Counter(a.mid for a in h.exchange.accepted)
-    dead = Counter(mid for mid, _ in h.dead_letters())
-    final = ledger_states(h.state_dir)
+    files = h.dead_letters()
+    dead = Counter(f.mid for f in files)
+    recorded = ledger_dead_letter_ids(h.state_dir)
     lost = [m for m in h.kinds if m not in upstream and not delivered[m] and not dead[m]]
     assert lost == [], f"LOST: {lost}"
     for mid, kind in h.kinds.items():
@@ -398,7 +486,6 @@ def account(h: Harness, kills: int, seconds: float) -> Table:
     deferred_once = sum(
         1 for m, k in h.kinds.items() if k is Kind.TEMPORARY and h.exchange.attempts[m]
     )
-    del final
     return Table(
         kills=kills,
         runs=len(h.runs),
@@ -412,6 +499,9 @@ def account(h: Harness, kills: int, seconds: float) -> Table:
         duplicates_in_window=window,
         dead_letter_duplicates=sum(dead[m] - 1 for m in dl_dups),
         dead_letter_duplicates_in_window=dl_window,
+        dead_letters_left_by_kills=len(frozenset().union(*(r.unrecorded_after for r in h.runs))),
+        dead_letters_unrecorded=sum(1 for f in files if f.name not in recorded),
+        partial_dead_letters=h.partial_dead_letters(),
         seconds=seconds,
     )
 
@@ -442,16 +532,22 @@ def _check_window(h: Harness) -> int:
 
 
 def _check_dead_letter_window(h: Harness) -> int:
-    """A second dead letter for one message: the kill fell between its fsync and the commit."""
-    seen: dict[str, int] = {}
+    """Every extra dead letter of a message is explained by a kill between the fsync of the
+    one before and its commit: the run that wrote that one was killed, and the ledger had no
+    ``dead_lettered`` row for the UIDL after it.  Count them."""
+    by_pid = {r.pid: r for r in h.runs}
+    by_mid: dict[str, list[DeadLetterFile]] = {}
+    for f in h.dead_letters():
+        by_mid.setdefault(f.mid, []).append(f)
     explained = 0
-    for mid, uidl in h.dead_letters():
-        seen[mid] = seen.get(mid, 0) + 1
-        if seen[mid] > 1:
-            killed_without_row = [
-                r for r in h.runs if r.killed and r.ledger_after.get(uidl) != "dead_lettered"
-            ]
-            assert killed_without_row, f"{mid}: dead-lettered twice without a kill in the window"
+    for mid, copies in by_mid.items():
+        for earlier, _ in itertools.pairwise(copies):
+            run = by_pid.get(earlier.written[2])
+            assert run is not None, f"{mid}: {earlier.name} was written by no run of ours"
+            assert run.killed, f"{mid}: dead-lettered again after run {run.index}, not killed"
+            assert run.ledger_after.get(earlier.uidl) != "dead_lettered", (
+                f"{mid}: the ledger had recorded its dead letter, yet it was stored again"
+            )
             explained += 1
     return explained
 
@@ -469,7 +565,8 @@ def test_sigkill_at_random_instants_loses_nothing(dovecot: DovecotServer, tmp_pa
     _report("crash harness (quick, seed 20261127)", table, h)
     assert table.lost == 0
     assert table.duplicates == table.duplicates_in_window
-    assert table.dead_letter_duplicates == table.dead_letter_duplicates_in_window
+    assert table.dead_letter_duplicates == table.dead_letter_duplicates_in_window == 0
+    assert table.dead_letters_unrecorded == 0
     assert table.still_deferred == 0
 
 
@@ -483,5 +580,6 @@ def test_sigkill_at_random_instants_loses_nothing_long(
     _report("crash harness (slow, seed 5)", table, h)
     assert table.lost == 0
     assert table.duplicates == table.duplicates_in_window
-    assert table.dead_letter_duplicates == table.dead_letter_duplicates_in_window
+    assert table.dead_letter_duplicates == table.dead_letter_duplicates_in_window == 0
+    assert table.dead_letters_unrecorded == 0
     assert table.still_deferred == 0

@@ -62,14 +62,14 @@ async def test_open_creates_schema_and_reopen_is_idempotent(db_path: Path) -> No
     led = await Ledger.open(db_path)
     await led.record_delivered("info", "u1", 100, "250 ok", T0)
     await led.close()
-    assert _user_version(db_path) == len(MIGRATIONS) == 5
+    assert _user_version(db_path) == len(MIGRATIONS) == 6
 
     with sqlite3.connect(db_path) as conn:
         (journal,) = conn.execute("PRAGMA journal_mode").fetchone()
         tables = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
     conn.close()
     assert journal == "wal"
-    assert set(tables) == {"messages", "accounts", "recipients_done"}
+    assert set(tables) == {"messages", "accounts", "recipients_done", "heartbeat"}
     assert "WITHOUT ROWID" in tables["messages"]
 
     again = await Ledger.open(db_path)  # migration 1 would fail with "table exists" if re-run
@@ -740,3 +740,164 @@ async def test_a_reply_with_bytes_that_are_not_utf8_is_stored(ledger: Ledger) ->
     assert two is not None
     assert one.last_response == "250 2.0.0 queued as caf\\udcff"
     assert two.last_response == "451 busy \\udcfe"
+
+
+# -- a ledger that cannot be written (issue 18) ---------------------------------------------------
+
+
+def _wal_size(db_path: Path) -> int:
+    wal = db_path.with_name(db_path.name + "-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+async def test_prove_writable_writes_to_the_file_even_when_nothing_else_changes(
+    ledger: Ledger, db_path: Path
+) -> None:
+    # SQLite writes no page for a row updated to the value it has, and in WAL mode a full disk
+    # shows only when the WAL grows: each proof must append to the WAL, even at the same time.
+    await ledger.prove_writable(T0)
+    sizes = [_wal_size(db_path)]
+    for _ in range(3):
+        await ledger.prove_writable(T0)
+        sizes.append(_wal_size(db_path))
+    assert sizes == sorted(set(sizes)), sizes  # grew every time
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT beats, at FROM heartbeat").fetchall() == [(4, T0)]
+    conn.close()
+    assert ledger.writable
+
+
+async def test_a_steady_listing_still_writes_nothing(ledger: Ledger) -> None:
+    # The proof is the fetcher's to call, in a cycle with something to deliver; the listing
+    # sync stays free when nothing changed (PRODUCT §5: a cycle costs what is new).
+    await ledger.record_delivered("info", "u1", 1, "250 ok", T0)
+    await ledger.sync_listing("info", ["u1"], T0)
+    before = await ledger.total_changes()
+    await ledger.sync_listing("info", ["u1"], T0 + 60)
+    assert await ledger.total_changes() == before
+
+
+async def test_a_failed_write_makes_the_ledger_not_writable_until_one_succeeds(
+    ledger: Ledger,
+) -> None:
+    def writable() -> bool:
+        return ledger.writable
+
+    await _fail_uidl(ledger, "bad")
+    assert writable()
+    with pytest.raises(LedgerError):
+        await ledger.record_deferred("info", "bad", 1, "451 later", T0)
+    assert not writable()
+    assert "disk says no" in (ledger.write_error or "")
+    # A read proves nothing; a commit that changed nothing proves nothing either.
+    await ledger.entry("info", "x")
+    await ledger.sync_listing("info", [], T0)
+    assert not writable()
+    await ledger.prove_writable(T0)
+    assert writable()
+    assert ledger.write_error is None
+
+
+async def test_rows_of_accepted_messages_whose_commit_failed_are_owed_to_the_next_write(
+    ledger: Ledger,
+) -> None:
+    # SMTP took these messages; their rows failed.  The ledger keeps them and writes them
+    # first in its next write transaction, so the listing knows them as delivered (never
+    # handed to SMTP again) and a DELE follows a committed row.  A dead letter's row is not
+    # owed (the fetcher removes its file), nor a bare deferral.
+    await ledger._submit(
+        "trigger",
+        lambda conn: conn.execute(
+            "CREATE TEMP TRIGGER full BEFORE INSERT ON main.messages"
+            " BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+        ),
+    )
+    (error,) = await ledger.settle([ledger.record_delivered_soon("info", "u1", 5, "250 ok", T0)])
+    assert error is not None
+    done = RecipientsDone(("uidl:u5",), ("a@x",))
+    attempts = [
+        ledger.record_delivered("info", "u2", 6, "250 ok", T0),
+        ledger.record_dead_lettered("info", "u3", 7, "554 no", T0, "dl-3"),
+        ledger.record_deferred("info", "u4", 8, "451 later", T0),
+        ledger.record_deferred("info", "u5", 9, "250 ok (refused: <b@x> 451)", T0, done=done),
+    ]
+    for attempt in attempts:
+        with pytest.raises(LedgerError, match="disk is full"):
+            await attempt
+    assert ledger.unrecorded == 3
+    listed = ["u1", "u2", "u3", "u4", "u5"]
+    with pytest.raises(LedgerError, match="disk is full"):  # still failing: all stay owed
+        await ledger.sync_listing("info", listed, T0)
+    assert ledger.unrecorded == 3
+    assert not ledger.writable
+    await ledger._submit("drop", lambda conn: conn.execute("DROP TRIGGER full"))
+    known = await ledger.sync_listing("info", listed, T0)
+    assert {uid: e.state for uid, e in known.items()} == {
+        "u1": MessageState.DELIVERED,
+        "u2": MessageState.DELIVERED,
+        "u5": MessageState.DEFERRED,
+    }
+    assert await ledger.done_recipients("info", ["uidl:u5"]) == {"a@x"}
+    assert ledger.unrecorded == 0
+    assert ledger.writable
+
+
+async def test_rows_still_owed_at_close_are_named_in_the_log(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    led = await Ledger.open(db_path)
+    await led._submit(
+        "trigger",
+        lambda conn: conn.execute(
+            "CREATE TEMP TRIGGER full BEFORE INSERT ON main.messages"
+            " BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+        ),
+    )
+    with pytest.raises(LedgerError):
+        await led.record_delivered("info", "u1", 5, "250 ok", T0)
+    await led.close()
+    assert "account=info uidl=u1: accepted by SMTP but not recorded" in caplog.text
+    assert "it will be delivered again" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("SQLITE_FULL", "is full: free space there"),
+        ("SQLITE_READONLY", "mounted read-write"),
+        ("SQLITE_READONLY_DBMOVED", "mounted read-write"),
+        ("SQLITE_IOERR_WRITE", "failed a write: check that it has free space"),
+        ("SQLITE_BUSY", "held the write lock"),
+        ("SQLITE_CANTOPEN", "exists and that this user can create files"),
+    ],
+)
+def test_a_ledger_error_of_the_disk_or_a_lock_names_the_file_and_what_to_check(
+    tmp_path: Path, name: str, expected: str
+) -> None:
+    exc = sqlite3.OperationalError("some text")
+    exc.sqlite_errorname = name  # as the sqlite3 module sets it
+    text = str(ledger_module._ledger_error(tmp_path / "ledger.sqlite3", "record delivered", exc))
+    assert text.startswith(f"ledger {tmp_path}/ledger.sqlite3 not writable: record delivered:")
+    assert f"[{name}]" in text
+    assert expected in text
+
+
+def test_other_ledger_errors_keep_their_plain_text(tmp_path: Path) -> None:
+    exc = sqlite3.DatabaseError("file is not a database")
+    exc.sqlite_errorname = "SQLITE_NOTADB"
+    text = str(ledger_module._ledger_error(tmp_path / "l.sqlite3", "open", exc))
+    assert (
+        text == f"ledger {tmp_path}/l.sqlite3: open failed: file is not a database [SQLITE_NOTADB]"
+    )
+
+
+async def test_a_nearly_full_disk_fails_the_proof(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A commit may pass on a full disk by reusing WAL frames a checkpoint freed; the rows after
+    # it then fail.  Less room than MIN_FREE_BYTES counts as full.
+    monkeypatch.setattr(ledger_module, "MIN_FREE_BYTES", 1 << 62)
+    with pytest.raises(LedgerError, match="bytes left on its file system") as info:
+        await ledger.prove_writable(T0)
+    assert "is full: free space there" in str(info.value)
+    assert not ledger.writable

@@ -25,6 +25,9 @@ EXPECTED = {
     "pop3_connector_account_failing": "gauge",
     "pop3_connector_smtp_responses": "counter",
     "pop3_connector_build_info": "gauge",
+    # Beyond §8 (issue 18): a timeout on the reply to the final dot, and the ledger's writes.
+    "pop3_connector_smtp_data_timeouts": "counter",
+    "pop3_connector_ledger_writable": "gauge",
 }
 
 

@@ -111,6 +111,9 @@ async def test_recording_store_remembers_what_was_stored() -> None:
         async def put(self, raw: bytes, info: DeadLetterInfo) -> str:
             return "id-7"
 
+        async def remove(self, id: str) -> None:
+            raise KeyError(id)
+
     recorded = RecordingStore(Store())
     assert await recorded.put(RAW, INFO) == "id-7"
     assert [n.id for n in recorded.notes] == ["id-7"]
