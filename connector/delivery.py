@@ -53,14 +53,12 @@ import contextlib
 import enum
 import functools
 import logging
-import re
 import ssl
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal, assert_never, cast
 
 import aiosmtplib
-from aiosmtplib.email import parse_address
 from aiosmtplib.protocol import (
     MAX_RESPONSE_LENGTH,
     SMTPProtocol,
@@ -68,6 +66,8 @@ from aiosmtplib.protocol import (
 )
 from aiosmtplib.typing import Default
 
+from connector import headers
+from connector.addresses import mailbox_problem, needs_smtputf8, reverse_path
 from connector.errors import DeliveryError, SmtpStage, smtp_class, split_enhanced_code
 from connector.pop3.client import TlsMode
 
@@ -81,6 +81,7 @@ __all__ = [
     "content_pieces",
     "delivery_error",
     "envelope_sender",
+    "needs_smtputf8",
     "prepare_content",
     "prepare_wire",
     "stuffed_pieces",
@@ -154,49 +155,23 @@ class Delivered:
 # Envelope sender and address checks
 # --------------------------------------------------------------------------------------------
 
-# The end of the header block: the first empty line (RFC 5322 §2.1).  Bare LF is tolerated.
-_HEADER_END: Final = re.compile(rb"\r?\n\r?\n")
-# The first Return-Path field with its folded continuation lines (RFC 5322 §2.2.3).
-_RETURN_PATH: Final = re.compile(rb"^return-path[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)", re.I | re.M)
-# RFC 5321 §4.1.2 Reverse-path: "<" [ A-d-l ":" ] Mailbox ">", or "<>".  The source route
-# (A-d-l) is obsolete and MUST be ignored (RFC 5321 §4.1.1.3 / Appendix C).  A trailing
-# comment, as some MTAs write, is tolerated.
-_PATH: Final = re.compile(r"^<\s*(?:@[^:<>]*:)?([^<>]*?)\s*>\s*(?:\([^()]*\))?$")
-
-# RFC 5322 §3.2.3 atext plus ".", for a dot-atom local part; quoted local parts are refused
-# (rare, and aiosmtplib would re-quote them).
-_LOCAL: Final = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
-# RFC 5321 §4.1.2 Domain or address-literal.
-_DOMAIN: Final = re.compile(r"^(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?|\[[A-Za-z0-9.:-]+\])$")
-
 
 @functools.lru_cache(maxsize=4096)  # the same few addresses, every message
 def address_problem(address: str) -> str | None:
-    """Why ``address`` can't be sent as an SMTP mailbox as-is, or None when it can.
+    """Why ``address`` can't be sent as an SMTP mailbox as it is, or None when it can.
 
-    We check ourselves because aiosmtplib passes addresses through ``email.utils.parseaddr``
-    and silently rewrites some bad ones (``"bad\\r\\nRCPT TO:<x@y>"`` went out as ``x@y``).
-    Only ASCII is accepted: we never request SMTPUTF8 (RFC 6531).  The empty string (the null
-    sender) is not checked here.
+    The grammar is RFC 5321 §4.1.2 Mailbox with RFC 6531 §3.3 (UTF-8 in the local part and
+    the domain; :func:`needs_smtputf8` says when the transaction must ask for SMTPUTF8),
+    checked by :func:`connector.addresses.mailbox_problem` in one pass: a Dot-string or a
+    Quoted-string local part (sent quoted, as RFC 5321 §4.1.2 requires), a domain or an
+    address literal, at most 64 octets before the ``@`` and 254 in all.  No white space,
+    brackets or control characters outside a quoted local part, so nothing can be smuggled
+    onto the command line.  We write MAIL and RCPT ourselves (``_transaction``), so what
+    passes goes out exactly as given; aiosmtplib's ``parse_address`` (``email.utils.parseaddr``
+    and its own injection check) would send every such address unchanged too, quoted local
+    parts included.  The empty string (the null sender) is not checked here.
     """
-    if not address.isascii():
-        return "not ASCII"
-    if len(address) > 254:  # RFC 5321 §4.5.3.1.3: a path is at most 256 octets with "<>"
-        return "too long"
-    local, at, domain = address.rpartition("@")
-    if not at or not local or not domain:
-        return "not of the form local@domain"
-    if len(local) > 64:  # RFC 5321 §4.5.3.1.1
-        return "local part too long"
-    if not _LOCAL.match(local) or not _DOMAIN.match(domain):
-        return "invalid characters"
-    try:
-        unchanged = parse_address(address) == address
-    except ValueError:
-        unchanged = False
-    if not unchanged:
-        return "would be rewritten by the SMTP client"
-    return None
+    return mailbox_problem(address)
 
 
 def envelope_sender(
@@ -207,15 +182,16 @@ def envelope_sender(
     Returns ``(sender, sender_fixed)``; ``sender`` "" is the null sender ``<>``.
 
     * ``RETURN_PATH``: the message's own ``Return-Path`` (the first one: RFC 5321 §4.4 has the
-      final delivery MTA put it on top).  ``<>``, a missing header, and a header we cannot
-      parse or that holds an address we would not send (see :func:`address_problem`) all give
-      the null sender "" (an unparseable Return-Path is treated as no Return-Path).
-      ``sender_fixed`` is False.
+      final delivery MTA put it on top), read as an RFC 5321 Reverse-path by
+      :func:`connector.addresses.reverse_path` (a quoted local part and UTF-8 are addresses
+      like any other; the source route is dropped; the least quoting is used).  ``<>``, a
+      missing header, and a header we cannot parse or that holds an address we would not
+      send (see :func:`address_problem`) all give the null sender "" (an unparseable
+      Return-Path is treated as no Return-Path).  ``sender_fixed`` is False.
     * ``NULL``: ``("", True)``, as the SBS connector did.
     * ``FIXED``: ``(fixed_address, True)``; ``fixed_address`` must be given.
 
-    Only the header block (up to the first empty line) is looked at, on bytes, without
-    parsing the message.
+    Only the header block is looked at, within the bounds of :mod:`connector.headers`.
     """
     match policy:
         case SenderPolicy.NULL:
@@ -231,19 +207,15 @@ def envelope_sender(
 
 
 def _return_path(raw: bytes) -> str:
-    if raw.startswith((b"\r\n", b"\n")):
-        return ""  # an empty header block
-    end = _HEADER_END.search(raw)
-    headers = raw if end is None else raw[: end.start()]
-    m = _RETURN_PATH.search(headers)
-    if m is None:
+    field = headers.first(raw, "return-path")
+    if field is None or field.cut:
+        return ""  # none, or far longer than any path (RFC 5321 §4.5.3.1.3)
+    try:
+        # RFC 6531 §3.3: a path may hold UTF-8; bytes that are not UTF-8 are no address.
+        value = field.value.decode("utf-8")
+    except UnicodeDecodeError:
         return ""
-    value_bytes = re.sub(rb"\r?\n", b"", m.group(1)).strip()
-    if not value_bytes.isascii():
-        return ""
-    value = value_bytes.decode("ascii")
-    p = _PATH.match(value)
-    address = p.group(1) if p else value  # some MTAs omit the angle brackets
+    address = reverse_path(value)
     if not address or address_problem(address) is not None:
         return ""
     return address

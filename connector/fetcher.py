@@ -47,6 +47,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Final, Protocol
 
+from connector import headers
 from connector.deadletter import DeadLetterInfo, DeadLetterStore
 from connector.delivery import Delivered, Envelope, SenderPolicy, envelope_sender
 from connector.errors import (
@@ -246,12 +247,6 @@ def header_digest(data: bytes, size: int | None = None) -> str:
     return "sha256:" + digest.hexdigest()[:40]
 
 
-# The end of the header block: the first empty line (RFC 5322 §2.1); a bare LF tolerated, as
-# recipients.route does, so the body never starts later than after the first CRLF CRLF.  Looked
-# for in the first 256 KiB only, as route does: a regex over a 1 GiB message without an empty
-# line would take seconds, and without one the whole message is taken, which is safe.
-_HEADER_END: Final = re.compile(rb"\r?\n\r?\n")
-_MAX_HEADER_BLOCK: Final = 256 * 1024
 # A Message-ID longer than this goes into a duplicate key as its digest, to bound the key.
 _MAX_KEY_MESSAGE_ID: Final = 200
 
@@ -267,8 +262,10 @@ def duplicate_key(mid: str, raw: bytes) -> str:
     dropped; a different body is a different message, and is delivered.  The digest has a
     fixed length at the end, so no two (Message-ID, body) pairs give one key.
     """
-    end = _HEADER_END.search(raw, 0, _MAX_HEADER_BLOCK)
-    body = memoryview(raw)[end.end() :] if end is not None else raw
+    # The body after the header block (headers.bounds: an empty line within its cap; without
+    # one the whole message is taken, which is safe).
+    found = headers.bounds(raw)
+    body = memoryview(raw)[found[1] :] if found is not None else raw
     if len(mid) > _MAX_KEY_MESSAGE_ID:
         mid = "sha256:" + hashlib.sha256(mid.encode("ascii")).hexdigest()
     return f"mid:{mid}:{hashlib.sha256(body).hexdigest()}"

@@ -799,7 +799,7 @@ def _parse_capa(body: bytes) -> tuple[tuple[str, tuple[str, ...]], ...]:
 
 def parse_stat(text: str) -> tuple[int, int]:
     """``+OK nn mm`` to STAT (RFC 1939 §5, drop listing): (message count, size in octets)."""
-    parts = text.split()
+    parts = text.split(None, 2)  # the rest, if any, is not looked at
     if len(parts) < 2 or not all(p.isascii() and p.isdigit() for p in parts[:2]):
         raise Pop3ProtocolError("malformed STAT reply")
     return int(parts[0]), int(parts[1])
@@ -807,7 +807,7 @@ def parse_stat(text: str) -> tuple[int, int]:
 
 def parse_scan_line(text: str) -> tuple[int, str]:
     """``+OK n value`` to LIST n or UIDL n (RFC 1939 §5, §7): (message number, value)."""
-    parts = text.split()
+    parts = text.split(None, 2)
     if len(parts) < 2 or not (parts[0].isascii() and parts[0].isdigit()):
         raise Pop3ProtocolError("malformed scan listing")
     return int(parts[0]), parts[1]
