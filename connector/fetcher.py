@@ -51,6 +51,7 @@ from connector import headers
 from connector.deadletter import DeadLetterInfo, DeadLetterStore
 from connector.delivery import Delivered, Envelope, SenderPolicy, envelope_sender
 from connector.errors import (
+    ConnectorError,
     DeadLetterError,
     DeliveryError,
     Disposition,
@@ -58,7 +59,7 @@ from connector.errors import (
     Pop3ResponseError,
     classify,
 )
-from connector.ledger import Ledger, LedgerEntry, MessageState, RecipientsDone
+from connector.ledger import Identity, Ledger, LedgerEntry, MessageState, RecipientsDone
 from connector.pop3 import AuthMethod, Pop3Client, Pop3Endpoint, Pop3Timeouts
 from connector.recipients import SharedMailbox, message_id, route
 
@@ -68,6 +69,10 @@ log = logging.getLogger(__name__)
 SETTLE_EVERY: Final = 32
 """Delivered messages whose DELEs wait for their group-committed ledger rows (Cycle._settle)
 before they are sent; a bound on the list, not on safety: a DELE counts only at QUIT."""
+
+ERROR_LIMIT: Final = 3
+"""Cycles in which handling a message may fail unexpectedly before it is dead-lettered with
+stage ``error`` (PRODUCT §5)."""
 
 FETCH_CEILING: Final = 1024 * 1024 * 1024
 """No message larger than this is read, whatever the policy: it is left upstream and reported.
@@ -238,6 +243,21 @@ def _date_field(second: int) -> bytes:
     return format_datetime(datetime.fromtimestamp(second, UTC)).encode("ascii")
 
 
+_SUMMARY_MAX: Final = 300
+
+
+def error_summary(exc: BaseException) -> str:
+    """``exc`` as one short line of printable ASCII: its type and message, control and
+    non-ASCII characters escaped (a parser's error may quote the hostile input)."""
+    text = f"{type(exc).__name__}: {str(exc)[: _SUMMARY_MAX * 2]}".rstrip(": ")
+    line = " ".join(text.split())
+    escaped = "".join(
+        ch if " " <= ch < "\x7f" else ch.encode("unicode_escape", "backslashreplace").decode()
+        for ch in line
+    )
+    return escaped if len(escaped) <= _SUMMARY_MAX else escaped[: _SUMMARY_MAX - 3] + "..."
+
+
 def header_digest(data: bytes, size: int | None = None) -> str:
     """A stand-in UIDL for servers without UIDL: a digest of the header block (TOP n 0) and
     the message's size, or of the whole message when headers and size are not unique."""
@@ -335,6 +355,9 @@ class Cycle:
         # Delivered messages whose ledger row is queued (record_delivered_soon): (message
         # number to DELE once the row is committed, or None with leave_on_server; ticket).
         self._unsettled: list[tuple[int | None, int]] = []
+        self._sizes: dict[int, int] = {}  # LIST: message number -> octets
+        self._content_out = False  # the message in hand went (or is going) to SMTP
+        self._no_top = False  # the server answered TOP with a bare -ERR: it has none
 
     async def run(self) -> CycleStats:
         """Run the cycle; raises the error that ended it (already classified by the caller)."""
@@ -356,9 +379,9 @@ class Cycle:
             known = await self.ledger.sync_listing(
                 acct.name,
                 [uid for _, uid in listing],
-                now,
                 recipients_before=now - self._recipients_kept(),
             )
+            self._sizes = sizes
             stopped: CycleStopped | None = None
             try:
                 await self._process(pop, listing, known, sizes)
@@ -393,12 +416,27 @@ class Cycle:
                 if not self._dele_due(entry, now):
                     self.stats.kept += 1  # leave_on_server: no command, no log line
                     continue
-                await pop.dele(number)
-                self.stats.count(Outcome.SKIPPED)
-                self.observer.message(
-                    acct.name, uid, entry.size, Outcome.SKIPPED, entry.last_response
+                if await self._same_message(pop, number, uid, entry):
+                    await pop.dele(number)
+                    self.stats.count(Outcome.SKIPPED)
+                    self.observer.message(
+                        acct.name, uid, entry.size, Outcome.SKIPPED, entry.last_response
+                    )
+                    continue
+                # PRODUCT §5.6: another message under a UIDL we know (a server that restarted
+                # its numbering): new mail, delivered like any other.
+                log.warning(
+                    "account=%s uidl=%s: listed under a UIDL the ledger knows, but not the "
+                    "message %s then; handled as a new message",
+                    acct.name,
+                    uid,
+                    entry.state.value.replace("_", "-"),
                 )
-                continue
+                try:
+                    await self.ledger.forget(acct.name, [uid])
+                except LedgerError as exc:
+                    raise CycleStopped(exc) from exc
+                del known[uid]
             size = sizes.get(number, 0)
             if size > acct.max_message_size:
                 if size > self._fetch_limit():
@@ -428,16 +466,148 @@ class Cycle:
                     # Stop between messages, never inside one (STYLE §4); this one waits.
                     self.stats.stopped_early = True
                     break
-                if number in oversize:
-                    outcome = await self._too_large(pop, number, uids[number], raw)
-                else:
-                    outcome = await self._handle(
-                        pop, number, uids[number], raw, known.get(uids[number]), item.wire
-                    )
+                outcome = await self._isolated(
+                    pop, number, uids[number], raw, known.get(uids[number]), item.wire, oversize
+                )
                 del raw, item  # drop this message before the next is read: two copies at most
                 self.stats.count(outcome)
         finally:
             await self.deliverer.close()
+
+    async def _same_message(
+        self, pop: Pop3Client, number: int, uid: str, entry: LedgerEntry
+    ) -> bool:
+        """Whether the message listed as ``number`` is the one ``entry`` recorded, checked
+        cheaply before it is DELEd unread (PRODUCT §5.6): the size LIST gave, then, only when
+        that matches, a digest of its header block from ``TOP n 0`` (RFC 1939 §7).
+
+        Runs only for a finished message being DELEd now (after a crash before QUIT, or when
+        ``delete_after`` has passed), never for the kept messages of a ``leave_on_server``
+        mailbox, so a steady cycle costs what it did.  A row from before identities were
+        recorded, and a server without UIDL (whose identifiers are such digests already), are
+        taken as they are.  A server without TOP (a bare ``-ERR``; TOP is optional) gets a
+        RETR instead: the whole message, once, for the rare DELE that needs the check.
+        """
+        identity = entry.identity
+        if identity is None or uid.startswith("sha256:"):
+            return True
+        if identity.size is not None and self._sizes.get(number) != identity.size:
+            return False
+        if not self._no_top:
+            try:
+                return headers.header_digest(await pop.top(number, 0)) == identity.digest
+            except Pop3ResponseError as exc:
+                if exc.resp_code is not None:
+                    raise  # [SYS/TEMP] and the like: the cycle fails, nothing is guessed
+                self._no_top = True
+                log.info("account=%s: the server has no TOP; checking by RETR", self.account.name)
+        return headers.header_digest(await pop.retr(number)) == identity.digest
+
+    def _identity(self, number: int, raw: bytes) -> Identity:
+        """What the ledger keeps to recognise this message later (PRODUCT §5.6)."""
+        return Identity(self._sizes.get(number), headers.header_digest(raw))
+
+    async def _isolated(
+        self,
+        pop: Pop3Client,
+        number: int,
+        uid: str,
+        raw: bytes,
+        entry: LedgerEntry | None,
+        wire: bytes | None,
+        oversize: set[int],
+    ) -> Outcome:
+        """Handle one message; an unexpected error is this message's alone (PRODUCT §5).
+
+        Our own errors go on as they were: ``CycleStopped`` (the ledger, the store, our SMTP
+        setup) and every ``ConnectorError`` (a POP3 server's fault ends the cycle).  Anything
+        else (a parser's bug, an input nobody foresaw) leaves the message upstream, counted in
+        the ledger, and the cycle goes on with the next one; see :meth:`_failed`.
+        """
+        self._content_out = False
+        try:
+            if entry is not None and entry.errors >= ERROR_LIMIT:
+                # Failed in ERROR_LIMIT cycles, and dead-lettering it failed too last time.
+                return await self._give_up(pop, number, uid, raw, entry.last_response)
+            if number in oversize:
+                return await self._too_large(pop, number, uid, raw)
+            return await self._handle(pop, number, uid, raw, entry, wire)
+        except (CycleStopped, ConnectorError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - isolated by design (PRODUCT §5)
+            return await self._failed(pop, number, uid, raw, exc)
+
+    async def _failed(
+        self, pop: Pop3Client, number: int, uid: str, raw: bytes, exc: Exception
+    ) -> Outcome:
+        """Handling the message raised ``exc``, which nothing expected.
+
+        Logged once, with its traceback; the ledger counts it; the message stays upstream
+        (deferred: offered again next cycle).  In its ERROR_LIMIT-th such cycle it is
+        dead-lettered with stage ``error`` and the error's one-line summary as the response.
+        If its content had gone to SMTP by then, the server may have it: the next attempt may
+        duplicate it (at most ERROR_LIMIT copies), which beats a process that stops, or an
+        account that stops at this message.
+        """
+        acct = self.account
+        summary = error_summary(exc)
+        log.error(
+            "account=%s uidl=%s size=%d: handling the message failed unexpectedly%s; "
+            "it stays upstream (%s)",
+            acct.name,
+            uid,
+            len(raw),
+            " after its content went to SMTP (the server may have it)" if self._content_out else "",
+            summary,
+            exc_info=exc,
+        )
+        try:
+            entry = await self.ledger.record_failed(
+                acct.name,
+                uid,
+                len(raw),
+                f"error: {summary}",
+                self.clock(),
+                identity=self._identity(number, raw),
+            )
+        except LedgerError as lexc:
+            raise CycleStopped(lexc) from lexc
+        if entry.state is not MessageState.DEFERRED:
+            # Recorded as finished before the failure (after SMTP took it): nothing to redo.
+            return (
+                Outcome.DELIVERED
+                if entry.state is MessageState.DELIVERED
+                else (Outcome.DEAD_LETTERED)
+            )
+        if entry.errors >= ERROR_LIMIT:
+            return await self._give_up(pop, number, uid, raw, entry.last_response)
+        self.observer.message(acct.name, uid, len(raw), Outcome.DEFERRED, f"error: {summary}")
+        return Outcome.DEFERRED
+
+    async def _give_up(
+        self, pop: Pop3Client, number: int, uid: str, raw: bytes, response: str
+    ) -> Outcome:
+        """Dead-letter a message whose handling failed in ERROR_LIMIT cycles (stage ``error``).
+
+        If even that fails unexpectedly, it is logged and the message stays upstream; the
+        next cycle tries the dead letter again, never the handling.
+        """
+        summary = response.removeprefix("error: ")
+        try:
+            await self._dead_letter(pop, number, uid, raw, "error", summary)
+        except (CycleStopped, ConnectorError):
+            raise
+        except Exception as exc:  # isolated by design (PRODUCT §5)
+            log.error(
+                "account=%s uidl=%s: dead-lettering the message failed unexpectedly; "
+                "it stays upstream (%s)",
+                self.account.name,
+                uid,
+                error_summary(exc),
+                exc_info=exc,
+            )
+            return Outcome.DEFERRED
+        return Outcome.DEAD_LETTERED
 
     def _fetch_limit(self) -> int:
         """The most octets one message may have to be fetched (the POP3 client's cap)."""
@@ -560,7 +730,7 @@ class Cycle:
         try:
             # The trace line travels beside the message, never joined to it (no copy).
             delivered = await self.deliverer.deliver(
-                raw, envelope, trace=trace, wire=wire, before_content=lambda: self._committed(pop)
+                raw, envelope, trace=trace, wire=wire, before_content=lambda: self._sending(pop)
             )
         except DeliveryError as exc:
             return await self._refused(pop, number, uid, raw, exc, envelope, keys)
@@ -579,6 +749,7 @@ class Cycle:
                 delivered.response,
                 self.clock(),
                 done=RecipientsDone(keys, todo) if acct.shared is not None else None,
+                identity=self._identity(number, raw),
             )
         except LedgerError as exc:
             raise CycleStopped(exc) from exc
@@ -587,6 +758,12 @@ class Cycle:
         if len(self._unsettled) >= SETTLE_EVERY:
             await self._settle(pop)
         return Outcome.DELIVERED
+
+    async def _sending(self, pop: Pop3Client) -> None:
+        """The ``before_content`` hook: :meth:`_committed`, then mark that this message's
+        content goes to SMTP now (for :meth:`_failed`'s log line)."""
+        await self._committed(pop)
+        self._content_out = True
 
     async def _committed(self, pop: Pop3Client) -> None:
         """Before a message's content goes to SMTP: the earlier messages' rows are committed.
@@ -635,7 +812,14 @@ class Cycle:
         acct = self.account
         response = f"duplicate: already delivered to {', '.join(recipients)}"
         await self._commit(
-            self.ledger.record_delivered(acct.name, uid, len(raw), response, self.clock())
+            self.ledger.record_delivered(
+                acct.name,
+                uid,
+                len(raw),
+                response,
+                self.clock(),
+                identity=self._identity(number, raw),
+            )
         )
         await self._finished(pop, number)
         self.observer.message(acct.name, uid, len(raw), Outcome.SKIPPED, response)
@@ -663,6 +847,7 @@ class Cycle:
         """
         acct = self.account
         now = self.clock()
+        identity = self._identity(number, raw)
         refused = delivered.refused
         temporary = {r: why for r, why in refused.items() if r not in delivered.permanent}
         first_seen = entry.first_seen if entry is not None else now
@@ -690,7 +875,13 @@ class Cycle:
                 # No copy: remember who has it, and keep it upstream for the others.
                 await self._commit(
                     self.ledger.record_deferred(
-                        acct.name, uid, len(raw), response, now, done=RecipientsDone(keys, accepted)
+                        acct.name,
+                        uid,
+                        len(raw),
+                        response,
+                        now,
+                        done=RecipientsDone(keys, accepted),
+                        identity=identity,
                     )
                 )
                 raise CycleStopped(exc) from exc
@@ -702,14 +893,28 @@ class Cycle:
         if temporary and not expired:
             await self._commit(
                 self.ledger.record_deferred(
-                    acct.name, uid, len(raw), response, now, dead_letter_id=dl_id, done=done
+                    acct.name,
+                    uid,
+                    len(raw),
+                    response,
+                    now,
+                    dead_letter_id=dl_id,
+                    done=done,
+                    identity=identity,
                 )
             )
             self.observer.message(acct.name, uid, len(raw), Outcome.DEFERRED, response)
             return Outcome.DEFERRED
         await self._commit(
             self.ledger.record_delivered(
-                acct.name, uid, len(raw), response, now, dead_letter_id=dl_id, done=done
+                acct.name,
+                uid,
+                len(raw),
+                response,
+                now,
+                dead_letter_id=dl_id,
+                done=done,
+                identity=identity,
             )
         )
         await self._finished(pop, number)
@@ -771,7 +976,7 @@ class Cycle:
                 return Outcome.DEAD_LETTERED
             case Disposition.RETRY:
                 now = self.clock()
-                entry = await self._deferred(uid, raw, response, now)
+                entry = await self._deferred(number, uid, raw, response, now)
                 if now - entry.first_seen >= acct.max_deferral:
                     # PRODUCT §5.5: refused only temporarily for longer than max_deferral.
                     await self._dead_letter(
@@ -783,10 +988,17 @@ class Cycle:
             case Disposition.BUG | Disposition.PARK_ACCOUNT:
                 raise exc
 
-    async def _deferred(self, uid: str, raw: bytes, response: str, now: float) -> LedgerEntry:
+    async def _deferred(
+        self, number: int, uid: str, raw: bytes, response: str, now: float
+    ) -> LedgerEntry:
         try:
             return await self.ledger.record_deferred(
-                self.account.name, uid, len(raw), response, now
+                self.account.name,
+                uid,
+                len(raw),
+                response,
+                now,
+                identity=self._identity(number, raw),
             )
         except LedgerError as exc:
             raise CycleStopped(exc) from exc
@@ -822,6 +1034,7 @@ class Cycle:
                     self.clock(),
                     dead_letter_id=dl_id,
                     done=RecipientsDone(keys, recipients) if recipients else None,
+                    identity=self._identity(number, raw),
                 )
             )
         except (DeadLetterError, LedgerError) as exc:
