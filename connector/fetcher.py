@@ -57,6 +57,7 @@ from connector.errors import (
     Disposition,
     LedgerError,
     Pop3ResponseError,
+    Pop3TimeoutError,
     classify,
 )
 from connector.ledger import Identity, Ledger, LedgerEntry, MessageState, RecipientsDone
@@ -109,6 +110,9 @@ class AccountSpec:
     # A shared (catch-all) mailbox: recipients read from each message (recipients.route), with
     # ``deliver_to`` as the fallback for mail that names nobody of ours.
     shared: SharedMailbox | None = None
+    # The whole cycle's deadline, connect to QUIT ([service] cycle_timeout): the per-read
+    # timeouts alone let a server that sends a byte now and then hold a cycle for ever.
+    cycle_timeout: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,7 +364,27 @@ class Cycle:
         self._no_top = False  # the server answered TOP with a bare -ERR: it has none
 
     async def run(self) -> CycleStats:
-        """Run the cycle; raises the error that ended it (already classified by the caller)."""
+        """Run the cycle; raises the error that ended it (already classified by the caller).
+
+        Past ``cycle_timeout`` the cycle is cancelled wherever it is (inside a RETR a hostile
+        server drags out, or anywhere else) and fails with Pop3TimeoutError: the connections
+        are dropped without QUIT, so the server deletes nothing (RFC 1939 §6); the ledger
+        rows committed so far stand, and the next cycle DELEs those messages as known ones.
+        """
+        limit = self.account.cycle_timeout
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                return await self._run()
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # a timeout of its own (a Pop3TimeoutError), already about its phase
+            raise Pop3TimeoutError(
+                f"the cycle took longer than cycle_timeout ({limit:g}s); "
+                "connection dropped without QUIT"
+            ) from None
+
+    async def _run(self) -> CycleStats:
         acct = self.account
         pop = await self._connect(
             acct.endpoint,

@@ -342,6 +342,7 @@ def build_runtime(settings: Settings) -> Runtime:
                 delete_after=acct.delete_after,
                 oversize=Oversize(acct.oversize),
                 shared=None if acct.shared is None else shared_mailbox(acct.shared, acct.username),
+                cycle_timeout=settings.service.cycle_timeout,
             )
         )
         intervals[acct.name] = settings.poll_interval_of(acct)
