@@ -35,6 +35,7 @@ __all__ = [
     "mailbox",
     "mailbox_problem",
     "needs_smtputf8",
+    "read_address_list",
     "reverse_path",
 ]
 
@@ -292,8 +293,15 @@ _TOKEN: Final = re.compile(r'\\.|[()<>,;:@."\[\]]|\s+|[^\\()<>,;:@."\[\]\s]+', r
 
 
 def address_list(value: str) -> list[str]:
+    """The addr-specs of :func:`read_address_list`."""
+    return read_address_list(value)[0]
+
+
+def read_address_list(value: str) -> tuple[list[str], bool]:
     """The addr-specs named in an RFC 5322 §3.4 address-list, in order, as written (quoted
-    local parts keep their quotes; check each with :func:`mailbox_problem`).
+    local parts keep their quotes; check each with :func:`mailbox_problem`), and whether the
+    value was read whole: False when it was cut at :data:`MAX_LIST_TEXT` or ends inside a
+    comment, a quoted string, a domain literal or angle brackets.
 
     Display names, comments (nested), groups (``name: a, b;``) and source routes inside angle
     brackets are dropped; a mailbox in angle brackets is taken from them.  Malformed parts give
@@ -375,7 +383,9 @@ def address_list(value: str) -> list[str]:
                     outer = []  # a group's display name
             case _:
                 add(piece)
+    whole = not (depth or in_angle) and quote is None and literal is None
+    whole = whole and len(value) <= MAX_LIST_TEXT
     if quote is not None:
         add("".join(quote))
     flush()
-    return out
+    return out, whole

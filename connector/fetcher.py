@@ -696,6 +696,17 @@ class Cycle:
         if acct.shared is not None:
             routing = route(raw, acct.shared, acct.deliver_to)
             recipients, configured = routing.recipients, routing.configured
+            if routing.unread:
+                # A hostile or broken header: routed on what could be read (the fallback when
+                # that names nobody of ours); the administrator should know why.
+                log.warning(
+                    "account=%s uidl=%s: %s could not be read whole; routed by %s to %s",
+                    acct.name,
+                    uid,
+                    ", ".join(routing.unread),
+                    routing.source,
+                    ", ".join(recipients),
+                )
             log.debug(
                 "account=%s uidl=%s routed by %s %s to %s",
                 acct.name,

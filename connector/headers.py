@@ -34,11 +34,13 @@ __all__ = [
     "MAX_LINES",
     "MAX_VALUE",
     "Field",
+    "Header",
     "bounds",
     "fields",
     "first",
     "header_block",
     "header_digest",
+    "read",
 ]
 
 MAX_HEADER_BLOCK: Final = 256 * 1024
@@ -110,42 +112,73 @@ def _field(name: bytes, parts: list[bytes], dropped: bool) -> Field:
 
 def fields(raw: bytes) -> Iterator[Field]:
     """Every field of the header block of ``raw``, in order (see the module docstring)."""
-    block = header_block(raw)
-    name: bytes | None = None
-    parts: list[bytes] = []
-    size = count = 0
-    dropped = False  # a part of the current field's value was not kept (over MAX_VALUE)
-    start, n = 0, len(block)
-    for _ in range(MAX_LINES):
-        if start >= n:
-            break
-        nl = block.find(b"\n", start)
-        end = n if nl < 0 else nl
-        line = block[start:end]
-        start = end + 1
-        if line[:1] in (b" ", b"\t"):
+    return iter(_Walk(raw))
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """The fields of a header block, and whether all of it was read: ``complete`` is False
+    when a cap stopped the reading (no end within :data:`MAX_HEADER_BLOCK`, too many lines or
+    fields).  A value cut short says so itself (:attr:`Field.cut`)."""
+
+    fields: tuple[Field, ...]
+    complete: bool
+
+
+def read(raw: bytes) -> Header:
+    """All of :func:`fields` at once, with whether the header block was read whole."""
+    walk = _Walk(raw)
+    found = tuple(walk)
+    return Header(found, walk.complete)
+
+
+class _Walk:
+    """One pass over a header block, field by field; ``complete`` once the pass is over."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.block = header_block(raw)
+        self.complete = bounds(raw) is not None or len(raw) <= MAX_HEADER_BLOCK
+
+    def __iter__(self) -> Iterator[Field]:
+        block = self.block
+        name: bytes | None = None
+        parts: list[bytes] = []
+        size = count = 0
+        dropped = False  # a part of the current field's value was not kept (over MAX_VALUE)
+        start, n = 0, len(block)
+        for _ in range(MAX_LINES):
+            if start >= n:
+                break
+            nl = block.find(b"\n", start)
+            end = n if nl < 0 else nl
+            line = block[start:end]
+            start = end + 1
+            if line[:1] in (b" ", b"\t"):
+                if name is not None:
+                    if size <= MAX_VALUE:
+                        parts.append(line)
+                        size += len(line) + 1
+                    else:
+                        dropped = True
+                continue
             if name is not None:
-                if size <= MAX_VALUE:
-                    parts.append(line)
-                    size += len(line) + 1
-                else:
-                    dropped = True
-            continue
+                yield _field(name, parts, dropped)
+                count += 1
+                if count >= MAX_FIELDS:
+                    self.complete = False
+                    return
+            colon = line.find(b":")
+            head = line[:colon].rstrip(b" \t") if colon > 0 else b""
+            if head and not head.translate(None, _NAME_OCTETS):
+                name, parts = head, [line[colon + 1 : colon + 1 + MAX_VALUE]]
+                size = len(parts[0])
+                dropped = len(line) > colon + 1 + MAX_VALUE
+            else:
+                name, parts = None, []
+        else:
+            self.complete = start >= n
         if name is not None:
             yield _field(name, parts, dropped)
-            count += 1
-            if count >= MAX_FIELDS:
-                return
-        colon = line.find(b":")
-        head = line[:colon].rstrip(b" \t") if colon > 0 else b""
-        if head and not head.translate(None, _NAME_OCTETS):
-            name, parts = head, [line[colon + 1 : colon + 1 + MAX_VALUE]]
-            size = len(parts[0])
-            dropped = len(line) > colon + 1 + MAX_VALUE
-        else:
-            name, parts = None, []
-    if name is not None:
-        yield _field(name, parts, dropped)
 
 
 def first(raw: bytes, name: str) -> Field | None:

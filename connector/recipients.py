@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from connector import headers
-from connector.addresses import address_list
+from connector.addresses import read_address_list
 from connector.delivery import address_problem
 
 __all__ = [
@@ -99,8 +99,10 @@ class Routing:
     ``configured``: those of ``recipients`` that come from the config (the fallback, a rule's
     targets) rather than from the message: a permanent refusal of one of them is our setup's
     fault (PRODUCT §6), not the message's.
-    ``unread``: the names of the fields consulted that were too long to be read whole (only
-    their first :data:`connector.headers.MAX_VALUE` octets counted).
+    ``unread``: what could not be read whole among what was consulted: the names of fields
+    cut at :data:`connector.headers.MAX_VALUE` or that do not parse to their end (an unclosed
+    comment, quote or bracket), and ``"header"`` when the header block itself was larger
+    than the reader's caps.  Routing went on with what was read; the fetcher logs it.
     """
 
     recipients: tuple[str, ...]
@@ -126,15 +128,20 @@ def message_id(raw: bytes) -> str | None:
     return text if text and text.isascii() else None
 
 
-def _addresses(values: Iterable[str]) -> list[str]:
-    """The addr-specs in address-list field values (RFC 5322 §3.4), lower-cased domain."""
+def _addresses(values: Iterable[str], unread: list[str] | None = None, name: str = "") -> list[str]:
+    """The addr-specs in address-list field values (RFC 5322 §3.4), lower-cased domain.  A
+    value that did not read to its end adds ``name`` to ``unread``."""
     out: list[str] = []
-    for address in (a for value in values for a in address_list(value)):
-        local, at, domain = address.rpartition("@")
-        if at and local and domain:
-            candidate = f"{local}@{domain.lower().rstrip('.')}"
-            if address_problem(candidate) is None:
-                out.append(candidate)
+    for value in values:
+        found, whole = read_address_list(value)
+        if not whole and unread is not None:
+            unread.append(name)
+        for address in found:
+            local, at, domain = address.rpartition("@")
+            if at and local and domain:
+                candidate = f"{local}@{domain.lower().rstrip('.')}"
+                if address_problem(candidate) is None:
+                    out.append(candidate)
     return out
 
 
@@ -188,22 +195,27 @@ def _unique(addresses: Iterable[str]) -> tuple[str, ...]:
 
 def route(raw: bytes, shared: SharedMailbox, fallback: Sequence[str]) -> Routing:
     """Where the message ``raw`` of a shared mailbox goes (see the module docstring)."""
-    fields = list(headers.fields(raw))
-    unread: list[str] = []
-    for header in shared.envelope_headers:
-        wanted = header.lower()
-        for field in fields:
+    header = headers.read(raw)
+    unread: list[str] = [] if header.complete else ["header"]
+    for name in shared.envelope_headers:
+        wanted = name.lower()
+        for field in header.fields:
             if field.name != wanted:
                 continue
             if field.cut:
-                unread.append(header)
-            hit = _routed(_addresses([field.text]), shared)
+                unread.append(name)
+            hit = _routed(_addresses([field.text], unread, name), shared)
             if hit is not None:
-                return _routing(hit, header, unread)
+                return _routing(hit, name, unread)
     if shared.header_recipients:
-        chosen = [f for f in fields if f.name in ("to", "cc")]
-        unread.extend(f.name.capitalize() for f in chosen if f.cut)
-        hit = _routed(_addresses(f.text for f in chosen), shared)
+        found: list[str] = []
+        for field in header.fields:
+            if field.name in ("to", "cc"):
+                label = field.name.capitalize()
+                if field.cut:
+                    unread.append(label)
+                found += _addresses([field.text], unread, label)
+        hit = _routed(found, shared)
         if hit is not None:
             return _routing(hit, "To/Cc", unread)
     targets = _unique(fallback)

@@ -200,3 +200,23 @@ def test_nested_parens_no_longer_exceed_the_recursion_limit() -> None:
     depth = sys.getrecursionlimit() + 100
     raw = b"Delivered-To: " + b"(" * depth + b"\r\nTo: bob@firma.example\r\n\r\nbody\r\n"
     assert route(raw, SHARED, ("f@firma.local",)).recipients == ("bob@firma.example",)
+
+
+@pytest.mark.parametrize(
+    ("raw", "unread"),
+    [
+        (b"Delivered-To: " + b"(" * 5000 + b"\r\nTo: x@y.test\r\n\r\n", ("Delivered-To",)),
+        (b"To: " + b"a@elsewhere.test, " * 2000 + b"\r\n\r\n", ("To",)),
+        (b"To: <a@elsewhere.test\r\n\r\n", ("To",)),
+        (
+            b"".join(b"X-%d: v\r\n" % i for i in range(headers.MAX_FIELDS + 1)) + b"\r\n",
+            ("header",),
+        ),
+        (b"X: " + b"v" * headers.MAX_HEADER_BLOCK + b"\r\n\r\n", ("header",)),
+        (b"To: a@elsewhere.test (fine)\r\n\r\n", ()),
+    ],
+)
+def test_routing_says_what_it_could_not_read(raw: bytes, unread: tuple[str, ...]) -> None:
+    routing = route(raw, SHARED, ("f@firma.local",))
+    assert routing.unread == unread
+    assert routing.recipients == ("f@firma.local",)  # nobody readable of ours: the fallback
