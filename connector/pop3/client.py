@@ -66,6 +66,7 @@ from connector.pop3.protocol import (
     Message,
     NeedData,
     Ok,
+    State,
     Verb,
     apop_digest,
     parse_stat,
@@ -449,6 +450,11 @@ class Pop3Client:
             self._stash[head] = ev
             return False
         self._inflight.popleft()
+        if not self._inflight and self._conn.buffered and self._conn.state is not State.CLOSED:
+            # Every reply due is in, and more came with the last: nobody asked for it, and
+            # taken for the next reply it would shift every reply after it by one (a
+            # message's contents included).  The core keeps such bytes; the session ends here.
+            raise self._poison(Pop3ProtocolError("the server sent data no command asked for"))
         number = self._deles.pop(head, None)
         if number is not None:
             match ev:

@@ -559,6 +559,11 @@ class Connection:
         return tuple(p.verb for p in self._pending)
 
     @property
+    def buffered(self) -> int:
+        """How many received octets are not yet part of an event."""
+        return len(self._buf)
+
+    @property
     def trailing_data(self) -> bytes:
         """Bytes received but not yet part of an event (for the STLS injection check)."""
         return bytes(self._buf)

@@ -285,3 +285,35 @@ async def test_a_cycle_within_its_deadline_is_not_disturbed(tmp_path: Path) -> N
 
 def test_listing_line_allows_the_longest_rfc_1939_line() -> None:
     assert len(b"4294967295 " + b"x" * 70 + b"\r\n") <= LISTING_LINE
+
+
+async def test_bytes_nobody_asked_for_end_the_session() -> None:
+    """A server that sends a line more after a reply: taken for the next reply, it would shift
+    every reply after it by one (a RETR would deliver the wrong bytes, and DELE the message
+    it did not deliver).  Found by tests/reliability/test_fuzz.py."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"+OK ready\r\n")
+        while line := await reader.readline():
+            verb = line.split()[0].upper()
+            if verb == b"CAPA":
+                writer.write(b"+OK\r\nUSER\r\nUIDL\r\n.\r\n")
+            elif verb == b"UIDL":
+                writer.write(b"+OK\r\n1 u1\r\n.\r\n+OK unsolicited\r\n")
+            else:
+                writer.write(b"+OK 1 20\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        pop = await Pop3Client.connect(Pop3Endpoint("127.0.0.1", port, TlsMode.NONE))
+        async with pop:
+            await pop.login("u", "p")
+            await pop.stat()
+            with pytest.raises(Pop3ProtocolError, match="no command asked for"):
+                await pop.uidl()
+    finally:
+        server.close()
+        await server.wait_closed()
