@@ -61,7 +61,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Self, TypeVar
 
@@ -160,7 +160,7 @@ class LedgerEntry:
     last_attempt: float
     last_response: str
     dead_letter_id: str | None = None
-    gone_since: float | None = None  # unused since rows are forgotten when gone (migration 4)
+    gone_since: float | None = None  # never set: a row no longer listed is deleted (sync_listing)
     errors: int = 0  # cycles whose handling of the message failed unexpectedly
     identity: Identity | None = None  # None: a row from before identities were recorded
 
@@ -207,7 +207,7 @@ class AccountStatus:
     """An account's last cycle plus its counts of rows, for ``status`` (PRODUCT §4, §8).
 
     ``deferred`` counts deferred messages still listed upstream (waiting for a retry);
-    ``dead_lettered`` counts the ledger's dead-lettered rows, which are pruned like any other
+    ``dead_lettered`` counts the ledger's dead-lettered rows, which are forgotten like any other
     once gone upstream: the dead-letter store holds the lasting count.
     """
 
@@ -499,7 +499,7 @@ class Ledger:
                 )
             for row in conn.execute(_SELECT_ACCOUNT, (account,)):
                 if row[0] in wanted:
-                    known[row[0]] = replace(_entry(row), gone_since=None)
+                    known[row[0]] = _entry(row)
                 else:
                     gone.append(row[0])
             if gone:
