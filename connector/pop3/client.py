@@ -655,7 +655,10 @@ class Pop3Client:
 
     async def top(self, number: int, lines: int) -> bytes:
         """Headers, the blank line, and ``lines`` body lines (RFC 1939 §7)."""
-        return self._message(await self._request(Command(Verb.TOP, (number, lines))), "TOP")
+        ev = await self._request(
+            Command(Verb.TOP, (number, lines)), expect=self._listed.get(number)
+        )
+        return self._message(ev, "TOP")
 
     async def retr_many(
         self,

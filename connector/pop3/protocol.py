@@ -83,6 +83,7 @@ except ImportError:  # pragma: no cover - an install without a C compiler
     _fast_line_counts = None
 
 __all__ = [
+    "CAPA_CAP",
     "LISTING_LINE",
     "MAX_LINE",
     "MAX_MESSAGES",
@@ -115,6 +116,9 @@ __all__ = [
 # RFC 1939 §3: a status line is at most 512 octets including CRLF.  Real servers overrun it
 # (long response texts, long capability lines), so we allow eight times that.
 MAX_LINE: Final = 4096
+
+# A CAPA reply (RFC 2449 §5) is a few lines; a server may not make it a flood.
+CAPA_CAP: Final = 64 * 1024
 
 # One line of a listing: a message number, a space, a unique-id of at most 70 characters
 # (RFC 1939 §7) or a size in octets (§5), CRLF: 83 octets with ten-digit numbers.  Servers pad
@@ -454,15 +458,17 @@ def _text(data: bytes | bytearray) -> str:
 
 
 def _unstuff_slow(body: bytes) -> bytes:
-    """Line-by-line dot-unstuffing for bodies with bare LF line ends, rewritten to CRLF.
+    """Dot-unstuffing for bodies with bare LF line ends, rewritten to CRLF.
 
-    ``body`` ends with the LF before the terminating dot line, so ``split`` yields a final
-    empty piece, which the join turns into the closing CRLF.
+    ``body`` ends with the LF before the terminating dot line.  Every line end (LF, with one CR
+    before it taken as part of it) becomes CRLF, and a line starting with ".." loses a dot.
+    Done with ``bytes.replace`` over the whole body, not a list of its lines: a message of a
+    hundred million empty lines would otherwise cost gigabytes of line objects.
     """
-    lines = body.split(b"\n")
-    out = [line[:-1] if line.endswith(b"\r") else line for line in lines[:-1]]
-    out = [line[1:] if line.startswith(b"..") else line for line in out]
-    return b"\r\n".join(out) + b"\r\n"
+    text = body.replace(b"\r\n", b"\n").replace(b"\n..", b"\n.")
+    if text.startswith(b".."):
+        text = text[1:]
+    return text.replace(b"\n", b"\r\n")
 
 
 def _unstuff(body: bytes, stuffed: bool) -> tuple[bytes, bool]:
@@ -574,9 +580,10 @@ class Connection:
         """Queue ``cmd`` and return the bytes to write.
 
         ``expect`` bounds the reply by what the session was told before: for LIST and UIDL
-        without an argument the message count STAT gave (:func:`listing_cap`), for RETR the
-        size LIST gave for that message (:func:`retr_cap`).  Without it a multi-line reply is
-        bounded by ``max_message_size`` only.
+        without an argument the message count STAT gave (:func:`listing_cap`), for RETR and
+        TOP the size LIST gave for that message (:func:`retr_cap`).  Without it a multi-line
+        reply is bounded by ``max_message_size`` only; a CAPA reply always by
+        :data:`CAPA_CAP`.
 
         Raises LocalProtocolError when the verb is not allowed in the current state, or when an
         exclusive command (PASS, APOP, AUTH, STLS, QUIT) still awaits its reply.
@@ -597,10 +604,12 @@ class Connection:
             raise LocalProtocolError(f"{cmd.verb.value} is not allowed in {self._state.value}")
         frame = _frame_for(cmd)
         cap = listed = count = None
-        if expect is not None and expect >= 0:
+        if frame is _Frame.CAPA:
+            cap = CAPA_CAP
+        elif expect is not None and expect >= 0:
             if frame in (_Frame.LIST, _Frame.UIDL):
                 cap, count = listing_cap(expect), expect
-            elif cmd.verb is Verb.RETR:
+            elif frame is _Frame.MESSAGE:
                 cap, listed = retr_cap(expect), expect
         self._pending.append(_Pending(cmd.verb, frame, transition, cap, listed, count))
         return cmd.to_bytes()

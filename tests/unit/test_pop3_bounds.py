@@ -26,6 +26,7 @@ from connector.errors import Pop3ProtocolError, Pop3TimeoutError
 from connector.fetcher import Outcome
 from connector.pop3 import Pop3Client, Pop3Endpoint, Pop3Timeouts, TlsMode
 from connector.pop3.protocol import (
+    CAPA_CAP,
     LISTING_LINE,
     MAX_MESSAGES,
     Command,
@@ -165,6 +166,39 @@ def test_a_retr_longer_than_list_announced_is_refused(
     else:
         with pytest.raises(Pop3ProtocolError, match="LIST announced"):
             pour(conn, reply, chunk)
+
+
+def test_a_message_of_bare_line_feeds_costs_no_object_per_line() -> None:
+    """A server that sends bare LFs (tolerated, rewritten to CRLF): the rewrite used to make a
+    list of every line, some 100 octets of objects per line of two."""
+    body = b"x\n" * 1_000_000
+    conn = transaction()
+    conn.send(Command(Verb.RETR, (1,)))
+    conn.receive_data(b"+OK\r\n" + body + b".\r\n")
+    tracemalloc.start()
+    try:
+        ev = conn.next_event()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(ev, Message)
+    assert ev.raw == b"x\r\n" * 1_000_000
+    assert peak < 8 * len(body)  # copies of the body (1.5x), not 50x in objects per line
+
+
+def test_a_capa_reply_has_its_own_cap() -> None:
+    conn = transaction()
+    conn.send(Command(Verb.CAPA))
+    conn.receive_data(b"+OK\r\n")
+
+    def flood() -> None:
+        for _ in range(2000):
+            conn.receive_data(b"X-CAP " + b"a" * 60 + b"\r\n")
+            assert isinstance(conn.next_event(), NeedData)
+
+    with pytest.raises(Pop3ProtocolError):
+        flood()
+    assert len(conn.trailing_data) <= CAPA_CAP + 100
 
 
 @pytest.mark.parametrize("short_by", [0, 1, 2])
