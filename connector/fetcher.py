@@ -5,7 +5,9 @@ crash-safe; the modules below it (pop3, delivery, ledger, deadletter) only do wh
 
 The order for each message, oldest first (the order of the UIDL listing, RFC 1939 §7)::
 
-    known delivered / dead-lettered  ->  DELE only (never handed to SMTP again)
+    known delivered / dead-lettered  ->  DELE only (never handed to SMTP again), after a cheap
+                                         check that it is the same message (_same_message:
+                                         LIST size, TOP header digest; else it is new mail)
     new or deferred                  ->  RETR -> SMTP
         250 after DATA               ->  ledger "delivered" committed  -> DELE
                                          (group-committed on the ledger thread while the next
@@ -26,8 +28,11 @@ Crash anywhere: a DELE without QUIT deletes nothing (RFC 1939 §6), and every DE
 ledger commit, so the next cycle sees each message again and the ledger says what was already done.
 The only duplicate window is between SMTP's 250 and the ledger commit right after it.
 
-A failure of our own setup (SMTP connect, TLS, AUTH; a 5xx to a fixed sender or recipient), of the
-dead-letter store or of the ledger ends the cycle *before the next RETR* (a failed group commit of
+An unexpected error while handling one message (a parser's bug, an input nobody foresaw) is that
+message's alone (_isolated, PRODUCT §5): it stays upstream, the cycle goes on, and after
+ERROR_LIMIT such cycles it is dead-lettered with stage "error".  A failure of our own setup (SMTP
+connect, TLS, AUTH; a 5xx to a fixed sender or recipient), of the dead-letter store or of the
+ledger ends the cycle *before the next RETR* (a failed group commit of
 a ``delivered`` row: before the next message's content goes to SMTP); the QUIT still goes out so
 the DELEs of the messages already finished take effect.
 """
