@@ -193,8 +193,8 @@ def _search_uids(line: bytes) -> builtins.list[int]:
     """The numbers of a SEARCH answer line, or [] when it is not one.
 
     aioimaplib strips "* SEARCH " from "* SEARCH 3 7" (RFC 3501 §7.2.5), leaving b"3 7"; some
-    versions leave "SEARCH".  Split, not a regular expression: the pattern this replaces,
-    ``((?: ?\\d+)*)``, backtracked exponentially over a long run of digits that did not end
+    versions leave "SEARCH".  Split, not a regular expression: the natural pattern,
+    ``((?: ?\\d+)*)``, backtracks exponentially over a long run of digits that does not end
     the line as expected (a hostile server's answer).
     """
     words = line.split()
@@ -271,11 +271,12 @@ def _parse_fetch(lines: Sequence[bytes | bytearray]) -> builtins.list[_Fetched]:
     ``bytearray``, then ``b")"``; items may come in any order (RFC 3501 §7.4.2).
     """
     out: builtins.list[_Fetched] = []
-    text = b""
+    parts: builtins.list[bytes] = []  # one response's lines, joined once (not copied per line)
     literal: bytes | None = None
     started = False
 
     def finish() -> None:
+        text = b" ".join(parts)
         uid = _FETCH_UID_RE.search(text)
         size = _FETCH_SIZE_RE.search(text)
         if uid is not None:
@@ -288,9 +289,9 @@ def _parse_fetch(lines: Sequence[bytes | bytearray]) -> builtins.list[_Fetched]:
         if _FETCH_START_RE.match(line):
             if started:
                 finish()
-            started, text, literal = True, line, None
+            started, parts, literal = True, [bytes(line)], None
         elif started:
-            text += b" " + line
+            parts.append(bytes(line))
     if started:
         finish()
     return out
