@@ -32,9 +32,9 @@ __all__ = [
     "MAX_LOCAL_PART",
     "MAX_PATH_TEXT",
     "address_list",
+    "address_needs_smtputf8",
     "mailbox",
     "mailbox_problem",
-    "needs_smtputf8",
     "read_address_list",
     "reverse_path",
 ]
@@ -58,7 +58,7 @@ _ATEXT: Final = _LET_DIG | frozenset("!#$%&'*+-/=?^_`{|}~")
 _LITERAL: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.:-")
 
 
-def needs_smtputf8(address: str) -> bool:
+def address_needs_smtputf8(address: str) -> bool:
     """Whether ``address`` can go on the envelope only with SMTPUTF8 (RFC 6531 §3.3): it holds
     a character outside ASCII.  For an address :func:`mailbox_problem` accepted."""
     return not address.isascii()

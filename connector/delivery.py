@@ -67,7 +67,7 @@ from aiosmtplib.protocol import (
 from aiosmtplib.typing import Default
 
 from connector import headers
-from connector.addresses import mailbox_problem, needs_smtputf8, reverse_path
+from connector.addresses import mailbox_problem, reverse_path
 from connector.errors import DeliveryError, SmtpStage, smtp_class, split_enhanced_code
 from connector.pop3.client import TlsMode
 
@@ -81,7 +81,6 @@ __all__ = [
     "content_pieces",
     "delivery_error",
     "envelope_sender",
-    "needs_smtputf8",
     "prepare_content",
     "prepare_wire",
     "stuffed_pieces",
@@ -157,20 +156,24 @@ class Delivered:
 
 
 @functools.lru_cache(maxsize=4096)  # the same few addresses, every message
-def address_problem(address: str) -> str | None:
+def address_problem(address: str, *, utf8: bool = False) -> str | None:
     """Why ``address`` can't be sent as an SMTP mailbox as it is, or None when it can.
 
-    The grammar is RFC 5321 §4.1.2 Mailbox with RFC 6531 §3.3 (UTF-8 in the local part and
-    the domain; :func:`needs_smtputf8` says when the transaction must ask for SMTPUTF8),
-    checked by :func:`connector.addresses.mailbox_problem` in one pass: a Dot-string or a
-    Quoted-string local part (sent quoted, as RFC 5321 §4.1.2 requires), a domain or an
-    address literal, at most 64 octets before the ``@`` and 254 in all.  No white space,
-    brackets or control characters outside a quoted local part, so nothing can be smuggled
-    onto the command line.  We write MAIL and RCPT ourselves (``_transaction``), so what
-    passes goes out exactly as given; aiosmtplib's ``parse_address`` (``email.utils.parseaddr``
-    and its own injection check) would send every such address unchanged too, quoted local
-    parts included.  The empty string (the null sender) is not checked here.
+    The grammar is RFC 5321 §4.1.2 Mailbox, checked by
+    :func:`connector.addresses.mailbox_problem` in one pass: a Dot-string or a Quoted-string
+    local part (sent quoted, as RFC 5321 §4.1.2 requires), a domain or an address literal, at
+    most 64 octets before the ``@`` and 254 in all.  No white space, brackets or control
+    characters outside a quoted local part, so nothing can be smuggled onto the command line.
+    Only ASCII, unless ``utf8``: RFC 6531 §3.3 lets UTF-8 into the local part and the domain,
+    and such an address needs the SMTPUTF8 parameter
+    (:func:`connector.addresses.address_needs_smtputf8`).  We write MAIL and RCPT ourselves
+    (``_transaction``), so what passes goes out exactly as given; aiosmtplib's
+    ``parse_address`` (``email.utils.parseaddr`` and its injection check) would leave every such
+    address unchanged too, quoted local parts included.  The empty string (the null sender) is
+    not checked here.
     """
+    if not utf8 and not address.isascii():
+        return "not ASCII"
     return mailbox_problem(address)
 
 
@@ -216,7 +219,7 @@ def _return_path(raw: bytes) -> str:
     except UnicodeDecodeError:
         return ""
     address = reverse_path(value)
-    if not address or address_problem(address) is not None:
+    if not address or address_problem(address, utf8=True) is not None:
         return ""
     return address
 

@@ -99,7 +99,7 @@ def per_message_path(raw: bytes) -> None:
     assert routing.recipients
     assert all(address_problem(r) is None for r in routing.recipients)
     sender, _ = envelope_sender(raw, SenderPolicy.RETURN_PATH)
-    assert sender == "" or address_problem(sender) is None
+    assert sender == "" or address_problem(sender, utf8=True) is None
     mid = message_id(raw)
     assert mid is None or mid.isascii()
     duplicate_key(mid or "<none@x>", raw)

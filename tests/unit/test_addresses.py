@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from connector import headers
 from connector.addresses import (
     address_list,
+    address_needs_smtputf8,
     mailbox,
     mailbox_problem,
-    needs_smtputf8,
     reverse_path,
 )
 from connector.deadletter.imap import _search_uids
@@ -49,7 +49,7 @@ def test_every_mailbox_is_read_and_minimally_quoted(address: str) -> None:
     assert normal is not None, address
     assert mailbox_problem(normal) is None
     assert mailbox(normal) == normal  # idempotent
-    assert needs_smtputf8(normal) == (not address.isascii())
+    assert address_needs_smtputf8(normal) == (not address.isascii())
     # Whatever the quoting, the same mailbox comes back from a Return-Path.
     assert reverse_path(f"<{address}>") == normal
     assert reverse_path(f" <@relay.test,@[192.0.2.9]:{address}> (via relay)") == normal
