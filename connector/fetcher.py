@@ -520,8 +520,9 @@ class Cycle:
         identity = entry.identity
         if identity is None or uid.startswith("sha256:"):
             return True
-        if identity.size is not None and self._sizes.get(number) != identity.size:
-            return False
+        listed = self._sizes.get(number)
+        if identity.size is not None and listed is not None and listed != identity.size:
+            return False  # a size LIST did not give now tells nothing: the digest decides
         if not self._no_top:
             try:
                 return headers.header_digest(await pop.top(number, 0)) == identity.digest
