@@ -359,6 +359,9 @@ class ServiceSettings(_Model):
     poll_interval: Duration = 900.0
     max_parallel_accounts: int = Field(default=8, ge=1)
     shutdown_grace: Duration = 30.0
+    # The longest one account's cycle may take, connect to QUIT, whatever the servers do (a
+    # POP3 server sending a byte per read timeout); then its connections are dropped.
+    cycle_timeout: Duration = 3600.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
 

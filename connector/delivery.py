@@ -55,14 +55,12 @@ import contextlib
 import enum
 import functools
 import logging
-import re
 import ssl
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal, assert_never, cast
 
 import aiosmtplib
-from aiosmtplib.email import parse_address
 from aiosmtplib.protocol import (
     MAX_RESPONSE_LENGTH,
     SMTPProtocol,
@@ -70,6 +68,8 @@ from aiosmtplib.protocol import (
 )
 from aiosmtplib.typing import Default
 
+from connector import headers
+from connector.addresses import mailbox_problem, reverse_path
 from connector.errors import (
     AUTH_REQUIRED,
     DeliveryError,
@@ -173,74 +173,39 @@ class Delivered:
 # Envelope sender and address checks
 # --------------------------------------------------------------------------------------------
 
-# The end of the header block: the first empty line (RFC 5322 §2.1).  Bare LF is tolerated.
-_HEADER_END: Final = re.compile(rb"\r?\n\r?\n")
-# How far into a message a header block is looked for; no real header block is larger.
-_MAX_HEADER_BLOCK: Final = 256 * 1024
-# The first Return-Path field with its folded continuation lines (RFC 5322 §2.2.3).
-_RETURN_PATH: Final = re.compile(rb"^return-path[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)", re.I | re.M)
-# RFC 5321 §4.1.2 Reverse-path: "<" [ A-d-l ":" ] Mailbox ">", or "<>".  The source route
-# (A-d-l) is obsolete and MUST be ignored (RFC 5321 §4.1.1.3 / Appendix C).  A trailing
-# comment, as some MTAs write, is tolerated.
-_PATH: Final = re.compile(r"^<\s*(?:@[^:<>]*:)?([^<>]*?)\s*>\s*(?:\([^()]*\))?$")
-
-# RFC 5322 §3.2.3 atext plus ".", for a dot-atom local part; quoted local parts are refused
-# (rare, and aiosmtplib would re-quote them).
-_LOCAL: Final = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
-# RFC 5321 §4.1.2 Domain or address-literal.
-_DOMAIN: Final = re.compile(r"^(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?|\[[A-Za-z0-9.:-]+\])$")
-
 
 @functools.lru_cache(maxsize=4096)  # the same few addresses, every message
 def address_problem(address: str, *, utf8: bool = False) -> str | None:
-    """Why ``address`` can't be sent as an SMTP mailbox as-is, or None when it can.
+    """Why ``address`` can't be sent as an SMTP mailbox as it is, or None when it can.
 
-    We check ourselves because aiosmtplib passes addresses through ``email.utils.parseaddr``
-    and silently rewrites some bad ones (``"bad\\r\\nRCPT TO:<x@y>"`` went out as ``x@y``).
-    Only ASCII, unless ``utf8``: RFC 6531 §3.3 extends a Mailbox's atext and sub-domains by
-    UTF8-non-ascii (RFC 6532 §3.1), and such an address needs the SMTPUTF8 parameter, which
-    :meth:`SmtpDeliverer.deliver` sends when the server offers it and otherwise refuses locally.
-    The empty string (the null sender) is not checked here.
+    The grammar is RFC 5321 §4.1.2 Mailbox, checked by
+    :func:`connector.addresses.mailbox_problem` in one pass: a Dot-string or a Quoted-string
+    local part (sent quoted, as RFC 5321 §4.1.2 requires), a domain or an address literal, at
+    most 64 octets before the ``@`` and 254 in all.  No white space, brackets or control
+    characters outside a quoted local part, so nothing can be smuggled onto the command line.
+    Only ASCII, unless ``utf8``: RFC 6531 §3.3 lets UTF-8 into the local part and the domain,
+    and such an address needs the SMTPUTF8 parameter
+    (:func:`connector.addresses.address_needs_smtputf8`).  We write MAIL and RCPT ourselves
+    (``_transaction``), so what passes goes out exactly as given; aiosmtplib's
+    ``parse_address`` (``email.utils.parseaddr`` and its injection check) would leave every such
+    address unchanged too, quoted local parts included.  The empty string (the null sender) is
+    not checked here.
     """
-    probe = address
-    if not address.isascii():
-        if not utf8:
-            return "not ASCII"
-        if any(not c.isprintable() or c.isspace() for c in address):  # C1 controls, U+2028...
-            return "invalid characters"
-        # Check the syntax with each non-ASCII character standing in as a letter.
-        probe = "".join(c if c.isascii() else "u" for c in address)
-    if len(address.encode()) > 254:  # RFC 5321 §4.5.3.1.3: a path is at most 256 octets
-        return "too long"
-    local, at, domain = probe.rpartition("@")
-    if not at or not local or not domain:
-        return "not of the form local@domain"
-    if len(address.rpartition("@")[0].encode()) > 64:  # RFC 5321 §4.5.3.1.1: octets
-        return "local part too long"
-    if not _LOCAL.match(local) or not _DOMAIN.match(domain):
-        return "invalid characters"
-    try:
-        unchanged = parse_address(probe) == probe
-    except ValueError:
-        unchanged = False
-    if not unchanged:
-        return "would be rewritten by the SMTP client"
-    return None
+    if not utf8 and not address.isascii():
+        return "not ASCII"
+    return mailbox_problem(address)
 
 
 def needs_smtputf8(raw: bytes, envelope: Envelope) -> bool:
     """Whether the message is an internationalized one (RFC 6530 §4.2 and RFC 6531 §3.4): an
     envelope address that is not ASCII, or a header field with raw UTF-8 (RFC 6532).
 
-    Only the header block is looked at (up to the first empty line, bare LF tolerated), and of
-    it only the first :data:`_MAX_HEADER_BLOCK` octets: one C scan, however big the message.
+    Only the header block is looked at (:func:`connector.headers.header_block`: up to the first
+    empty line, within its cap): one C scan, however big the message.
     """
     if not envelope.sender.isascii() or not all(r.isascii() for r in envelope.recipients):
         return True
-    if raw.startswith((b"\r\n", b"\n")):
-        return False  # no header block at all
-    end = _HEADER_END.search(raw, 0, _MAX_HEADER_BLOCK)
-    return not raw[: end.start() if end is not None else _MAX_HEADER_BLOCK].isascii()
+    return not headers.header_block(raw).isascii()
 
 
 def envelope_sender(
@@ -251,15 +216,16 @@ def envelope_sender(
     Returns ``(sender, sender_fixed)``; ``sender`` "" is the null sender ``<>``.
 
     * ``RETURN_PATH``: the message's own ``Return-Path`` (the first one: RFC 5321 §4.4 has the
-      final delivery MTA put it on top).  ``<>``, a missing header, and a header we cannot
-      parse or that holds an address we would not send (see :func:`address_problem`) all give
-      the null sender "" (an unparseable Return-Path is treated as no Return-Path).
-      ``sender_fixed`` is False.
+      final delivery MTA put it on top), read as an RFC 5321 Reverse-path by
+      :func:`connector.addresses.reverse_path` (a quoted local part and UTF-8 are addresses
+      like any other; the source route is dropped; the least quoting is used).  ``<>``, a
+      missing header, and a header we cannot parse or that holds an address we would not
+      send (see :func:`address_problem`) all give the null sender "" (an unparseable
+      Return-Path is treated as no Return-Path).  ``sender_fixed`` is False.
     * ``NULL``: ``("", True)``, as the SBS connector did.
     * ``FIXED``: ``(fixed_address, True)``; ``fixed_address`` must be given.
 
-    Only the header block (up to the first empty line) is looked at, on bytes, without
-    parsing the message.
+    Only the header block is looked at, within the bounds of :mod:`connector.headers`.
     """
     match policy:
         case SenderPolicy.NULL:
@@ -275,20 +241,16 @@ def envelope_sender(
 
 
 def _return_path(raw: bytes) -> str:
-    if raw.startswith((b"\r\n", b"\n")):
-        return ""  # an empty header block
-    end = _HEADER_END.search(raw)
-    headers = raw if end is None else raw[: end.start()]
-    m = _RETURN_PATH.search(headers)
-    if m is None:
+    field = headers.first(raw, "return-path")
+    if field is None or field.cut:
+        return ""  # none, or far longer than any path (RFC 5321 §4.5.3.1.3)
+    try:
+        # RFC 6531 §3.3: a path may hold UTF-8; bytes that are not UTF-8 are no address.
+        value = field.value.decode("utf-8")
+    except UnicodeDecodeError:
         return ""
-    value_bytes = re.sub(rb"\r?\n", b"", m.group(1)).strip()
-    if not value_bytes.isascii():
-        return ""
-    value = value_bytes.decode("ascii")
-    p = _PATH.match(value)
-    address = p.group(1) if p else value  # some MTAs omit the angle brackets
-    if not address or address_problem(address) is not None:
+    address = reverse_path(value)
+    if not address or address_problem(address, utf8=True) is not None:
         return ""
     return address
 

@@ -5,7 +5,9 @@ crash-safe; the modules below it (pop3, delivery, ledger, deadletter) only do wh
 
 The order for each message, oldest first (the order of the UIDL listing, RFC 1939 §7)::
 
-    known delivered / dead-lettered  ->  DELE only (never handed to SMTP again)
+    known delivered / dead-lettered  ->  DELE only (never handed to SMTP again), after a cheap
+                                         check that it is the same message (_same_message:
+                                         LIST size, TOP header digest; else it is new mail)
     new or deferred                  ->  RETR -> SMTP
         250 after DATA               ->  ledger "delivered" committed  -> DELE
                                          (group-committed on the ledger thread while the next
@@ -29,8 +31,11 @@ The only duplicate window is between SMTP's 250 and the ledger commit right afte
 cycle's first SMTP transaction the ledger proves it can commit (Ledger.prove_writable), so a full
 or read-only disk stops deliveries instead of repeating them each cycle.
 
-A failure of our own setup (SMTP connect, TLS, AUTH; a 5xx to a fixed sender or recipient), of the
-dead-letter store or of the ledger ends the cycle *before the next RETR* (a failed group commit of
+An unexpected error while handling one message (a parser's bug, an input nobody foresaw) is that
+message's alone (_isolated, PRODUCT §5): it stays upstream, the cycle goes on, and after
+ERROR_LIMIT such cycles it is dead-lettered with stage "error".  A failure of our own setup (SMTP
+connect, TLS, AUTH; a 5xx to a fixed sender or recipient), of the dead-letter store or of the
+ledger ends the cycle *before the next RETR* (a failed group commit of
 a ``delivered`` row: before the next message's content goes to SMTP); the QUIT still goes out so
 the DELEs of the messages already finished take effect.
 """
@@ -50,20 +55,23 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Final, Protocol
 
+from connector import headers
 from connector.deadletter import DeadLetterInfo, DeadLetterStore
 from connector.delivery import Delivered, Envelope, SenderPolicy, envelope_sender
 from connector.errors import (
+    ConnectorError,
     DeadLetterError,
     DeliveryError,
     Disposition,
     Evidence,
     LedgerError,
     Pop3ResponseError,
+    Pop3TimeoutError,
     RefusedAlikeError,
     SmtpStage,
     classify,
 )
-from connector.ledger import Ledger, LedgerEntry, MessageState, RecipientsDone
+from connector.ledger import Identity, Ledger, LedgerEntry, MessageState, RecipientsDone
 from connector.pop3 import AuthMethod, Pop3Client, Pop3Endpoint, Pop3Timeouts
 from connector.recipients import SharedMailbox, message_id, route
 
@@ -73,6 +81,10 @@ log = logging.getLogger(__name__)
 SETTLE_EVERY: Final = 32
 """Delivered messages whose DELEs wait for their group-committed ledger rows (Cycle._settle)
 before they are sent; a bound on the list, not on safety: a DELE counts only at QUIT."""
+
+ERROR_LIMIT: Final = 3
+"""Cycles in which handling a message may fail unexpectedly before it is dead-lettered with
+stage ``error`` (PRODUCT §5)."""
 
 FETCH_CEILING: Final = 1024 * 1024 * 1024
 """No message larger than this is read, whatever the policy: it is left upstream and reported.
@@ -123,6 +135,9 @@ class AccountSpec:
     # A shared (catch-all) mailbox: recipients read from each message (recipients.route), with
     # ``deliver_to`` as the fallback for mail that names nobody of ours.
     shared: SharedMailbox | None = None
+    # The whole cycle's deadline, connect to QUIT ([service] cycle_timeout): the per-read
+    # timeouts alone let a server that sends a byte now and then hold a cycle for ever.
+    cycle_timeout: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +290,21 @@ def _date_field(second: int) -> bytes:
     return format_datetime(datetime.fromtimestamp(second, UTC)).encode("ascii")
 
 
+_SUMMARY_MAX: Final = 300
+
+
+def error_summary(exc: BaseException) -> str:
+    """``exc`` as one short line of printable ASCII: its type and message, control and
+    non-ASCII characters escaped (a parser's error may quote the hostile input)."""
+    text = f"{type(exc).__name__}: {str(exc)[: _SUMMARY_MAX * 2]}".rstrip(": ")
+    line = " ".join(text.split())
+    escaped = "".join(
+        ch if " " <= ch < "\x7f" else ch.encode("unicode_escape", "backslashreplace").decode()
+        for ch in line
+    )
+    return escaped if len(escaped) <= _SUMMARY_MAX else escaped[: _SUMMARY_MAX - 3] + "..."
+
+
 def header_digest(data: bytes, size: int | None = None) -> str:
     """A stand-in UIDL for servers without UIDL: a digest of the header block (TOP n 0) and
     the message's size, or of the whole message when headers and size are not unique."""
@@ -284,12 +314,6 @@ def header_digest(data: bytes, size: int | None = None) -> str:
     return "sha256:" + digest.hexdigest()[:40]
 
 
-# The end of the header block: the first empty line (RFC 5322 §2.1); a bare LF tolerated, as
-# recipients.route does, so the body never starts later than after the first CRLF CRLF.  Looked
-# for in the first 256 KiB only, as route does: a regex over a 1 GiB message without an empty
-# line would take seconds, and without one the whole message is taken, which is safe.
-_HEADER_END: Final = re.compile(rb"\r?\n\r?\n")
-_MAX_HEADER_BLOCK: Final = 256 * 1024
 # A Message-ID longer than this goes into a duplicate key as its digest, to bound the key.
 _MAX_KEY_MESSAGE_ID: Final = 200
 
@@ -305,8 +329,10 @@ def duplicate_key(mid: str, raw: bytes) -> str:
     dropped; a different body is a different message, and is delivered.  The digest has a
     fixed length at the end, so no two (Message-ID, body) pairs give one key.
     """
-    end = _HEADER_END.search(raw, 0, _MAX_HEADER_BLOCK)
-    body = memoryview(raw)[end.end() :] if end is not None else raw
+    # The body after the header block (headers.bounds: an empty line within its cap; without
+    # one the whole message is taken, which is safe).
+    found = headers.bounds(raw)
+    body = memoryview(raw)[found[1] :] if found is not None else raw
     if len(mid) > _MAX_KEY_MESSAGE_ID:
         mid = "sha256:" + hashlib.sha256(mid.encode("ascii")).hexdigest()
     return f"mid:{mid}:{hashlib.sha256(body).hexdigest()}"
@@ -431,9 +457,32 @@ class Cycle:
         # (message number, the refusal), to be decided again once a message gets through.
         self._held: list[tuple[int, DeliveryError]] = []
         self._deles: list[int] = []  # the message numbers DELEd in this session
+        self._sizes: dict[int, int] = {}  # LIST: message number -> octets
+        self._content_out = False  # the message in hand went (or is going) to SMTP
+        self._no_top = False  # the server answered TOP with a bare -ERR: it has none
 
     async def run(self) -> CycleStats:
-        """Run the cycle; raises the error that ended it (already classified by the caller)."""
+        """Run the cycle; raises the error that ended it (already classified by the caller).
+
+        Past ``cycle_timeout`` the cycle is cancelled wherever it is (inside a RETR a hostile
+        server drags out, or anywhere else) and fails with Pop3TimeoutError: the connections
+        are dropped without QUIT, so the server deletes nothing (RFC 1939 §6); the ledger
+        rows committed so far stand, and the next cycle DELEs those messages as known ones.
+        """
+        limit = self.account.cycle_timeout
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                return await self._run()
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # a timeout of its own (a Pop3TimeoutError), already about its phase
+            raise Pop3TimeoutError(
+                f"the cycle took longer than cycle_timeout ({limit:g}s); "
+                "connection dropped without QUIT"
+            ) from None
+
+    async def _run(self) -> CycleStats:
         acct = self.account
         pop = await self._connect(
             acct.endpoint,
@@ -452,9 +501,9 @@ class Cycle:
             known = await self.ledger.sync_listing(
                 acct.name,
                 [uid for _, uid in listing],
-                now,
                 recipients_before=now - self._recipients_kept(),
             )
+            self._sizes = sizes
             stopped: CycleStopped | None = None
             try:
                 await self._process(pop, listing, known, sizes)
@@ -494,13 +543,28 @@ class Cycle:
                 if not self._dele_due(entry, now):
                     self.stats.kept += 1  # leave_on_server: no command, no log line
                     continue
-                await self._dele(pop, number)
-                # Kept until delete_after passed, or left behind by a crash: two different
-                # things for whoever reads the metrics.
-                done = Outcome.REMOVED if acct.leave_on_server else Outcome.SKIPPED
-                self.stats.count(done)
-                self.observer.message(acct.name, uid, entry.size, done, entry.last_response)
-                continue
+                if await self._same_message(pop, number, uid, entry):
+                    await self._dele(pop, number)
+                    # Kept until delete_after passed, or left behind by a crash: two different
+                    # things for whoever reads the metrics.
+                    done = Outcome.REMOVED if acct.leave_on_server else Outcome.SKIPPED
+                    self.stats.count(done)
+                    self.observer.message(acct.name, uid, entry.size, done, entry.last_response)
+                    continue
+                # PRODUCT §5.6: another message under a UIDL we know (a server that restarted
+                # its numbering): new mail, delivered like any other.
+                log.warning(
+                    "account=%s uidl=%s: listed under a UIDL the ledger knows, but not the "
+                    "message %s then; handled as a new message",
+                    acct.name,
+                    uid,
+                    entry.state.value.replace("_", "-"),
+                )
+                try:
+                    await self.ledger.forget(acct.name, [uid])
+                except LedgerError as exc:
+                    raise CycleStopped(exc) from exc
+                del known[uid]
             size = sizes.get(number, 0)
             if size > acct.max_message_size:
                 if size > self._fetch_limit():
@@ -557,12 +621,9 @@ class Cycle:
                 # Stop between messages, never inside one (STYLE §4); this one waits.
                 self.stats.stopped_early = True
                 break
-            if oversize and number in oversize:
-                outcome: Outcome | None = await self._too_large(pop, number, uids[number], raw)
-            else:
-                outcome = await self._handle(
-                    pop, number, uids[number], raw, known.get(uids[number]), item.wire
-                )
+            outcome = await self._isolated(
+                pop, number, uids[number], raw, known.get(uids[number]), item.wire, oversize
+            )
             del raw, item  # drop this message before the next is read: two copies at most
             if outcome is not None:  # None: held upstream, undecided (Breaker)
                 self.stats.count(outcome)
@@ -606,6 +667,142 @@ class Cycle:
         """Leave a refused message upstream undecided (no ledger row, no dead letter)."""
         self._held.append((number, exc))
         log.warning("account=%s uidl=%s held upstream (%s): %s", self.account.name, uid, why, exc)
+
+    async def _same_message(
+        self, pop: Pop3Client, number: int, uid: str, entry: LedgerEntry
+    ) -> bool:
+        """Whether the message listed as ``number`` is the one ``entry`` recorded, checked
+        cheaply before it is DELEd unread (PRODUCT §5.6): the size LIST gave, then, only when
+        that matches, a digest of its header block from ``TOP n 0`` (RFC 1939 §7).
+
+        Runs only for a finished message being DELEd now (after a crash before QUIT, or when
+        ``delete_after`` has passed), never for the kept messages of a ``leave_on_server``
+        mailbox, so a steady cycle costs what it did.  A row from before identities were
+        recorded, and a server without UIDL (whose identifiers are such digests already), are
+        taken as they are.  A server without TOP (a bare ``-ERR``; TOP is optional) gets a
+        RETR instead: the whole message, once, for the rare DELE that needs the check.
+        """
+        identity = entry.identity
+        if identity is None or uid.startswith("sha256:"):
+            return True
+        listed = self._sizes.get(number)
+        if identity.size is not None and listed is not None and listed != identity.size:
+            return False  # a size LIST did not give now tells nothing: the digest decides
+        if not self._no_top:
+            try:
+                return headers.header_digest(await pop.top(number, 0)) == identity.digest
+            except Pop3ResponseError as exc:
+                if exc.resp_code is not None:
+                    raise  # [SYS/TEMP] and the like: the cycle fails, nothing is guessed
+                self._no_top = True
+                log.info("account=%s: the server has no TOP; checking by RETR", self.account.name)
+        return headers.header_digest(await pop.retr(number)) == identity.digest
+
+    def _identity(self, number: int, raw: bytes) -> Identity:
+        """What the ledger keeps to recognise this message later (PRODUCT §5.6)."""
+        return Identity(self._sizes.get(number), headers.header_digest(raw))
+
+    async def _isolated(
+        self,
+        pop: Pop3Client,
+        number: int,
+        uid: str,
+        raw: bytes,
+        entry: LedgerEntry | None,
+        wire: bytes | None,
+        oversize: set[int] | None,
+    ) -> Outcome | None:
+        """Handle one message; an unexpected error is this message's alone (PRODUCT §5).
+
+        Our own errors go on as they were: ``CycleStopped`` (the ledger, the store, our SMTP
+        setup) and every ``ConnectorError`` (a POP3 server's fault ends the cycle).  Anything
+        else (a parser's bug, an input nobody foresaw) leaves the message upstream, counted in
+        the ledger, and the cycle goes on with the next one; see :meth:`_failed`.
+        """
+        self._content_out = False
+        try:
+            if entry is not None and entry.errors >= ERROR_LIMIT:
+                # Failed in ERROR_LIMIT cycles, and dead-lettering it failed too last time.
+                return await self._give_up(pop, number, uid, raw, entry.last_response)
+            if oversize and number in oversize:
+                return await self._too_large(pop, number, uid, raw)
+            return await self._handle(pop, number, uid, raw, entry, wire)
+        except (CycleStopped, ConnectorError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - isolated by design (PRODUCT §5)
+            return await self._failed(pop, number, uid, raw, exc)
+
+    async def _failed(
+        self, pop: Pop3Client, number: int, uid: str, raw: bytes, exc: Exception
+    ) -> Outcome:
+        """Handling the message raised ``exc``, which nothing expected.
+
+        Logged once, with its traceback; the ledger counts it; the message stays upstream
+        (deferred: offered again next cycle).  In its ERROR_LIMIT-th such cycle it is
+        dead-lettered with stage ``error`` and the error's one-line summary as the response.
+        If its content had gone to SMTP by then, the server may have it: the next attempt may
+        duplicate it (at most ERROR_LIMIT copies), which beats a process that stops, or an
+        account that stops at this message.
+        """
+        acct = self.account
+        summary = error_summary(exc)
+        log.error(
+            "account=%s uidl=%s size=%d: handling the message failed unexpectedly%s; "
+            "it stays upstream (%s)",
+            acct.name,
+            uid,
+            len(raw),
+            " after its content went to SMTP (the server may have it)" if self._content_out else "",
+            summary,
+            exc_info=exc,
+        )
+        try:
+            entry = await self.ledger.record_failed(
+                acct.name,
+                uid,
+                len(raw),
+                f"error: {summary}",
+                self.clock(),
+                identity=self._identity(number, raw),
+            )
+        except LedgerError as lexc:
+            raise CycleStopped(lexc) from lexc
+        if entry.state is not MessageState.DEFERRED:
+            # Recorded as finished before the failure (after SMTP took it): nothing to redo.
+            return (
+                Outcome.DELIVERED
+                if entry.state is MessageState.DELIVERED
+                else (Outcome.DEAD_LETTERED)
+            )
+        if entry.errors >= ERROR_LIMIT:
+            return await self._give_up(pop, number, uid, raw, entry.last_response)
+        self.observer.message(acct.name, uid, len(raw), Outcome.DEFERRED, f"error: {summary}")
+        return Outcome.DEFERRED
+
+    async def _give_up(
+        self, pop: Pop3Client, number: int, uid: str, raw: bytes, response: str
+    ) -> Outcome:
+        """Dead-letter a message whose handling failed in ERROR_LIMIT cycles (stage ``error``).
+
+        If even that fails unexpectedly, it is logged and the message stays upstream; the
+        next cycle tries the dead letter again, never the handling.
+        """
+        summary = response.removeprefix("error: ")
+        try:
+            await self._dead_letter(pop, number, uid, raw, "error", summary)
+        except (CycleStopped, ConnectorError):
+            raise
+        except Exception as exc:  # isolated by design (PRODUCT §5)
+            log.error(
+                "account=%s uidl=%s: dead-lettering the message failed unexpectedly; "
+                "it stays upstream (%s)",
+                self.account.name,
+                uid,
+                error_summary(exc),
+                exc_info=exc,
+            )
+            return Outcome.DEFERRED
+        return Outcome.DEAD_LETTERED
 
     def _fetch_limit(self) -> int:
         """The most octets one message may have to be fetched (the POP3 client's cap)."""
@@ -676,6 +873,17 @@ class Cycle:
         if acct.shared is not None:
             routing = route(raw, acct.shared, acct.deliver_to)
             recipients, configured = routing.recipients, routing.configured
+            if routing.unread:
+                # A hostile or broken header: routed on what could be read (the fallback when
+                # that names nobody of ours); the administrator should know why.
+                log.warning(
+                    "account=%s uidl=%s: %s could not be read whole; routed by %s to %s",
+                    acct.name,
+                    uid,
+                    ", ".join(routing.unread),
+                    routing.source,
+                    ", ".join(recipients),
+                )
             log.debug(
                 "account=%s uidl=%s routed by %s %s to %s",
                 acct.name,
@@ -734,7 +942,7 @@ class Cycle:
         try:
             # The trace line travels beside the message, never joined to it (no copy).
             delivered = await self.deliverer.deliver(
-                raw, envelope, trace=trace, wire=wire, before_content=lambda: self._committed(pop)
+                raw, envelope, trace=trace, wire=wire, before_content=lambda: self._sending(pop)
             )
         except DeliveryError as exc:
             return await self._refused(pop, number, uid, raw, exc, envelope, keys)
@@ -754,6 +962,7 @@ class Cycle:
                 delivered.response,
                 self.clock(),
                 done=RecipientsDone(keys, todo) if acct.shared is not None else None,
+                identity=self._identity(number, raw),
             )
         except LedgerError as exc:
             raise CycleStopped(exc) from exc
@@ -762,6 +971,12 @@ class Cycle:
         if len(self._unsettled) >= SETTLE_EVERY:
             await self._settle(pop)
         return Outcome.DELIVERED
+
+    async def _sending(self, pop: Pop3Client) -> None:
+        """The ``before_content`` hook: :meth:`_committed`, then mark that this message's
+        content goes to SMTP now (for :meth:`_failed`'s log line)."""
+        await self._committed(pop)
+        self._content_out = True
 
     async def _committed(self, pop: Pop3Client) -> None:
         """Before a message's content goes to SMTP: the earlier messages' rows are committed.
@@ -810,7 +1025,14 @@ class Cycle:
         acct = self.account
         response = f"duplicate: already delivered to {', '.join(recipients)}"
         await self._commit(
-            self.ledger.record_delivered(acct.name, uid, len(raw), response, self.clock())
+            self.ledger.record_delivered(
+                acct.name,
+                uid,
+                len(raw),
+                response,
+                self.clock(),
+                identity=self._identity(number, raw),
+            )
         )
         await self._finished(pop, number)
         self.observer.message(acct.name, uid, len(raw), Outcome.SKIPPED, response)
@@ -838,6 +1060,7 @@ class Cycle:
         """
         acct = self.account
         now = self.clock()
+        identity = self._identity(number, raw)
         refused = delivered.refused
         temporary = {r: why for r, why in refused.items() if r not in delivered.permanent}
         first_seen = entry.first_seen if entry is not None else now
@@ -865,7 +1088,13 @@ class Cycle:
                 # No copy: remember who has it, and keep it upstream for the others.
                 await self._commit(
                     self.ledger.record_deferred(
-                        acct.name, uid, len(raw), response, now, done=RecipientsDone(keys, accepted)
+                        acct.name,
+                        uid,
+                        len(raw),
+                        response,
+                        now,
+                        done=RecipientsDone(keys, accepted),
+                        identity=identity,
                     )
                 )
                 raise CycleStopped(exc) from exc
@@ -877,14 +1106,28 @@ class Cycle:
         if temporary and not expired:
             await self._commit(
                 self.ledger.record_deferred(
-                    acct.name, uid, len(raw), response, now, dead_letter_id=dl_id, done=done
+                    acct.name,
+                    uid,
+                    len(raw),
+                    response,
+                    now,
+                    dead_letter_id=dl_id,
+                    done=done,
+                    identity=identity,
                 )
             )
             self.observer.message(acct.name, uid, len(raw), Outcome.DEFERRED, response)
             return Outcome.DEFERRED
         await self._commit(
             self.ledger.record_delivered(
-                acct.name, uid, len(raw), response, now, dead_letter_id=dl_id, done=done
+                acct.name,
+                uid,
+                len(raw),
+                response,
+                now,
+                dead_letter_id=dl_id,
+                done=done,
+                identity=identity,
             )
         )
         await self._finished(pop, number)
@@ -957,7 +1200,7 @@ class Cycle:
                 return Outcome.DEAD_LETTERED
             case Disposition.RETRY:
                 now = self.clock()
-                entry = await self._deferred(uid, raw, response, now)
+                entry = await self._deferred(number, uid, raw, response, now)
                 if now - entry.first_seen >= acct.max_deferral:
                     # PRODUCT §5.5: refused only temporarily for longer than max_deferral.
                     await self._dead_letter(
@@ -969,10 +1212,17 @@ class Cycle:
             case Disposition.BUG | Disposition.PARK_ACCOUNT:
                 raise exc
 
-    async def _deferred(self, uid: str, raw: bytes, response: str, now: float) -> LedgerEntry:
+    async def _deferred(
+        self, number: int, uid: str, raw: bytes, response: str, now: float
+    ) -> LedgerEntry:
         try:
             return await self.ledger.record_deferred(
-                self.account.name, uid, len(raw), response, now
+                self.account.name,
+                uid,
+                len(raw),
+                response,
+                now,
+                identity=self._identity(number, raw),
             )
         except LedgerError as exc:
             raise CycleStopped(exc) from exc
@@ -1005,6 +1255,7 @@ class Cycle:
                     self.clock(),
                     dead_letter_id=dl_id,
                     done=RecipientsDone(keys, recipients) if recipients else None,
+                    identity=self._identity(number, raw),
                 )
             except LedgerError:
                 # Not recorded: the message stays upstream and the next cycle stores it again,

@@ -52,7 +52,16 @@ Theory of operation
   pending ones run in one transaction on open.  Only ever append to that list.
 * **Listing sync.**  :meth:`Ledger.sync_listing` reads an account's rows with one query and
   does the set arithmetic in Python; a steady mailbox of 10,000 kept messages costs one read and
-  no writes per cycle (docs/design.md §5.2, invariant 5: a cycle costs what is new).
+  no writes per cycle (docs/design.md §5.2, invariant 5: a cycle costs what is new).  A row
+  whose UIDL a complete listing no longer holds is forgotten at once (docs/design.md §5.1 step
+  6): RFC 1939 §7 promises a unique-id only while its message exists, and a server that
+  restarts its numbering lists a new message under an old UIDL, which must then be delivered,
+  not only DELEd.
+* **Identity.**  A row keeps the message's size as LIST gave it and a digest of its header
+  block (:class:`Identity`), so that a message the ledger knows but a session has not read is
+  DELEd only after a cheap check that it is the same one (the fetcher's ``_same_message``).
+* **Errors.**  ``errors`` counts the cycles in which handling a message failed unexpectedly
+  (:meth:`Ledger.record_failed`); the fetcher dead-letters it after a few (docs/design.md §10.5).
 """
 
 from __future__ import annotations
@@ -69,7 +78,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Self, TypeVar
 
@@ -79,9 +88,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 A = TypeVar("A")
-
-DEFAULT_PRUNE_AFTER: Final = 7 * 24 * 3600.0
-"""Seconds a row stays after its UIDL stopped being listed (docs/design.md §8.4)."""
 
 BUSY_TIMEOUT_MS: Final = 5000
 """How long to wait for another process's write lock (a CLI command) before failing."""
@@ -169,6 +175,16 @@ MIGRATIONS: Final[list[str]] = [
         at    REAL    NOT NULL
     );
     """,
+    # 7: per message, the cycles whose handling failed unexpectedly (docs/design.md §10.5:
+    # dead-lettered with stage "error" after a few), and its identity for the check before a
+    # DELE of a message this session has not read (docs/design.md §5.1 step 6): the size LIST
+    # announced and a digest of the header block.  Rows from before have no identity and are
+    # DELEd as they were.
+    """
+    ALTER TABLE messages ADD COLUMN errors INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN listed_size INTEGER;
+    ALTER TABLE messages ADD COLUMN header_digest TEXT;
+    """,
 ]
 
 
@@ -192,7 +208,19 @@ class LedgerEntry:
     last_attempt: float
     last_response: str
     dead_letter_id: str | None = None
-    gone_since: float | None = None  # set while the UIDL is no longer listed upstream
+    gone_since: float | None = None  # never set: a row no longer listed is deleted (sync_listing)
+    errors: int = 0  # cycles whose handling of the message failed unexpectedly
+    identity: Identity | None = None  # None: a row from before identities were recorded
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What tells a message from another listed under the same UIDL (PRODUCT §5.6): its size
+    as LIST announced it (RFC 1939 §5; None when LIST did not give it) and a digest of its
+    header block (``headers.header_digest``, the same from RETR and from ``TOP n 0``)."""
+
+    size: int | None
+    digest: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +269,7 @@ class AccountStatus:
     """An account's last cycle plus its counts of rows, for ``status`` (docs/design.md §11).
 
     ``deferred`` counts deferred messages still listed upstream (waiting for a retry);
-    ``dead_lettered`` counts the ledger's dead-lettered rows, which are pruned like any other
+    ``dead_lettered`` counts the ledger's dead-lettered rows, which are forgotten like any other
     once gone upstream: the dead-letter store holds the lasting count.
     """
 
@@ -260,7 +288,7 @@ class AccountStatus:
 
 _SELECT_ACCOUNT: Final = """
     SELECT uidl, state, size, attempts, first_seen, last_attempt, last_response,
-           dead_letter_id, gone_since
+           dead_letter_id, gone_since, errors, listed_size, header_digest
     FROM messages WHERE account = ?
 """
 _SELECT_ONE: Final = _SELECT_ACCOUNT + " AND uidl = ?"
@@ -268,8 +296,9 @@ _SELECT_ONE: Final = _SELECT_ACCOUNT + " AND uidl = ?"
 # A new row starts at one attempt; an existing one counts up and keeps first_seen.
 _UPSERT: Final = """
     INSERT INTO messages (account, uidl, state, size, attempts, first_seen,
-                          last_attempt, last_response, dead_letter_id, gone_since)
-    VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, NULL)
+                          last_attempt, last_response, dead_letter_id, gone_since,
+                          listed_size, header_digest)
+    VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, NULL, ?, ?)
     ON CONFLICT (account, uidl) DO UPDATE SET
         state = excluded.state,
         size = excluded.size,
@@ -277,7 +306,9 @@ _UPSERT: Final = """
         last_attempt = excluded.last_attempt,
         last_response = excluded.last_response,
         dead_letter_id = coalesce(excluded.dead_letter_id, messages.dead_letter_id),
-        gone_since = NULL
+        gone_since = NULL,
+        listed_size = coalesce(excluded.listed_size, messages.listed_size),
+        header_digest = coalesce(excluded.header_digest, messages.header_digest)
 """
 _HEARTBEAT: Final = """
     INSERT INTO heartbeat (id, beats, at) VALUES (1, 1, ?)
@@ -288,12 +319,37 @@ _INSERT_DONE: Final = (
 )
 # A deferral never overwrites a final state.
 _UPSERT_DEFERRAL: Final = _UPSERT + "    WHERE messages.state = 'deferred'\n"
+# An unexpected failure while handling the message: counted, the message kept upstream as a
+# deferred one (offered again next cycle); a final state stays final.  attempts counts SMTP
+# attempts, so a row that only failed this way has none.
+_UPSERT_FAILED: Final = """
+    INSERT INTO messages (account, uidl, state, size, attempts, first_seen,
+                          last_attempt, last_response, dead_letter_id, gone_since,
+                          listed_size, header_digest, errors)
+    VALUES (?, ?, 'deferred', ?, 0, ?, ?, ?, NULL, NULL, ?, ?, 1)
+    ON CONFLICT (account, uidl) DO UPDATE SET
+        errors = messages.errors + 1,
+        last_attempt = excluded.last_attempt,
+        last_response = excluded.last_response
+    WHERE messages.state = 'deferred'
+"""
 
 
 def _entry(row: Any) -> LedgerEntry:
-    uidl, state, size, attempts, first_seen, last_attempt, response, dl_id, gone = row
+    uidl, state, size, attempts, first_seen, last_attempt, response, dl_id, gone = row[:9]
+    errors, listed_size, digest = row[9:]
     return LedgerEntry(
-        uidl, MessageState(state), size, attempts, first_seen, last_attempt, response, dl_id, gone
+        uidl,
+        MessageState(state),
+        size,
+        attempts,
+        first_seen,
+        last_attempt,
+        response,
+        dl_id,
+        gone,
+        errors,
+        Identity(listed_size, digest) if digest is not None else None,
     )
 
 
@@ -315,8 +371,20 @@ class _Row:
         now: float,
         dead_letter_id: str | None,
         done: RecipientsDone | None,
+        identity: Identity | None = None,
     ) -> _Row:
-        params = (account, uidl, state.value, size, now, now, _storable(response), dead_letter_id)
+        params = (
+            account,
+            uidl,
+            state.value,
+            size,
+            now,
+            now,
+            _storable(response),
+            dead_letter_id,
+            identity.size if identity is not None else None,
+            identity.digest if identity is not None else None,
+        )
         rows: list[tuple[object, ...]] = (
             [(account, k, r.lower(), now) for k in done.keys for r in done.recipients]
             if done is not None
@@ -407,20 +475,15 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
 
 
 class Ledger:
-    """The ledger.  Open with :meth:`open`; every method is async and raises only LedgerError.
-
-    ``prune_after`` is how many seconds a row stays after its UIDL is no longer listed.
-    """
+    """The ledger.  Open with :meth:`open`; every method is async and raises only LedgerError."""
 
     def __init__(
         self,
         path: Path,
         executor: ThreadPoolExecutor,
         conn: sqlite3.Connection,
-        prune_after: float = DEFAULT_PRUNE_AFTER,
     ) -> None:
         self.path = path
-        self.prune_after = prune_after
         self._executor = executor
         self._conn = conn
         self._closed = False
@@ -439,7 +502,7 @@ class Ledger:
         self._write_error: LedgerError | None = None
 
     @classmethod
-    async def open(cls, path: Path, *, prune_after: float = DEFAULT_PRUNE_AFTER) -> Self:
+    async def open(cls, path: Path) -> Self:
         """Open (creating it if missing) and migrate the ledger at ``path``."""
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         loop = asyncio.get_running_loop()
@@ -448,7 +511,7 @@ class Ledger:
         except BaseException:
             executor.shutdown(wait=False)
             raise
-        return cls(path, executor, conn, prune_after)
+        return cls(path, executor, conn)
 
     async def close(self) -> None:
         """Close the connection (SQLite checkpoints the WAL) and stop the thread.  Idempotent."""
@@ -564,22 +627,23 @@ class Ledger:
         self,
         account: str,
         listed: Collection[str],
-        now: float,
         *,
         recipients_before: float | None = None,
     ) -> dict[str, LedgerEntry]:
-        """The entries of ``account`` whose UIDL is in ``listed`` (a UIDL listing).
+        """The entries of ``account`` whose UIDL is in ``listed`` (a complete UIDL listing).
 
-        In the same transaction: rows no longer listed get ``gone_since = now`` (if not set
-        already), rows listed again lose it, and rows gone for ``prune_after`` are deleted,
-        with the recipients done under their ``uidl:`` key.  One read of the account's rows;
-        writes only for the rows whose status changed.  ``recipients_before``: forget the
-        account's ``mid:`` rows (the duplicate window) recorded before then.
+        In the same transaction, every other row of the account is forgotten, with the
+        recipients done under its ``uidl:`` key: its message is gone upstream, and if the
+        server ever lists that UIDL again it is a new message (PRODUCT §5.6, RFC 1939 §7).
+        With ``leave_on_server`` a kept message stays listed, so its row stays; one deleted
+        upstream by someone else is forgotten like any other.  One read of the account's rows;
+        writes only for the rows forgotten.  ``recipients_before``: forget the account's
+        ``mid:`` rows (the duplicate window) recorded before then.
         """
         wanted = frozenset(listed)  # a snapshot: the caller may reuse its collection
         return await self._submit(
             "sync_listing",
-            lambda conn: self._sync_listing(conn, account, wanted, now, recipients_before),
+            lambda conn: self._sync_listing(conn, account, wanted, recipients_before),
             writes=True,
         )
 
@@ -588,59 +652,75 @@ class Ledger:
         conn: sqlite3.Connection,
         account: str,
         wanted: frozenset[str],
-        now: float,
         recipients_before: float | None,
     ) -> dict[str, LedgerEntry]:
         known: dict[str, LedgerEntry] = {}
-        newly_gone: list[tuple[float, str, str]] = []
-        back: list[tuple[str, str]] = []
-        expired: list[tuple[str, str]] = []
+        gone: list[str] = []
         with self._writing(conn):
             if recipients_before is not None:
                 # Only the "mid:" rows (the keys from "mid:" up to "mid;", ';' following ':'
                 # in ASCII: a range of the primary key).  Not the "uidl:" rows: a message
                 # deferred for some recipients may stay upstream longer than any age (the
                 # connector down, the account parked), and a retry that forgot who has it
-                # would send it to them again.
+                # would send it to them again; they go with their message's row.
                 conn.execute(
                     "DELETE FROM recipients_done"
                     " WHERE account = ? AND key >= 'mid:' AND key < 'mid;' AND at < ?",
                     (account, recipients_before),
                 )
             for row in conn.execute(_SELECT_ACCOUNT, (account,)):
-                uidl, gone_since = row[0], row[8]
-                if uidl in wanted:
-                    if gone_since is not None:
-                        back.append((account, uidl))
-                    known[uidl] = replace(_entry(row), gone_since=None)
-                elif gone_since is None:
-                    newly_gone.append((now, account, uidl))
-                elif now - gone_since >= self.prune_after:
-                    expired.append((account, uidl))
-            if newly_gone:
-                conn.executemany(
-                    "UPDATE messages SET gone_since = ? WHERE account = ? AND uidl = ?",
-                    newly_gone,
-                )
-            if back:
-                conn.executemany(
-                    "UPDATE messages SET gone_since = NULL WHERE account = ? AND uidl = ?", back
-                )
-            if expired:
-                conn.executemany("DELETE FROM messages WHERE account = ? AND uidl = ?", expired)
-                conn.executemany(
-                    "DELETE FROM recipients_done WHERE account = ? AND key = ?",
-                    [(acct, f"uidl:{uidl}") for acct, uidl in expired],
-                )
-        if newly_gone or back or expired:
-            log.debug(
-                "ledger: account %s: %d gone, %d listed again, %d pruned",
-                account,
-                len(newly_gone),
-                len(back),
-                len(expired),
-            )
+                if row[0] in wanted:
+                    known[row[0]] = _entry(row)
+                else:
+                    gone.append(row[0])
+            if gone:
+                _forget(conn, account, gone)
+        if gone:
+            log.debug("ledger: account %s: %d no longer listed, forgotten", account, len(gone))
         return known
+
+    async def forget(self, account: str, uidls: Collection[str]) -> None:
+        """Delete the rows of ``uidls`` and the recipients done under their ``uidl:`` keys:
+        the messages listed under them now are new ones (PRODUCT §5.6)."""
+        gone = list(uidls)
+
+        def run(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                _forget(conn, account, gone)
+
+        await self._submit("forget", run, shield=True)
+
+    async def record_failed(
+        self,
+        account: str,
+        uidl: str,
+        size: int,
+        response: str,
+        now: float,
+        *,
+        identity: Identity | None = None,
+    ) -> LedgerEntry:
+        """Commit that handling the message failed unexpectedly in this cycle (PRODUCT §5);
+        return its row, ``errors`` counted.  A message not yet in the ledger gets a deferred
+        row (it stays upstream and is offered again); a final state stays final."""
+        params = (
+            account,
+            uidl,
+            size,
+            now,
+            now,
+            _storable(response),
+            identity.size if identity is not None else None,
+            identity.digest if identity is not None else None,
+        )
+
+        def run(conn: sqlite3.Connection) -> LedgerEntry:
+            with _transaction(conn):
+                conn.execute(_UPSERT_FAILED, params)
+                found = conn.execute(_SELECT_ONE, (account, uidl)).fetchone()
+            return _entry(found)
+
+        return await self._submit("record failed", run, shield=True)
 
     async def record_delivered(
         self,
@@ -652,14 +732,24 @@ class Ledger:
         *,
         dead_letter_id: str | None = None,
         done: RecipientsDone | None = None,
+        identity: Identity | None = None,
     ) -> None:
         """Commit that SMTP accepted the message (``response`` is the ``250`` line).
 
         ``dead_letter_id``: a copy for the recipients who refused it is in the store.
         ``done``: the recipients it is now done for, recorded in the same transaction.
+        ``identity``: kept for the check before a later DELE (PRODUCT §5.6).
         """
         await self._record(
-            account, uidl, MessageState.DELIVERED, size, response, now, dead_letter_id, done
+            account,
+            uidl,
+            MessageState.DELIVERED,
+            size,
+            response,
+            now,
+            dead_letter_id,
+            done,
+            identity,
         )
 
     def record_delivered_soon(
@@ -671,6 +761,7 @@ class Ledger:
         now: float,
         *,
         done: RecipientsDone | None = None,
+        identity: Identity | None = None,
     ) -> int:
         """Queue a ``delivered`` row for the next group commit; return its ticket at once.
 
@@ -680,7 +771,9 @@ class Ledger:
         """
         if self._closed:
             raise LedgerError(f"ledger {self.path}: closed")
-        row = _Row.of(account, uidl, MessageState.DELIVERED, size, response, now, None, done)
+        row = _Row.of(
+            account, uidl, MessageState.DELIVERED, size, response, now, None, done, identity
+        )
         with self._lock:
             self._tickets += 1
             ticket = self._tickets
@@ -763,10 +856,19 @@ class Ledger:
         dead_letter_id: str | None = None,
         *,
         done: RecipientsDone | None = None,
+        identity: Identity | None = None,
     ) -> None:
         """Commit that the message is durably in the dead-letter store (as ``dead_letter_id``)."""
         await self._record(
-            account, uidl, MessageState.DEAD_LETTERED, size, response, now, dead_letter_id, done
+            account,
+            uidl,
+            MessageState.DEAD_LETTERED,
+            size,
+            response,
+            now,
+            dead_letter_id,
+            done,
+            identity,
         )
 
     async def record_deferred(
@@ -779,6 +881,7 @@ class Ledger:
         *,
         dead_letter_id: str | None = None,
         done: RecipientsDone | None = None,
+        identity: Identity | None = None,
     ) -> LedgerEntry:
         """Commit a temporary refusal; return the row (``attempts`` counted, ``first_seen`` kept).
 
@@ -787,7 +890,15 @@ class Ledger:
         while others deferred it; a retry leaves them out.
         """
         return await self._record(
-            account, uidl, MessageState.DEFERRED, size, response, now, dead_letter_id, done
+            account,
+            uidl,
+            MessageState.DEFERRED,
+            size,
+            response,
+            now,
+            dead_letter_id,
+            done,
+            identity,
         )
 
     async def done_recipients(self, account: str, keys: Collection[str]) -> frozenset[str]:
@@ -838,9 +949,10 @@ class Ledger:
         now: float,
         dead_letter_id: str | None,
         done: RecipientsDone | None,
+        identity: Identity | None = None,
     ) -> LedgerEntry:
         sql = _UPSERT_DEFERRAL if state is MessageState.DEFERRED else _UPSERT
-        row = _Row.of(account, uidl, state, size, response, now, dead_letter_id, done)
+        row = _Row.of(account, uidl, state, size, response, now, dead_letter_id, done, identity)
         # SMTP took the message (for some recipients at least): if the commit fails the row is
         # owed.  Not a dead letter's: the fetcher removes its file instead (the message is
         # still upstream and is dead-lettered again).
@@ -1050,6 +1162,17 @@ class Ledger:
         if writes and conn.total_changes != before:
             self._wrote(None)
         return result
+
+
+def _forget(conn: sqlite3.Connection, account: str, uidls: Sequence[str]) -> None:
+    """Inside the caller's transaction: delete the rows of ``uidls`` and their ``uidl:`` rows."""
+    conn.executemany(
+        "DELETE FROM messages WHERE account = ? AND uidl = ?", [(account, u) for u in uidls]
+    )
+    conn.executemany(
+        "DELETE FROM recipients_done WHERE account = ? AND key = ?",
+        [(account, f"uidl:{u}") for u in uidls],
+    )
 
 
 def _guarded(path: Path, op: str, fn: Callable[[A], T], arg: A) -> T:

@@ -184,6 +184,7 @@ class LoopbackPop3Server(_LoopbackServer):
         cut_after_bytes: int | None = None,
         no_greeting: bool = False,
         hostname: str = "localhost",
+        top: bool = True,
     ) -> None:
         super().__init__()
         self.users = dict(users)
@@ -195,6 +196,7 @@ class LoopbackPop3Server(_LoopbackServer):
         self.cut_after_bytes = cut_after_bytes
         self.no_greeting = no_greeting
         self.hostname = hostname
+        self.top = top
         self.deleted: list[str] = []  # UIDLs removed at QUIT, in order
         self.stalled = asyncio.Event()  # set when a RETR reply starts to stall
         self.locked: set[str] = set()
@@ -205,13 +207,15 @@ class LoopbackPop3Server(_LoopbackServer):
             for raw in messages:
                 self.add_message(user, raw)
 
-    def add_message(self, user: str, raw: bytes) -> str:
+    def add_message(self, user: str, raw: bytes, uidl: str | None = None) -> str:
         """Append a message to ``user``'s mailbox and return its UIDL (stable for its lifetime).
 
-        Sessions logged in already do not see it: RFC 1939 §4 locks the maildrop at login.
+        ``uidl`` gives it one of the caller's choosing, as a server whose numbering restarted
+        does (RFC 1939 §7 promises uniqueness only while a message exists).  Sessions logged in
+        already do not see it: RFC 1939 §4 locks the maildrop at login.
         """
         # Dovecot-like shape (counter, then a validity stamp); RFC 1939 §7: 0x21-0x7E, <= 70.
-        uidl = f"{next(self._counter):08x}{self._epoch:08x}"
+        uidl = uidl or f"{next(self._counter):08x}{self._epoch:08x}"
         self._boxes.setdefault(user, []).append(_Stored(uidl, raw, _to_crlf(raw)))
         return uidl
 
@@ -262,8 +266,9 @@ class _Pop3Session:
         """Answer one command; False ends the session."""
         args = arg.split()
         if verb == "CAPA":
-            caps = ["TOP", "USER", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING", "SASL PLAIN"]
+            caps = ["USER", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING", "SASL PLAIN"]
             caps += ["UIDL"] if self.srv.uidl else []
+            caps += ["TOP"] if self.srv.top else []
             # RFC 2595 §4: STLS only before login, and once.
             offer_stls = self.srv.ssl_context and not self.tls and self.login is None
             caps += ["STLS"] if offer_stls else []
@@ -344,8 +349,8 @@ class _Pop3Session:
     async def transaction(self, verb: str, args: list[str]) -> bool:
         live = [(i + 1, m) for i, m in enumerate(self.drop) if i not in self.marked]
         i = self.index(args[0]) if args else None
-        if verb == "UIDL" and not self.srv.uidl:
-            await self.err("command not supported")  # UIDL is optional (RFC 1939 §7)
+        if (verb == "UIDL" and not self.srv.uidl) or (verb == "TOP" and not self.srv.top):
+            await self.err("command not supported")  # both optional (RFC 1939 §7)
         elif verb in {"RETR", "DELE", "TOP"} or (verb in {"LIST", "UIDL"} and args):
             if i is None:
                 await self.err("no such message")

@@ -28,20 +28,25 @@ Exchange decides whether such a mailbox exists: a ``550 5.1.1`` to its RCPT is a
 message (PRODUCT §6), and the fetcher dead-letters a copy naming it while the other recipients
 get theirs.
 
-Pure functions on bytes and frozen data; no I/O.  Header values are decoded as ASCII with
-surrogate escapes (8-bit bytes never raise), and an address that could not go on an SMTP
-envelope as it is (``delivery.address_problem``) is ignored, never "repaired".
+Pure functions on bytes and frozen data; no I/O.  Header fields are read by
+:mod:`connector.headers` (bounded block, capped values) and address lists by
+:func:`connector.addresses.address_list` (one pass, no recursion: a few hundred nested ``(``
+once made ``email.utils.getaddresses`` raise ``RecursionError``).  Values are decoded as ASCII
+with surrogate escapes (8-bit bytes never raise), and an address that could not go on an SMTP
+envelope as it is (``delivery.address_problem``) is ignored, never "repaired".  A field that
+was too long to read whole (:data:`connector.headers.MAX_VALUE`) counts with what was read of
+it, and :attr:`Routing.unread` names it, so the fetcher can say so in its log.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from email.utils import getaddresses
 from typing import Final
 
+from connector import headers
+from connector.addresses import read_address_list
 from connector.delivery import address_problem
 
 __all__ = [
@@ -55,14 +60,6 @@ __all__ = [
 ]
 
 DEFAULT_ENVELOPE_HEADERS: Final = ("Delivered-To", "X-Original-To", "X-Envelope-To")
-
-# The end of the header block: the first empty line (RFC 5322 §2.1); bare LF tolerated.
-_HEADER_END: Final = re.compile(rb"\r?\n\r?\n")
-# A field's first line "name:" (RFC 5322 §2.2: printable ASCII except colon, then the colon).
-_FIELD: Final = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
-# The largest header block we look into: a message whose header block is larger is routed on
-# what we have read of it (a hostile 1 MiB header line must not cost more than this).
-_MAX_HEADER_BLOCK: Final = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,62 +99,49 @@ class Routing:
     ``configured``: those of ``recipients`` that come from the config (the fallback, a rule's
     targets) rather than from the message: a permanent refusal of one of them is our setup's
     fault (PRODUCT §6), not the message's.
+    ``unread``: what could not be read whole among what was consulted: the names of fields
+    cut at :data:`connector.headers.MAX_VALUE` or that do not parse to their end (an unclosed
+    comment, quote or bracket), and ``"header"`` when the header block itself was larger
+    than the reader's caps.  Routing went on with what was read; the fetcher logs it.
     """
 
     recipients: tuple[str, ...]
     source: str
     found: tuple[str, ...]
     configured: frozenset[str]
+    unread: tuple[str, ...] = ()
 
 
 def header_fields(raw: bytes) -> Iterator[tuple[str, str]]:
-    """``(lower-case name, unfolded value)`` of each field of the header block, in order.
-
-    RFC 5322 §2.2.3: a line that starts with a space or tab continues the field above it.
-    Lines that are not fields (no colon) are skipped, as mail readers do.
-    """
-    if raw.startswith((b"\r\n", b"\n")):
-        return
-    end = _HEADER_END.search(raw, 0, _MAX_HEADER_BLOCK)
-    block = raw[: end.start() if end is not None else _MAX_HEADER_BLOCK]
-    name: bytes | None = None
-    value: list[bytes] = []
-    for line in block.split(b"\n"):
-        line = line.rstrip(b"\r")
-        if line[:1] in (b" ", b"\t") and name is not None:
-            value.append(line)
-            continue
-        if name is not None:
-            yield _decoded(name, value)
-        m = _FIELD.match(line)
-        name, value = (m[1], [line[m.end() :]]) if m else (None, [])
-    if name is not None:
-        yield _decoded(name, value)
-
-
-def _decoded(name: bytes, value: list[bytes]) -> tuple[str, str]:
-    text = b" ".join(part.strip() for part in value)
-    return name.decode("ascii").lower(), text.decode("ascii", "surrogateescape")
+    """``(lower-case name, unfolded value)`` of each field of the header block, in order
+    (:func:`connector.headers.fields`; values decoded with surrogate escapes)."""
+    for field in headers.fields(raw):
+        yield field.name, field.text
 
 
 def message_id(raw: bytes) -> str | None:
     """The first ``Message-ID`` (RFC 5322 §3.6.4) as written, without spaces; None if absent."""
-    for name, value in header_fields(raw):
-        if name == "message-id":
-            text = "".join(value.split())
-            return text if text and text.isascii() else None
-    return None
+    field = headers.first(raw, "message-id")
+    if field is None or field.cut:
+        return None  # longer than any Message-ID a mailer writes: no key from it
+    text = "".join(field.text.split())
+    return text if text and text.isascii() else None
 
 
-def _addresses(values: Iterable[str]) -> list[str]:
-    """The addr-specs in address-list field values (RFC 5322 §3.4), lower-cased domain."""
+def _addresses(values: Iterable[str], unread: list[str] | None = None, name: str = "") -> list[str]:
+    """The addr-specs in address-list field values (RFC 5322 §3.4), lower-cased domain.  A
+    value that did not read to its end adds ``name`` to ``unread``."""
     out: list[str] = []
-    for _, address in getaddresses(list(values)):
-        local, at, domain = address.strip().rpartition("@")
-        if at and local and domain:
-            candidate = f"{local}@{domain.lower().rstrip('.')}"
-            if address_problem(candidate) is None:
-                out.append(candidate)
+    for value in values:
+        found, whole = read_address_list(value)
+        if not whole and unread is not None:
+            unread.append(name)
+        for address in found:
+            local, at, domain = address.rpartition("@")
+            if at and local and domain:
+                candidate = f"{local}@{domain.lower().rstrip('.')}"
+                if address_problem(candidate) is None:
+                    out.append(candidate)
     return out
 
 
@@ -211,24 +195,36 @@ def _unique(addresses: Iterable[str]) -> tuple[str, ...]:
 
 def route(raw: bytes, shared: SharedMailbox, fallback: Sequence[str]) -> Routing:
     """Where the message ``raw`` of a shared mailbox goes (see the module docstring)."""
-    fields = list(header_fields(raw))
-    for header in shared.envelope_headers:
-        wanted = header.lower()
-        for name, value in fields:
-            if name != wanted:
+    header = headers.read(raw)
+    unread: list[str] = [] if header.complete else ["header"]
+    for name in shared.envelope_headers:
+        wanted = name.lower()
+        for field in header.fields:
+            if field.name != wanted:
                 continue
-            hit = _routed(_addresses([value]), shared)
+            if field.cut:
+                unread.append(name)
+            hit = _routed(_addresses([field.text], unread, name), shared)
             if hit is not None:
-                return _routing(hit, header)
+                return _routing(hit, name, unread)
     if shared.header_recipients:
-        hit = _routed(_addresses(v for n, v in fields if n in ("to", "cc")), shared)
+        found: list[str] = []
+        for field in header.fields:
+            if field.name in ("to", "cc"):
+                label = field.name.capitalize()
+                if field.cut:
+                    unread.append(label)
+                found += _addresses([field.text], unread, label)
+        hit = _routed(found, shared)
         if hit is not None:
-            return _routing(hit, "To/Cc")
+            return _routing(hit, "To/Cc", unread)
     targets = _unique(fallback)
-    return Routing(targets, "fallback", (), frozenset(t.lower() for t in targets))
+    return Routing(
+        targets, "fallback", (), frozenset(t.lower() for t in targets), tuple(dict.fromkeys(unread))
+    )
 
 
-def _routing(hit: tuple[list[str], list[str], set[str]], source: str) -> Routing:
+def _routing(hit: tuple[list[str], list[str], set[str]], source: str, unread: list[str]) -> Routing:
     ours, recipients, configured = hit
     targets = _unique(recipients)
     return Routing(
@@ -236,4 +232,5 @@ def _routing(hit: tuple[list[str], list[str], set[str]], source: str) -> Routing
         source,
         _unique(ours),
         frozenset(t.lower() for t in targets if t.lower() in configured),
+        tuple(dict.fromkeys(unread)),
     )

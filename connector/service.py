@@ -405,6 +405,7 @@ def build_runtime(settings: Settings, *, include_disabled: bool = False) -> Runt
                 delete_after=acct.delete_after,
                 oversize=Oversize(acct.oversize),
                 shared=None if acct.shared is None else shared_mailbox(acct.shared, acct.username),
+                cycle_timeout=settings.service.cycle_timeout,
             )
         )
         if acct.enabled:

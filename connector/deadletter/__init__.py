@@ -139,6 +139,10 @@ def _one_line(value: str, cut: bool = True) -> str:
     as Python's ``backslashreplace`` does, so nothing is lost silently.  Over-long values are
     cut (RFC 5322 §2.1.1) unless ``cut`` is false.
     """
+    if cut:
+        # Every character gives at least one of the output, so what lies past this could
+        # only be cut off: it is not looked at (a megabyte of reply text costs nothing).
+        value = value[: _MAX_VALUE * 4]
     out: list[str] = []
     for ch in _WHITESPACE_RE.sub(" ", value).strip():
         code = ord(ch)
@@ -253,14 +257,16 @@ def _our_lines(raw: bytes) -> tuple[list[bytes], bytes | None, int]:
     pos = 0
     first = line(_RECIPIENTS, 0)
     if first is not None:
-        recipients, pos = first
-        # RFC 5322 §2.2.3: unfolding removes the line end before the white space.
+        folded, pos = [first[0]], first[1]
+        # RFC 5322 §2.2.3: unfolding removes the line end before the white space.  The
+        # pieces are joined once at the end: a long field is not copied once per line.
         while pos < len(raw) and raw[pos] in _WSP:
             nl = raw.find(b"\n", pos)
             if nl < 0:
                 break  # cut off (a head of HEADER_BLOCK_MAX bytes): not a complete block
-            recipients += raw[pos:nl].rstrip(b"\r")
+            folded.append(raw[pos:nl].rstrip(b"\r"))
             pos = nl + 1
+        recipients = b"".join(folded)
     values: list[bytes] = []
     for name in _NAMES:
         found = line(name, pos)

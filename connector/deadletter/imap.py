@@ -81,8 +81,6 @@ _LIST_DELIM_RE: Final = re.compile(rb'^\([^)]*\) (?:"(\\.|[^"\\])"|NIL)', re.IGN
 _FETCH_START_RE: Final = re.compile(rb"^\d+ FETCH \(", re.IGNORECASE)
 _FETCH_UID_RE: Final = re.compile(rb"\bUID (\d+)", re.IGNORECASE)
 _FETCH_SIZE_RE: Final = re.compile(rb"\bRFC822\.SIZE (\d+)", re.IGNORECASE)
-# aioimaplib strips "* SEARCH " from "* SEARCH 3 7" (RFC 3501 §7.2.5), leaving b"3 7".
-_SEARCH_RE: Final = re.compile(rb"^(?:SEARCH)?((?: ?\d+)*)\s*$", re.IGNORECASE)
 # RFC 3501 §4.3: a literal is CRLF lines without NUL; these may not survive the round trip.
 _NOT_IMAP_SAFE_RE: Final = re.compile(rb"\x00|\r(?!\n)|(?<!\r)\n")
 _MAX_TEXT: Final = 200
@@ -191,6 +189,22 @@ class _ProtocolMismatch(Exception):
 # --------------------------------------------------------------------------------------------
 
 
+def _search_uids(line: bytes) -> builtins.list[int]:
+    """The numbers of a SEARCH answer line, or [] when it is not one.
+
+    aioimaplib strips "* SEARCH " from "* SEARCH 3 7" (RFC 3501 §7.2.5), leaving b"3 7"; some
+    versions leave "SEARCH".  Split, not a regular expression: the natural pattern,
+    ``((?: ?\\d+)*)``, backtracks exponentially over a long run of digits that does not end
+    the line as expected (a hostile server's answer).
+    """
+    words = line.split()
+    if words and words[0].upper() == b"SEARCH":
+        words = words[1:]
+    if not all(w.isdigit() and len(w) <= 10 for w in words):  # RFC 3501 §2.3.1.1: nz-number
+        return []
+    return [int(w) for w in words]
+
+
 def make_id(uidvalidity: int, uid: int) -> str:
     """A dead letter's id: ``imap:<uidvalidity>:<uid>`` (RFC 3501 §2.3.1.1: the pair is unique
     for the folder; a new UIDVALIDITY makes old ids unknown, which is correct)."""
@@ -257,11 +271,12 @@ def _parse_fetch(lines: Sequence[bytes | bytearray]) -> builtins.list[_Fetched]:
     ``bytearray``, then ``b")"``; items may come in any order (RFC 3501 §7.4.2).
     """
     out: builtins.list[_Fetched] = []
-    text = b""
+    parts: builtins.list[bytes] = []  # one response's lines, joined once (not copied per line)
     literal: bytes | None = None
     started = False
 
     def finish() -> None:
+        text = b" ".join(parts)
         uid = _FETCH_UID_RE.search(text)
         size = _FETCH_SIZE_RE.search(text)
         if uid is not None:
@@ -274,9 +289,9 @@ def _parse_fetch(lines: Sequence[bytes | bytearray]) -> builtins.list[_Fetched]:
         if _FETCH_START_RE.match(line):
             if started:
                 finish()
-            started, text, literal = True, line, None
+            started, parts, literal = True, [bytes(line)], None
         elif started:
-            text += b" " + line
+            parts.append(bytes(line))
     if started:
         finish()
     return out
@@ -605,12 +620,7 @@ class ImapStore:
         )
         if not found.ok:
             raise session.refused("UID SEARCH", found)
-        uids = [
-            int(n)
-            for line in found.lines[:-1]
-            if (m := _SEARCH_RE.match(bytes(line)))
-            for n in m.group(1).split()
-        ]
+        uids = [n for line in found.lines[:-1] for n in _search_uids(bytes(line))]
         if not uids:
             # The APPEND was answered OK, so the message is stored: only its id is unknown.
             log.warning(

@@ -16,8 +16,8 @@ gone, and the dead letter of that old message must stay.
 
 Why at the first ``put``, not at start: a cycle costs what is new (PRODUCT §5), and a ``once``
 from cron that dead-letters nothing never reads the store.  Why matched, not removed: an
-unrecorded dead letter may also be one whose ledger row was pruned (7 days after its message
-left the server); only the same message arriving again says which it is.
+unrecorded dead letter may also be one whose ledger row was forgotten once its message left the
+server (docs/design.md §5.1 step 6); only the same message arriving again says which it is.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ class ReconcilingStore:
                 for record in records:
                     if record.id not in known:
                         index.setdefault((record.account, record.uidl), []).append(record)
-                # Most are dead letters whose rows were pruned; the others are twins to be.
+                # Most are dead letters whose rows were forgotten; the others are twins to be.
                 log.debug("%d dead letters without a ledger row", sum(map(len, index.values())))
                 self._unrecorded = index
             return self._unrecorded

@@ -64,9 +64,11 @@ from connector.pop3.protocol import (
     Event,
     Greeting,
     Listing,
+    LocalProtocolError,
     Message,
     NeedData,
     Ok,
+    State,
     Verb,
     apop_digest,
     parse_stat,
@@ -252,6 +254,8 @@ class Pop3Client:
         self._outbox_from = 0  # the sequence number of the first of them
         self._dele_failed: Pop3ResponseError | None = None  # a -ERR to DELE: no QUIT then
         self._broken: str | None = None  # why the connection is unusable
+        self._count: int | None = None  # STAT's message count: bounds the listings
+        self._listed: dict[int, int] = {}  # LIST's sizes: bound each RETR
         self.greeting_text, self.apop_stamp, self.capabilities = "", None, {}
         self.tls_active = endpoint.tls is TlsMode.IMPLICIT
         self.utf8_mode = False
@@ -359,16 +363,17 @@ class Pop3Client:
             self._writer.transport.abort()
         return exc
 
-    def _submit(self, cmd: Command, *, defer: bool = False) -> int:
+    def _submit(self, cmd: Command, *, defer: bool = False, expect: int | None = None) -> int:
         """Queue ``cmd`` in the core and the write buffer; return its sequence number.
 
         ``defer``: hold the bytes back until the next command or flush (pipelined DELEs go out
         together with the next RETRs: one system call, and one wake-up of the server, for many).
-        A reply is never awaited for a command still held back (``_read_next``).
+        A reply is never awaited for a command still held back (``_read_next``).  ``expect``:
+        what bounds the reply (``Connection.send``).
         """
         if self._broken is not None:
             raise Pop3ConnectionError(f"connection unusable ({self._broken})")
-        data = self._conn.send(cmd)
+        data = self._conn.send(cmd, expect=expect)
         if defer:
             if not self._outbox:
                 self._outbox_from = self._seq + 1
@@ -419,6 +424,15 @@ class Pop3Client:
             raise self._poison(exc) from None
         except OSError as exc:  # ssl.SSLError included
             raise self._poison(Pop3ConnectionError(f"connection broke: {exc}")) from None
+        except LocalProtocolError:
+            self._poison(Pop3ConnectionError("client misuse"))
+            raise  # our own bug, not the server's: classify() says BUG
+        except Exception as exc:
+            # The parser failed on what the server sent in a way nobody foresaw: that costs
+            # this server its session (a cycle), never the service.
+            raise self._poison(
+                Pop3ProtocolError(f"unreadable reply ({type(exc).__name__})")
+            ) from exc
         except BaseException:
             # Cancelled in the middle of a reply: whoever comes next would read our bytes.
             self._poison(Pop3ConnectionError("cancelled in the middle of a reply"))
@@ -450,6 +464,11 @@ class Pop3Client:
             self._stash[head] = ev
             return False
         self._inflight.popleft()
+        if not self._inflight and self._conn.buffered and self._conn.state is not State.CLOSED:
+            # Every reply due is in, and more came with the last: nobody asked for it, and
+            # taken for the next reply it would shift every reply after it by one (a
+            # message's contents included).  The core keeps such bytes; the session ends here.
+            raise self._poison(Pop3ProtocolError("the server sent data no command asked for"))
         number = self._deles.pop(head, None)
         if number is not None:
             match ev:
@@ -466,8 +485,8 @@ class Pop3Client:
             self._stash[head] = ev
         return True
 
-    async def _request(self, cmd: Command) -> Event:
-        seq = self._submit(cmd)
+    async def _request(self, cmd: Command, *, expect: int | None = None) -> Event:
+        seq = self._submit(cmd, expect=expect)
         await self._flush()
         return await self._reply(seq, long=cmd.verb in (Verb.RETR, Verb.TOP))
 
@@ -645,19 +664,26 @@ class Pop3Client:
     # -- transaction ---------------------------------------------------------------------------
 
     async def stat(self) -> tuple[int, int]:
-        """(message count, mailbox octets)."""
-        return parse_stat(await self._ok(Command(Verb.STAT)))
+        """(message count, mailbox octets).  The count bounds the listings that follow."""
+        count, octets = parse_stat(await self._ok(Command(Verb.STAT)))
+        self._count = count
+        return count, octets
 
     async def uidl(self) -> builtins.list[tuple[int, str]]:
-        """[(msg number, uid)] for every message; Pop3ResponseError if the server lacks UIDL."""
+        """[(msg number, uid)] for every message; Pop3ResponseError if the server lacks UIDL.
+        After :meth:`stat`, a listing longer than its count allows is a Pop3ProtocolError."""
         return builtins.list(await self._listing(Verb.UIDL))
 
     async def list(self) -> builtins.list[tuple[int, int]]:
-        """[(msg number, octets)]."""
-        return [(n, int(size)) for n, size in await self._listing(Verb.LIST)]
+        """[(msg number, octets)], bounded like :meth:`uidl`.  The sizes bound each RETR of
+        the session: a message longer than LIST said (beyond ``protocol.retr_cap``'s
+        tolerance) is a Pop3ProtocolError."""
+        listed = [(n, int(size)) for n, size in await self._listing(Verb.LIST)]
+        self._listed = dict(listed)
+        return listed
 
     async def _listing(self, verb: Verb) -> tuple[tuple[int, str], ...]:
-        match ev := await self._request(Command(verb)):
+        match ev := await self._request(Command(verb), expect=self._count):
             case Listing(entries=entries):
                 return entries
             case Err(text=text, resp_code=code):
@@ -667,11 +693,15 @@ class Pop3Client:
 
     async def retr(self, number: int) -> bytes:
         """The message exactly as sent: CRLF line ends, dots unstuffed, no final dot line."""
-        return self._message(await self._request(Command(Verb.RETR, (number,))), "RETR")
+        ev = await self._request(Command(Verb.RETR, (number,)), expect=self._listed.get(number))
+        return self._message(ev, "RETR")
 
     async def top(self, number: int, lines: int) -> bytes:
         """Headers, the blank line, and ``lines`` body lines (RFC 1939 §7)."""
-        return self._message(await self._request(Command(Verb.TOP, (number, lines))), "TOP")
+        ev = await self._request(
+            Command(Verb.TOP, (number, lines)), expect=self._listed.get(number)
+        )
+        return self._message(ev, "TOP")
 
     async def retr_many(
         self,
@@ -726,7 +756,8 @@ class Pop3Client:
                     size = sizes.get(number, 0 if not sizes else window_octets)
                     if sent and octets + size > window_octets:
                         break
-                    seq = self._submit(Command(Verb.RETR, (number,)), defer=True)
+                    listed = sizes.get(number, self._listed.get(number))
+                    seq = self._submit(Command(Verb.RETR, (number,)), defer=True, expect=listed)
                     sent.append((number, seq, size))
                     octets += size
                     todo += 1

@@ -43,8 +43,14 @@ forwards it without a rescan.
 
 Caps are separate, because one shared cap (poplib's 2048) rejects real mail: a status or
 listing line may be :data:`MAX_LINE` octets (RFC 1939 §3 says 512; we allow slack); a message
-may be ``max_message_size`` octets, and lines inside it may be any length.  Exceeding a cap is a
-:class:`~connector.errors.Pop3ProtocolError`; a truncated message is never returned.
+may be ``max_message_size`` octets, and lines inside it may be any length.  A hostile server
+gets no more room than the session's own answers give it: a listing (LIST, UIDL) is capped by
+the message count STAT announced (:func:`listing_cap`: RFC 1939 §7 bounds a unique-id to 70
+characters), and a RETR by the size LIST announced for that message, plus the tolerance of
+:func:`retr_cap` for the servers that count a few octets short.  ``send(cmd, expect=...)``
+passes those numbers in.  Exceeding a cap is a :class:`~connector.errors.Pop3ProtocolError`; a
+truncated message is never returned.  A listing is parsed line by line in place, so it costs
+memory for its entries, not for copies of its lines.
 
 Errors: the server's faults raise :class:`~connector.errors.Pop3ProtocolError` (EOF in the middle
 of a reply: :class:`~connector.errors.Pop3ConnectionError`).  Our own misuse (a verb not allowed
@@ -78,7 +84,10 @@ except ImportError:  # pragma: no cover - an install without a C compiler
     _fast_line_counts = None
 
 __all__ = [
+    "CAPA_CAP",
+    "LISTING_LINE",
     "MAX_LINE",
+    "MAX_MESSAGES",
     "NEED_DATA",
     "TRANSITIONS",
     "Capabilities",
@@ -98,14 +107,51 @@ __all__ = [
     "Transition",
     "Verb",
     "apop_digest",
+    "listing_cap",
     "parse_scan_line",
     "parse_stat",
+    "retr_cap",
     "sasl_plain",
 ]
 
 # RFC 1939 §3: a status line is at most 512 octets including CRLF.  Real servers overrun it
 # (long response texts, long capability lines), so we allow eight times that.
 MAX_LINE: Final = 4096
+
+# A CAPA reply (RFC 2449 §5) is a few lines; a server may not make it a flood.
+CAPA_CAP: Final = 64 * 1024
+
+# One line of a listing: a message number, a space, a unique-id of at most 70 characters
+# (RFC 1939 §7) or a size in octets (§5), CRLF: 83 octets with ten-digit numbers.  Servers pad
+# with spaces now and then, so a line gets more room than that.
+LISTING_LINE: Final = 128
+
+
+# The most messages a session is taken to hold, whatever STAT claims: a listing costs memory
+# per entry (a few hundred octets), and a hostile STAT must not buy a gigabyte of it.
+MAX_MESSAGES: Final = 1_000_000
+
+
+def listing_cap(count: int) -> int:
+    """The most octets a UIDL or LIST listing may have in a session whose STAT said ``count``
+    messages (RFC 1939 §4: the maildrop is locked, so the count holds for the session)."""
+    return (min(count, MAX_MESSAGES) + 1) * LISTING_LINE + MAX_LINE
+
+
+def retr_cap(listed: int) -> int:
+    """The most octets (dots unstuffed, CRLF line ends) a RETR of a message LIST announced as
+    ``listed`` octets may bring.
+
+    The tolerance covers what real servers do: Courier and GNU mailutils count a message
+    without a final line end two octets short and then send the CRLF; Dovecot 2.3 does the
+    same, and leaves a first line that starts with "." unstuffed (``_first_line_quirk``); a
+    server that counts stored LF line ends as one octet (the "physical" size of Dovecot's
+    ``pop3_fast_size_lookups``) sends one CR more per line; mailutils adds an ``X-UIDL:`` line
+    to the messages it serves.  Each is a few octets or a few percent, so the room is 1/16 of
+    the size plus 4 KiB.  A server that sends more is not telling the truth about its
+    messages, and the session ends there (Pop3ProtocolError), before it costs more memory.
+    """
+    return listed + listed // 16 + 4096
 
 
 class LocalProtocolError(RuntimeError):
@@ -379,6 +425,9 @@ class _Pending:
     verb: Verb | None  # None for the greeting
     frame: _Frame
     transition: Transition | None
+    cap: int | None = None  # this reply's own cap in octets (a listing, a RETR), see send()
+    listed: int | None = None  # RETR: the size LIST announced, for the error message
+    count: int | None = None  # LIST, UIDL: the message count STAT announced
 
 
 def _frame_for(cmd: Command) -> _Frame:
@@ -419,15 +468,17 @@ def _text(data: bytes | bytearray) -> str:
 
 
 def _unstuff_slow(body: bytes) -> bytes:
-    """Line-by-line dot-unstuffing for bodies with bare LF line ends, rewritten to CRLF.
+    """Dot-unstuffing for bodies with bare LF line ends, rewritten to CRLF.
 
-    ``body`` ends with the LF before the terminating dot line, so ``split`` yields a final
-    empty piece, which the join turns into the closing CRLF.
+    ``body`` ends with the LF before the terminating dot line.  Every line end (LF, with one CR
+    before it taken as part of it) becomes CRLF, and a line starting with ".." loses a dot.
+    Done with ``bytes.replace`` over the whole body, not a list of its lines: a message of a
+    hundred million empty lines would otherwise cost gigabytes of line objects.
     """
-    lines = body.split(b"\n")
-    out = [line[:-1] if line.endswith(b"\r") else line for line in lines[:-1]]
-    out = [line[1:] if line.startswith(b"..") else line for line in out]
-    return b"\r\n".join(out) + b"\r\n"
+    text = body.replace(b"\r\n", b"\n").replace(b"\n..", b"\n.")
+    if text.startswith(b".."):
+        text = text[1:]
+    return text.replace(b"\n", b"\r\n")
 
 
 def _unstuff(body: bytes, stuffed: bool) -> tuple[bytes, bool]:
@@ -524,14 +575,25 @@ class Connection:
         return tuple(p.verb for p in self._pending)
 
     @property
+    def buffered(self) -> int:
+        """How many received octets are not yet part of an event."""
+        return len(self._buf)
+
+    @property
     def trailing_data(self) -> bytes:
         """Bytes received but not yet part of an event (for the STLS injection check)."""
         return bytes(self._buf)
 
     # -- sending ---------------------------------------------------------------------------
 
-    def send(self, cmd: Command) -> bytes:
+    def send(self, cmd: Command, *, expect: int | None = None) -> bytes:
         """Queue ``cmd`` and return the bytes to write.
+
+        ``expect`` bounds the reply by what the session was told before: for LIST and UIDL
+        without an argument the message count STAT gave (:func:`listing_cap`), for RETR and
+        TOP the size LIST gave for that message (:func:`retr_cap`).  Without it a multi-line
+        reply is bounded by ``max_message_size`` only; a CAPA reply always by
+        :data:`CAPA_CAP`.
 
         Raises LocalProtocolError when the verb is not allowed in the current state, or when an
         exclusive command (PASS, APOP, AUTH, STLS, QUIT) still awaits its reply.
@@ -550,7 +612,16 @@ class Connection:
         transition = TRANSITIONS[self._state].get(cmd.verb)
         if transition is None:
             raise LocalProtocolError(f"{cmd.verb.value} is not allowed in {self._state.value}")
-        self._pending.append(_Pending(cmd.verb, _frame_for(cmd), transition))
+        frame = _frame_for(cmd)
+        cap = listed = count = None
+        if frame is _Frame.CAPA:
+            cap = CAPA_CAP
+        elif expect is not None and expect >= 0:
+            if frame in (_Frame.LIST, _Frame.UIDL):
+                cap, count = listing_cap(expect), expect
+            elif frame is _Frame.MESSAGE:
+                cap, listed = retr_cap(expect), expect
+        self._pending.append(_Pending(cmd.verb, frame, transition, cap, listed, count))
         return cmd.to_bytes()
 
     def send_sasl_response(self, response: str) -> bytes:
@@ -691,11 +762,27 @@ class Connection:
             # No "\n." at all: the last byte may be an LF whose dot is still in flight.
             i = max(len(buf) - 1, 0)
         self._scan = i
-        if len(buf) - 1 > self.max_message_size:
-            raise Pop3ProtocolError(
-                f"multi-line reply exceeds {self.max_message_size} octets; refusing to truncate"
-            )
+        if len(buf) - 1 > self._wire_cap(head):
+            raise Pop3ProtocolError(self._too_long(head))
         return self._need_data()
+
+    def _wire_cap(self, head: _Pending) -> int:
+        """The most octets the reply in progress may take on the wire.  A RETR's cap counts
+        the message unstuffed: dot-stuffing adds at most one octet per three (a "." line)."""
+        if head.cap is None:
+            return self.max_message_size
+        wire = head.cap + head.cap // 3 + 3 if head.frame is _Frame.MESSAGE else head.cap
+        return min(wire, self.max_message_size)
+
+    def _too_long(self, head: _Pending) -> str:
+        if head.listed is not None:
+            return f"RETR sends more than the {head.listed} octets LIST announced for the message"
+        if head.cap is not None:
+            return (
+                f"{head.verb.value if head.verb else 'reply'} listing exceeds {head.cap} octets, "
+                "more than the message count STAT announced allows"
+            )
+        return f"multi-line reply exceeds {self.max_message_size} octets; refusing to truncate"
 
     def _finish_body(self, head: _Pending, dot_lf: int, end: int) -> Event:
         # Body: from after the status line's LF up to and including the LF before the dot.
@@ -704,15 +791,15 @@ class Connection:
         del self._buf[:end]
         self._in_body = False
         self._scan = 0
-        if len(body) > self.max_message_size:
-            raise Pop3ProtocolError(
-                f"multi-line reply exceeds {self.max_message_size} octets; refusing to truncate"
-            )
+        if len(body) > self._wire_cap(head):
+            raise Pop3ProtocolError(self._too_long(head))
         self._complete(ok=True)
         match head.frame:
             case _Frame.MESSAGE:
                 raw, as_is = _unstuff(body, self._stuffed)
                 raw = _first_line_quirk(body, raw, self._announced)
+                if head.cap is not None and len(raw) > head.cap:
+                    raise Pop3ProtocolError(self._too_long(head))
                 # A first line starting with "." may have come unstuffed (Dovecot 2.3): then
                 # the body is not the SMTP form; the rare old path re-stuffs ``raw``.  A large
                 # stuffed body is not kept beside ``raw`` either: two copies of a 25 MiB
@@ -723,9 +810,9 @@ class Connection:
                 wire = body if forward else None
                 return Message(raw, wire)
             case _Frame.UIDL:
-                return Listing(self._status_text, _parse_listing(body, uidl=True))
+                return Listing(self._status_text, _parse_listing(body, True, head.count))
             case _Frame.LIST:
-                return Listing(self._status_text, _parse_listing(body, uidl=False))
+                return Listing(self._status_text, _parse_listing(body, False, head.count))
             case _Frame.CAPA:
                 return Capabilities(_parse_capa(body))
             case _Frame.GREETING | _Frame.SINGLE | _Frame.SASL:
@@ -768,22 +855,50 @@ def _first_line_quirk(body: bytes, raw: bytes, announced: int | None) -> bytes:
     return raw
 
 
-def _parse_listing(body: bytes, *, uidl: bool) -> tuple[tuple[int, str], ...]:
-    """Parse ``n value`` lines (RFC 1939 §5 LIST scan listings, §7 UIDL unique-id listings)."""
+def _parse_listing(
+    body: bytes, uidl: bool, count: int | None = None
+) -> tuple[tuple[int, str], ...]:
+    """Parse ``n value`` lines (RFC 1939 §5 LIST scan listings, §7 UIDL unique-id listings).
+
+    One line at a time, in place: what stays is the entries (the set of unique-ids holds the
+    same strings), not a list of the lines or of their words; message numbers are checked for
+    repeats by their order, and only a server that lists them out of order costs a set.
+    ``count``: STAT's message count, which the listing may not exceed (RFC 1939 §4: the
+    maildrop is locked for the session; a few more are let pass).
+    """
     entries: list[tuple[int, str]] = []
-    numbers: set[int] = set()
-    values: set[bytes] = set()
-    for line in _lines(body):
-        parts = line.split()
+    numbers: set[int] | None = None  # only once the numbers come out of order
+    last = 0
+    values: set[str] = set()
+    most = None if count is None else count + count // 100 + 16
+    pos, end = 0, len(body)
+    while pos < end:
+        nl = body.find(b"\n", pos)
+        stop = end if nl < 0 else nl
+        if stop - pos > MAX_LINE + 1:
+            raise Pop3ProtocolError(f"listing line longer than {MAX_LINE} octets")
+        line = body[pos:stop].removesuffix(b"\r")
+        pos = stop + 1
+        if line.startswith(b".."):
+            line = line[1:]
+        parts = line.split(None, 2)
         if len(parts) < 2 or not parts[0].isdigit():
             raise Pop3ProtocolError("malformed listing line")
-        number, value = int(parts[0]), parts[1]
-        if number < 1 or number in numbers:
-            raise Pop3ProtocolError(f"message number {number} invalid or listed twice")
-        numbers.add(number)
+        number, raw_value = int(parts[0]), parts[1]
+        if number > last:
+            last = number
+            if numbers is not None:
+                numbers.add(number)
+        else:
+            if numbers is None:
+                numbers = {n for n, _ in entries}
+            if number < 1 or number in numbers:
+                raise Pop3ProtocolError(f"message number {number} invalid or listed twice")
+            numbers.add(number)
         if uidl:
-            if not _UID.fullmatch(value):
+            if not _UID.fullmatch(raw_value):
                 raise Pop3ProtocolError("unique-id is not 1-70 characters 0x21-0x7E")
+            value = raw_value.decode("ascii")
             # RFC 1939 §7: unique within the maildrop, and so the ledger's key (see
             # docs/design.md §8.2); a repeat would make us skip or delete the wrong message
             # (getmail6 agrees).  popa3d's unique-id is a digest of a few header fields
@@ -792,9 +907,13 @@ def _parse_listing(body: bytes, *, uidl: bool) -> tuple[tuple[int, str], ...]:
             if value in values:
                 raise Pop3ProtocolError("the same unique-id is listed twice")
             values.add(value)
-        elif not value.isdigit():
+        elif not raw_value.isdigit():
             raise Pop3ProtocolError("message size is not a number")
-        entries.append((number, value.decode("ascii")))
+        else:
+            value = raw_value.decode("ascii")
+        entries.append((number, value))
+        if most is not None and len(entries) > most:
+            raise Pop3ProtocolError(f"more messages listed than the {count} STAT announced")
     return tuple(entries)
 
 
@@ -816,7 +935,7 @@ def _parse_capa(body: bytes) -> tuple[tuple[str, tuple[str, ...]], ...]:
 
 def parse_stat(text: str) -> tuple[int, int]:
     """``+OK nn mm`` to STAT (RFC 1939 §5, drop listing): (message count, size in octets)."""
-    parts = text.split()
+    parts = text.split(None, 2)  # the rest, if any, is not looked at
     if len(parts) < 2 or not all(p.isascii() and p.isdigit() for p in parts[:2]):
         raise Pop3ProtocolError("malformed STAT reply")
     return int(parts[0]), int(parts[1])
@@ -824,7 +943,7 @@ def parse_stat(text: str) -> tuple[int, int]:
 
 def parse_scan_line(text: str) -> tuple[int, str]:
     """``+OK n value`` to LIST n or UIDL n (RFC 1939 §5, §7): (message number, value)."""
-    parts = text.split()
+    parts = text.split(None, 2)
     if len(parts) < 2 or not (parts[0].isascii() and parts[0].isdigit()):
         raise Pop3ProtocolError("malformed scan listing")
     return int(parts[0]), parts[1]

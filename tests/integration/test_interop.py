@@ -138,7 +138,12 @@ CORPUS: list[Sample] = [
     Sample(
         "quoted-local-part",
         _headers("quoted-local-part", "\nbody\n", '<"john doe"@partner.example>').encode(),
-        envelope=None,
+        envelope='<"john doe"@partner.example>',
+    ),
+    Sample(
+        "utf8-return-path",
+        _headers("utf8-return-path", "\nbody\n", "<jürgen@bücher.example>").encode(),
+        envelope="<jürgen@bücher.example>",
     ),
     Sample(
         "body-refused",

@@ -55,9 +55,23 @@ MULTIDROP = Envelope("", ("a@firma.local", "b@firma.local"), False, recipients_f
         (b"Return-Path: <a@x.test\r\n\r\n", ""),
         (b"Return-Path: <no-at-sign>\r\n\r\n", ""),
         (b"Return-Path: <a b@x.test>\r\n\r\n", ""),
-        (b"Return-Path: <\xc3\xa9@x.test>\r\n\r\n", ""),
+        (b"Return-Path: <\xe9@x.test>\r\n\r\n", ""),  # Latin-1: not UTF-8, no address
         (b"Return-Path: <a@x.test> <b@x.test>\r\n\r\n", ""),
-        (b'Return-Path: <"quoted local"@x.test>\r\n\r\n', ""),
+        (b'Return-Path: <"unterminated@x.test>\r\n\r\n', ""),
+        (b"Return-Path: <a@x.test> trailing\r\n\r\n", ""),
+        (b"Return-Path: <a@x.test> (unclosed comment\r\n\r\n", ""),
+        (b"Return-Path: <@relay.test:>\r\n\r\n", ""),
+        (b"Return-Path: <@relay.test x@y.test>\r\n\r\n", ""),
+        # RFC 5321 §4.1.2 Quoted-string local parts, sent with the least quoting possible,
+        # and RFC 6531 UTF-8 (issue 12: both were sent as <> before).
+        (b'Return-Path: <"john doe"@partner.example>\r\n\r\n', '"john doe"@partner.example'),
+        (b'Return-Path: <"john"@partner.example>\r\n\r\n', "john@partner.example"),
+        (b'Return-Path: <"a\\"b"@x.test>\r\n\r\n', '"a\\"b"@x.test'),
+        (b'Return-Path: <"a>b"@x.test>\r\n\r\n', '"a>b"@x.test'),
+        (b"Return-Path: <\xc3\xa9@x.test>\r\n\r\n", "\xe9@x.test"),
+        ("Return-Path: <jörg@müller.example>\r\n\r\n".encode(), "jörg@müller.example"),
+        (b"Return-Path: <a@[192.0.2.1]> (literal)\r\n\r\n", "a@[192.0.2.1]"),
+        (b"Return-Path: <@[192.0.2.9],@b.test:r@x.test>\r\n\r\n", "r@x.test"),
         # A header-like line after the empty line is body, not header.
         (b"\r\nReturn-Path: <body@x.test>\r\n", ""),
         (b"Return-Path-Extra: <no@x.test>\r\n\r\n", ""),
@@ -107,10 +121,18 @@ def test_envelope_sender_reads_only_the_header_block() -> None:
         "a@[192.0.2.1]",
         "a@[IPv6:2001:db8::1]",
         "x_y-z=1@x-y.test",
+        '"quoted local"@x.test',  # RFC 5321 §4.1.2 Quoted-string
+        '"a\\"b"@x.test',
+        '"needless"@x.test',
+        "\xe9@x.test",  # RFC 6531 §3.3
+        "a@ex\xe4mple.test",
+        "a..b@x.test",  # outside RFC 5321, but real and taken by MTAs
     ],
 )
 def test_address_ok(address: str) -> None:
-    assert address_problem(address) is None
+    assert address_problem(address, utf8=True) is None
+    # Without utf8 only ASCII passes: UTF-8 needs SMTPUTF8 (RFC 6531 §3.3).
+    assert (address_problem(address) is None) == address.isascii()
 
 
 @pytest.mark.parametrize(
@@ -125,9 +147,13 @@ def test_address_ok(address: str) -> None:
         "Name <a@x.test>",
         "bad\r\nRCPT TO:<x@y.test>",  # aiosmtplib would silently send x@y.test
         "a@x.test\r\n",
-        "é@x.test",
-        "a@exämple.test",
-        '"quoted"@x.test',
+        '"quoted@x.test',
+        '"a"b"@x.test',
+        '"tab\there"@x.test',
+        '"nul\x00"@x.test',
+        "\udce9@x.test",  # an 8-bit byte that was not UTF-8 (surrogate escape)
+        "a\u00a0b@x.test",  # a no-break space
+        "a@x\u200b.test",  # a zero-width space
         "a,b@x.test",
         "a@x..test",
         "a@-x_y.test",
@@ -136,7 +162,7 @@ def test_address_ok(address: str) -> None:
     ],
 )
 def test_address_refused(address: str) -> None:
-    assert address_problem(address) is not None
+    assert address_problem(address, utf8=True) is not None
 
 
 @pytest.mark.parametrize(

@@ -162,7 +162,7 @@ async def test_left_upstream_is_what_the_quit_did_not_delete(tmp_path: Path) -> 
 
 async def test_known_uidl_is_only_deleted_never_sent_again(rig: Rig) -> None:
     uid = rig.pop.add_message(USER, mail(1))
-    await rig.ledger.sync_listing("info", [uid], rig.now)
+    await rig.ledger.sync_listing("info", [uid])
     await rig.ledger.record_delivered("info", uid, 10, "250 ok", rig.now)
     rec = Recorder()
     stats = await (await rig.cycle(rec)).run()
@@ -450,7 +450,7 @@ async def test_kept_messages_cost_one_listing_and_no_per_message_commands(rig: R
     nothing to the ledger and reports nothing per message (2,000 here to stay fast; nothing in
     the path depends on the count)."""
     uids = [rig.pop.add_message(USER, mail(i)) for i in range(2_000)]
-    await rig.ledger.sync_listing("info", uids, rig.now)
+    await rig.ledger.sync_listing("info", uids)
     for uid in uids[:-1]:  # as if delivered by earlier cycles
         await rig.ledger.record_delivered("info", uid, 50, "250 ok", rig.now)
     stats = await (await rig.cycle(leave_on_server=True)).run()

@@ -15,11 +15,11 @@ import pytest
 from connector import ledger as ledger_module
 from connector.errors import LedgerError
 from connector.ledger import (
-    DEFAULT_PRUNE_AFTER,
     MIGRATIONS,
     AccountStatus,
     CycleRecord,
     Failures,
+    Identity,
     Ledger,
     LedgerEntry,
     MessageState,
@@ -62,7 +62,7 @@ async def test_open_creates_schema_and_reopen_is_idempotent(db_path: Path) -> No
     led = await Ledger.open(db_path)
     await led.record_delivered("info", "u1", 100, "250 ok", T0)
     await led.close()
-    assert _user_version(db_path) == len(MIGRATIONS) == 6
+    assert _user_version(db_path) == len(MIGRATIONS) == 7
 
     with sqlite3.connect(db_path) as conn:
         (journal,) = conn.execute("PRAGMA journal_mode").fetchone()
@@ -150,7 +150,7 @@ async def test_existing_directory_keeps_its_mode(tmp_path: Path) -> None:
 
 
 async def test_state_transitions(ledger: Ledger) -> None:
-    assert await ledger.sync_listing("info", ["a", "b", "c"], T0) == {}
+    assert await ledger.sync_listing("info", ["a", "b", "c"]) == {}
 
     first = await ledger.record_deferred("info", "a", 10, "451 4.3.0 try later", T0)
     assert first == LedgerEntry("a", MessageState.DEFERRED, 10, 1, T0, T0, "451 4.3.0 try later")
@@ -158,7 +158,7 @@ async def test_state_transitions(ledger: Ledger) -> None:
     await ledger.record_dead_lettered("info", "b", 20, "554 5.1.0 Sender denied", T0 + 61, "dl-1")
     await ledger.record_deferred("info", "c", 30, "421 busy", T0 + 62)
 
-    entries = await ledger.sync_listing("info", ["a", "b", "c", "d"], T0 + 120)
+    entries = await ledger.sync_listing("info", ["a", "b", "c", "d"])
     assert entries == {
         "a": LedgerEntry("a", MessageState.DELIVERED, 10, 2, T0, T0 + 60, "250 2.0.0 queued"),
         "b": LedgerEntry(
@@ -201,55 +201,76 @@ async def test_deferral_never_demotes_a_final_state(ledger: Ledger) -> None:
 
 async def test_accounts_are_separate(ledger: Ledger) -> None:
     await ledger.record_delivered("info", "same-uidl", 1, "250 ok", T0)
-    assert await ledger.sync_listing("sales", ["same-uidl"], T0) == {}
-    assert set(await ledger.sync_listing("info", ["same-uidl"], T0)) == {"same-uidl"}
+    assert await ledger.sync_listing("sales", ["same-uidl"]) == {}
+    assert set(await ledger.sync_listing("info", ["same-uidl"])) == {"same-uidl"}
 
 
 # -- gone, reappearing, pruning ---------------------------------------------------------------
 
 
-async def test_gone_rows_are_pruned_after_the_age(db_path: Path) -> None:
-    led = await Ledger.open(db_path, prune_after=7 * DAY)
-    try:
-        await led.record_delivered("info", "old", 1, "250 ok", T0)
-        await led.record_delivered("info", "kept", 1, "250 ok", T0)
-        await led.sync_listing("info", ["kept"], T0 + 10)  # "old" was DELEd and is gone now
-        gone = await led.entry("info", "old")
-        assert gone is not None
-        assert gone.gone_since == T0 + 10
-
-        await led.sync_listing("info", ["kept"], T0 + 10 + 7 * DAY - 1)
-        assert await led.entry("info", "old") is not None  # not yet
-        await led.sync_listing("info", ["kept"], T0 + 10 + 7 * DAY)
-        assert await led.entry("info", "old") is None
-        assert await led.entry("info", "kept") is not None
-    finally:
-        await led.close()
-
-
-async def test_reappearing_uidl_is_known_again_and_its_clock_restarts(db_path: Path) -> None:
-    led = await Ledger.open(db_path, prune_after=DAY)
-    try:
-        await led.record_dead_lettered("info", "u", 1, "554 no", T0)
-        await led.sync_listing("info", [], T0 + 100)  # gone (e.g. a server that hid it)
-        entries = await led.sync_listing("info", ["u"], T0 + 200)  # back again
-        assert entries["u"].state is MessageState.DEAD_LETTERED
-        assert entries["u"].gone_since is None
-        stored = await led.entry("info", "u")
-        assert stored is not None
-        assert stored.gone_since is None
-
-        await led.sync_listing("info", [], T0 + DAY)  # gone again: clock starts here
-        await led.sync_listing("info", [], T0 + 100 + DAY)  # a day after the first disappearance
-        assert await led.entry("info", "u") is not None
-        await led.sync_listing("info", [], T0 + 2 * DAY)
-        assert await led.entry("info", "u") is None
-    finally:
-        await led.close()
+async def test_a_row_no_longer_listed_is_forgotten_at_once(ledger: Ledger) -> None:
+    """PRODUCT §5.6: a UIDL that a complete listing no longer holds is gone; listed again, it
+    is a new message (RFC 1939 §7 promises uniqueness only while a message exists)."""
+    await ledger.record_delivered("info", "old", 1, "250 ok", T0)
+    await ledger.record_delivered("info", "kept", 1, "250 ok", T0)
+    await ledger.record_delivered(
+        "info", "u", 1, "250 ok", T0, done=RecipientsDone(("uidl:u",), ("a@b",))
+    )
+    assert set(await ledger.sync_listing("info", ["old", "kept", "u"])) == {"old", "kept", "u"}
+    assert set(await ledger.sync_listing("info", ["kept"])) == {"kept"}  # "old", "u" DELEd
+    assert await ledger.entry("info", "old") is None
+    assert await ledger.done_recipients("info", ["uidl:u"]) == frozenset()
+    # The server restarted its numbering: "old" now names another message, unknown to us.
+    assert await ledger.sync_listing("info", ["kept", "old"]) == {
+        "kept": LedgerEntry("kept", MessageState.DELIVERED, 1, 1, T0, T0, "250 ok")
+    }
 
 
-async def test_default_prune_age_is_seven_days(ledger: Ledger) -> None:
-    assert ledger.prune_after == DEFAULT_PRUNE_AFTER == 7 * DAY
+async def test_forget_drops_rows_and_their_uidl_recipients(ledger: Ledger) -> None:
+    done = RecipientsDone(("uidl:u1", "mid:<m@x>:0"), ("a@b",))
+    await ledger.record_delivered("info", "u1", 1, "250", T0, done=done)
+    await ledger.record_delivered("sales", "u1", 1, "250", T0)
+    await ledger.forget("info", ["u1"])
+    assert await ledger.entry("info", "u1") is None
+    assert await ledger.done_recipients("info", ["uidl:u1"]) == frozenset()
+    assert await ledger.done_recipients("info", ["mid:<m@x>:0"]) == {"a@b"}  # a copy's key
+    assert await ledger.entry("sales", "u1") is not None
+
+
+async def test_identity_is_kept_with_each_state(ledger: Ledger) -> None:
+    ident = Identity(1234, "abcd")
+    await ledger.record_delivered("info", "d", 1200, "250", T0, identity=ident)
+    await ledger.record_dead_lettered("info", "x", 1200, "554", T0, identity=ident)
+    await ledger.record_deferred("info", "f", 1200, "451", T0, identity=ident)
+    ticket = ledger.record_delivered_soon("info", "s", 1200, "250", T0, identity=ident)
+    assert await ledger.settle([ticket]) == [None]
+    await ledger.record_delivered("info", "legacy", 1200, "250", T0)
+    entries = await ledger.sync_listing("info", ["d", "x", "f", "s", "legacy"])
+    assert {u: e.identity for u, e in entries.items()} == {
+        "d": ident,
+        "x": ident,
+        "f": ident,
+        "s": ident,
+        "legacy": None,
+    }
+    # A later record without one keeps it.
+    await ledger.record_delivered("info", "f", 1200, "250", T0 + 1)
+    again = await ledger.entry("info", "f")
+    assert again is not None
+    assert again.identity == ident
+
+
+async def test_record_failed_counts_and_never_demotes_a_final_state(ledger: Ledger) -> None:
+    first = await ledger.record_failed("info", "u", 10, "error: X", T0, identity=Identity(10, "d"))
+    assert (first.state, first.errors, first.attempts) == (MessageState.DEFERRED, 1, 0)
+    assert first.identity == Identity(10, "d")
+    second = await ledger.record_failed("info", "u", 10, "error: Y", T0 + 1)
+    assert (second.errors, second.last_response, second.first_seen) == (2, "error: Y", T0)
+    deferred = await ledger.record_deferred("info", "u", 10, "451 later", T0 + 2)
+    assert (deferred.errors, deferred.attempts) == (2, 1)
+    await ledger.record_delivered("info", "u", 10, "250", T0 + 3)
+    final = await ledger.record_failed("info", "u", 10, "error: Z", T0 + 4)
+    assert (final.state, final.errors) == (MessageState.DELIVERED, 2)
 
 
 async def test_sync_listing_of_10000_kept_messages_writes_nothing_when_steady(
@@ -260,11 +281,12 @@ async def test_sync_listing_of_10000_kept_messages_writes_nothing_when_steady(
     with sqlite3.connect(db_path) as conn:
         conn.executemany(
             "INSERT INTO messages VALUES"
-            " ('info', ?, 'delivered', 1000, 1, ?, ?, '250 ok', NULL, NULL)",
+            " ('info', ?, 'delivered', 1000, 1, ?, ?, '250 ok', NULL, NULL, 0, NULL, NULL)",
             [(u, T0, T0) for u in uidls],
         )
         conn.executemany(
-            "INSERT INTO messages VALUES ('info', ?, 'deferred', 1, 1, ?, ?, '451', NULL, NULL)",
+            "INSERT INTO messages VALUES"
+            " ('info', ?, 'deferred', 1, 1, ?, ?, '451', NULL, NULL, 0, NULL, NULL)",
             [(f"vanished-{i}", T0, T0) for i in range(3)],
         )
     conn.close()
@@ -272,13 +294,13 @@ async def test_sync_listing_of_10000_kept_messages_writes_nothing_when_steady(
     led = await Ledger.open(db_path)
     try:
         before = await led.total_changes()
-        entries = await led.sync_listing("info", uidls, T0 + 60)
+        entries = await led.sync_listing("info", uidls)
         assert len(entries) == 10_000
         assert entries[uidls[1234]].size == 1000
         first = await led.total_changes()
-        assert first - before == 3  # only the three vanished rows were marked gone
+        assert first - before == 3  # only the three vanished rows were forgotten
 
-        entries = await led.sync_listing("info", uidls, T0 + 120)
+        entries = await led.sync_listing("info", uidls)
         assert len(entries) == 10_000
         assert await led.total_changes() == first  # the steady state writes nothing
     finally:
@@ -299,7 +321,7 @@ async def test_record_cycle_and_account_status(ledger: Ledger) -> None:
     await ledger.record_deferred("info", "d2", 1, "451", T0)
     await ledger.record_dead_lettered("info", "x1", 1, "554", T0)
     await ledger.record_delivered("info", "ok1", 1, "250", T0)
-    await ledger.sync_listing("info", ["d1", "x1", "ok1"], T0 + 1)  # d2 vanished upstream
+    await ledger.sync_listing("info", ["d1", "x1", "ok1"])  # d2 vanished upstream
     await ledger.record_delivered("orphan", "u", 1, "250", T0)  # rows, but no cycle record yet
 
     assert await ledger.account_status() == [
@@ -367,8 +389,8 @@ async def test_concurrent_tasks_are_serialised(ledger: Ledger) -> None:
             await ledger.record_deferred("info", uidl, 1, "451", T0 + i)
 
     async def sync_many() -> None:
-        for i in range(20):
-            await ledger.sync_listing("info", [f"u{n}" for n in range(10)], T0 + i)
+        for _ in range(20):
+            await ledger.sync_listing("info", [f"u{n}" for n in range(10)])
 
     async with asyncio.TaskGroup() as tg:
         for n in range(10):
@@ -376,7 +398,7 @@ async def test_concurrent_tasks_are_serialised(ledger: Ledger) -> None:
         tg.create_task(sync_many())
         tg.create_task(ledger.record_cycle("info", CycleRecord(T0, T0, "ok", None, 10, 10, None)))
 
-    entries = await ledger.sync_listing("info", [f"u{n}" for n in range(10)], T0 + 100)
+    entries = await ledger.sync_listing("info", [f"u{n}" for n in range(10)])
     assert {e.attempts for e in entries.values()} == {20}
     assert len(entries) == 10
 
@@ -407,7 +429,7 @@ async def test_close_then_use_is_a_ledger_error(db_path: Path) -> None:
     await pending
     await led.close()  # idempotent
     with pytest.raises(LedgerError, match="closed"):
-        await led.sync_listing("info", [], T0)
+        await led.sync_listing("info", [])
     # Closing checkpointed the WAL: the row is in the main file and survives.
     assert not db_path.with_name(db_path.name + "-wal").exists()
     again = await Ledger.open(db_path)
@@ -478,12 +500,12 @@ async def test_done_recipients_are_forgotten_by_sync_listing(ledger: Ledger) -> 
     await ledger.record_delivered(
         "info", "u2", 10, "250", T0 + 100, done=RecipientsDone(("mid:<new@x>",), ("a@b",))
     )
-    await ledger.sync_listing("info", ["u1", "u2"], T0 + 200, recipients_before=T0 + 50)
+    await ledger.sync_listing("info", ["u1", "u2"], recipients_before=T0 + 50)
     assert await ledger.done_recipients("info", ["mid:<old@x>"]) == frozenset()
     assert await ledger.done_recipients("info", ["mid:<new@x>"]) == {"a@b"}
     # A steady listing with nothing to forget writes nothing.
     before = await ledger.total_changes()
-    await ledger.sync_listing("info", ["u1", "u2"], T0 + 300, recipients_before=T0 + 50)
+    await ledger.sync_listing("info", ["u1", "u2"], recipients_before=T0 + 50)
     assert await ledger.total_changes() == before
 
 
@@ -493,16 +515,16 @@ async def test_uidl_rows_stay_while_the_message_is_listed_however_old(ledger: Le
     account parked, for longer than any age), or the retry sends it to them again."""
     mid = "mid:<a@b>:" + "0" * 64
     done = RecipientsDone(("uidl:u1", mid), ("bob@firma.local",))
-    await ledger.sync_listing("info", ["u1"], T0)
+    await ledger.sync_listing("info", ["u1"])
     await ledger.record_deferred("info", "u1", 10, "451 later", T0, done=done)
     later = T0 + 100 * DAY
-    await ledger.sync_listing("info", ["u1"], later, recipients_before=later - DAY)
+    await ledger.sync_listing("info", ["u1"], recipients_before=later - DAY)
     assert await ledger.done_recipients("info", ["uidl:u1"]) == {"bob@firma.local"}
     # The duplicate window's rows age out as before.
     assert await ledger.done_recipients("info", [mid]) == frozenset()
 
 
-async def test_uidl_rows_are_pruned_with_their_message_row(ledger: Ledger) -> None:
+async def test_uidl_rows_are_forgotten_with_their_message_row(ledger: Ledger) -> None:
     for uidl in ("u1", "u2"):
         await ledger.record_delivered(
             "info", uidl, 10, "250", T0, done=RecipientsDone((f"uidl:{uidl}",), ("a@b",))
@@ -510,9 +532,7 @@ async def test_uidl_rows_are_pruned_with_their_message_row(ledger: Ledger) -> No
     await ledger.record_delivered(
         "sales", "u1", 10, "250", T0, done=RecipientsDone(("uidl:u1",), ("c@d",))
     )
-    await ledger.sync_listing("info", ["u2"], T0)  # u1 gone upstream
-    assert await ledger.done_recipients("info", ["uidl:u1"]) == {"a@b"}  # not yet pruned
-    await ledger.sync_listing("info", ["u2"], T0 + DEFAULT_PRUNE_AFTER)
+    await ledger.sync_listing("info", ["u2"])  # u1 gone upstream
     assert await ledger.entry("info", "u1") is None
     assert await ledger.done_recipients("info", ["uidl:u1"]) == frozenset()
     assert await ledger.done_recipients("info", ["uidl:u2"]) == {"a@b"}
@@ -771,9 +791,9 @@ async def test_a_steady_listing_still_writes_nothing(ledger: Ledger) -> None:
     # The proof is the fetcher's to call, in a cycle with something to deliver; the listing
     # sync stays free when nothing changed (PRODUCT §5: a cycle costs what is new).
     await ledger.record_delivered("info", "u1", 1, "250 ok", T0)
-    await ledger.sync_listing("info", ["u1"], T0)
+    await ledger.sync_listing("info", ["u1"])
     before = await ledger.total_changes()
-    await ledger.sync_listing("info", ["u1"], T0 + 60)
+    await ledger.sync_listing("info", ["u1"])
     assert await ledger.total_changes() == before
 
 
@@ -791,7 +811,7 @@ async def test_a_failed_write_makes_the_ledger_not_writable_until_one_succeeds(
     assert "disk says no" in (ledger.write_error or "")
     # A read proves nothing; a commit that changed nothing proves nothing either.
     await ledger.entry("info", "x")
-    await ledger.sync_listing("info", [], T0)
+    await ledger.sync_listing("info", [])
     assert not writable()
     await ledger.prove_writable(T0)
     assert writable()
@@ -827,11 +847,11 @@ async def test_rows_of_accepted_messages_whose_commit_failed_are_owed_to_the_nex
     assert ledger.unrecorded == 3
     listed = ["u1", "u2", "u3", "u4", "u5"]
     with pytest.raises(LedgerError, match="disk is full"):  # still failing: all stay owed
-        await ledger.sync_listing("info", listed, T0)
+        await ledger.sync_listing("info", listed)
     assert ledger.unrecorded == 3
     assert not ledger.writable
     await ledger._submit("drop", lambda conn: conn.execute("DROP TRIGGER full"))
-    known = await ledger.sync_listing("info", listed, T0)
+    known = await ledger.sync_listing("info", listed)
     assert {uid: e.state for uid, e in known.items()} == {
         "u1": MessageState.DELIVERED,
         "u2": MessageState.DELIVERED,

@@ -227,9 +227,8 @@ def test_route_reads_the_right_header(raw: bytes, recipients: tuple[str, ...], s
 @pytest.mark.parametrize(
     "to",
     [
-        '"bob smith"@firma.example',  # quoted local part: we never send one
         "bob smith@firma.example",
-        "b\xe9b@firma.example",  # non-ASCII (SMTPUTF8 is never requested)
+        "b\xe9b@firma.example",  # 8-bit in a header: read as surrogate escapes, no address
         "bob@firma..example",
         "@firma.example",
         "bob@",
@@ -242,6 +241,12 @@ def test_addresses_that_cannot_go_on_an_envelope_are_ignored(to: str) -> None:
     routing = rt(raw)
     assert routing.recipients == ("alice@firma.example",)
     assert all(address_problem(r) is None for r in routing.recipients)
+
+
+def test_a_quoted_local_part_is_a_recipient_like_any_other() -> None:
+    # RFC 5321 §4.1.2: it goes on the envelope quoted, and Exchange decides.
+    raw = b'To: "bob smith"@firma.example, "(nested (comment))"@firma.example\r\n\r\n'
+    assert rt(raw).recipients == ('"bob smith"@firma.example', '"(nested (comment))"@firma.example')
 
 
 @pytest.mark.parametrize(
