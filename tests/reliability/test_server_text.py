@@ -221,7 +221,10 @@ def test_server_text_is_escaped_in_every_output(
         assert out.startswith("hostile: FAILED: "), out
         _assert_clean("once stdout", out)
         _assert_clean("once log", log)
-        assert "C: USER u" in log or at_greeting  # the transcript was on, and it is clean too
+        # The transcript was on, and it is clean too.  CAPA, not USER: a payload with a line
+        # feed splits the reply in two, and the line that no command asked for ends the session
+        # at CAPA (connector.pop3.client), before any login.
+        assert "C: CAPA" in log or at_greeting
 
         code, table, log = _cli("--config", str(config), "status")
         assert code == 0, log
