@@ -1,4 +1,5 @@
-"""In-memory implementations of the connector's seams (STYLE §1, §7), for fetcher and service tests.
+"""In-memory implementations of the connector's seams (docs/design.md §2), for fetcher and
+service tests.
 
 Each fake passes the same contract suite as the real thing (tests/unit/test_deadletter.py), so a
 test that passes against a fake says something about the real code.

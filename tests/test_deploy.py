@@ -29,8 +29,8 @@ ROOT: Final = Path(__file__).resolve().parent.parent
 DEPLOY: Final = ROOT / "deploy"
 UNIT: Final = DEPLOY / "systemd" / "pop3-connector.service"
 
-# PRODUCT.md §8, prefix pop3_connector_: name -> type.
-PRODUCT_METRICS: Final = {
+# docs/design.md §11.1, prefix pop3_connector_: name -> type.
+DESIGN_METRICS: Final = {
     "cycle_duration_seconds": "histogram",
     "cycles_total": "counter",
     "messages_total": "counter",
@@ -43,7 +43,6 @@ PRODUCT_METRICS: Final = {
     "account_failing": "gauge",
     "smtp_responses_total": "counter",
     "build_info": "gauge",
-    # Beyond §8 (issue 18, README "Running it").
     "ledger_writable": "gauge",
     "smtp_data_timeouts_total": "counter",
 }
@@ -248,7 +247,7 @@ def test_alert_rules_cover_the_issue() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Metric names: only those of PRODUCT §8
+# Metric names: only those of docs/design.md §11.1
 # --------------------------------------------------------------------------------------------
 
 _METRIC_RE: Final = re.compile(r"\bpop3_connector_[a-z0-9_]+")
@@ -259,7 +258,7 @@ def _base_metric(name: str) -> tuple[str, str]:
     short = name.removeprefix("pop3_connector_")
     for suffix in HISTOGRAM_SUFFIXES:
         base = short.removesuffix(suffix)
-        if base != short and PRODUCT_METRICS.get(base) == "histogram":
+        if base != short and DESIGN_METRICS.get(base) == "histogram":
             return base, suffix
     return short, ""
 
@@ -273,21 +272,21 @@ def _used_metrics() -> dict[str, set[str]]:
     return {f.name: set(_METRIC_RE.findall(f.read_text(encoding="utf-8"))) for f in files}
 
 
-def test_every_metric_used_is_in_product_section_8() -> None:
+def test_every_metric_used_is_in_design_section_11_1() -> None:
     for file, names in _used_metrics().items():
         assert names, file
         for name in names:
             base, suffix = _base_metric(name)
-            assert base in PRODUCT_METRICS, f"{file}: {name} is not a metric of PRODUCT §8"
-            kind = PRODUCT_METRICS[base]
+            assert base in DESIGN_METRICS, f"{file}: {name} is not a metric of docs/design.md §11.1"
+            kind = DESIGN_METRICS[base]
             # A histogram is only queried through its series, counters end in _total.
             assert (kind == "histogram") == bool(suffix), f"{file}: {name}"
             assert (kind == "counter") == base.endswith("_total"), f"{file}: {name}"
 
 
 def test_metric_check_rejects_unknown_names() -> None:
-    assert _base_metric("pop3_connector_cycle_duration_seconds_bucket")[0] in PRODUCT_METRICS
-    assert _base_metric("pop3_connector_messages_deferred")[0] not in PRODUCT_METRICS
+    assert _base_metric("pop3_connector_cycle_duration_seconds_bucket")[0] in DESIGN_METRICS
+    assert _base_metric("pop3_connector_messages_deferred")[0] not in DESIGN_METRICS
     assert _base_metric("pop3_connector_dead_letters_count") == ("dead_letters_count", "")
 
 

@@ -525,8 +525,8 @@ async def test_stall_after_data_retries_then_reconnects(
 async def test_cancelled_delivery_drops_the_connection(
     observed_sink: tuple[SmtpSink, ObservingHandler],
 ) -> None:
-    # Shutdown grace ran out mid-DATA (STYLE §4): the stream is out of step and must not be
-    # reused; the CancelledError must propagate.
+    # Shutdown grace ran out mid-DATA (docs/design.md §10.2, §10.4): the stream is out of step
+    # and must not be reused; the CancelledError must propagate.
     sink, handler = observed_sink
     entered, release = threading.Event(), threading.Event()
 

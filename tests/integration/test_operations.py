@@ -47,7 +47,8 @@ def endpoint_url(log: StderrWatcher) -> str:
 def http(url: str, method: str = "GET") -> tuple[int, bytes]:
     assert url.startswith("http://127.0.0.1:")
     data = b"" if method == "POST" else None
-    # POST /poll needs a type no browser sends cross-site without a preflight (PRODUCT §8).
+    # POST /poll needs a type no browser sends cross-site without a preflight
+    # (docs/design.md §11.2).
     headers = {"Content-Type": "application/json"} if method == "POST" else {}
     request = urllib.request.Request(url, method=method, data=data, headers=headers)  # noqa: S310
     try:

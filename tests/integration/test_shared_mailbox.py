@@ -5,7 +5,7 @@ does for a mailbox that does not exist.
 Every message ends where ``connector.recipients``' rules say, seen from the outside: the
 sink's envelopes (``rcpt_tos``) and bytes (the original, byte for byte, after our Received:
 line), the dead-letter Maildir (its ``X-POP3-Connector-Recipients`` line) and the Dovecot
-mailbox (empty afterwards, or not, as PRODUCT §5 demands).  The commands run through
+mailbox (empty afterwards, or not, as docs/design.md §5.2 demands).  The commands run through
 ``cli.main``.
 """
 
@@ -223,8 +223,9 @@ def test_each_message_ends_where_the_rules_say(
 def test_fallback_refused_stops_the_cycle_and_keeps_the_message(
     setup_factory: Callable[..., Setup], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A 550 to the configured fallback is our setup's fault (PRODUCT §6), not the message's:
-    the cycle stops before the next RETR, nothing is dead-lettered, the message stays (inv. 4)."""
+    """A 550 to the configured fallback is our setup's fault (docs/design.md §6.1), not the
+    message's: the cycle stops before the next RETR, nothing is dead-lettered, the message stays
+    (docs/design.md §5.2, invariant 6)."""
     s = shared_setup(setup_factory)
     first = mail("f1", "To: bob@firma.example\r\n")
     stray = mail("f2", "To: a@b.example\r\n")
@@ -295,7 +296,7 @@ def test_requeue_refused_for_one_recipient_keeps_a_dead_letter_for_it(
     setup_factory: Callable[..., Setup], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A dead letter for two recipients, requeued while one of them is busy (451): the other
-    gets it, and the busy one must keep a dead letter (PRODUCT §5: no message is lost)."""
+    gets it, and the busy one must keep a dead letter (docs/design.md §9: no message is lost)."""
     s = shared_setup(setup_factory)
     raw = mail("r1", "To: nobody@firma.example, ghost@firma.example\r\n")
     s.dovecot.deliver_many(s.user, [raw])

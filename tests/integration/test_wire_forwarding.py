@@ -1,9 +1,10 @@
 """End to end: Dovecot's dot-stuffed RETR body goes to DATA as it is (issue 5, cut 1).
 
 A real ``once`` cycle (Dovecot -> pop3-connector -> aiosmtpd): every message arrives as Dovecot
-stored it, byte for byte (PRODUCT §5), and only the messages whose wire form cannot be
-forwarded (a first line starting with ".", which Dovecot 2.3 does not stuff; a lone CR) take
-the old un-stuff/re-stuff path.  Which path ran is seen by counting the old path's entry point.
+stored it, byte for byte (docs/design.md §5.2, invariant 4), and only the messages whose wire
+form cannot be forwarded (a first line starting with ".", which Dovecot 2.3 does not stuff; a
+lone CR) take the old un-stuff/re-stuff path.  Which path ran is seen by counting the old path's
+entry point.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ bytes, and kills it with SIGKILL at a seeded random instant: at a random byte of
 (a quarter of the rest) as soon as a new dead letter is in the Maildir's ``new/``, before its
 ledger row is committed.
 Then it runs unkilled until the mailbox is empty, and accounts for every Message-ID
-(PRODUCT §5): delivered exactly once, dead-lettered exactly once, or still upstream and deferred;
-lost must be 0.
+(docs/design.md §5.2): delivered exactly once, dead-lettered exactly once, or still upstream
+and deferred; lost must be 0.
 
 Duplicates are counted apart and each must fall in the window between the SMTP ``250`` and the
 ledger commit.  The evidence, for every extra copy: the earlier copy was accepted in a run that

@@ -6,8 +6,8 @@ mount: file modes do not stop root), an immutable directory (``chattr +i``), a f
 Maildir must be, a full filesystem (a 64 KiB tmpfs) and a write over the process's file size
 limit (RLIMIT_FSIZE, in a child).  Each time: ``once`` exits 1 and says why, the message that
 was to be dead-lettered is still upstream with no ledger row, the one before it was delivered,
-and the cycle stopped before the next RETR (PRODUCT §5.4, §6).  Once the store is repaired,
-the next cycle dead-letters it.
+and the cycle stopped before the next RETR (docs/design.md §5.1 step 4, §6.1).  Once the store
+is repaired, the next cycle dead-letters it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""classify(): the one place that turns a failure into a Disposition (PRODUCT §6, STYLE §3).
+"""classify(): the one place that turns a failure into a Disposition (docs/design.md §3, §6).
 
-The SMTP table is checked against an oracle written from PRODUCT §6 in the words of the spec,
-over every code 200-599, every stage, with and without enhanced codes, both values of
+The SMTP table is checked against an oracle written from docs/design.md §6.1 in the words of
+the spec, over every code 200-599, every stage, with and without enhanced codes, both values of
 ``per_message`` and every kind of evidence (what testing showed about a refusal at MAIL or
 RCPT).  The POP3 rows follow RFC 2449 §8 and RFC 3206.
 """
@@ -47,7 +47,7 @@ def expected(
     per_message: bool,
     evidence: Evidence = Evidence.NONE,
 ) -> Disposition:
-    """PRODUCT §6, spelled out independently of errors.py."""
+    """docs/design.md §6.1, spelled out independently of errors.py."""
     if stage is SmtpStage.RCPT and code == 552:
         code = 452  # RFC 5321 §4.5.3.1.10
     permanent = (enhanced[0] == "5") if enhanced else (500 <= code < 600)
@@ -116,7 +116,8 @@ def test_setup_stages_never_dead_letter(stage: SmtpStage) -> None:
 @pytest.mark.parametrize(
     ("stage", "code", "enhanced", "per_message", "disposition"),
     [
-        # The seed case (PRODUCT §1, §6): refused after DATA for a reason about the message.
+        # The seed case (docs/design.md §1, §6.1): refused after DATA for a reason about the
+        # message.
         (SmtpStage.DATA, 554, "5.1.0", True, Disposition.DEAD_LETTER),
         (SmtpStage.DATA, 552, "5.3.4", True, Disposition.DEAD_LETTER),
         (SmtpStage.DATA, 451, "4.3.0", True, Disposition.RETRY),
@@ -289,7 +290,8 @@ def test_exchange_refusals(
 
 
 def test_seed_case_many_messages_all_dead_lettered() -> None:
-    # PRODUCT §6: many different messages, each refused "554 5.1.0 Sender denied" after DATA.
+    # docs/design.md §6.1: many different messages, each refused "554 5.1.0 Sender denied"
+    # after DATA.
     enhanced, text = split_enhanced_code("5.1.0 Sender denied")
     errors = [
         DeliveryError(SmtpStage.DATA, text, smtp_code=554, enhanced_code=enhanced, per_message=True)

@@ -1,8 +1,9 @@
 """The optional sixth dead-letter header line, ``X-POP3-Connector-Recipients`` (shared mailboxes).
 
-Round trips through with/parse/strip (CRLF and LF), the unchanged five-line block of PRODUCT §7
-when there are no recipients, header injection through recipient text, a message that itself
-starts with a Recipients line, and the Maildir store's list/get of such a dead letter.
+Round trips through with/parse/strip (CRLF and LF), the unchanged five-line block of
+docs/design.md §7.1 when there are no recipients, header injection through recipient text, a
+message that itself starts with a Recipients line, and the Maildir store's list/get of such a
+dead letter.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ RECIPIENTS = ("bob@firma.local", "alice@firma.local")
 INFO = DeadLetterInfo("catchall", "uid-1", "rcpt", "550 5.1.1 no such user", WHEN, RECIPIENTS)
 PLAIN = DeadLetterInfo("catchall", "uid-1", "rcpt", "550 5.1.1 no such user", WHEN)
 MESSAGE = b"From: a@example.org\r\nTo: bob@firma.example\r\nSubject: hi\r\n\r\nbody\r\n"
-# PRODUCT §7: the five lines, in this order, nothing else.
+# docs/design.md §7.1: the five lines, in this order, nothing else.
 FIVE = (
     b"X-POP3-Connector-Account: catchall\r\n"
     b"X-POP3-Connector-UIDL: uid-1\r\n"
@@ -105,7 +106,7 @@ def test_message_starting_with_a_recipients_line_wrapped_with_recipients() -> No
 
 
 def test_message_starting_with_a_recipients_line_wrapped_without_recipients() -> None:
-    """PRODUCT §5: strip is the exact inverse of with, for any bytes.
+    """docs/design.md §7.1: strip is the exact inverse of with, for any bytes.
 
     A message whose own first line is ``X-POP3-Connector-Recipients: ...`` (anyone can write
     such a header) wrapped with the five lines must come back whole, and its line must not be

@@ -1,4 +1,5 @@
-"""connector.metrics: the names, types and labels of PRODUCT §8, on a registry of our own."""
+"""connector.metrics: the names, types and labels of docs/design.md §11.1, on a registry of our
+own."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from connector.fetcher import CycleStats, Outcome
 from connector.metrics import CYCLE_BUCKETS, NO_CODE, Metrics, smtp_code
 
-# PRODUCT §8, as the parser names the families (counters without their _total suffix).
+# docs/design.md §11.1, as the parser names the families (counters without their _total suffix).
 EXPECTED = {
     "pop3_connector_cycle_duration_seconds": "histogram",
     "pop3_connector_cycles": "counter",
@@ -25,7 +26,6 @@ EXPECTED = {
     "pop3_connector_account_failing": "gauge",
     "pop3_connector_smtp_responses": "counter",
     "pop3_connector_build_info": "gauge",
-    # Beyond §8 (issue 18): a timeout on the reply to the final dot, and the ledger's writes.
     "pop3_connector_smtp_data_timeouts": "counter",
     "pop3_connector_ledger_writable": "gauge",
 }

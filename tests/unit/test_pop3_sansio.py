@@ -1,4 +1,4 @@
-"""The POP3 core stays sans-I/O (STYLE §1, §7): importing it pulls in no network or loop."""
+"""The POP3 core stays sans-I/O (docs/design.md §2): importing it pulls in no network or loop."""
 
 from __future__ import annotations
 
