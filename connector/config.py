@@ -61,6 +61,7 @@ from pydantic_settings import (
 )
 
 from connector.errors import ConfigError
+from connector.tls import is_loopback
 
 __all__ = [
     "ENV_PREFIX",
@@ -274,17 +275,6 @@ def _env_name(value: str) -> str:
 
 
 EnvName = Annotated[str, AfterValidator(_env_name)]
-
-
-def _is_loopback(host: str) -> bool:
-    """True for ``localhost`` (RFC 6761 §6.3) and loopback addresses: clear text never leaves us."""
-    name = host.strip("[]").rstrip(".").lower()
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -1142,13 +1132,13 @@ def config_warnings(settings: Settings, path: Path) -> list[str]:
         endpoints.append(("dead_letter", settings.dead_letter))
     endpoints += [(f"accounts[{i}]", a) for i, a in enumerate(settings.accounts)]
     for where, ep in endpoints:
-        if ep.tls == "none" and ep.password is not None and not _is_loopback(ep.host):
+        if ep.tls == "none" and ep.password is not None and not is_loopback(ep.host):
             warnings.append(f'{where}.tls: "none" sends the password in clear text to {ep.host}')
         if (
             isinstance(ep, AccountConfig)
             and ep.auth == "xoauth2"
             and ep.tls == "none"
-            and not _is_loopback(ep.host)
+            and not is_loopback(ep.host)
         ):
             # RFC 6750 §5.3: a bearer token must only travel over TLS; whoever reads it is
             # the mailbox owner until it expires.

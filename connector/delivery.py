@@ -78,9 +78,8 @@ from connector.errors import (
     printable,
     smtp_class,
     split_enhanced_code,
-    tls_reason_hint,
 )
-from connector.pop3.client import TlsMode
+from connector.tls import TlsMode, tls_reason_hint
 
 __all__ = [
     "Delivered",

@@ -81,19 +81,6 @@ class ConfigError(ConnectorError):
 # --------------------------------------------------------------------------------------------
 
 
-def tls_reason_hint(reason: str | None) -> str:
-    """What an OpenSSL handshake failure reason most likely means for an administrator, as a
-    suffix for the error text; empty when there is nothing to add.
-
-    ``WRONG_VERSION_NUMBER``: the first bytes back were no TLS record, typically the server's
-    plain-text greeting (``+OK``, ``220``) on a port that speaks TLS only after STLS/STARTTLS,
-    or not at all.  Only meaningful for implicit TLS, where we speak TLS first.
-    """
-    if reason == "WRONG_VERSION_NUMBER":
-        return " (the port speaks plain text: implicit TLS against a STARTTLS/plain port?)"
-    return ""
-
-
 class Pop3Error(ConnectorError):
     """Anything that went wrong talking to a POP3 server."""
 

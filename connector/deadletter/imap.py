@@ -64,7 +64,7 @@ from connector.deadletter import (
     with_dead_letter_headers,
 )
 from connector.errors import DeadLetterError
-from connector.pop3.client import TlsMode
+from connector.tls import TlsMode
 
 log = logging.getLogger(__name__)
 

@@ -38,12 +38,9 @@ if TYPE_CHECKING:
         Pop3Endpoint,
         Pop3Timeouts,
         Retrieved,
-        TlsMode,
     )
 
-_FROM_CLIENT = frozenset(
-    {"AuthMethod", "Pop3Client", "Pop3Endpoint", "Pop3Timeouts", "Retrieved", "TlsMode"}
-)
+_FROM_CLIENT = frozenset({"AuthMethod", "Pop3Client", "Pop3Endpoint", "Pop3Timeouts", "Retrieved"})
 
 __all__ = [
     "NEED_DATA",
@@ -65,7 +62,6 @@ __all__ = [
     "Pop3Timeouts",
     "Retrieved",
     "State",
-    "TlsMode",
     "Verb",
 ]
 

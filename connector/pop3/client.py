@@ -52,7 +52,6 @@ from connector.errors import (
     Pop3ResponseError,
     Pop3TimeoutError,
     Pop3TlsError,
-    tls_reason_hint,
 )
 from connector.pop3.protocol import (
     Capabilities,
@@ -74,6 +73,7 @@ from connector.pop3.protocol import (
     parse_stat,
     sasl_plain,
 )
+from connector.tls import TlsMode, tls_reason_hint
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +82,6 @@ RETR_WINDOW: Final = 32  # RETRs in flight at most (retr_many's default)
 RETR_WINDOW_OCTETS: Final = 4 * 1024 * 1024  # octets of the RETRs in flight, beyond the first
 _STREAM_LIMIT: Final = 1024 * 1024  # the transport pauses reading above 2x this
 _MAX_AUTH_LINE: Final = 255  # RFC 5034 §4: longer initial responses wait for "+ "
-
-
-class TlsMode(enum.StrEnum):
-    """How a connection is secured (PRODUCT §3 ``tls``)."""
-
-    IMPLICIT = "implicit"
-    STARTTLS = "starttls"
-    NONE = "none"
 
 
 class AuthMethod(enum.StrEnum):

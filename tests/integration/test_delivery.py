@@ -33,7 +33,7 @@ from connector.delivery import (
     envelope_sender,
 )
 from connector.errors import DeliveryError, Disposition, Evidence, SmtpStage, classify
-from connector.pop3.client import TlsMode
+from connector.tls import TlsMode
 from tests.servers import RecordingHandler, SmtpSink, free_port
 
 TO = ("info@firma.local",)

@@ -50,8 +50,9 @@ from connector.fetcher import (
     trace_header,
 )
 from connector.ledger import Ledger, MessageState
-from connector.pop3 import AuthMethod, Pop3Endpoint, Pop3Timeouts, TlsMode
+from connector.pop3 import AuthMethod, Pop3Endpoint, Pop3Timeouts
 from connector.recipients import SharedMailbox, message_id, route
+from connector.tls import TlsMode
 from tests.fakes import InMemoryDeadLetterStore
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

@@ -23,7 +23,7 @@ import pytest
 from connector.delivery import Delivered, Envelope, SmtpDeliverer, SmtpSettings
 from connector.errors import DeliveryError, Disposition, SmtpStage, classify
 from connector.loopback import LoopbackSmtpSink
-from connector.pop3.client import TlsMode
+from connector.tls import TlsMode
 from tests.servers import SmtpSink
 
 SENDER = "owner@example.test"

@@ -44,8 +44,9 @@ from connector.fetcher import (
 )
 from connector.ledger import Ledger, MessageState
 from connector.loopback import LoopbackPop3Server, LoopbackSmtpSink, SmtpRule
-from connector.pop3 import AuthMethod, Pop3Endpoint, TlsMode
+from connector.pop3 import AuthMethod, Pop3Endpoint
 from connector.recipients import Rule, SharedMailbox
+from connector.tls import TlsMode
 from tests.fakes import InMemoryDeadLetterStore
 
 USER, PASSWORD = "info@firma.example", "pop-secret"

@@ -22,7 +22,7 @@ from connector.notices import (
     failing_notice,
     note_for,
 )
-from connector.pop3 import TlsMode
+from connector.tls import TlsMode
 
 SMTP = SmtpSettings(
     host="127.0.0.1",

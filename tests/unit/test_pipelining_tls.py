@@ -36,8 +36,8 @@ import trustme
 from connector import runloop
 from connector.delivery import Delivered, Envelope, SmtpDeliverer, SmtpSettings
 from connector.errors import DeliveryError
-from connector.pop3.client import TlsMode
 from connector.runloop import ENV_VAR
+from connector.tls import TlsMode
 
 LOOPS: Final = [
     pytest.param({ENV_VAR: "uvloop"}, id="uvloop"),

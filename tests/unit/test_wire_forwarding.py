@@ -22,7 +22,6 @@ from connector.delivery import (
     prepare_wire,
     stuffed_pieces,
 )
-from connector.pop3.client import TlsMode
 from connector.pop3.protocol import (
     NEED_DATA,
     WIRE_COPY_LIMIT,
@@ -31,6 +30,7 @@ from connector.pop3.protocol import (
     Message,
     Verb,
 )
+from connector.tls import TlsMode
 from tests.servers import SmtpSink
 
 TRACE = b"Received: from pop.test by connector.test with POP3 (pop3-connector); now\r\n"
