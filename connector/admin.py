@@ -42,7 +42,6 @@ from connector.deadletter import (
     parse_dead_letter_headers,
     strip_dead_letter_headers,
 )
-from connector.delivery import Envelope, SmtpDeliverer, envelope_sender
 from connector.errors import DeliveryError, Disposition, LedgerError, classify, printable
 from connector.ledger import AccountStatus, Ledger
 from connector.service import (
@@ -53,6 +52,7 @@ from connector.service import (
     rfc3339,
     status_document,
 )
+from connector.smtp import Envelope, SmtpDeliverer, envelope_sender
 
 __all__ = [
     "dead_letters_list",

@@ -33,7 +33,7 @@ Pure functions on bytes and frozen data; no I/O.  Header fields are read by
 :func:`connector.addresses.address_list` (one pass, no recursion: a few hundred nested ``(``
 once made ``email.utils.getaddresses`` raise ``RecursionError``).  Values are decoded as ASCII
 with surrogate escapes (8-bit bytes never raise), and an address that could not go on an SMTP
-envelope as it is (``delivery.address_problem``) is ignored, never "repaired".  A field that
+envelope as it is (``smtp.address_problem``) is ignored, never "repaired".  A field that
 was too long to read whole (:data:`connector.headers.MAX_VALUE`) counts with what was read of
 it, and :attr:`Routing.unread` names it, so the fetcher can say so in its log.
 """
@@ -47,7 +47,7 @@ from typing import Final
 
 from connector import headers
 from connector.addresses import read_address_list
-from connector.delivery import address_problem
+from connector.smtp.envelope import address_problem
 
 __all__ = [
     "DEFAULT_ENVELOPE_HEADERS",

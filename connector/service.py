@@ -45,7 +45,6 @@ from connector.config import (
 from connector.deadletter import DeadLetterArchive
 from connector.deadletter.maildir import MaildirStore
 from connector.deadletter.reconcile import ReconcilingStore
-from connector.delivery import SenderPolicy, SmtpDeliverer, SmtpSettings
 from connector.errors import (
     AlreadyRunningError,
     ConfigError,
@@ -71,6 +70,7 @@ from connector.notices import NoticeSettings, Notifier, RecordingStore
 from connector.pop3 import AuthMethod, Pop3Endpoint
 from connector.recipients import Rule, SharedMailbox
 from connector.sdnotify import NOTIFY_VARIABLES
+from connector.smtp import SenderPolicy, SmtpDeliverer, SmtpSettings
 from connector.tls import TlsMode, make_ssl_context
 
 if TYPE_CHECKING:

@@ -168,7 +168,7 @@ def _recipients_field(recipients: tuple[str, ...], eol: bytes) -> bytes:
     comma (RFC 5322 §2.2.3: the line end goes before a space) into lines of at most 78
     characters, but for an address longer than that, which gets a line of its own; unfolding
     gives back the one-line form.  An address that can go on an SMTP envelope is at most 254
-    octets of ASCII (RFC 5321 §4.5.3.1.3, ``delivery.address_problem``), so every line stays
+    octets of ASCII (RFC 5321 §4.5.3.1.3, ``smtp.address_problem``), so every line stays
     within 998.
     Each address is sanitised on its own and never cut: ``requeue`` sends to what is here.
     """

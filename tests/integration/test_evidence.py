@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 import aiosmtplib
 import pytest
 
-from connector.delivery import Delivered, Envelope, SmtpDeliverer, SmtpSettings
 from connector.errors import DeliveryError, Disposition, Evidence, SmtpStage, classify
+from connector.smtp import Delivered, Envelope, SmtpDeliverer, SmtpSettings
 from connector.tls import TlsMode
 from tests.faults import Action, Direction, Fault, FaultProxy
 from tests.smtp_peers import (

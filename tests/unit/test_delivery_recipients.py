@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import aiosmtplib
 import pytest
 
-from connector.delivery import Delivered, Envelope, SmtpDeliverer, SmtpSettings
 from connector.errors import DeliveryError, Disposition, SmtpStage, classify
 from connector.loopback import LoopbackSmtpSink
+from connector.smtp import Delivered, Envelope, SmtpDeliverer, SmtpSettings
 from connector.tls import TlsMode
 from tests.servers import SmtpSink
 

@@ -1,4 +1,4 @@
-"""delivery.py without a server: envelope sender, address checks, and the exception mapping."""
+"""The smtp package without a server: envelope sender, address checks, and the exception mapping."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from connector.delivery import (
+from connector.errors import DeliveryError, Disposition, SmtpStage, classify
+from connector.smtp import (
     Envelope,
     SenderPolicy,
     address_problem,
@@ -23,7 +24,6 @@ from connector.delivery import (
     needs_smtputf8,
     prepare_content,
 )
-from connector.errors import DeliveryError, Disposition, SmtpStage, classify
 
 OWN = Envelope("owner@example.test", ("info@firma.local",), sender_fixed=False)
 FIXED = Envelope("relay@firma.local", ("info@firma.local",), sender_fixed=True)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from connector.delivery import SenderPolicy, SmtpSettings
 from connector.errors import Disposition, Pop3AuthError
 from connector.fetcher import AccountSpec, CycleStats, DeliveryPolicy
 from connector.ledger import Ledger
@@ -21,6 +20,7 @@ from connector.service import (
     Runtime,
     Service,
 )
+from connector.smtp import SenderPolicy, SmtpSettings
 from connector.tls import TlsMode
 
 
