@@ -40,7 +40,7 @@ from typing import assert_never
 
 import aiosmtplib
 
-from connector.errors import DeliveryError, SmtpStage, smtp_class, split_enhanced_code
+from connector.errors import DeliveryError, SmtpStage
 from connector.smtp.connection import TracingSMTP
 from connector.smtp.content import Content, content_of
 from connector.smtp.envelope import (
@@ -314,9 +314,7 @@ class SmtpDeliverer:
             response=f"250 {one_line(response.message)}".rstrip(),
             refused={rcpt: f"{r.code} {one_line(r.message)}" for rcpt, r in refused.items()},
             permanent=frozenset(
-                rcpt
-                for rcpt, r in refused.items()
-                if smtp_class(r.code, split_enhanced_code(r.message)[0], SmtpStage.RCPT) == 5
+                rcpt for rcpt, r in refused.items() if refused_permanently(r.code, r.message)
             ),
         )
 
@@ -376,7 +374,7 @@ class SmtpDeliverer:
             ours = [
                 r
                 for r in refusals
-                if refused_permanently(r)
+                if refused_permanently(r.code, r.message)
                 and envelope.is_configured(r.recipient)
                 and not self._evidence.shown(envelope, r)
             ]

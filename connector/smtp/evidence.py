@@ -203,7 +203,11 @@ async def with_evidence(
         return verdict.applied(err)
     if err.stage is not SmtpStage.RCPT or err.per_message:
         return None
-    fixed = [r for r in refusals if refused_permanently(r) and envelope.is_configured(r.recipient)]
+    fixed = [
+        r
+        for r in refusals
+        if refused_permanently(r.code, r.message) and envelope.is_configured(r.recipient)
+    ]
     if not fixed:
         return None
     found = await _recipient_evidence(session, [r.recipient for r in fixed], envelope.sender, probe)

@@ -109,10 +109,17 @@ def recipient_refusals(exc: BaseException) -> list[aiosmtplib.SMTPRecipientRefus
     return []
 
 
-def refused_permanently(refusal: aiosmtplib.SMTPRecipientRefused) -> bool:
-    """Whether a recipient's refusal is permanent (5xx; a 552 counts as 452)."""
-    enhanced, _ = split_enhanced_code(one_line(refusal.message))
-    return smtp_class(refusal.code, enhanced, SmtpStage.RCPT) == 5
+def refused_permanently(code: int, message: str) -> bool:
+    """Whether the reply ``code`` ``message`` to RCPT refuses that recipient permanently.
+
+    The one test for every RCPT refusal (which one to report, which to test, which recipients
+    get a dead-letter copy): the reply class of the DeliveryError :func:`from_reply` makes of
+    it is 5, so the answer agrees with :func:`~connector.errors.classify`.  The enhanced code,
+    read off the reply's one-line form, wins over the basic code (RFC 3463 §3.1); a 552 counts
+    as 452 (RFC 5321 §4.5.3.1.10).
+    """
+    enhanced, _ = split_enhanced_code(one_line(message))
+    return smtp_class(code, enhanced, SmtpStage.RCPT) == 5
 
 
 def _pick_recipient_refusal(
@@ -122,8 +129,7 @@ def _pick_recipient_refusal(
     # delivered to that recipient, so report the temporary one (it defers the message);
     # otherwise the first permanent one.
     for refusal in refusals:
-        enhanced, _ = split_enhanced_code(refusal.message)
-        if smtp_class(refusal.code, enhanced, SmtpStage.RCPT) != 5:
+        if not refused_permanently(refusal.code, refusal.message):
             return refusal
     return refusals[0] if refusals else None
 

@@ -162,6 +162,19 @@ async def test_refused_recipient_keeps_its_spelling_in_refused(server: Server) -
     assert (dict(delivered.refused), delivered.permanent) == ({bob: NO_SUCH_USER}, frozenset({bob}))
 
 
+async def test_permanent_is_read_as_the_refusal_text_is_classified(server: Server) -> None:
+    # The enhanced code is followed by a tab, not a space: the recorded refusal (one printable
+    # line, "450 5.1.1\x09...") has no enhanced code, so it is a 450, temporary: Bob's copy is
+    # deferred, not dead-lettered (the same reading as every RCPT refusal, refused_permanently).
+    server.set_rule(refuse_rcpt({BOB: "450 5.1.1\tover quota", ALICE: "550 4.2.2\tfull"}))
+    delivered = await deliver(server, shared_envelope(BOB, ALICE, "carol@firma.local"))
+    assert delivered.refused == {
+        BOB: "450 5.1.1\\x09over quota",
+        ALICE: "550 4.2.2\\x09full",
+    }
+    assert delivered.permanent == frozenset({ALICE})
+
+
 # --------------------------------------------------------------------------------------------
 # (b) a recipient from the config refused permanently: abort before the content, park
 # --------------------------------------------------------------------------------------------
