@@ -264,26 +264,7 @@ class SmtpDeliverer:
                 per_message=True,
             )
 
-        mail_options: list[bytes] = []
-        rcpt_options: list[bytes] = []
-        smtputf8 = needs_smtputf8(raw, envelope)
-        if smtputf8 and not smtp.supports_extension("smtputf8"):
-            refuse_non_ascii(envelope)  # raises for an address; raw UTF-8 headers go as they are
-            smtputf8 = False
-        if smtp.supports_extension("size"):
-            mail_options.append(b"size=%d" % size)  # RFC 1870 §6
-        # One fast C pass per part; dots added by stuffing are ASCII, so either form tells.
-        if not all(part.isascii() for part in content.parts) and smtp.supports_extension(
-            "8bitmime"
-        ):
-            mail_options.append(b"BODY=8BITMIME")  # RFC 6152 §3
-        if smtputf8:
-            mail_options.append(b"SMTPUTF8")  # RFC 6531 §3.4
-        if self.settings.dsn and smtp.supports_extension("dsn"):
-            # RFC 3461 §4.3 and §4.1: bounce with the full message, and only on failure.
-            mail_options.append(b"RET=FULL")
-            rcpt_options.append(b"NOTIFY=FAILURE")
-
+        mail_options, rcpt_options = self._parameters(smtp, raw, envelope, content)
         smtp.stage = SmtpStage.MAIL
         try:
             refused, response = await self._transaction(
@@ -318,6 +299,35 @@ class SmtpDeliverer:
             ),
         )
 
+    def _parameters(
+        self, smtp: TracingSMTP, raw: bytes, envelope: Envelope, content: Content
+    ) -> tuple[list[bytes], list[bytes]]:
+        """MAIL's and RCPT's parameters for this message, as far as the server offers them.
+
+        Raises DeliveryError for an address that is not ASCII when the server does not offer
+        SMTPUTF8 (:func:`~connector.smtp.envelope.refuse_non_ascii`).
+        """
+        mail_options: list[bytes] = []
+        rcpt_options: list[bytes] = []
+        smtputf8 = needs_smtputf8(raw, envelope)
+        if smtputf8 and not smtp.supports_extension("smtputf8"):
+            refuse_non_ascii(envelope)  # raises for an address; raw UTF-8 headers go as they are
+            smtputf8 = False
+        if smtp.supports_extension("size"):
+            mail_options.append(b"size=%d" % content.size)  # RFC 1870 §6
+        # One fast C pass per part; dots added by stuffing are ASCII, so either form tells.
+        if not all(part.isascii() for part in content.parts) and smtp.supports_extension(
+            "8bitmime"
+        ):
+            mail_options.append(b"BODY=8BITMIME")  # RFC 6152 §3
+        if smtputf8:
+            mail_options.append(b"SMTPUTF8")  # RFC 6531 §3.4
+        if self.settings.dsn and smtp.supports_extension("dsn"):
+            # RFC 3461 §4.3 and §4.1: bounce with the full message, and only on failure.
+            mail_options.append(b"RET=FULL")
+            rcpt_options.append(b"NOTIFY=FAILURE")
+        return mail_options, rcpt_options
+
     async def _transaction(
         self,
         smtp: TracingSMTP,
@@ -330,8 +340,7 @@ class SmtpDeliverer:
         """MAIL, RCPT for each recipient, DATA (RFC 5321 §3.3), raising aiosmtplib's exceptions
         as ``sendmail()`` does, and RSET after a refusal as it does.
 
-        With PIPELINING (RFC 2920) MAIL, the RCPTs and DATA go out in one write and their
-        replies are read in order; else one command at a time through ``execute_command``.
+        MAIL, the RCPTs and DATA go out pipelined where the server allows (:meth:`_envelope`).
         Addresses were checked by ``check_envelope`` (no spaces or controls), so they go out
         as they are: UTF-8 only with SMTPUTF8 (``refuse_non_ascii``, RFC 6531 §3.3).
         """
@@ -343,19 +352,7 @@ class SmtpDeliverer:
         ]
         refusals: list[aiosmtplib.SMTPRecipientRefused] = []
         try:
-            if smtp.supports_extension("pipelining"):
-                commands = [(SmtpStage.MAIL, mail), *((SmtpStage.RCPT, r) for r in rcpts)]
-                replies = await smtp.pipeline(
-                    [*commands, (SmtpStage.DATA, b"DATA")], reply_timeout=timeout
-                )
-                mail_reply, *rcpt_replies, data_reply = replies
-            else:
-                mail_reply = await smtp.execute_command(*mail.split(b" "), timeout=timeout)
-                rcpt_replies = []
-                if mail_reply.code == 250:
-                    for line in rcpts:
-                        rcpt_replies.append(await smtp.execute_command(*line.split(b" ")))
-                data_reply = None
+            mail_reply, rcpt_replies, data_reply = await self._envelope(smtp, mail, rcpts)
             if mail_reply.code != 250:
                 self._abandon_data(smtp, data_reply)
                 raise aiosmtplib.SMTPSenderRefused(
@@ -409,6 +406,32 @@ class SmtpDeliverer:
                     await smtp.rset()
             raise
         return {r.recipient: aiosmtplib.SMTPResponse(r.code, r.message) for r in refusals}, response
+
+    async def _envelope(
+        self, smtp: TracingSMTP, mail: bytes, rcpts: Sequence[bytes]
+    ) -> tuple[
+        aiosmtplib.SMTPResponse, list[aiosmtplib.SMTPResponse], aiosmtplib.SMTPResponse | None
+    ]:
+        """Send MAIL and the RCPTs; return their replies, and DATA's when it went with them.
+
+        With PIPELINING (RFC 2920) MAIL, the RCPTs and DATA go out in one write and their
+        replies are read in order.  Else one command at a time, no RCPT after a refused MAIL
+        (no RCPT reply then) and DATA not yet (None).
+        """
+        timeout = self.settings.timeout
+        if smtp.supports_extension("pipelining"):
+            commands = [(SmtpStage.MAIL, mail), *((SmtpStage.RCPT, r) for r in rcpts)]
+            replies = await smtp.pipeline(
+                [*commands, (SmtpStage.DATA, b"DATA")], reply_timeout=timeout
+            )
+            mail_reply, *rcpt_replies, data_reply = replies
+            return mail_reply, rcpt_replies, data_reply
+        mail_reply = await smtp.execute_command(*mail.split(b" "), timeout=timeout)
+        rcpt_replies = []
+        if mail_reply.code == 250:
+            for line in rcpts:
+                rcpt_replies.append(await smtp.execute_command(*line.split(b" ")))
+        return mail_reply, rcpt_replies, None
 
     @staticmethod
     def _abandon_data(smtp: TracingSMTP, data_reply: aiosmtplib.SMTPResponse | None) -> None:
