@@ -60,6 +60,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from connector.addresses import is_address_pattern, is_domain, is_field_name, is_plain_address
 from connector.errors import ConfigError
 from connector.tls import is_loopback
 
@@ -225,15 +226,10 @@ Size = Annotated[int, BeforeValidator(_size)]
 # Small validated types
 # --------------------------------------------------------------------------------------------
 
-# RFC 5322 §3.2.3 dot-atom local part (no quoted strings) and an RFC 5321 §4.1.2 domain.  ASCII
-# only: a non-ASCII address needs SMTPUTF8, which an Exchange relay may not offer.
-_ATEXT: Final = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_LABEL: Final = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_ADDRESS_RE: Final = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*")
-
 
 def _address(value: str) -> str:
-    if not _ADDRESS_RE.fullmatch(value) or len(value) > 254:
+    # ASCII only: a non-ASCII address needs SMTPUTF8, which an Exchange relay may not offer.
+    if not is_plain_address(value):
         raise _problem("not a valid mail address (expected user@domain, ASCII, no <>)")
     return value
 
@@ -474,7 +470,7 @@ def _helo_name(value: str) -> str:
 def _envelope_sender(value: str) -> str:
     if value in {"return-path", "null"}:
         return value
-    if not _ADDRESS_RE.fullmatch(value):
+    if not is_plain_address(value):
         raise _problem('expected "return-path", "null" or a mail address')
     return value
 
@@ -556,28 +552,21 @@ DeadLetterConfig = Annotated[
 _DEAD_LETTER_TAGS: Final = frozenset({"maildir", "imap"})
 
 
-_DOMAIN_RE: Final = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-# RFC 5322 §3.6.2 / §3.6.3 field names (ftext: printable ASCII except the colon).
-_FIELD_NAME_RE: Final = re.compile(r"[\x21-\x39\x3b-\x7e]{1,76}")
-# A rule's pattern: an address with shell-style wildcards ("*@sales.firma.example").
-_PATTERN_RE: Final = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\[\]-]+@[A-Za-z0-9.*?\[\]-]+")
-
-
 def _domain(value: str) -> str:
     value = value.lower().rstrip(".")
-    if not _DOMAIN_RE.fullmatch(value) or len(value) > 253:
+    if not is_domain(value):
         raise _problem("not a valid domain name (expected like firma.example, ASCII)")
     return value
 
 
 def _field_name(value: str) -> str:
-    if not _FIELD_NAME_RE.fullmatch(value):
+    if not is_field_name(value):
         raise _problem("not a header field name (like Delivered-To)")
     return value
 
 
 def _pattern(value: str) -> str:
-    if not _PATTERN_RE.fullmatch(value):
+    if not is_address_pattern(value):
         raise _problem(
             'expected an address, where * and ? may stand for any text ("*@sales.firma.example")'
         )
@@ -988,6 +977,48 @@ def load_settings(path: Path) -> Settings:
     if unknown:
         raise ConfigError(unknown)
     return settings
+
+
+_SECRET_SOURCES: Final = ("password", "password_file", "password_env")
+_UNRESOLVED: Final = "unresolved"  # stands in for a secret that is not read
+
+
+def _secrets_unresolved(data: object) -> object:
+    """``data`` with each table's only secret source given as an inline placeholder, so that
+    validating it reads no password file and no environment variable (see
+    :func:`config_text_problems`)."""
+    match data:
+        case dict():
+            out = {k: _secrets_unresolved(v) for k, v in data.items()}
+            given = [k for k in _SECRET_SOURCES if out.get(k)]
+            if given in (["password_file"], ["password_env"]):
+                del out[given[0]]
+                out["password"] = _UNRESOLVED
+            return out
+        case list():
+            return [_secrets_unresolved(v) for v in data]
+        case _:
+            return data
+
+
+def config_text_problems(text: str) -> list[str]:
+    """What would stop ``text``, a config file's content, from loading: one line per problem,
+    as :func:`load_settings` words it (key path first, no secret); empty when it loads.
+
+    The same models decide, but nothing outside the text is read: a ``password_file`` need
+    not exist yet, a ``password_env`` need not be set, and ``POP3_CONNECTOR_*`` variables do
+    not apply.  For a config written by a program (``import-fetchmailrc``) before anyone fills
+    in its secrets.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        return [f"TOML syntax error: {exc}"]
+    try:
+        Settings.model_validate(_secrets_unresolved(data))
+    except ValidationError as exc:
+        return format_validation_error(exc, _account_names(data), _known_secrets(data))
+    return []
 
 
 # --------------------------------------------------------------------------------------------
