@@ -2,7 +2,7 @@
 
 They work while ``run`` is running: none takes the state directory's lock.  The ledger is
 SQLite in WAL mode, so a second connection reads (and ``requeue`` writes its one row) beside the
-service's; a Maildir is safe to change from two processes (PRODUCT §7).
+service's; a Maildir is safe to change from two processes (docs/design.md §7.3).
 
 ``requeue`` puts a dead letter back on the way it was refused on: our ``X-POP3-Connector-*``
 lines removed, the original bytes (no new ``Received:`` line: the first attempt's never left

@@ -1,7 +1,7 @@
-"""Settings: the TOML file of PRODUCT §3, overridden by ``POP3_CONNECTOR_*`` environment variables.
+"""Settings: the TOML file of docs/design.md §4.1, overridden by ``POP3_CONNECTOR_*`` variables.
 
-The only pydantic in the package (STYLE §1).  :func:`load_settings` is the one way in; it turns
-every failure (missing file, TOML syntax, validation, bad environment JSON, unreadable secret
+The only pydantic in the package (docs/design.md §2).  :func:`load_settings` is the one way in; it
+turns every failure (missing file, TOML syntax, validation, bad environment JSON, unreadable secret
 file) into a :class:`~connector.errors.ConfigError` whose ``problems`` hold one line per problem,
 key path first: ``accounts[1].port: Input should be less than or equal to 65535``.
 
@@ -88,7 +88,7 @@ __all__ = [
 ]
 
 ENV_PREFIX: Final = "POP3_CONNECTOR_"
-# The CLI's config-path variable shares the prefix but is not a setting (PRODUCT §2).
+# The CLI's config-path variable shares the prefix but is not a setting (docs/design.md §4.1).
 CONFIG_ENV: Final = ENV_PREFIX + "CONFIG"
 EVENT_LOOP_ENV: Final = ENV_PREFIX + "EVENT_LOOP"  # read by connector.runloop, not a setting
 MASK: Final = "********"
@@ -507,7 +507,8 @@ class SmtpConfig(_Endpoint):
 
 
 class MaildirDeadLetter(_Model):
-    """``[dead_letter] store = "maildir"``: a Maildir any mail client can read (PRODUCT §7)."""
+    """``[dead_letter] store = "maildir"``: a Maildir any mail client can read
+    (docs/design.md §7.2)."""
 
     store: Literal["maildir"] = "maildir"
     # None only before loading: load_settings fills in <state_dir>/dead-letters.
@@ -534,7 +535,7 @@ class ImapDeadLetter(_Endpoint):
 
 
 def _dead_letter_store(value: Any) -> str:
-    # A missing `store` means the default Maildir (PRODUCT §3).
+    # A missing `store` means the default Maildir (docs/design.md §7.2).
     if isinstance(value, dict):
         return str(value.get("store", "maildir"))
     return str(getattr(value, "store", "maildir"))
@@ -693,7 +694,7 @@ class _TomlData(PydanticBaseSettingsSource):
 
 
 class Settings(BaseSettings):
-    """The whole configuration (PRODUCT §3).  Build it with :func:`load_settings`."""
+    """The whole configuration (docs/design.md §4.1).  Build it with :func:`load_settings`."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -1153,7 +1154,7 @@ def _group_or_world_readable(path: Path) -> int | None:
 def config_warnings(settings: Settings, path: Path) -> list[str]:
     """Risky but valid settings, for ``pop3-connector check``: one line each, key path first.
 
-    Clear-text passwords towards a non-loopback host (PRODUCT §3), certificate checks turned
+    Clear-text passwords towards a non-loopback host (docs/design.md §12), certificate checks turned
     off, a config file or password file that group or others can read while it holds a secret,
     and no enabled account.
     """

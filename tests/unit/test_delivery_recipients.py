@@ -1,10 +1,10 @@
 """SmtpDeliverer with a shared mailbox's envelope: recipients read from the message, some from
 the config, refused one by one at RCPT.
 
-PRODUCT §6: a permanent refusal of a recipient read from the message is about the message (the
-others get it, a copy naming the refused one is dead-lettered); a permanent refusal of a
-recipient from the config (the fallback, a rule's target) is our setup's fault: the transaction
-is abandoned before any content goes out, and the account is parked.
+docs/design.md §6.1: a permanent refusal of a recipient read from the message is about the message
+(the others get it, a copy naming the refused one is dead-lettered); a permanent refusal of a
+recipient from the config (the fallback, a rule's target) is our setup's fault: the transaction is
+abandoned before any content goes out, and the account is parked.
 
 Every case runs against two real servers: aiosmtpd (tests/servers.py SmtpSink, which offers no
 PIPELINING, so commands go one at a time) and connector.loopback's sink (which offers RFC 2920
