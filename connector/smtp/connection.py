@@ -25,6 +25,11 @@ What of aiosmtplib's insides that takes, all on ``aiosmtplib.protocol.SMTPProtoc
   (``vars(protocol)``) while ``_Replies`` is active, and ``transport.set_protocol(protocol)``
   called again so that uvloop, which caches the bound methods, picks them up (``_rebind``).
 
+and two names of ``aiosmtplib.protocol`` that are not in its ``__all__``: ``MAX_RESPONSE_LENGTH``
+(here, the cap on an unfinished reply) and ``normalize_message_line_endings`` (in
+:mod:`connector.smtp.content`, for a message with bare line ends).  ``pyproject.toml`` pins
+aiosmtplib to the releases on which those tests pass.
+
 Every command but DATA's content and STARTTLS goes through ``execute_command``, which makes it
 the one hook for the transcript and for the stage in flight (what a failure is pinned to).
 A timeout, a drop or a cancellation in the middle of a reply or of the content leaves the
