@@ -221,7 +221,7 @@ def test_server_text_is_escaped_in_every_output(
         assert out.startswith("hostile: FAILED: "), out
         _assert_clean("once stdout", out)
         _assert_clean("once log", log)
-        assert "C: USER u" in log or at_greeting  # the transcript was on, and it is clean too
+        assert "C: CAPA" in log or at_greeting  # the transcript was on, and it is clean too
 
         code, table, log = _cli("--config", str(config), "status")
         assert code == 0, log
