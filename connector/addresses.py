@@ -12,6 +12,11 @@ Two grammars, two scanners, each one pass over a string whose length the caller 
 * :func:`address_list` reads the addr-specs of an RFC 5322 §3.4 address-list (``To``, ``Cc``,
   ``Delivered-To``): display names, angle brackets, groups, quoted strings, comments.
 
+And the plain forms an administrator writes in the config (:func:`is_plain_address`,
+:func:`is_domain`, :func:`is_field_name`, :func:`is_address_pattern`): ``connector.config``
+validates with them, and ``import-fetchmailrc`` checks with them what it writes, so the two
+cannot drift apart.
+
 Why our own and not ``email.utils``: ``getaddresses`` and ``parseaddr`` read comments by
 recursion, so a few hundred ``(`` in one header raised ``RecursionError`` and a message could
 stop the service; and regular expressions over such text are where cubic backtracking hides
@@ -33,6 +38,10 @@ __all__ = [
     "MAX_PATH_TEXT",
     "address_list",
     "address_needs_smtputf8",
+    "is_address_pattern",
+    "is_domain",
+    "is_field_name",
+    "is_plain_address",
     "mailbox",
     "mailbox_problem",
     "read_address_list",
@@ -389,3 +398,42 @@ def read_address_list(value: str) -> tuple[list[str], bool]:
         add("".join(quote))
     flush()
     return out, whole
+
+
+# --------------------------------------------------------------------------------------------
+# The plain forms of the config
+# --------------------------------------------------------------------------------------------
+
+# RFC 5322 §3.2.3 dot-atom local part (no quoted strings) and an RFC 5321 §4.1.2 domain.  ASCII
+# only: a non-ASCII address needs SMTPUTF8, which an Exchange relay may not offer.  Each
+# repetition starts with its own literal ("." or "@"), so no two alternatives overlap.
+_ATEXT_RE: Final = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL_RE: Final = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_PLAIN_ADDRESS: Final = re.compile(rf"{_ATEXT_RE}(?:\.{_ATEXT_RE})*@{_LABEL_RE}(?:\.{_LABEL_RE})*")
+_DOMAIN_NAME: Final = re.compile(rf"{_LABEL_RE}(?:\.{_LABEL_RE})*")
+# RFC 5322 §3.6.8 field names (ftext: printable ASCII except the colon).
+_FIELD_NAME: Final = re.compile(r"[\x21-\x39\x3b-\x7e]{1,76}")
+# A routing rule's pattern: an address where * and ? are wildcards ("*@sales.firma.example").
+_ADDRESS_PATTERN: Final = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\[\]-]+@[A-Za-z0-9.*?\[\]-]+")
+
+
+def is_plain_address(value: str) -> bool:
+    """``user@domain`` as the config takes it: a dot-atom local part, a domain of LDH labels,
+    ASCII, at most :data:`MAX_ADDRESS` characters, no brackets or quotes."""
+    return len(value) <= MAX_ADDRESS and _PLAIN_ADDRESS.fullmatch(value) is not None
+
+
+def is_domain(value: str) -> bool:
+    """An ASCII domain name of LDH labels, at most 253 characters (give it lower case and
+    without a final dot, as the config stores it)."""
+    return len(value) <= 253 and _DOMAIN_NAME.fullmatch(value) is not None
+
+
+def is_field_name(value: str) -> bool:
+    """A header field name (RFC 5322 §3.6.8), at most 76 characters: ``Delivered-To``."""
+    return _FIELD_NAME.fullmatch(value) is not None
+
+
+def is_address_pattern(value: str) -> bool:
+    """A routing rule's ``match``: an address in which ``*`` and ``?`` are wildcards."""
+    return _ADDRESS_PATTERN.fullmatch(value) is not None

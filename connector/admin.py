@@ -2,7 +2,7 @@
 
 They work while ``run`` is running: none takes the state directory's lock.  The ledger is
 SQLite in WAL mode, so a second connection reads (and ``requeue`` writes its one row) beside the
-service's; a Maildir is safe to change from two processes (PRODUCT §7).
+service's; a Maildir is safe to change from two processes (docs/design.md §7.3).
 
 ``requeue`` puts a dead letter back on the way it was refused on: our ``X-POP3-Connector-*``
 lines removed, the original bytes (no new ``Received:`` line: the first attempt's never left
@@ -42,7 +42,6 @@ from connector.deadletter import (
     parse_dead_letter_headers,
     strip_dead_letter_headers,
 )
-from connector.delivery import Envelope, SmtpDeliverer, envelope_sender
 from connector.errors import DeliveryError, Disposition, LedgerError, classify, printable
 from connector.ledger import AccountStatus, Ledger
 from connector.service import (
@@ -53,6 +52,7 @@ from connector.service import (
     rfc3339,
     status_document,
 )
+from connector.smtp import Envelope, SmtpDeliverer, envelope_sender
 
 __all__ = [
     "dead_letters_list",

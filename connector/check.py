@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from typing import Final, TextIO
 
 from connector.admin import format_table
-from connector.delivery import Reply, SenderPolicy, SmtpDeliverer
 from connector.errors import AUTH_REQUIRED, ConnectorError, SmtpStage, split_enhanced_code
 from connector.fetcher import AccountSpec
 from connector.pop3 import Pop3Client
 from connector.service import Runtime
+from connector.smtp import Reply, SenderPolicy, SmtpDeliverer
 
 CHECK_SENDER: Final = "check@pop3-connector.invalid"
 """The envelope sender of the test transaction with ``envelope_sender = "return-path"``: a

@@ -1,7 +1,7 @@
-"""Settings: the TOML file of PRODUCT §3, overridden by ``POP3_CONNECTOR_*`` environment variables.
+"""Settings: the TOML file of docs/design.md §4.1, overridden by ``POP3_CONNECTOR_*`` variables.
 
-The only pydantic in the package (STYLE §1).  :func:`load_settings` is the one way in; it turns
-every failure (missing file, TOML syntax, validation, bad environment JSON, unreadable secret
+The only pydantic in the package (docs/design.md §2).  :func:`load_settings` is the one way in; it
+turns every failure (missing file, TOML syntax, validation, bad environment JSON, unreadable secret
 file) into a :class:`~connector.errors.ConfigError` whose ``problems`` hold one line per problem,
 key path first: ``accounts[1].port: Input should be less than or equal to 65535``.
 
@@ -60,7 +60,9 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from connector.addresses import is_address_pattern, is_domain, is_field_name, is_plain_address
 from connector.errors import ConfigError
+from connector.tls import is_loopback
 
 __all__ = [
     "ENV_PREFIX",
@@ -86,7 +88,7 @@ __all__ = [
 ]
 
 ENV_PREFIX: Final = "POP3_CONNECTOR_"
-# The CLI's config-path variable shares the prefix but is not a setting (PRODUCT §2).
+# The CLI's config-path variable shares the prefix but is not a setting (docs/design.md §4.1).
 CONFIG_ENV: Final = ENV_PREFIX + "CONFIG"
 EVENT_LOOP_ENV: Final = ENV_PREFIX + "EVENT_LOOP"  # read by connector.runloop, not a setting
 MASK: Final = "********"
@@ -224,15 +226,10 @@ Size = Annotated[int, BeforeValidator(_size)]
 # Small validated types
 # --------------------------------------------------------------------------------------------
 
-# RFC 5322 §3.2.3 dot-atom local part (no quoted strings) and an RFC 5321 §4.1.2 domain.  ASCII
-# only: a non-ASCII address needs SMTPUTF8, which an Exchange relay may not offer.
-_ATEXT: Final = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_LABEL: Final = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_ADDRESS_RE: Final = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*")
-
 
 def _address(value: str) -> str:
-    if not _ADDRESS_RE.fullmatch(value) or len(value) > 254:
+    # ASCII only: a non-ASCII address needs SMTPUTF8, which an Exchange relay may not offer.
+    if not is_plain_address(value):
         raise _problem("not a valid mail address (expected user@domain, ASCII, no <>)")
     return value
 
@@ -274,17 +271,6 @@ def _env_name(value: str) -> str:
 
 
 EnvName = Annotated[str, AfterValidator(_env_name)]
-
-
-def _is_loopback(host: str) -> bool:
-    """True for ``localhost`` (RFC 6761 §6.3) and loopback addresses: clear text never leaves us."""
-    name = host.strip("[]").rstrip(".").lower()
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,7 +470,7 @@ def _helo_name(value: str) -> str:
 def _envelope_sender(value: str) -> str:
     if value in {"return-path", "null"}:
         return value
-    if not _ADDRESS_RE.fullmatch(value):
+    if not is_plain_address(value):
         raise _problem('expected "return-path", "null" or a mail address')
     return value
 
@@ -521,7 +507,8 @@ class SmtpConfig(_Endpoint):
 
 
 class MaildirDeadLetter(_Model):
-    """``[dead_letter] store = "maildir"``: a Maildir any mail client can read (PRODUCT §7)."""
+    """``[dead_letter] store = "maildir"``: a Maildir any mail client can read
+    (docs/design.md §7.2)."""
 
     store: Literal["maildir"] = "maildir"
     # None only before loading: load_settings fills in <state_dir>/dead-letters.
@@ -548,7 +535,7 @@ class ImapDeadLetter(_Endpoint):
 
 
 def _dead_letter_store(value: Any) -> str:
-    # A missing `store` means the default Maildir (PRODUCT §3).
+    # A missing `store` means the default Maildir (docs/design.md §7.2).
     if isinstance(value, dict):
         return str(value.get("store", "maildir"))
     return str(getattr(value, "store", "maildir"))
@@ -566,28 +553,21 @@ DeadLetterConfig = Annotated[
 _DEAD_LETTER_TAGS: Final = frozenset({"maildir", "imap"})
 
 
-_DOMAIN_RE: Final = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-# RFC 5322 §3.6.2 / §3.6.3 field names (ftext: printable ASCII except the colon).
-_FIELD_NAME_RE: Final = re.compile(r"[\x21-\x39\x3b-\x7e]{1,76}")
-# A rule's pattern: an address with shell-style wildcards ("*@sales.firma.example").
-_PATTERN_RE: Final = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\[\]-]+@[A-Za-z0-9.*?\[\]-]+")
-
-
 def _domain(value: str) -> str:
     value = value.lower().rstrip(".")
-    if not _DOMAIN_RE.fullmatch(value) or len(value) > 253:
+    if not is_domain(value):
         raise _problem("not a valid domain name (expected like firma.example, ASCII)")
     return value
 
 
 def _field_name(value: str) -> str:
-    if not _FIELD_NAME_RE.fullmatch(value):
+    if not is_field_name(value):
         raise _problem("not a header field name (like Delivered-To)")
     return value
 
 
 def _pattern(value: str) -> str:
-    if not _PATTERN_RE.fullmatch(value):
+    if not is_address_pattern(value):
         raise _problem(
             'expected an address, where * and ? may stand for any text ("*@sales.firma.example")'
         )
@@ -714,7 +694,7 @@ class _TomlData(PydanticBaseSettingsSource):
 
 
 class Settings(BaseSettings):
-    """The whole configuration (PRODUCT §3).  Build it with :func:`load_settings`."""
+    """The whole configuration (docs/design.md §4.1).  Build it with :func:`load_settings`."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -1000,6 +980,48 @@ def load_settings(path: Path) -> Settings:
     return settings
 
 
+_SECRET_SOURCES: Final = ("password", "password_file", "password_env")
+_UNRESOLVED: Final = "unresolved"  # stands in for a secret that is not read
+
+
+def _secrets_unresolved(data: object) -> object:
+    """``data`` with each table's only secret source given as an inline placeholder, so that
+    validating it reads no password file and no environment variable (see
+    :func:`config_text_problems`)."""
+    match data:
+        case dict():
+            out = {k: _secrets_unresolved(v) for k, v in data.items()}
+            given = [k for k in _SECRET_SOURCES if out.get(k)]
+            if given in (["password_file"], ["password_env"]):
+                del out[given[0]]
+                out["password"] = _UNRESOLVED
+            return out
+        case list():
+            return [_secrets_unresolved(v) for v in data]
+        case _:
+            return data
+
+
+def config_text_problems(text: str) -> list[str]:
+    """What would stop ``text``, a config file's content, from loading: one line per problem,
+    as :func:`load_settings` words it (key path first, no secret); empty when it loads.
+
+    The same models decide, but nothing outside the text is read: a ``password_file`` need
+    not exist yet, a ``password_env`` need not be set, and ``POP3_CONNECTOR_*`` variables do
+    not apply.  For a config written by a program (``import-fetchmailrc``) before anyone fills
+    in its secrets.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        return [f"TOML syntax error: {exc}"]
+    try:
+        Settings.model_validate(_secrets_unresolved(data))
+    except ValidationError as exc:
+        return format_validation_error(exc, _account_names(data), _known_secrets(data))
+    return []
+
+
 # --------------------------------------------------------------------------------------------
 # Rendering and warnings (pop3-connector check)
 # --------------------------------------------------------------------------------------------
@@ -1132,7 +1154,7 @@ def _group_or_world_readable(path: Path) -> int | None:
 def config_warnings(settings: Settings, path: Path) -> list[str]:
     """Risky but valid settings, for ``pop3-connector check``: one line each, key path first.
 
-    Clear-text passwords towards a non-loopback host (PRODUCT §3), certificate checks turned
+    Clear-text passwords towards a non-loopback host (docs/design.md §12), certificate checks turned
     off, a config file or password file that group or others can read while it holds a secret,
     and no enabled account.
     """
@@ -1142,13 +1164,13 @@ def config_warnings(settings: Settings, path: Path) -> list[str]:
         endpoints.append(("dead_letter", settings.dead_letter))
     endpoints += [(f"accounts[{i}]", a) for i, a in enumerate(settings.accounts)]
     for where, ep in endpoints:
-        if ep.tls == "none" and ep.password is not None and not _is_loopback(ep.host):
+        if ep.tls == "none" and ep.password is not None and not is_loopback(ep.host):
             warnings.append(f'{where}.tls: "none" sends the password in clear text to {ep.host}')
         if (
             isinstance(ep, AccountConfig)
             and ep.auth == "xoauth2"
             and ep.tls == "none"
-            and not _is_loopback(ep.host)
+            and not is_loopback(ep.host)
         ):
             # RFC 6750 §5.3: a bearer token must only travel over TLS; whoever reads it is
             # the mailbox owner until it expires.

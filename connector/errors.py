@@ -81,19 +81,6 @@ class ConfigError(ConnectorError):
 # --------------------------------------------------------------------------------------------
 
 
-def tls_reason_hint(reason: str | None) -> str:
-    """What an OpenSSL handshake failure reason most likely means for an administrator, as a
-    suffix for the error text; empty when there is nothing to add.
-
-    ``WRONG_VERSION_NUMBER``: the first bytes back were no TLS record, typically the server's
-    plain-text greeting (``+OK``, ``220``) on a port that speaks TLS only after STLS/STARTTLS,
-    or not at all.  Only meaningful for implicit TLS, where we speak TLS first.
-    """
-    if reason == "WRONG_VERSION_NUMBER":
-        return " (the port speaks plain text: implicit TLS against a STARTTLS/plain port?)"
-    return ""
-
-
 class Pop3Error(ConnectorError):
     """Anything that went wrong talking to a POP3 server."""
 
@@ -149,8 +136,8 @@ class SmtpStage(enum.StrEnum):
     """Where in the SMTP dialogue a delivery failed.
 
     The first group is session setup: a failure there is about our own relay configuration and
-    never about a message (PRODUCT §6).  ``SIZE`` is our own check against the server's SIZE
-    limit (RFC 1870), done before anything is sent.
+    never about a message (docs/design.md §6.1).  ``SIZE`` is our own check against the
+    server's SIZE limit (RFC 1870), done before anything is sent.
     """
 
     CONNECT = "connect"
@@ -401,7 +388,7 @@ _POP3_PERMANENT_CODES: Final = frozenset({"AUTH", "SYS/PERM"})
 def classify(exc: BaseException) -> Disposition:
     """Decide what a failure means.  Pure: depends only on the exception's type and fields.
 
-    The rules are PRODUCT §6.  In short:
+    The rules are docs/design.md §6.1.  In short:
 
     * POP3: ``[SYS/TEMP]``, ``[IN-USE]``, ``[LOGIN-DELAY]``, protocol errors, timeouts and broken
       connections are RETRY; ``[AUTH]``, ``[SYS/PERM]`` and certificate failures are
@@ -454,7 +441,8 @@ def smtp_class(code: int | None, enhanced_code: str | None, stage: SmtpStage) ->
 def _classify_delivery(exc: DeliveryError) -> Disposition:
     cls = smtp_class(exc.smtp_code, exc.enhanced_code, exc.stage)
     if exc.stage.is_setup:
-        # A wrong relay setup refuses every message alike: never a dead letter (PRODUCT §6).
+        # A wrong relay setup refuses every message alike: never a dead letter
+        # (docs/design.md §6.1).
         if exc.security or cls == 5:
             return Disposition.PARK_ACCOUNT
         return Disposition.RETRY

@@ -57,7 +57,6 @@ from typing import Final, Protocol
 
 from connector import headers
 from connector.deadletter import DeadLetterInfo, DeadLetterStore
-from connector.delivery import Delivered, Envelope, SenderPolicy, envelope_sender
 from connector.errors import (
     ConnectorError,
     DeadLetterError,
@@ -74,6 +73,7 @@ from connector.errors import (
 from connector.ledger import Identity, Ledger, LedgerEntry, MessageState, RecipientsDone
 from connector.pop3 import AuthMethod, Pop3Client, Pop3Endpoint, Pop3Timeouts
 from connector.recipients import SharedMailbox, message_id, route
+from connector.smtp import Delivered, Envelope, SenderPolicy, envelope_sender
 
 log = logging.getLogger(__name__)
 

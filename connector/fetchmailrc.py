@@ -41,14 +41,15 @@ without ``localdomains`` (``domains = ["change-me.invalid"]``).
 from __future__ import annotations
 
 import enum
-import ipaddress
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, assert_never
 
-from connector.config import format_duration
+from connector.addresses import is_address_pattern, is_domain, is_field_name, is_plain_address
+from connector.config import config_text_problems, format_duration
+from connector.tls import is_loopback
 
 __all__ = ["DEFAULT_PASSWORD_DIR", "convert", "main"]
 
@@ -740,13 +741,6 @@ def _smtp_host(value: str, line: int, draft: _Draft) -> _SmtpHost | None:
 
 
 _NAME_BAD_CHARS: Final = re.compile(r"[^A-Za-z0-9._@-]+")
-_LOCAL_PART: Final = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+")
-# What connector.config accepts (its validators are private): RFC 5321 §4.1.2 domains, RFC 5322
-# §3.6.8 field names, and rule patterns (an address where * and ? are wildcards).
-_LABEL: Final = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DOMAIN: Final = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-_FIELD_NAME: Final = re.compile(r"[\x21-\x39\x3b-\x7e]{1,76}")
-_PATTERN: Final = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\[\]-]+@[A-Za-z0-9.*?\[\]-]+")
 
 
 def _account_name(remote: str, host: str, taken: set[str]) -> str:
@@ -757,16 +751,6 @@ def _account_name(remote: str, host: str, taken: set[str]) -> str:
         name, n = f"{base}-{n}", n + 1
     taken.add(name.lower())
     return name
-
-
-def _is_loopback(host: str) -> bool:
-    name = host.strip("[]").lower()
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -840,7 +824,7 @@ def _interpret(parsed: _Parsed, password_dir: Path) -> _Result:
             notes.append(
                 f"line {d.smtphosts[1].line}: smtphost fallback list; only the first host is used"
             )
-    smtp_tls = _Tls.NONE if _is_loopback(smtp_host) else _Tls.STARTTLS
+    smtp_tls = _Tls.NONE if is_loopback(smtp_host) else _Tls.STARTTLS
     if smtp_tls is _Tls.STARTTLS:
         notes.append(
             f'[smtp] tls = "starttls": fetchmail spoke plain SMTP to {smtp_host}; we require '
@@ -1038,8 +1022,7 @@ def _local_address(
     ``quiet`` leaves out the note on the added domain (the caller writes one for all names).
     """
     address = local if "@" in local else f"{local}@{domain}"
-    local_part, _, dom = address.rpartition("@")
-    if not _LOCAL_PART.fullmatch(local_part) or not _DOMAIN.fullmatch(dom):
+    if not is_plain_address(address):  # what [[accounts]] deliver_to takes
         d.note(d.local_line, f"account {name}: a local name is not a mail address; dropped")
         return None
     if "@" not in local and not quiet:
@@ -1120,7 +1103,7 @@ def _shared(
     elif d.envelope == "":
         # `no envelope`: recipients from To/Cc only; an empty list is allowed.
         headers = ()
-    elif _FIELD_NAME.fullmatch(d.envelope):
+    elif is_field_name(d.envelope):
         headers = (d.envelope,)
     else:
         headers = None
@@ -1146,7 +1129,7 @@ def _shared(
         # A server-side name without a domain is a local part at each of our domains.
         matches = [remote] if "@" in remote else [f"{remote}@{dom}" for dom in domains]
         for match in matches:
-            if _PATTERN.fullmatch(match):
+            if is_address_pattern(match):
                 rules.append(_Rule(match.lower(), (address,)))
             else:
                 d.note(d.local_line, f"{where}: a server-side name is not an address; dropped")
@@ -1210,7 +1193,7 @@ def _size_limit(d: _Draft, name: str, comments: list[str]) -> tuple[int | None, 
 
 
 def _is_domain(value: str) -> bool:
-    return _DOMAIN.fullmatch(value.lower().rstrip(".")) is not None and len(value) <= 253
+    return is_domain(value.lower().rstrip("."))  # as [accounts.shared] domains stores it
 
 
 # --------------------------------------------------------------------------------------------
@@ -1351,7 +1334,10 @@ def convert(
 def main(path: Path) -> int:
     """Print the TOML converted from the rc file at ``path`` and the notes on standard error.
 
-    Returns 0, or 1 when the file cannot be read or no account could be converted.
+    The TOML is validated by the config's own models first (:func:`config_text_problems`,
+    secrets unread): one that would not load is not printed; its problems are, each with its
+    key.  Returns 0, or 1 when the file cannot be read, no account could be converted, or the
+    result would not load.
     """
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -1360,8 +1346,17 @@ def main(path: Path) -> int:
         return 1
     toml, notes = convert(text, source=str(path))
     nothing = any(n.endswith("no POP3 account could be converted") for n in notes)
-    if not nothing:
+    problems = [] if nothing else config_text_problems(toml)
+    if not nothing and not problems:
         sys.stdout.write(toml)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    return 1 if nothing else 0
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        print(
+            f"pop3-connector: the configuration converted from {path} would not load, so it "
+            "is not printed; change the values named above in the rc file and convert again",
+            file=sys.stderr,
+        )
+    return 1 if nothing or problems else 0

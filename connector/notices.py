@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Final, assert_never
 
 from connector.deadletter import HEADER_BLOCK_MAX, DeadLetterInfo, DeadLetterStore
-from connector.delivery import Envelope, SmtpDeliverer, SmtpSettings
+from connector.smtp import Envelope, SmtpDeliverer, SmtpSettings
 
 log = logging.getLogger(__name__)
 

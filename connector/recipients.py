@@ -25,15 +25,15 @@ pattern matches it (shell-style ``*`` and ``?``, case-insensitive) to that rule'
 addresses; an address of one of our domains that no rule matches goes to itself, with the
 domain rewritten when ``rewrite_domain`` is set (``bob@firma.example`` -> ``bob@firma.local``).
 Exchange decides whether such a mailbox exists: a ``550 5.1.1`` to its RCPT is about the
-message (PRODUCT §6), and the fetcher dead-letters a copy naming it while the other recipients
-get theirs.
+message (docs/design.md §6.1), and the fetcher dead-letters a copy naming it while the other
+recipients get theirs.
 
 Pure functions on bytes and frozen data; no I/O.  Header fields are read by
 :mod:`connector.headers` (bounded block, capped values) and address lists by
 :func:`connector.addresses.address_list` (one pass, no recursion: a few hundred nested ``(``
 once made ``email.utils.getaddresses`` raise ``RecursionError``).  Values are decoded as ASCII
 with surrogate escapes (8-bit bytes never raise), and an address that could not go on an SMTP
-envelope as it is (``delivery.address_problem``) is ignored, never "repaired".  A field that
+envelope as it is (``smtp.address_problem``) is ignored, never "repaired".  A field that
 was too long to read whole (:data:`connector.headers.MAX_VALUE`) counts with what was read of
 it, and :attr:`Routing.unread` names it, so the fetcher can say so in its log.
 """
@@ -47,7 +47,7 @@ from typing import Final
 
 from connector import headers
 from connector.addresses import read_address_list
-from connector.delivery import address_problem
+from connector.smtp.envelope import address_problem
 
 __all__ = [
     "DEFAULT_ENVELOPE_HEADERS",
@@ -98,7 +98,7 @@ class Routing:
     ``found``: the addresses of ours read from that header (empty for the fallback).
     ``configured``: those of ``recipients`` that come from the config (the fallback, a rule's
     targets) rather than from the message: a permanent refusal of one of them is our setup's
-    fault (PRODUCT §6), not the message's.
+    fault (docs/design.md §6.1), not the message's.
     ``unread``: what could not be read whole among what was consulted: the names of fields
     cut at :data:`connector.headers.MAX_VALUE` or that do not parse to their end (an unclosed
     comment, quote or bracket), and ``"header"`` when the header block itself was larger

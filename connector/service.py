@@ -45,7 +45,6 @@ from connector.config import (
 from connector.deadletter import DeadLetterArchive
 from connector.deadletter.maildir import MaildirStore
 from connector.deadletter.reconcile import ReconcilingStore
-from connector.delivery import SenderPolicy, SmtpDeliverer, SmtpSettings
 from connector.errors import (
     AlreadyRunningError,
     ConfigError,
@@ -68,9 +67,11 @@ from connector.fetcher import (
 )
 from connector.ledger import AccountStatus, CycleRecord, Failures, Ledger, os_error_text
 from connector.notices import NoticeSettings, Notifier, RecordingStore
-from connector.pop3 import AuthMethod, Pop3Endpoint, TlsMode
+from connector.pop3 import AuthMethod, Pop3Endpoint
 from connector.recipients import Rule, SharedMailbox
 from connector.sdnotify import NOTIFY_VARIABLES
+from connector.smtp import SenderPolicy, SmtpDeliverer, SmtpSettings
+from connector.tls import TlsMode, make_ssl_context
 
 if TYPE_CHECKING:
     # Imported where used: aioimaplib and prometheus_client cost ~40 ms of start-up, which a
@@ -92,20 +93,6 @@ PARKED_MIN_DELAY = 3600.0
 # --------------------------------------------------------------------------------------------
 # Config -> runtime
 # --------------------------------------------------------------------------------------------
-
-
-def make_ssl_context(verify: bool, ca_file: Path | None, where: str) -> ssl.SSLContext:
-    """A client context: system trust plus ``ca_file``; verification off only when asked."""
-    ctx = ssl.create_default_context()
-    if ca_file is not None:
-        try:
-            ctx.load_verify_locations(cafile=str(ca_file))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"{where}.ca_file: cannot load {ca_file}: {exc}") from exc
-    if not verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 # How long an oauth2_token_command may take to print a token; a helper that refreshes the token

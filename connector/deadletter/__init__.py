@@ -1,7 +1,7 @@
 """Dead-letter stores: where a message refused permanently goes before it is deleted upstream.
 
-PRODUCT §5.4 and §7.  A dead letter is the original message bytes with five header lines added
-at the top::
+docs/design.md §5.1 (step 4) and §7.1.  A dead letter is the original message bytes with five
+header lines added at the top::
 
     X-POP3-Connector-Account: info
     X-POP3-Connector-UIDL: 00000001650a1b2c
@@ -9,11 +9,11 @@ at the top::
     X-POP3-Connector-Response: 554 5.1.0 Sender denied
     X-POP3-Connector-Failed-At: 2026-11-27T15:49:35Z
 
-Prepending lines is the only change PRODUCT §5 allows, so :func:`strip_dead_letter_headers`
-gives ``requeue`` the original bytes back exactly.  The header values come from the POP3 server
-(UIDL) and the SMTP server (the response text), so they are untrusted: every value is forced to
-one line of printable ASCII, which makes a header injection (a CR/LF in a reply text starting a
-new header line, or a body) impossible.
+Prepending lines is the only change docs/design.md §5.2 (invariant 4) allows, so
+:func:`strip_dead_letter_headers` gives ``requeue`` the original bytes back exactly.  The header
+values come from the POP3 server (UIDL) and the SMTP server (the response text), so they are
+untrusted: every value is forced to one line of printable ASCII, which makes a header injection (a
+CR/LF in a reply text starting a new header line, or a body) impossible.
 
 A shared mailbox's dead letter has an ``X-POP3-Connector-Recipients`` field before the five
 (see :attr:`DeadLetterInfo.recipients`).  ``requeue`` sends to exactly that list, so it is never
@@ -46,8 +46,8 @@ class DeadLetterInfo:
     # Whom it was for, when that is not simply the account's deliver_to: a shared mailbox's
     # recipients, or the ones refused while others got the message.  ``requeue`` sends it to
     # them.  Written as an ``X-POP3-Connector-Recipients`` field before the five only when not
-    # empty, so the usual dead letter keeps exactly the five lines of PRODUCT §7.  Never cut;
-    # folded over several lines when long (see _recipients_field).
+    # empty, so the usual dead letter keeps exactly the five lines of docs/design.md §7.1.
+    # Never cut; folded over several lines when long (see _recipients_field).
     recipients: tuple[str, ...] = ()
 
 
@@ -69,7 +69,7 @@ class DeadLetterRecord:
 
 
 class DeadLetterStore(Protocol):
-    """The seam the fetcher uses (PRODUCT §5.4)."""
+    """The seam the fetcher uses (docs/design.md §5.1, step 4)."""
 
     async def put(self, raw: bytes, info: DeadLetterInfo) -> str:
         """Store durably; return the dead letter's id.  Raises DeadLetterError."""
@@ -168,7 +168,7 @@ def _recipients_field(recipients: tuple[str, ...], eol: bytes) -> bytes:
     comma (RFC 5322 §2.2.3: the line end goes before a space) into lines of at most 78
     characters, but for an address longer than that, which gets a line of its own; unfolding
     gives back the one-line form.  An address that can go on an SMTP envelope is at most 254
-    octets of ASCII (RFC 5321 §4.5.3.1.3, ``delivery.address_problem``), so every line stays
+    octets of ASCII (RFC 5321 §4.5.3.1.3, ``smtp.address_problem``), so every line stays
     within 998.
     Each address is sanitised on its own and never cut: ``requeue`` sends to what is here.
     """
@@ -195,8 +195,8 @@ def format_failed_at(when: dt.datetime) -> str:
 
 
 def dead_letter_headers(info: DeadLetterInfo, eol: bytes) -> bytes:
-    """The five ``X-POP3-Connector-*`` lines of PRODUCT §7, each ended by ``eol``, after the
-    Recipients field when there are recipients.
+    """The five ``X-POP3-Connector-*`` lines of docs/design.md §7.1, each ended by ``eol``,
+    after the Recipients field when there are recipients.
 
     Every value is sanitised to printable ASCII (see module docstring); each of the five is
     one line.
@@ -238,11 +238,11 @@ def _our_lines(raw: bytes) -> tuple[list[bytes], bytes | None, int]:
     """The values of our leading header lines, in order, the optional Recipients field's value
     (unfolded), and the offset just past them.
 
-    An optional Recipients field, then the names of PRODUCT §7 in their fixed order; stops at
-    the first line that is not the next one.  Callers accept the block only when the five are
-    there, so a message that itself starts with one such line keeps it.  Only the Recipients
-    field is unfolded: each of the five is one line, so a message whose own first line starts
-    with white space keeps it.
+    An optional Recipients field, then the names of docs/design.md §7.1 in their fixed order; stops
+    at the first line that is not the next one.  Callers accept the block only when the five are
+    there, so a message that itself starts with one such line keeps it.  Only the Recipients field
+    is unfolded: each of the five is one line, so a message whose own first line starts with white
+    space keeps it.
     """
 
     def line(name: bytes, pos: int) -> tuple[bytes, int] | None:

@@ -1,9 +1,9 @@
-"""The IMAP dead-letter store (PRODUCT §7, ``[dead_letter] store = "imap"``): APPEND to a folder.
+"""The IMAP dead-letter store (docs/design.md §7.2, ``[dead_letter] store = "imap"``): APPEND.
 
 A dead letter is the message with our header lines (:func:`with_dead_letter_headers`), appended
 with the flags ``\\Seen`` and ``$DeadLetter`` and INTERNALDATE = the time it failed, so a mail
 client sorts the folder by when things went wrong.  Durable means the server answered the APPEND
-``OK`` (PRODUCT §5.4; RFC 3501 §6.3.11: the message is then in the mailbox).
+``OK`` (docs/design.md §7.2; RFC 3501 §6.3.11: the message is then in the mailbox).
 
 Connections: one fresh connection per call (``put``, ``list``, ``get``, ``remove``), logged out
 and closed afterwards, on errors and on cancellation too (then closed without LOGOUT).  Dead
@@ -64,7 +64,7 @@ from connector.deadletter import (
     with_dead_letter_headers,
 )
 from connector.errors import DeadLetterError
-from connector.pop3.client import TlsMode
+from connector.tls import TlsMode
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ re-exported for tests and for anyone driving the protocol over another transport
 
 The shell's names are loaded lazily (PEP 562 ``__getattr__``): importing
 ``connector.pop3.protocol`` runs this file first, and it must not drag in asyncio, socket or
-ssl (STYLE §1; tests/unit/test_pop3_sansio.py checks it).
+ssl (docs/design.md §2; tests/unit/test_pop3_sansio.py checks it).
 """
 
 from __future__ import annotations
@@ -38,12 +38,9 @@ if TYPE_CHECKING:
         Pop3Endpoint,
         Pop3Timeouts,
         Retrieved,
-        TlsMode,
     )
 
-_FROM_CLIENT = frozenset(
-    {"AuthMethod", "Pop3Client", "Pop3Endpoint", "Pop3Timeouts", "Retrieved", "TlsMode"}
-)
+_FROM_CLIENT = frozenset({"AuthMethod", "Pop3Client", "Pop3Endpoint", "Pop3Timeouts", "Retrieved"})
 
 __all__ = [
     "NEED_DATA",
@@ -65,7 +62,6 @@ __all__ = [
     "Pop3Timeouts",
     "Retrieved",
     "State",
-    "TlsMode",
     "Verb",
 ]
 

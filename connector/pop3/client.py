@@ -2,9 +2,9 @@
 
 The shell writes what ``Connection.send()`` returns and loops on ``next_event()``, reading big
 chunks on NEED_DATA (never ``readline``: the StreamReader's 64 KiB line limit breaks on real
-mail).  Each phase has its own deadline (STYLE §4): ``connect`` for TCP and TLS handshakes,
-``command`` for a whole single-line reply, ``idle_read`` for each read of a RETR/TOP reply, so a
-big message never hits a total deadline while bytes keep coming.
+mail).  Each phase has its own deadline (docs/design.md §10.2): ``connect`` for TCP and TLS
+handshakes, ``command`` for a whole single-line reply, ``idle_read`` for each read of a RETR/TOP
+reply, so a big message never hits a total deadline while bytes keep coming.
 
 Replies are matched to commands by a FIFO, so commands can be pipelined (RFC 2449 §6.6):
 ``retrieve_many`` (and ``retr_many``, its ``(number, raw)`` form) keeps several RETRs in flight
@@ -52,7 +52,6 @@ from connector.errors import (
     Pop3ResponseError,
     Pop3TimeoutError,
     Pop3TlsError,
-    tls_reason_hint,
 )
 from connector.pop3.protocol import (
     Capabilities,
@@ -74,6 +73,7 @@ from connector.pop3.protocol import (
     parse_stat,
     sasl_plain,
 )
+from connector.tls import TlsMode, tls_reason_hint
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +84,9 @@ _STREAM_LIMIT: Final = 1024 * 1024  # the transport pauses reading above 2x this
 _MAX_AUTH_LINE: Final = 255  # RFC 5034 §4: longer initial responses wait for "+ "
 
 
-class TlsMode(enum.StrEnum):
-    """How a connection is secured (PRODUCT §3 ``tls``)."""
-
-    IMPLICIT = "implicit"
-    STARTTLS = "starttls"
-    NONE = "none"
-
-
 class AuthMethod(enum.StrEnum):
-    """PRODUCT §3 ``auth``.  ``auto`` chooses by TLS, CAPA and the greeting (see ``login``)."""
+    """The ``auth`` key (docs/design.md §4.1).  ``auto`` chooses by TLS, CAPA and the greeting
+    (see ``login``)."""
 
     AUTO = "auto"
     USER = "user"

@@ -24,7 +24,8 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connector.delivery import (
+from connector.errors import DeliveryError, Disposition, Evidence, SmtpStage, classify
+from connector.smtp import (
     Delivered,
     Envelope,
     SenderPolicy,
@@ -32,8 +33,7 @@ from connector.delivery import (
     SmtpSettings,
     envelope_sender,
 )
-from connector.errors import DeliveryError, Disposition, Evidence, SmtpStage, classify
-from connector.pop3.client import TlsMode
+from connector.tls import TlsMode
 from tests.servers import RecordingHandler, SmtpSink, free_port
 
 TO = ("info@firma.local",)

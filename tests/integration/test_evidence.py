@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 import aiosmtplib
 import pytest
 
-from connector.delivery import Delivered, Envelope, SmtpDeliverer, SmtpSettings
 from connector.errors import DeliveryError, Disposition, Evidence, SmtpStage, classify
-from connector.pop3.client import TlsMode
+from connector.smtp import Delivered, Envelope, SmtpDeliverer, SmtpSettings
+from connector.tls import TlsMode
 from tests.faults import Action, Direction, Fault, FaultProxy
 from tests.smtp_peers import (
     PeerRule,

@@ -45,7 +45,7 @@ from connector.deadletter.imap import (
     server_mailbox_name,
 )
 from connector.errors import DeadLetterError
-from connector.pop3.client import TlsMode
+from connector.tls import TlsMode
 from tests.servers import DovecotServer, free_port
 from tests.unit import test_deadletter as contract
 

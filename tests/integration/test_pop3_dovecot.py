@@ -7,7 +7,8 @@ import ssl
 import pytest
 
 from connector.errors import Pop3AuthError, Pop3TlsError
-from connector.pop3 import AuthMethod, Pop3Client, Pop3Endpoint, Pop3Timeouts, TlsMode
+from connector.pop3 import AuthMethod, Pop3Client, Pop3Endpoint, Pop3Timeouts
+from connector.tls import TlsMode
 from tests.servers import DovecotServer
 
 pytestmark = pytest.mark.integration

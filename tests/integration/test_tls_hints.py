@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from connector.delivery import SmtpDeliverer, SmtpSettings
 from connector.errors import DeliveryError, Disposition, Pop3TlsError, SmtpStage, classify
-from connector.pop3 import Pop3Client, Pop3Endpoint, Pop3Timeouts, TlsMode
+from connector.pop3 import Pop3Client, Pop3Endpoint, Pop3Timeouts
+from connector.smtp import SmtpDeliverer, SmtpSettings
+from connector.tls import TlsMode
 from tests.servers import DovecotServer, SmtpSink
 
 TIMEOUTS = Pop3Timeouts(5.0, 5.0, 5.0)

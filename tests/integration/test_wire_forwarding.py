@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-import connector.delivery
+import connector.smtp.content
 from tests.integration.conftest import Setup, strip_trace
 
 pytestmark = pytest.mark.integration
@@ -25,13 +25,13 @@ def test_messages_arrive_byte_for_byte_and_mostly_unscanned(
     setup_factory: Callable[..., Setup], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     old_path: list[bytes] = []
-    prepare_content = connector.delivery.prepare_content
+    prepare_content = connector.smtp.content.prepare_content
 
     def counting(parts: Sequence[bytes]) -> tuple[tuple[bytes, ...], int]:
         old_path.append(parts[-1])
         return prepare_content(parts)
 
-    monkeypatch.setattr(connector.delivery, "prepare_content", counting)
+    monkeypatch.setattr(connector.smtp.content, "prepare_content", counting)
     s = setup_factory()
     # (stored in the Maildir, received by the SMTP server after our trace line, old path?)
     cases: list[tuple[bytes, bytes, bool]] = [
@@ -70,13 +70,13 @@ def test_a_lone_cr_takes_the_old_path(
     setup_factory: Callable[..., Setup], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     old_path: list[bytes] = []
-    prepare_content = connector.delivery.prepare_content
+    prepare_content = connector.smtp.content.prepare_content
 
     def counting(parts: Sequence[bytes]) -> tuple[tuple[bytes, ...], int]:
         old_path.append(parts[-1])
         return prepare_content(parts)
 
-    monkeypatch.setattr(connector.delivery, "prepare_content", counting)
+    monkeypatch.setattr(connector.smtp.content, "prepare_content", counting)
     s = setup_factory()
     stored = b"Subject: lone CR\r\n\r\nx\ry\r\n"
     s.dovecot.deliver_many(s.user, [stored, b"Subject: clean\r\n\r\n.x\r\n"])

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from connector.deadletter.maildir import MaildirStore
-from connector.delivery import SenderPolicy, SmtpDeliverer, SmtpSettings
 from connector.fetcher import AccountSpec, Cycle, CycleStats, DeliveryPolicy, Outcome
 from connector.ledger import Ledger
-from connector.pop3 import AuthMethod, Pop3Endpoint, Pop3Timeouts, TlsMode
+from connector.pop3 import AuthMethod, Pop3Endpoint, Pop3Timeouts
+from connector.smtp import SenderPolicy, SmtpDeliverer, SmtpSettings
+from connector.tls import TlsMode
 from tests.servers import DovecotServer, SmtpSink
 
 SHORT = 0.5  # seconds: every POP3 phase deadline and the SMTP reply timeout

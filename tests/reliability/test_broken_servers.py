@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from connector.deadletter.maildir import MaildirStore
-from connector.delivery import SenderPolicy, SmtpDeliverer, SmtpSettings
 from connector.errors import (
     Disposition,
     Pop3AuthError,
@@ -29,7 +28,9 @@ from connector.errors import (
 from connector.fetcher import AccountSpec, Cycle, CycleStats, DeliveryPolicy, Outcome
 from connector.ledger import Ledger, MessageState
 from connector.loopback import LoopbackSmtpSink
-from connector.pop3 import AuthMethod, Pop3Client, Pop3Endpoint, Pop3Timeouts, TlsMode
+from connector.pop3 import AuthMethod, Pop3Client, Pop3Endpoint, Pop3Timeouts
+from connector.smtp import SenderPolicy, SmtpDeliverer, SmtpSettings
+from connector.tls import TlsMode
 from tests.faults import Action, Direction, FakePop3Server, Fault, FaultProxy, Pop3Misbehaviour
 from tests.reliability.rig import SHORT, Recorder, Rig, mail, make_rig, message_id
 from tests.servers import DovecotServer

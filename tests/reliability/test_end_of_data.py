@@ -19,11 +19,11 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from prometheus_client.parser import text_string_to_metric_families
 
 from connector.config import load_settings
-from connector.delivery import Envelope, SmtpDeliverer, SmtpSettings
 from connector.errors import DeliveryError, Disposition, SmtpStage, classify
 from connector.metrics import Metrics
-from connector.pop3 import TlsMode
 from connector.service import build_runtime, open_service
+from connector.smtp import Envelope, SmtpDeliverer, SmtpSettings
+from connector.tls import TlsMode
 from tests.integration.conftest import Setup, strip_trace
 from tests.integration.test_cycle import message
 from tests.integration.test_service import wait_until

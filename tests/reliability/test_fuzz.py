@@ -39,7 +39,6 @@ from connector.deadletter import (
     strip_dead_letter_headers,
 )
 from connector.deadletter.maildir import MaildirStore
-from connector.delivery import Delivered, Envelope, SenderPolicy, address_problem, envelope_sender
 from connector.errors import ConnectorError
 from connector.fetcher import (
     AccountSpec,
@@ -50,8 +49,10 @@ from connector.fetcher import (
     trace_header,
 )
 from connector.ledger import Ledger, MessageState
-from connector.pop3 import AuthMethod, Pop3Endpoint, Pop3Timeouts, TlsMode
+from connector.pop3 import AuthMethod, Pop3Endpoint, Pop3Timeouts
 from connector.recipients import SharedMailbox, message_id, route
+from connector.smtp import Delivered, Envelope, SenderPolicy, address_problem, envelope_sender
+from connector.tls import TlsMode
 from tests.fakes import InMemoryDeadLetterStore
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

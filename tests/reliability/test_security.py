@@ -21,11 +21,11 @@ import pytest
 import trustme
 
 from connector.config import MetricsSettings, load_settings
-from connector.delivery import Envelope, SmtpDeliverer, SmtpSettings
 from connector.errors import DeliveryError, Disposition, Pop3TlsError, SmtpStage, classify
 from connector.loopback import LoopbackPop3Server
-from connector.pop3 import Pop3Client, Pop3Endpoint, Pop3Timeouts, TlsMode
-from connector.service import make_ssl_context
+from connector.pop3 import Pop3Client, Pop3Endpoint, Pop3Timeouts
+from connector.smtp import Envelope, SmtpDeliverer, SmtpSettings
+from connector.tls import TlsMode, make_ssl_context
 from tests.integration.conftest import Setup
 from tests.reliability.rig import mail
 from tests.servers import USER_PASSWORD, DovecotServer, SmtpSink

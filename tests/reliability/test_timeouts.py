@@ -15,7 +15,8 @@ import pytest
 
 from connector.errors import DeliveryError, Disposition, Pop3TimeoutError, SmtpStage, classify
 from connector.fetcher import Outcome
-from connector.pop3 import AuthMethod, TlsMode
+from connector.pop3 import AuthMethod
+from connector.tls import TlsMode
 from tests.faults import Action, Direction, Fault, FaultProxy
 from tests.reliability.rig import SHORT, Recorder, Rig, mail, make_rig
 from tests.servers import DovecotServer

@@ -14,6 +14,10 @@ from connector import headers
 from connector.addresses import (
     address_list,
     address_needs_smtputf8,
+    is_address_pattern,
+    is_domain,
+    is_field_name,
+    is_plain_address,
     mailbox,
     mailbox_problem,
     reverse_path,
@@ -188,3 +192,44 @@ def test_search_answer_of_digits_is_linear() -> None:
     start = time.perf_counter()
     assert _search_uids(b"1" * 100_000 + b"x") == []
     assert time.perf_counter() - start < 0.05
+
+
+# --------------------------------------------------------------------------------------------
+# The plain forms of the config (config.py validates with them, fetchmailrc.py checks with them)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "plain"),
+    [
+        ("info@firma.local", True),
+        ("o'brien+tag@sub.firma-1.example", True),
+        ("a..b@firma.local", False),  # no dot-atom (RFC 5322 §3.2.3)
+        (".a@firma.local", False),
+        ('"quoted"@firma.local', False),
+        ("jü@firma.local", False),  # UTF-8 needs SMTPUTF8
+        ("info@-firma.local", False),
+        ("info@firma.local.", False),
+        ("<info@firma.local>", False),
+        ("a" * 64 + "@" + "b" * 63 + "." + "c" * 63 + "." + "d" * 61, True),  # 254
+        ("a" * 64 + "@" + "b" * 63 + "." + "c" * 63 + "." + "d" * 62, False),  # 255
+    ],
+)
+def test_plain_address(value: str, plain: bool) -> None:
+    assert is_plain_address(value) is plain
+
+
+def test_domain_field_name_and_pattern() -> None:
+    assert is_domain("firma.example")
+    assert is_domain("xn--mller-kva.example")
+    assert not is_domain("firma..example")
+    assert not is_domain("-firma.example")
+    assert not is_domain("a" * 63 + "." + "b" * 63 + "." + "c" * 63 + "." + "d" * 62)  # 254
+    assert is_field_name("X-Original-To")
+    assert not is_field_name("Bad Header")
+    assert not is_field_name("Bad:Header")
+    assert not is_field_name("x" * 77)
+    assert is_address_pattern("*@sales.firma.example")
+    assert is_address_pattern("info?@[1.2.3.4]")
+    assert not is_address_pattern("*sales.firma.example")
+    assert not is_address_pattern("a b@c")

@@ -31,8 +31,8 @@ from connector.deadletter import (
     with_dead_letter_headers,
 )
 from connector.deadletter.maildir import MaildirStore, unique_name
-from connector.delivery import address_problem
 from connector.errors import DeadLetterError
+from connector.smtp import address_problem
 from tests.fakes import InMemoryDeadLetterStore
 
 WHEN = dt.datetime(2026, 11, 27, 15, 49, 35, tzinfo=dt.UTC)

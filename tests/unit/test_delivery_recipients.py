@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import aiosmtplib
 import pytest
 
-from connector.delivery import Delivered, Envelope, SmtpDeliverer, SmtpSettings
 from connector.errors import DeliveryError, Disposition, SmtpStage, classify
 from connector.loopback import LoopbackSmtpSink
-from connector.pop3.client import TlsMode
+from connector.smtp import Delivered, Envelope, SmtpDeliverer, SmtpSettings
+from connector.tls import TlsMode
 from tests.servers import SmtpSink
 
 SENDER = "owner@example.test"
@@ -160,6 +160,19 @@ async def test_refused_recipient_keeps_its_spelling_in_refused(server: Server) -
     server.set_rule(refuse_rcpt({bob: NO_SUCH_USER}))
     delivered = await deliver(server, shared_envelope(bob, ALICE))
     assert (dict(delivered.refused), delivered.permanent) == ({bob: NO_SUCH_USER}, frozenset({bob}))
+
+
+async def test_permanent_is_read_as_the_refusal_text_is_classified(server: Server) -> None:
+    # The enhanced code is followed by a tab, not a space: the recorded refusal (one printable
+    # line, "450 5.1.1\x09...") has no enhanced code, so it is a 450, temporary: Bob's copy is
+    # deferred, not dead-lettered (the same reading as every RCPT refusal, refused_permanently).
+    server.set_rule(refuse_rcpt({BOB: "450 5.1.1\tover quota", ALICE: "550 4.2.2\tfull"}))
+    delivered = await deliver(server, shared_envelope(BOB, ALICE, "carol@firma.local"))
+    assert delivered.refused == {
+        BOB: "450 5.1.1\\x09over quota",
+        ALICE: "550 4.2.2\\x09full",
+    }
+    assert delivered.permanent == frozenset({ALICE})
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""delivery.py without a server: envelope sender, address checks, and the exception mapping."""
+"""The smtp package without a server: envelope sender, address checks, and the exception mapping."""
 
 from __future__ import annotations
 
@@ -13,7 +13,15 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from connector.delivery import (
+from connector.errors import (
+    AUTH_REQUIRED,
+    DeliveryError,
+    Disposition,
+    SmtpStage,
+    classify,
+    smtp_class,
+)
+from connector.smtp import (
     Envelope,
     SenderPolicy,
     address_problem,
@@ -23,7 +31,7 @@ from connector.delivery import (
     needs_smtputf8,
     prepare_content,
 )
-from connector.errors import DeliveryError, Disposition, SmtpStage, classify
+from connector.smtp.failures import from_reply, refused_permanently
 
 OWN = Envelope("owner@example.test", ("info@firma.local",), sender_fixed=False)
 FIXED = Envelope("relay@firma.local", ("info@firma.local",), sender_fixed=True)
@@ -528,6 +536,48 @@ def test_refusal_wins_over_a_failed_rset() -> None:
     lone = aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response")
     lone.__context__ = KeyError("unrelated")
     assert classify(delivery_error(lone, SmtpStage.DATA, OWN)) is Disposition.RETRY
+
+
+# One reading of "is this RCPT refusal permanent" (refused_permanently) decides which refusal
+# is reported, which is tested and which recipients get a dead-letter copy; it must agree with
+# the DeliveryError that from_reply() makes of the same reply, which classify() reads.  A tab
+# after the enhanced code is where readings of the raw text and of its one-line form differ.
+RCPT_REPLIES = [
+    (550, "5.1.1 User unknown"),
+    (450, "4.2.2 Mailbox full"),
+    (550, "4.2.2 the enhanced class wins"),
+    (450, "5.2.2 the enhanced class wins"),
+    (552, "too many recipients"),  # 452 at RCPT
+    (552, "5.2.3 over quota"),
+    (530, "5.7.0 Authentication required"),
+    (450, "5.1.1\tover quota"),
+    (550, "4.2.2\tfull"),
+    (451, "first line\n5.1.1 second line"),
+]
+
+
+@pytest.mark.parametrize(("code", "message"), RCPT_REPLIES)
+def test_refused_permanently_agrees_with_the_error_classify_reads(code: int, message: str) -> None:
+    err = from_reply(SmtpStage.RCPT, code, message, MULTIDROP, "a@firma.local")
+    assert refused_permanently(code, message) is (
+        smtp_class(err.smtp_code, err.enhanced_code, err.stage) == 5
+    ), err
+    if code != AUTH_REQUIRED:  # 530: our setup whatever the class (docs/design.md §6.1)
+        assert refused_permanently(code, message) is (classify(err) is Disposition.DEAD_LETTER)
+
+
+def test_of_all_recipients_refused_a_temporary_one_is_reported_by_the_same_reading() -> None:
+    # "450 5.1.1<TAB>..." is temporary as its DeliveryError reads it (the enhanced code is not
+    # followed by a space), so the message is deferred, not dead-lettered for the 550.
+    exc = aiosmtplib.SMTPRecipientsRefused(
+        [
+            aiosmtplib.SMTPRecipientRefused(550, "5.1.1 unknown", "a@firma.local"),
+            aiosmtplib.SMTPRecipientRefused(450, "5.1.1\tover quota", "b@firma.local"),
+        ]
+    )
+    err = delivery_error(exc, SmtpStage.RCPT, MULTIDROP)
+    assert err.smtp_code == 450
+    assert classify(err) is Disposition.RETRY
 
 
 # ------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import pytest
 
 from connector.deadletter import parse_dead_letter_headers
 from connector.deadletter.maildir import MaildirStore
-from connector.delivery import Envelope, SenderPolicy, SmtpDeliverer, SmtpSettings
 from connector.errors import (
     DeadLetterError,
     DeliveryError,
@@ -45,8 +44,10 @@ from connector.fetcher import (
 )
 from connector.ledger import Ledger, MessageState
 from connector.loopback import LoopbackPop3Server, LoopbackSmtpSink, SmtpRule
-from connector.pop3 import AuthMethod, Pop3Endpoint, TlsMode
+from connector.pop3 import AuthMethod, Pop3Endpoint
 from connector.recipients import Rule, SharedMailbox
+from connector.smtp import Envelope, SenderPolicy, SmtpDeliverer, SmtpSettings
+from connector.tls import TlsMode
 from tests.fakes import InMemoryDeadLetterStore
 
 USER, PASSWORD = "info@firma.example", "pop-secret"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from connector.config import AccountConfig, Settings, load_settings
+from connector.config import AccountConfig, Settings, config_text_problems, load_settings
 from connector.errors import ConfigError
 from connector.fetchmailrc import convert, main
 
@@ -280,3 +280,72 @@ def test_main_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert "no POP3 account could be converted" in err
     assert main(tmp_path / "missing") == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# What it writes is checked by the config's own models and rules
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rc", [HOME_RC, OFFICE_RC, LEGACY_RC], ids=["home", "office", "legacy"])
+def test_converted_configs_pass_the_config_models_without_their_secrets(rc: str) -> None:
+    # The office file has an account without a password: its password_file does not exist
+    # yet, and the check does not read it.
+    toml, _ = convert(rc, password_dir=Path("/nonexistent/pop3-connector"))
+    assert config_text_problems(toml) == []
+
+
+def test_main_reports_a_config_that_would_not_load_and_prints_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A POP3 user name with a space: fetchmail quotes it, RFC 1939 §3 cannot send it.
+    rc = tmp_path / ".fetchmailrc"
+    rc.write_text(
+        'poll pop.example.net user "john doe" password "pw-s3cret" is j@firma.local here\n',
+        encoding="utf-8",
+    )
+    assert main(rc) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert 'error: accounts[0] (name "john-doe").username: must be non-empty, without spaces' in err
+    assert "would not load, so it is not printed" in err
+    assert "pw-s3cret" not in err
+
+
+def test_the_check_words_problems_as_load_settings_does(tmp_path: Path) -> None:
+    toml, _ = convert('poll "pop example" user "john doe" pass "" is j@firma.local here')
+    with pytest.raises(ConfigError) as loaded:
+        _load(toml, tmp_path)
+    assert config_text_problems(toml) == loaded.value.problems
+    assert [p.split(": ")[0] for p in loaded.value.problems] == [
+        'accounts[0] (name "john-doe").host',
+        'accounts[0] (name "john-doe").username',
+    ]
+    assert config_text_problems("[smtp\n")[0].startswith("TOML syntax error: ")
+
+
+def test_a_local_name_the_config_would_refuse_is_dropped_with_a_note(tmp_path: Path) -> None:
+    # "a..b" is no dot-atom (RFC 5322 §3.2.3): deliver_to would refuse it.
+    toml, notes = convert("poll pop.example.net user j pass x is a..b@firma.local here")
+    account = _load(toml, tmp_path).accounts[0]
+    assert (account.deliver_to, account.enabled) == (["change-me@localhost"], False)
+    assert any("a local name is not a mail address; dropped" in n for n in notes)
+
+
+@pytest.mark.parametrize(
+    ("smtphost", "tls"),
+    [
+        ("localhost", "none"),
+        ("localhost.", "none"),
+        ("mail.localhost", "none"),
+        ("127.0.0.2", "none"),
+        ("exchange.firma.local", "starttls"),
+    ],
+)
+def test_smtp_tls_is_off_only_for_a_loopback_smtphost(
+    smtphost: str, tls: str, tmp_path: Path
+) -> None:
+    # The same loopback test as `check`'s clear-text warning (connector.tls.is_loopback).
+    rc = f"poll pop.example.net user j pass x is j@firma.local here smtphost {smtphost}"
+    toml, _ = convert(rc)
+    assert _load(toml, tmp_path).smtp.tls == tls

@@ -32,12 +32,12 @@ from connector.deadletter import (
     strip_dead_letter_headers,
     with_dead_letter_headers,
 )
-from connector.delivery import SenderPolicy, address_problem, envelope_sender
 from connector.errors import Pop3ProtocolError, split_enhanced_code
 from connector.fetcher import duplicate_key, trace_header
 from connector.metrics import smtp_code
 from connector.pop3.protocol import parse_scan_line, parse_stat
 from connector.recipients import SharedMailbox, message_id, route
+from connector.smtp import SenderPolicy, address_problem, envelope_sender
 
 BOUND = 0.050  # seconds per call
 MB = 1024 * 1024

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from connector.deadletter import DeadLetterInfo
-from connector.delivery import Envelope, SmtpSettings
 from connector.errors import DeliveryError, SmtpStage
 from connector.notices import (
     DeadLetterNote,
@@ -22,7 +21,8 @@ from connector.notices import (
     failing_notice,
     note_for,
 )
-from connector.pop3 import TlsMode
+from connector.smtp import Envelope, SmtpSettings
+from connector.tls import TlsMode
 
 SMTP = SmtpSettings(
     host="127.0.0.1",

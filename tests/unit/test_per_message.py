@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import connector.fetcher as fetcher_module
-from connector.delivery import Delivered, Envelope
 from connector.fetcher import ERROR_LIMIT, Deliverer, Outcome, error_summary
 from connector.ledger import MessageState
+from connector.smtp import Delivered, Envelope
 from tests.unit.test_fetcher import USER, Recorder, Rig, mail, make_rig
 
 _HYPOTHESIS = settings(

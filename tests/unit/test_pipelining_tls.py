@@ -1,6 +1,6 @@
 """RFC 2920 pipelining over TLS (RFC 3207 STARTTLS, and implicit TLS), on uvloop and asyncio.
 
-``delivery._Replies`` reads a pipelined group's replies by putting itself in front of
+``smtp.connection._Replies`` reads a pipelined group's replies by putting itself in front of
 aiosmtplib's protocol on the transport (``transport.set_protocol``).  After STARTTLS or with
 implicit TLS that transport is the loop's TLS transport, not the socket's, and uvloop has its own
 of both; the loopback sink of ``connector.loopback`` speaks neither TLS nor a held-back group, so
@@ -34,10 +34,10 @@ import pytest
 import trustme
 
 from connector import runloop
-from connector.delivery import Delivered, Envelope, SmtpDeliverer, SmtpSettings
 from connector.errors import DeliveryError
-from connector.pop3.client import TlsMode
 from connector.runloop import ENV_VAR
+from connector.smtp import Delivered, Envelope, SmtpDeliverer, SmtpSettings
+from connector.tls import TlsMode
 
 LOOPS: Final = [
     pytest.param({ENV_VAR: "uvloop"}, id="uvloop"),

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from connector.errors import Pop3ProtocolError, Pop3TimeoutError
 from connector.fetcher import Outcome
-from connector.pop3 import Pop3Client, Pop3Endpoint, Pop3Timeouts, TlsMode
+from connector.pop3 import Pop3Client, Pop3Endpoint, Pop3Timeouts
 from connector.pop3.protocol import (
     CAPA_CAP,
     LISTING_LINE,
@@ -39,6 +39,7 @@ from connector.pop3.protocol import (
     listing_cap,
     retr_cap,
 )
+from connector.tls import TlsMode
 from tests.unit.test_fetcher import USER, Recorder, mail, make_rig
 
 settings.register_profile("dev", max_examples=60, deadline=None)

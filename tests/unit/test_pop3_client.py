@@ -23,8 +23,9 @@ from connector.errors import (
     Pop3TimeoutError,
     Pop3TlsError,
 )
-from connector.pop3 import AuthMethod, Pop3Client, Pop3Endpoint, Pop3Timeouts, TlsMode
+from connector.pop3 import AuthMethod, Pop3Client, Pop3Endpoint, Pop3Timeouts
 from connector.pop3.protocol import apop_digest
+from connector.tls import TlsMode
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

@@ -16,7 +16,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from connector.delivery import address_problem
 from connector.recipients import (
     DEFAULT_ENVELOPE_HEADERS,
     Routing,
@@ -26,6 +25,7 @@ from connector.recipients import (
     message_id,
     route,
 )
+from connector.smtp import address_problem
 
 settings.register_profile("dev", max_examples=60, deadline=None)
 settings.register_profile("ci", max_examples=1000, deadline=None)

@@ -181,7 +181,7 @@ def test_the_loopback_demo_delivers_on_the_chosen_loop(
     env: Mapping[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The whole product path (POP3 pipelining, pipelined SMTP replies, DATA written by
-    delivery.py, ledger thread) on each loop; under uvloop it once hung reading replies."""
+    the smtp package, ledger thread) on each loop; under uvloop it once hung reading replies."""
     from connector.demo import run_demo
 
     async def demo() -> int:

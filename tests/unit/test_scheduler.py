@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from connector.delivery import SenderPolicy, SmtpSettings
 from connector.errors import Disposition, Pop3AuthError
 from connector.fetcher import AccountSpec, CycleStats, DeliveryPolicy
 from connector.ledger import Ledger
-from connector.pop3 import AuthMethod, Pop3Endpoint, TlsMode
+from connector.pop3 import AuthMethod, Pop3Endpoint
 from connector.service import (
     BARE_LOGIN_ERROR_LIMIT,
     PARKED_MIN_DELAY,
@@ -21,6 +20,8 @@ from connector.service import (
     Runtime,
     Service,
 )
+from connector.smtp import SenderPolicy, SmtpSettings
+from connector.tls import TlsMode
 
 
 def spec(name: str) -> AccountSpec:

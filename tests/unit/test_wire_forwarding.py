@@ -2,7 +2,7 @@
 
 POP3 (RFC 1939 §3) and SMTP (RFC 5321 §4.5.2) stuff dots alike, so a CRLF-clean RETR body is
 already DATA's content.  The pieces: the parser's ``Message.wire``, ``prepare_wire`` and
-``stuffed_pieces`` in delivery.py, and ``SmtpDeliverer.deliver(..., wire=...)`` against a real
+``stuffed_pieces`` in smtp/content.py, and ``SmtpDeliverer.deliver(..., wire=...)`` against a real
 aiosmtpd.  Every check compares with what the old path (un-stuff, check, re-stuff) produced.
 """
 
@@ -13,16 +13,6 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from connector.delivery import (
-    Envelope,
-    SmtpDeliverer,
-    SmtpSettings,
-    content_pieces,
-    prepare_content,
-    prepare_wire,
-    stuffed_pieces,
-)
-from connector.pop3.client import TlsMode
 from connector.pop3.protocol import (
     NEED_DATA,
     WIRE_COPY_LIMIT,
@@ -31,6 +21,16 @@ from connector.pop3.protocol import (
     Message,
     Verb,
 )
+from connector.smtp import (
+    Envelope,
+    SmtpDeliverer,
+    SmtpSettings,
+    content_pieces,
+    prepare_content,
+    prepare_wire,
+    stuffed_pieces,
+)
+from connector.tls import TlsMode
 from tests.servers import SmtpSink
 
 TRACE = b"Received: from pop.test by connector.test with POP3 (pop3-connector); now\r\n"
@@ -195,7 +195,7 @@ def test_a_server_that_skips_stuffing_never_gets_its_body_forwarded(
 
 
 # ------------------------------------------------------------------------------------------
-# delivery.py: prepare_wire and stuffed_pieces
+# smtp/content.py: prepare_wire and stuffed_pieces
 # ------------------------------------------------------------------------------------------
 
 
