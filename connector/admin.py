@@ -45,14 +45,8 @@ from connector.deadletter import (
 from connector.delivery import Envelope, SmtpDeliverer, envelope_sender
 from connector.errors import DeliveryError, Disposition, LedgerError, classify, printable
 from connector.ledger import AccountStatus, Ledger
-from connector.service import (
-    SMTP_TRANSCRIPT,
-    Runtime,
-    ledger_health,
-    open_store,
-    rfc3339,
-    status_document,
-)
+from connector.runtime import Runtime, open_store
+from connector.service import SMTP_TRANSCRIPT, ledger_health, rfc3339, status_document
 
 __all__ = [
     "dead_letters_list",

@@ -25,7 +25,7 @@ from connector.delivery import Reply, SenderPolicy, SmtpDeliverer
 from connector.errors import AUTH_REQUIRED, ConnectorError, SmtpStage, split_enhanced_code
 from connector.fetcher import AccountSpec
 from connector.pop3 import Pop3Client
-from connector.service import Runtime
+from connector.runtime import Runtime
 
 CHECK_SENDER: Final = "check@pop3-connector.invalid"
 """The envelope sender of the test transaction with ``envelope_sender = "return-path"``: a

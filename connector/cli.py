@@ -33,8 +33,9 @@ from connector.errors import (
 
 if TYPE_CHECKING:
     from connector.config import Settings
+    from connector.runtime import Runtime
     from connector.sdnotify import SystemdNotifier
-    from connector.service import Runtime, Service
+    from connector.service import Service
 
 EX_OK = 0
 EX_FAILED = 1
@@ -296,7 +297,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from connector.config import config_warnings, load_settings, render_settings
-    from connector.service import build_runtime
+    from connector.runtime import build_runtime
 
     path = config_path(args)
     settings = load_settings(path)
@@ -393,8 +394,9 @@ async def _run(runtime: Runtime, settings: Settings, path: Path) -> int:
     from connector.config import load_settings, poll_interval_warnings
     from connector.http import HttpEndpoint
     from connector.metrics import Metrics
+    from connector.runtime import build_runtime
     from connector.sdnotify import SystemdNotifier
-    from connector.service import build_runtime, open_service
+    from connector.service import open_service
 
     listen = settings.metrics.listen
 

@@ -23,7 +23,8 @@ from connector.delivery import Envelope, SmtpDeliverer, SmtpSettings
 from connector.errors import DeliveryError, Disposition, SmtpStage, classify
 from connector.metrics import Metrics
 from connector.pop3 import TlsMode
-from connector.service import build_runtime, open_service
+from connector.runtime import build_runtime
+from connector.service import open_service
 from tests.integration.conftest import Setup, strip_trace
 from tests.integration.test_cycle import message
 from tests.integration.test_service import wait_until

@@ -30,8 +30,9 @@ from connector.cli import setup_logging
 from connector.config import load_settings, render_settings
 from connector.deadletter import DeadLetterInfo
 from connector.deadletter.imap import ImapStore, quote_astring
+from connector.oauth2 import OAuth2TokenSource
 from connector.pop3 import TlsMode
-from connector.service import OAuth2TokenSource, build_runtime, open_store
+from connector.runtime import build_runtime, open_store
 from tests.integration.conftest import Setup
 from tests.integration.test_cycle import deny_spammer, message
 from tests.integration.test_imap_store import FakeImap

@@ -13,12 +13,12 @@ from connector.errors import Disposition, Pop3AuthError
 from connector.fetcher import AccountSpec, CycleStats, DeliveryPolicy
 from connector.ledger import Ledger
 from connector.pop3 import AuthMethod, Pop3Endpoint, TlsMode
+from connector.runtime import Runtime
 from connector.service import (
     BARE_LOGIN_ERROR_LIMIT,
     PARKED_MIN_DELAY,
     AccountState,
     CycleResult,
-    Runtime,
     Service,
 )
 

@@ -27,9 +27,10 @@ import pytest
 from connector import runloop
 from connector.config import Settings, load_settings
 from connector.errors import ConfigError, Pop3AuthError, Pop3ProtocolError
+from connector.oauth2 import OAuth2TokenSource
 from connector.pop3 import AuthMethod, Pop3Client, Pop3Endpoint, Pop3Timeouts, TlsMode
 from connector.runloop import ENV_VAR
-from connector.service import OAuth2TokenSource, build_runtime
+from connector.runtime import build_runtime
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
