@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Final, TextIO
 
 from connector.admin import format_table
+from connector.cycle import AccountSpec
 from connector.delivery import Reply, SenderPolicy, SmtpDeliverer
 from connector.errors import AUTH_REQUIRED, ConnectorError, SmtpStage, split_enhanced_code
-from connector.fetcher import AccountSpec
 from connector.pop3 import Pop3Client
 from connector.runtime import Runtime
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from connector.config import load_settings
-from connector.fetcher import Outcome
+from connector.cycle import Outcome
 from connector.loopback import LoopbackPop3Server, LoopbackSmtpSink
 from connector.runtime import build_runtime
 from connector.service import open_service

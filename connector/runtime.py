@@ -1,7 +1,7 @@
 """The configuration turned into the values the code below the composition root takes.
 
 :func:`build_runtime` reads :class:`connector.config.Settings` once (at start and at each
-reload, docs/design.md §4.3) and builds frozen values: an :class:`~connector.fetcher.AccountSpec`
+reload, docs/design.md §4.3) and builds frozen values: an :class:`~connector.cycle.AccountSpec`
 per account, the SMTP settings and delivery policy, where the dead letters go
 (:func:`open_store`), the notices.  Only this module, ``service`` and ``cli`` read ``Settings``
 (docs/design.md §2).  Every value compares by its contents, so a reload can tell what changed.
@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from connector.config import ImapDeadLetter, Settings, SharedConfig, dead_letter_path
+from connector.cycle import AccountSpec, DeliveryPolicy, Oversize
 from connector.deadletter import DeadLetterArchive
 from connector.deadletter.maildir import MaildirStore
 from connector.delivery import SenderPolicy, SmtpSettings
 from connector.errors import ConfigError
-from connector.fetcher import AccountSpec, DeliveryPolicy, Oversize
 from connector.notices import NoticeSettings
 from connector.oauth2 import OAuth2TokenSource
 from connector.pop3 import AuthMethod, Pop3Endpoint, TlsMode

@@ -33,6 +33,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
+from connector.cycle import (
+    AccountSpec,
+    Cycle,
+    CycleObserver,
+    CycleStats,
+    LogObserver,
+    Outcome,
+)
 from connector.deadletter import DeadLetterArchive
 from connector.deadletter.maildir import MaildirStore
 from connector.deadletter.reconcile import ReconcilingStore
@@ -46,14 +54,6 @@ from connector.errors import (
     StateError,
     classify,
     printable,
-)
-from connector.fetcher import (
-    AccountSpec,
-    Cycle,
-    CycleObserver,
-    CycleStats,
-    LogObserver,
-    Outcome,
 )
 from connector.ledger import AccountStatus, CycleRecord, Failures, Ledger, os_error_text
 from connector.notices import Notifier, RecordingStore

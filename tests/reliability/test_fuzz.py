@@ -33,6 +33,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from connector.cycle import (
+    AccountSpec,
+    Cycle,
+    DeliveryPolicy,
+    duplicate_key,
+    error_summary,
+    trace_header,
+)
 from connector.deadletter import (
     DeadLetterInfo,
     parse_dead_letter_headers,
@@ -41,14 +49,6 @@ from connector.deadletter import (
 from connector.deadletter.maildir import MaildirStore
 from connector.delivery import Delivered, Envelope, SenderPolicy, address_problem, envelope_sender
 from connector.errors import ConnectorError
-from connector.fetcher import (
-    AccountSpec,
-    Cycle,
-    DeliveryPolicy,
-    duplicate_key,
-    error_summary,
-    trace_header,
-)
 from connector.ledger import Ledger, MessageState
 from connector.pop3 import AuthMethod, Pop3Endpoint, Pop3Timeouts, TlsMode
 from connector.recipients import SharedMailbox, message_id, route

@@ -19,9 +19,9 @@ import pytest
 
 from connector import service as service_module
 from connector.config import load_settings
+from connector.cycle import CycleStats
 from connector.deadletter import DeadLetterArchive
 from connector.errors import Disposition
-from connector.fetcher import CycleStats
 from connector.http import HttpEndpoint
 from connector.loopback import LoopbackPop3Server
 from connector.metrics import Metrics

@@ -17,6 +17,18 @@ from typing import Any
 
 import pytest
 
+from connector.cycle import (
+    BREAKER_THRESHOLD,
+    SETTLE_EVERY,
+    AccountSpec,
+    Cycle,
+    DeliveryPolicy,
+    Outcome,
+    Oversize,
+    duplicate_key,
+    header_digest,
+    trace_header,
+)
 from connector.deadletter import parse_dead_letter_headers
 from connector.deadletter.maildir import MaildirStore
 from connector.delivery import Envelope, SenderPolicy, SmtpDeliverer, SmtpSettings
@@ -29,18 +41,6 @@ from connector.errors import (
     Pop3ConnectionError,
     Pop3ResponseError,
     classify,
-)
-from connector.fetcher import (
-    BREAKER_THRESHOLD,
-    SETTLE_EVERY,
-    AccountSpec,
-    Cycle,
-    DeliveryPolicy,
-    Outcome,
-    Oversize,
-    duplicate_key,
-    header_digest,
-    trace_header,
 )
 from connector.ledger import Ledger, MessageState
 from connector.loopback import LoopbackPop3Server, LoopbackSmtpSink, SmtpRule
@@ -560,7 +560,7 @@ async def test_the_same_message_id_with_another_body_is_delivered_not_dropped(
     rig.pop.add_message(USER, first)
     uid = rig.pop.add_message(USER, second)
     rec = Recorder()
-    with caplog.at_level(logging.INFO, logger="connector.fetcher"):
+    with caplog.at_level(logging.INFO, logger="connector.cycle"):
         stats = await (await rig.cycle(rec, shared=SHARED)).run()
     assert (stats.delivered, stats.skipped) == (2, 0)
     assert rec.outcomes() == [Outcome.DELIVERED, Outcome.DELIVERED]
@@ -587,7 +587,7 @@ async def test_copies_that_differ_only_in_trace_fields_are_still_suppressed(
     rig.pop.add_message(USER, to_info)
     rig.pop.add_message(USER, to_chef)
     rec = Recorder()
-    with caplog.at_level(logging.INFO, logger="connector.fetcher"):
+    with caplog.at_level(logging.INFO, logger="connector.cycle"):
         stats = await (await rig.cycle(rec, shared=SHARED)).run()
     assert (stats.delivered, stats.skipped) == (1, 1)
     (got,) = rig.sink.messages

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from connector.fetcher import CycleStats, Outcome
+from connector.cycle import CycleStats, Outcome
 from connector.metrics import CYCLE_BUCKETS, NO_CODE, Metrics, smtp_code
 
 # PRODUCT §8, as the parser names the families (counters without their _total suffix).

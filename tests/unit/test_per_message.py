@@ -23,9 +23,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import connector.fetcher as fetcher_module
+import connector.cycle.lifecycle as lifecycle
+from connector.cycle import ERROR_LIMIT, Deliverer, Outcome, error_summary
 from connector.delivery import Delivered, Envelope
-from connector.fetcher import ERROR_LIMIT, Deliverer, Outcome, error_summary
 from connector.ledger import MessageState
 from tests.unit.test_fetcher import USER, Recorder, Rig, mail, make_rig
 
@@ -67,7 +67,7 @@ def run_async(tmp_path: Path, body: Callable[[Rig], Awaitable[None]], **pop: Any
 def test_an_unexpected_error_costs_only_its_message(
     kinds: list[str], tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = fetcher_module.envelope_sender  # type: ignore[attr-defined]
+    original = lifecycle.envelope_sender  # type: ignore[attr-defined]
 
     def envelope_sender(raw: bytes, *args: Any) -> tuple[str, bool]:
         for kind, make in FAILURES.items():
@@ -75,7 +75,7 @@ def test_an_unexpected_error_costs_only_its_message(
                 raise make()
         return original(raw, *args)
 
-    monkeypatch.setattr(fetcher_module, "envelope_sender", envelope_sender)
+    monkeypatch.setattr(lifecycle, "envelope_sender", envelope_sender)
     raws = [mail(i) if kind == "good" else poisoned(i, kind) for i, kind in enumerate(kinds)]
     good = [r for r, k in zip(raws, kinds, strict=True) if k == "good"]
     bad = [r for r, k in zip(raws, kinds, strict=True) if k != "good"]

@@ -22,8 +22,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from connector.cycle import Outcome
 from connector.errors import Pop3ProtocolError, Pop3TimeoutError
-from connector.fetcher import Outcome
 from connector.pop3 import Pop3Client, Pop3Endpoint, Pop3Timeouts, TlsMode
 from connector.pop3.protocol import (
     CAPA_CAP,

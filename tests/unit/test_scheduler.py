@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from connector.cycle import AccountSpec, CycleStats, DeliveryPolicy
 from connector.delivery import SenderPolicy, SmtpSettings
 from connector.errors import Disposition, Pop3AuthError
-from connector.fetcher import AccountSpec, CycleStats, DeliveryPolicy
 from connector.ledger import Ledger
 from connector.pop3 import AuthMethod, Pop3Endpoint, TlsMode
 from connector.runtime import Runtime

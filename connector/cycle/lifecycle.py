@@ -43,21 +43,25 @@ the DELEs of the messages already finished take effect.
 from __future__ import annotations
 
 import asyncio
-import enum
-import functools
-import hashlib
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.utils import format_datetime
 from typing import Final, Protocol
 
 from connector import headers
+from connector.cycle.identity import duplicate_key, uid_listing
+from connector.cycle.refusal import Breaker
+from connector.cycle.trace import trace_header
+from connector.cycle.values import (
+    AccountSpec,
+    CycleStats,
+    DeliveryPolicy,
+    Outcome,
+    Oversize,
+)
 from connector.deadletter import DeadLetterInfo, DeadLetterStore
-from connector.delivery import Delivered, Envelope, SenderPolicy, envelope_sender
+from connector.delivery import Delivered, Envelope, envelope_sender
 from connector.errors import (
     ConnectorError,
     DeadLetterError,
@@ -72,8 +76,8 @@ from connector.errors import (
     classify,
 )
 from connector.ledger import Identity, Ledger, LedgerEntry, MessageState, RecipientsDone
-from connector.pop3 import AuthMethod, Pop3Client, Pop3Endpoint, Pop3Timeouts
-from connector.recipients import SharedMailbox, message_id, route
+from connector.pop3 import Pop3Client
+from connector.recipients import message_id, route
 
 log = logging.getLogger(__name__)
 
@@ -89,122 +93,6 @@ stage ``error`` (PRODUCT §5)."""
 FETCH_CEILING: Final = 1024 * 1024 * 1024
 """No message larger than this is read, whatever the policy: it is left upstream and reported.
 A message is held in memory while it is handled; this bounds what one message may cost."""
-
-BREAKER_THRESHOLD: Final = 5
-"""The circuit breaker (docs/design.md §6.2, :class:`Breaker`) trips at the fifth message in a row
-refused alike at MAIL or RCPT with only a probe to say that the refusal depends on the message.
-A setup refusal that the probe misjudges then costs at most four dead letters, each repaired by
-``dead-letters requeue``.  A real run of refused senders at the head of a session (spam comes in
-runs) is mostly dead-lettered at once; the rest is held and decided again as soon as a message
-gets through (Cycle._revisit), at the price of a second RETR each.  Higher would let a
-misjudgement cost more dead letters; lower would fetch more messages twice."""
-
-
-class Oversize(enum.StrEnum):
-    """``oversize``: what happens to a message larger than ``max_message_size``."""
-
-    DEAD_LETTER = "dead-letter"  # fetched and dead-lettered (stage "size"), never sent to SMTP
-    LEAVE = "leave"  # left upstream untouched; logged every cycle, one notice per message
-
-
-@dataclass(frozen=True, slots=True)
-class AccountSpec:
-    """Everything a cycle needs to know about one account; built from the config by the service.
-
-    A reload compares specs by value (``service.Service.apply_runtime``): every field must be a
-    value that compares by its contents (an OAuth2 token source is a frozen dataclass; a field
-    that cannot compare is excluded with ``field(compare=False)`` and its inputs compared).
-    """
-
-    name: str
-    endpoint: Pop3Endpoint
-    username: str
-    # For auth XOAUTH2: a source of access tokens, awaited at each login (pop3.client.TokenSource).
-    password: str | Callable[[], Awaitable[str]] = field(repr=False)
-    auth: AuthMethod
-    deliver_to: tuple[str, ...]
-    max_deferral: float
-    timeouts: Pop3Timeouts = field(default_factory=Pop3Timeouts)
-    max_message_size: int = 256 * 1024 * 1024
-    # Keep finished mail upstream; DELE it only ``delete_after`` seconds after it was finished
-    # (never, when None).  ``delete_after`` without ``leave_on_server`` changes nothing.
-    leave_on_server: bool = False
-    delete_after: float | None = None
-    # What to do with a message over max_message_size (PRODUCT §7 stage "size").
-    oversize: Oversize = field(default_factory=lambda: Oversize.DEAD_LETTER)
-    # A shared (catch-all) mailbox: recipients read from each message (recipients.route), with
-    # ``deliver_to`` as the fallback for mail that names nobody of ours.
-    shared: SharedMailbox | None = None
-    # The whole cycle's deadline, connect to QUIT ([service] cycle_timeout): the per-read
-    # timeouts alone let a server that sends a byte now and then hold a cycle for ever.
-    cycle_timeout: float = 3600.0
-
-
-@dataclass(frozen=True, slots=True)
-class DeliveryPolicy:
-    """How messages are put on the SMTP envelope and traced (PRODUCT §3 ``[smtp]``)."""
-
-    sender_policy: SenderPolicy
-    fixed_sender: str | None
-    helo_name: str
-
-
-class Outcome(enum.StrEnum):
-    """What happened to one message in a cycle (the ``outcome`` label of PRODUCT §8)."""
-
-    DELIVERED = "delivered"
-    DEAD_LETTERED = "dead_lettered"
-    DEFERRED = "deferred"
-    SKIPPED = "skipped"  # already in the ledger as delivered or dead-lettered (a DELE that a
-    # crash or a failed QUIT left undone), or a shared mailbox's copy: DELE only
-    REMOVED = "removed"  # kept upstream (leave_on_server) until delete_after passed: DELE only
-    # (kept messages before that are not reported at all)
-
-
-@dataclass(slots=True)
-class CycleStats:
-    """Counts of one cycle, for logs, metrics and ``once``'s summary."""
-
-    mailbox_messages: int = 0
-    mailbox_bytes: int = 0
-    delivered: int = 0
-    dead_lettered: int = 0
-    deferred: int = 0
-    skipped: int = 0
-    removed: int = 0
-    delivered_bytes: int = 0
-    stopped_early: bool = False
-    mailbox_known: bool = False  # STAT answered: the mailbox_* fields are real, not defaults
-    kept: int = 0  # leave_on_server: finished before, left upstream untouched this cycle
-    # Over max_message_size and left upstream (oversize = "leave", or over FETCH_CEILING):
-    # (uid, size) for the admin notice.
-    oversize_left: list[tuple[str, int]] = field(default_factory=list)
-    # The messages (and their octets, from LIST) that the server deleted at this cycle's QUIT
-    # (RFC 1939 §6): the DELEs sent, once QUIT was answered +OK; none without that.
-    deleted: int = 0
-    deleted_bytes: int = 0
-
-    @property
-    def left_upstream(self) -> tuple[int, int]:
-        """(messages, octets) in the mailbox after the cycle: STAT at its start minus what
-        its QUIT deleted (mail that arrived meanwhile is not counted); ``mailbox_known``."""
-        return (
-            max(self.mailbox_messages - self.deleted, 0),
-            max(self.mailbox_bytes - self.deleted_bytes, 0),
-        )
-
-    def count(self, outcome: Outcome) -> None:
-        match outcome:
-            case Outcome.DELIVERED:
-                self.delivered += 1
-            case Outcome.DEAD_LETTERED:
-                self.dead_lettered += 1
-            case Outcome.DEFERRED:
-                self.deferred += 1
-            case Outcome.SKIPPED:
-                self.skipped += 1
-            case Outcome.REMOVED:
-                self.removed += 1
 
 
 class Deliverer(Protocol):
@@ -248,48 +136,6 @@ class CycleStopped(Exception):
         super().__init__(str(cause))
 
 
-# RFC 1939 §7: a unique-id is 1-70 characters in 0x21-0x7E.  We put it in the Received: header only
-# when it is a safe atom, so that a hostile UIDL can never break the header's syntax.
-_SAFE_ATOM = re.compile(rb"^[A-Za-z0-9._+=/-]{1,70}$")
-
-
-def trace_header(
-    raw: bytes, *, pop_host: str, by_host: str, uidl: str, recipients: Sequence[str], now: datetime
-) -> bytes:
-    """The ``Received:`` line we add at the top (RFC 5321 §4.4), in the message's own line ending.
-
-    It says where the message came from (the POP3 host) and when we took it, as fetchmail's does,
-    so Exchange's message trace shows the hop.
-    """
-    nl = raw.find(b"\n")
-    eol = b"\n" if nl == 0 or (nl > 0 and raw[nl - 1] != 0x0D) else b"\r\n"
-    uid = uidl.encode("ascii", "replace")
-    ident = b" id " + uid if _SAFE_ATOM.match(uid) else b""
-    rcpt = (
-        b" for <" + recipients[0].encode("ascii", "replace") + b">" if len(recipients) == 1 else b""
-    )
-    return (
-        b"Received: from "
-        + pop_host.encode("ascii", "replace")
-        + b" by "
-        + by_host.encode("ascii", "replace")
-        + b" with POP3 (pop3-connector)"
-        + ident
-        + eol
-        + b"\t"
-        + (rcpt.strip() + b"; " if rcpt else b"; ")
-        + _date_field(int(now.timestamp()))
-        + eol
-    )
-
-
-@functools.lru_cache(maxsize=4)
-def _date_field(second: int) -> bytes:
-    """RFC 5322 §3.3 date-time of a whole second, in UTC: the same for every message of that
-    second (formatting it was 2.5 % of a message's CPU in the benchmark)."""
-    return format_datetime(datetime.fromtimestamp(second, UTC)).encode("ascii")
-
-
 _SUMMARY_MAX: Final = 300
 
 
@@ -303,122 +149,6 @@ def error_summary(exc: BaseException) -> str:
         for ch in line
     )
     return escaped if len(escaped) <= _SUMMARY_MAX else escaped[: _SUMMARY_MAX - 3] + "..."
-
-
-def header_digest(data: bytes, size: int | None = None) -> str:
-    """A stand-in UIDL for servers without UIDL: a digest of the header block (TOP n 0) and
-    the message's size, or of the whole message when headers and size are not unique."""
-    digest = hashlib.sha256(data)
-    if size is not None:
-        digest.update(b"\0%d" % size)
-    return "sha256:" + digest.hexdigest()[:40]
-
-
-# A Message-ID longer than this goes into a duplicate key as its digest, to bound the key.
-_MAX_KEY_MESSAGE_ID: Final = 200
-
-
-def duplicate_key(mid: str, raw: bytes) -> str:
-    """The ledger key under which a shared mailbox's copies of one message meet:
-    ``mid:<Message-ID>:<SHA-256 of the body, hex>``.
-
-    A provider stores one copy per recipient of ours, and the copies differ only in the trace
-    fields at the top (``Delivered-To``, ``Received``: RFC 5321 §4.4), so the Message-ID and the
-    body (the bytes after the header block) identify them.  The Message-ID alone does not: a
-    broken mailer reuses one, and a forged message could reuse one to have the real one
-    dropped; a different body is a different message, and is delivered.  The digest has a
-    fixed length at the end, so no two (Message-ID, body) pairs give one key.
-    """
-    # The body after the header block (headers.bounds: an empty line within its cap; without
-    # one the whole message is taken, which is safe).
-    found = headers.bounds(raw)
-    body = memoryview(raw)[found[1] :] if found is not None else raw
-    if len(mid) > _MAX_KEY_MESSAGE_ID:
-        mid = "sha256:" + hashlib.sha256(mid.encode("ascii")).hexdigest()
-    return f"mid:{mid}:{hashlib.sha256(body).hexdigest()}"
-
-
-async def uid_listing(pop: Pop3Client, count: int, sizes: dict[int, int]) -> list[tuple[int, str]]:
-    """(number, uid) of every message: UIDL (RFC 1939 §7), or digests on a server without it.
-
-    An identifier must never depend on which other messages are in the mailbox: the ledger
-    would then take one message for another, and delete one that was never delivered.  So
-    messages whose headers and size are alike are told apart by a digest of their whole bytes;
-    only byte-identical copies share one, and are numbered (one copy delivered stands for all).
-    """
-    try:
-        return await pop.uidl()
-    except Pop3ResponseError as exc:
-        # RFC 1939 §7: UIDL is optional, and only a server that lacks it gets the fallback.  A
-        # response code ([SYS/TEMP], [IN-USE]) or UIDL in CAPA means "later": falling back then
-        # would give every message a new identity and deliver it all again.
-        if exc.resp_code is not None or "UIDL" in pop.capabilities:
-            raise
-        log.warning("server has no UIDL; identifying messages by digests of their content")
-    groups: dict[str, list[int]] = {}
-    for n in range(1, count + 1):
-        groups.setdefault(header_digest(await pop.top(n, 0), sizes.get(n)), []).append(n)
-    listing: list[tuple[int, str]] = []
-    for uid, numbers in groups.items():
-        if len(numbers) == 1:
-            listing.append((numbers[0], uid))
-            continue
-        seen: dict[str, int] = {}
-        for n in numbers:
-            full = header_digest(await pop.retr(n))
-            seen[full] = seen.get(full, 0) + 1
-            listing.append((n, full if seen[full] == 1 else f"{full}#{seen[full]}"))
-    return sorted(listing)
-
-
-class Breaker:
-    """The guard of docs/design.md §6.2 against our own misjudgement at MAIL and RCPT.
-
-    A 5xx at MAIL or RCPT is dead-lettered when a probe with another sender was accepted
-    (delivery: ``Evidence.PROBE_ACCEPTED``).  If a target refused every real sender but took
-    the probe's (an Exchange connector without Accept-Any-Sender may take the null sender),
-    that judgement would dead-letter a whole mailbox.  So: when :data:`BREAKER_THRESHOLD`
-    messages in a row are refused at the same stage with the same code on a probe's word alone,
-    and no message of this session got past MAIL and RCPT, the breaker trips.  From then on
-    such refusals are *held*: left upstream untouched (no dead letter, no ledger row), and the
-    cycle goes on.  A message that gets past MAIL and RCPT (delivered, or refused at or after
-    DATA) resets it: the stage works, the held mail is decided again with this session's
-    evidence (Cycle._revisit).  If none does, the cycle ends failing with
-    :class:`~connector.errors.RefusedAlikeError` ("every message refused alike: check the SMTP
-    target"), and the trip is remembered in the ledger, so the next cycles start tripped: no
-    more dead letters on a probe's word until a message gets through again.
-
-    Refusals shown by the session itself (``Evidence.SESSION``: another sender or the same
-    recipient accepted for a real message) and refusals after DATA never count: a mailbox full
-    of spam refused after DATA is the case this product exists for.
-    """
-
-    __slots__ = ("count", "key", "passed", "tripped")
-
-    def __init__(self, tripped: str | None = None) -> None:
-        self.tripped = tripped  # the refusal that tripped it (this cycle or an earlier one)
-        self.key: tuple[SmtpStage, int | None, str | None] | None = None
-        self.count = 0
-        self.passed = False  # a message got past MAIL and RCPT in this session
-
-    def holds(self, exc: DeliveryError) -> bool:
-        """For a refusal at MAIL or RCPT about to be dead-lettered: hold it instead?"""
-        if exc.evidence is not Evidence.PROBE_ACCEPTED:
-            return False
-        if self.tripped is not None:
-            return True
-        key = (exc.stage, exc.smtp_code, exc.enhanced_code)
-        if key != self.key:
-            self.key, self.count = key, 0
-        self.count += 1
-        if self.count < BREAKER_THRESHOLD:
-            return False
-        self.tripped = f"{exc.response} (at {exc.stage})"
-        return True
-
-    def through(self) -> None:
-        """A message got past MAIL and RCPT: the stage works; start again."""
-        self.tripped, self.key, self.count, self.passed = None, None, 0, True
 
 
 class Cycle:
