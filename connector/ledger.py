@@ -583,7 +583,7 @@ class Ledger:
             with self._writing(conn):
                 conn.execute(_HEARTBEAT, (now,))
 
-        await self._submit("prove writable", run, writes=True)
+        await self._submit("prove writable", run, shield=True, writes=True)
 
     @contextlib.contextmanager
     def _writing(self, conn: sqlite3.Connection) -> Iterator[None]:
@@ -644,6 +644,7 @@ class Ledger:
         return await self._submit(
             "sync_listing",
             lambda conn: self._sync_listing(conn, account, wanted, recipients_before),
+            shield=True,
             writes=True,
         )
 

@@ -1,20 +1,51 @@
-"""Who a message is: its identifier in the ledger (the UIDL, or a stand-in on a server without
-UIDL) and the key under which a shared mailbox's copies of one message meet."""
+"""Who a message is, so that the ledger never takes one message for another.
+
+* :func:`uid_listing`: each message's identifier, its UIDL (RFC 1939 §7) or, on a server
+  without UIDL, a stand-in (:func:`stand_in_uidl`) that never depends on the other messages.
+* :class:`Identities`: what the ledger keeps of each message (LIST's size and a digest of its
+  header block), and the cheap check that a message the ledger knows as finished is still the
+  one listed under its UIDL before it is DELEd unread (docs/design.md §5.1 step 1).
+* :func:`duplicate_key`: the ledger key under which a shared mailbox's copies of one message
+  meet (docs/design.md §8.2).
+"""
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import logging
-from typing import Final
+from collections.abc import Mapping, Sequence
+from typing import Final, Protocol
 
 from connector import headers
 from connector.errors import Pop3ResponseError
-from connector.pop3 import Pop3Client
+from connector.ledger import Identity, LedgerEntry
 
 log = logging.getLogger(__name__)
 
 
-def header_digest(data: bytes, size: int | None = None) -> str:
+class Reader(Protocol):
+    """The POP3 commands that tell messages apart (``connector.pop3.Pop3Client``)."""
+
+    @property
+    def capabilities(self) -> Mapping[str, Sequence[str]]:
+        """CAPA's answer: upper-case capability name -> its arguments."""
+        ...
+
+    async def uidl(self) -> builtins.list[tuple[int, str]]:
+        """UIDL: (message number, unique-id) of every message."""
+        ...
+
+    async def top(self, number: int, lines: int) -> bytes:
+        """TOP: the header block and ``lines`` lines of the body."""
+        ...
+
+    async def retr(self, number: int) -> bytes:
+        """RETR: the whole message."""
+        ...
+
+
+def stand_in_uidl(data: bytes, size: int | None = None) -> str:
     """A stand-in UIDL for servers without UIDL: a digest of the header block (TOP n 0) and
     the message's size, or of the whole message when headers and size are not unique."""
     digest = hashlib.sha256(data)
@@ -47,7 +78,7 @@ def duplicate_key(mid: str, raw: bytes) -> str:
     return f"mid:{mid}:{hashlib.sha256(body).hexdigest()}"
 
 
-async def uid_listing(pop: Pop3Client, count: int, sizes: dict[int, int]) -> list[tuple[int, str]]:
+async def uid_listing(pop: Reader, count: int, sizes: Mapping[int, int]) -> list[tuple[int, str]]:
     """(number, uid) of every message: UIDL (RFC 1939 §7), or digests on a server without it.
 
     An identifier must never depend on which other messages are in the mailbox: the ledger
@@ -66,7 +97,7 @@ async def uid_listing(pop: Pop3Client, count: int, sizes: dict[int, int]) -> lis
         log.warning("server has no UIDL; identifying messages by digests of their content")
     groups: dict[str, list[int]] = {}
     for n in range(1, count + 1):
-        groups.setdefault(header_digest(await pop.top(n, 0), sizes.get(n)), []).append(n)
+        groups.setdefault(stand_in_uidl(await pop.top(n, 0), sizes.get(n)), []).append(n)
     listing: list[tuple[int, str]] = []
     for uid, numbers in groups.items():
         if len(numbers) == 1:
@@ -74,7 +105,53 @@ async def uid_listing(pop: Pop3Client, count: int, sizes: dict[int, int]) -> lis
             continue
         seen: dict[str, int] = {}
         for n in numbers:
-            full = header_digest(await pop.retr(n))
+            full = stand_in_uidl(await pop.retr(n))
             seen[full] = seen.get(full, 0) + 1
             listing.append((n, full if seen[full] == 1 else f"{full}#{seen[full]}"))
     return sorted(listing)
+
+
+class Identities:
+    """The identities of one session's messages: recorded with each row, checked before a DELE.
+
+    ``sizes`` is the session's LIST (message number -> octets), set once it is read.
+    """
+
+    __slots__ = ("_no_top", "account", "sizes")
+
+    def __init__(self, account: str) -> None:
+        self.account = account
+        self.sizes: Mapping[int, int] = {}
+        self._no_top = False  # the server answered TOP with a bare -ERR: it has none
+
+    def of(self, number: int, raw: bytes) -> Identity:
+        """What the ledger keeps to recognise message ``number`` later (docs/design.md §5.1)."""
+        return Identity(self.sizes.get(number), headers.header_digest(raw))
+
+    async def same(self, pop: Reader, number: int, uid: str, entry: LedgerEntry) -> bool:
+        """Whether the message listed as ``number`` is the one ``entry`` recorded, checked
+        cheaply before it is DELEd unread (docs/design.md §5.1 step 1): the size LIST gave,
+        then, only when that matches, a digest of its header block from ``TOP n 0``.
+
+        Runs only for a finished message being DELEd now (after a crash before QUIT, or when
+        ``delete_after`` has passed), never for the kept messages of a ``leave_on_server``
+        mailbox, so a steady cycle costs nothing more.  A row without an identity, and a server
+        without UIDL (whose identifiers are such digests already), are taken as they are.  A
+        server without TOP (a bare ``-ERR``; TOP is optional) gets a RETR instead: the whole
+        message, once, for the rare DELE that needs the check.
+        """
+        identity = entry.identity
+        if identity is None or uid.startswith("sha256:"):
+            return True
+        listed = self.sizes.get(number)
+        if identity.size is not None and listed is not None and listed != identity.size:
+            return False  # a size LIST did not give now tells nothing: the digest decides
+        if not self._no_top:
+            try:
+                return headers.header_digest(await pop.top(number, 0)) == identity.digest
+            except Pop3ResponseError as exc:
+                if exc.resp_code is not None:
+                    raise  # [SYS/TEMP] and the like: the cycle fails, nothing is guessed
+                self._no_top = True
+                log.info("account=%s: the server has no TOP; checking by RETR", self.account)
+        return headers.header_digest(await pop.retr(number)) == identity.digest

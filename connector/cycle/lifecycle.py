@@ -1,102 +1,230 @@
-"""One POP3 session for one account: list, diff with the ledger, fetch, deliver, record, DELE, QUIT.
+"""One POP3 session of one account: list, diff with the ledger, fetch, deliver, record, DELE, QUIT.
 
-This is the policy layer of PRODUCT §5.  It owns the order of operations that makes the connector
-crash-safe; the modules below it (pop3, delivery, ledger, deadletter) only do what they are told.
+The policy layer of docs/design.md §5.  :class:`Cycle` owns the order of operations that makes
+the connector crash-safe; the modules below it (pop3, delivery, ledger, deadletter) only do what
+they are told, through the Protocols declared here (:class:`Ledger`, :class:`Pop3Session`,
+:class:`Deliverer`, :class:`CycleObserver`), so that a cycle runs on fakes as well.
 
-The order for each message, oldest first (the order of the UIDL listing, RFC 1939 §7)::
+Theory of operation
+-------------------
 
-    known delivered / dead-lettered  ->  DELE only (never handed to SMTP again), after a cheap
-                                         check that it is the same message (_same_message:
-                                         LIST size, TOP header digest; else it is new mail)
-    new or deferred                  ->  RETR -> SMTP
-        250 after DATA               ->  ledger "delivered" committed  -> DELE
-                                         (group-committed on the ledger thread while the next
-                                         message goes on; its DELE follows the commit: _settle)
-        refused permanently          ->  dead-letter store (fsynced) -> "dead_lettered" -> DELE
-                                         (the file removed again if that commit fails)
-        refused temporarily          ->  ledger "deferred" (attempts, first seen); stays upstream,
-                                         unless deferred longer than max_deferral: dead-letter it
-    then QUIT                        ->  the server carries out the DELEs (RFC 1939 §6)
+A cycle logs in, reads STAT, LIST and UIDL, and the ledger's rows for the listed UIDLs
+(:meth:`Cycle._run`).  It sorts the listing (:meth:`Cycle._sort`): a message the ledger knows as
+finished is only DELEd (after a cheap check that it is the same message:
+:meth:`Identities.same <connector.cycle.identity.Identities.same>`), or passed over without a
+command while ``leave_on_server`` keeps it; a message over its size limit is left upstream or
+dead-lettered unsent; the rest is fetched, oldest first, and each message takes one path
+(:meth:`Cycle._handle`), whose every outcome ends in the same tail, :meth:`Cycle._conclude`::
 
-With ``leave_on_server`` the DELEs after "delivered" and "dead_lettered" are not sent: the message
-stays upstream, and its ledger row (kept as long as the UIDL is listed) makes every later cycle
-pass over it without a command, a log line or an observer call, so a mailbox of 10,000 kept
-messages costs the UIDL listing and nothing per message.  With ``delete_after`` a kept message is
-DELEd (once, counted as ``removed``) when that long has passed since it was delivered or
-dead-lettered (the row's ``last_attempt``).
+    outcome          what records it (the tail awaits it)        then, upstream
+    delivered        "delivered" row, group-committed (§8.5)      DELE once that row is committed
+    partly           copy for the refused (store), the row        DELE; or stays, deferred
+    already had      "delivered" row (a shared mailbox's copy)    DELE
+    dead-lettered    store (fsynced), then "dead_lettered" row    DELE
+    deferred         "deferred" row (attempts, first seen)        stays; dead-lettered past
+                                                                  max_deferral
+    failed           the failure counted in its row               stays; dead-lettered (stage
+                                                                  "error") after ERROR_LIMIT
+    held (breaker)   nothing                                      stays, decided again this
+                                                                  session or the next
 
-Crash anywhere: a DELE without QUIT deletes nothing (RFC 1939 §6), and every DELE we send follows a
-ledger commit, so the next cycle sees each message again and the ledger says what was already done.
-The only duplicate window is between SMTP's 250 and the ledger commit right after it.  Before a
-cycle's first SMTP transaction the ledger proves it can commit (Ledger.prove_writable), so a full
-or read-only disk stops deliveries instead of repeating them each cycle.
+The tail's DELE is skipped while ``leave_on_server`` keeps the message (a known message whose
+``delete_after`` has passed is DELEd by :meth:`Cycle._sort`, counted as ``removed``).  Then QUIT:
+the server carries out the DELEs (RFC 1939 §6).
 
-An unexpected error while handling one message (a parser's bug, an input nobody foresaw) is that
-message's alone (_isolated, PRODUCT §5): it stays upstream, the cycle goes on, and after
-ERROR_LIMIT such cycles it is dead-lettered with stage "error".  A failure of our own setup (SMTP
-connect, TLS, AUTH; a 5xx to a fixed sender or recipient), of the dead-letter store or of the
-ledger ends the cycle *before the next RETR* (a failed group commit of
-a ``delivered`` row: before the next message's content goes to SMTP); the QUIT still goes out so
-the DELEs of the messages already finished take effect.
+Crash anywhere: a DELE without QUIT deletes nothing, and every DELE follows a ledger commit
+(docs/design.md §5.2, invariant 1), so the next cycle sees each message again and the ledger
+says what was done.  The only duplicate window is between SMTP's 250 and the commit of the
+``delivered`` row (docs/design.md §9); the earlier rows are committed before the next message's
+content goes out (:meth:`Cycle._before_content`), so it is one message wide.  Before the first
+SMTP transaction the ledger proves it can commit, so a full or read-only disk stops deliveries
+instead of repeating them each cycle.
+
+What ends a cycle early: a failure of our own setup (SMTP connect, TLS, AUTH; a 5xx to a fixed
+sender or recipient), of the dead-letter store or of the ledger raises :class:`CycleStopped`
+before the next RETR (a failed group commit: before the next message's content goes to SMTP);
+the QUIT still goes out, so the DELEs of the messages already finished take effect.  Any other
+``ConnectorError`` (the POP3 server's fault) ends the cycle without QUIT.  An unexpected error
+while handling one message is that message's alone (docs/design.md §5.2, invariant 7): it stays
+upstream and the cycle goes on.
+
+Cancellation: every ledger write runs to its commit once started (the ``Ledger`` Protocol); the
+cycle shields only what must finish as a pair, a dead letter and its row (docs/design.md §10.3).
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
+import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final, Protocol
+from types import TracebackType
+from typing import Final, NamedTuple, Protocol, Self, TypeVar
 
-from connector import headers
-from connector.cycle.identity import duplicate_key, uid_listing
-from connector.cycle.refusal import Breaker
+from connector.cycle.commit import GroupCommit, Tickets
+from connector.cycle.identity import Identities, Reader, duplicate_key, uid_listing
+from connector.cycle.refusal import Breaker, Verdict, refusal_summary, verdict
 from connector.cycle.trace import trace_header
-from connector.cycle.values import (
-    AccountSpec,
-    CycleStats,
-    DeliveryPolicy,
-    Outcome,
-    Oversize,
-)
+from connector.cycle.values import AccountSpec, CycleStats, DeliveryPolicy, Outcome, Oversize
 from connector.deadletter import DeadLetterInfo, DeadLetterStore
 from connector.delivery import Delivered, Envelope, envelope_sender
 from connector.errors import (
     ConnectorError,
     DeadLetterError,
     DeliveryError,
-    Disposition,
     Evidence,
     LedgerError,
-    Pop3ResponseError,
     Pop3TimeoutError,
     RefusedAlikeError,
     SmtpStage,
-    classify,
 )
-from connector.ledger import Identity, Ledger, LedgerEntry, MessageState, RecipientsDone
-from connector.pop3 import Pop3Client
+from connector.ledger import Identity, LedgerEntry, MessageState, RecipientsDone
+from connector.pop3 import AuthMethod, Pop3Client, Retrieved
+from connector.pop3.client import TokenSource
 from connector.recipients import message_id, route
 
 log = logging.getLogger(__name__)
 
-
-SETTLE_EVERY: Final = 32
-"""Delivered messages whose DELEs wait for their group-committed ledger rows (Cycle._settle)
-before they are sent; a bound on the list, not on safety: a DELE counts only at QUIT."""
+T = TypeVar("T")
 
 ERROR_LIMIT: Final = 3
 """Cycles in which handling a message may fail unexpectedly before it is dead-lettered with
-stage ``error`` (PRODUCT §5)."""
+stage ``error`` (docs/design.md §5.2, invariant 7)."""
 
 FETCH_CEILING: Final = 1024 * 1024 * 1024
 """No message larger than this is read, whatever the policy: it is left upstream and reported.
 A message is held in memory while it is handled; this bounds what one message may cost."""
 
 
+# --------------------------------------------------------------------------------------------
+# The seams
+# --------------------------------------------------------------------------------------------
+
+
+class Ledger(Tickets, Protocol):
+    """What a cycle asks of the ledger (``connector.ledger.Ledger``; ``tests.fakes.FakeLedger``).
+
+    Each method raises only LedgerError.  Every write runs to its commit once started, even if
+    the cycle is cancelled meanwhile (docs/design.md §10.3): the cycle never shields one.
+    """
+
+    async def sync_listing(
+        self, account: str, listed: Collection[str], *, recipients_before: float | None = None
+    ) -> dict[str, LedgerEntry]: ...
+
+    async def forget(self, account: str, uidls: Collection[str]) -> None: ...
+
+    async def prove_writable(self, now: float) -> None: ...
+
+    async def breaker(self, account: str) -> str | None: ...
+
+    async def set_breaker(self, account: str, tripped: str | None) -> None: ...
+
+    async def recipients_by_key(
+        self, account: str, keys: Collection[str], *, prefix: str = ""
+    ) -> dict[str, frozenset[str]]: ...
+
+    async def entry(self, account: str, uidl: str) -> LedgerEntry | None: ...
+
+    def record_delivered_soon(
+        self,
+        account: str,
+        uidl: str,
+        size: int,
+        response: str,
+        now: float,
+        *,
+        done: RecipientsDone | None = None,
+        identity: Identity | None = None,
+    ) -> int: ...
+
+    async def record_delivered(
+        self,
+        account: str,
+        uidl: str,
+        size: int,
+        response: str,
+        now: float,
+        *,
+        dead_letter_id: str | None = None,
+        done: RecipientsDone | None = None,
+        identity: Identity | None = None,
+    ) -> None: ...
+
+    async def record_dead_lettered(
+        self,
+        account: str,
+        uidl: str,
+        size: int,
+        response: str,
+        now: float,
+        dead_letter_id: str | None = None,
+        *,
+        done: RecipientsDone | None = None,
+        identity: Identity | None = None,
+    ) -> None: ...
+
+    async def record_deferred(
+        self,
+        account: str,
+        uidl: str,
+        size: int,
+        response: str,
+        now: float,
+        *,
+        dead_letter_id: str | None = None,
+        done: RecipientsDone | None = None,
+        identity: Identity | None = None,
+    ) -> LedgerEntry: ...
+
+    async def record_failed(
+        self,
+        account: str,
+        uidl: str,
+        size: int,
+        response: str,
+        now: float,
+        *,
+        identity: Identity | None = None,
+    ) -> LedgerEntry: ...
+
+
+class Pop3Session(Reader, Protocol):
+    """The POP3 session a cycle drives (``connector.pop3.Pop3Client``; ``tests.fakes.FakePop3``).
+
+    Connected by the cycle's ``connect``; ``async with`` closes it (without QUIT, if the cycle
+    did not get that far).
+    """
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+    async def login(
+        self, username: str, password: str | TokenSource, method: AuthMethod = AuthMethod.AUTO
+    ) -> None: ...
+
+    async def stat(self) -> tuple[int, int]: ...
+
+    async def list(self) -> builtins.list[tuple[int, int]]: ...
+
+    def retrieve_many(
+        self, numbers: Sequence[int], *, sizes: Mapping[int, int] | None = None
+    ) -> AsyncIterator[Retrieved]: ...
+
+    async def dele(self, number: int) -> None: ...
+
+    async def quit(self) -> str: ...
+
+
 class Deliverer(Protocol):
-    """The part of ``delivery.SmtpDeliverer`` the fetcher uses (a seam for tests)."""
+    """The part of ``delivery.SmtpDeliverer`` a cycle uses."""
 
     async def deliver(
         self,
@@ -120,12 +248,17 @@ class CycleObserver(Protocol):
 
 
 class LogObserver:
-    """The default observer: one log line per message (PRODUCT §8)."""
+    """The default observer: one log line per message (docs/design.md §11.3)."""
 
     def message(self, account: str, uidl: str, size: int, outcome: Outcome, response: str) -> None:
         log.info(
             "account=%s uidl=%s size=%d outcome=%s smtp=%r", account, uidl, size, outcome, response
         )
+
+
+# --------------------------------------------------------------------------------------------
+# The cycle
+# --------------------------------------------------------------------------------------------
 
 
 class CycleStopped(Exception):
@@ -134,6 +267,43 @@ class CycleStopped(Exception):
     def __init__(self, cause: BaseException) -> None:
         self.cause = cause
         super().__init__(str(cause))
+
+
+class Upstream(enum.Enum):
+    """What becomes of a message upstream once its outcome is recorded (:meth:`Cycle._conclude`)."""
+
+    STAYS = enum.auto()  # not finished: offered again next cycle
+    FINISHED = enum.auto()  # DELE now, unless leave_on_server keeps it
+    COMMITTING = enum.auto()  # finished; its DELE follows its row's group commit (GroupCommit)
+    DUE = enum.auto()  # a finished message whose DELE is due now (Cycle._sort decided): DELE
+
+
+@dataclass(slots=True)
+class InHand:
+    """The message being handled: its number in this session, UIDL, bytes and ledger row.
+
+    ``wire``: the bytes as POP3 sent them (still dot-stuffed), when that is SMTP's DATA content
+    as it is (RFC 1939 §3, RFC 5321 §4.5.2): forwarded unscanned.
+    """
+
+    number: int
+    uid: str
+    raw: bytes
+    entry: LedgerEntry | None
+    wire: bytes | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.raw)
+
+
+class Routed(NamedTuple):
+    """Who a message goes to, and the keys under which the ledger remembers who has it."""
+
+    recipients: tuple[str, ...]
+    configured: frozenset[str]  # of a shared mailbox's recipients, those the config fixes
+    keys: tuple[str, ...]  # "uidl:<UIDL>", and a shared mailbox's "mid:..." duplicate key
+    mid_key: str | None
 
 
 _SUMMARY_MAX: Final = 300
@@ -166,7 +336,7 @@ class Cycle:
         stopping: asyncio.Event | None = None,
         clock: Callable[[], float] = time.time,
         transcript: logging.Logger | None = None,
-        connect: Callable[..., Awaitable[Pop3Client]] = Pop3Client.connect,
+        connect: Callable[..., Awaitable[Pop3Session]] = Pop3Client.connect,
     ) -> None:
         self.account = account
         self.ledger = ledger
@@ -179,17 +349,17 @@ class Cycle:
         self.transcript = transcript
         self._connect = connect
         self.stats = CycleStats()
-        # Delivered messages whose ledger row is queued (record_delivered_soon): (message
-        # number to DELE once the row is committed, or None with leave_on_server; ticket).
-        self._unsettled: list[tuple[int | None, int]] = []
+        self.commits = GroupCommit(ledger)
+        self.identities = Identities(account.name)
         self.breaker = Breaker()
         # Refused at MAIL or RCPT and left upstream undecided (Breaker, Evidence.NO_PROBE):
         # (message number, the refusal), to be decided again once a message gets through.
         self._held: list[tuple[int, DeliveryError]] = []
+        self._oversize: set[int] = set()  # to be dead-lettered unsent (stage "size")
         self._deles: list[int] = []  # the message numbers DELEd in this session
-        self._sizes: dict[int, int] = {}  # LIST: message number -> octets
         self._content_out = False  # the message in hand went (or is going) to SMTP
-        self._no_top = False  # the server answered TOP with a bare -ERR: it has none
+
+    # -- the session -----------------------------------------------------------------------
 
     async def run(self) -> CycleStats:
         """Run the cycle; raises the error that ended it (already classified by the caller).
@@ -227,23 +397,24 @@ class Cycle:
             self.stats.mailbox_known = True
             sizes = dict(await pop.list()) if count else {}
             listing = await uid_listing(pop, count, sizes) if count else []
-            now = self.clock()
             known = await self.ledger.sync_listing(
                 acct.name,
                 [uid for _, uid in listing],
-                recipients_before=now - self._recipients_kept(),
+                recipients_before=self.clock() - self._recipients_kept(),
             )
-            self._sizes = sizes
+            self.identities.sizes = sizes
             stopped: CycleStopped | None = None
             try:
-                await self._process(pop, listing, known, sizes)
+                todo = await self._sort(pop, listing, known, sizes)
+                if todo:
+                    await self._deliver_new(pop, todo, known, sizes)
             except CycleStopped as exc:
                 stopped = exc
             failure = self._held_failure() if stopped is None and self._held else None
             if failure is not None:
                 stopped = CycleStopped(failure)
             try:
-                await self._settle(pop)  # the DELEs of the last delivered messages
+                await self._dele_committed(pop)  # the DELEs of the last delivered messages
             except CycleStopped as exc:
                 stopped = stopped or exc
             # QUIT even after a stop: every DELE sent so far follows a committed ledger row.
@@ -254,116 +425,136 @@ class Cycle:
             raise stopped.cause
         return self.stats
 
-    async def _process(
+    async def _sort(
         self,
-        pop: Pop3Client,
+        pop: Pop3Session,
         listing: list[tuple[int, str]],
         known: dict[str, LedgerEntry],
-        sizes: dict[int, int],
-    ) -> None:
-        acct = self.account
+        sizes: Mapping[int, int],
+    ) -> list[tuple[int, str]]:
+        """Conclude what needs no RETR; return the (number, UIDL) of the messages to fetch."""
         now = self.clock()
         todo: list[tuple[int, str]] = []
-        oversize: set[int] = set()  # to be dead-lettered unsent (stage "size")
         for number, uid in listing:
             entry = known.get(uid)
+            # Decided before the size check: a finished message is never fetched.
             if entry is not None and entry.state is not MessageState.DEFERRED:
-                # PRODUCT §5.1: done before; only DELE, never SMTP again.  Decided before the
-                # size check: a finished message is never fetched, whatever its size.
-                if not self._dele_due(entry, now):
-                    self.stats.kept += 1  # leave_on_server: no command, no log line
+                if await self._known(pop, number, uid, entry, now):
                     continue
-                if await self._same_message(pop, number, uid, entry):
-                    await self._dele(pop, number)
-                    # Kept until delete_after passed, or left behind by a crash: two different
-                    # things for whoever reads the metrics.
-                    done = Outcome.REMOVED if acct.leave_on_server else Outcome.SKIPPED
-                    self.stats.count(done)
-                    self.observer.message(acct.name, uid, entry.size, done, entry.last_response)
-                    continue
-                # PRODUCT §5.6: another message under a UIDL we know (a server that restarted
-                # its numbering): new mail, delivered like any other.
-                log.warning(
-                    "account=%s uidl=%s: listed under a UIDL the ledger knows, but not the "
-                    "message %s then; handled as a new message",
-                    acct.name,
-                    uid,
-                    entry.state.value.replace("_", "-"),
-                )
-                try:
-                    await self.ledger.forget(acct.name, [uid])
-                except LedgerError as exc:
-                    raise CycleStopped(exc) from exc
-                del known[uid]
-            size = sizes.get(number, 0)
-            if size > acct.max_message_size:
-                if size > self._fetch_limit():
-                    # Fetching it would exceed our cap and fail every cycle at this message,
-                    # so the mail behind it would never come.  Leave it upstream and say so.
-                    log.warning(
-                        "account=%s uidl=%s size=%d exceeds max_message_size (%d octets): "
-                        "left upstream",
-                        acct.name,
-                        uid,
-                        size,
-                        acct.max_message_size,
-                    )
-                    self.stats.oversize_left.append((uid, size))
-                    continue
-                oversize.add(number)
+                del known[uid]  # another message under this UIDL: new mail
+            if not self._fetchable(number, uid, sizes.get(number, 0)):
+                continue
             todo.append((number, uid))
         if self.stats.kept:
-            log.debug("account=%s: %d finished messages left upstream", acct.name, self.stats.kept)
-        if not todo:
-            return
+            log.debug(
+                "account=%s: %d finished messages left upstream", self.account.name, self.stats.kept
+            )
+        return todo
+
+    async def _known(
+        self, pop: Pop3Session, number: int, uid: str, entry: LedgerEntry, now: float
+    ) -> bool:
+        """A message the ledger knows as finished: DELE it (docs/design.md §5.1 step 1), or
+        pass over it without a command, a log line or an observer call while
+        ``leave_on_server`` keeps it.  False: it is another message under a UIDL we know (a
+        server that restarted its numbering), forgotten now, to be delivered like any other."""
+        acct = self.account
+        if not self._dele_due(entry, now):
+            self.stats.kept += 1
+            return True
+        if await self.identities.same(pop, number, uid, entry):
+            # Kept until delete_after passed, or left behind by a crash: two different things
+            # for whoever reads the metrics.
+            done = Outcome.REMOVED if acct.leave_on_server else Outcome.SKIPPED
+            await self._conclude(
+                pop, number, uid, entry.size, done, entry.last_response, Upstream.DUE
+            )
+            return True
+        log.warning(
+            "account=%s uidl=%s: listed under a UIDL the ledger knows, but not the "
+            "message %s then; handled as a new message",
+            acct.name,
+            uid,
+            entry.state.value.replace("_", "-"),
+        )
+        await self._recorded(self.ledger.forget(acct.name, [uid]))
+        return False
+
+    def _fetchable(self, number: int, uid: str, size: int) -> bool:
+        """Whether to fetch message ``number``.  Over ``max_message_size`` it is fetched to be
+        dead-lettered unsent (remembered in ``_oversize``); too large to fetch at all, it is
+        left upstream and reported (docs/design.md §5.1)."""
+        acct = self.account
+        if size <= acct.max_message_size:
+            return True
+        if size <= self._fetch_limit():
+            self._oversize.add(number)
+            return True
+        # Fetching it would exceed our cap and fail every cycle at this message, so the mail
+        # behind it would never come.  Leave it upstream and say so.
+        log.warning(
+            "account=%s uidl=%s size=%d exceeds max_message_size (%d octets): left upstream",
+            acct.name,
+            uid,
+            size,
+            acct.max_message_size,
+        )
+        self.stats.oversize_left.append((uid, size))
+        return False
+
+    async def _deliver_new(
+        self,
+        pop: Pop3Session,
+        todo: list[tuple[int, str]],
+        known: dict[str, LedgerEntry],
+        sizes: Mapping[int, int],
+    ) -> None:
+        """Fetch and handle ``todo``, then decide the held messages again if one got through."""
+        acct = self.account
         # Before the first SMTP transaction: a ledger that cannot commit (a full or read-only
         # disk, a lock held elsewhere) would see each message delivered again every cycle, its
         # row failing after the 250.  One tiny transaction, only in a cycle with work.
-        await self._commit(self.ledger.prove_writable(now))
+        await self._recorded(self.ledger.prove_writable(self.clock()))
         uids = dict(todo)
         # Only a cycle with something to deliver reads (and may change) the breaker's memory.
         remembered = await self.ledger.breaker(acct.name)
         self.breaker = Breaker(remembered)
         try:
             try:
-                await self._deliver_all(pop, [n for n, _ in todo], uids, known, sizes, oversize)
+                await self._deliver_all(pop, [n for n, _ in todo], uids, known, sizes)
                 if self._held and self.breaker.passed and not self.stopping.is_set():
                     await self._revisit(pop, uids, known, sizes)
             finally:
                 await self.deliverer.close()
         finally:
             if self.breaker.tripped != remembered:
-                await self._commit(self.ledger.set_breaker(acct.name, self.breaker.tripped))
+                await self._recorded(self.ledger.set_breaker(acct.name, self.breaker.tripped))
 
     async def _deliver_all(
         self,
-        pop: Pop3Client,
+        pop: Pop3Session,
         numbers: list[int],
         uids: dict[int, str],
         known: dict[str, LedgerEntry],
-        sizes: dict[int, int],
-        oversize: set[int] | None = None,
+        sizes: Mapping[int, int],
     ) -> None:
         """RETR and handle ``numbers`` in order, until done or ``stopping``."""
         async for item in pop.retrieve_many(numbers, sizes=sizes):
-            number, raw = item.number, item.raw
             if self.stopping.is_set():
-                # Stop between messages, never inside one (STYLE §4); this one waits.
+                # Stop between messages, never inside one (docs/design.md §10.4); this one waits.
                 self.stats.stopped_early = True
                 break
-            outcome = await self._isolated(
-                pop, number, uids[number], raw, known.get(uids[number]), item.wire, oversize
-            )
-            del raw, item  # drop this message before the next is read: two copies at most
-            if outcome is not None:  # None: held upstream, undecided (Breaker)
-                self.stats.count(outcome)
+            uid = uids[item.number]
+            message = InHand(item.number, uid, item.raw, known.get(uid), item.wire)
+            await self._handle(pop, message)
+            del message, item  # drop this message before the next is read: two copies at most
 
     async def _revisit(
         self,
-        pop: Pop3Client,
+        pop: Pop3Session,
         uids: dict[int, str],
         known: dict[str, LedgerEntry],
-        sizes: dict[int, int],
+        sizes: Mapping[int, int],
     ) -> None:
         """Decide the held messages again, now that a message got past MAIL and RCPT in this
         session: the session's own evidence (docs/design.md §6.2) now speaks for or against each.
@@ -393,78 +584,416 @@ class Cycle:
         undecided = [exc for _, exc in self._held if exc.evidence is Evidence.NO_PROBE]
         return undecided[0] if undecided else RefusedAlikeError(last, len(self._held))
 
-    def _hold(self, number: int, uid: str, exc: DeliveryError, why: str) -> None:
-        """Leave a refused message upstream undecided (no ledger row, no dead letter)."""
-        self._held.append((number, exc))
-        log.warning("account=%s uidl=%s held upstream (%s): %s", self.account.name, uid, why, exc)
+    # -- one message's path ----------------------------------------------------------------
 
-    async def _same_message(
-        self, pop: Pop3Client, number: int, uid: str, entry: LedgerEntry
-    ) -> bool:
-        """Whether the message listed as ``number`` is the one ``entry`` recorded, checked
-        cheaply before it is DELEd unread (PRODUCT §5.6): the size LIST gave, then, only when
-        that matches, a digest of its header block from ``TOP n 0`` (RFC 1939 §7).
-
-        Runs only for a finished message being DELEd now (after a crash before QUIT, or when
-        ``delete_after`` has passed), never for the kept messages of a ``leave_on_server``
-        mailbox, so a steady cycle costs what it did.  A row from before identities were
-        recorded, and a server without UIDL (whose identifiers are such digests already), are
-        taken as they are.  A server without TOP (a bare ``-ERR``; TOP is optional) gets a
-        RETR instead: the whole message, once, for the rare DELE that needs the check.
-        """
-        identity = entry.identity
-        if identity is None or uid.startswith("sha256:"):
-            return True
-        listed = self._sizes.get(number)
-        if identity.size is not None and listed is not None and listed != identity.size:
-            return False  # a size LIST did not give now tells nothing: the digest decides
-        if not self._no_top:
-            try:
-                return headers.header_digest(await pop.top(number, 0)) == identity.digest
-            except Pop3ResponseError as exc:
-                if exc.resp_code is not None:
-                    raise  # [SYS/TEMP] and the like: the cycle fails, nothing is guessed
-                self._no_top = True
-                log.info("account=%s: the server has no TOP; checking by RETR", self.account.name)
-        return headers.header_digest(await pop.retr(number)) == identity.digest
-
-    def _identity(self, number: int, raw: bytes) -> Identity:
-        """What the ledger keeps to recognise this message later (PRODUCT §5.6)."""
-        return Identity(self._sizes.get(number), headers.header_digest(raw))
-
-    async def _isolated(
-        self,
-        pop: Pop3Client,
-        number: int,
-        uid: str,
-        raw: bytes,
-        entry: LedgerEntry | None,
-        wire: bytes | None,
-        oversize: set[int] | None,
-    ) -> Outcome | None:
-        """Handle one message; an unexpected error is this message's alone (PRODUCT §5).
+    async def _handle(self, pop: Pop3Session, m: InHand) -> None:
+        """Handle one message; an unexpected error is this message's alone.
 
         Our own errors go on as they were: ``CycleStopped`` (the ledger, the store, our SMTP
         setup) and every ``ConnectorError`` (a POP3 server's fault ends the cycle).  Anything
         else (a parser's bug, an input nobody foresaw) leaves the message upstream, counted in
-        the ledger, and the cycle goes on with the next one; see :meth:`_failed`.
+        the ledger, and the cycle goes on with the next one (:meth:`_failed`;
+        docs/design.md §5.2, invariant 7).
         """
         self._content_out = False
         try:
-            if entry is not None and entry.errors >= ERROR_LIMIT:
+            if m.entry is not None and m.entry.errors >= ERROR_LIMIT:
                 # Failed in ERROR_LIMIT cycles, and dead-lettering it failed too last time.
-                return await self._give_up(pop, number, uid, raw, entry.last_response)
-            if oversize and number in oversize:
-                return await self._too_large(pop, number, uid, raw)
-            return await self._handle(pop, number, uid, raw, entry, wire)
+                await self._dead_letter_error(pop, m, m.entry.last_response)
+            elif m.number in self._oversize:
+                await self._dead_letter_oversize(pop, m)
+            else:
+                await self._deliver(pop, m)
         except (CycleStopped, ConnectorError):
             raise
-        except Exception as exc:  # noqa: BLE001 - isolated by design (PRODUCT §5)
-            return await self._failed(pop, number, uid, raw, exc)
+        except Exception as exc:  # noqa: BLE001 - isolated by design (docs/design.md §5.2)
+            await self._failed(pop, m, exc)
 
-    async def _failed(
-        self, pop: Pop3Client, number: int, uid: str, raw: bytes, exc: Exception
-    ) -> Outcome:
+    async def _deliver(self, pop: Pop3Session, m: InHand) -> None:
+        """Deliver one message to whoever does not have it yet, and conclude it by the answer."""
+        acct, policy = self.account, self.policy
+        sender, sender_fixed = envelope_sender(m.raw, policy.sender_policy, policy.fixed_sender)
+        routed = self._route(m)
+        have = await self._done_for(m, routed)
+        todo = tuple(r for r in routed.recipients if r.lower() not in have)
+        if not todo:
+            await self._already_delivered(pop, m, routed.recipients)
+            return
+        envelope = Envelope(
+            sender,
+            todo,
+            sender_fixed=sender_fixed,
+            recipients_fixed=acct.shared is None,
+            configured=routed.configured,
+        )
+        trace = trace_header(
+            m.raw,
+            pop_host=acct.endpoint.host,
+            by_host=policy.helo_name,
+            uidl=m.uid,
+            recipients=todo,
+            now=datetime.fromtimestamp(self.clock(), UTC),
+        )
+        try:
+            # The trace line travels beside the message, never joined to it (no copy).
+            delivered = await self.deliverer.deliver(
+                m.raw,
+                envelope,
+                trace=trace,
+                wire=m.wire,
+                before_content=lambda: self._before_content(pop),
+            )
+        except DeliveryError as exc:
+            await self._refused(pop, m, exc, envelope, routed.keys)
+            return
+        self.stats.delivered_bytes += len(trace) + len(m.raw)
+        self.breaker.through()
+        if delivered.refused:
+            await self._partly_delivered(pop, m, delivered, envelope, routed.keys)
+        else:
+            done = RecipientsDone(routed.keys, todo) if acct.shared is not None else None
+            await self._delivered(pop, m, delivered.response, done)
+
+    async def _delivered(
+        self, pop: Pop3Session, m: InHand, response: str, done: RecipientsDone | None
+    ) -> None:
+        """Accepted by every recipient (250 after DATA).
+
+        The duplicate window (docs/design.md §9): Exchange has the message, the ledger does not
+        yet.  The row goes to the ledger thread's next group commit, which starts at once and
+        which no cancellation can stop half-way; the DELE waits for it (:class:`GroupCommit`).
+        """
+        acct = self.account
+        try:
+            ticket = self.ledger.record_delivered_soon(
+                acct.name,
+                m.uid,
+                m.size,
+                response,
+                self.clock(),
+                done=done,
+                identity=self.identities.of(m.number, m.raw),
+            )
+        except LedgerError as exc:
+            raise CycleStopped(exc) from exc
+        self.commits.add(None if acct.leave_on_server else m.number, ticket)
+        await self._conclude(
+            pop, m.number, m.uid, m.size, Outcome.DELIVERED, response, Upstream.COMMITTING
+        )
+        if self.commits.full:
+            await self._dele_committed(pop)
+
+    def _route(self, m: InHand) -> Routed:
+        """The message's recipients: the account's ``deliver_to``, or a shared mailbox's
+        recipients read from the message (``recipients.route``, docs/design.md §6.4)."""
+        acct = self.account
+        keys: tuple[str, ...] = (f"uidl:{m.uid}",)
+        if acct.shared is None:
+            return Routed(acct.deliver_to, frozenset(), keys, None)
+        routing = route(m.raw, acct.shared, acct.deliver_to)
+        if routing.unread:
+            # A hostile or broken header: routed on what could be read (the fallback when that
+            # names nobody of ours); the administrator should know why.
+            log.warning(
+                "account=%s uidl=%s: %s could not be read whole; routed by %s to %s",
+                acct.name,
+                m.uid,
+                ", ".join(routing.unread),
+                routing.source,
+                ", ".join(routing.recipients),
+            )
+        log.debug(
+            "account=%s uidl=%s routed by %s %s to %s",
+            acct.name,
+            m.uid,
+            routing.source,
+            ", ".join(routing.found),
+            ", ".join(routing.recipients),
+        )
+        mid = message_id(m.raw) if acct.shared.duplicate_window > 0 else None
+        mid_key = duplicate_key(mid, m.raw) if mid is not None else None
+        if mid_key is not None:
+            keys += (mid_key,)
+        return Routed(routing.recipients, routing.configured, keys, mid_key)
+
+    async def _done_for(self, m: InHand, routed: Routed) -> frozenset[str]:
+        """The recipients (lower case) who have this message already: a provider's copy of it
+        for another recipient (shared mailbox), or a retry after only some recipients deferred
+        it.  With a Message-ID, also whether it came before with another body."""
+        acct = self.account
+        if acct.shared is None and (m.entry is None or len(routed.recipients) <= 1):
+            return frozenset()
+        mid_key, keys = routed.mid_key, routed.keys
+        prefix = mid_key[: mid_key.rindex(":") + 1] if mid_key is not None else ""
+        found = await self._recorded(self.ledger.recipients_by_key(acct.name, keys, prefix=prefix))
+        if any(key not in keys for key in found):
+            # Only the prefix matched: the same Message-ID with another body.
+            log.info(
+                "account=%s uidl=%s Message-ID %s came before with a different body: "
+                "not a copy, delivered as a message of its own",
+                acct.name,
+                m.uid,
+                prefix.removeprefix("mid:").removesuffix(":"),
+            )
+        return frozenset(r for key in keys for r in found.get(key, ()))
+
+    async def _before_content(self, pop: Pop3Session) -> None:
+        """The ``before_content`` hook, after the server's 354: the earlier messages' rows are
+        committed (and their DELEs sent) before this message's content goes to SMTP, so a
+        crash can duplicate at most the message Exchange took last, and a failed commit stops
+        the cycle before another message is delivered (raised as CycleStopped; the
+        transaction is abandoned unsent).  Then mark that the content goes out (for
+        :meth:`_failed`'s log line)."""
+        if self.commits.due_before_content():
+            await self._dele_committed(pop)
+        self._content_out = True
+
+    async def _already_delivered(
+        self, pop: Pop3Session, m: InHand, recipients: Sequence[str]
+    ) -> None:
+        """Every recipient has this message already: record it as done without SMTP."""
+        acct = self.account
+        response = f"duplicate: already delivered to {', '.join(recipients)}"
+        record = self.ledger.record_delivered(
+            acct.name,
+            m.uid,
+            m.size,
+            response,
+            self.clock(),
+            identity=self.identities.of(m.number, m.raw),
+        )
+        await self._conclude(
+            pop, m.number, m.uid, m.size, Outcome.SKIPPED, response, Upstream.FINISHED, record
+        )
+
+    async def _partly_delivered(
+        self,
+        pop: Pop3Session,
+        m: InHand,
+        delivered: Delivered,
+        envelope: Envelope,
+        keys: tuple[str, ...],
+    ) -> None:
+        """Accepted for some recipients and refused for others (RFC 5321 §3.3: the server has
+        the message; sending it again would duplicate it for those who have it).
+
+        Refused permanently (about this message, since a configured recipient refused
+        permanently stops the cycle before DATA): a copy naming them goes to the dead-letter
+        store.  Refused temporarily: the message stays upstream, deferred, and the recipients
+        done so far are recorded under its UIDL, so a retry goes to the others only; once
+        deferred longer than ``max_deferral`` they get a dead-letter copy too
+        (docs/design.md §6.4).
+        """
+        acct = self.account
+        now = self.clock()
+        identity = self.identities.of(m.number, m.raw)
+        refused = delivered.refused
+        temporary = {r: why for r, why in refused.items() if r not in delivered.permanent}
+        first_seen = m.entry.first_seen if m.entry is not None else now
+        expired = bool(temporary) and now - first_seen >= acct.max_deferral
+        copy_for = {r: why for r, why in refused.items() if expired or r not in temporary}
+        accepted = tuple(r for r in envelope.recipients if r not in refused)
+        response = f"{delivered.response} (refused: {refusal_summary(refused)})"
+        dl_id: str | None = None
+        if copy_for:
+
+            def unstored() -> Awaitable[LedgerEntry]:
+                # No copy: remember who has it, and keep it upstream for the others.
+                return self.ledger.record_deferred(
+                    acct.name,
+                    m.uid,
+                    m.size,
+                    response,
+                    now,
+                    done=RecipientsDone(keys, accepted),
+                    identity=identity,
+                )
+
+            dl_id = await self._dead_letter_copy(m, copy_for, delivered, unstored)
+        deferred = bool(temporary) and not expired
+        write = self.ledger.record_deferred if deferred else self.ledger.record_delivered
+        record = write(
+            acct.name,
+            m.uid,
+            m.size,
+            response,
+            now,
+            dead_letter_id=dl_id,
+            done=RecipientsDone(keys, (*accepted, *copy_for)),
+            identity=identity,
+        )
+        if deferred:
+            outcome, upstream = Outcome.DEFERRED, Upstream.STAYS
+        else:
+            outcome, upstream = Outcome.DELIVERED, Upstream.FINISHED
+        await self._conclude(pop, m.number, m.uid, m.size, outcome, response, upstream, record)
+
+    async def _dead_letter_copy(
+        self,
+        m: InHand,
+        copy_for: Mapping[str, str],
+        delivered: Delivered,
+        unstored: Callable[[], Awaitable[object]],
+    ) -> str:
+        """Store the copy of a partly delivered message for the recipients in ``copy_for``
+        (stage ``rcpt``, or ``expired`` when none refused it permanently); return its id.  If
+        the store fails, ``unstored()`` records who has the message, and the cycle stops."""
+        stage = "rcpt" if any(r in delivered.permanent for r in copy_for) else "expired"
+        named = self._recipients_named(tuple(copy_for))
+        info = self._dead_letter_info(m.uid, stage, refusal_summary(copy_for), named)
+        try:
+            dl_id = await asyncio.shield(self.store.put(m.raw, info))
+        except DeadLetterError as exc:
+            await self._recorded(unstored())
+            raise CycleStopped(exc) from exc
+        # The copy's own report (every refusal named); the message is concluded by the caller.
+        self._report(
+            m.uid, m.size, Outcome.DEAD_LETTERED, f"{stage}: {refusal_summary(delivered.refused)}"
+        )
+        return dl_id
+
+    async def _refused(
+        self,
+        pop: Pop3Session,
+        m: InHand,
+        exc: DeliveryError,
+        envelope: Envelope,
+        keys: tuple[str, ...],
+    ) -> None:
+        """SMTP refused the message: stop, hold it, dead-letter it or defer it, as
+        :func:`~connector.cycle.refusal.verdict` and the breaker decide (docs/design.md §6)."""
+        if exc.stage is SmtpStage.DATA:
+            self.breaker.through()  # it got past MAIL and RCPT: those stages work
+        match verdict(exc):
+            case Verdict.UNDECIDED:
+                # A null sender refused, and nothing accepted yet to test another sender with:
+                # not (yet) our setup.  A later message may show either (docs/design.md §6.2).
+                self._hold(m, exc, "nothing to test the refusal with yet")
+            case Verdict.OUR_SETUP:
+                # Every message would fare the same (docs/design.md §6.1).
+                raise CycleStopped(exc) from exc
+            case Verdict.PERMANENT if self.breaker.holds(exc):
+                self._hold(m, exc, "every message refused alike so far")
+            case Verdict.PERMANENT:
+                await self._dead_letter(
+                    pop, m, str(exc.stage), self._refusal_text(exc), envelope, keys
+                )
+            case Verdict.TEMPORARY:
+                await self._defer(pop, m, self._refusal_text(exc), envelope, keys)
+
+    def _refusal_text(self, exc: DeliveryError) -> str:
+        """The reply a refused message is recorded with; for a shared mailbox whose every
+        recipient was refused, each of them named (for the dead letter and the log line)."""
+        if exc.refused and self.account.shared is not None:
+            return refusal_summary(exc.refused)
+        return exc.response
+
+    def _hold(self, m: InHand, exc: DeliveryError, why: str) -> None:
+        """Leave a refused message upstream undecided (no ledger row, no dead letter)."""
+        self._held.append((m.number, exc))
+        log.warning("account=%s uidl=%s held upstream (%s): %s", self.account.name, m.uid, why, exc)
+
+    async def _defer(
+        self,
+        pop: Pop3Session,
+        m: InHand,
+        response: str,
+        envelope: Envelope,
+        keys: tuple[str, ...],
+    ) -> None:
+        """Refused temporarily: recorded and left upstream; refused only temporarily for longer
+        than ``max_deferral``, dead-lettered (stage ``expired``, docs/design.md §5.1 step 5)."""
+        acct = self.account
+        now = self.clock()
+        entry = await self._recorded(
+            self.ledger.record_deferred(
+                acct.name,
+                m.uid,
+                m.size,
+                response,
+                now,
+                identity=self.identities.of(m.number, m.raw),
+            )
+        )
+        if now - entry.first_seen >= acct.max_deferral:
+            await self._dead_letter(pop, m, "expired", response, envelope, keys)
+            return
+        await self._conclude(
+            pop, m.number, m.uid, m.size, Outcome.DEFERRED, response, Upstream.STAYS
+        )
+
+    async def _dead_letter(
+        self,
+        pop: Pop3Session,
+        m: InHand,
+        stage: str,
+        response: str,
+        envelope: Envelope | None = None,
+        keys: tuple[str, ...] = (),
+    ) -> None:
+        """Store the message as a dead letter, record it, DELE it (docs/design.md §5.1 step 4).
+
+        The two are shielded as one: a shutdown must not leave a stored dead letter
+        unrecorded, nor cut the removal of one whose commit failed.  Not stored durably, or
+        not recorded: no DELE; the message stays upstream and the cycle stops.
+        """
+        # Named when they are not simply the account's deliver_to (see _recipients_named): a
+        # shared mailbox's recipients (the copies of the message are then suppressed too), or
+        # those still owed a message that others got on an earlier attempt.
+        recipients = self._recipients_named(envelope.recipients) if envelope is not None else ()
+        info = self._dead_letter_info(m.uid, stage, response, recipients)
+        done = RecipientsDone(keys, recipients) if recipients else None
+        record = asyncio.shield(self._store_and_record(m, info, done))
+        await self._conclude(
+            pop,
+            m.number,
+            m.uid,
+            m.size,
+            Outcome.DEAD_LETTERED,
+            f"{stage}: {response}",
+            Upstream.FINISHED,
+            record,
+        )
+
+    async def _store_and_record(
+        self, m: InHand, info: DeadLetterInfo, done: RecipientsDone | None
+    ) -> None:
+        acct = self.account
+        dl_id = await self.store.put(m.raw, info)
+        try:
+            await self.ledger.record_dead_lettered(
+                acct.name,
+                m.uid,
+                m.size,
+                info.response,
+                self.clock(),
+                dead_letter_id=dl_id,
+                done=done,
+                identity=self.identities.of(m.number, m.raw),
+            )
+        except LedgerError:
+            # Not recorded: the message stays upstream and the next cycle stores it again, so
+            # this copy goes, or a requeue of both would deliver it twice.
+            await self._remove_unrecorded(m.uid, dl_id)
+            raise
+
+    async def _dead_letter_oversize(self, pop: Pop3Session, m: InHand) -> None:
+        """Over ``max_message_size``: dead-lettered without an SMTP attempt (stage ``size``,
+        docs/design.md §7.1).  The code is the one a server gives for it (RFC 1870 §6.1: 552,
+        RFC 3463 5.3.4)."""
+        acct = self.account
+        response = (
+            f"552 5.3.4 message of {m.size} octets exceeds max_message_size of "
+            f"{acct.max_message_size}; not sent"
+        )
+        envelope: Envelope | None = None
+        if acct.shared is not None:
+            # Named in the dead letter, so that a requeue goes to them, not to the fallback.
+            recipients = route(m.raw, acct.shared, acct.deliver_to).recipients
+            envelope = Envelope("", recipients, sender_fixed=True, recipients_fixed=False)
+        await self._dead_letter(pop, m, "size", response, envelope)
+
+    async def _failed(self, pop: Pop3Session, m: InHand, exc: Exception) -> None:
         """Handling the message raised ``exc``, which nothing expected.
 
         Logged once, with its traceback; the ledger counts it; the message stays upstream
@@ -480,391 +1009,110 @@ class Cycle:
             "account=%s uidl=%s size=%d: handling the message failed unexpectedly%s; "
             "it stays upstream (%s)",
             acct.name,
-            uid,
-            len(raw),
+            m.uid,
+            m.size,
             " after its content went to SMTP (the server may have it)" if self._content_out else "",
             summary,
             exc_info=exc,
         )
-        try:
-            entry = await self.ledger.record_failed(
+        entry = await self._recorded(
+            self.ledger.record_failed(
                 acct.name,
-                uid,
-                len(raw),
+                m.uid,
+                m.size,
                 f"error: {summary}",
                 self.clock(),
-                identity=self._identity(number, raw),
+                identity=self.identities.of(m.number, m.raw),
             )
-        except LedgerError as lexc:
-            raise CycleStopped(lexc) from lexc
-        if entry.state is not MessageState.DEFERRED:
-            # Recorded as finished before the failure (after SMTP took it): nothing to redo.
-            return (
-                Outcome.DELIVERED
-                if entry.state is MessageState.DELIVERED
-                else (Outcome.DEAD_LETTERED)
+        )
+        if entry.state is MessageState.DELIVERED:
+            # Recorded as finished before the failure (after SMTP took it): nothing to redo,
+            # only the count the failure cut short.
+            self.stats.count(Outcome.DELIVERED)
+        elif entry.state is MessageState.DEAD_LETTERED:
+            self.stats.count(Outcome.DEAD_LETTERED)
+        elif entry.errors >= ERROR_LIMIT:
+            await self._dead_letter_error(pop, m, entry.last_response)
+        else:
+            await self._conclude(
+                pop, m.number, m.uid, m.size, Outcome.DEFERRED, f"error: {summary}", Upstream.STAYS
             )
-        if entry.errors >= ERROR_LIMIT:
-            return await self._give_up(pop, number, uid, raw, entry.last_response)
-        self.observer.message(acct.name, uid, len(raw), Outcome.DEFERRED, f"error: {summary}")
-        return Outcome.DEFERRED
 
-    async def _give_up(
-        self, pop: Pop3Client, number: int, uid: str, raw: bytes, response: str
-    ) -> Outcome:
+    async def _dead_letter_error(self, pop: Pop3Session, m: InHand, response: str) -> None:
         """Dead-letter a message whose handling failed in ERROR_LIMIT cycles (stage ``error``).
 
-        If even that fails unexpectedly, it is logged and the message stays upstream; the
-        next cycle tries the dead letter again, never the handling.
+        If even that fails unexpectedly, it is logged and the message stays upstream, counted
+        as deferred; the next cycle tries the dead letter again, never the handling.
         """
         summary = response.removeprefix("error: ")
         try:
-            await self._dead_letter(pop, number, uid, raw, "error", summary)
+            await self._dead_letter(pop, m, "error", summary)
         except (CycleStopped, ConnectorError):
             raise
-        except Exception as exc:  # isolated by design (PRODUCT §5)
+        except Exception as exc:
             log.error(
                 "account=%s uidl=%s: dead-lettering the message failed unexpectedly; "
                 "it stays upstream (%s)",
                 self.account.name,
-                uid,
+                m.uid,
                 error_summary(exc),
                 exc_info=exc,
             )
-            return Outcome.DEFERRED
-        return Outcome.DEAD_LETTERED
+            self.stats.count(Outcome.DEFERRED)
 
-    def _fetch_limit(self) -> int:
-        """The most octets one message may have to be fetched (the POP3 client's cap)."""
-        acct = self.account
-        if acct.oversize is Oversize.LEAVE:
-            return acct.max_message_size
-        return max(acct.max_message_size, FETCH_CEILING)
+    # -- the tail every outcome ends in ----------------------------------------------------
 
-    async def _too_large(self, pop: Pop3Client, number: int, uid: str, raw: bytes) -> Outcome:
-        """Over ``max_message_size``: dead-lettered without an SMTP attempt (PRODUCT §7 "size").
-
-        The code is the one a server gives for it (RFC 1870 §6.1: 552, RFC 3463 5.3.4).
-        """
-        acct = self.account
-        response = (
-            f"552 5.3.4 message of {len(raw)} octets exceeds max_message_size of "
-            f"{acct.max_message_size}; not sent"
-        )
-        envelope: Envelope | None = None
-        if acct.shared is not None:
-            # Named in the dead letter, so that a requeue goes to them, not to the fallback.
-            recipients = route(raw, acct.shared, acct.deliver_to).recipients
-            envelope = Envelope("", recipients, sender_fixed=True, recipients_fixed=False)
-        await self._dead_letter(pop, number, uid, raw, "size", response, envelope)
-        return Outcome.DEAD_LETTERED
-
-    def _recipients_kept(self) -> float:
-        """How long a shared mailbox's ``mid:`` rows are remembered: its duplicate window.
-        (The ``uidl:`` rows, who got a message some recipients deferred, stay as long as the
-        message's own ledger row: ledger.sync_listing.)"""
-        acct = self.account
-        return acct.shared.duplicate_window if acct.shared is not None else 0.0
-
-    def _dele_due(self, entry: LedgerEntry, now: float) -> bool:
-        """Whether a finished message is to be DELEd now: always, unless leave_on_server
-        keeps it and delete_after (counted from when it was finished) has not yet passed."""
-        acct = self.account
-        if not acct.leave_on_server:
-            return True
-        return acct.delete_after is not None and now - entry.last_attempt >= acct.delete_after
-
-    async def _finished(self, pop: Pop3Client, number: int) -> None:
-        """DELE a message just recorded as finished, unless leave_on_server keeps it."""
-        if not self.account.leave_on_server:
+    async def _conclude(
+        self,
+        pop: Pop3Session,
+        number: int,
+        uid: str,
+        size: int,
+        outcome: Outcome,
+        response: str,
+        upstream: Upstream,
+        record: Awaitable[object] | None = None,
+    ) -> None:
+        """Conclude one message: await ``record`` (what makes its outcome durable, if the
+        caller has not awaited it already), send the DELE that allows (docs/design.md §5.2,
+        invariant 1), tell the observer, count it."""
+        if record is not None:
+            await self._recorded(record)
+        if upstream is Upstream.DUE or (
+            upstream is Upstream.FINISHED and not self.account.leave_on_server
+        ):
             await self._dele(pop, number)
+        self._report(uid, size, outcome, response)
 
-    async def _dele(self, pop: Pop3Client, number: int) -> None:
+    def _report(self, uid: str, size: int, outcome: Outcome, response: str) -> None:
+        self.observer.message(self.account.name, uid, size, outcome, response)
+        self.stats.count(outcome)
+
+    async def _recorded(self, write: Awaitable[T]) -> T:
+        """Await what records an outcome (a ledger write, or a dead letter's store-and-record
+        pair); a failure of the ledger or the store ends the cycle before the next RETR."""
+        try:
+            return await write
+        except (LedgerError, DeadLetterError) as exc:
+            raise CycleStopped(exc) from exc
+
+    async def _dele_committed(self, pop: Pop3Session) -> None:
+        """Settle the group commit: DELE the delivered messages whose rows are committed now
+        (docs/design.md §8.5); a row that failed to commit stops the cycle, its message stays."""
+        settled = await self.commits.settle()
+        for number in settled.committed:
+            await self._dele(pop, number)
+        if settled.failed is not None:
+            raise CycleStopped(settled.failed)
+
+    async def _dele(self, pop: Pop3Session, number: int) -> None:
         """DELE ``number``, remembered for what the cycle leaves upstream (``left_upstream``)."""
         await pop.dele(number)
         self._deles.append(number)
 
-    async def _handle(
-        self,
-        pop: Pop3Client,
-        number: int,
-        uid: str,
-        raw: bytes,
-        entry: LedgerEntry | None,
-        wire: bytes | None = None,
-    ) -> Outcome | None:
-        """Deliver one message.  ``wire``: ``raw`` still dot-stuffed as POP3 sent it, when it
-        is SMTP's DATA content as it is (RFC 1939 §3, RFC 5321 §4.5.2): forwarded unscanned.
-        None: refused at MAIL or RCPT and held upstream, undecided (:class:`Breaker`)."""
-        acct, policy = self.account, self.policy
-        sender, sender_fixed = envelope_sender(raw, policy.sender_policy, policy.fixed_sender)
-        keys: tuple[str, ...] = (f"uidl:{uid}",)
-        mid_key: str | None = None
-        if acct.shared is not None:
-            routing = route(raw, acct.shared, acct.deliver_to)
-            recipients, configured = routing.recipients, routing.configured
-            if routing.unread:
-                # A hostile or broken header: routed on what could be read (the fallback when
-                # that names nobody of ours); the administrator should know why.
-                log.warning(
-                    "account=%s uidl=%s: %s could not be read whole; routed by %s to %s",
-                    acct.name,
-                    uid,
-                    ", ".join(routing.unread),
-                    routing.source,
-                    ", ".join(recipients),
-                )
-            log.debug(
-                "account=%s uidl=%s routed by %s %s to %s",
-                acct.name,
-                uid,
-                routing.source,
-                ", ".join(routing.found),
-                ", ".join(recipients),
-            )
-            mid = message_id(raw) if acct.shared.duplicate_window > 0 else None
-            if mid is not None:
-                # Keys of the "mid:<Message-ID>" form, from before the body digest, match no
-                # more: a copy whose sibling came just before an upgrade is delivered again,
-                # once; those rows age out with the duplicate window.
-                mid_key = duplicate_key(mid, raw)
-                keys += (mid_key,)
-        else:
-            recipients, configured = acct.deliver_to, frozenset()
-        done: frozenset[str] = frozenset()
-        if acct.shared is not None or (entry is not None and len(recipients) > 1):
-            # Who has it already: a provider's copy of the same message for another recipient
-            # (shared mailbox), or a retry after only some recipients deferred it.  With a
-            # Message-ID, also whether it came before with another body (the same prefix).
-            prefix = mid_key[: mid_key.rindex(":") + 1] if mid_key is not None else ""
-            try:
-                found = await self.ledger.recipients_by_key(acct.name, keys, prefix=prefix)
-            except LedgerError as exc:
-                raise CycleStopped(exc) from exc
-            done = frozenset(r for key in keys for r in found.get(key, ()))
-            if any(key not in keys for key in found):
-                # Only the prefix matched: the same Message-ID with another body.
-                log.info(
-                    "account=%s uidl=%s Message-ID %s came before with a different body: "
-                    "not a copy, delivered as a message of its own",
-                    acct.name,
-                    uid,
-                    prefix.removeprefix("mid:").removesuffix(":"),
-                )
-        todo = tuple(r for r in recipients if r.lower() not in done)
-        if not todo:
-            return await self._duplicate(pop, number, uid, raw, recipients)
-        envelope = Envelope(
-            sender,
-            todo,
-            sender_fixed=sender_fixed,
-            recipients_fixed=acct.shared is None,
-            configured=configured,
-        )
-        trace = trace_header(
-            raw,
-            pop_host=acct.endpoint.host,
-            by_host=policy.helo_name,
-            uidl=uid,
-            recipients=todo,
-            now=datetime.fromtimestamp(self.clock(), UTC),
-        )
-        try:
-            # The trace line travels beside the message, never joined to it (no copy).
-            delivered = await self.deliverer.deliver(
-                raw, envelope, trace=trace, wire=wire, before_content=lambda: self._sending(pop)
-            )
-        except DeliveryError as exc:
-            return await self._refused(pop, number, uid, raw, exc, envelope, keys)
-        self.stats.delivered_bytes += len(trace) + len(raw)
-        self.breaker.through()
-        if delivered.refused:
-            return await self._partly(pop, number, uid, raw, entry, delivered, envelope, keys)
+    # -- helpers ---------------------------------------------------------------------------
 
-        # The duplicate window of PRODUCT §5: Exchange has the message, the ledger does not yet.
-        # The row goes to the ledger thread's next group commit, which starts at once and
-        # which no cancellation can stop half-way (STYLE §4); the DELE waits for it (_settle).
-        try:
-            ticket = self.ledger.record_delivered_soon(
-                acct.name,
-                uid,
-                len(raw),
-                delivered.response,
-                self.clock(),
-                done=RecipientsDone(keys, todo) if acct.shared is not None else None,
-                identity=self._identity(number, raw),
-            )
-        except LedgerError as exc:
-            raise CycleStopped(exc) from exc
-        self._unsettled.append((None if acct.leave_on_server else number, ticket))
-        self.observer.message(acct.name, uid, len(raw), Outcome.DELIVERED, delivered.response)
-        if len(self._unsettled) >= SETTLE_EVERY:
-            await self._settle(pop)
-        return Outcome.DELIVERED
-
-    async def _sending(self, pop: Pop3Client) -> None:
-        """The ``before_content`` hook: :meth:`_committed`, then mark that this message's
-        content goes to SMTP now (for :meth:`_failed`'s log line)."""
-        await self._committed(pop)
-        self._content_out = True
-
-    async def _committed(self, pop: Pop3Client) -> None:
-        """Before a message's content goes to SMTP: the earlier messages' rows are committed.
-
-        So a crash can duplicate at most the one message Exchange took last (invariant 2: the
-        window stays one message wide), and a failed commit stops the cycle before another
-        message is delivered (raised as CycleStopped; the transaction is abandoned unsent).
-        With several accounts busy, the ledger thread has mostly not committed by then (it
-        needs the GIL, which the busy loop rarely lets go of; 83 % of the messages waited in
-        the benchmark): the wait costs ~10 % of a message's CPU, the price of that window.
-        """
-        unsettled = self._unsettled
-        if unsettled and (
-            self.ledger.settled < unsettled[-1][1]
-            or self.ledger.failed(ticket for _, ticket in unsettled)
-        ):
-            await self._settle(pop)
-
-    async def _settle(self, pop: Pop3Client) -> None:
-        """DELE the delivered messages whose ``delivered`` rows are committed by now
-        (invariant 1); a row that failed to commit stops the cycle and its message stays."""
-        pending, self._unsettled = self._unsettled, []
-        if not pending:
-            return
-        errors = await self.ledger.settle([ticket for _, ticket in pending])
-        failed: LedgerError | None = None
-        for (number, _), error in zip(pending, errors, strict=True):
-            if error is not None:
-                failed = failed or error
-            elif number is not None:
-                await self._dele(pop, number)
-        if failed is not None:
-            raise CycleStopped(failed)
-
-    async def _commit(self, write: Awaitable[object]) -> None:
-        """Await a ledger write, shielded; a failure ends the cycle before the next RETR."""
-        try:
-            await asyncio.shield(write)
-        except LedgerError as exc:
-            raise CycleStopped(exc) from exc
-
-    async def _duplicate(
-        self, pop: Pop3Client, number: int, uid: str, raw: bytes, recipients: Sequence[str]
-    ) -> Outcome:
-        """Every recipient has this message already: record it as done without SMTP."""
-        acct = self.account
-        response = f"duplicate: already delivered to {', '.join(recipients)}"
-        await self._commit(
-            self.ledger.record_delivered(
-                acct.name,
-                uid,
-                len(raw),
-                response,
-                self.clock(),
-                identity=self._identity(number, raw),
-            )
-        )
-        await self._finished(pop, number)
-        self.observer.message(acct.name, uid, len(raw), Outcome.SKIPPED, response)
-        return Outcome.SKIPPED
-
-    async def _partly(
-        self,
-        pop: Pop3Client,
-        number: int,
-        uid: str,
-        raw: bytes,
-        entry: LedgerEntry | None,
-        delivered: Delivered,
-        envelope: Envelope,
-        keys: tuple[str, ...],
-    ) -> Outcome:
-        """Accepted for some recipients and refused for others (RFC 5321 §3.3: the server has
-        the message; sending it again would duplicate it for those who have it).
-
-        Refused permanently (PRODUCT §6: about this message, since a configured recipient
-        refused permanently stops the cycle before DATA): a copy naming them goes to the
-        dead-letter store.  Refused temporarily: the message stays upstream, deferred, and the
-        recipients done so far are recorded under its UIDL, so a retry goes to the others
-        only; once deferred longer than ``max_deferral`` they get a dead-letter copy too.
-        """
-        acct = self.account
-        now = self.clock()
-        identity = self._identity(number, raw)
-        refused = delivered.refused
-        temporary = {r: why for r, why in refused.items() if r not in delivered.permanent}
-        first_seen = entry.first_seen if entry is not None else now
-        expired = bool(temporary) and now - first_seen >= acct.max_deferral
-        copy_for = {r: why for r, why in refused.items() if expired or r not in temporary}
-        accepted = tuple(r for r in envelope.recipients if r not in refused)
-        summary = "; ".join(f"<{r}> {why}" for r, why in refused.items())
-        response = f"{delivered.response} (refused: {summary})"
-        dl_id: str | None = None
-        if copy_for:
-            stage = "rcpt" if any(r in delivered.permanent for r in copy_for) else "expired"
-            try:
-                dl_id = await asyncio.shield(
-                    self.store.put(
-                        raw,
-                        self._info(
-                            uid,
-                            stage,
-                            "; ".join(f"<{r}> {why}" for r, why in copy_for.items()),
-                            self._named(tuple(copy_for)),
-                        ),
-                    )
-                )
-            except DeadLetterError as exc:
-                # No copy: remember who has it, and keep it upstream for the others.
-                await self._commit(
-                    self.ledger.record_deferred(
-                        acct.name,
-                        uid,
-                        len(raw),
-                        response,
-                        now,
-                        done=RecipientsDone(keys, accepted),
-                        identity=identity,
-                    )
-                )
-                raise CycleStopped(exc) from exc
-            self.stats.count(Outcome.DEAD_LETTERED)
-            self.observer.message(
-                acct.name, uid, len(raw), Outcome.DEAD_LETTERED, f"{stage}: {summary}"
-            )
-        done = RecipientsDone(keys, (*accepted, *copy_for))
-        if temporary and not expired:
-            await self._commit(
-                self.ledger.record_deferred(
-                    acct.name,
-                    uid,
-                    len(raw),
-                    response,
-                    now,
-                    dead_letter_id=dl_id,
-                    done=done,
-                    identity=identity,
-                )
-            )
-            self.observer.message(acct.name, uid, len(raw), Outcome.DEFERRED, response)
-            return Outcome.DEFERRED
-        await self._commit(
-            self.ledger.record_delivered(
-                acct.name,
-                uid,
-                len(raw),
-                response,
-                now,
-                dead_letter_id=dl_id,
-                done=done,
-                identity=identity,
-            )
-        )
-        await self._finished(pop, number)
-        self.observer.message(acct.name, uid, len(raw), Outcome.DELIVERED, response)
-        return Outcome.DELIVERED
-
-    def _named(self, recipients: tuple[str, ...]) -> tuple[str, ...]:
+    def _recipients_named(self, recipients: tuple[str, ...]) -> tuple[str, ...]:
         """The recipients a dead letter names (its X-POP3-Connector-Recipients line), so that
         ``dead-letters requeue`` sends it to them and to nobody else.
 
@@ -880,7 +1128,7 @@ class Cycle:
             return ()
         return recipients
 
-    def _info(
+    def _dead_letter_info(
         self, uid: str, stage: str, response: str, recipients: tuple[str, ...] = ()
     ) -> DeadLetterInfo:
         return DeadLetterInfo(
@@ -892,120 +1140,7 @@ class Cycle:
             recipients=recipients,
         )
 
-    async def _refused(
-        self,
-        pop: Pop3Client,
-        number: int,
-        uid: str,
-        raw: bytes,
-        exc: DeliveryError,
-        envelope: Envelope,
-        keys: tuple[str, ...],
-    ) -> Outcome | None:
-        acct = self.account
-        disposition = classify(exc)
-        if exc.stage is SmtpStage.DATA:
-            self.breaker.through()  # it got past MAIL and RCPT: those stages work
-        if disposition is Disposition.PARK_ACCOUNT and exc.evidence is Evidence.NO_PROBE:
-            # A null sender refused, and nothing accepted yet to test another sender with:
-            # undecided, not (yet) our setup.  A later message may show either
-            # (docs/design.md §6.2).
-            self._hold(number, uid, exc, "nothing to test the refusal with yet")
-            return None
-        if exc.stage.is_setup or disposition is Disposition.PARK_ACCOUNT:
-            # PRODUCT §6: our own setup is wrong; every message would fare the same.
-            raise CycleStopped(exc) from exc
-        if disposition is Disposition.DEAD_LETTER and self.breaker.holds(exc):
-            self._hold(number, uid, exc, "every message refused alike so far")
-            return None
-        response = exc.response
-        if exc.refused and acct.shared is not None:
-            # Every recipient refused: name each, for the dead letter and the log line.
-            response = "; ".join(f"<{r}> {why}" for r, why in exc.refused.items())
-        match disposition:
-            case Disposition.DEAD_LETTER:
-                await self._dead_letter(
-                    pop, number, uid, raw, str(exc.stage), response, envelope, keys
-                )
-                return Outcome.DEAD_LETTERED
-            case Disposition.RETRY:
-                now = self.clock()
-                entry = await self._deferred(number, uid, raw, response, now)
-                if now - entry.first_seen >= acct.max_deferral:
-                    # PRODUCT §5.5: refused only temporarily for longer than max_deferral.
-                    await self._dead_letter(
-                        pop, number, uid, raw, "expired", response, envelope, keys
-                    )
-                    return Outcome.DEAD_LETTERED
-                self.observer.message(acct.name, uid, len(raw), Outcome.DEFERRED, response)
-                return Outcome.DEFERRED
-            case Disposition.BUG | Disposition.PARK_ACCOUNT:
-                raise exc
-
-    async def _deferred(
-        self, number: int, uid: str, raw: bytes, response: str, now: float
-    ) -> LedgerEntry:
-        try:
-            return await self.ledger.record_deferred(
-                self.account.name,
-                uid,
-                len(raw),
-                response,
-                now,
-                identity=self._identity(number, raw),
-            )
-        except LedgerError as exc:
-            raise CycleStopped(exc) from exc
-
-    async def _dead_letter(
-        self,
-        pop: Pop3Client,
-        number: int,
-        uid: str,
-        raw: bytes,
-        stage: str,
-        response: str,
-        envelope: Envelope | None = None,
-        keys: tuple[str, ...] = (),
-    ) -> None:
-        acct = self.account
-        # Named when they are not simply the account's deliver_to (see _named): a shared
-        # mailbox's recipients (the copies of the message are then suppressed too), or those
-        # still owed a message that others got on an earlier attempt.
-        recipients = self._named(envelope.recipients) if envelope is not None else ()
-
-        async def store_and_record() -> None:
-            dl_id = await self.store.put(raw, self._info(uid, stage, response, recipients))
-            try:
-                await self.ledger.record_dead_lettered(
-                    acct.name,
-                    uid,
-                    len(raw),
-                    response,
-                    self.clock(),
-                    dead_letter_id=dl_id,
-                    done=RecipientsDone(keys, recipients) if recipients else None,
-                    identity=self._identity(number, raw),
-                )
-            except LedgerError:
-                # Not recorded: the message stays upstream and the next cycle stores it again,
-                # so this copy goes, or a requeue of both would deliver it twice.
-                await self._discard(uid, dl_id)
-                raise
-
-        try:
-            # Shielded as one: a shutdown must not leave a stored dead letter unrecorded, nor
-            # cut the removal of one whose commit failed.
-            await asyncio.shield(store_and_record())
-        except (DeadLetterError, LedgerError) as exc:
-            # Not stored durably, or not recorded: no DELE; the message stays upstream.
-            raise CycleStopped(exc) from exc
-        await self._finished(pop, number)
-        self.observer.message(
-            acct.name, uid, len(raw), Outcome.DEAD_LETTERED, f"{stage}: {response}"
-        )
-
-    async def _discard(self, uid: str, dl_id: str) -> None:
+    async def _remove_unrecorded(self, uid: str, dl_id: str) -> None:
         """Remove the dead letter ``dl_id``, stored for ``uid`` but whose row failed to commit.
 
         Only when the ledger shows no row naming it: a commit reported failed yet durable
@@ -1045,3 +1180,25 @@ class Cycle:
             uid,
             dl_id,
         )
+
+    def _fetch_limit(self) -> int:
+        """The most octets one message may have to be fetched (the POP3 client's cap)."""
+        acct = self.account
+        if acct.oversize is Oversize.LEAVE:
+            return acct.max_message_size
+        return max(acct.max_message_size, FETCH_CEILING)
+
+    def _recipients_kept(self) -> float:
+        """How long a shared mailbox's ``mid:`` rows are remembered: its duplicate window.
+        (The ``uidl:`` rows, who got a message some recipients deferred, stay as long as the
+        message's own ledger row: ledger.sync_listing.)"""
+        acct = self.account
+        return acct.shared.duplicate_window if acct.shared is not None else 0.0
+
+    def _dele_due(self, entry: LedgerEntry, now: float) -> bool:
+        """Whether a finished message is to be DELEd now: always, unless leave_on_server
+        keeps it and delete_after (counted from when it was finished) has not yet passed."""
+        acct = self.account
+        if not acct.leave_on_server:
+            return True
+        return acct.delete_after is not None and now - entry.last_attempt >= acct.delete_after

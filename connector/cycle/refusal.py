@@ -1,10 +1,55 @@
-"""What an SMTP refusal means for the cycle: the circuit breaker (docs/design.md §6.2)."""
+"""What an SMTP refusal means (docs/design.md §6): for the message, for the cycle, as text.
+
+* :func:`verdict`: our setup, this message's (permanent), temporary, or not yet known.  The
+  cycle and ``dead-letters requeue`` both decide by it.
+* :func:`refusal_summary`: the refused recipients and their replies as one line, for a dead
+  letter's ``Response``, the log line and ``requeue``'s output.
+* :class:`Breaker`: the cycle's guard against its own misjudgement at MAIL and RCPT (§6.2).
+"""
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Mapping
 from typing import Final
 
-from connector.errors import DeliveryError, Evidence, SmtpStage
+from connector.errors import DeliveryError, Disposition, Evidence, SmtpStage, classify
+
+
+class Verdict(enum.Enum):
+    """What an SMTP failure of one message's transaction says."""
+
+    OUR_SETUP = "our setup"  # every message would fare the same: stop, dead-letter nothing
+    UNDECIDED = "undecided"  # the null sender refused, nothing to test another sender with yet
+    PERMANENT = "permanent"  # about this message: dead-letter it
+    TEMPORARY = "temporary"  # try again later (defer it)
+
+
+def verdict(exc: DeliveryError) -> Verdict:
+    """Decide what ``exc`` means, from :func:`~connector.errors.classify` and the stage.
+
+    A failure before the transaction (connect, TLS, EHLO, AUTH) is our setup whatever its code:
+    the next message would meet it too.  A 5xx to the null sender with no other sender accepted
+    in the session to test with is undecided (docs/design.md §6.2): a later message may show
+    either.  The cycle holds such a message; ``requeue`` stops its batch, as for our setup.
+    """
+    disposition = classify(exc)
+    if disposition is Disposition.PARK_ACCOUNT and exc.evidence is Evidence.NO_PROBE:
+        return Verdict.UNDECIDED
+    if exc.stage.is_setup or disposition is Disposition.PARK_ACCOUNT:
+        return Verdict.OUR_SETUP
+    if disposition is Disposition.DEAD_LETTER:
+        return Verdict.PERMANENT
+    if disposition is Disposition.RETRY:
+        return Verdict.TEMPORARY
+    # classify() never calls an SMTP failure a bug; if it ever did, nothing here may guess.
+    raise exc
+
+
+def refusal_summary(refused: Mapping[str, str]) -> str:
+    """``<a@x> 550 5.1.1 unknown; <b@x> 452 4.2.2 full``: recipients and their replies."""
+    return "; ".join(f"<{recipient}> {reply}" for recipient, reply in refused.items())
+
 
 BREAKER_THRESHOLD: Final = 5
 """The circuit breaker (docs/design.md §6.2, :class:`Breaker`) trips at the fifth message in a row
