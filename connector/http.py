@@ -229,11 +229,6 @@ class HttpEndpoint:
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
 
-    @property
-    def connections(self) -> int:
-        """The connections being served now."""
-        return len(self._clients)
-
     async def start(self, host: str, port: int) -> None:
         """Listen on ``host:port`` (port 0: any free port).  Raises OSError if busy."""
         self._server = await asyncio.start_server(

@@ -902,11 +902,6 @@ class Ledger:
             identity,
         )
 
-    async def done_recipients(self, account: str, keys: Collection[str]) -> frozenset[str]:
-        """The recipients (lower case) recorded as done under any of ``keys``."""
-        found = await self.recipients_by_key(account, keys)
-        return frozenset(r for recipients in found.values() for r in recipients)
-
     async def recipients_by_key(
         self, account: str, keys: Collection[str], *, prefix: str = ""
     ) -> dict[str, frozenset[str]]:
@@ -1110,13 +1105,6 @@ class Ledger:
             return Failures() if row is None else Failures(row[0], row[1], bool(row[2]))
 
         return await self._submit("failures", run)
-
-    async def total_changes(self) -> int:
-        """Rows changed through this connection since it was opened (SQLite total_changes).
-
-        For tests and debugging: it proves that a steady listing writes nothing.
-        """
-        return await self._submit("total_changes", lambda conn: conn.total_changes)
 
     # -- the thread hop ------------------------------------------------------------------------
 
