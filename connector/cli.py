@@ -1,4 +1,6 @@
-"""The ``pop3-connector`` command: argument parsing, logging setup and exit codes (PRODUCT §4).
+"""The ``pop3-connector`` command: argument parsing, logging setup, exit codes.
+
+docs/design.md §4.2.
 
 Exit codes follow sysexits.h where one fits: 0 success, 1 a cycle or connection failed,
 70 (EX_SOFTWARE) an unexpected error, 74 (EX_IOERR) the state directory cannot be used at start
@@ -117,7 +119,7 @@ def config_path(args: argparse.Namespace) -> Path:
 
 
 def _age(text: str) -> float:
-    """``--older-than``: a duration as in the config (PRODUCT §3)."""
+    """``--older-than``: a duration as in the config (docs/design.md §4.1)."""
     from connector.config import parse_duration
 
     try:
@@ -424,7 +426,7 @@ async def _run(runtime: Runtime, settings: Settings, path: Path) -> int:
         if address is not None:
             endpoint = HttpEndpoint(service, allowed_hosts=settings.metrics.allowed_hosts)
             # Beside the scheduler, not before it: a port someone else holds must not stop
-            # the mail (PRODUCT §8); the endpoint says so loudly and keeps trying.
+            # the mail (docs/design.md §11.2); the endpoint says so loudly and keeps trying.
             helpers.append(asyncio.create_task(endpoint.start_retrying(*address), name="http"))
         try:
             service.install_signal_handlers(reload=reload)

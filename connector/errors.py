@@ -20,7 +20,7 @@
     └── AlreadyRunningError            another instance holds the state directory's lock
 
 Every module translates its library's exceptions into these at its edge, so the policy code
-(``fetcher``, ``service``) never sees an ``aiosmtplib`` or ``ssl`` exception.  ``str()`` of each
+(``cycle``, ``service``) never sees an ``aiosmtplib`` or ``ssl`` exception.  ``str()`` of each
 is short, code first, and never carries a secret or a message body.
 
 :func:`classify` is the single place that turns an exception into a :class:`Disposition`.  It is
@@ -149,8 +149,8 @@ class SmtpStage(enum.StrEnum):
     """Where in the SMTP dialogue a delivery failed.
 
     The first group is session setup: a failure there is about our own relay configuration and
-    never about a message (PRODUCT §6).  ``SIZE`` is our own check against the server's SIZE
-    limit (RFC 1870), done before anything is sent.
+    never about a message (docs/design.md §6.1).  ``SIZE`` is our own check against the
+    server's SIZE limit (RFC 1870), done before anything is sent.
     """
 
     CONNECT = "connect"
@@ -401,7 +401,7 @@ _POP3_PERMANENT_CODES: Final = frozenset({"AUTH", "SYS/PERM"})
 def classify(exc: BaseException) -> Disposition:
     """Decide what a failure means.  Pure: depends only on the exception's type and fields.
 
-    The rules are PRODUCT §6.  In short:
+    The rules are docs/design.md §6.  In short:
 
     * POP3: ``[SYS/TEMP]``, ``[IN-USE]``, ``[LOGIN-DELAY]``, protocol errors, timeouts and broken
       connections are RETRY; ``[AUTH]``, ``[SYS/PERM]`` and certificate failures are
@@ -454,7 +454,8 @@ def smtp_class(code: int | None, enhanced_code: str | None, stage: SmtpStage) ->
 def _classify_delivery(exc: DeliveryError) -> Disposition:
     cls = smtp_class(exc.smtp_code, exc.enhanced_code, exc.stage)
     if exc.stage.is_setup:
-        # A wrong relay setup refuses every message alike: never a dead letter (PRODUCT §6).
+        # A wrong relay setup refuses every message alike: never a dead letter (docs/design.md
+        # §6.1).
         if exc.security or cls == 5:
             return Disposition.PARK_ACCOUNT
         return Disposition.RETRY

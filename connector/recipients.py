@@ -25,8 +25,8 @@ pattern matches it (shell-style ``*`` and ``?``, case-insensitive) to that rule'
 addresses; an address of one of our domains that no rule matches goes to itself, with the
 domain rewritten when ``rewrite_domain`` is set (``bob@firma.example`` -> ``bob@firma.local``).
 Exchange decides whether such a mailbox exists: a ``550 5.1.1`` to its RCPT is about the
-message (PRODUCT §6), and the fetcher dead-letters a copy naming it while the other recipients
-get theirs.
+message (docs/design.md §6.4), and the cycle dead-letters a copy naming it while the other
+recipients get theirs.
 
 Pure functions on bytes and frozen data; no I/O.  Header fields are read by
 :mod:`connector.headers` (bounded block, capped values) and address lists by
@@ -35,7 +35,7 @@ once made ``email.utils.getaddresses`` raise ``RecursionError``).  Values are de
 with surrogate escapes (8-bit bytes never raise), and an address that could not go on an SMTP
 envelope as it is (``delivery.address_problem``) is ignored, never "repaired".  A field that
 was too long to read whole (:data:`connector.headers.MAX_VALUE`) counts with what was read of
-it, and :attr:`Routing.unread` names it, so the fetcher can say so in its log.
+it, and :attr:`Routing.unread` names it, so the cycle can say so in its log.
 """
 
 from __future__ import annotations
@@ -98,11 +98,11 @@ class Routing:
     ``found``: the addresses of ours read from that header (empty for the fallback).
     ``configured``: those of ``recipients`` that come from the config (the fallback, a rule's
     targets) rather than from the message: a permanent refusal of one of them is our setup's
-    fault (PRODUCT §6), not the message's.
+    fault (docs/design.md §6.1), not the message's.
     ``unread``: what could not be read whole among what was consulted: the names of fields
     cut at :data:`connector.headers.MAX_VALUE` or that do not parse to their end (an unclosed
     comment, quote or bracket), and ``"header"`` when the header block itself was larger
-    than the reader's caps.  Routing went on with what was read; the fetcher logs it.
+    than the reader's caps.  Routing went on with what was read; the cycle logs it.
     """
 
     recipients: tuple[str, ...]

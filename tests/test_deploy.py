@@ -29,7 +29,7 @@ ROOT: Final = Path(__file__).resolve().parent.parent
 DEPLOY: Final = ROOT / "deploy"
 UNIT: Final = DEPLOY / "systemd" / "pop3-connector.service"
 
-# PRODUCT.md §8, prefix pop3_connector_: name -> type.
+# docs/design.md §11.1, prefix pop3_connector_: name -> type.
 PRODUCT_METRICS: Final = {
     "cycle_duration_seconds": "histogram",
     "cycles_total": "counter",
@@ -248,7 +248,7 @@ def test_alert_rules_cover_the_issue() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Metric names: only those of PRODUCT §8
+# Metric names: only those of docs/design.md §11.1
 # --------------------------------------------------------------------------------------------
 
 _METRIC_RE: Final = re.compile(r"\bpop3_connector_[a-z0-9_]+")
@@ -278,7 +278,8 @@ def test_every_metric_used_is_in_product_section_8() -> None:
         assert names, file
         for name in names:
             base, suffix = _base_metric(name)
-            assert base in PRODUCT_METRICS, f"{file}: {name} is not a metric of PRODUCT §8"
+            where = "docs/design.md §11.1"
+            assert base in PRODUCT_METRICS, f"{file}: {name} is not a metric of {where}"
             kind = PRODUCT_METRICS[base]
             # A histogram is only queried through its series, counters end in _total.
             assert (kind == "histogram") == bool(suffix), f"{file}: {name}"

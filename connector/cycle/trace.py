@@ -45,6 +45,6 @@ def trace_header(
 
 @functools.lru_cache(maxsize=4)
 def _date_field(second: int) -> bytes:
-    """RFC 5322 §3.3 date-time of a whole second, in UTC: the same for every message of that
-    second (formatting it was 2.5 % of a message's CPU in the benchmark)."""
+    """RFC 5322 §3.3 date-time of a whole second, in UTC, formatted once for every message of
+    that second (formatting it per message costs CPU: bench/README.md)."""
     return format_datetime(datetime.fromtimestamp(second, UTC)).encode("ascii")

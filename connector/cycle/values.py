@@ -43,7 +43,7 @@ class AccountSpec:
     # (never, when None).  ``delete_after`` without ``leave_on_server`` changes nothing.
     leave_on_server: bool = False
     delete_after: float | None = None
-    # What to do with a message over max_message_size (PRODUCT §7 stage "size").
+    # What to do with a message over max_message_size (docs/design.md §7.1, stage "size").
     oversize: Oversize = field(default_factory=lambda: Oversize.DEAD_LETTER)
     # A shared (catch-all) mailbox: recipients read from each message (recipients.route), with
     # ``deliver_to`` as the fallback for mail that names nobody of ours.
@@ -55,7 +55,7 @@ class AccountSpec:
 
 @dataclass(frozen=True, slots=True)
 class DeliveryPolicy:
-    """How messages are put on the SMTP envelope and traced (PRODUCT §3 ``[smtp]``)."""
+    """How messages are put on the SMTP envelope and traced (``[smtp]``, docs/design.md §4.1)."""
 
     sender_policy: SenderPolicy
     fixed_sender: str | None
@@ -63,7 +63,7 @@ class DeliveryPolicy:
 
 
 class Outcome(enum.StrEnum):
-    """What happened to one message in a cycle (the ``outcome`` label of PRODUCT §8)."""
+    """What happened to one message in a cycle (the ``outcome`` label, docs/design.md §11.1)."""
 
     DELIVERED = "delivered"
     DEAD_LETTERED = "dead_lettered"

@@ -1,7 +1,7 @@
 """Dead-letter stores: where a message refused permanently goes before it is deleted upstream.
 
-PRODUCT §5.4 and §7.  A dead letter is the original message bytes with five header lines added
-at the top::
+docs/design.md §5.1 step 4, §7.  A dead letter is the original message bytes with five header
+lines added at the top::
 
     X-POP3-Connector-Account: info
     X-POP3-Connector-UIDL: 00000001650a1b2c
@@ -9,7 +9,7 @@ at the top::
     X-POP3-Connector-Response: 554 5.1.0 Sender denied
     X-POP3-Connector-Failed-At: 2026-11-27T15:49:35Z
 
-Prepending lines is the only change PRODUCT §5 allows, so :func:`strip_dead_letter_headers`
+Prepending lines is the only change docs/design.md §5.2 allows, so :func:`strip_dead_letter_headers`
 gives ``requeue`` the original bytes back exactly.  The header values come from the POP3 server
 (UIDL) and the SMTP server (the response text), so they are untrusted: every value is forced to
 one line of printable ASCII, which makes a header injection (a CR/LF in a reply text starting a
@@ -20,7 +20,7 @@ A shared mailbox's dead letter has an ``X-POP3-Connector-Recipients`` field befo
 cut: a list too long for one line is folded after a comma (RFC 5322 §2.2.3) into lines that
 start with a space, and the reader unfolds it.
 
-Two protocols: :class:`DeadLetterStore` is what the fetcher needs (``put``, and ``remove`` for a
+Two protocols: :class:`DeadLetterStore` is what the cycle needs (``put``, and ``remove`` for a
 dead letter whose ledger row failed to commit); :class:`DeadLetterArchive` adds what the
 ``dead-letters`` commands need.
 """
@@ -46,8 +46,8 @@ class DeadLetterInfo:
     # Whom it was for, when that is not simply the account's deliver_to: a shared mailbox's
     # recipients, or the ones refused while others got the message.  ``requeue`` sends it to
     # them.  Written as an ``X-POP3-Connector-Recipients`` field before the five only when not
-    # empty, so the usual dead letter keeps exactly the five lines of PRODUCT §7.  Never cut;
-    # folded over several lines when long (see _recipients_field).
+    # empty, so the usual dead letter keeps exactly the five lines of docs/design.md §7.1.
+    # Never cut; folded over several lines when long (see _recipients_field).
     recipients: tuple[str, ...] = ()
 
 
@@ -69,14 +69,14 @@ class DeadLetterRecord:
 
 
 class DeadLetterStore(Protocol):
-    """The seam the fetcher uses (PRODUCT §5.4)."""
+    """The seam the cycle uses (docs/design.md §5.1 step 4)."""
 
     async def put(self, raw: bytes, info: DeadLetterInfo) -> str:
         """Store durably; return the dead letter's id.  Raises DeadLetterError."""
         ...
 
     async def remove(self, id: str) -> None:
-        """Delete one dead letter (the fetcher's own, when its ledger row failed to commit).
+        """Delete one dead letter (the cycle's own, when its ledger row failed to commit).
 
         Unknown id: KeyError; a failing store: DeadLetterError.
         """
@@ -195,8 +195,8 @@ def format_failed_at(when: dt.datetime) -> str:
 
 
 def dead_letter_headers(info: DeadLetterInfo, eol: bytes) -> bytes:
-    """The five ``X-POP3-Connector-*`` lines of PRODUCT §7, each ended by ``eol``, after the
-    Recipients field when there are recipients.
+    """The five ``X-POP3-Connector-*`` lines of docs/design.md §7.1, each ended by ``eol``,
+    after the Recipients field when there are recipients.
 
     Every value is sanitised to printable ASCII (see module docstring); each of the five is
     one line.
@@ -238,11 +238,11 @@ def _our_lines(raw: bytes) -> tuple[list[bytes], bytes | None, int]:
     """The values of our leading header lines, in order, the optional Recipients field's value
     (unfolded), and the offset just past them.
 
-    An optional Recipients field, then the names of PRODUCT §7 in their fixed order; stops at
-    the first line that is not the next one.  Callers accept the block only when the five are
-    there, so a message that itself starts with one such line keeps it.  Only the Recipients
-    field is unfolded: each of the five is one line, so a message whose own first line starts
-    with white space keeps it.
+    An optional Recipients field, then the names of docs/design.md §7.1 in their fixed order; stops
+    at the first line that is not the next one.  Callers accept the block only when the five are
+    there, so a message that itself starts with one such line keeps it.  Only the Recipients field
+    is unfolded: each of the five is one line, so a message whose own first line starts with white
+    space keeps it.
     """
 
     def line(name: bytes, pos: int) -> tuple[bytes, int] | None:

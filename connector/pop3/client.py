@@ -2,9 +2,9 @@
 
 The shell writes what ``Connection.send()`` returns and loops on ``next_event()``, reading big
 chunks on NEED_DATA (never ``readline``: the StreamReader's 64 KiB line limit breaks on real
-mail).  Each phase has its own deadline (STYLE §4): ``connect`` for TCP and TLS handshakes,
-``command`` for a whole single-line reply, ``idle_read`` for each read of a RETR/TOP reply, so a
-big message never hits a total deadline while bytes keep coming.
+mail).  Each phase has its own deadline (docs/design.md §10.2): ``connect`` for TCP and TLS
+handshakes, ``command`` for a whole single-line reply, ``idle_read`` for each read of a RETR/TOP
+reply, so a big message never hits a total deadline while bytes keep coming.
 
 Replies are matched to commands by a FIFO, so commands can be pipelined (RFC 2449 §6.6):
 ``retrieve_many`` keeps several RETRs in flight
@@ -85,7 +85,7 @@ _MAX_AUTH_LINE: Final = 255  # RFC 5034 §4: longer initial responses wait for "
 
 
 class TlsMode(enum.StrEnum):
-    """How a connection is secured (PRODUCT §3 ``tls``)."""
+    """How a connection is secured (``tls``, docs/design.md §4.1)."""
 
     IMPLICIT = "implicit"
     STARTTLS = "starttls"
@@ -93,7 +93,8 @@ class TlsMode(enum.StrEnum):
 
 
 class AuthMethod(enum.StrEnum):
-    """PRODUCT §3 ``auth``.  ``auto`` chooses by TLS, CAPA and the greeting (see ``login``)."""
+    """``auth`` (docs/design.md §4.1).  ``auto`` chooses by TLS, CAPA and the greeting (see
+    ``login``)."""
 
     AUTO = "auto"
     USER = "user"

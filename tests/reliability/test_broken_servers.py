@@ -194,7 +194,7 @@ async def test_smtp_connection_reset_before_final_reply(rig: Rig) -> None:
     """The server took the whole message and answered 250, but the connection reset before the
     reply reached us.  We cannot know it was accepted, so the message is deferred and delivered
     again on the next cycle: the duplicate SMTP itself cannot avoid (RFC 1047), and the same
-    window as PRODUCT §5's (the server has it, our ledger does not)."""
+    window as docs/design.md §9's (the server has it, our ledger does not)."""
     rig.dovecot.deliver_many(rig.user, [mail(0)])
     fault = Fault(
         Action.RESET, trigger=Direction.DOWN, after_pattern=b"250 2.0.0", forward_trigger=False

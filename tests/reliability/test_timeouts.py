@@ -2,7 +2,7 @@
 
 A :class:`~tests.faults.FaultProxy` in front of real Dovecot (POP3) or the aiosmtpd sink (SMTP)
 goes silent at one phase; every deadline is 0.5 s (``Pop3Timeouts``, ``SmtpSettings.timeout``).
-After the fault, a clean cycle must deliver every message exactly once (PRODUCT §5).
+After the fault, a clean cycle must deliver every message exactly once (docs/design.md §5.2).
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ SMTP_TRANSACTION_STALLS = {
 
 @pytest.mark.parametrize("phase", list(SMTP_TRANSACTION_STALLS))
 async def test_smtp_server_stalls_in_transaction(rig: Rig, phase: str) -> None:
-    """A timeout inside a transaction defers the message (4xx-like, PRODUCT §6); the next
+    """A timeout inside a transaction defers the message (4xx-like, docs/design.md §6.1); the next
     message gets a fresh connection (which stalls too, here); nothing is dead-lettered."""
     fault, stage = SMTP_TRANSACTION_STALLS[phase]
     rig.dovecot.deliver_many(rig.user, [mail(0), mail(1)])
@@ -156,7 +156,7 @@ async def test_smtp_server_stalls_in_transaction(rig: Rig, phase: str) -> None:
         else "timed out waiting for the server"
     )
     assert [r for _, _, r in rec.events] == [expected] * 2
-    # The deferral is the RETRY disposition of that error at that stage (PRODUCT §6).
+    # The deferral is the RETRY disposition of that error at that stage (docs/design.md §6.1).
     assert classify(DeliveryError(stage, rec.events[0][2])) is Disposition.RETRY
     await rig.finish()
     assert_each_delivered_once(rig, 2)

@@ -1,4 +1,4 @@
-"""The service behind the HTTP endpoint: what a request may cost (PRODUCT §8).
+"""The service behind the HTTP endpoint: what a request may cost (docs/design.md §11.2).
 
 POST /poll never shortens the backoff of a failing account: a provider locks a mailbox, or an
 IP address, after a few wrong passwords, and a request per second must not become a login per

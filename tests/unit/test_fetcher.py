@@ -1,4 +1,4 @@
-"""The cycle of PRODUCT §5 against the built-in loopback servers, a real ledger and real Maildir.
+"""The cycle (docs/design.md §5) against the loopback servers, a real ledger and real Maildir.
 
 Dovecot plays the POP3 server in tests/integration; here the loopback server does, because it can
 also lack UIDL, lock the mailbox or refuse logins in the ways a test needs.

@@ -1,6 +1,6 @@
 """connector.http: the endpoint on a real loopback socket (port 0), with a stand-in service.
 
-Besides the routes: what PRODUCT §8 asks of an endpoint left on beside a browser and other
+Besides the routes: what docs/design.md §11.2 asks of an endpoint left on beside a browser and other
 local users.  Malformed requests (generated) get a 4xx and never a traceback; a Host that is not
 ours is refused (DNS rebinding); a request a browser sends cross-site without a preflight cannot
 poll; idle connections are capped; a port someone else holds is retried, not fatal.

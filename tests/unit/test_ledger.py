@@ -183,7 +183,8 @@ async def test_deferral_counts_attempts_and_keeps_first_seen(ledger: Ledger) -> 
         assert entry.first_seen == T0 + 900
         assert entry.last_attempt == T0 + i * 900
         assert entry.last_response == f"451 try {i}"
-    # Then dead-lettered as expired (PRODUCT §5.5): first_seen still the first deferral.
+    # Then dead-lettered as expired (docs/design.md §5.1 step 5): first_seen still the first
+    # deferral.
     await ledger.record_dead_lettered("info", "u", 5, "451 try 3", T0 + DAY * 5, "dl-9")
     final = await ledger.entry("info", "u")
     assert final is not None
@@ -210,8 +211,9 @@ async def test_accounts_are_separate(ledger: Ledger) -> None:
 
 
 async def test_a_row_no_longer_listed_is_forgotten_at_once(ledger: Ledger) -> None:
-    """PRODUCT §5.6: a UIDL that a complete listing no longer holds is gone; listed again, it
-    is a new message (RFC 1939 §7 promises uniqueness only while a message exists)."""
+    """docs/design.md §5.1 step 6: a UIDL that a complete listing no longer holds is gone;
+    listed again, it is a new message (RFC 1939 §7 promises uniqueness only while a message
+    exists)."""
     await ledger.record_delivered("info", "old", 1, "250 ok", T0)
     await ledger.record_delivered("info", "kept", 1, "250 ok", T0)
     await ledger.record_delivered(
@@ -406,7 +408,7 @@ async def test_concurrent_tasks_are_serialised(ledger: Ledger) -> None:
 
 async def test_cancelled_record_still_commits(ledger: Ledger) -> None:
     # Hold the ledger thread, so the record job is still queued when its caller is cancelled:
-    # the delivered commit after a 250 must not be dropped (PRODUCT §5.3).
+    # the delivered commit after a 250 must not be dropped (docs/design.md §9).
     gate = threading.Event()
     hold = asyncio.create_task(ledger._submit("hold", lambda conn: gate.wait(10)))
     await asyncio.sleep(0)
@@ -789,8 +791,9 @@ async def test_prove_writable_writes_to_the_file_even_when_nothing_else_changes(
 
 
 async def test_a_steady_listing_still_writes_nothing(ledger: Ledger) -> None:
-    # The proof is the fetcher's to call, in a cycle with something to deliver; the listing
-    # sync stays free when nothing changed (PRODUCT §5: a cycle costs what is new).
+    # The proof is the cycle's to call, in a cycle with something to deliver; the listing sync
+    # stays free when nothing changed (docs/design.md §5.2, invariant 5: a cycle costs what is
+    # new).
     await ledger.record_delivered("info", "u1", 1, "250 ok", T0)
     await ledger.sync_listing("info", ["u1"])
     before = await total_changes(ledger)

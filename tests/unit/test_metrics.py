@@ -1,4 +1,4 @@
-"""connector.metrics: the names, types and labels of PRODUCT §8, on a registry of our own."""
+"""connector.metrics: the names, types and labels of docs/design.md §11.1, on our own registry."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from connector.cycle import CycleStats, Outcome
 from connector.metrics import CYCLE_BUCKETS, NO_CODE, Metrics, smtp_code
 
-# PRODUCT §8, as the parser names the families (counters without their _total suffix).
+# docs/design.md §11.1, as the parser names the families (counters without their _total suffix).
 EXPECTED = {
     "pop3_connector_cycle_duration_seconds": "histogram",
     "pop3_connector_cycles": "counter",

@@ -1,4 +1,4 @@
-"""One message costs only itself (PRODUCT §5), and a reused UIDL is a new message (§5.6).
+"""One message costs only itself, and a reused UIDL is a new message (docs/design.md §5.2, §5.1).
 
 Against the loopback POP3 server and SMTP sink, a real ledger and a real Maildir store:
 
@@ -235,8 +235,8 @@ def test_a_known_uidl_listed_with_another_message_is_delivered(
 def test_a_uidl_no_longer_listed_is_forgotten(
     first: bytes, second: bytes, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """PRODUCT §5.6: once a cycle's listing no longer holds U, U listed again is a new message,
-    whatever it looks like (even a byte-identical one: it is a new arrival)."""
+    """docs/design.md §5.1 step 6: once a cycle's listing no longer holds U, U listed again is
+    a new message, whatever it looks like (even a byte-identical one: it is a new arrival)."""
 
     async def body(rig: Rig) -> None:
         uid = rig.pop.add_message(USER, first)

@@ -375,8 +375,9 @@ def test_a_token_command_whose_child_holds_stdout_is_killed_with_it(
 def test_a_cancelled_token_command_is_killed_with_its_child(
     env: Mapping[str, str], when: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A login cancelled at shutdown (STYLE §4) must not leave the helper's family behind either:
-    # not while it runs, and not while it is being started (the caller has no pid yet then).
+    # A login cancelled at shutdown (docs/design.md §10.3) must not leave the helper's family
+    # behind either: not while it runs, nor while it is being started (the caller has no pid
+    # yet then).
     pidfile = tmp_path / "pids"
     source = OAuth2TokenSource(
         "accounts[0].oauth2_token_command", argv=forking_helper(pidfile, "wait"), timeout=60
