@@ -126,9 +126,54 @@ def build_runtime(settings: Settings, *, include_disabled: bool = False) -> Runt
     ``check --connect``; otherwise they are skipped, so a disabled account's bad ``ca_file``
     never stops the service.
     """
+    smtp, policy = _smtp(settings)
+    accounts: list[AccountSpec] = []
+    disabled: list[AccountSpec] = []
+    intervals: dict[str, float] = {}
+    for i, acct in enumerate(settings.accounts):
+        if not acct.enabled and not include_disabled:
+            continue
+        (accounts if acct.enabled else disabled).append(_account(settings, i))
+        if acct.enabled:
+            intervals[acct.name] = settings.poll_interval_of(acct)
+    notices = settings.notices
+    return Runtime(
+        accounts=tuple(accounts),
+        intervals=intervals,
+        smtp=smtp,
+        policy=policy,
+        state_dir=settings.service.state_dir,
+        dead_letter_path=dead_letter_path(settings),
+        max_parallel=settings.service.max_parallel_accounts,
+        shutdown_grace=settings.service.shutdown_grace,
+        transcripts=settings.service.log_level == "debug",
+        imap_store=_imap_store(settings),
+        disabled=tuple(disabled),
+        notices=None
+        if notices.postmaster is None
+        else NoticeSettings(
+            postmaster=notices.postmaster,
+            min_interval=notices.min_interval,
+            on_dead_letter=notices.on_dead_letter,
+            on_account_failing=notices.on_account_failing,
+        ),
+    )
+
+
+def _ssl_context(
+    tls: TlsMode, verify: bool, ca_file: Path | None, where: str
+) -> ssl.SSLContext | None:
+    """The client TLS context for ``tls`` (None without TLS); ``where`` names the config key."""
+    if tls is TlsMode.NONE:
+        return None
     # Imported here: service imports this module, so a module-level import would be circular.
     from connector.service import make_ssl_context
 
+    return make_ssl_context(verify, ca_file, where)
+
+
+def _smtp(settings: Settings) -> tuple[SmtpSettings, DeliveryPolicy]:
+    """``[smtp]``: the session's settings, and how messages go on the envelope."""
     smtp_cfg = settings.smtp
     smtp_tls = TlsMode(smtp_cfg.tls)
     helo = smtp_cfg.helo_name or socket.getfqdn()
@@ -136,9 +181,7 @@ def build_runtime(settings: Settings, *, include_disabled: bool = False) -> Runt
         host=smtp_cfg.host,
         port=smtp_cfg.effective_port,
         tls=smtp_tls,
-        ssl_context=None
-        if smtp_tls is TlsMode.NONE
-        else make_ssl_context(smtp_cfg.verify_certificate, smtp_cfg.ca_file, "smtp"),
+        ssl_context=_ssl_context(smtp_tls, smtp_cfg.verify_certificate, smtp_cfg.ca_file, "smtp"),
         helo_name=helo,
         username=smtp_cfg.username,
         password=smtp_cfg.secret(),
@@ -153,94 +196,64 @@ def build_runtime(settings: Settings, *, include_disabled: bool = False) -> Runt
             policy = DeliveryPolicy(SenderPolicy.NULL, None, helo)
         case address:
             policy = DeliveryPolicy(SenderPolicy.FIXED, address, helo)
+    return smtp, policy
 
-    accounts: list[AccountSpec] = []
-    disabled: list[AccountSpec] = []
-    intervals: dict[str, float] = {}
-    for i, acct in enumerate(settings.accounts):
-        if not acct.enabled and not include_disabled:
-            continue
-        tls = TlsMode(acct.tls)
-        ctx = (
-            None
-            if tls is TlsMode.NONE
-            else make_ssl_context(acct.verify_certificate, acct.ca_file, f"accounts[{i}]")
+
+def _account(settings: Settings, i: int) -> AccountSpec:
+    """``accounts[i]`` as the cycle takes it."""
+    acct = settings.accounts[i]
+    tls = TlsMode(acct.tls)
+    password: str | OAuth2TokenSource | None = acct.secret()
+    if acct.auth == "xoauth2":
+        # The config guarantees exactly one source (and no password) for XOAUTH2.
+        argv = acct.oauth2_argv()
+        password = OAuth2TokenSource(
+            f"accounts[{i}].oauth2_token_{'command' if argv else 'file'}",
+            file=acct.oauth2_token_file,
+            argv=argv,
+            secret_env=secret_env_names(settings),
         )
-        password: str | OAuth2TokenSource | None = acct.secret()
-        if acct.auth == "xoauth2":
-            # The config guarantees exactly one source (and no password) for XOAUTH2.
-            argv = acct.oauth2_argv()
-            password = OAuth2TokenSource(
-                f"accounts[{i}].oauth2_token_{'command' if argv else 'file'}",
-                file=acct.oauth2_token_file,
-                argv=argv,
-                secret_env=secret_env_names(settings),
-            )
-        if password is None:  # the config guarantees one; be explicit for the type checker
-            raise ConfigError(f"accounts[{i}].password: no password given")
-        (accounts if acct.enabled else disabled).append(
-            AccountSpec(
-                name=acct.name,
-                endpoint=Pop3Endpoint(
-                    acct.host,
-                    acct.effective_port,
-                    tls,
-                    ctx,
-                    acct.host,
-                    verify_certificate=acct.verify_certificate,
-                    ca_file=acct.ca_file,
-                ),
-                username=acct.username,
-                password=password,
-                auth=AuthMethod(acct.auth),
-                deliver_to=tuple(acct.deliver_to),
-                max_deferral=acct.max_deferral,
-                max_message_size=acct.max_message_size,
-                leave_on_server=acct.leave_on_server,
-                delete_after=acct.delete_after,
-                oversize=Oversize(acct.oversize),
-                shared=None if acct.shared is None else shared_mailbox(acct.shared, acct.username),
-                cycle_timeout=settings.service.cycle_timeout,
-            )
-        )
-        if acct.enabled:
-            intervals[acct.name] = settings.poll_interval_of(acct)
-    state_dir = settings.service.state_dir
-    dl = settings.dead_letter
-    imap: ImapStoreSpec | None = None
-    if isinstance(dl, ImapDeadLetter):
-        imap_tls = TlsMode(dl.tls)
-        imap = ImapStoreSpec(
-            host=dl.host,
-            port=dl.effective_port,
-            tls=imap_tls,
-            ssl_context=None
-            if imap_tls is TlsMode.NONE
-            else make_ssl_context(dl.verify_certificate, dl.ca_file, "dead_letter"),
-            username=dl.username or "",
-            password=dl.secret() or "",
-            folder=dl.folder,
-            verify_certificate=dl.verify_certificate,
-            ca_file=dl.ca_file,
-        )
-    return Runtime(
-        accounts=tuple(accounts),
-        intervals=intervals,
-        smtp=smtp,
-        policy=policy,
-        state_dir=state_dir,
-        dead_letter_path=dead_letter_path(settings),
-        max_parallel=settings.service.max_parallel_accounts,
-        shutdown_grace=settings.service.shutdown_grace,
-        transcripts=settings.service.log_level == "debug",
-        imap_store=imap,
-        disabled=tuple(disabled),
-        notices=None
-        if settings.notices.postmaster is None
-        else NoticeSettings(
-            postmaster=settings.notices.postmaster,
-            min_interval=settings.notices.min_interval,
-            on_dead_letter=settings.notices.on_dead_letter,
-            on_account_failing=settings.notices.on_account_failing,
+    if password is None:  # the config guarantees one; be explicit for the type checker
+        raise ConfigError(f"accounts[{i}].password: no password given")
+    return AccountSpec(
+        name=acct.name,
+        endpoint=Pop3Endpoint(
+            acct.host,
+            acct.effective_port,
+            tls,
+            _ssl_context(tls, acct.verify_certificate, acct.ca_file, f"accounts[{i}]"),
+            acct.host,
+            verify_certificate=acct.verify_certificate,
+            ca_file=acct.ca_file,
         ),
+        username=acct.username,
+        password=password,
+        auth=AuthMethod(acct.auth),
+        deliver_to=tuple(acct.deliver_to),
+        max_deferral=acct.max_deferral,
+        max_message_size=acct.max_message_size,
+        leave_on_server=acct.leave_on_server,
+        delete_after=acct.delete_after,
+        oversize=Oversize(acct.oversize),
+        shared=None if acct.shared is None else shared_mailbox(acct.shared, acct.username),
+        cycle_timeout=settings.service.cycle_timeout,
+    )
+
+
+def _imap_store(settings: Settings) -> ImapStoreSpec | None:
+    """``[dead_letter] store = "imap"``, or None for the Maildir store."""
+    dl = settings.dead_letter
+    if not isinstance(dl, ImapDeadLetter):
+        return None
+    tls = TlsMode(dl.tls)
+    return ImapStoreSpec(
+        host=dl.host,
+        port=dl.effective_port,
+        tls=tls,
+        ssl_context=_ssl_context(tls, dl.verify_certificate, dl.ca_file, "dead_letter"),
+        username=dl.username or "",
+        password=dl.secret() or "",
+        folder=dl.folder,
+        verify_certificate=dl.verify_certificate,
+        ca_file=dl.ca_file,
     )
