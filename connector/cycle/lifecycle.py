@@ -19,7 +19,7 @@ dead-lettered unsent; the rest is fetched, oldest first, and each message takes 
     outcome          what records it (the tail awaits it)        then, upstream
     delivered        "delivered" row, group-committed (§8.5)      DELE once that row is committed
     partly           copy for the refused (store), the row        DELE; or stays, deferred
-    already had      "delivered" row (a shared mailbox's copy)    DELE
+    skipped          "delivered" row (every recipient has it)     DELE
     dead-lettered    store (fsynced), then "dead_lettered" row    DELE
     deferred         "deferred" row (attempts, first seen)        stays; dead-lettered past
                                                                   max_deferral
