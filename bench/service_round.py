@@ -21,7 +21,8 @@ from pathlib import Path
 async def _rounds(config: Path, rounds: int) -> list[dict[str, float | bool]]:
     from connector.cli import setup_logging
     from connector.config import load_settings
-    from connector.service import build_runtime, open_service
+    from connector.runtime import build_runtime
+    from connector.service import open_service
 
     settings = load_settings(config)
     setup_logging(settings.service.log_level, settings.service.log_format)

@@ -15,9 +15,10 @@ leaves two copies, never none.
 
 In bulk (``requeue --account/--stage/--since/--all``) the selected dead letters go oldest first
 through one SMTP session, and the batch stops at the first failure that is about our setup
-rather than the message (connect, TLS, AUTH, or what :func:`~connector.errors.classify` puts on
-the account: a 530, a refused ``deliver_to`` or relay): every dead letter after it would meet
-the same answer, and its refusal says nothing about any of them, so they stay as they are.
+rather than the message (connect, TLS, AUTH, or what :func:`~connector.cycle.verdict` puts on
+our setup, as the cycle does: a 530, a refused ``deliver_to`` or relay): every dead letter after
+it would meet the same answer, and its refusal says nothing about any of them, so they stay as
+they are.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
+from connector.cycle import Verdict, refusal_summary, verdict
 from connector.deadletter import (
     DeadLetterArchive,
     DeadLetterInfo,
@@ -42,16 +44,10 @@ from connector.deadletter import (
     parse_dead_letter_headers,
     strip_dead_letter_headers,
 )
-from connector.errors import DeliveryError, Disposition, LedgerError, classify, printable
+from connector.errors import DeliveryError, LedgerError, printable
 from connector.ledger import AccountStatus, Ledger
-from connector.service import (
-    SMTP_TRANSCRIPT,
-    Runtime,
-    ledger_health,
-    open_store,
-    rfc3339,
-    status_document,
-)
+from connector.runtime import Runtime, open_store
+from connector.service import SMTP_TRANSCRIPT, ledger_health, rfc3339, status_document
 from connector.smtp import Envelope, SmtpDeliverer, envelope_sender
 
 __all__ = [
@@ -360,13 +356,6 @@ class _History:
             await self._ledger.close()
 
 
-def _about_our_setup(exc: DeliveryError) -> bool:
-    """A failure that the next dead letter would meet just the same: the session could not
-    be set up (connect, TLS, EHLO, AUTH), or :func:`classify` puts the refusal on our setup
-    (a 530, a fixed recipient or ``--to`` refused, relay denied)."""
-    return exc.stage.is_setup or classify(exc) is Disposition.PARK_ACCOUNT
-
-
 async def dead_letters_requeue(
     runtime: Runtime,
     dl_id: str | None,
@@ -503,7 +492,7 @@ async def _requeue_one(
         # given aborts before DATA) for others: those who have it must not get it twice, so a
         # new dead letter names only the others; it is stored before the old one goes.
         refused = tuple(delivered.refused)
-        summary = "; ".join(f"<{r}> {why}" for r, why in delivered.refused.items())
+        summary = refusal_summary(delivered.refused)
         new_id = await store.put(
             original,
             DeadLetterInfo(
@@ -550,14 +539,16 @@ async def _refused_again(
     exc: DeliveryError,
     now: float | None,
 ) -> _Result:
-    if _about_our_setup(exc):
-        # Our own setup failed (connect, TLS, AUTH, a 530, a refused --to): nothing was said
-        # about this message, so its recorded reason stays.
+    decided = verdict(exc)
+    if decided in (Verdict.OUR_SETUP, Verdict.UNDECIDED):
+        # A failure the next dead letter would meet just the same (connect, TLS, AUTH, a 530,
+        # a refused --to; or the null sender refused with nothing yet to test another sender
+        # with): nothing was said about this message, so its recorded reason stays.
         return _Result(
             Outcome.UNCHANGED, f"{dl_id}: not delivered, unchanged: {exc}", setup_failed=True
         )
-    if classify(exc) is not Disposition.DEAD_LETTER:
-        # Only temporary: nothing final was said either; the next dead letter may go through.
+    if decided is Verdict.TEMPORARY:
+        # Nothing final was said either; the next dead letter may go through.
         return _Result(Outcome.UNCHANGED, f"{dl_id}: not delivered, unchanged: {exc}")
     when = time.time() if now is None else now
     new_info = DeadLetterInfo(

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import Final, TextIO
 
 from connector.admin import format_table
+from connector.cycle import AccountSpec
 from connector.errors import AUTH_REQUIRED, ConnectorError, SmtpStage, split_enhanced_code
-from connector.fetcher import AccountSpec
 from connector.pop3 import Pop3Client
-from connector.service import Runtime
+from connector.runtime import Runtime
 from connector.smtp import Reply, SenderPolicy, SmtpDeliverer
 
 CHECK_SENDER: Final = "check@pop3-connector.invalid"

@@ -1,4 +1,6 @@
-"""The ``pop3-connector`` command: argument parsing, logging setup and exit codes (PRODUCT §4).
+"""The ``pop3-connector`` command: argument parsing, logging setup, exit codes.
+
+docs/design.md §4.2.
 
 Exit codes follow sysexits.h where one fits: 0 success, 1 a cycle or connection failed,
 70 (EX_SOFTWARE) an unexpected error, 74 (EX_IOERR) the state directory cannot be used at start
@@ -33,8 +35,9 @@ from connector.errors import (
 
 if TYPE_CHECKING:
     from connector.config import Settings
+    from connector.runtime import Runtime
     from connector.sdnotify import SystemdNotifier
-    from connector.service import Runtime, Service
+    from connector.service import Service
 
 EX_OK = 0
 EX_FAILED = 1
@@ -116,7 +119,7 @@ def config_path(args: argparse.Namespace) -> Path:
 
 
 def _age(text: str) -> float:
-    """``--older-than``: a duration as in the config (PRODUCT §3)."""
+    """``--older-than``: a duration as in the config (docs/design.md §4.1)."""
     from connector.config import parse_duration
 
     try:
@@ -296,7 +299,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from connector.config import config_warnings, load_settings, render_settings
-    from connector.service import build_runtime
+    from connector.runtime import build_runtime
 
     path = config_path(args)
     settings = load_settings(path)
@@ -393,8 +396,9 @@ async def _run(runtime: Runtime, settings: Settings, path: Path) -> int:
     from connector.config import load_settings, poll_interval_warnings
     from connector.http import HttpEndpoint
     from connector.metrics import Metrics
+    from connector.runtime import build_runtime
     from connector.sdnotify import SystemdNotifier
-    from connector.service import build_runtime, open_service
+    from connector.service import open_service
 
     listen = settings.metrics.listen
 
@@ -422,7 +426,7 @@ async def _run(runtime: Runtime, settings: Settings, path: Path) -> int:
         if address is not None:
             endpoint = HttpEndpoint(service, allowed_hosts=settings.metrics.allowed_hosts)
             # Beside the scheduler, not before it: a port someone else holds must not stop
-            # the mail (PRODUCT §8); the endpoint says so loudly and keeps trying.
+            # the mail (docs/design.md §11.2); the endpoint says so loudly and keeps trying.
             helpers.append(asyncio.create_task(endpoint.start_retrying(*address), name="http"))
         try:
             service.install_signal_handlers(reload=reload)

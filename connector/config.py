@@ -655,7 +655,7 @@ class AccountConfig(_Endpoint):
         return tuple(shlex.split(self.oauth2_token_command))
 
     # Larger messages are dead-lettered (stage "size") without an SMTP attempt, or, with
-    # oversize = "leave", left upstream and reported (the default is fetcher.AccountSpec's).
+    # oversize = "leave", left upstream and reported (the default is cycle.AccountSpec's).
     max_message_size: Size = 256 * 1024 * 1024
     oversize: Literal["dead-letter", "leave"] = "dead-letter"
     # A shared (catch-all) mailbox: recipients from each message; deliver_to is the fallback.

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from connector.config import load_settings
-from connector.fetcher import Outcome
+from connector.cycle import Outcome
 from connector.loopback import LoopbackPop3Server, LoopbackSmtpSink
-from connector.service import build_runtime, open_service
+from connector.runtime import build_runtime
+from connector.service import open_service
 
 USER = "info@firma.example"
 PASSWORD = "demo-password"  # noqa: S105 (the built-in demo server's account)

@@ -20,7 +20,7 @@
     └── AlreadyRunningError            another instance holds the state directory's lock
 
 Every module translates its library's exceptions into these at its edge, so the policy code
-(``fetcher``, ``service``) never sees an ``aiosmtplib`` or ``ssl`` exception.  ``str()`` of each
+(``cycle``, ``service``) never sees an ``aiosmtplib`` or ``ssl`` exception.  ``str()`` of each
 is short, code first, and never carries a secret or a message body.
 
 :func:`classify` is the single place that turns an exception into a :class:`Disposition`.  It is

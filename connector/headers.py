@@ -1,7 +1,7 @@
 """A message's header fields, read from its raw bytes within fixed bounds: pure, no I/O.
 
 Every caller that looks into a message's header (the envelope sender, a shared mailbox's
-recipients and Message-ID, the duplicate key, the identity digest of PRODUCT §5.6) goes through
+recipients and Message-ID, the duplicate key, the identity digest of docs/design.md §5.1 step 6) goes through
 here, so the bounds are in one place:
 
 * The header block ends at the first empty line (RFC 5322 §2.1; a bare LF tolerated), looked
@@ -193,5 +193,5 @@ def first(raw: bytes, name: str) -> Field | None:
 def header_digest(raw: bytes) -> str:
     """A digest of the header block of ``raw`` (:func:`header_block`), the same for a message
     read with RETR and its header read with ``TOP n 0`` (RFC 1939 §7): the identity check of
-    PRODUCT §5.6 compares the two."""
+    docs/design.md §5.1 step 6 compares the two."""
     return hashlib.sha256(header_block(raw)).hexdigest()[:32]

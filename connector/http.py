@@ -1,4 +1,6 @@
-"""The HTTP endpoint on ``metrics.listen`` (PRODUCT §8): /metrics, /healthz, /status, POST /poll.
+"""The HTTP endpoint on ``metrics.listen``: /metrics, /healthz, /status, POST /poll.
+
+docs/design.md §11.2.
 
 A small HTTP/1.1 server on ``asyncio.start_server``, in the service's own event loop: no extra
 thread, and the handlers read the scheduler's state directly.  Each request gets one response,
@@ -10,14 +12,14 @@ Routes::
 
     GET  /metrics               Prometheus text exposition
     GET  /healthz               200 "ok" while the scheduler is alive, else 503
-    GET  /status                JSON: {"accounts": [...]} (PRODUCT §8)
+    GET  /status                JSON: {"accounts": [...]} (docs/design.md §11.2)
     POST /poll[?account=NAME]   poll now (all accounts, or one): 202 with the accounts woken and
                                 those held back by their backoff; 404 for an unknown account
 
 The endpoint never authenticates anyone: it listens on loopback by default, and nothing it
 serves is secret (no password or message content appears in any response).  It must still be
 safe to leave on with every local user and every web page in a browser on the host as clients
-(PRODUCT §8), so:
+(docs/design.md §11.2), so:
 
 * DNS rebinding: a page whose own name now resolves to 127.0.0.1 could read /status as "same
   origin".  Every request's ``Host`` must name the listen address: one of its IP addresses (any
@@ -229,11 +231,6 @@ class HttpEndpoint:
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
 
-    @property
-    def connections(self) -> int:
-        """The connections being served now."""
-        return len(self._clients)
-
     async def start(self, host: str, port: int) -> None:
         """Listen on ``host:port`` (port 0: any free port).  Raises OSError if busy."""
         self._server = await asyncio.start_server(
@@ -323,7 +320,8 @@ class HttpEndpoint:
             writer.close()
             return
         task = asyncio.current_task()
-        if task is not None:  # kept, so that close() can cancel it (STYLE §4: no lost tasks)
+        # Kept, so that close() can cancel it (docs/design.md §10.1: every task reference is kept).
+        if task is not None:
             self._clients.add(task)
         try:
             response = await self._respond(reader)

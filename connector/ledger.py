@@ -24,11 +24,11 @@ Theory of operation
 * **The duplicate window.**  Between Exchange's ``250`` and the ``delivered`` commit a crash
   duplicates the message (docs/design.md §9).  The record methods keep that window to one thread hop
   and one small transaction, and they are shielded from cancellation, so a shutdown that
-  cancels the fetcher right after the ``250`` still gets the row committed.
+  cancels the cycle right after the ``250`` still gets the row committed.
 * **Group commit for the common case.**  :meth:`Ledger.record_delivered_soon` queues a
   ``delivered`` row and returns at once with a ticket; the ledger thread commits every row
   queued so far in one transaction, starting as soon as it is free (the window stays one hop
-  and one transaction long), and wakes nobody.  The fetcher sends the message's DELE only
+  and one transaction long), and wakes nobody.  The cycle sends the message's DELE only
   after :meth:`Ledger.settle` has seen its ticket committed (docs/design.md §5.2, invariant 1;
   DELE takes effect at QUIT anyway, RFC 1939 §6), and it waits for the commit right before
   the next message's content goes out, so that a crash duplicates at most the message
@@ -41,7 +41,7 @@ Theory of operation
   update to the same value writes nothing, and in WAL mode a full disk shows only when the WAL
   grows; and a disk with less than :data:`MIN_FREE_BYTES` free counts as full, since a
   commit may pass by reusing WAL frames a checkpoint freed) before a cycle's first SMTP
-  transaction; the fetcher delivers nothing if it fails.
+  transaction; the cycle delivers nothing if it fails.
   And a ``delivered`` row whose commit failed after the ``250`` is *owed*: the ledger keeps it
   in memory and writes it first in its next write transaction (the listing sync, the proof,
   the cycle record), so that while this process lives the message is known as delivered
@@ -59,9 +59,10 @@ Theory of operation
   not only DELEd.
 * **Identity.**  A row keeps the message's size as LIST gave it and a digest of its header
   block (:class:`Identity`), so that a message the ledger knows but a session has not read is
-  DELEd only after a cheap check that it is the same one (the fetcher's ``_same_message``).
+  DELEd only after a cheap check that it is the same one (``cycle.Identities.same``).
 * **Errors.**  ``errors`` counts the cycles in which handling a message failed unexpectedly
-  (:meth:`Ledger.record_failed`); the fetcher dead-letters it after a few (docs/design.md §10.5).
+  (:meth:`Ledger.record_failed`); the cycle dead-letters it after a few (docs/design.md §5.2,
+  invariant 7).
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ MIGRATIONS: Final[list[str]] = [
           WHERE m.account = recipients_done.account AND m.uidl = substr(recipients_done.key, 6)
       );
     """,
-    # 4: the circuit breaker (docs/design.md §6.2, fetcher.Breaker): the refusal that tripped it,
+    # 4: the circuit breaker (docs/design.md §6.2, cycle.Breaker): the refusal that tripped it,
     # kept until a message of the account gets past MAIL and RCPT again, so that a target
     # refusing every real sender costs a handful of dead letters once, not a handful every cycle.
     """
@@ -215,9 +216,10 @@ class LedgerEntry:
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """What tells a message from another listed under the same UIDL (PRODUCT §5.6): its size
-    as LIST announced it (RFC 1939 §5; None when LIST did not give it) and a digest of its
-    header block (``headers.header_digest``, the same from RETR and from ``TOP n 0``)."""
+    """What tells a message from another listed under the same UIDL (docs/design.md §5.1,
+    step 1): its size as LIST announced it (RFC 1939 §5; None when LIST did not give it) and a
+    digest of its header block (``headers.header_digest``, the same from RETR and from
+    ``TOP n 0``)."""
 
     size: int | None
     digest: str
@@ -229,7 +231,7 @@ class RecipientsDone:
 
     ``uidl:<UIDL>``: a retry of a message that some recipients deferred goes to the others
     only; such rows live as long as the message's row.  ``mid:<Message-ID>:<body digest>``
-    (built by the fetcher): a shared mailbox's copies of one message meet there; such rows
+    (built by the cycle): a shared mailbox's copies of one message meet there; such rows
     are kept for the duplicate window.
     """
 
@@ -533,7 +535,7 @@ class Ledger:
             error = _ledger_error(self.path, "record delivered", exc)
             for _, row in self._owed:
                 # The message is in Exchange and still upstream, unknown to the ledger: the
-                # next run delivers it again (PRODUCT §5.3's window, widened by the failure).
+                # next run delivers it again (docs/design.md §9's window, widened by the failure).
                 log.error(
                     "account=%s uidl=%s: accepted by SMTP but not recorded (%s): "
                     "it will be delivered again",
@@ -564,7 +566,7 @@ class Ledger:
     async def prove_writable(self, now: float) -> None:
         """Commit a heartbeat that SQLite must write to the file; raise LedgerError if it cannot.
 
-        The fetcher calls it before a cycle's first SMTP transaction: the listing sync commits
+        The cycle calls it before a cycle's first SMTP transaction: the listing sync commits
         nothing when nothing changed, so without it the first real write would be the row after
         a ``250``, and a message would be delivered again on every cycle while the disk is full
         or read-only.  The heartbeat's counter goes up, so the page changes: SQLite skips
@@ -583,7 +585,7 @@ class Ledger:
             with self._writing(conn):
                 conn.execute(_HEARTBEAT, (now,))
 
-        await self._submit("prove writable", run, writes=True)
+        await self._submit("prove writable", run, shield=True, writes=True)
 
     @contextlib.contextmanager
     def _writing(self, conn: sqlite3.Connection) -> Iterator[None]:
@@ -634,7 +636,8 @@ class Ledger:
 
         In the same transaction, every other row of the account is forgotten, with the
         recipients done under its ``uidl:`` key: its message is gone upstream, and if the
-        server ever lists that UIDL again it is a new message (PRODUCT §5.6, RFC 1939 §7).
+        server ever lists that UIDL again it is a new message (docs/design.md §5.1 step 6;
+        RFC 1939 §7).
         With ``leave_on_server`` a kept message stays listed, so its row stays; one deleted
         upstream by someone else is forgotten like any other.  One read of the account's rows;
         writes only for the rows forgotten.  ``recipients_before``: forget the account's
@@ -644,6 +647,7 @@ class Ledger:
         return await self._submit(
             "sync_listing",
             lambda conn: self._sync_listing(conn, account, wanted, recipients_before),
+            shield=True,
             writes=True,
         )
 
@@ -681,7 +685,7 @@ class Ledger:
 
     async def forget(self, account: str, uidls: Collection[str]) -> None:
         """Delete the rows of ``uidls`` and the recipients done under their ``uidl:`` keys:
-        the messages listed under them now are new ones (PRODUCT §5.6)."""
+        the messages listed under them now are new ones (docs/design.md §5.1 step 6)."""
         gone = list(uidls)
 
         def run(conn: sqlite3.Connection) -> None:
@@ -700,9 +704,10 @@ class Ledger:
         *,
         identity: Identity | None = None,
     ) -> LedgerEntry:
-        """Commit that handling the message failed unexpectedly in this cycle (PRODUCT §5);
-        return its row, ``errors`` counted.  A message not yet in the ledger gets a deferred
-        row (it stays upstream and is offered again); a final state stays final."""
+        """Commit that handling the message failed unexpectedly in this cycle (docs/design.md
+        §5.2, invariant 7); return its row, ``errors`` counted.  A message not yet in the
+        ledger gets a deferred row (it stays upstream and is offered again); a final state
+        stays final."""
         params = (
             account,
             uidl,
@@ -738,7 +743,7 @@ class Ledger:
 
         ``dead_letter_id``: a copy for the recipients who refused it is in the store.
         ``done``: the recipients it is now done for, recorded in the same transaction.
-        ``identity``: kept for the check before a later DELE (PRODUCT §5.6).
+        ``identity``: kept for the check before a later DELE (docs/design.md §5.1 step 1).
         """
         await self._record(
             account,
@@ -901,18 +906,13 @@ class Ledger:
             identity,
         )
 
-    async def done_recipients(self, account: str, keys: Collection[str]) -> frozenset[str]:
-        """The recipients (lower case) recorded as done under any of ``keys``."""
-        found = await self.recipients_by_key(account, keys)
-        return frozenset(r for recipients in found.values() for r in recipients)
-
     async def recipients_by_key(
         self, account: str, keys: Collection[str], *, prefix: str = ""
     ) -> dict[str, frozenset[str]]:
         """The recipients (lower case) recorded as done under each of ``keys``, and under
         every key that starts with ``prefix`` (none when empty); keys without any are absent.
 
-        One job (one thread hop) for both, so that the fetcher learns at once whether a
+        One job (one thread hop) for both, so that the cycle learns at once whether a
         message is a copy and whether its Message-ID came before with another body.
         """
         wanted = tuple(keys)
@@ -954,7 +954,7 @@ class Ledger:
         sql = _UPSERT_DEFERRAL if state is MessageState.DEFERRED else _UPSERT
         row = _Row.of(account, uidl, state, size, response, now, dead_letter_id, done, identity)
         # SMTP took the message (for some recipients at least): if the commit fails the row is
-        # owed.  Not a dead letter's: the fetcher removes its file instead (the message is
+        # owed.  Not a dead letter's: the cycle removes its file instead (the message is
         # still upstream and is dead-lettered again).
         owe = state is MessageState.DELIVERED or (state is MessageState.DEFERRED and bool(done))
 
@@ -1035,7 +1035,7 @@ class Ledger:
         await self._submit("record_cycle", run, writes=True)
 
     async def breaker(self, account: str) -> str | None:
-        """The refusal that tripped the account's circuit breaker, or None (fetcher.Breaker)."""
+        """The refusal that tripped the account's circuit breaker, or None (cycle.Breaker)."""
 
         def run(conn: sqlite3.Connection) -> str | None:
             found = conn.execute(
@@ -1109,13 +1109,6 @@ class Ledger:
             return Failures() if row is None else Failures(row[0], row[1], bool(row[2]))
 
         return await self._submit("failures", run)
-
-    async def total_changes(self) -> int:
-        """Rows changed through this connection since it was opened (SQLite total_changes).
-
-        For tests and debugging: it proves that a steady listing writes nothing.
-        """
-        return await self._submit("total_changes", lambda conn: conn.total_changes)
 
     # -- the thread hop ------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from prometheus_client import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from connector import __version__
-from connector.fetcher import CycleStats, Outcome
+from connector.cycle import CycleStats, Outcome
 
 __all__ = ["CONTENT_TYPE", "CYCLE_BUCKETS", "NO_CODE", "Metrics", "smtp_code"]
 

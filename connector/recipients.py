@@ -25,7 +25,7 @@ pattern matches it (shell-style ``*`` and ``?``, case-insensitive) to that rule'
 addresses; an address of one of our domains that no rule matches goes to itself, with the
 domain rewritten when ``rewrite_domain`` is set (``bob@firma.example`` -> ``bob@firma.local``).
 Exchange decides whether such a mailbox exists: a ``550 5.1.1`` to its RCPT is about the
-message (docs/design.md §6.1), and the fetcher dead-letters a copy naming it while the other
+message (docs/design.md §6.4), and the cycle dead-letters a copy naming it while the other
 recipients get theirs.
 
 Pure functions on bytes and frozen data; no I/O.  Header fields are read by
@@ -35,7 +35,7 @@ once made ``email.utils.getaddresses`` raise ``RecursionError``).  Values are de
 with surrogate escapes (8-bit bytes never raise), and an address that could not go on an SMTP
 envelope as it is (``smtp.address_problem``) is ignored, never "repaired".  A field that
 was too long to read whole (:data:`connector.headers.MAX_VALUE`) counts with what was read of
-it, and :attr:`Routing.unread` names it, so the fetcher can say so in its log.
+it, and :attr:`Routing.unread` names it, so the cycle can say so in its log.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class Routing:
     ``unread``: what could not be read whole among what was consulted: the names of fields
     cut at :data:`connector.headers.MAX_VALUE` or that do not parse to their end (an unclosed
     comment, quote or bracket), and ``"header"`` when the header block itself was larger
-    than the reader's caps.  Routing went on with what was read; the fetcher logs it.
+    than the reader's caps.  Routing went on with what was read; the cycle logs it.
     """
 
     recipients: tuple[str, ...]

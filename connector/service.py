@@ -1,7 +1,7 @@
-"""Composition root: config -> runtime objects, the per-account scheduler, signals and shutdown.
+"""Composition root: the per-account scheduler, signals, reload and shutdown.
 
-Only this module and ``cli`` read :class:`connector.config.Settings`; everything below gets plain
-frozen dataclasses (STYLE §1).
+It runs what :func:`connector.runtime.build_runtime` built from the configuration: frozen values
+only; ``Settings`` stops at ``runtime`` and ``cli`` (docs/design.md §2).
 
 Scheduling: one loop per enabled account inside a ``TaskGroup``; a semaphore bounds how many cycles
 run at once (``max_parallel_accounts``); a per-account lock makes two cycles of one account
@@ -23,31 +23,28 @@ import functools
 import logging
 import os
 import random
-import re
 import signal
-import socket
-import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from connector.config import (
-    ENV_PREFIX,
-    ImapDeadLetter,
-    Settings,
-    SharedConfig,
-    dead_letter_path,
+from connector.cycle import (
+    AccountSpec,
+    Cycle,
+    CycleObserver,
+    CycleStats,
+    LogObserver,
+    Outcome,
 )
 from connector.deadletter import DeadLetterArchive
 from connector.deadletter.maildir import MaildirStore
 from connector.deadletter.reconcile import ReconcilingStore
 from connector.errors import (
     AlreadyRunningError,
-    ConfigError,
     ConnectorError,
     Disposition,
     Pop3AuthError,
@@ -55,27 +52,14 @@ from connector.errors import (
     classify,
     printable,
 )
-from connector.fetcher import (
-    AccountSpec,
-    Cycle,
-    CycleObserver,
-    CycleStats,
-    DeliveryPolicy,
-    LogObserver,
-    Outcome,
-    Oversize,
-)
 from connector.ledger import AccountStatus, CycleRecord, Failures, Ledger, os_error_text
-from connector.notices import NoticeSettings, Notifier, RecordingStore
-from connector.pop3 import AuthMethod, Pop3Endpoint
-from connector.recipients import Rule, SharedMailbox
-from connector.sdnotify import NOTIFY_VARIABLES
-from connector.smtp import SenderPolicy, SmtpDeliverer, SmtpSettings
-from connector.tls import TlsMode, make_ssl_context
+from connector.notices import Notifier, RecordingStore
+from connector.runtime import Runtime, open_store
+from connector.smtp import SmtpDeliverer
 
 if TYPE_CHECKING:
-    # Imported where used: aioimaplib and prometheus_client cost ~40 ms of start-up, which a
-    # `once` from cron with a Maildir store and no metrics endpoint never needs.
+    # Imported where used: aioimaplib and prometheus_client cost start-up time (bench/README.md)
+    # that a `once` from cron with a Maildir store and no metrics endpoint never needs.
     from connector.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -83,7 +67,7 @@ POP3_TRANSCRIPT = logging.getLogger("connector.transcript.pop3")
 SMTP_TRANSCRIPT = logging.getLogger("connector.transcript.smtp")
 
 # A bare "-ERR" to PASS (no RFC 2449 code) may be a wrong password or a busy server; after this
-# many in a row we treat the account as failing (STYLE §3).
+# many in a row we treat the account as failing (docs/design.md §6.1).
 BARE_LOGIN_ERROR_LIMIT = 3
 # The slowest a failing account is retried, and the pace for parked accounts.
 MAX_BACKOFF_FACTOR = 4
@@ -91,351 +75,8 @@ PARKED_MIN_DELAY = 3600.0
 
 
 # --------------------------------------------------------------------------------------------
-# Config -> runtime
+# TLS client contexts (runtime.build_runtime)
 # --------------------------------------------------------------------------------------------
-
-
-# How long an oauth2_token_command may take to print a token; a helper that refreshes the token
-# makes one HTTPS round trip to the identity provider, which should take seconds.
-OAUTH2_COMMAND_TIMEOUT = 30.0
-# RFC 6750 §2.1 b64token: the characters a Bearer token may consist of.
-_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
-
-
-@dataclass(frozen=True, slots=True)
-class OAuth2TokenSource:
-    """An account's OAuth2 access token for SASL XOAUTH2, fetched anew at every login.
-
-    From ``file`` (re-read each time) or by running ``argv`` (no shell; its stdout is the
-    token), so that an external helper can refresh the token between sessions.  ``key`` names
-    the config key in error messages.  Comparable, so a reload that changes nothing keeps the
-    account as it is.  Failures raise :class:`ConfigError`; no message contains the token.
-    """
-
-    key: str
-    file: Path | None = None
-    argv: tuple[str, ...] | None = None
-    timeout: float = OAUTH2_COMMAND_TIMEOUT
-    # Variables the command must not inherit (see child_environment); names, not secrets.
-    secret_env: frozenset[str] = field(default=frozenset(), repr=False)
-
-    async def __call__(self) -> str:
-        """The current access token; raises ConfigError when it cannot be had."""
-        if self.file is not None:
-            text = await asyncio.to_thread(self._read, self.file)
-        elif self.argv is not None:
-            text = await self._run(self.argv)
-        else:  # pragma: no cover (build_runtime sets one)
-            raise ConfigError(f"{self.key}: no token file or command")
-        token = text.strip()
-        if not token:
-            raise ConfigError(f"{self.key}: no access token (empty output)")
-        if not _BEARER_TOKEN.fullmatch(token):
-            # RFC 6750 §2.1; also keeps a multi-line or chatty output out of the AUTH line.
-            raise ConfigError(f"{self.key}: the output is not a single OAuth2 access token")
-        return token
-
-    def _read(self, path: Path) -> str:
-        try:
-            # "utf-8-sig": a byte-order mark (Windows editors, PowerShell 5.1) is not the token's.
-            return path.read_text(encoding="utf-8-sig")
-        except OSError as exc:
-            raise ConfigError(f"{self.key}: cannot read {path}: {exc.strerror or exc}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{self.key}: {path} is not UTF-8 text") from None
-
-    async def _run(self, argv: tuple[str, ...]) -> str:
-        # No shell (argv from shlex.split); stderr is left to the service's own log.  A session
-        # (so a process group) of its own: a helper may fork (a refresher, or `sh -c '... &'`),
-        # and a descendant that inherited stdout keeps the pipe open after the helper is gone.
-        # Killing the helper alone would leave that descendant running and, on the stock loop,
-        # Process.wait() waiting for the pipe to close, for ever.
-        spawn = asyncio.ensure_future(
-            asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                start_new_session=True,
-                env=child_environment(os.environ, self.secret_env),
-            )
-        )
-        try:
-            # Shielded: cancelled while the helper starts, the loop would kill the helper alone
-            # (or nothing), and we would never learn the group to end.
-            proc = await asyncio.shield(spawn)
-        except OSError as exc:
-            raise ConfigError(f"{self.key}: cannot run {argv[0]}: {exc.strerror or exc}") from None
-        except asyncio.CancelledError:
-            with contextlib.suppress(OSError):  # it did not start: nothing to end
-                await _end_group(await spawn)
-            raise
-        finished = False
-        try:
-            async with asyncio.timeout(self.timeout):
-                out, _ = await proc.communicate()
-            finished = True
-        except TimeoutError:
-            raise ConfigError(
-                f"{self.key}: no token within {self.timeout:g}s; the command was killed"
-            ) from None
-        finally:
-            if not finished:  # timed out or cancelled: leave nothing of it running
-                await _end_group(proc)
-        if proc.returncode != 0:
-            raise ConfigError(f"{self.key}: the command exited with status {proc.returncode}")
-        try:
-            return out.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError(f"{self.key}: the output is not UTF-8 text") from None
-
-
-def secret_env_names(settings: Settings) -> frozenset[str]:
-    """Every variable a ``password_env`` names (accounts, ``[smtp]``, ``[dead_letter]``), in
-    upper case."""
-    models: list[object] = [*settings.accounts, settings.smtp, settings.dead_letter]
-    names = (getattr(m, "password_env", None) for m in models)
-    return frozenset(n.upper() for n in names if isinstance(n, str))
-
-
-def child_environment(environ: Mapping[str, str], secret_env: frozenset[str]) -> dict[str, str]:
-    """``environ`` for a helper we run (``oauth2_token_command``), without our secrets.
-
-    Dropped: every variable a ``password_env`` names (``secret_env``, upper case: another
-    account's password is none of the helper's business) and every ``POP3_CONNECTOR_*``
-    variable (our settings overrides, ``POP3_CONNECTOR_SMTP__PASSWORD`` among them), and
-    systemd's notification socket and watchdog variables.  The rest
-    (PATH, HOME, proxies, the helper's own variables) stays: the helper may need it.
-    """
-    return {
-        name: value
-        for name, value in environ.items()
-        if name.upper() not in secret_env
-        and not name.upper().startswith(ENV_PREFIX)
-        and name not in NOTIFY_VARIABLES  # sd_notify(3): systemd's messages are ours to send
-    }
-
-
-async def _end_group(proc: asyncio.subprocess.Process) -> None:
-    """SIGKILL every process in ``proc``'s group (it leads one), then reap ``proc``.
-
-    A group already gone is no error.  Even once the leader has exited (or been reaped), its id
-    stays the group's while any member lives, and the kernel gives that id to no new process
-    meanwhile.  Reaping reads what is left of stdout (discarded) to its EOF, which comes now
-    that every writer is dead: uvloop's wait() does not wait for the pipe, whose transport
-    would otherwise stay open.
-    """
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    await proc.communicate()
-
-
-@dataclass(frozen=True, slots=True)
-class ImapStoreSpec:
-    """Where the IMAP dead-letter store appends (``[dead_letter] store = "imap"``)."""
-
-    host: str
-    port: int
-    tls: TlsMode
-    ssl_context: ssl.SSLContext | None = field(compare=False)
-    username: str
-    password: str = field(repr=False)
-    folder: str
-    # What ssl_context was built from, compared in its place (a reload rebuilds the context).
-    verify_certificate: bool = True
-    ca_file: Path | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Runtime:
-    """The config, turned into what the code below the composition root takes."""
-
-    accounts: tuple[AccountSpec, ...]
-    intervals: dict[str, float]
-    smtp: SmtpSettings
-    policy: DeliveryPolicy
-    state_dir: Path
-    dead_letter_path: Path | None  # the Maildir store; None with the IMAP store
-    max_parallel: int
-    shutdown_grace: float
-    transcripts: bool
-    imap_store: ImapStoreSpec | None = None
-    notices: NoticeSettings | None = None  # None: [notices] postmaster not set
-    # Accounts with enabled = false, built only for `check --connect` (build_runtime's
-    # include_disabled): never polled.
-    disabled: tuple[AccountSpec, ...] = ()
-
-    @property
-    def ledger_path(self) -> Path:
-        return self.state_dir / "ledger.sqlite3"
-
-    @property
-    def dead_letter_where(self) -> str:
-        """The dead-letter store for humans: a path, or imap://user@host:port/folder."""
-        if self.imap_store is not None:
-            s = self.imap_store
-            return f"imap://{s.username}@{s.host}:{s.port}/{s.folder}"
-        return str(self.dead_letter_path)
-
-
-def open_store(runtime: Runtime) -> DeadLetterArchive:
-    """The configured dead-letter store: the Maildir (default) or an IMAP folder."""
-    spec = runtime.imap_store
-    if spec is not None:
-        from connector.deadletter.imap import ImapStore  # here: aioimaplib costs start-up time
-
-        return ImapStore(
-            spec.host,
-            spec.port,
-            spec.tls,
-            spec.ssl_context,
-            spec.username,
-            spec.password,
-            spec.folder,
-        )
-    if runtime.dead_letter_path is None:  # build_runtime sets one or the other
-        raise ConfigError("dead_letter: neither a Maildir path nor an IMAP store is configured")
-    return MaildirStore(runtime.dead_letter_path)
-
-
-def shared_mailbox(config: SharedConfig, username: str = "") -> SharedMailbox:
-    """``[accounts.shared]`` as the router's plain values; ``username`` (the POP3 login), when
-    it is an address, is the catch-all's own and never a recipient."""
-    ignore = {a.lower() for a in config.ignore_addresses}
-    if "@" in username:
-        ignore.add(username.lower())
-    return SharedMailbox(
-        domains=frozenset(config.domains),
-        envelope_headers=tuple(config.envelope_headers),
-        header_recipients=config.header_recipients,
-        rules=tuple(Rule(r.match, tuple(r.deliver_to)) for r in config.rules),
-        rewrite_domain=config.rewrite_domain,
-        duplicate_window=config.duplicate_window if config.suppress_duplicates else 0.0,
-        ignore=frozenset(ignore),
-    )
-
-
-def build_runtime(settings: Settings, *, include_disabled: bool = False) -> Runtime:
-    """Turn validated settings into runtime objects; raises ConfigError (e.g. a bad ca_file).
-
-    ``include_disabled`` also builds the accounts with ``enabled = false`` (``disabled``), for
-    ``check --connect``; otherwise they are skipped, so a disabled account's bad ``ca_file``
-    never stops the service.
-    """
-    smtp_cfg = settings.smtp
-    smtp_tls = TlsMode(smtp_cfg.tls)
-    helo = smtp_cfg.helo_name or socket.getfqdn()
-    smtp = SmtpSettings(
-        host=smtp_cfg.host,
-        port=smtp_cfg.effective_port,
-        tls=smtp_tls,
-        ssl_context=None
-        if smtp_tls is TlsMode.NONE
-        else make_ssl_context(smtp_cfg.verify_certificate, smtp_cfg.ca_file, "smtp"),
-        helo_name=helo,
-        username=smtp_cfg.username,
-        password=smtp_cfg.secret(),
-        dsn=smtp_cfg.dsn,
-        timeout=smtp_cfg.timeout,
-        data_termination_timeout=smtp_cfg.data_termination_timeout,
-    )
-    match smtp_cfg.envelope_sender:
-        case "return-path":
-            policy = DeliveryPolicy(SenderPolicy.RETURN_PATH, None, helo)
-        case "null":
-            policy = DeliveryPolicy(SenderPolicy.NULL, None, helo)
-        case address:
-            policy = DeliveryPolicy(SenderPolicy.FIXED, address, helo)
-
-    accounts: list[AccountSpec] = []
-    disabled: list[AccountSpec] = []
-    intervals: dict[str, float] = {}
-    for i, acct in enumerate(settings.accounts):
-        if not acct.enabled and not include_disabled:
-            continue
-        tls = TlsMode(acct.tls)
-        ctx = (
-            None
-            if tls is TlsMode.NONE
-            else make_ssl_context(acct.verify_certificate, acct.ca_file, f"accounts[{i}]")
-        )
-        password: str | OAuth2TokenSource | None = acct.secret()
-        if acct.auth == "xoauth2":
-            # The config guarantees exactly one source (and no password) for XOAUTH2.
-            argv = acct.oauth2_argv()
-            password = OAuth2TokenSource(
-                f"accounts[{i}].oauth2_token_{'command' if argv else 'file'}",
-                file=acct.oauth2_token_file,
-                argv=argv,
-                secret_env=secret_env_names(settings),
-            )
-        if password is None:  # the config guarantees one; be explicit for the type checker
-            raise ConfigError(f"accounts[{i}].password: no password given")
-        (accounts if acct.enabled else disabled).append(
-            AccountSpec(
-                name=acct.name,
-                endpoint=Pop3Endpoint(
-                    acct.host,
-                    acct.effective_port,
-                    tls,
-                    ctx,
-                    acct.host,
-                    verify_certificate=acct.verify_certificate,
-                    ca_file=acct.ca_file,
-                ),
-                username=acct.username,
-                password=password,
-                auth=AuthMethod(acct.auth),
-                deliver_to=tuple(acct.deliver_to),
-                max_deferral=acct.max_deferral,
-                max_message_size=acct.max_message_size,
-                leave_on_server=acct.leave_on_server,
-                delete_after=acct.delete_after,
-                oversize=Oversize(acct.oversize),
-                shared=None if acct.shared is None else shared_mailbox(acct.shared, acct.username),
-                cycle_timeout=settings.service.cycle_timeout,
-            )
-        )
-        if acct.enabled:
-            intervals[acct.name] = settings.poll_interval_of(acct)
-    state_dir = settings.service.state_dir
-    dl = settings.dead_letter
-    imap: ImapStoreSpec | None = None
-    if isinstance(dl, ImapDeadLetter):
-        imap_tls = TlsMode(dl.tls)
-        imap = ImapStoreSpec(
-            host=dl.host,
-            port=dl.effective_port,
-            tls=imap_tls,
-            ssl_context=None
-            if imap_tls is TlsMode.NONE
-            else make_ssl_context(dl.verify_certificate, dl.ca_file, "dead_letter"),
-            username=dl.username or "",
-            password=dl.secret() or "",
-            folder=dl.folder,
-            verify_certificate=dl.verify_certificate,
-            ca_file=dl.ca_file,
-        )
-    return Runtime(
-        accounts=tuple(accounts),
-        intervals=intervals,
-        smtp=smtp,
-        policy=policy,
-        state_dir=state_dir,
-        dead_letter_path=dead_letter_path(settings),
-        max_parallel=settings.service.max_parallel_accounts,
-        shutdown_grace=settings.service.shutdown_grace,
-        transcripts=settings.service.log_level == "debug",
-        imap_store=imap,
-        disabled=tuple(disabled),
-        notices=None
-        if settings.notices.postmaster is None
-        else NoticeSettings(
-            postmaster=settings.notices.postmaster,
-            min_interval=settings.notices.min_interval,
-            on_dead_letter=settings.notices.on_dead_letter,
-            on_account_failing=settings.notices.on_account_failing,
-        ),
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,7 +207,7 @@ def status_document(
     next_poll: dict[str, float | None] | None = None,
     ledger: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``/status`` and ``status --json`` document (PRODUCT §8).
+    """The ``/status`` and ``status --json`` document (docs/design.md §11.2).
 
     ``names`` (the configured accounts) come first, in config order, then accounts the ledger
     or the dead-letter store still knows (removed from the config).  ``next_poll`` overrides
@@ -874,10 +515,10 @@ class Service:
         """Start a cycle now (``POST /poll``, or SIGUSR1), like SBS's "Retrieve now".
 
         Returns the accounts woken, and those held back: a failing account polls at the end
-        of its backoff and not before (PRODUCT §8: a wrong password must not be tried again
-        at every request), unless ``force`` (SIGUSR1: only root or the service's own user can
-        send it).  An unknown ``name`` raises KeyError.  An account in a cycle polls again
-        right after it, unless that cycle fails.
+        of its backoff and not before (docs/design.md §11.2: a wrong password must not be
+        tried again at every request), unless ``force`` (SIGUSR1: only root or the service's
+        own user can send it).  An unknown ``name`` raises KeyError.  An account in a cycle
+        polls again right after it, unless that cycle fails.
         """
         if name is not None and name not in self.accounts:
             raise KeyError(name)
@@ -1007,7 +648,7 @@ class Service:
 
     def install_signal_handlers(self, *, reload: Callable[[], None] | None = None) -> None:
         """SIGTERM/SIGINT stop gracefully; SIGUSR1 polls every account now; SIGHUP calls
-        ``reload`` (PRODUCT §4)."""
+        ``reload`` (docs/design.md §4.3)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:

@@ -307,8 +307,8 @@ def test_dashboard_shows_what_the_issue_asks() -> None:
 
 
 def test_every_outcome_label_is_explained_where_the_admin_reads() -> None:
-    """The ``outcome`` values (fetcher.Outcome) in the dashboard's panel and in the README."""
-    from connector.fetcher import Outcome
+    """The ``outcome`` values (cycle.Outcome) in the dashboard's panel and in the README."""
+    from connector.cycle import Outcome
 
     dash = json.loads((DEPLOY / "grafana" / "dashboards" / "pop3-connector.json").read_text())
     [panel] = [

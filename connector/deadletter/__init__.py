@@ -20,7 +20,7 @@ A shared mailbox's dead letter has an ``X-POP3-Connector-Recipients`` field befo
 cut: a list too long for one line is folded after a comma (RFC 5322 §2.2.3) into lines that
 start with a space, and the reader unfolds it.
 
-Two protocols: :class:`DeadLetterStore` is what the fetcher needs (``put``, and ``remove`` for a
+Two protocols: :class:`DeadLetterStore` is what the cycle needs (``put``, and ``remove`` for a
 dead letter whose ledger row failed to commit); :class:`DeadLetterArchive` adds what the
 ``dead-letters`` commands need.
 """
@@ -69,14 +69,14 @@ class DeadLetterRecord:
 
 
 class DeadLetterStore(Protocol):
-    """The seam the fetcher uses (docs/design.md §5.1, step 4)."""
+    """The seam the cycle uses (docs/design.md §5.1 step 4)."""
 
     async def put(self, raw: bytes, info: DeadLetterInfo) -> str:
         """Store durably; return the dead letter's id.  Raises DeadLetterError."""
         ...
 
     async def remove(self, id: str) -> None:
-        """Delete one dead letter (the fetcher's own, when its ledger row failed to commit).
+        """Delete one dead letter (the cycle's own, when its ledger row failed to commit).
 
         Unknown id: KeyError; a failing store: DeadLetterError.
         """

@@ -1,10 +1,10 @@
 """Twin dead letters: a dead letter stored but never recorded is matched to its next copy.
 
-The fetcher stores a dead letter, commits its ledger row, then DELEs the message (PRODUCT §5.4).
-A process killed between the store and the commit (or one whose removal of its own file after a
-failed commit failed too) leaves a dead letter the ledger does not know, and its message still
-upstream: the next cycle dead-letters it again.  Kept twice, a ``requeue`` of both would deliver
-it twice.
+The cycle stores a dead letter, commits its ledger row, then DELEs the message (docs/design.md §5.1
+step 4).  A process killed between the store and the commit (or one whose removal of its own file
+after a failed commit failed too) leaves a dead letter the ledger does not know, and its message
+still upstream: the next cycle dead-letters it again.  Kept twice, a ``requeue`` of both would
+deliver it twice.
 
 :class:`ReconcilingStore` wraps the configured store.  At the first ``put`` of the process it
 lists the store once and keeps aside the dead letters whose ids the ledger does not record,
@@ -14,8 +14,8 @@ one's id instead of storing a second copy, and the ledger then records it.  The 
 not the UIDL alone: RFC 1939 §7 lets a server give a UIDL to a new message once the old one is
 gone, and the dead letter of that old message must stay.
 
-Why at the first ``put``, not at start: a cycle costs what is new (PRODUCT §5), and a ``once``
-from cron that dead-letters nothing never reads the store.  Why matched, not removed: an
+Why at the first ``put``, not at start: a cycle costs what is new (docs/design.md §5.2), and a
+``once`` from cron that dead-letters nothing never reads the store.  Why matched, not removed: an
 unrecorded dead letter may also be one whose ledger row was forgotten once its message left the
 server (docs/design.md §5.1 step 6); only the same message arriving again says which it is.
 """

@@ -7,7 +7,7 @@ handshakes, ``command`` for a whole single-line reply, ``idle_read`` for each re
 reply, so a big message never hits a total deadline while bytes keep coming.
 
 Replies are matched to commands by a FIFO, so commands can be pipelined (RFC 2449 §6.6):
-``retrieve_many`` (and ``retr_many``, its ``(number, raw)`` form) keeps several RETRs in flight
+``retrieve_many`` keeps several RETRs in flight
 (bounded by count and by octets, from LIST), and a ``dele()`` called between two of its
 messages simply queues behind them; replies read on someone else's behalf are stashed until
 claimed.
@@ -38,7 +38,7 @@ import json
 import logging
 import ssl
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -78,7 +78,7 @@ from connector.tls import TlsMode, tls_reason_hint
 log = logging.getLogger(__name__)
 
 _CHUNK: Final = 256 * 1024  # bytes per read(); big reads keep a 20 MiB RETR cheap
-RETR_WINDOW: Final = 32  # RETRs in flight at most (retr_many's default)
+RETR_WINDOW: Final = 32  # RETRs in flight at most (retrieve_many's default)
 RETR_WINDOW_OCTETS: Final = 4 * 1024 * 1024  # octets of the RETRs in flight, beyond the first
 _STREAM_LIMIT: Final = 1024 * 1024  # the transport pauses reading above 2x this
 _MAX_AUTH_LINE: Final = 255  # RFC 5034 §4: longer initial responses wait for "+ "
@@ -241,7 +241,7 @@ class Pop3Client:
         self._seq = 0
         self._inflight: deque[tuple[int, Verb | None]] = deque([(0, None)])  # greeting
         self._stash: dict[int, Event] = {}  # replies read ahead of their claimant
-        self._abandoned: set[int] = set()  # replies nobody will claim (retr_many stopped)
+        self._abandoned: set[int] = set()  # replies nobody will claim (retrieve_many stopped)
         self._deles: dict[int, int] = {}  # pipelined DELEs awaiting their reply: seq -> number
         self._outbox: list[bytes] = []  # commands not written yet (see _submit)
         self._outbox_from = 0  # the sequence number of the first of them
@@ -696,22 +696,6 @@ class Pop3Client:
         )
         return self._message(ev, "TOP")
 
-    async def retr_many(
-        self,
-        numbers: Sequence[int],
-        window: int = RETR_WINDOW,
-        window_octets: int = RETR_WINDOW_OCTETS,
-        sizes: Mapping[int, int] | None = None,
-    ) -> AsyncIterator[tuple[int, bytes]]:
-        """Yield ``(number, raw)`` for each message in order: :meth:`retrieve_many` without
-        the wire form.  Closing this generator closes the inner one (its replies in flight are
-        then dropped by the next command, as described there)."""
-        async with contextlib.aclosing(
-            self.retrieve_many(numbers, window, window_octets, sizes)
-        ) as items:
-            async for item in items:
-                yield item.number, item.raw
-
     async def retrieve_many(
         self,
         numbers: Sequence[int],
@@ -780,14 +764,6 @@ class Pop3Client:
             return
         # RFC 2449 §6.6: the server answers in order; _read_next() checks the reply.
         self._deles[self._submit(Command(Verb.DELE, (number,)), defer=True)] = number
-
-    async def rset(self) -> None:
-        """Unmark every message marked by DELE in this session."""
-        await self._ok(Command(Verb.RSET))
-
-    async def noop(self) -> None:
-        """Do nothing; keeps the session alive."""
-        await self._ok(Command(Verb.NOOP))
 
     async def quit(self) -> str:
         """QUIT (RFC 1939 §6: the server deletes the marked messages now); returns the +OK text.

@@ -579,11 +579,6 @@ class Connection:
         """How many received octets are not yet part of an event."""
         return len(self._buf)
 
-    @property
-    def trailing_data(self) -> bytes:
-        """Bytes received but not yet part of an event (for the STLS injection check)."""
-        return bytes(self._buf)
-
     # -- sending ---------------------------------------------------------------------------
 
     def send(self, cmd: Command, *, expect: int | None = None) -> bytes:

@@ -12,7 +12,7 @@ One idea per module, imports pointing down the list:
 * ``evidence``: does a 5xx at MAIL or RCPT depend on the message? (docs/design.md §6.2)
 * ``deliverer``: the session per cycle, the transaction, the probe.
 
-Layers above use the names below.  Only ``envelope``'s are imported eagerly: the fetcher's
+Layers above use the names below.  Only ``envelope``'s are imported eagerly: the cycle's
 recipients and the dead-letter format check addresses without loading aiosmtplib; the rest
 load on first use (PEP 562 ``__getattr__``), as ``connector.pop3`` does with its shell.
 """

@@ -16,7 +16,7 @@ content is cut into pieces that the connection writes (:mod:`connector.smtp.conn
   gathered into one write to save system calls (:func:`write_coalesced`).
 * The content ends with CRLF ``.`` CRLF (a CRLF is added first if the message lacks one).
 * The fast path: POP3 received the message dot-stuffed exactly as SMTP wants it (RFC 1939 §3,
-  RFC 5321 §4.5.2), and its parser already knows whether it is CRLF-clean.  When the fetcher
+  RFC 5321 §4.5.2), and its parser already knows whether it is CRLF-clean.  When the cycle
   passes that form (``deliver(..., wire=...)``, see :func:`prepare_wire`), it is written as it
   is: no CRLF counts and no dot scan over the message, only over our small trace line.
 

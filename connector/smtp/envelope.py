@@ -1,6 +1,6 @@
 """The envelope of one message: who it is from, who it is for, and what of it we can send.
 
-Pure functions and values, no I/O and no aiosmtplib: the fetcher builds an :class:`Envelope`
+Pure functions and values, no I/O and no aiosmtplib: the cycle builds an :class:`Envelope`
 per message (:func:`envelope_sender` reads the sender the ``envelope_sender`` policy asks for),
 and the deliverer checks it here before a byte goes out.
 

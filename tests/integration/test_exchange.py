@@ -5,7 +5,7 @@ Issue 19: a receive connector set up wrong (``530 5.7.1 Client was not authentic
 ``550 5.7.60 ... send as this sender``) must not dead-letter the mailbox; issue 12: a sender
 refused at RCPT (Postfix's ``smtpd_delay_reject = yes``) must not block the account.
 docs/design.md §6.2 tells the two apart by testing (tests/integration/test_evidence.py), with a
-circuit breaker against our own misjudgement (connector.fetcher.Breaker).  Each test looks at
+circuit breaker against our own misjudgement (connector.cycle.Breaker).  Each test looks at
 what an administrator would: the exit status, the dead-letter store, the POP3 mailbox, status.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from connector.fetcher import BREAKER_THRESHOLD
+from connector.cycle import BREAKER_THRESHOLD
 from tests.integration.conftest import strip_trace, write_config
 from tests.servers import DovecotServer
 from tests.smtp_peers import (

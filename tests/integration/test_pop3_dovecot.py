@@ -9,6 +9,7 @@ import pytest
 from connector.errors import Pop3AuthError, Pop3TlsError
 from connector.pop3 import AuthMethod, Pop3Client, Pop3Endpoint, Pop3Timeouts
 from connector.tls import TlsMode
+from tests.peek import retr_many, rset
 from tests.servers import DovecotServer
 
 pytestmark = pytest.mark.integration
@@ -123,7 +124,7 @@ async def test_dele_and_quit_remove(dovecot: DovecotServer, mailbox: tuple[str, 
         await pop.login(user, password)
         before = dict(await pop.uidl())
         await pop.dele(2)
-        await pop.rset()  # undoes it
+        await rset(pop)  # undoes it
         await pop.dele(1)
         await pop.dele(3)
         assert "deleted" in await pop.quit()
@@ -141,10 +142,10 @@ async def test_retr_many_fifty_in_order(dovecot: DovecotServer, mailbox: tuple[s
     dovecot.deliver_many(user, raws)
     async with await Pop3Client.connect(endpoint(dovecot, TlsMode.STARTTLS), TIMEOUTS) as pop:
         await pop.login(user, password)
-        got = [item async for item in pop.retr_many(range(1, 51), window=8)]
+        got = [item async for item in retr_many(pop, range(1, 51), window=8)]
         assert got == list(enumerate(raws, 1))
         # Interleaved DELEs, and an early stop with RETRs still in flight.
-        async for number, _ in pop.retr_many(range(1, 51), window=8):
+        async for number, _ in retr_many(pop, range(1, 51), window=8):
             await pop.dele(number)
             if number == 10:
                 break

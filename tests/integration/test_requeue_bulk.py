@@ -17,7 +17,7 @@ from aiosmtpd.smtp import Envelope
 
 from connector.config import load_settings
 from connector.deadletter import DeadLetterArchive, DeadLetterInfo
-from connector.service import build_runtime, open_store
+from connector.runtime import build_runtime, open_store
 from tests.integration.test_cycle import message
 from tests.servers import DovecotServer, SmtpSink
 

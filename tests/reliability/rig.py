@@ -1,4 +1,4 @@
-"""A cycle of :class:`connector.fetcher.Cycle` against real servers, with short deadlines.
+"""A cycle of :class:`connector.cycle.Cycle` against real servers, with short deadlines.
 
 The reliability tests put a :class:`~tests.faults.FaultProxy` between the cycle and Dovecot or the
 SMTP sink and drive ``Cycle.run()`` directly, so every phase gets a deadline of a fraction of a
@@ -15,8 +15,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from connector.cycle import AccountSpec, Cycle, CycleStats, DeliveryPolicy, Outcome
 from connector.deadletter.maildir import MaildirStore
-from connector.fetcher import AccountSpec, Cycle, CycleStats, DeliveryPolicy, Outcome
 from connector.ledger import Ledger
 from connector.pop3 import AuthMethod, Pop3Endpoint, Pop3Timeouts
 from connector.smtp import SenderPolicy, SmtpDeliverer, SmtpSettings

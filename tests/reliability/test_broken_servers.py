@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from connector.cycle import AccountSpec, Cycle, CycleStats, DeliveryPolicy, Outcome
 from connector.deadletter.maildir import MaildirStore
 from connector.errors import (
     Disposition,
@@ -25,7 +26,6 @@ from connector.errors import (
     Pop3TimeoutError,
     classify,
 )
-from connector.fetcher import AccountSpec, Cycle, CycleStats, DeliveryPolicy, Outcome
 from connector.ledger import Ledger, MessageState
 from connector.loopback import LoopbackSmtpSink
 from connector.pop3 import AuthMethod, Pop3Client, Pop3Endpoint, Pop3Timeouts

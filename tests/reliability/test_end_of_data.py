@@ -21,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from connector.config import load_settings
 from connector.errors import DeliveryError, Disposition, SmtpStage, classify
 from connector.metrics import Metrics
-from connector.service import build_runtime, open_service
+from connector.runtime import build_runtime
+from connector.service import open_service
 from connector.smtp import Envelope, SmtpDeliverer, SmtpSettings
 from connector.tls import TlsMode
 from tests.integration.conftest import Setup, strip_trace

@@ -33,14 +33,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connector.deadletter import (
-    DeadLetterInfo,
-    parse_dead_letter_headers,
-    strip_dead_letter_headers,
-)
-from connector.deadletter.maildir import MaildirStore
-from connector.errors import ConnectorError
-from connector.fetcher import (
+from connector.cycle import (
     AccountSpec,
     Cycle,
     DeliveryPolicy,
@@ -48,6 +41,13 @@ from connector.fetcher import (
     error_summary,
     trace_header,
 )
+from connector.deadletter import (
+    DeadLetterInfo,
+    parse_dead_letter_headers,
+    strip_dead_letter_headers,
+)
+from connector.deadletter.maildir import MaildirStore
+from connector.errors import ConnectorError
 from connector.ledger import Ledger, MessageState
 from connector.pop3 import AuthMethod, Pop3Endpoint, Pop3Timeouts
 from connector.recipients import SharedMailbox, message_id, route

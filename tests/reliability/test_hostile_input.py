@@ -85,7 +85,7 @@ def feed(conn: Connection, chunks: list[bytes], commands: list[Command]) -> None
             ev = conn.next_event()
             if isinstance(ev, NeedData):
                 # Memory bound: what waits in the buffer is within the caps.
-                assert len(conn.trailing_data) <= MAX_BUFFERED + len(chunk)
+                assert conn.buffered <= MAX_BUFFERED + len(chunk)
                 break
             if isinstance(ev, Closed):
                 return
@@ -168,7 +168,7 @@ def test_endless_message_stops_at_the_cap(size: int, chunk: int) -> None:
         for i in range(0, len(body), chunk):
             conn.receive_data(body[i : i + chunk])
             assert isinstance(conn.next_event(), NeedData)
-            assert len(conn.trailing_data) <= CAP + chunk + 8
+            assert conn.buffered <= CAP + chunk + 8
 
     with pytest.raises(Pop3ProtocolError):
         pour()
@@ -184,7 +184,7 @@ def test_status_line_without_end_is_refused_at_max_line() -> None:
 
     with pytest.raises(Pop3ProtocolError, match="longer than"):
         pour()
-    assert len(conn.trailing_data) < 2 * MAX_LINE
+    assert conn.buffered < 2 * MAX_LINE
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ from connector.cli import setup_logging
 from connector.config import load_settings, render_settings
 from connector.deadletter import DeadLetterInfo
 from connector.deadletter.imap import ImapStore, quote_astring
-from connector.service import OAuth2TokenSource, build_runtime, open_store
+from connector.oauth2 import OAuth2TokenSource
+from connector.runtime import build_runtime, open_store
 from connector.tls import TlsMode
 from tests.integration.conftest import Setup
 from tests.integration.test_cycle import deny_spammer, message

@@ -34,7 +34,8 @@ from connector.config import load_settings
 from connector.deadletter import DeadLetterInfo, dead_letter_headers
 from connector.errors import DeadLetterError, DeliveryError, Pop3ResponseError, SmtpStage
 from connector.http import HttpEndpoint
-from connector.service import build_runtime, open_service, open_store
+from connector.runtime import build_runtime, open_store
+from connector.service import open_service
 
 PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 

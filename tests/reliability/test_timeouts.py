@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from connector.cycle import Outcome
 from connector.errors import DeliveryError, Disposition, Pop3TimeoutError, SmtpStage, classify
-from connector.fetcher import Outcome
 from connector.pop3 import AuthMethod
 from connector.tls import TlsMode
 from tests.faults import Action, Direction, Fault, FaultProxy

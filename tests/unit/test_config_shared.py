@@ -1,7 +1,7 @@
 """connector.config: ``[accounts.shared]``, ``[[accounts.shared.rules]]`` and ``oversize``.
 
 Valid settings map to the router's :class:`~connector.recipients.SharedMailbox` through
-``service.shared_mailbox``; every invalid one is a ConfigError naming its key path.
+``runtime.shared_mailbox``; every invalid one is a ConfigError naming its key path.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from connector.config import Settings, load_settings, render_settings
 from connector.errors import ConfigError
 from connector.recipients import DEFAULT_ENVELOPE_HEADERS, Rule, SharedMailbox
-from connector.service import shared_mailbox
+from connector.runtime import shared_mailbox
 
 SECRET = "s3cr3t-Pa55word!"  # must never appear in an error
 

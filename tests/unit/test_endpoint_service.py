@@ -19,16 +19,17 @@ import pytest
 
 from connector import service as service_module
 from connector.config import load_settings
+from connector.cycle import CycleStats
 from connector.deadletter import DeadLetterArchive
 from connector.errors import Disposition
-from connector.fetcher import CycleStats
 from connector.http import HttpEndpoint
 from connector.loopback import LoopbackPop3Server
 from connector.metrics import Metrics
-from connector.service import AccountState, CycleResult, build_runtime, open_service
+from connector.runtime import Runtime, build_runtime
+from connector.service import AccountState, CycleResult, open_service
 
 
-def _runtime(tmp_path: Path, port: int, password: str = "wrong") -> service_module.Runtime:  # noqa: S107
+def _runtime(tmp_path: Path, port: int, password: str = "wrong") -> Runtime:  # noqa: S107
     config = tmp_path / "config.toml"
     config.write_text(
         f"""

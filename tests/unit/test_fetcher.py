@@ -1,5 +1,4 @@
-"""The cycle of docs/design.md §5 against the built-in loopback servers, a real ledger and a
-real Maildir.
+"""The cycle (docs/design.md §5) against the loopback servers, a real ledger and real Maildir.
 
 Dovecot plays the POP3 server in tests/integration; here the loopback server does, because it can
 also lack UIDL, lock the mailbox or refuse logins in the ways a test needs.
@@ -18,6 +17,18 @@ from typing import Any
 
 import pytest
 
+from connector.cycle import (
+    BREAKER_THRESHOLD,
+    SETTLE_EVERY,
+    AccountSpec,
+    Cycle,
+    DeliveryPolicy,
+    Outcome,
+    Oversize,
+    duplicate_key,
+    stand_in_uidl,
+    trace_header,
+)
 from connector.deadletter import parse_dead_letter_headers
 from connector.deadletter.maildir import MaildirStore
 from connector.errors import (
@@ -30,18 +41,6 @@ from connector.errors import (
     Pop3ResponseError,
     classify,
 )
-from connector.fetcher import (
-    BREAKER_THRESHOLD,
-    SETTLE_EVERY,
-    AccountSpec,
-    Cycle,
-    DeliveryPolicy,
-    Outcome,
-    Oversize,
-    duplicate_key,
-    header_digest,
-    trace_header,
-)
 from connector.ledger import Ledger, MessageState
 from connector.loopback import LoopbackPop3Server, LoopbackSmtpSink, SmtpRule
 from connector.pop3 import AuthMethod, Pop3Endpoint
@@ -49,6 +48,7 @@ from connector.recipients import Rule, SharedMailbox
 from connector.smtp import Envelope, SenderPolicy, SmtpDeliverer, SmtpSettings
 from connector.tls import TlsMode
 from tests.fakes import InMemoryDeadLetterStore
+from tests.peek import total_changes
 
 USER, PASSWORD = "info@firma.example", "pop-secret"
 
@@ -196,10 +196,10 @@ async def test_server_without_uidl_falls_back_to_digests(tmp_path: Path) -> None
         rec = Recorder()
         await (await rig.cycle(rec)).run()
         uids = [u for u, _, _ in rec.events]
-        assert uids[0] == header_digest(mail(1))
+        assert uids[0] == stand_in_uidl(mail(1))
         assert uids[1] == uids[0] + "#2"
         headers = mail(2).split(b"\r\n\r\n")[0] + b"\r\n\r\n"  # what TOP n 0 returns
-        assert uids[2] == header_digest(headers, len(mail(2)))
+        assert uids[2] == stand_in_uidl(headers, len(mail(2)))
         assert len(rig.sink.messages) == 3
 
 
@@ -459,7 +459,7 @@ async def test_kept_messages_cost_one_listing_and_no_per_message_commands(rig: R
     assert (stats.delivered, stats.kept) == (1, 1_999)
 
     rig.pop.commands.clear()
-    changes = await rig.ledger.total_changes()
+    changes = await total_changes(rig.ledger)
     rec = Recorder()
     rig.now += 30 * DAY
     stats = await (await rig.cycle(rec, leave_on_server=True)).run()
@@ -467,7 +467,7 @@ async def test_kept_messages_cost_one_listing_and_no_per_message_commands(rig: R
     assert rig.pop.commands.count("UIDL") == 1
     assert not {"RETR", "TOP", "DELE"} & set(rig.pop.commands)
     assert len(rig.pop.commands) < 10  # greeting-to-QUIT overhead only
-    assert await rig.ledger.total_changes() == changes
+    assert await total_changes(rig.ledger) == changes
     assert rec.events == []
     assert len(rig.sink.messages) == 1
     assert len(rig.pop.uidls(USER)) == 2_000
@@ -562,7 +562,7 @@ async def test_the_same_message_id_with_another_body_is_delivered_not_dropped(
     rig.pop.add_message(USER, first)
     uid = rig.pop.add_message(USER, second)
     rec = Recorder()
-    with caplog.at_level(logging.INFO, logger="connector.fetcher"):
+    with caplog.at_level(logging.INFO, logger="connector.cycle"):
         stats = await (await rig.cycle(rec, shared=SHARED)).run()
     assert (stats.delivered, stats.skipped) == (2, 0)
     assert rec.outcomes() == [Outcome.DELIVERED, Outcome.DELIVERED]
@@ -589,7 +589,7 @@ async def test_copies_that_differ_only_in_trace_fields_are_still_suppressed(
     rig.pop.add_message(USER, to_info)
     rig.pop.add_message(USER, to_chef)
     rec = Recorder()
-    with caplog.at_level(logging.INFO, logger="connector.fetcher"):
+    with caplog.at_level(logging.INFO, logger="connector.cycle"):
         stats = await (await rig.cycle(rec, shared=SHARED)).run()
     assert (stats.delivered, stats.skipped) == (1, 1)
     (got,) = rig.sink.messages

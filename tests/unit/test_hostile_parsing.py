@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from connector import addresses, headers
+from connector.cycle import duplicate_key, trace_header
 from connector.deadletter import (
     DeadLetterInfo,
     parse_dead_letter_headers,
@@ -33,7 +34,6 @@ from connector.deadletter import (
     with_dead_letter_headers,
 )
 from connector.errors import Pop3ProtocolError, split_enhanced_code
-from connector.fetcher import duplicate_key, trace_header
 from connector.metrics import smtp_code
 from connector.pop3.protocol import parse_scan_line, parse_stat
 from connector.recipients import SharedMailbox, message_id, route

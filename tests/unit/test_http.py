@@ -440,7 +440,7 @@ async def test_idle_connections_are_capped_in_number_and_time() -> None:
     await endpoint.start("127.0.0.1", 0)
     async with endpoint:
         idle = [await asyncio.open_connection(*endpoint.address) for _ in range(4)]
-        await _until(lambda: endpoint.connections == 4, "the idle connections")
+        await _until(lambda: len(endpoint._clients) == 4, "the idle connections")
         # A local user opening more: each is answered 503 and closed at once, none is kept.
         for _ in range(20):
             reader, writer = await asyncio.open_connection(*endpoint.address)
@@ -448,11 +448,11 @@ async def test_idle_connections_are_capped_in_number_and_time() -> None:
             assert data.startswith(b"HTTP/1.1 503 "), data
             writer.close()
             await writer.wait_closed()
-        assert endpoint.connections == 4
+        assert len(endpoint._clients) == 4
         # The idle ones are dropped after request_timeout, and the endpoint serves again.
         for reader, _ in idle:
             assert await asyncio.wait_for(reader.read(), 5) == b""
-        await _until(lambda: endpoint.connections == 0, "the idle connections to go")
+        await _until(lambda: len(endpoint._clients) == 0, "the idle connections to go")
         assert (await exchange(endpoint, request("GET", "/healthz")))[0] == 200
         for _, writer in idle:
             writer.close()

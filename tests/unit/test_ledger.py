@@ -25,6 +25,7 @@ from connector.ledger import (
     MessageState,
     RecipientsDone,
 )
+from tests.peek import done_recipients, total_changes
 
 T0 = 1_800_000_000.0
 DAY = 86400.0
@@ -210,8 +211,9 @@ async def test_accounts_are_separate(ledger: Ledger) -> None:
 
 
 async def test_a_row_no_longer_listed_is_forgotten_at_once(ledger: Ledger) -> None:
-    """docs/design.md §5.1 step 6: a UIDL that a complete listing no longer holds is gone; listed
-    again, it is a new message (RFC 1939 §7 promises uniqueness only while a message exists)."""
+    """docs/design.md §5.1 step 6: a UIDL that a complete listing no longer holds is gone;
+    listed again, it is a new message (RFC 1939 §7 promises uniqueness only while a message
+    exists)."""
     await ledger.record_delivered("info", "old", 1, "250 ok", T0)
     await ledger.record_delivered("info", "kept", 1, "250 ok", T0)
     await ledger.record_delivered(
@@ -220,7 +222,7 @@ async def test_a_row_no_longer_listed_is_forgotten_at_once(ledger: Ledger) -> No
     assert set(await ledger.sync_listing("info", ["old", "kept", "u"])) == {"old", "kept", "u"}
     assert set(await ledger.sync_listing("info", ["kept"])) == {"kept"}  # "old", "u" DELEd
     assert await ledger.entry("info", "old") is None
-    assert await ledger.done_recipients("info", ["uidl:u"]) == frozenset()
+    assert await done_recipients(ledger, "info", ["uidl:u"]) == frozenset()
     # The server restarted its numbering: "old" now names another message, unknown to us.
     assert await ledger.sync_listing("info", ["kept", "old"]) == {
         "kept": LedgerEntry("kept", MessageState.DELIVERED, 1, 1, T0, T0, "250 ok")
@@ -233,8 +235,8 @@ async def test_forget_drops_rows_and_their_uidl_recipients(ledger: Ledger) -> No
     await ledger.record_delivered("sales", "u1", 1, "250", T0)
     await ledger.forget("info", ["u1"])
     assert await ledger.entry("info", "u1") is None
-    assert await ledger.done_recipients("info", ["uidl:u1"]) == frozenset()
-    assert await ledger.done_recipients("info", ["mid:<m@x>:0"]) == {"a@b"}  # a copy's key
+    assert await done_recipients(ledger, "info", ["uidl:u1"]) == frozenset()
+    assert await done_recipients(ledger, "info", ["mid:<m@x>:0"]) == {"a@b"}  # a copy's key
     assert await ledger.entry("sales", "u1") is not None
 
 
@@ -294,16 +296,16 @@ async def test_sync_listing_of_10000_kept_messages_writes_nothing_when_steady(
 
     led = await Ledger.open(db_path)
     try:
-        before = await led.total_changes()
+        before = await total_changes(led)
         entries = await led.sync_listing("info", uidls)
         assert len(entries) == 10_000
         assert entries[uidls[1234]].size == 1000
-        first = await led.total_changes()
+        first = await total_changes(led)
         assert first - before == 3  # only the three vanished rows were forgotten
 
         entries = await led.sync_listing("info", uidls)
         assert len(entries) == 10_000
-        assert await led.total_changes() == first  # the steady state writes nothing
+        assert await total_changes(led) == first  # the steady state writes nothing
     finally:
         await led.close()
 
@@ -406,7 +408,7 @@ async def test_concurrent_tasks_are_serialised(ledger: Ledger) -> None:
 
 async def test_cancelled_record_still_commits(ledger: Ledger) -> None:
     # Hold the ledger thread, so the record job is still queued when its caller is cancelled:
-    # the delivered commit after a 250 must not be dropped (docs/design.md §5.1 step 3).
+    # the delivered commit after a 250 must not be dropped (docs/design.md §9).
     gate = threading.Event()
     hold = asyncio.create_task(ledger._submit("hold", lambda conn: gate.wait(10)))
     await asyncio.sleep(0)
@@ -463,7 +465,7 @@ async def test_a_version_1_ledger_is_migrated_and_keeps_its_rows(db_path: Path) 
         entry = await led.entry("info", "u1")
         assert entry is not None
         assert entry.state is MessageState.DELIVERED
-        assert await led.done_recipients("info", ["uidl:u1"]) == frozenset()
+        assert await done_recipients(led, "info", ["uidl:u1"]) == frozenset()
     finally:
         await led.close()
     assert _user_version(db_path) == len(MIGRATIONS)
@@ -475,17 +477,17 @@ async def test_done_recipients_are_recorded_with_the_state_and_found_by_any_key(
     done = RecipientsDone(("uidl:u1", "mid:<a@b>"), ("Bob@Firma.local", "carol@firma.local"))
     entry = await ledger.record_deferred("info", "u1", 10, "451 later", T0, done=done)
     assert entry.state is MessageState.DEFERRED
-    assert await ledger.done_recipients("info", ["uidl:u1"]) == {
+    assert await done_recipients(ledger, "info", ["uidl:u1"]) == {
         "bob@firma.local",
         "carol@firma.local",
     }
-    assert await ledger.done_recipients("info", ["mid:<a@b>", "uidl:other"]) == {
+    assert await done_recipients(ledger, "info", ["mid:<a@b>", "uidl:other"]) == {
         "bob@firma.local",
         "carol@firma.local",
     }
     # Per account, and nothing under an unknown key.
-    assert await ledger.done_recipients("sales", ["uidl:u1"]) == frozenset()
-    assert await ledger.done_recipients("info", ["uidl:u2"]) == frozenset()
+    assert await done_recipients(ledger, "sales", ["uidl:u1"]) == frozenset()
+    assert await done_recipients(ledger, "info", ["uidl:u2"]) == frozenset()
     # A later deferral keeps the dead letter id of an earlier copy.
     await ledger.record_deferred("info", "u1", 10, "451 later", T0 + 1, dead_letter_id="dl-1")
     await ledger.record_deferred("info", "u1", 10, "451 later", T0 + 2)
@@ -502,12 +504,12 @@ async def test_done_recipients_are_forgotten_by_sync_listing(ledger: Ledger) -> 
         "info", "u2", 10, "250", T0 + 100, done=RecipientsDone(("mid:<new@x>",), ("a@b",))
     )
     await ledger.sync_listing("info", ["u1", "u2"], recipients_before=T0 + 50)
-    assert await ledger.done_recipients("info", ["mid:<old@x>"]) == frozenset()
-    assert await ledger.done_recipients("info", ["mid:<new@x>"]) == {"a@b"}
+    assert await done_recipients(ledger, "info", ["mid:<old@x>"]) == frozenset()
+    assert await done_recipients(ledger, "info", ["mid:<new@x>"]) == {"a@b"}
     # A steady listing with nothing to forget writes nothing.
-    before = await ledger.total_changes()
+    before = await total_changes(ledger)
     await ledger.sync_listing("info", ["u1", "u2"], recipients_before=T0 + 50)
-    assert await ledger.total_changes() == before
+    assert await total_changes(ledger) == before
 
 
 async def test_uidl_rows_stay_while_the_message_is_listed_however_old(ledger: Ledger) -> None:
@@ -520,9 +522,9 @@ async def test_uidl_rows_stay_while_the_message_is_listed_however_old(ledger: Le
     await ledger.record_deferred("info", "u1", 10, "451 later", T0, done=done)
     later = T0 + 100 * DAY
     await ledger.sync_listing("info", ["u1"], recipients_before=later - DAY)
-    assert await ledger.done_recipients("info", ["uidl:u1"]) == {"bob@firma.local"}
+    assert await done_recipients(ledger, "info", ["uidl:u1"]) == {"bob@firma.local"}
     # The duplicate window's rows age out as before.
-    assert await ledger.done_recipients("info", [mid]) == frozenset()
+    assert await done_recipients(ledger, "info", [mid]) == frozenset()
 
 
 async def test_uidl_rows_are_forgotten_with_their_message_row(ledger: Ledger) -> None:
@@ -535,9 +537,9 @@ async def test_uidl_rows_are_forgotten_with_their_message_row(ledger: Ledger) ->
     )
     await ledger.sync_listing("info", ["u2"])  # u1 gone upstream
     assert await ledger.entry("info", "u1") is None
-    assert await ledger.done_recipients("info", ["uidl:u1"]) == frozenset()
-    assert await ledger.done_recipients("info", ["uidl:u2"]) == {"a@b"}
-    assert await ledger.done_recipients("sales", ["uidl:u1"]) == {"c@d"}  # another account's
+    assert await done_recipients(ledger, "info", ["uidl:u1"]) == frozenset()
+    assert await done_recipients(ledger, "info", ["uidl:u2"]) == {"a@b"}
+    assert await done_recipients(ledger, "sales", ["uidl:u1"]) == {"c@d"}  # another account's
 
 
 async def test_recipients_by_key_finds_the_keys_and_every_key_with_the_prefix(
@@ -592,10 +594,10 @@ async def test_migration_3_drops_uidl_rows_that_outlived_their_message(db_path: 
     conn.close()
     led = await Ledger.open(db_path)
     try:
-        assert await led.done_recipients("info", ["uidl:kept"]) == {"a@b"}
-        assert await led.done_recipients("info", ["uidl:pruned"]) == frozenset()
-        assert await led.done_recipients("sales", ["uidl:kept"]) == frozenset()
-        assert await led.done_recipients("info", ["mid:<x@y>"]) == {"a@b"}  # by age, later
+        assert await done_recipients(led, "info", ["uidl:kept"]) == {"a@b"}
+        assert await done_recipients(led, "info", ["uidl:pruned"]) == frozenset()
+        assert await done_recipients(led, "sales", ["uidl:kept"]) == frozenset()
+        assert await done_recipients(led, "info", ["mid:<x@y>"]) == {"a@b"}  # by age, later
     finally:
         await led.close()
     assert _user_version(db_path) == len(MIGRATIONS)
@@ -789,14 +791,14 @@ async def test_prove_writable_writes_to_the_file_even_when_nothing_else_changes(
 
 
 async def test_a_steady_listing_still_writes_nothing(ledger: Ledger) -> None:
-    # The proof is the fetcher's to call, in a cycle with something to deliver; the listing
-    # sync stays free when nothing changed (docs/design.md §5.2, invariant 5: a cycle costs
-    # what is new).
+    # The proof is the cycle's to call, in a cycle with something to deliver; the listing sync
+    # stays free when nothing changed (docs/design.md §5.2, invariant 5: a cycle costs what is
+    # new).
     await ledger.record_delivered("info", "u1", 1, "250 ok", T0)
     await ledger.sync_listing("info", ["u1"])
-    before = await ledger.total_changes()
+    before = await total_changes(ledger)
     await ledger.sync_listing("info", ["u1"])
-    assert await ledger.total_changes() == before
+    assert await total_changes(ledger) == before
 
 
 async def test_a_failed_write_makes_the_ledger_not_writable_until_one_succeeds(
@@ -859,7 +861,7 @@ async def test_rows_of_accepted_messages_whose_commit_failed_are_owed_to_the_nex
         "u2": MessageState.DELIVERED,
         "u5": MessageState.DEFERRED,
     }
-    assert await ledger.done_recipients("info", ["uidl:u5"]) == {"a@x"}
+    assert await done_recipients(ledger, "info", ["uidl:u5"]) == {"a@x"}
     assert ledger.unrecorded == 0
     assert ledger.writable
 

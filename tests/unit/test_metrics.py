@@ -1,5 +1,4 @@
-"""connector.metrics: the names, types and labels of docs/design.md §11.1, on a registry of our
-own."""
+"""connector.metrics: the names, types and labels of docs/design.md §11.1, on our own registry."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from connector.fetcher import CycleStats, Outcome
+from connector.cycle import CycleStats, Outcome
 from connector.metrics import CYCLE_BUCKETS, NO_CODE, Metrics, smtp_code
 
 # docs/design.md §11.1, as the parser names the families (counters without their _total suffix).

@@ -268,7 +268,7 @@ async def test_unreadable_state_file_is_ignored(tmp_path: Path) -> None:
 
 def test_config_section_becomes_runtime_settings(tmp_path: Path) -> None:
     from connector.config import Settings
-    from connector.service import build_runtime
+    from connector.runtime import build_runtime
 
     base: dict[str, object] = {
         "service": {"state_dir": str(tmp_path)},

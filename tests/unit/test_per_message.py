@@ -1,4 +1,4 @@
-"""One message costs only itself; a reused UIDL is a new message (docs/design.md §5.2, §5.1).
+"""One message costs only itself, and a reused UIDL is a new message (docs/design.md §5.2, §5.1).
 
 Against the loopback POP3 server and SMTP sink, a real ledger and a real Maildir store:
 
@@ -23,8 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import connector.fetcher as fetcher_module
-from connector.fetcher import ERROR_LIMIT, Deliverer, Outcome, error_summary
+import connector.cycle.lifecycle as lifecycle
+from connector.cycle import ERROR_LIMIT, Deliverer, Outcome, error_summary
 from connector.ledger import MessageState
 from connector.smtp import Delivered, Envelope
 from tests.unit.test_fetcher import USER, Recorder, Rig, mail, make_rig
@@ -67,7 +67,7 @@ def run_async(tmp_path: Path, body: Callable[[Rig], Awaitable[None]], **pop: Any
 def test_an_unexpected_error_costs_only_its_message(
     kinds: list[str], tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = fetcher_module.envelope_sender  # type: ignore[attr-defined]
+    original = lifecycle.envelope_sender  # type: ignore[attr-defined]
 
     def envelope_sender(raw: bytes, *args: Any) -> tuple[str, bool]:
         for kind, make in FAILURES.items():
@@ -75,7 +75,7 @@ def test_an_unexpected_error_costs_only_its_message(
                 raise make()
         return original(raw, *args)
 
-    monkeypatch.setattr(fetcher_module, "envelope_sender", envelope_sender)
+    monkeypatch.setattr(lifecycle, "envelope_sender", envelope_sender)
     raws = [mail(i) if kind == "good" else poisoned(i, kind) for i, kind in enumerate(kinds)]
     good = [r for r, k in zip(raws, kinds, strict=True) if k == "good"]
     bad = [r for r, k in zip(raws, kinds, strict=True) if k != "good"]
@@ -235,8 +235,8 @@ def test_a_known_uidl_listed_with_another_message_is_delivered(
 def test_a_uidl_no_longer_listed_is_forgotten(
     first: bytes, second: bytes, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """docs/design.md §5.1 step 6: once a cycle's listing no longer holds U, U listed again is a
-    new message, whatever it looks like (even a byte-identical one: it is a new arrival)."""
+    """docs/design.md §5.1 step 6: once a cycle's listing no longer holds U, U listed again is
+    a new message, whatever it looks like (even a byte-identical one: it is a new arrival)."""
 
     async def body(rig: Rig) -> None:
         uid = rig.pop.add_message(USER, first)

@@ -22,8 +22,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from connector.cycle import Outcome
 from connector.errors import Pop3ProtocolError, Pop3TimeoutError
-from connector.fetcher import Outcome
 from connector.pop3 import Pop3Client, Pop3Endpoint, Pop3Timeouts
 from connector.pop3.protocol import (
     CAPA_CAP,
@@ -65,7 +65,7 @@ def pour(conn: Connection, data: bytes, chunk: int) -> object:
         if not isinstance(ev, NeedData):
             return ev
         # The buffer never holds much more than the reply's own cap.
-        assert len(conn.trailing_data) <= 2 * listing_cap(MAX_MESSAGES) + chunk
+        assert conn.buffered <= 2 * listing_cap(MAX_MESSAGES) + chunk
     return NeedData.NEED_DATA
 
 
@@ -113,7 +113,7 @@ def test_a_listing_of_endless_padding_stops_at_the_cap() -> None:
 
     with pytest.raises(Pop3ProtocolError, match="STAT"):
         flood()
-    assert len(conn.trailing_data) <= listing_cap(3) + 70
+    assert conn.buffered <= listing_cap(3) + 70
 
 
 def test_stat_cannot_buy_more_than_max_messages() -> None:
@@ -199,7 +199,7 @@ def test_a_capa_reply_has_its_own_cap() -> None:
 
     with pytest.raises(Pop3ProtocolError):
         flood()
-    assert len(conn.trailing_data) <= CAPA_CAP + 100
+    assert conn.buffered <= CAPA_CAP + 100
 
 
 @pytest.mark.parametrize("short_by", [0, 1, 2])

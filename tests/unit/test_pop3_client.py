@@ -26,6 +26,7 @@ from connector.errors import (
 from connector.pop3 import AuthMethod, Pop3Client, Pop3Endpoint, Pop3Timeouts
 from connector.pop3.protocol import apop_digest
 from connector.tls import TlsMode
+from tests.peek import noop, retr_many, rset
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -216,7 +217,7 @@ async def test_sasl_plain_answers_an_empty_challenge_when_the_response_is_long()
 
     async with serve(script) as ep, await Pop3Client.connect(ep, FAST) as pop:
         await pop.login("alice", password, AuthMethod.PLAIN)
-        await pop.noop()
+        await noop(pop)
 
 
 async def test_apop_without_a_stamp_is_an_auth_error() -> None:
@@ -277,7 +278,7 @@ async def test_a_server_stalling_mid_retr_hits_the_idle_timeout_and_poisons() ->
         with pytest.raises(Pop3TimeoutError, match="stalled"):
             await pop.retr(1)
         with pytest.raises(Pop3ConnectionError, match="unusable"):
-            await pop.noop()
+            await noop(pop)
 
 
 async def test_a_big_message_may_take_longer_than_the_command_deadline() -> None:
@@ -437,7 +438,7 @@ async def test_retr_many_pipelines_and_keeps_order() -> None:
         await Pop3Client.connect(ep, FAST) as pop,
     ):
         await pop.login("alice", "secret", AuthMethod.USER)
-        got = [item async for item in pop.retr_many(range(1, 13), window=4)]
+        got = [item async for item in retr_many(pop, range(1, 13), window=4)]
         assert await pop.quit() == "bye"
     assert got == list(zip(range(1, 13), MESSAGES, strict=True))
 
@@ -449,7 +450,7 @@ async def test_retr_many_one_by_one_without_pipelining() -> None:
     ):
         await pop.login("alice", "secret", AuthMethod.USER)
         assert not pop.pipelining
-        got = [item async for item in pop.retr_many([3, 1, 2])]
+        got = [item async for item in retr_many(pop, [3, 1, 2])]
     assert got == [(3, MESSAGES[2]), (1, MESSAGES[0]), (2, MESSAGES[1])]
 
 
@@ -462,7 +463,7 @@ async def test_retr_many_with_dele_between_and_an_early_stop() -> None:
         await pop.login("alice", "secret", AuthMethod.USER)
         seen = []
         # As the fetcher does it: no aclose(), the generator is finalised whenever.
-        async for number, raw in pop.retr_many(range(1, 13), window=5):
+        async for number, raw in retr_many(pop, range(1, 13), window=5):
             assert raw == MESSAGES[number - 1]
             seen.append(number)
             await pop.dele(number)  # queued behind the RETRs in flight
@@ -483,7 +484,7 @@ async def test_retr_many_stops_on_err_but_the_session_stays_usable() -> None:
         got: list[tuple[int, bytes]] = []
 
         async def collect() -> None:
-            async for item in pop.retr_many([1, 2, 3, 4]):  # the server has no 3
+            async for item in retr_many(pop, [1, 2, 3, 4]):  # the server has no 3
                 got.append(item)  # noqa: PERF401 (the items before the error matter)
 
         with pytest.raises(Pop3ResponseError) as info:
@@ -523,11 +524,11 @@ async def test_single_commands_and_errors() -> None:
         assert await pop.top(1, 0) == b"Subject: hello\r\n\r\n"
         assert await pop.retr(1) == MSG
         await pop.dele(1)
-        await pop.rset()
-        await pop.noop()
+        await rset(pop)
+        await noop(pop)
         assert await pop.quit() == "see you"
         with pytest.raises(Pop3ConnectionError):
-            await pop.noop()
+            await noop(pop)
         await pop.close()  # idempotent
 
 
@@ -608,7 +609,7 @@ async def test_a_refused_dele_raises_and_no_quit_is_sent() -> None:
             await pop.quit()
         assert (info.value.command, info.value.resp_code) == ("DELE 2", "SYS/PERM")
         with pytest.raises(Pop3ConnectionError):
-            await pop.noop()
+            await noop(pop)
     assert b"QUIT" not in commands
     assert commands[-3:] == [b"DELE 1", b"DELE 2", b"DELE 3"]
 
@@ -632,7 +633,7 @@ async def test_a_refused_dele_surfaces_at_the_next_reply() -> None:
         seen = []
 
         async def fetch_and_delete() -> None:
-            async for number, _ in pop.retr_many([1, 2, 3, 4], window=1):
+            async for number, _ in retr_many(pop, [1, 2, 3, 4], window=1):
                 seen.append(number)
                 await pop.dele(number)
 
@@ -666,7 +667,7 @@ async def test_retr_window_is_bounded_by_octets(caplog: pytest.LogCaptureFixture
     ):
         await pop.login("alice", "secret", AuthMethod.USER)
         with caplog.at_level(logging.DEBUG, logger=logger.name):
-            got = [m async for m in pop.retr_many(range(1, 11), window=32)]
+            got = [m async for m in retr_many(pop, range(1, 11), window=32)]
     assert got == list(zip(range(1, 11), messages, strict=True))
     outstanding, most = 0, 0
     for record in caplog.records:

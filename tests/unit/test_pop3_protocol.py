@@ -96,11 +96,11 @@ def run_trailing(state: State, cmds: list[Command], data: bytes) -> list[Event]:
     while conn.pending and (ev := conn.next_event()) is not NEED_DATA:
         assert not isinstance(ev, type(NEED_DATA))
         events.append(ev)
-    assert conn.trailing_data == TRAILER
+    assert conn.buffered == len(TRAILER)
     if not conn.pending:
         conn.send(Command(Verb.CAPA))  # the trailer becomes the start of its reply
     assert conn.next_event() is NEED_DATA
-    assert conn.trailing_data == TRAILER
+    assert conn.buffered == len(TRAILER)
     return events
 
 
@@ -604,7 +604,7 @@ def test_stls_reply_alone_is_fine() -> None:
     conn = setup(A, [C(Verb.STLS)])
     conn.receive_data(b"+OK Begin TLS negotiation now.\r\n")
     assert drain(conn) == [Ok("Begin TLS negotiation now.")]
-    assert conn.trailing_data == b""
+    assert conn.buffered == 0
 
 
 @pytest.mark.parametrize(

@@ -563,7 +563,7 @@ def test_the_catch_all_s_own_address_is_never_a_recipient() -> None:
 
 def test_service_ignores_the_account_username_when_it_is_an_address() -> None:
     from connector.config import SharedConfig
-    from connector.service import shared_mailbox
+    from connector.runtime import shared_mailbox
 
     config = SharedConfig(domains=["firma.example"], ignore_addresses=["Old@Firma.example"])
     assert shared_mailbox(config, "CatchAll@firma.example").ignore == {

@@ -15,7 +15,8 @@ from pydantic import BaseModel
 from connector.config import AccountConfig, Settings, load_settings
 from connector.ledger import Ledger
 from connector.metrics import Metrics
-from connector.service import Runtime, Service, build_runtime
+from connector.runtime import Runtime, build_runtime
+from connector.service import Service
 
 
 def runtime(tmp_path: Path, accounts: dict[str, str], parallel: int = 8) -> Runtime:

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from connector.cycle import AccountSpec, CycleStats, DeliveryPolicy
 from connector.errors import Disposition, Pop3AuthError
-from connector.fetcher import AccountSpec, CycleStats, DeliveryPolicy
 from connector.ledger import Ledger
 from connector.pop3 import AuthMethod, Pop3Endpoint
+from connector.runtime import Runtime
 from connector.service import (
     BARE_LOGIN_ERROR_LIMIT,
     PARKED_MIN_DELAY,
     AccountState,
     CycleResult,
-    Runtime,
     Service,
 )
 from connector.smtp import SenderPolicy, SmtpSettings

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from connector.oauth2 import child_environment
 from connector.sdnotify import NOTIFY_VARIABLES, SystemdNotifier
-from connector.service import child_environment
 
 
 class Listener:

@@ -27,9 +27,10 @@ import pytest
 from connector import runloop
 from connector.config import Settings, load_settings
 from connector.errors import ConfigError, Pop3AuthError, Pop3ProtocolError
+from connector.oauth2 import OAuth2TokenSource
 from connector.pop3 import AuthMethod, Pop3Client, Pop3Endpoint, Pop3Timeouts
 from connector.runloop import ENV_VAR
-from connector.service import OAuth2TokenSource, build_runtime
+from connector.runtime import build_runtime
 from connector.tls import TlsMode
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -376,8 +377,8 @@ def test_a_cancelled_token_command_is_killed_with_its_child(
     env: Mapping[str, str], when: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A login cancelled at shutdown (docs/design.md §10.3) must not leave the helper's family
-    # behind either: not while it runs, and not while it is being started (the caller has no
-    # pid yet then).
+    # behind either: not while it runs, nor while it is being started (the caller has no pid
+    # yet then).
     pidfile = tmp_path / "pids"
     source = OAuth2TokenSource(
         "accounts[0].oauth2_token_command", argv=forking_helper(pidfile, "wait"), timeout=60

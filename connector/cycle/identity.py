@@ -1,0 +1,157 @@
+"""Who a message is, so that the ledger never takes one message for another.
+
+* :func:`uid_listing`: each message's identifier, its UIDL (RFC 1939 §7) or, on a server
+  without UIDL, a stand-in (:func:`stand_in_uidl`) that never depends on the other messages.
+* :class:`Identities`: what the ledger keeps of each message (LIST's size and a digest of its
+  header block), and the cheap check that a message the ledger knows as finished is still the
+  one listed under its UIDL before it is DELEd unread (docs/design.md §5.1 step 1).
+* :func:`duplicate_key`: the ledger key under which a shared mailbox's copies of one message
+  meet (docs/design.md §8.2).
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Final, Protocol
+
+from connector import headers
+from connector.errors import Pop3ResponseError
+from connector.ledger import Identity, LedgerEntry
+
+log = logging.getLogger(__name__)
+
+
+class Reader(Protocol):
+    """The POP3 commands that tell messages apart (``connector.pop3.Pop3Client``)."""
+
+    @property
+    def capabilities(self) -> Mapping[str, Sequence[str]]:
+        """CAPA's answer: upper-case capability name -> its arguments."""
+        ...
+
+    async def uidl(self) -> builtins.list[tuple[int, str]]:
+        """UIDL: (message number, unique-id) of every message."""
+        ...
+
+    async def top(self, number: int, lines: int) -> bytes:
+        """TOP: the header block and ``lines`` lines of the body."""
+        ...
+
+    async def retr(self, number: int) -> bytes:
+        """RETR: the whole message."""
+        ...
+
+
+def stand_in_uidl(data: bytes, size: int | None = None) -> str:
+    """A stand-in UIDL for servers without UIDL: a digest of the header block (TOP n 0) and
+    the message's size, or of the whole message when headers and size are not unique."""
+    digest = hashlib.sha256(data)
+    if size is not None:
+        digest.update(b"\0%d" % size)
+    return "sha256:" + digest.hexdigest()[:40]
+
+
+# A Message-ID longer than this goes into a duplicate key as its digest, to bound the key.
+_MAX_KEY_MESSAGE_ID: Final = 200
+
+
+def duplicate_key(mid: str, raw: bytes) -> str:
+    """The ledger key under which a shared mailbox's copies of one message meet:
+    ``mid:<Message-ID>:<SHA-256 of the body, hex>``.
+
+    A provider stores one copy per recipient of ours, and the copies differ only in the trace
+    fields at the top (``Delivered-To``, ``Received``: RFC 5321 §4.4), so the Message-ID and the
+    body (the bytes after the header block) identify them.  The Message-ID alone does not: a
+    broken mailer reuses one, and a forged message could reuse one to have the real one
+    dropped; a different body is a different message, and is delivered.  The digest has a
+    fixed length at the end, so no two (Message-ID, body) pairs give one key.
+    """
+    # The body after the header block (headers.bounds: an empty line within its cap; without
+    # one the whole message is taken, which is safe).
+    found = headers.bounds(raw)
+    body = memoryview(raw)[found[1] :] if found is not None else raw
+    if len(mid) > _MAX_KEY_MESSAGE_ID:
+        mid = "sha256:" + hashlib.sha256(mid.encode("ascii")).hexdigest()
+    return f"mid:{mid}:{hashlib.sha256(body).hexdigest()}"
+
+
+async def uid_listing(pop: Reader, count: int, sizes: Mapping[int, int]) -> list[tuple[int, str]]:
+    """(number, uid) of every message: UIDL (RFC 1939 §7), or digests on a server without it.
+
+    An identifier must never depend on which other messages are in the mailbox: the ledger
+    would then take one message for another, and delete one that was never delivered.  So
+    messages whose headers and size are alike are told apart by a digest of their whole bytes;
+    only byte-identical copies share one, and are numbered (one copy delivered stands for all).
+    """
+    try:
+        return await pop.uidl()
+    except Pop3ResponseError as exc:
+        # RFC 1939 §7: UIDL is optional, and only a server that lacks it gets the fallback.  A
+        # response code ([SYS/TEMP], [IN-USE]) or UIDL in CAPA means "later": falling back then
+        # would give every message a new identity and deliver it all again.
+        if exc.resp_code is not None or "UIDL" in pop.capabilities:
+            raise
+        log.warning("server has no UIDL; identifying messages by digests of their content")
+    groups: dict[str, list[int]] = {}
+    for n in range(1, count + 1):
+        groups.setdefault(stand_in_uidl(await pop.top(n, 0), sizes.get(n)), []).append(n)
+    listing: list[tuple[int, str]] = []
+    for uid, numbers in groups.items():
+        if len(numbers) == 1:
+            listing.append((numbers[0], uid))
+            continue
+        seen: dict[str, int] = {}
+        for n in numbers:
+            full = stand_in_uidl(await pop.retr(n))
+            seen[full] = seen.get(full, 0) + 1
+            listing.append((n, full if seen[full] == 1 else f"{full}#{seen[full]}"))
+    return sorted(listing)
+
+
+class Identities:
+    """The identities of one session's messages: recorded with each row, checked before a DELE.
+
+    ``sizes`` is the session's LIST (message number -> octets), set once it is read.
+    """
+
+    __slots__ = ("_no_top", "account", "sizes")
+
+    def __init__(self, account: str) -> None:
+        self.account = account
+        self.sizes: Mapping[int, int] = {}
+        self._no_top = False  # the server answered TOP with a bare -ERR: it has none
+
+    def of(self, number: int, raw: bytes) -> Identity:
+        """What the ledger keeps to recognise message ``number`` later (docs/design.md §5.1)."""
+        return Identity(self.sizes.get(number), headers.header_digest(raw))
+
+    async def same(self, pop: Reader, number: int, uid: str, entry: LedgerEntry) -> bool:
+        """Whether the message listed as ``number`` is the one ``entry`` recorded, checked
+        cheaply before it is DELEd unread (docs/design.md §5.1 step 1): the size LIST gave,
+        then, only when that matches, a digest of its header block from ``TOP n 0``.
+
+        Runs only for a finished message being DELEd now (after a crash before QUIT, or when
+        ``delete_after`` has passed), never for the kept messages of a ``leave_on_server``
+        mailbox, so a steady cycle costs nothing more.  A row without an identity, and a server
+        without UIDL (whose identifiers are such digests already), are taken as they are.  A
+        server without TOP (a bare ``-ERR``; TOP is optional) gets a RETR instead: the whole
+        message, once, for the rare DELE that needs the check.
+        """
+        identity = entry.identity
+        if identity is None or uid.startswith("sha256:"):
+            return True
+        listed = self.sizes.get(number)
+        if identity.size is not None and listed is not None and listed != identity.size:
+            return False  # a size LIST did not give now tells nothing: the digest decides
+        if not self._no_top:
+            try:
+                return headers.header_digest(await pop.top(number, 0)) == identity.digest
+            except Pop3ResponseError as exc:
+                if exc.resp_code is not None:
+                    raise  # [SYS/TEMP] and the like: the cycle fails, nothing is guessed
+                self._no_top = True
+                log.info("account=%s: the server has no TOP; checking by RETR", self.account)
+        return headers.header_digest(await pop.retr(number)) == identity.digest

@@ -1,0 +1,257 @@
+"""The configuration turned into the values the code below the composition root takes.
+
+:func:`build_runtime` reads :class:`connector.config.Settings` once (at start and at each
+reload, docs/design.md §4.3) and builds frozen values: an :class:`~connector.cycle.AccountSpec`
+per account, the SMTP settings and delivery policy, where the dead letters go
+(:func:`open_store`), the notices.  Only this module, ``service`` and ``cli`` read ``Settings``
+(docs/design.md §2).  Every value compares by its contents, so a reload can tell what changed.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from connector.config import ImapDeadLetter, Settings, SharedConfig, dead_letter_path
+from connector.cycle import AccountSpec, DeliveryPolicy, Oversize
+from connector.deadletter import DeadLetterArchive
+from connector.deadletter.maildir import MaildirStore
+from connector.errors import ConfigError
+from connector.notices import NoticeSettings
+from connector.oauth2 import OAuth2TokenSource
+from connector.pop3 import AuthMethod, Pop3Endpoint
+from connector.recipients import Rule, SharedMailbox
+from connector.smtp import SenderPolicy, SmtpSettings
+from connector.tls import TlsMode, make_ssl_context
+
+
+def secret_env_names(settings: Settings) -> frozenset[str]:
+    """Every variable a ``password_env`` names (accounts, ``[smtp]``, ``[dead_letter]``), in
+    upper case."""
+    models: list[object] = [*settings.accounts, settings.smtp, settings.dead_letter]
+    names = (getattr(m, "password_env", None) for m in models)
+    return frozenset(n.upper() for n in names if isinstance(n, str))
+
+
+@dataclass(frozen=True, slots=True)
+class ImapStoreSpec:
+    """Where the IMAP dead-letter store appends (``[dead_letter] store = "imap"``)."""
+
+    host: str
+    port: int
+    tls: TlsMode
+    ssl_context: ssl.SSLContext | None = field(compare=False)
+    username: str
+    password: str = field(repr=False)
+    folder: str
+    # What ssl_context was built from, compared in its place (a reload rebuilds the context).
+    verify_certificate: bool = True
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """The config, turned into what the code below the composition root takes."""
+
+    accounts: tuple[AccountSpec, ...]
+    intervals: dict[str, float]
+    smtp: SmtpSettings
+    policy: DeliveryPolicy
+    state_dir: Path
+    dead_letter_path: Path | None  # the Maildir store; None with the IMAP store
+    max_parallel: int
+    shutdown_grace: float
+    transcripts: bool
+    imap_store: ImapStoreSpec | None = None
+    notices: NoticeSettings | None = None  # None: [notices] postmaster not set
+    # Accounts with enabled = false, built only for `check --connect` (build_runtime's
+    # include_disabled): never polled.
+    disabled: tuple[AccountSpec, ...] = ()
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.sqlite3"
+
+    @property
+    def dead_letter_where(self) -> str:
+        """The dead-letter store for humans: a path, or imap://user@host:port/folder."""
+        if self.imap_store is not None:
+            s = self.imap_store
+            return f"imap://{s.username}@{s.host}:{s.port}/{s.folder}"
+        return str(self.dead_letter_path)
+
+
+def open_store(runtime: Runtime) -> DeadLetterArchive:
+    """The configured dead-letter store: the Maildir (default) or an IMAP folder."""
+    spec = runtime.imap_store
+    if spec is not None:
+        from connector.deadletter.imap import ImapStore  # here: aioimaplib costs start-up time
+
+        return ImapStore(
+            spec.host,
+            spec.port,
+            spec.tls,
+            spec.ssl_context,
+            spec.username,
+            spec.password,
+            spec.folder,
+        )
+    if runtime.dead_letter_path is None:  # build_runtime sets one or the other
+        raise ConfigError("dead_letter: neither a Maildir path nor an IMAP store is configured")
+    return MaildirStore(runtime.dead_letter_path)
+
+
+def shared_mailbox(config: SharedConfig, username: str = "") -> SharedMailbox:
+    """``[accounts.shared]`` as the router's plain values; ``username`` (the POP3 login), when
+    it is an address, is the catch-all's own and never a recipient."""
+    ignore = {a.lower() for a in config.ignore_addresses}
+    if "@" in username:
+        ignore.add(username.lower())
+    return SharedMailbox(
+        domains=frozenset(config.domains),
+        envelope_headers=tuple(config.envelope_headers),
+        header_recipients=config.header_recipients,
+        rules=tuple(Rule(r.match, tuple(r.deliver_to)) for r in config.rules),
+        rewrite_domain=config.rewrite_domain,
+        duplicate_window=config.duplicate_window if config.suppress_duplicates else 0.0,
+        ignore=frozenset(ignore),
+    )
+
+
+def build_runtime(settings: Settings, *, include_disabled: bool = False) -> Runtime:
+    """Turn validated settings into runtime objects; raises ConfigError (e.g. a bad ca_file).
+
+    ``include_disabled`` also builds the accounts with ``enabled = false`` (``disabled``), for
+    ``check --connect``; otherwise they are skipped, so a disabled account's bad ``ca_file``
+    never stops the service.
+    """
+    smtp, policy = _smtp(settings)
+    accounts: list[AccountSpec] = []
+    disabled: list[AccountSpec] = []
+    intervals: dict[str, float] = {}
+    for i, acct in enumerate(settings.accounts):
+        if not acct.enabled and not include_disabled:
+            continue
+        (accounts if acct.enabled else disabled).append(_account(settings, i))
+        if acct.enabled:
+            intervals[acct.name] = settings.poll_interval_of(acct)
+    notices = settings.notices
+    return Runtime(
+        accounts=tuple(accounts),
+        intervals=intervals,
+        smtp=smtp,
+        policy=policy,
+        state_dir=settings.service.state_dir,
+        dead_letter_path=dead_letter_path(settings),
+        max_parallel=settings.service.max_parallel_accounts,
+        shutdown_grace=settings.service.shutdown_grace,
+        transcripts=settings.service.log_level == "debug",
+        imap_store=_imap_store(settings),
+        disabled=tuple(disabled),
+        notices=None
+        if notices.postmaster is None
+        else NoticeSettings(
+            postmaster=notices.postmaster,
+            min_interval=notices.min_interval,
+            on_dead_letter=notices.on_dead_letter,
+            on_account_failing=notices.on_account_failing,
+        ),
+    )
+
+
+def _ssl_context(
+    tls: TlsMode, verify: bool, ca_file: Path | None, where: str
+) -> ssl.SSLContext | None:
+    """The client TLS context for ``tls`` (None without TLS); ``where`` names the config key."""
+    if tls is TlsMode.NONE:
+        return None
+    return make_ssl_context(verify, ca_file, where)
+
+
+def _smtp(settings: Settings) -> tuple[SmtpSettings, DeliveryPolicy]:
+    """``[smtp]``: the session's settings, and how messages go on the envelope."""
+    smtp_cfg = settings.smtp
+    smtp_tls = TlsMode(smtp_cfg.tls)
+    helo = smtp_cfg.helo_name or socket.getfqdn()
+    smtp = SmtpSettings(
+        host=smtp_cfg.host,
+        port=smtp_cfg.effective_port,
+        tls=smtp_tls,
+        ssl_context=_ssl_context(smtp_tls, smtp_cfg.verify_certificate, smtp_cfg.ca_file, "smtp"),
+        helo_name=helo,
+        username=smtp_cfg.username,
+        password=smtp_cfg.secret(),
+        dsn=smtp_cfg.dsn,
+        timeout=smtp_cfg.timeout,
+        data_termination_timeout=smtp_cfg.data_termination_timeout,
+    )
+    match smtp_cfg.envelope_sender:
+        case "return-path":
+            policy = DeliveryPolicy(SenderPolicy.RETURN_PATH, None, helo)
+        case "null":
+            policy = DeliveryPolicy(SenderPolicy.NULL, None, helo)
+        case address:
+            policy = DeliveryPolicy(SenderPolicy.FIXED, address, helo)
+    return smtp, policy
+
+
+def _account(settings: Settings, i: int) -> AccountSpec:
+    """``accounts[i]`` as the cycle takes it."""
+    acct = settings.accounts[i]
+    tls = TlsMode(acct.tls)
+    password: str | OAuth2TokenSource | None = acct.secret()
+    if acct.auth == "xoauth2":
+        # The config guarantees exactly one source (and no password) for XOAUTH2.
+        argv = acct.oauth2_argv()
+        password = OAuth2TokenSource(
+            f"accounts[{i}].oauth2_token_{'command' if argv else 'file'}",
+            file=acct.oauth2_token_file,
+            argv=argv,
+            secret_env=secret_env_names(settings),
+        )
+    if password is None:  # the config guarantees one; be explicit for the type checker
+        raise ConfigError(f"accounts[{i}].password: no password given")
+    return AccountSpec(
+        name=acct.name,
+        endpoint=Pop3Endpoint(
+            acct.host,
+            acct.effective_port,
+            tls,
+            _ssl_context(tls, acct.verify_certificate, acct.ca_file, f"accounts[{i}]"),
+            acct.host,
+            verify_certificate=acct.verify_certificate,
+            ca_file=acct.ca_file,
+        ),
+        username=acct.username,
+        password=password,
+        auth=AuthMethod(acct.auth),
+        deliver_to=tuple(acct.deliver_to),
+        max_deferral=acct.max_deferral,
+        max_message_size=acct.max_message_size,
+        leave_on_server=acct.leave_on_server,
+        delete_after=acct.delete_after,
+        oversize=Oversize(acct.oversize),
+        shared=None if acct.shared is None else shared_mailbox(acct.shared, acct.username),
+        cycle_timeout=settings.service.cycle_timeout,
+    )
+
+
+def _imap_store(settings: Settings) -> ImapStoreSpec | None:
+    """``[dead_letter] store = "imap"``, or None for the Maildir store."""
+    dl = settings.dead_letter
+    if not isinstance(dl, ImapDeadLetter):
+        return None
+    tls = TlsMode(dl.tls)
+    return ImapStoreSpec(
+        host=dl.host,
+        port=dl.effective_port,
+        tls=tls,
+        ssl_context=_ssl_context(tls, dl.verify_certificate, dl.ca_file, "dead_letter"),
+        username=dl.username or "",
+        password=dl.secret() or "",
+        folder=dl.folder,
+        verify_certificate=dl.verify_certificate,
+        ca_file=dl.ca_file,
+    )
