@@ -1,8 +1,8 @@
 """A message's header fields, read from its raw bytes within fixed bounds: pure, no I/O.
 
 Every caller that looks into a message's header (the envelope sender, a shared mailbox's
-recipients and Message-ID, the duplicate key, the identity digest of docs/design.md §5.1 step 6) goes through
-here, so the bounds are in one place:
+recipients and Message-ID, the duplicate key, the identity digest of docs/design.md §5.1
+step 6) goes through here, so the bounds are in one place:
 
 * The header block ends at the first empty line (RFC 5322 §2.1; a bare LF tolerated), looked
   for only in the first :data:`MAX_HEADER_BLOCK` octets: a message without one (or with a

@@ -5,9 +5,9 @@ file under ``tmp/`` with a unique name, fsync it, hard-link it into ``new/`` (a 
 rename, never replaces an existing file), remove the ``tmp/`` name.  Then one step both
 ``mailbox.Maildir.add`` and getmail6 skip: fsync the ``new/`` directory.  Without it a power
 loss can lose the directory entry although the file's data is on disk, and the message has
-been deleted upstream by then (docs/design.md §5.1 step 4 demands "file and directory fsynced").  A reader
-therefore only ever sees complete files, and only in ``new/`` (or ``cur/``, once a mail client
-has seen them).
+been deleted upstream by then (docs/design.md §5.1 step 4 demands "file and directory
+fsynced").  A reader therefore only ever sees complete files, and only in ``new/`` (or
+``cur/``, once a mail client has seen them).
 
 All filesystem work runs in a worker thread (``asyncio.to_thread``, docs/design.md §10.1).  Every
 ``OSError`` becomes :class:`~connector.errors.DeadLetterError`, whose text names the store and

@@ -111,8 +111,9 @@ class SessionEvidence:
 
     docs/design.md §6.2: a 5xx at MAIL depends on the message if another sender was accepted at
     MAIL in this session; a 5xx at RCPT of a fixed recipient, if that recipient was accepted
-    for another sender.  Probes are not recorded: the circuit breaker (cycle.refusal) must know whether a
-    real message got through.  Kept across reconnects: the server and our setup are the same.
+    for another sender.  Probes are not recorded: the circuit breaker (cycle.refusal) must know
+    whether a real message got through.  Kept across reconnects: the server and our setup are
+    the same.
 
     Two distinct senders per entry are enough to always find one that differs from a refused
     sender, so memory stays small whatever the number of messages.  Addresses are compared
