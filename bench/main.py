@@ -912,7 +912,7 @@ def report_fleet(rows: list[Row]) -> str:
                 f"{r['dovecot_cpu'] / max(r['cycles'], 1) * 1000:.2f}",
                 f"{r['rss_mib']:.0f} ({r['peak_rss_mib']:.0f})",
                 f"{led.get('messages', 0):,} ({led.get('gone', 0):,})",
-                f"{(led.get('bytes_db', 0) + led.get('bytes-wal', 0)) / 1024:,.0f}",
+                f"{(led.get('bytes_db', 0) + led.get('bytes_wal', 0)) / 1024:,.0f}",
                 _scrapes(r, "/metrics"),
                 _scrapes(r, "/status"),
                 spread,
@@ -955,11 +955,16 @@ def report_fleet(rows: list[Row]) -> str:
         f"{sec(run['running_line_s'])}), first poll after {sec(run['first_poll_s'])}; "
         f"{run['startup_cpu']:.2f} CPU s and {run['startup_rss_mib']:.0f} MiB at READY"
     )
+    between = (
+        f"{sec(run['reload_s'])} after round {run['reload_after_round']} (between rounds, "
+        f"{run['reload_cpu']:.2f} CPU s)"
+        if run["reload_s"] is not None
+        else "not reached between rounds"
+    )
     out.append(
         f"- reload (SIGHUP, the file unchanged): {sec(run['reload_busy_s'])} to "
-        "`configuration reloaded` in the middle of round 1 (cycles running), "
-        f"{sec(run['reload_s'])} after round {run['reload_after_round']} (between rounds, "
-        f"{run['reload_cpu']:.2f} CPU s); accounts it called changed: {run['reload_changed']}"
+        f"`configuration reloaded` in the middle of round 1 (cycles running), {between}; "
+        f"accounts it called changed: {run['reload_changed']}"
     )
     by_number = {r["number"]: r for r in rounds}
     k = run["pruned_before_round"]
