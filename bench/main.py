@@ -17,12 +17,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
-from bench import corpus, runners
+from bench import corpus, fleet, runners
 from bench.corpus import CorpusSpec, Mailbox, Message
 from bench.runners import Endpoints, ProcResult
 from tests.servers import DovecotServer, start_dovecot, stop_dovecot
 
 SCENARIOS: Final = ("throughput", "poison", "idle", "large")
+# Run only when asked for (--only fleet): ten thousand accounts over five rounds take minutes.
+ON_REQUEST: Final = ("fleet",)
 MB: Final = 1e6
 MIB: Final = 1024 * 1024
 CONNECTOR: Final = "pop3-connector"
@@ -71,6 +73,11 @@ class Scale:
     large_accounts: int = 8
     large_per_account: int = 3
     large_size: int = 25 * MIB
+    fleet_accounts: int = 10_000
+    fleet_rounds: int = 5
+    fleet_interval: float = 60.0
+    fleet_dead_letters: int = 0
+    fleet_tls: bool = False
 
 
 QUICK: Final = Scale(
@@ -82,6 +89,9 @@ QUICK: Final = Scale(
     large_accounts=2,
     large_per_account=1,
     large_size=2 * MIB,
+    fleet_accounts=200,
+    fleet_rounds=4,
+    fleet_interval=5.0,
 )
 
 
@@ -607,6 +617,66 @@ def large(b: Bench) -> None:
             )
 
 
+def fleet_scenario(b: Bench) -> None:
+    """One ``run`` process over thousands of accounts (bench/fleet.py), one Row per round."""
+    s = b.scale
+    print(
+        f"== fleet: {s.fleet_accounts} accounts, one `run` process, poll_interval "
+        f"{s.fleet_interval:g}s, {s.fleet_rounds} rounds; before each but the last, 1 % of the "
+        "accounts get 1-3 new messages",
+        flush=True,
+    )
+    opts = fleet.FleetOptions(
+        accounts=s.fleet_accounts,
+        rounds=max(s.fleet_rounds, fleet.MIN_ROUNDS),
+        interval=s.fleet_interval,
+        parallel=b.parallel,
+        cache=b.cache,
+        timeout=b.timeout,
+        dead_letters=s.fleet_dead_letters,
+        tls=s.fleet_tls,
+    )
+    try:
+        res = fleet.run(
+            b.dovecot,
+            b.receiver,
+            b.rundir("fleet"),
+            opts,
+            dovecot_cpu=lambda: tree_cpu(b.dovecot.proc.pid),
+        )
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        print(f"  ! fleet: {exc}", file=sys.stderr)
+        b.rows.append(Row("fleet", CONNECTOR, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, f"FAIL {exc}", None, -1))
+        return
+    summary = {k: v for k, v in res.as_dict().items() if k != "rounds"}
+    for r in res.rounds:
+        last = r.number == len(res.rounds)
+        check = res.check if last else ("ok" if r.failed == 0 else f"FAIL {r.failed} failed")
+        b.rows.append(
+            Row(
+                scenario="fleet",
+                runner=CONNECTOR,
+                rep=r.number,
+                messages=r.delivered,
+                bytes=0,
+                wall=r.wall,
+                cpu=r.cpu,
+                maxrss_mib=r.peak_rss_mib,
+                receiver_cpu=0.0,
+                check=check,
+                left_upstream=res.left_upstream if last else None,
+                rc=(res.rc if res.rc is not None else -1) if last else 0,
+                extra={
+                    "round": {
+                        **{k: v for k, v in asdict(r).items() if k != "starts"},
+                        "wall": r.wall,
+                    },
+                    "run": summary,
+                },
+            )
+        )
+
+
 # ------------------------------------------------------------------------------------------
 # tables
 # ------------------------------------------------------------------------------------------
@@ -799,6 +869,160 @@ def report_simple(rows: list[Row], scenario: str, title: str) -> str:
     return f"### {title}\n\n" + _table(head, table)
 
 
+def _scrapes(rnd: dict[str, Any], path: str) -> str:
+    """ "idle s (KiB); busy s" for one endpoint path in one round."""
+    parts = []
+    for busy in (False, True):
+        for sc in rnd["scrapes"]:
+            if sc["path"] == path and sc["busy"] == busy:
+                kib = "" if busy else f" ({sc['size'] / 1024:,.0f} KiB)"
+                parts.append(f"{'busy ' if busy else ''}{sc['seconds']:.3f}{kib}")
+    return "; ".join(parts) or "-"
+
+
+def report_fleet(rows: list[Row]) -> str:
+    fl = [r for r in rows if r.scenario == "fleet" and "round" in r.extra]
+    if not fl:
+        bad = [r for r in rows if r.scenario == "fleet"]
+        return f"### fleet\n\n{bad[0].check}" if bad else ""
+    run: dict[str, Any] = fl[0].extra["run"]
+    rounds: list[dict[str, Any]] = [r.extra["round"] for r in fl]
+    n, interval = run["accounts"], run["interval"]
+    table = []
+    for r in rounds:
+        led = r["ledger"]
+        spread = " ".join(str(c) for c in r["spread"])
+        if r["overflow"]:
+            spread += f" +{r['overflow']} later"
+        table.append(
+            [
+                str(r["number"])
+                + (
+                    " (cut short)"
+                    if r["partial"]
+                    else " (idle)"
+                    if r["number"] == run["planned_rounds"]
+                    else ""
+                ),
+                f"{r['cycles']:,}" + (f" ({r['failed']} failed)" if r["failed"] else ""),
+                f"{r['new_messages']} / {r['delivered']}",
+                f"{r['wall']:.1f}",
+                f"{r['cpu']:.2f}",
+                f"{r['cpu'] / max(r['cycles'], 1) * 1000:.2f}",
+                f"{r['dovecot_cpu'] / max(r['cycles'], 1) * 1000:.2f}",
+                f"{r['rss_mib']:.0f} ({r['peak_rss_mib']:.0f})",
+                f"{led.get('messages', 0):,} ({led.get('gone', 0):,})",
+                f"{(led.get('bytes_db', 0) + led.get('bytes_wal', 0)) / 1024:,.0f}",
+                _scrapes(r, "/metrics"),
+                _scrapes(r, "/status"),
+                spread,
+                f"{r['peak_logins_per_s']}",
+            ]
+        )
+    out = [
+        f"### fleet: {n:,} accounts, one `run` process, poll_interval {interval:g} s, "
+        f"max_parallel_accounts {run['parallel']}, "
+        f"{'POP3S (implicit TLS)' if run['tls'] else 'plain POP3'}, metrics on"
+        + (f", {run['dead_letters']:,} dead letters in the store" if run["dead_letters"] else "")
+        + "\n",
+        _table(
+            [
+                "round",
+                "polls",
+                "new / delivered",
+                "wall s",
+                "our CPU s",
+                "CPU ms/poll",
+                "Dovecot CPU ms/login",
+                "RSS (peak) MiB",
+                "ledger rows (gone)",
+                "ledger KiB (db+WAL)",
+                "/metrics s (size); busy",
+                "/status s (size); busy",
+                "polls per tenth of the interval",
+                "peak logins/s",
+            ],
+            table,
+        ),
+        "",
+    ]
+
+    def sec(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f} s"
+
+    out.append(
+        f"- start-up: READY after {sec(run['ready_s'])} (the `running` line after "
+        f"{sec(run['running_line_s'])}), first poll after {sec(run['first_poll_s'])}; "
+        f"{run['startup_cpu']:.2f} CPU s and {run['startup_rss_mib']:.0f} MiB at READY"
+    )
+    between = (
+        f"{sec(run['reload_s'])} after round {run['reload_after_round']} (between rounds, "
+        f"{run['reload_cpu']:.2f} CPU s)"
+        if run["reload_s"] is not None
+        else "not reached between rounds"
+    )
+    out.append(
+        f"- reload (SIGHUP, the file unchanged): {sec(run['reload_busy_s'])} to "
+        f"`configuration reloaded` in the middle of round 1 (cycles running), {between}; "
+        f"accounts it called changed: {run['reload_changed']}"
+    )
+    by_number = {r["number"]: r for r in rounds}
+    k = run["pruned_before_round"]
+    prune_ok: bool | None = None
+    if k and k in by_number and k - 1 in by_number:
+        before = by_number[k - 1]["ledger"].get("messages", 0)
+        after = by_number[k]["ledger"].get("messages", 0)
+        want = before - run["rows_aged"] + by_number[k]["delivered"]
+        prune_ok = run["rows_aged"] > 0 and after == want
+        out.append(
+            f"- pruning: {run['rows_aged']} gone rows aged 8 days after round {k - 1}; "
+            f"rows {before} -> {after} after round {k} (expected {want}: "
+            f"{'pruned' if prune_ok else 'NOT pruned'})"
+        )
+    else:
+        out.append(f"- pruning: not measured (it needs {fleet.PRUNE_ROUNDS} rounds)")
+    series = max((sc.get("series", 0) for r in rounds for sc in r["scrapes"]), default=0)
+    out.append(f"- /metrics: {series:,} series ({series / max(n, 1):.1f} per account)")
+    out.append(
+        f"- stop: SIGTERM to exit {sec(run['stop_s'])}, rc {run['rc']}; Dovecot logged "
+        f"{run['dovecot_logins']:,} logins for {sum(r['cycles'] for r in rounds):,} polls"
+    )
+    out.append(
+        f"- exactly once: {run['check']} ({run['expected']} messages), left upstream "
+        f"{run['left_upstream']}; log lines at WARNING or above: {len(run['warnings'])}"
+        + (f" (first: {run['warnings'][0][:160]})" if run["warnings"] else "")
+    )
+    last = rounds[-1]
+    idle_ms = last["cpu"] / max(last["cycles"], 1) * 1000
+    reached = last["number"] == run["planned_rounds"] and not last["partial"]
+    idle_what = "" if reached else f" (idle round not reached; round {last['number']}'s)"
+    peak = max(r["peak_rss_mib"] for r in rounds)
+    worst = {
+        path: max(
+            (sc["seconds"] for r in rounds for sc in r["scrapes"] if sc["path"] == path),
+            default=float("nan"),
+        )
+        for path in ("/metrics", "/status")
+    }
+
+    def goal(ok: bool | None) -> str:
+        return "not measured" if ok is None else "met" if ok else "MISSED"
+
+    start = run["ready_s"]
+    reloads = [v for v in (run["reload_s"], run["reload_busy_s"]) if v is not None]
+    reload_s = max(reloads) if reloads else None
+    out.append(
+        "- goals: our CPU per idle poll < 0.5 ms: "
+        f"{idle_ms:.2f} ms{idle_what} {goal(idle_ms < 0.5)}; RSS < 150 MiB: {peak:.0f} "
+        f"{goal(peak < 150)}; ledger growth bounded: {goal(prune_ok)}; /metrics < 1 s: "
+        f"{worst['/metrics']:.2f} {goal(worst['/metrics'] < 1)}; /status < 1 s: "
+        f"{worst['/status']:.2f} {goal(worst['/status'] < 1)}; start < 2 s: {sec(start)} "
+        f"{goal(start is not None and start < 2)}; reload < 2 s: {sec(reload_s)} "
+        f"{goal(reload_s is not None and reload_s < 2)}"
+    )
+    return "\n".join(out)
+
+
 def report(rows: list[Row], scale: Scale, parallel: int, dovecot: str) -> str:
     parts = [
         report_throughput(rows),
@@ -814,6 +1038,7 @@ def report(rows: list[Row], scale: Scale, parallel: int, dovecot: str) -> str:
             f"{60 + 2 * scale.large_accounts * scale.large_size / MIB:.0f}"
             " MiB (60 MiB + twice the bytes in flight)",
         ),
+        report_fleet(rows),
     ]
     head = (
         f"pop3-connector max_parallel_accounts = {parallel} (large: one per account); "
@@ -830,7 +1055,12 @@ def report(rows: list[Row], scale: Scale, parallel: int, dovecot: str) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/run", description=__doc__)
     p.add_argument("--quick", action="store_true", help="small corpus, 1 repetition (< 1 min)")
-    p.add_argument("--only", choices=SCENARIOS, action="append", help="run only this scenario")
+    p.add_argument(
+        "--only",
+        choices=SCENARIOS + ON_REQUEST,
+        action="append",
+        help="run only this scenario (repeatable); fleet runs only when named here",
+    )
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 3; quick: 1)")
     p.add_argument("--json", metavar="FILE", help="write the raw results here")
     p.add_argument(
@@ -864,6 +1094,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="FILE",
         help="throughput: one more pop3-connector run under cProfile, stats written here",
     )
+    p.add_argument(
+        "--fleet-accounts", type=int, help="fleet: accounts (default 10,000; quick: 200)"
+    )
+    p.add_argument("--fleet-rounds", type=int, help="fleet: rounds, at least 4 (default 5)")
+    p.add_argument(
+        "--fleet-interval",
+        type=float,
+        help="fleet: poll_interval in seconds (default 60; quick: 5); longer than a round",
+    )
+    p.add_argument(
+        "--fleet-dead-letters",
+        type=int,
+        help="fleet: dead letters in the store at start, spread over the accounts (default 0)",
+    )
+    p.add_argument(
+        "--fleet-tls",
+        action="store_true",
+        help="fleet: the accounts on POP3S (implicit TLS) instead of plain POP3",
+    )
     return p.parse_args(argv)
 
 
@@ -878,6 +1127,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"bench: {tool} is missing; bench/run installs it", file=sys.stderr)
             return 1
     scale = QUICK if args.quick else Scale()
+    fleet_args = {
+        "fleet_accounts": args.fleet_accounts,
+        "fleet_rounds": args.fleet_rounds,
+        "fleet_interval": args.fleet_interval,
+        "fleet_dead_letters": args.fleet_dead_letters,
+        "fleet_tls": args.fleet_tls or None,
+    }
+    scale = replace(scale, **{k: v for k, v in fleet_args.items() if v is not None})
     reps = args.reps if args.reps is not None else (1 if args.quick else 3)
     chosen = args.only or list(SCENARIOS)
     cache = Path(args.cache)
@@ -912,8 +1169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "poison": poison,
             "idle": idle,
             "large": large,
+            "fleet": fleet_scenario,
         }
-        for name in SCENARIOS:
+        for name in SCENARIOS + ON_REQUEST:
             if name in chosen:
                 steps[name](bench)
     finally:
