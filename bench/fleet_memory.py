@@ -98,9 +98,10 @@ class Steps:
 
 async def _service_steps(config: Path, steps: Steps, reloads: int) -> None:
     from connector.config import load_settings
-    from connector.fetcher import CycleStats
+    from connector.cycle import CycleStats
     from connector.metrics import Metrics
-    from connector.service import _wait_any, build_runtime, open_service
+    from connector.runtime import build_runtime
+    from connector.service import _wait_any, open_service
 
     settings = load_settings(config)
     steps.mark("load_settings")
