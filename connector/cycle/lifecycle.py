@@ -66,7 +66,14 @@ from types import TracebackType
 from typing import Final, NamedTuple, Protocol, Self, TypeVar
 
 from connector.cycle.commit import GroupCommit, Tickets
-from connector.cycle.identity import Identities, Reader, duplicate_key, uid_listing
+from connector.cycle.identity import (
+    Identities,
+    Reader,
+    Renumbering,
+    carry_over,
+    duplicate_key,
+    uid_listing,
+)
 from connector.cycle.refusal import Breaker, Verdict, refusal_summary, verdict
 from connector.cycle.trace import trace_header
 from connector.cycle.values import AccountSpec, CycleStats, DeliveryPolicy, Outcome, Oversize
@@ -82,7 +89,7 @@ from connector.errors import (
     SmtpStage,
 )
 from connector.ledger import Identity, LedgerEntry, MessageState, RecipientsDone
-from connector.pop3 import AuthMethod, Pop3Client, Retrieved
+from connector.pop3 import AuthMethod, Pop3Client, Pop3Endpoint, Pop3Timeouts, Retrieved
 from connector.pop3.client import TokenSource
 from connector.recipients import message_id, route
 from connector.smtp import Delivered, Envelope, envelope_sender
@@ -117,6 +124,12 @@ class Ledger(Tickets, Protocol):
     ) -> dict[str, LedgerEntry]: ...
 
     async def forget(self, account: str, uidls: Collection[str]) -> None: ...
+
+    async def entries_outside(
+        self, account: str, family: str, current: str
+    ) -> builtins.list[LedgerEntry]: ...
+
+    async def rekey(self, account: str, renames: Mapping[str, str]) -> None: ...
 
     async def prove_writable(self, now: float) -> None: ...
 
@@ -256,6 +269,37 @@ class LogObserver:
         )
 
 
+def _source(account: AccountSpec) -> Callable[..., Awaitable[Pop3Session]]:
+    """How a cycle connects to the account's mailbox: POP3, or an IMAP folder
+    (``connector.imap.ImapSession``, loaded only for an IMAP account)."""
+    options = account.imap
+    if options is None:
+        return Pop3Client.connect
+    from connector.imap.session import ImapSession
+
+    async def imap(
+        endpoint: Pop3Endpoint,
+        timeouts: Pop3Timeouts,
+        *,
+        max_message_size: int,
+        transcript: logging.Logger | None = None,
+    ) -> Pop3Session:
+        return await ImapSession.connect(
+            endpoint,
+            timeouts,
+            options=options,
+            keep=account.leave_on_server,
+            max_message_size=max_message_size,
+            # The IMAP transcript has a logger of its own (docs/design.md §11.3).
+            transcript=IMAP_TRANSCRIPT if transcript is not None else None,
+        )
+
+    return imap
+
+
+IMAP_TRANSCRIPT: Final = logging.getLogger("connector.transcript.imap")
+
+
 # --------------------------------------------------------------------------------------------
 # The cycle
 # --------------------------------------------------------------------------------------------
@@ -336,7 +380,7 @@ class Cycle:
         stopping: asyncio.Event | None = None,
         clock: Callable[[], float] = time.time,
         transcript: logging.Logger | None = None,
-        connect: Callable[..., Awaitable[Pop3Session]] = Pop3Client.connect,
+        connect: Callable[..., Awaitable[Pop3Session]] | None = None,
     ) -> None:
         self.account = account
         self.ledger = ledger
@@ -347,7 +391,7 @@ class Cycle:
         self.stopping = stopping or asyncio.Event()
         self.clock = clock
         self.transcript = transcript
-        self._connect = connect
+        self._connect = connect if connect is not None else _source(account)
         self.stats = CycleStats()
         self.commits = GroupCommit(ledger)
         self.identities = Identities(account.name)
@@ -397,6 +441,9 @@ class Cycle:
             self.stats.mailbox_known = True
             sizes = dict(await pop.list()) if count else {}
             listing = await uid_listing(pop, count, sizes) if count else []
+            if listing and isinstance(pop, Renumbering):
+                # Before the sync, which would forget rows listed under other identifiers.
+                await carry_over(self.ledger, acct.name, pop, listing, sizes)
             known = await self.ledger.sync_listing(
                 acct.name,
                 [uid for _, uid in listing],
@@ -630,6 +677,7 @@ class Cycle:
             m.raw,
             pop_host=acct.endpoint.host,
             by_host=policy.helo_name,
+            protocol="POP3" if acct.imap is None else "IMAP",
             uidl=m.uid,
             recipients=todo,
             now=datetime.fromtimestamp(self.clock(), UTC),

@@ -8,6 +8,7 @@ import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from connector.imap import ImapOptions
 from connector.pop3 import AuthMethod, Pop3Endpoint, Pop3Timeouts
 from connector.recipients import SharedMailbox
 from connector.smtp import SenderPolicy
@@ -51,6 +52,9 @@ class AccountSpec:
     # The whole cycle's deadline, connect to QUIT ([service] cycle_timeout): the per-read
     # timeouts alone let a server that sends a byte now and then hold a cycle for ever.
     cycle_timeout: float = 3600.0
+    # protocol = "imap": the folder, its login and push (docs/design.md §14); None for POP3.
+    # ``endpoint`` then names the IMAP server, and ``auth`` is not used (ImapOptions.auth is).
+    imap: ImapOptions | None = None
 
 
 @dataclass(frozen=True, slots=True)
