@@ -120,6 +120,11 @@ class IdleWatcher:
         self.renewals = 0  # IDLE ended with DONE and issued again
 
     @property
+    def next_attempt(self) -> float:
+        """When a failed connection is tried again (the watcher's clock); 0: at once."""
+        return self._retry_at
+
+    @property
     def active(self) -> bool:
         """True while a connection is held in IDLE."""
         return self._client is not None and self._client.idling
