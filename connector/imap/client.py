@@ -562,6 +562,11 @@ class ImapClient:
                 return listed.separator
         raise self._poison(Pop3ProtocolError("LIST did not report a hierarchy separator"))
 
+    async def _listed(self, name: str) -> bool:
+        status, kept = await self._command("LIST", '""', name, keep=True)
+        self._check(status, "LIST")
+        return any(parse_list(ev) is not None for ev in kept)
+
     async def select(self, folder: str, *, read_only: bool = False) -> Selected:
         """SELECT (or EXAMINE) ``folder``; ImapResponseError when it cannot be opened."""
         verb = "EXAMINE" if read_only else "SELECT"
@@ -570,6 +575,12 @@ class ImapClient:
         self.exists = 0
         status, kept = await self._command(verb, name, keep=True)
         if status.status is not Status.OK:
+            if status.code in (None, "TRYCREATE") and not await self._listed(name):
+                # Servers say "no such folder" differently (RFC 5530 NONEXISTENT, or a plain
+                # NO as Dovecot does); asked with LIST, it is a setting to fix, not a retry.
+                raise ImapResponseError(
+                    verb, f"the folder {folder!r} does not exist ({status.text})", "NONEXISTENT"
+                )
             raise self._refusal(verb, status)
         uidvalidity: int | None = None
         uidnext: int | None = None

@@ -221,3 +221,24 @@ def test_wrong_password_parks_the_account(
     assert len(s.upstream()) == 1
     with sqlite3.connect(s.state_dir / "ledger.sqlite3") as db:
         assert db.execute("SELECT failing FROM accounts").fetchone() == (1,)
+
+
+def test_check_connect_logs_in_and_examines_the_folder(
+    setup_factory: Callable[..., Setup], capsys: pytest.CaptureFixture[str]
+) -> None:
+    s = imap_setup(setup_factory, tls="starttls")
+    s.dovecot.deliver_many(s.user, [message(1), message(2)])
+    assert s.run("check", "--connect") == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("imap info"))
+    assert " ok " in line
+    assert "2 message(s)" in line
+    assert "IDLE offered (push)" in line
+    assert len(s.upstream()) == 2  # nothing fetched, nothing flagged
+
+    s.config.write_text(s.config.read_text() + 'folder = "Nowhere"\n')
+    assert s.run("check", "--connect") == 1
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("imap info"))
+    assert "FAILED" in line
+    assert "NONEXISTENT" in line
