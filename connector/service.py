@@ -178,6 +178,7 @@ class AccountState:
     last: CycleResult | None = None
     next_poll: float | None = None
     removed: bool = False  # dropped from the config by a reload: its loop ends after this cycle
+    watcher: IdleWatcher | None = None  # an IMAP account waiting with IDLE (docs/design.md §14.3)
 
 
 class _Observers:
@@ -339,6 +340,12 @@ class Service:
             self.runtime.smtp, transcript=SMTP_TRANSCRIPT if self.runtime.transcripts else None
         )
         recorded = RecordingStore(self.store)  # what the dead-letter digest names
+        connect = None
+        if state.watcher is not None and state.watcher.spec == spec and spec.imap is not None:
+            from connector.imap.session import ImapSession
+
+            # The cycle runs on the watcher's connection: no new login (docs/design.md §14.3).
+            connect = ImapSession.opener(spec.imap, keep=spec.leave_on_server, lender=state.watcher)
         cycle = Cycle(
             spec,
             ledger=self.ledger,
@@ -349,6 +356,7 @@ class Service:
             stopping=self.stopping,
             clock=self.clock,
             transcript=POP3_TRANSCRIPT if self.runtime.transcripts else None,
+            connect=connect,
         )
         try:
             stats = await cycle.run()
@@ -554,9 +562,10 @@ class Service:
                 log.debug(
                     "account=%s next poll in %.0fs (ok=%s)", state.spec.name, delay, result.ok
                 )
-                watcher = await self._watcher(state, watcher)
+                watcher = state.watcher = await self._watcher(state, watcher)
                 await self._wait(state, watcher, max(delay, 0.0))
         finally:
+            state.watcher = None
             if watcher is not None:
                 # SIGTERM, removal, a BUG: DONE and LOGOUT (dropped if this is cancelled).
                 await watcher.close()

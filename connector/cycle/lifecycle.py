@@ -89,7 +89,7 @@ from connector.errors import (
     SmtpStage,
 )
 from connector.ledger import Identity, LedgerEntry, MessageState, RecipientsDone
-from connector.pop3 import AuthMethod, Pop3Client, Pop3Endpoint, Pop3Timeouts, Retrieved
+from connector.pop3 import AuthMethod, Pop3Client, Retrieved
 from connector.pop3.client import TokenSource
 from connector.recipients import message_id, route
 from connector.smtp import Delivered, Envelope, envelope_sender
@@ -272,32 +272,11 @@ class LogObserver:
 def _source(account: AccountSpec) -> Callable[..., Awaitable[Pop3Session]]:
     """How a cycle connects to the account's mailbox: POP3, or an IMAP folder
     (``connector.imap.ImapSession``, loaded only for an IMAP account)."""
-    options = account.imap
-    if options is None:
+    if account.imap is None:
         return Pop3Client.connect
     from connector.imap.session import ImapSession
 
-    async def imap(
-        endpoint: Pop3Endpoint,
-        timeouts: Pop3Timeouts,
-        *,
-        max_message_size: int,
-        transcript: logging.Logger | None = None,
-    ) -> Pop3Session:
-        return await ImapSession.connect(
-            endpoint,
-            timeouts,
-            options=options,
-            keep=account.leave_on_server,
-            max_message_size=max_message_size,
-            # The IMAP transcript has a logger of its own (docs/design.md §11.3).
-            transcript=IMAP_TRANSCRIPT if transcript is not None else None,
-        )
-
-    return imap
-
-
-IMAP_TRANSCRIPT: Final = logging.getLogger("connector.transcript.imap")
+    return ImapSession.opener(account.imap, keep=account.leave_on_server)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Waiting for new mail with IMAP IDLE (RFC 2177) between an account's cycles.
 
 An IMAP account with ``push = true`` does not only sleep until its next poll: while it waits,
-an :class:`IdleWatcher` holds one connection of its own on the folder, read-only (EXAMINE, so
-that it never changes ``\\Recent`` or anything else), in IDLE.  The scheduler
-(``service.Service``) calls :meth:`IdleWatcher.wait` instead of sleeping; it returns
+an :class:`IdleWatcher` holds one connection on the folder (logged in, the folder selected) in
+IDLE.  The scheduler (``service.Service``) calls :meth:`IdleWatcher.wait` instead of sleeping;
+it returns
 
 * :attr:`Wake.MAIL` when the server announces a new message (an ``EXISTS`` that raises the
   count), or when the watcher has just (re)connected: mail that came while it had no
@@ -12,8 +12,12 @@ that it never changes ``\\Recent`` or anything else), in IDLE.  The scheduler
 * :attr:`Wake.TIMEOUT` when the time asked for has passed (the poll interval: a full cycle
   then runs anyway, the safety net for a push that never came).
 
-The connection stays open across cycles (the cycle has its own), so a message that arrives
-during a cycle is announced on it and read at the next wait.  IDLE is ended with ``DONE`` and
+The account's cycles run on the same connection: the watcher lends it (:meth:`IdleWatcher.lend`:
+``DONE``, then the cycle lists, fetches, flags and expunges on it, with no new TCP connection,
+login or SELECT) and takes it back (:meth:`IdleWatcher.give_back`) to issue IDLE again at the
+next wait.  So a cycle that new mail starts costs what is new, and the time from Dovecot's
+``EXISTS`` to Exchange's ``250`` is a few round trips (bench/README.md, "push").  A cycle that
+fails closes the connection; the next wait opens a new one.  IDLE is ended with ``DONE`` and
 issued again every ``idle_renewal`` seconds (RFC 2177 §3: at least every 29 minutes).
 
 A server without IDLE (no ``IDLE`` capability after login) is not watched: ``wait`` sleeps as
@@ -44,7 +48,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, Protocol
 
-from connector.errors import ConfigError, Pop3Error
+from connector.errors import ConfigError, Pop3ConnectionError, Pop3Error
 from connector.imap import ImapOptions
 from connector.imap.client import ImapClient
 from connector.imap.protocol import Response
@@ -118,6 +122,7 @@ class IdleWatcher:
         self.supported: bool | None = None  # None: not known yet; False: no IDLE, polled
         self.connections = 0  # connections opened (for tests and logs)
         self.renewals = 0  # IDLE ended with DONE and issued again
+        self.lent = 0  # cycles that ran on the watcher's connection
 
     @property
     def next_attempt(self) -> float:
@@ -150,6 +155,10 @@ class IdleWatcher:
             if self.supported is False:
                 return await _sleep(wake, deadline - now)
             client = self._client
+            if client is not None and client.closed:
+                # A cycle that ran on it failed, or the server went away while it was lent.
+                await self._dropped(Pop3ConnectionError("the connection was closed"))
+                continue
             if client is None:
                 if now < self._retry_at:
                     if await _sleep(wake, min(deadline, self._retry_at) - now) is Wake.EVENT:
@@ -224,6 +233,30 @@ class IdleWatcher:
         self.renewals += 1
         log.debug("account=%s: IDLE renewed", self.spec.name)
 
+    # -- lending the connection to a cycle ----------------------------------------------------
+
+    async def lend(self) -> ImapClient | None:
+        """The connection, out of IDLE (DONE answered), its folder selected, for a cycle
+        (``ImapSession``); None when there is none.  Given back with :meth:`give_back`."""
+        client = self._client
+        if client is None or client.closed:
+            return None
+        try:
+            if client.idling:
+                await self._end_idle(client)
+        except (Pop3Error, TimeoutError) as exc:
+            await self._dropped(Pop3ConnectionError(f"ending IDLE for a cycle: {exc}"))
+            return None
+        client.new_mail = False  # the cycle lists the folder: it sees what EXISTS announced
+        self.lent += 1
+        return client
+
+    def give_back(self, client: ImapClient) -> None:
+        """The cycle is done with the connection; IDLE again at the next wait (a closed one:
+        the next wait opens a new one)."""
+        if client is not self._client:
+            return
+
     # -- connecting ----------------------------------------------------------------------------
 
     async def _open(self) -> bool:
@@ -245,7 +278,7 @@ class IdleWatcher:
                 )
                 await client.logout()
                 return False
-            await client.select(self.options.folder, read_only=True)
+            await client.select(self.options.folder)
             await client.idle()
         except (Pop3Error, ConfigError) as exc:
             if client is not None:

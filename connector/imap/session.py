@@ -41,9 +41,9 @@ from __future__ import annotations
 
 import builtins
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, Protocol, Self
 
 from connector.errors import ImapResponseError, Pop3ProtocolError
 from connector.imap import ImapAuth, ImapOptions
@@ -52,6 +52,7 @@ from connector.imap.protocol import literal_cap, uid_set, uid_sets
 from connector.pop3.client import AuthMethod, Pop3Endpoint, Pop3Timeouts, Retrieved
 
 log = logging.getLogger(__name__)
+TRANSCRIPT: Final = logging.getLogger("connector.transcript.imap")
 
 FETCH_WINDOW: Final = 32  # messages one UID FETCH asks for at most (the POP3 RETR window)
 FETCH_WINDOW_OCTETS: Final = 4 * 1024 * 1024  # and octets, beyond the first message
@@ -68,8 +69,25 @@ def message_key(uidvalidity: int, uid: int) -> str:
 KEY_PREFIX: Final = "imap:"
 
 
+class Lender(Protocol):
+    """Who lends a cycle a connection that is logged in with the folder selected
+    (``idle.IdleWatcher``: its IDLE connection, between two waits)."""
+
+    async def lend(self) -> ImapClient | None:
+        """The connection, out of IDLE; None when there is none to lend."""
+        ...
+
+    def give_back(self, client: ImapClient) -> None:
+        """The cycle is done with it (closed, if the cycle failed)."""
+        ...
+
+
 class ImapSession:
-    """One IMAP session over the configured folder, as the cycle's ``Pop3Session``."""
+    """One IMAP session over the configured folder, as the cycle's ``Pop3Session``.
+
+    ``lender``: the connection is borrowed, already logged in with the folder selected: the
+    cycle sends no LOGIN, SELECT or LOGOUT on it, and :meth:`quit` gives it back.
+    """
 
     def __init__(
         self,
@@ -78,15 +96,18 @@ class ImapSession:
         *,
         max_message_size: int,
         keep: bool = False,
+        lender: Lender | None = None,
     ) -> None:
         self._client = client
         self._options = options
         self._max_message_size = max_message_size
         self._keep = keep
+        self._lender = lender
         self._sizes: dict[int, int] = {}
         self._deleted: list[int] = []
         self.uidvalidity = 0
         self.expunged = True  # False when quit() left our \Deleted messages in place
+        self._returned = False  # a borrowed connection given back by quit()
 
     @classmethod
     async def connect(
@@ -102,6 +123,39 @@ class ImapSession:
         """Connect (TLS as configured); ``keep`` (leave_on_server): a read-only folder will do."""
         client = await ImapClient.connect(endpoint, timeouts, transcript=transcript)
         return cls(client, options, max_message_size=max_message_size, keep=keep)
+
+    @classmethod
+    def opener(
+        cls, options: ImapOptions, *, keep: bool, lender: Lender | None = None
+    ) -> Callable[..., Awaitable[ImapSession]]:
+        """The cycle's ``connect`` for an IMAP account: the lender's connection when it has
+        one (a cycle that IDLE woke, or any cycle of an account that waits with IDLE: no new
+        login, docs/design.md §14.3), else a new one."""
+
+        async def connect(
+            endpoint: Pop3Endpoint,
+            timeouts: Pop3Timeouts,
+            *,
+            max_message_size: int,
+            transcript: logging.Logger | None = None,
+        ) -> ImapSession:
+            client = await lender.lend() if lender is not None else None
+            if client is not None:
+                return cls(
+                    client, options, max_message_size=max_message_size, keep=keep, lender=lender
+                )
+            # The IMAP transcript has a logger of its own (docs/design.md §11.3).
+            log_to = TRANSCRIPT if transcript is not None else None
+            return await cls.connect(
+                endpoint,
+                timeouts,
+                options=options,
+                keep=keep,
+                max_message_size=max_message_size,
+                transcript=log_to,
+            )
+
+        return connect
 
     @property
     def client(self) -> ImapClient:
@@ -131,9 +185,12 @@ class ImapSession:
         method: AuthMethod | ImapAuth = ImapAuth.AUTO,
     ) -> None:
         """Log in as the account's ``auth`` says (``method``, a POP3 name, is not used), then
-        SELECT the folder; ImapResponseError if it cannot be opened for what we must do."""
-        await self._client.login(username, password, self._options.auth)
-        selected = await self._client.select(self._options.folder)
+        SELECT the folder; ImapResponseError if it cannot be opened for what we must do.
+        A borrowed connection is logged in and selected already."""
+        selected = self._client.selected
+        if self._lender is None or selected is None:
+            await self._client.login(username, password, self._options.auth)
+            selected = await self._client.select(self._options.folder)
         if selected.read_only and not self._keep:
             # Nothing could be deleted: every message would be delivered, then stay.
             raise ImapResponseError(
@@ -245,9 +302,15 @@ class ImapSession:
                         await client.uid_expunge(uids_part)
                 else:
                     await self._expunge_if_only_ours(uids)
+            if self._lender is not None:
+                lender, self._lender = self._lender, None
+                lender.give_back(client)  # back to IDLE at the next wait, no LOGOUT
+                self._returned = True
+                return ""
             return await client.logout()
         finally:
-            await client.close()
+            if not self._returned:
+                await client.close()
 
     async def _expunge_if_only_ours(self, ours: Sequence[int]) -> None:
         flagged = set(await self._client.uid_search("DELETED"))
@@ -266,7 +329,13 @@ class ImapSession:
         await self._client.expunge()
 
     async def close(self) -> None:
+        """Drop the connection (a borrowed one too: after a failure it is out of step)."""
+        if self._returned:
+            return
         await self._client.close()
+        if self._lender is not None:
+            lender, self._lender = self._lender, None
+            lender.give_back(self._client)  # closed: the lender opens a new one
 
     async def __aenter__(self) -> Self:
         return self
@@ -274,4 +343,4 @@ class ImapSession:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self._client.close()
+        await self.close()

@@ -254,7 +254,7 @@ async def test_exists_wakes_the_watcher_and_close_says_done_and_logout(
     waiting = asyncio.create_task(watcher.wait(600, [stop]))
     server.add_message(USER, mail(1))
     assert await asyncio.wait_for(waiting, 10) is Wake.MAIL
-    assert server.commands.count("EXAMINE") == 1  # read-only: never changes the folder
+    assert server.commands.count("SELECT") == 1
     waiting = asyncio.create_task(watcher.wait(600, [stop]))
     await asyncio.sleep(0.05)  # back in IDLE, its read of the server's next response pending
     stop.set()  # as SIGTERM does
