@@ -567,8 +567,13 @@ class Service:
         finally:
             state.watcher = None
             if watcher is not None:
-                # SIGTERM, removal, a BUG: DONE and LOGOUT (dropped if this is cancelled).
-                await watcher.close()
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # Past shutdown_grace (or a BUG elsewhere): drop it, wait for nothing.
+                    await watcher.abort()
+                else:
+                    # SIGTERM, removal: DONE and LOGOUT (docs/design.md §14.3).
+                    await watcher.close()
 
     async def _watcher(
         self, state: AccountState, current: IdleWatcher | None

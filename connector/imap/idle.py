@@ -328,6 +328,12 @@ class IdleWatcher:
         if client is not None:
             await client.close()
 
+    async def abort(self) -> None:
+        """Drop the connection without DONE or LOGOUT (a stop past its grace)."""
+        client, self._client = self._client, None
+        self._report()
+        await self._discard(client)
+
     async def close(self) -> None:
         """End IDLE with DONE and LOGOUT (RFC 2177 §3, RFC 3501 §6.1.3); if that fails or is
         cancelled, drop the connection."""
