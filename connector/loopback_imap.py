@@ -94,8 +94,12 @@ class LoopbackImapServer(_LoopbackServer):
         xoauth2_tokens: dict[str, str] | None = None,
         separator: str = "/",
         understate_sizes: int = 0,
+        chatty: bool = False,
     ) -> None:
         super().__init__()
+        # Before each message's body, an unsolicited FETCH with its flags (as a server sends
+        # when another session changed them, RFC 3501 §7.4.2).
+        self.chatty = chatty
         self.understate_sizes = understate_sizes  # RFC822.SIZE this much below the truth
         self.users = dict(users)
         self.ssl_context = ssl_context
@@ -353,6 +357,8 @@ class _ImapSession:
         for seq, m in enumerate(box.messages, 1):
             if m not in wanted:
                 continue
+            if self.srv.chatty and "BODY" in items:
+                self.writer.write(f"* {seq} FETCH (FLAGS (\\Seen) UID {m.uid})\r\n".encode())
             parts = [f"UID {m.uid}".encode()]
             if "RFC822.SIZE" in items:
                 size = max(len(m.raw) - self.srv.understate_sizes, 0)

@@ -274,10 +274,10 @@ class ImapSession:
             async for item in self._client.uid_fetch(
                 uid_set(batch), "(UID BODY.PEEK[])", max_literal=cap
             ):
-                if item.uid not in wanted:
-                    continue  # another client's flag change, or a duplicate answer
+                if item.uid not in wanted or "BODY[]" not in item.bodies:
+                    continue  # another client's flag change (RFC 3501 §7.4.2), or a repeat
                 wanted.discard(item.uid)
-                body = item.bodies.get("BODY[]")
+                body = item.bodies["BODY[]"]
                 if body is None:
                     raise Pop3ProtocolError(f"the server sent no content for UID {item.uid}")
                 if len(body) > self._cap(item.uid):

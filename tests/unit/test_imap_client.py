@@ -151,6 +151,18 @@ async def test_the_folder_as_a_session(server: LoopbackImapServer) -> None:
     assert server.commands[-3:] == ["UID STORE", "UID EXPUNGE", "LOGOUT"]
 
 
+async def test_unsolicited_flag_updates_are_not_taken_for_messages(
+    server: LoopbackImapServer,
+) -> None:
+    server.chatty = True
+    uids = [server.add_message(USER, mail(i)) for i in range(3)]
+    async with await session(server) as s:
+        await s.stat()
+        got = [r async for r in s.retrieve_many(uids)]
+        assert [r.raw for r in got] == [mail(i) for i in range(3)]
+        assert await s.top(uids[1], 0) == b"Subject: message 1\r\nMessage-ID: <1@x>\r\n\r\n"
+
+
 async def test_a_fetch_left_early_is_read_to_its_end(server: LoopbackImapServer) -> None:
     uids = [server.add_message(USER, mail(i)) for i in range(10)]
     async with await session(server) as s:
