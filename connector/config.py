@@ -628,7 +628,7 @@ class AccountConfig(_Endpoint):
 
     name: Annotated[str, AfterValidator(_account_name)]
     # "pop3" (the default) or "imap": an IMAP folder collected like a POP3 mailbox, waiting
-    # with IDLE where the server offers it (docs/design.md §15).
+    # with IDLE where the server offers it (docs/design.md §14).
     protocol: Literal["pop3", "imap"] = "pop3"
     tls: Literal["implicit", "starttls", "none"] = "implicit"
     username: Annotated[str, AfterValidator(_pop3_username)]

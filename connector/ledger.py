@@ -697,7 +697,7 @@ class Ledger:
     async def entries_outside(self, account: str, family: str, current: str) -> list[LedgerEntry]:
         """The rows of ``account`` whose key starts with ``family`` but not with ``current``:
         an IMAP folder's rows under another UIDVALIDITY than the one it has now (``imap:``,
-        ``imap:<UIDVALIDITY>:``, docs/design.md §15.2).  Two ranges of the primary key: ":"
+        ``imap:<UIDVALIDITY>:``, docs/design.md §14.2).  Two ranges of the primary key: ":"
         ends each prefix, and ";" follows ":" in ASCII."""
         if not family.endswith(":") or not current.startswith(family) or not current.endswith(":"):
             raise ValueError("prefixes must end with ':' and current must extend family")
@@ -714,7 +714,7 @@ class Ledger:
     async def rekey(self, account: str, renames: Mapping[str, str]) -> None:
         """Move rows (and the recipients done under their ``uidl:`` keys) from old keys to new
         ones, in one transaction: the same messages listed under new identifiers (an IMAP
-        folder whose UIDVALIDITY changed, docs/design.md §15.2).  A new key that already has
+        folder whose UIDVALIDITY changed, docs/design.md §14.2).  A new key that already has
         a row keeps it; the old row then stays, to be forgotten by the listing sync."""
         pairs = [(new, account, old) for old, new in renames.items()]
 

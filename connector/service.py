@@ -178,7 +178,7 @@ class AccountState:
     last: CycleResult | None = None
     next_poll: float | None = None
     removed: bool = False  # dropped from the config by a reload: its loop ends after this cycle
-    watcher: IdleWatcher | None = None  # an IMAP account waiting with IDLE (docs/design.md §15.3)
+    watcher: IdleWatcher | None = None  # an IMAP account waiting with IDLE (docs/design.md §14.3)
 
 
 class _Observers:
@@ -344,7 +344,7 @@ class Service:
         if state.watcher is not None and state.watcher.spec == spec and spec.imap is not None:
             from connector.imap.session import ImapSession
 
-            # The cycle runs on the watcher's connection: no new login (docs/design.md §15.3).
+            # The cycle runs on the watcher's connection: no new login (docs/design.md §14.3).
             connect = ImapSession.opener(spec.imap, keep=spec.leave_on_server, lender=state.watcher)
         cycle = Cycle(
             spec,
@@ -572,13 +572,13 @@ class Service:
                     # Past shutdown_grace (or a BUG elsewhere): drop it, wait for nothing.
                     await watcher.abort()
                 else:
-                    # SIGTERM, removal: DONE and LOGOUT (docs/design.md §15.3).
+                    # SIGTERM, removal: DONE and LOGOUT (docs/design.md §14.3).
                     await watcher.close()
 
     async def _watcher(
         self, state: AccountState, current: IdleWatcher | None
     ) -> IdleWatcher | None:
-        """The account's IDLE watcher (docs/design.md §15.3): kept while its spec and interval
+        """The account's IDLE watcher (docs/design.md §14.3): kept while its spec and interval
         stay as they are, replaced when a reload changes them, None for a POP3 account or
         ``push = false``."""
         spec = state.spec

@@ -52,7 +52,7 @@ class AccountSpec:
     # The whole cycle's deadline, connect to QUIT ([service] cycle_timeout): the per-read
     # timeouts alone let a server that sends a byte now and then hold a cycle for ever.
     cycle_timeout: float = 3600.0
-    # protocol = "imap": the folder, its login and push (docs/design.md §15); None for POP3.
+    # protocol = "imap": the folder, its login and push (docs/design.md §14); None for POP3.
     # ``endpoint`` then names the IMAP server, and ``auth`` is not used (ImapOptions.auth is).
     imap: ImapOptions | None = None
 

@@ -180,7 +180,7 @@ class Harness:
     rng: random.Random
     kinds: dict[str, Kind] = field(default_factory=dict)
     runs: list[RunRecord] = field(default_factory=list)
-    protocol: str = "pop3"  # or "imap": the same mailbox as an IMAP account (docs/design.md §15)
+    protocol: str = "pop3"  # or "imap": the same mailbox as an IMAP account (docs/design.md §14)
 
     def __post_init__(self) -> None:
         self.pid: int | None = None  # of the run going on

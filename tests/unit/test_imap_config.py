@@ -1,4 +1,4 @@
-"""IMAP accounts outside the wire (docs/design.md §15): the config keys and their checks, the
+"""IMAP accounts outside the wire (docs/design.md §14): the config keys and their checks, the
 runtime values, the classification of IMAP refusals, the ledger's rekeying and the carry-over
 of rows when a folder's UIDVALIDITY changes (on the real ledger and on the cycle's fakes)."""
 
@@ -117,7 +117,7 @@ def test_check_renders_a_config_that_loads_again(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# What an IMAP refusal means (docs/design.md §15.4)
+# What an IMAP refusal means (docs/design.md §14.4)
 # --------------------------------------------------------------------------------------------
 
 

@@ -123,7 +123,7 @@ VARIANTS: Final[dict[str, dict[str, Any]]] = {
         "oauth2_token_command": "token-helper --account info",
     },
     "delete_after": {"leave_on_server": True, "delete_after": 86400},
-    # An IMAP account's own keys (docs/design.md §15).
+    # An IMAP account's own keys (docs/design.md §14).
     "folder": {"protocol": "imap", "folder": "INBOX"},
     "push": {"protocol": "imap", "push": True},
     "idle_renewal": {"protocol": "imap", "idle_renewal": 600},
