@@ -7,6 +7,8 @@ plus what only IMAP has (a UIDVALIDITY that changes, a folder other than INBOX).
 
 from __future__ import annotations
 
+import json
+import signal
 import sqlite3
 import subprocess
 from collections.abc import Callable
@@ -16,6 +18,15 @@ from aiosmtpd.smtp import Envelope
 
 from tests.integration.conftest import Setup, strip_trace
 from tests.integration.test_cycle import deny_spammer, message
+from tests.integration.test_notices import NOTICES, notices, text
+from tests.integration.test_operations import (
+    account_status,
+    cycles_ok,
+    endpoint_url,
+    scrape,
+    value,
+)
+from tests.integration.test_service import running, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -242,3 +253,75 @@ def test_check_connect_logs_in_and_examines_the_folder(
     line = next(line for line in out.splitlines() if line.startswith("imap info"))
     assert "FAILED" in line
     assert "NONEXISTENT" in line
+
+
+def test_the_operators_view_of_an_imap_account(
+    setup_factory: Callable[..., Setup], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`run` with an IMAP account: metrics (idle_connected among them), /status, `status`, the
+    dead-letter notice, and a message pushed while the account waits (the poll is an hour off)."""
+    s = imap_setup(setup_factory, service_extra='poll_interval = "1h"', dead_letter=NOTICES)
+    s.dovecot.deliver_many(s.user, [message(0), message(1, sender="spam@bad.example")])
+    s.sink.handler.rule = deny_spammer
+    with running(s.config) as (proc, log):
+        base = endpoint_url(log)
+        # The first cycle, then the one the watcher starts when it has connected (mail may
+        # have come between the two; README, "A (re)connected IDLE watcher polls once").
+        wait_until(lambda: cycles_ok(base) == 2, "the first cycles")
+        wait_until(
+            lambda: value(scrape(base), "idle_connected", account="info") == 1, "IDLE entered"
+        )
+        after = scrape(base)
+        assert value(after, "messages_total", account="info", outcome="delivered") == 1
+        assert value(after, "messages_total", account="info", outcome="dead_lettered") == 1
+        assert value(after, "smtp_responses_total", account="info", code="554") == 1
+        assert value(after, "mailbox_messages", account="info") == 0  # at the last SELECT
+        assert value(after, "dead_letters", account="info") == 1
+        assert value(after, "account_failing", account="info") == 0
+        info = account_status(base, "info")
+        assert info is not None
+        assert (info["result"], info["failing"], info["last_error"]) == ("ok", False, None)
+        assert (info["mailbox_messages"], info["dead_letters"]) == (0, 1)
+
+        capsys.readouterr()
+        assert s.run("status") == 0
+        row = capsys.readouterr().out.splitlines()[1].split()
+        assert row[0] == "info"
+        assert row[3:7] == ["ok", "0", "0", "1"]  # result, upstream, deferred, dead letters
+        assert s.run("status", "--json") == 0
+        (from_cli,) = json.loads(capsys.readouterr().out)["accounts"]
+        assert (from_cli["result"], from_cli["dead_letters"]) == ("ok", 1)
+
+        s.dovecot.deliver(s.user, message(2))  # pushed: the next poll is an hour away
+        wait_until(lambda: cycles_ok(base) == 3, "the cycle the push started")
+        pushed = scrape(base)
+        assert value(pushed, "messages_total", account="info", outcome="delivered") == 2
+        assert value(pushed, "idle_connected", account="info") == 1  # waiting again
+
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0, log.text()
+    assert [strip_trace(m.data) for m in s.received() if m.rcpt_tos == ("info@firma.test",)] == [
+        message(0),
+        message(2),
+    ]
+    (digest,) = notices(s)
+    msg, body = text(digest)
+    assert msg["Subject"] == "[pop3-connector] info: 1 message dead-lettered"
+    assert "They were deleted from the provider's mailbox" in body  # not "POP3 mailbox"
+    assert f"X-POP3-Connector-UIDL: imap:{uidvalidity(s)}:".encode() in s.dead_letters()[0]
+
+
+def test_a_failing_imap_account_is_announced_and_its_mail_waits(
+    setup_factory: Callable[..., Setup],
+) -> None:
+    s = imap_setup(setup_factory, dead_letter=NOTICES, password="wrong-password")
+    s.dovecot.deliver(s.user, message(1))
+    assert s.run("once") == 1
+    (failing,) = notices(s)
+    msg, body = text(failing)
+    assert msg["Subject"] == "[pop3-connector] info: account failing"
+    assert "AUTHENTICATIONFAILED" in body
+    assert "Its mail waits in the provider's mailbox" in body
+    assert "wrong-password" not in body
+    assert len(s.upstream()) == 1
