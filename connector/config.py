@@ -91,6 +91,9 @@ ENV_PREFIX: Final = "POP3_CONNECTOR_"
 # The CLI's config-path variable shares the prefix but is not a setting (docs/design.md §4.1).
 CONFIG_ENV: Final = ENV_PREFIX + "CONFIG"
 EVENT_LOOP_ENV: Final = ENV_PREFIX + "EVENT_LOOP"  # read by connector.runloop, not a setting
+# The number of shards, set by deploy/kubernetes/statefulset.yaml for its
+# `run --shard auto/$(POP3_CONNECTOR_SHARDS)` (deploy/kubernetes/README.md): not a setting.
+SHARDS_ENV: Final = ENV_PREFIX + "SHARDS"
 MASK: Final = "********"
 # The one error type our validators raise: ``key`` (optional) is appended to pydantic's location,
 # so a cross-field check on ``accounts[1]`` can still name ``accounts[1].password_file``.
@@ -926,14 +929,15 @@ def _password_env_names(data: object) -> set[str]:
 def _unknown_env(exempt: set[str]) -> list[str]:
     # pydantic-settings ignores a prefixed variable that matches no field; a typo like
     # POP3_CONNECTOR_SMPT__HOST would be silently dropped, so report it like an unknown key.
-    # Exempt: the config-path and event-loop variables, and variables a password_env names.
+    # Exempt: the config-path, event-loop and shard-count variables, and variables a
+    # password_env names.
     fields = set(Settings.model_fields)
     problems = []
     for name in sorted(os.environ):
         upper = name.upper()
         if (
             not upper.startswith(ENV_PREFIX)
-            or upper in (CONFIG_ENV, EVENT_LOOP_ENV)
+            or upper in (CONFIG_ENV, EVENT_LOOP_ENV, SHARDS_ENV)
             or upper in exempt
         ):
             continue

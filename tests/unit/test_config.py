@@ -175,6 +175,14 @@ def test_config_path_variable_is_not_a_setting(
     assert load(tmp_path, MINIMAL).smtp.host == "exchange.example.local"
 
 
+def test_shard_count_variable_is_not_a_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # deploy/kubernetes/statefulset.yaml sets it for `run --shard auto/$(POP3_CONNECTOR_SHARDS)`.
+    monkeypatch.setenv("POP3_CONNECTOR_SHARDS", "3")
+    assert load(tmp_path, MINIMAL).smtp.host == "exchange.example.local"
+
+
 def test_unknown_env_variable_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POP3_CONNECTOR_SMPT__HOST", "typo.example")
     assert problems(tmp_path, MINIMAL) == [
