@@ -146,7 +146,7 @@ def test_default_names_smtp_and_cannot_be_redefined(tmp_path: Path) -> None:
         (
             ('[smtp_targets."kunde.b"]', '[smtp_targets."kunde b"]'),
             "smtp_targets.\"kunde b\": use 1-64 characters: letters, digits, '.', '_', '-' or "
-            '\'@\' (got "kunde b")',
+            "'@' (got \"kunde b\")",
         ),
         (
             ('password = "{secret}"', ""),
