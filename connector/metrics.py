@@ -163,10 +163,9 @@ class Metrics:
             PREFIX + "build_info", "Always 1; the version label.", ["version"], registry=r
         )
         self.build_info.labels(version=version).set(1)
-        # One series per account naming its SMTP target (docs/design.md §14.1): joined in a
-        # query (`* on (account) group_left (smtp_target)`) rather than a label on every
-        # per-account series, which would add none but change every series' identity when an
-        # account moves to another target.
+        # One series per account naming its SMTP target (docs/design.md §11.1, §14.1), not a
+        # label on every per-account series: a query joins it where it is wanted, and an
+        # account moved to another target keeps its series.
         self.account_info = Gauge(
             PREFIX + "account_info",
             "Always 1; the SMTP target the account delivers to (smtp_target).",

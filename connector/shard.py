@@ -1,4 +1,4 @@
-"""Which replica polls which account: ``--shard k/N`` and ``--shard auto/N`` (docs/design.md §14).
+"""Which replica polls which account: ``--shard k/N``, ``--shard auto/N`` (docs/design.md §14.2).
 
 Replica k of N owns the accounts whose name maps to k.  The map must be the same in every
 replica, every version and every Python (not ``hash()``, which is salted per process), and

@@ -117,7 +117,15 @@ def _manifests() -> dict[str, dict[str, Any]]:
 
 
 MANIFESTS: Final = _manifests()
-CORE_KINDS: Final = ("ConfigMap", "Service", "StatefulSet", "PodDisruptionBudget")
+CORE_KINDS: Final = (
+    "ConfigMap",
+    "Service",
+    "StatefulSet",
+    "PodDisruptionBudget",
+    # maintenance/: the resharding procedure's pod and a new replica's claim (README.md).
+    "Pod",
+    "PersistentVolumeClaim",
+)
 
 
 def _pod(manifests: Mapping[str, Any] = MANIFESTS) -> dict[str, Any]:
@@ -519,3 +527,42 @@ def test_each_replica_is_told_its_shard() -> None:
     assert "## Resharding" in readme
     assert "pop3-connector ledger export --account" in readme
     assert "pop3-connector ledger import" in readme
+
+
+def test_the_maintenance_pod_is_a_replica_without_the_service() -> None:
+    """The resharding procedure's pod (maintenance/pod.yaml) runs the ledger commands on a
+    replica's volume: the replica's image, user, config, passwords and state mount, but no
+    label the Service, PodDisruptionBudget or PodMonitor select (it must not pass for one)."""
+    pod, replica = MANIFESTS["Pod"], _pod()
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == _container()["image"]
+    assert container["command"] == ["sleep", "infinity"]
+    assert pod["spec"]["securityContext"] == replica["securityContext"]
+    assert container["securityContext"] == _container()["securityContext"]
+    assert _env(container)["POP3_CONNECTOR_CONFIG"] == _env(_container())["POP3_CONNECTOR_CONFIG"]
+    mounts, replica_mounts = _mounts_by_volume(container), _mounts_by_volume(_container())
+    assert mounts == replica_mounts
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    for volume in replica["volumes"]:
+        assert volumes[volume["name"]] == volume
+    claim = MANIFESTS["StatefulSet"]["spec"]["volumeClaimTemplates"][0]
+    state = volumes[claim["metadata"]["name"]]["persistentVolumeClaim"]["claimName"]
+    assert state == f"{claim['metadata']['name']}-pop3-connector-0"
+    labels = pod["metadata"]["labels"]
+    for kind in ("Service", "PodDisruptionBudget"):
+        spec = MANIFESTS[kind]["spec"]
+        selector = spec["selector"].get("matchLabels", spec["selector"])
+        assert not selector.items() <= labels.items(), kind
+    monitor = MANIFESTS["PodMonitor"]["spec"]["selector"]["matchLabels"]
+    assert not monitor.items() <= labels.items()
+
+
+def test_a_new_replicas_claim_is_what_the_statefulset_would_make() -> None:
+    claim, template = (
+        MANIFESTS["PersistentVolumeClaim"],
+        MANIFESTS["StatefulSet"]["spec"]["volumeClaimTemplates"][0],
+    )
+    assert claim["spec"] == template["spec"]
+    assert claim["metadata"]["labels"] == template["metadata"]["labels"]
+    # <template>-<StatefulSet>-<ordinal>: the name the StatefulSet adopts.
+    assert claim["metadata"]["name"] == f"{template['metadata']['name']}-pop3-connector-0"
