@@ -664,7 +664,9 @@ async def _refused_again(
 
 
 def _configured(runtime: Runtime) -> set[str]:
-    return {s.name for s in (*runtime.accounts, *runtime.disabled)} | set(runtime.elsewhere)
+    """Every account name of the config, enabled or not, whichever shard owns it."""
+    names = {s.name for s in (*runtime.accounts, *runtime.disabled)} | set(runtime.elsewhere)
+    return names | set(runtime.target_names)
 
 
 def _not_owned(runtime: Runtime, names: Sequence[str]) -> list[str]:

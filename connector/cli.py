@@ -350,8 +350,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     # --shard: this process's accounts (docs/design.md §14.2); fixed for the process's life,
     # reloads included.  A bad value is a configuration error (78), as a bad config is.
     shard = parse_shard(args.shard) if getattr(args, "shard", None) else ALL
-    # The ledger commands know the disabled accounts too: their rows move like the others'.
-    runtime = owned_by(build_runtime(settings, include_disabled=args.command == "ledger"), shard)
+    runtime = owned_by(build_runtime(settings), shard)
     setup_logging(settings.service.log_level, settings.service.log_format)
     match args.command:
         case "check":

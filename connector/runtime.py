@@ -79,21 +79,26 @@ class Runtime:
     # Accounts with enabled = false, built only for `check --connect` (build_runtime's
     # include_disabled): never polled.
     disabled: tuple[AccountSpec, ...] = ()
-    # Every SMTP target by name, "default" ([smtp]) first, then [smtp_targets] in config order.
+    # Every SMTP target by name, "default" ([smtp]) first, then [smtp_targets] in config order;
+    # and the name of the target of every account of the config, enabled or not (the disabled
+    # ones' dead letters and ledger rows are theirs too; no spec is built for them).
     targets: dict[str, SmtpTarget] = field(default_factory=dict)
+    target_names: dict[str, str] = field(default_factory=dict)
     # The accounts of this process (--shard, owned_by): the others of the config are
     # `elsewhere`, polled by other replicas.
     shard: Shard = ALL
     elsewhere: tuple[str, ...] = ()
 
     def account_targets(self) -> dict[str, SmtpTarget]:
-        """The SMTP target of each account of this runtime, by account name (an account it
+        """The SMTP target of each account of the config, by account name (an account it
         does not have, such as one removed from the config, goes to :attr:`default_target`)."""
         default = self.default_target
-        return {
-            s.name: s.smtp if s.smtp is not None else default
+        found = {name: self.targets.get(t, default) for name, t in self.target_names.items()}
+        found.update(
+            (s.name, s.smtp if s.smtp is not None else default)
             for s in (*self.accounts, *self.disabled)
-        }
+        )
+        return found
 
     @property
     def default_target(self) -> SmtpTarget:
@@ -186,6 +191,7 @@ def build_runtime(settings: Settings, *, include_disabled: bool = False) -> Runt
         imap_store=_imap_store(settings),
         disabled=tuple(disabled),
         targets=targets,
+        target_names={a.name: settings.target_of(a) for a in settings.accounts},
         notices=None
         if notices.postmaster is None
         else NoticeSettings(

@@ -204,3 +204,15 @@ def test_check_warns_about_a_target_by_its_key(tmp_path: Path) -> None:
     wrong_port = text.replace('tls = "implicit"', 'tls = "starttls"\nport = 465')
     warnings = config_warnings(load(tmp_path, wrong_port), tmp_path / "config.toml")
     assert any(w.startswith('smtp_targets."kunde.b".port: 465 expects a TLS') for w in warnings)
+
+
+def test_a_disabled_account_keeps_its_target_for_its_dead_letters(tmp_path: Path) -> None:
+    """No spec is built for a disabled account, but its dead letters (requeue --to) and its
+    ledger rows (ledger export) are still its own: the runtime knows its target by name."""
+    text = BASE.format(secret=SECRET).replace(
+        'smtp = "kunde.b"', 'smtp = "kunde.b"\nenabled = false'
+    )
+    runtime = build_runtime(load(tmp_path, text))
+    assert [s.name for s in runtime.accounts] == ["a-info", "ours"]
+    assert runtime.account_targets()["b-info"].name == "kunde.b"
+    assert "gone" not in runtime.account_targets()  # requeue: [smtp] for an unknown account
