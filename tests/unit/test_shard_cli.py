@@ -175,3 +175,23 @@ def test_export_then_import_on_the_command_line(
     file.write_text("{}")
     assert main(["--config", str(new), "ledger", "import", str(file)]) == EX_FAILED
     assert "not a ledger export" in capsys.readouterr().err
+
+
+def test_status_leaves_out_the_rows_another_shards_accounts_left(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After a resharding the old owner keeps the rows of the accounts that left (inert):
+    its status shows its own accounts, not those, and still shows an account the config no
+    longer has at all."""
+    import asyncio
+
+    path = config(tmp_path)
+    left = owned(2, 3)[0]
+    asyncio.run(_seed(tmp_path / "state", [left, owned(1, 3)[0], "removed-from-config"]))
+    capsys.readouterr()
+    assert main(["--config", str(path), "status", "--json", "--shard", "1/3"]) == EX_OK
+    names = [a["name"] for a in json.loads(capsys.readouterr().out)["accounts"]]
+    assert names == [*owned(1, 3), "removed-from-config"]
+    assert main(["--config", str(path), "status", "--json"]) == EX_OK  # unsharded: all
+    names = [a["name"] for a in json.loads(capsys.readouterr().out)["accounts"]]
+    assert left in names
