@@ -84,6 +84,7 @@ from pathlib import Path
 from typing import Any, Final, Self, TypeVar
 
 from connector.errors import LedgerError
+from connector.ledger_export import ImportResult, LedgerExport, export_rows, import_rows
 
 log = logging.getLogger(__name__)
 
@@ -697,7 +698,7 @@ class Ledger:
     async def entries_outside(self, account: str, family: str, current: str) -> list[LedgerEntry]:
         """The rows of ``account`` whose key starts with ``family`` but not with ``current``:
         an IMAP folder's rows under another UIDVALIDITY than the one it has now (``imap:``,
-        ``imap:<UIDVALIDITY>:``, docs/design.md §14.2).  Two ranges of the primary key: ":"
+        ``imap:<UIDVALIDITY>:``, docs/design.md §15.2).  Two ranges of the primary key: ":"
         ends each prefix, and ";" follows ":" in ASCII."""
         if not family.endswith(":") or not current.startswith(family) or not current.endswith(":"):
             raise ValueError("prefixes must end with ':' and current must extend family")
@@ -714,7 +715,7 @@ class Ledger:
     async def rekey(self, account: str, renames: Mapping[str, str]) -> None:
         """Move rows (and the recipients done under their ``uidl:`` keys) from old keys to new
         ones, in one transaction: the same messages listed under new identifiers (an IMAP
-        folder whose UIDVALIDITY changed, docs/design.md §14.2).  A new key that already has
+        folder whose UIDVALIDITY changed, docs/design.md §15.2).  A new key that already has
         a row keeps it; the old row then stays, to be forgotten by the listing sync."""
         pairs = [(new, account, old) for old, new in renames.items()]
 
@@ -1146,6 +1147,25 @@ class Ledger:
             return Failures() if row is None else Failures(row[0], row[1], bool(row[2]))
 
         return await self._submit("failures", run)
+
+    # -- moving an account to another ledger (docs/design.md §14.3) ----------------------------
+
+    async def export_accounts(self, names: Sequence[str], *, exported_at: str) -> LedgerExport:
+        """The rows of each named account, one snapshot (``ledger export``)."""
+        wanted = tuple(names)
+        return await self._submit(
+            "export", lambda conn: export_rows(conn, wanted, exported_at=exported_at)
+        )
+
+    async def import_accounts(self, export: LedgerExport, *, replace: bool) -> ImportResult:
+        """Write the rows of ``export`` in one transaction (``ledger import``); an account with
+        rows here already is a conflict unless ``replace`` (see ``ledger_export.import_rows``).
+        ``ValueError`` for a file this ledger cannot take (a newer schema, unknown columns)."""
+        schema = len(MIGRATIONS)
+        return await self._submit(
+            "import",
+            lambda conn: import_rows(conn, export, replace=replace, schema=schema),
+        )
 
     # -- the thread hop ------------------------------------------------------------------------
 

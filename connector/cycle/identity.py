@@ -8,7 +8,7 @@
 * :func:`duplicate_key`: the ledger key under which a shared mailbox's copies of one message
   meet (docs/design.md §8.2).
 * :func:`carry_over`: an IMAP folder whose UIDVALIDITY changed lists every message under a new
-  identifier; the ledger's rows follow them, matched by identity (docs/design.md §14.2).
+  identifier; the ledger's rows follow them, matched by identity (docs/design.md §15.2).
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ async def carry_over(
     sizes: Mapping[int, int],
 ) -> Collection[str]:
     """Give the ledger's rows of an earlier epoch to the messages listed now that are the same
-    (docs/design.md §14.2); return the old keys carried over.
+    (docs/design.md §15.2); return the old keys carried over.
 
     An IMAP server that changes a folder's UIDVALIDITY (a rebuilt index, a restored or
     migrated mailbox) lists every message under a new UID; under the new keys the ledger

@@ -130,7 +130,7 @@ class ImapSession:
     ) -> Callable[..., Awaitable[ImapSession]]:
         """The cycle's ``connect`` for an IMAP account: the lender's connection when it has
         one (a cycle that IDLE woke, or any cycle of an account that waits with IDLE: no new
-        login, docs/design.md §14.3), else a new one."""
+        login, docs/design.md §15.3), else a new one."""
 
         async def connect(
             endpoint: Pop3Endpoint,

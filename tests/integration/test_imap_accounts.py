@@ -1,7 +1,7 @@
 """End to end: real Dovecot (IMAP) -> pop3-connector -> aiosmtpd playing Exchange.
 
 An IMAP account (``protocol = "imap"``) keeps the promises of a POP3 one (docs/design.md §5,
-§14): the same cases as tests/integration/test_cycle.py, through the command's own entry point,
+§15): the same cases as tests/integration/test_cycle.py, through the command's own entry point,
 plus what only IMAP has (a UIDVALIDITY that changes, a folder other than INBOX).
 """
 

@@ -1,6 +1,6 @@
 """An IMAP account waiting in IDLE (RFC 2177) against the real Dovecot: new mail is delivered
 while the service waits, IDLE is renewed, a connection dropped during IDLE is reopened, and
-SIGTERM ends IDLE with DONE and LOGOUT (docs/design.md §14.3).
+SIGTERM ends IDLE with DONE and LOGOUT (docs/design.md §15.3).
 
 The service runs in-process (``Service.serve``), except for the SIGTERM test, which needs a real
 process to signal.  Traffic to Dovecot goes through a :class:`~tests.faults.FaultProxy`, which
