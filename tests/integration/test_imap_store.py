@@ -543,6 +543,7 @@ async def test_fake_flat_server_refuses_a_nested_folder(fake_imap: FakeImap) -> 
     assert not fake_imap.sent("APPEND")
 
 
+@pytest.mark.integration
 async def test_list_reads_a_recipients_field_longer_than_the_head(imap_store: ImapStore) -> None:
     recipients = tuple(f"user{i:04d}@department{i:03d}.example" for i in range(300))
     dl = DeadLetterInfo("catchall", "u1", "rcpt", "550 5.1.1 x", WHEN, recipients)
