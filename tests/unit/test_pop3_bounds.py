@@ -40,7 +40,7 @@ from connector.pop3.protocol import (
     retr_cap,
 )
 from connector.tls import TlsMode
-from tests.unit.test_fetcher import USER, Recorder, mail, make_rig
+from tests.component.test_cycle_lifecycle import USER, Recorder, mail, make_rig
 
 settings.register_profile("dev", max_examples=60, deadline=None)
 settings.register_profile("ci", max_examples=1000, deadline=None)

@@ -1,9 +1,10 @@
 """Issue 18 in the cycle: a ledger that cannot be written delivers nothing twice, and a dead
 letter whose row failed leaves no twin.
 
-The loopback servers of test_fetcher, a real ledger (its failures are real SQLite aborts from
-temporary triggers; tests/reliability/test_storage_faults.py does the same with full and
-read-only file systems and a second process holding the lock) and real or in-memory stores.
+The loopback servers of tests/component/test_cycle_lifecycle.py, a real ledger (its failures
+are real SQLite aborts from temporary triggers; tests/reliability/test_storage_faults.py does the
+same with full and read-only file systems and a second process holding the lock) and real or
+in-memory stores.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from connector.deadletter.reconcile import ReconcilingStore
 from connector.errors import DeadLetterError, LedgerError
 from connector.ledger import Ledger
 from connector.notices import RecordingStore
+from tests.component.test_cycle_lifecycle import USER, Rig, deny, mail, make_rig
 from tests.fakes import InMemoryDeadLetterStore
 from tests.peek import total_changes
-from tests.unit.test_fetcher import USER, Rig, deny, mail, make_rig
 
 
 @pytest.fixture

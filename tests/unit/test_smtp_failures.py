@@ -309,7 +309,7 @@ def test_raw_socket_and_ssl_errors_map(exc: OSError, stage: SmtpStage) -> None:
     ("exc", "envelope", "stage", "code", "enhanced", "per_message", "disposition"),
     [
         # MAIL: own Return-Path may be about this message, but until the deliverer has tested
-        # it (evidence, tests/integration/test_evidence.py) it is not shown to be; a fixed
+        # it (evidence, tests/component/test_smtp_evidence.py) it is not shown to be; a fixed
         # sender is about every message.
         (
             aiosmtplib.SMTPSenderRefused(554, "5.7.1 Sender rejected", "s@x.test"),

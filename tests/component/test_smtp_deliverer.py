@@ -408,7 +408,7 @@ async def test_partial_recipients_delivered_once(smtp_sink: SmtpSink) -> None:
     )
     async with SmtpDeliverer(smtp_settings(smtp_sink.port)) as deliverer:
         # Recipients read from the message (a shared mailbox): a configured one refused
-        # permanently would abort the transaction instead (test_delivery_recipients.py).
+        # permanently would abort the transaction instead (test_smtp_deliverer_recipients.py).
         result = await deliverer.deliver(
             MESSAGE, envelope(recipients=("info@x.test", "gone@x.test"), recipients_fixed=False)
         )
