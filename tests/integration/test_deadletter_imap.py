@@ -4,8 +4,8 @@ Three parts:
 
 * mailbox-name helpers (modified UTF-7, quoting, separators): pure, no server;
 * against the session's Dovecot: folders created and named right on disk, the bytes, flags and
-  INTERNALDATE, the shared dead-letter contract of tests/unit/test_deadletter.py, login and
-  certificate failures;
+  INTERNALDATE, login and certificate failures (the contract every store passes, this one over
+  Dovecot too, is tests/test_deadletter_contract.py);
 * against a small scripted IMAP server on loopback, for what Dovecot will not do on request:
   close the connection during APPEND, go silent, answer OVERQUOTA, race a CREATE, or lack
   UIDPLUS.
@@ -28,8 +28,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from connector.deadletter import (
-    HEADER_BLOCK_MAX,
-    DeadLetterArchive,
     DeadLetterInfo,
     DeadLetterStore,
     strip_dead_letter_headers,
@@ -47,7 +45,6 @@ from connector.deadletter.imap import (
 from connector.errors import DeadLetterError
 from connector.tls import TlsMode
 from tests.servers import DovecotServer, free_port
-from tests.unit import test_deadletter as contract
 
 WHEN = dt.datetime(2026, 11, 27, 15, 49, 35, tzinfo=dt.UTC)
 INFO = DeadLetterInfo("info", "00000001650a1b2c", "data", "554 5.1.0 Sender denied", WHEN)
@@ -290,37 +287,6 @@ async def test_connection_refused_is_a_dead_letter_error() -> None:
         await store.put(MESSAGE, INFO)
 
 
-# -- the shared contract of tests/unit/test_deadletter.py, over Dovecot ------------------------
-#
-# contract.test_put_get_keeps_the_bytes_after_our_headers stores NUL and bare CR/LF, which IMAP
-# does not carry verbatim (see above); test_put_creates_the_folder_and_stores_the_bytes is its
-# IMAP form.
-
-
-@pytest.fixture(params=[TlsMode.IMPLICIT, TlsMode.NONE], ids=["imaps", "imap"])
-def imap_store(
-    request: pytest.FixtureRequest, dovecot: DovecotServer, mailbox: tuple[str, str]
-) -> ImapStore:
-    tls: TlsMode = request.param
-    return _imap_store(dovecot, *mailbox, tls=tls)
-
-
-@pytest.mark.integration
-async def test_contract_list_and_count(imap_store: ImapStore) -> None:
-    archive: DeadLetterArchive = imap_store
-    await contract.test_list_and_count(archive)
-
-
-@pytest.mark.integration
-async def test_contract_remove_and_unknown_ids(imap_store: ImapStore) -> None:
-    await contract.test_remove_and_unknown_ids(imap_store)
-
-
-@pytest.mark.integration
-async def test_contract_sanitised_values_are_listed_as_written(imap_store: ImapStore) -> None:
-    await contract.test_sanitised_values_are_listed_as_written(imap_store)
-
-
 # ============================================================================================
 # A scripted IMAP server, for faults Dovecot will not produce on request
 # ============================================================================================
@@ -541,18 +507,3 @@ async def test_fake_flat_server_refuses_a_nested_folder(fake_imap: FakeImap) -> 
     with pytest.raises(DeadLetterError, match="no folder hierarchy"):
         await _fake_store(fake_imap).put(b"x", INFO)
     assert not fake_imap.sent("APPEND")
-
-
-@pytest.mark.integration
-async def test_list_reads_a_recipients_field_longer_than_the_head(imap_store: ImapStore) -> None:
-    recipients = tuple(f"user{i:04d}@department{i:03d}.example" for i in range(300))
-    dl = DeadLetterInfo("catchall", "u1", "rcpt", "550 5.1.1 x", WHEN, recipients)
-    assert len(with_dead_letter_headers(contract.MESSAGE, dl)) > HEADER_BLOCK_MAX
-    short = await imap_store.put(
-        contract.MESSAGE, DeadLetterInfo("info", "u2", "data", "554", WHEN)
-    )
-    id = await imap_store.put(contract.MESSAGE, dl)
-    records = {r.id: r for r in await imap_store.list()}
-    assert set(records) == {id, short}
-    assert records[id].size == len(contract.MESSAGE)
-    assert records[short].size == len(contract.MESSAGE)

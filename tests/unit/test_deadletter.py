@@ -1,4 +1,5 @@
-"""Dead-letter stores: one contract every store passes, Maildir specifics, the header helpers."""
+"""Dead-letter stores: Maildir specifics, the header helpers (the contract every store passes is
+tests/test_deadletter_contract.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from hypothesis import strategies as st
 
 from connector.deadletter import (
     HEADER_BLOCK_MAX,
-    DeadLetterArchive,
     DeadLetterInfo,
     dead_letter_headers,
     header_block_continues,
@@ -51,67 +51,6 @@ def info(account: str = "info", uidl: str = "u1", minute: int = 0) -> DeadLetter
     return DeadLetterInfo(
         account, uidl, "data", "554 5.1.0 Sender denied", WHEN.replace(minute=minute)
     )
-
-
-# ============================================================================================
-# The contract: every DeadLetterArchive
-# ============================================================================================
-
-
-@pytest.fixture(params=["maildir", "memory"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> DeadLetterArchive:
-    if request.param == "maildir":
-        return MaildirStore(tmp_path / "dead-letters")
-    return InMemoryDeadLetterStore()
-
-
-async def test_put_get_keeps_the_bytes_after_our_headers(store: DeadLetterArchive) -> None:
-    raw = MESSAGE + bytes(range(256)) + b"\rlone CR\nlone LF\r\n" + b"x" * 100_000
-    id = await store.put(raw, INFO)
-    stored = await store.get(id)
-    assert stored == EXPECTED_HEADERS + raw
-    assert strip_dead_letter_headers(stored) == raw
-
-
-async def test_list_and_count(store: DeadLetterArchive) -> None:
-    assert await store.list() == []
-    assert await store.count_by_account() == {}
-    later = await store.put(b"Subject: 2\r\n\r\n", info("info", "u2", minute=50))
-    earlier = await store.put(MESSAGE, info("info", "u1", minute=10))
-    other = await store.put(b"", info("sales", "s1", minute=30))
-    assert len({later, earlier, other}) == 3
-
-    records = await store.list()
-    assert [(r.id, r.account, r.uidl) for r in records] == [
-        (earlier, "info", "u1"),
-        (other, "sales", "s1"),
-        (later, "info", "u2"),
-    ]
-    first = records[0]
-    assert (first.stage, first.response) == ("data", "554 5.1.0 Sender denied")
-    assert first.failed_at == WHEN.replace(minute=10)
-    assert first.size == len(MESSAGE)
-    assert records[1].size == 0
-    assert await store.count_by_account() == {"info": 2, "sales": 1}
-
-
-async def test_remove_and_unknown_ids(store: DeadLetterArchive) -> None:
-    id = await store.put(MESSAGE, INFO)
-    keep = await store.put(MESSAGE, info(uidl="u2"))
-    await store.remove(id)
-    assert [r.id for r in await store.list()] == [keep]
-    with pytest.raises(KeyError):
-        await store.get(id)
-    with pytest.raises(KeyError):
-        await store.remove(id)
-    with pytest.raises(KeyError):
-        await store.get("no-such-id")
-
-
-async def test_sanitised_values_are_listed_as_written(store: DeadLetterArchive) -> None:
-    await store.put(MESSAGE, DeadLetterInfo("info", "u1", "data", "550\r\n  spam\tdetected", WHEN))
-    (record,) = await store.list()
-    assert record.response == "550 spam detected"
 
 
 # ============================================================================================
@@ -538,17 +477,6 @@ def test_a_head_cut_inside_the_recipients_field() -> None:
     assert not header_block_continues(with_dead_letter_headers(MESSAGE, INFO)[:100])
 
 
-async def test_maildir_keeps_a_folded_recipients_field(tmp_path: Path) -> None:
-    store = MaildirStore(tmp_path / "dead-letters")
-    dl = recipients_info(addresses(40))
-    id = await store.put(MESSAGE, dl)
-    (record,) = await store.list()
-    assert (record.id, record.size) == (id, len(MESSAGE))
-    stored = await store.get(id)
-    assert parse_dead_letter_headers(stored) == (dl, len(stored) - len(MESSAGE))
-    assert strip_dead_letter_headers(stored) == MESSAGE
-
-
 def _address(local: str, local_len: int, domain_len: int) -> str:
     labels = ["d" * 63] * (domain_len // 64) + ["e" * (domain_len % 64 or 1)]
     return (local * local_len)[:local_len] + "@" + ".".join(labels)
@@ -582,13 +510,3 @@ def test_recipients_round_trip_for_any_list(
     assert max(len(line) for line in physical_lines(head, eol)) <= 998
     assert parse_dead_letter_headers(wrapped) == (dl, len(head))
     assert strip_dead_letter_headers(wrapped) == raw
-
-
-async def test_maildir_lists_a_recipients_field_longer_than_the_head(tmp_path: Path) -> None:
-    store = MaildirStore(tmp_path / "dead-letters")
-    dl = recipients_info(addresses(300))
-    id = await store.put(MESSAGE, dl)
-    assert len(with_dead_letter_headers(MESSAGE, dl)) > HEADER_BLOCK_MAX
-    (record,) = await store.list()
-    assert (record.id, record.account, record.size) == (id, "catchall", len(MESSAGE))
-    assert await store.count_by_account() == {"catchall": 1}
