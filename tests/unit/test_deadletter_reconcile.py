@@ -17,6 +17,7 @@ from connector.errors import DeadLetterError
 from tests.component.test_cycle_lifecycle import mail
 from tests.fakes import InMemoryDeadLetterStore
 
+
 def _info(uidl: str, recipients: tuple[str, ...] = (), account: str = "info") -> DeadLetterInfo:
     return DeadLetterInfo(
         account, uidl, "data", "554 5.1.0 Sender denied", datetime(2026, 1, 2, tzinfo=UTC),
