@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 
 import pytest
 from hypothesis import given
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from connector.deadletter.imap import (
     ImapStore,
+    _search_uids,
     encode_mutf7,
     folder_levels,
     make_id,
@@ -98,3 +100,24 @@ def test_ids_round_trip_and_bad_ids_are_unknown() -> None:
     for bad in ("", "imap:1:0", "imap:1", "imap:x:1", "1:2", "imap:1:2:3", "imap:unknown"):
         with pytest.raises(KeyError):
             parse_id(bad)
+
+
+# The SEARCH answer (its pattern backtracked exponentially once).
+@pytest.mark.parametrize(
+    ("line", "uids"),
+    [
+        (b"3 7", [3, 7]),
+        (b"SEARCH 3 7", [3, 7]),
+        (b"", []),
+        (b"3 x", []),
+        (b"1" * 40 + b"x", []),
+    ],
+)
+def test_search_uids(line: bytes, uids: list[int]) -> None:
+    assert _search_uids(line) == uids
+
+
+def test_search_answer_of_digits_is_linear() -> None:
+    start = time.perf_counter()
+    assert _search_uids(b"1" * 100_000 + b"x") == []
+    assert time.perf_counter() - start < 0.05
