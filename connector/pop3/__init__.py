@@ -5,7 +5,7 @@ re-exported for tests and for anyone driving the protocol over another transport
 
 The shell's names are loaded lazily (PEP 562 ``__getattr__``): importing
 ``connector.pop3.protocol`` runs this file first, and it must not drag in asyncio, socket or
-ssl (docs/design.md §2; tests/unit/test_pop3_sansio.py checks it).
+ssl (docs/design.md §2; tests/unit/test_pop3_protocol.py checks it).
 """
 
 from __future__ import annotations
