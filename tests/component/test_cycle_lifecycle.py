@@ -45,7 +45,7 @@ from connector.recipients import Rule, SharedMailbox
 from connector.smtp import Envelope, SenderPolicy, SmtpDeliverer, SmtpSettings
 from connector.tls import TlsMode
 from tests.fakes import InMemoryDeadLetterStore
-from tests.peek import total_changes
+from tests.peek import smtp_connected, total_changes
 
 USER, PASSWORD = "info@firma.example", "pop-secret"
 
@@ -726,7 +726,7 @@ async def test_before_content_can_still_stop_a_message(rig: Rig) -> None:
     async with deliverer:
         with pytest.raises(Stop):
             await deliverer.deliver(mail(1), envelope, before_content=refuse)
-        assert not deliverer.connected
+        assert not smtp_connected(deliverer)
         called: list[bool] = []
 
         async def allow() -> None:
@@ -754,7 +754,7 @@ async def test_a_pop3_error_in_before_content_is_not_taken_for_an_smtp_failure(r
     async with deliverer:
         with pytest.raises(Pop3ConnectionError):
             await deliverer.deliver(mail(1), envelope, before_content=pop3_dropped)
-        assert not deliverer.connected
+        assert not smtp_connected(deliverer)
         delivered = await deliverer.deliver(mail(2), envelope)
     assert delivered.response.startswith("250")
     assert [m.data for m in rig.sink.messages] == [mail(2)]

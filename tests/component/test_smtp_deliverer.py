@@ -34,6 +34,7 @@ from connector.smtp import (
     envelope_sender,
 )
 from connector.tls import TlsMode
+from tests.peek import smtp_connected
 from tests.servers import RecordingHandler, SmtpSink, free_port
 
 TO = ("info@firma.local",)
@@ -62,7 +63,7 @@ def message(n: int) -> bytes:
 
 
 def is_connected(deliverer: SmtpDeliverer) -> bool:
-    return deliverer.connected  # a call, so mypy does not narrow it across awaits
+    return smtp_connected(deliverer)  # a call, so mypy does not narrow it across awaits
 
 
 def size_limit(deliverer: SmtpDeliverer) -> int | None:

@@ -54,3 +54,24 @@ def test_header_digest_is_the_same_for_retr_and_top() -> None:
     assert headers.header_digest(raw) != headers.header_digest(b"From: b@x.test\r\n\r\n")
     headers_only = b"From: a@x.test\r\nSubject: s\r\n"
     assert headers.header_digest(headers_only) == headers.header_digest(headers_only)
+
+
+def test_header_fields_unfolds_and_lowercases() -> None:
+    raw = (
+        b"Subject: one\r\n two\r\n\tthree\r\n"
+        b"not a field line\r\n"
+        b" orphan continuation\r\n"
+        b"X-A:  v  \r\n"
+        b"\r\n"
+        b"To: body@x.test\r\n"
+    )
+    assert [(f.name, f.text) for f in headers.fields(raw)] == [
+        ("subject", "one two three"),
+        ("x-a", "v"),
+    ]
+
+
+def test_header_fields_surrogate_escapes_eight_bit() -> None:
+    ((name, value),) = [(f.name, f.text) for f in headers.fields(b"Subject: caf\xe9\r\n\r\n")]
+    assert name == "subject"
+    assert value.encode("ascii", "surrogateescape") == b"caf\xe9"
