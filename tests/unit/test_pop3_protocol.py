@@ -7,6 +7,7 @@ start of another reply that must stay in the buffer.  No sockets, no event loop.
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -693,8 +694,11 @@ def test_fresh_interpreter_imports_no_io_modules() -> None:
         f"print(sorted(m for m in {FORBIDDEN!r} if m in sys.modules))\n"
     )
     # -I: isolated mode, so no sitecustomize or user site can import asyncio behind our back.
+    # Without coverage.py's variables: under scripts/test it would start in the child (pyproject's
+    # patch = ["subprocess"]) and import socket itself.
+    fresh = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")}
     out = subprocess.run(
-        [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True
+        [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True, env=fresh
     )
     assert out.stdout.strip() == "[]"
 
