@@ -280,7 +280,13 @@ deliver_to = ["info@firma.test"]
                 stdout=subprocess.DEVNULL,
                 stderr=err,
                 # SIGABRT then dumps every thread's stack into the log (a hang's evidence).
-                env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+                # Without coverage.py's variables (scripts/test measures child processes): its
+                # start-up would shift the random instants, and a killed child leaves a
+                # half-written data file.
+                env={
+                    **{k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")},
+                    "PYTHONFAULTHANDLER": "1",
+                },
             )
             self.pid = proc.pid
             kill(proc)
