@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from connector.http import MAX_HEAD, HttpEndpoint
+from connector.http import MAX_BODY, MAX_HEAD, HttpEndpoint, Request, RequestRefused, parse_head
 from connector.metrics import CONTENT_TYPE, Metrics
 
 settings.register_profile("dev", max_examples=60, deadline=None)
@@ -330,6 +330,23 @@ _PIECES = [
     b"[",
 ]
 heads = st.lists(st.sampled_from(_PIECES) | st.binary(max_size=6), max_size=24).map(b"".join)
+
+
+@given(head=heads)
+def test_parse_head_returns_or_refuses_with_a_4xx(head: bytes) -> None:
+    raw = head + b"\r\n\r\n"
+    outcome: tuple[Request, int] | RequestRefused
+    try:
+        outcome = parse_head(raw[: raw.index(b"\r\n\r\n") + 4])
+    except RequestRefused as exc:
+        outcome = exc
+    if isinstance(outcome, RequestRefused):
+        assert 400 <= outcome.response.status.value < 500
+    else:
+        request, length = outcome
+        assert 0 <= length <= MAX_BODY
+        assert request.target.startswith("/")
+        assert "host" in request.headers
 
 
 class _Errors(logging.Handler):
