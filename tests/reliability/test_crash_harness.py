@@ -29,6 +29,7 @@ at the end.  Partial files a kill left in the Maildir's ``tmp/`` are counted (re
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 import os
@@ -289,7 +290,13 @@ deliver_to = ["info@firma.test"]
                 stdout=subprocess.DEVNULL,
                 stderr=err,
                 # SIGABRT then dumps every thread's stack into the log (a hang's evidence).
-                env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+                # Without coverage.py's variables (scripts/test measures child processes): its
+                # start-up would shift the random instants, and a killed child leaves a
+                # half-written data file.
+                env={
+                    **{k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")},
+                    "PYTHONFAULTHANDLER": "1",
+                },
             )
             self.pid = proc.pid
             kill(proc)
@@ -326,8 +333,10 @@ deliver_to = ["info@firma.test"]
                 finished.wait(0.0005)
 
         def kill() -> None:
+            # The victim may be reaped (run_once's wait) between poll() and the kill.
             if victim and victim[0].poll() is None:
-                os.kill(victim[0].pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(victim[0].pid, signal.SIGKILL)
 
         def observe(direction: Direction, data: bytes) -> None:
             with lock:
