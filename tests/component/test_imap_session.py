@@ -15,7 +15,7 @@ from connector.errors import (
 )
 from connector.imap.client import ImapClient
 from connector.loopback_imap import LoopbackImapServer
-from tests.unit.test_imap_client import PASSWORD, TOKEN, USER, mail, session
+from tests.component.test_imap_client import PASSWORD, TOKEN, USER, mail, session
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from connector.imap import ImapOptions
 from connector.imap.idle import IdleWatcher, Wake
 from connector.loopback_imap import LoopbackImapServer
 from connector.pop3 import Pop3Timeouts
-from tests.unit.test_imap_client import PASSWORD, TOKEN, USER, endpoint, mail
+from tests.component.test_imap_client import PASSWORD, TOKEN, USER, endpoint, mail
 
 
 @pytest.fixture
