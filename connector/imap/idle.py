@@ -120,9 +120,6 @@ class IdleWatcher:
         self._retry_at = 0.0
         self._state = False
         self.supported: bool | None = None  # None: not known yet; False: no IDLE, polled
-        self.connections = 0  # connections opened (for tests and logs)
-        self.renewals = 0  # IDLE ended with DONE and issued again
-        self.lent = 0  # cycles that ran on the watcher's connection
 
     @property
     def next_attempt(self) -> float:
@@ -230,7 +227,6 @@ class IdleWatcher:
             raise Pop3Error("no answer to DONE in time") from None
         await client.idle()
         self._idle_since = self.clock()
-        self.renewals += 1
         log.debug("account=%s: IDLE renewed", self.spec.name)
 
     # -- lending the connection to a cycle ----------------------------------------------------
@@ -248,7 +244,6 @@ class IdleWatcher:
             await self._dropped(Pop3ConnectionError(f"ending IDLE for a cycle: {exc}"))
             return None
         client.new_mail = False  # the cycle lists the folder: it sees what EXISTS announced
-        self.lent += 1
         return client
 
     def give_back(self, client: ImapClient) -> None:
@@ -287,7 +282,6 @@ class IdleWatcher:
             return False
         self._client = client
         self.supported = True
-        self.connections += 1
         self._connected_at = self._idle_since = self.clock()
         self._report()
         log.info(
