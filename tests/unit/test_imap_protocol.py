@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -47,8 +48,12 @@ def test_fresh_interpreter_imports_no_io_modules() -> None:
         "import connector.imap.protocol\n"
         f"print(sorted(m for m in {FORBIDDEN!r} if m in sys.modules))\n"
     )
+    # -I: isolated mode, so no sitecustomize or user site can import asyncio behind our back.
+    # Without coverage.py's variables: under scripts/test it would start in the child (pyproject's
+    # patch = ["subprocess"]) and import socket itself.
+    fresh = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")}
     out = subprocess.run(
-        [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True
+        [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True, env=fresh
     )
     assert out.stdout.strip() == "[]"
 
