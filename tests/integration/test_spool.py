@@ -1,0 +1,194 @@
+"""The spool path end to end (docs/design.md §5.3): real Dovecot (POP3, and IMAP for the IMAP
+dead-letter store) and aiosmtpd playing Exchange.
+
+The awkward shapes of issue 17 (lines starting with ".", bare LF, no final newline, a
+200,000-character line, a body that is only ".") arrive byte for byte through the spool as
+they do through memory; a spooled message's dead letter is its bytes after our header lines,
+in the Maildir and in the IMAP store; a spool file a kill left is gone after the next start.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from aiosmtpd.smtp import Envelope
+
+from connector.deadletter import (
+    DeadLetterInfo,
+    dead_letter_head,
+    strip_dead_letter_headers,
+)
+from connector.deadletter.imap import ImapStore
+from connector.deadletter.maildir import MaildirStore
+from connector.deadletter.reconcile import ReconcilingStore
+from connector.spool import Spool, Spooled
+from connector.tls import TlsMode
+from tests.integration.conftest import Setup, strip_trace
+from tests.servers import DovecotServer
+
+pytestmark = pytest.mark.integration
+
+WHEN = dt.datetime(2026, 11, 27, 15, 49, 35, tzinfo=dt.UTC)
+INFO = DeadLetterInfo("info", "u-big", "data", "554 5.7.1 too big for us", WHEN)
+LONG = b"A" * 200_000
+BIG = (b"QUJD" * 19 + b"\r\n") * (5 * 1024 * 1024 // 78)  # ~5 MiB of base64
+
+# (what goes into the Maildir, what must come out of SMTP after our Received: line)
+AWKWARD = [
+    (b"Subject: dots\r\n\r\n.\r\n..\r\n.x\r\n...\r\n", None),
+    (
+        b"Subject: bare LF\n\nline one\n.dot\nline two\n",
+        b"Subject: bare LF\r\n\r\nline one\r\n.dot\r\nline two\r\n",
+    ),
+    (
+        b"Subject: no final newline\r\n\r\nlast line",
+        b"Subject: no final newline\r\n\r\nlast line\r\n",
+    ),
+    (b"Subject: long line\r\n\r\n" + LONG + b"\r\n.after\r\n" + LONG, None),
+    (b"Subject: only a dot\r\n\r\n.\r\n", None),
+    (b"Subject: big\r\n\r\n" + BIG, None),
+]
+
+
+def expected(pair: tuple[bytes, bytes | None]) -> bytes:
+    stored, out = pair
+    return out if out is not None else stored if stored.endswith(b"\n") else stored + b"\r\n"
+
+
+def spool_dir(s: Setup) -> Path:
+    return s.state_dir / "spool"
+
+
+@pytest.mark.parametrize("threshold", ["1", "64KiB", "256MiB"])
+def test_awkward_messages_arrive_byte_for_byte_through_the_spool_as_through_memory(
+    setup_factory: Callable[..., Setup], threshold: str
+) -> None:
+    # "1": every message spooled; "64KiB": the long and big ones; "256MiB": none (memory).
+    s = setup_factory(service_extra=f'spool_threshold = "{threshold}"')
+    s.dovecot.deliver_many(s.user, [stored for stored, _ in AWKWARD])
+    assert s.run("once") == 0
+    got = [strip_trace(m.data) for m in s.received()]
+    assert len(got) == len(AWKWARD)
+    for g, pair in zip(got, AWKWARD, strict=True):
+        assert g == expected(pair), (len(g), g[:40])
+    assert s.upstream() == []
+    assert list(spool_dir(s).iterdir()) == []
+
+
+def test_a_spooled_message_keeps_its_8bit_body_and_smtputf8_header_parameters(
+    setup_factory: Callable[..., Setup],
+) -> None:
+    s = setup_factory(service_extra='spool_threshold = "1"')
+    raw = "Subject: Grüße\r\nFrom: Jörg <j@x.example>\r\n\r\nÄÖÜ\r\n".encode()
+    s.dovecot.deliver_many(s.user, [raw, b"Subject: ascii\r\n\r\n" + b"\xe4" * 10 + b"\r\n"])
+    assert s.run("once") == 0
+    first, second = s.received()
+    assert strip_trace(first.data) == raw
+    assert "BODY=8BITMIME" in first.mail_options
+    assert "SMTPUTF8" in first.mail_options
+    assert "BODY=8BITMIME" in second.mail_options  # the 8-bit octets are in the body only
+    assert "SMTPUTF8" not in second.mail_options
+
+
+def test_the_dead_letter_of_a_spooled_message_is_its_bytes_after_our_lines(
+    setup_factory: Callable[..., Setup],
+) -> None:
+    s = setup_factory(service_extra='spool_threshold = "64KiB"')
+    raw = AWKWARD[3][0] + b"\r\n"
+
+    def refuse(stage: str, envelope: Envelope, data: bytes | None) -> str | None:
+        return "554 5.7.1 too big for us" if stage == "data" else None
+
+    s.sink.handler.rule = refuse
+    s.dovecot.deliver_many(s.user, [raw])
+    assert s.run("once") == 0
+    (dead,) = s.dead_letters()
+    assert strip_dead_letter_headers(dead) == raw
+    assert b"X-POP3-Connector-Stage: data\r\n" in dead[: dead.index(b"Subject:")]
+    assert s.upstream() == []
+    assert list(spool_dir(s).iterdir()) == []
+
+
+def test_a_spool_file_a_kill_left_is_gone_after_the_next_start(
+    setup_factory: Callable[..., Setup],
+) -> None:
+    s = setup_factory()
+    spool_dir(s).mkdir(parents=True)
+    (spool_dir(s) / "msg-left-by-a-kill.eml").write_bytes(b"half a message")
+    assert s.run("once") == 0
+    assert list(spool_dir(s).iterdir()) == []
+
+
+# -- the dead-letter stores, given a spool file ------------------------------------------------
+
+
+async def spooled(tmp_path: Path, raw: bytes) -> Spooled:
+    spool = Spool(tmp_path / "spool")
+    os.makedirs(tmp_path, exist_ok=True)
+    spool.clean()
+    writer = spool.writer()
+    for i in range(0, len(raw), 100_000):
+        await writer.write(raw[i : i + 100_000])
+    return await writer.finish()
+
+
+IMAP_SAFE = AWKWARD[0][0] + AWKWARD[3][0] + b"\r\n" + BIG  # IMAP carries CRLF lines verbatim
+
+
+async def test_the_imap_store_appends_a_spooled_message_byte_for_byte(
+    dovecot: DovecotServer, mailbox: tuple[str, str], tmp_path: Path
+) -> None:
+    user, password = mailbox
+    for tls in (TlsMode.IMPLICIT, TlsMode.NONE):
+        store = ImapStore(
+            "localhost" if tls is TlsMode.IMPLICIT else "127.0.0.1",
+            dovecot.ports["imaps" if tls is TlsMode.IMPLICIT else "imap"],
+            tls,
+            dovecot.client_context() if tls is TlsMode.IMPLICIT else None,
+            user,
+            password,
+            "Spool/Dead Letters",
+            timeout=10,
+        )
+        message = await spooled(tmp_path / tls.value, IMAP_SAFE)
+        id = await store.put(message, INFO)
+        stored = await store.get(id)
+        assert stored == dead_letter_head(message, INFO) + IMAP_SAFE
+        assert b"".join([c async for c in store.chunks(id)]) == stored  # partial FETCHes
+        (record,) = [r for r in await store.list() if r.id == id]
+        assert record.size == len(IMAP_SAFE)
+
+
+async def test_the_maildir_store_copies_a_spooled_message_byte_for_byte(tmp_path: Path) -> None:
+    raw = b"".join(stored for stored, _ in AWKWARD) + b"\rlone CR\0NUL\r\n"
+    message = await spooled(tmp_path, raw)
+    store = MaildirStore(tmp_path / "dead-letters")
+    id = await store.put(message, INFO)
+    stored = await store.get(id)
+    assert stored == dead_letter_head(message, INFO) + raw
+    assert b"".join([c async for c in store.chunks(id)]) == stored
+    assert message.path.read_bytes() == raw  # copied, not moved: the cycle removes it
+
+
+async def test_a_spooled_message_left_unrecorded_by_a_kill_is_matched_not_stored_twice(
+    tmp_path: Path,
+) -> None:
+    raw = AWKWARD[3][0] + b"\r\n"
+    inner = MaildirStore(tmp_path / "dead-letters")
+    first = await inner.put(await spooled(tmp_path / "a", raw), INFO)  # then the kill
+    other = await inner.put(await spooled(tmp_path / "b", raw + b"x\r\n"), INFO)
+
+    async def recorded() -> set[str]:
+        return {other}
+
+    store = ReconcilingStore(inner, recorded)
+    assert await store.put(await spooled(tmp_path / "c", raw + b"y\r\n"), INFO) not in (
+        first,
+        other,
+    )  # same size class, other bytes: stored
+    assert await store.put(await spooled(tmp_path / "d", raw), INFO) == first
+    assert len(await inner.list()) == 3
