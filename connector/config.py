@@ -350,7 +350,7 @@ class ServiceSettings(_Model):
     cycle_timeout: Duration = 3600.0
     # A message whose LIST size is above this is streamed to <state_dir>/spool and handled
     # from the file (docs/design.md §5.3); smaller ones stay in memory.
-    spool_threshold: Size = 4 * 1024 * 1024
+    spool_threshold: Size = 2 * 1024 * 1024
     # The octets of messages in memory at once, over all accounts (docs/design.md §10.6);
     # None: twice the threshold per parallel account (memory_budget()).
     message_memory_budget: Size | None = None

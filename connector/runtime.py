@@ -68,8 +68,8 @@ class Runtime:
     notices: NoticeSettings | None = None  # None: [notices] postmaster not set
     # [service] spool_threshold and the memory budget (docs/design.md §5.3, §10.6); the
     # defaults are the config's for max_parallel_accounts = 8.
-    spool_threshold: int = 4 * 1024 * 1024
-    memory_budget: int = 64 * 1024 * 1024
+    spool_threshold: int = 2 * 1024 * 1024
+    memory_budget: int = 32 * 1024 * 1024
     # Accounts with enabled = false, built only for `check --connect` (build_runtime's
     # include_disabled): never polled.
     disabled: tuple[AccountSpec, ...] = ()
