@@ -858,19 +858,27 @@ class Pop3Client:
                     streamed = spooling is not None and (listed is None or listed > spooling.above)
                     charge = 0
                     if budget is not None:
-                        cost = spooling.above if streamed and spooling else listed or size
+                        if streamed and spooling is not None:
+                            cost = spooling.above  # a spooled message costs buffers
+                        else:  # in memory; of unknown size, the whole budget (runs alone)
+                            cost = listed if listed is not None else budget.total
                         if not sent:
                             charge = await budget.acquire(cost)  # holding nothing: may wait
                         elif (taken := budget.try_acquire(cost)) is None:
                             break  # no room now: sent once the window drains
                         else:
                             charge = taken
-                    seq = self._submit(
-                        Command(Verb.RETR, (number,)),
-                        defer=True,
-                        expect=listed,
-                        stream=spooling.sink if streamed and spooling else None,
-                    )
+                    try:
+                        seq = self._submit(
+                            Command(Verb.RETR, (number,)),
+                            defer=True,
+                            expect=listed,
+                            stream=spooling.sink if streamed and spooling else None,
+                        )
+                    except BaseException:
+                        if budget is not None:
+                            budget.release(charge)  # never sent: the budget outlives the cycle
+                        raise
                     sent.append((number, seq, size, charge))
                     octets += size
                     todo += 1

@@ -151,6 +151,7 @@ class BrokenWriter(SpoolWriter):
 
 async def test_a_sink_that_fails_ends_the_session_and_leaves_no_file(tmp_path: Path) -> None:
     spool = spool_in(tmp_path)
+    budget = MemoryBudget(4 * ABOVE)
     async with maildrop(MESSAGES, []) as ep, await Pop3Client.connect(ep, FAST) as pop:
         await pop.login("alice", "secret", AuthMethod.USER)
         sizes = dict(await pop.list())
@@ -158,9 +159,17 @@ async def test_a_sink_that_fails_ends_the_session_and_leaves_no_file(tmp_path: P
         def sink() -> SpoolWriter:
             return BrokenWriter(spool.directory, digest_body=False)
 
+        spooling = Spooling(ABOVE, sink)
         with pytest.raises(StateError, match="No space"):
-            async for _ in pop.retrieve_many([4], sizes=sizes, spooling=Spooling(ABOVE, sink)):
+            async for _ in pop.retrieve_many([4], sizes=sizes, spooling=spooling, budget=budget):
                 pass
+        # The budget outlives the session: nothing may stay charged, not even by a RETR that
+        # could not be sent on the broken stream.
+        assert budget.in_use == 0
+        with pytest.raises(Pop3ConnectionError, match="unusable"):
+            async for _ in pop.retrieve_many([1], sizes=sizes, budget=budget):
+                pass
+        assert budget.in_use == 0
         with pytest.raises(Pop3ConnectionError, match="unusable"):
             await pop.quit()  # half a reply was read: the stream cannot be trusted
     assert files(spool) == []
