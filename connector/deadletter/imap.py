@@ -351,11 +351,12 @@ class _Session:
         racing it against connection loss."""
         task = asyncio.ensure_future(awaitable)
         limit = self._store.timeout + extra
+        shown = f"{round(limit, 1) if extra >= 0.05 else self._store.timeout:g}"
         try:
             async with asyncio.timeout(limit):
                 await asyncio.wait({task, self._lost}, return_when=asyncio.FIRST_COMPLETED)
         except TimeoutError:
-            raise self._error(f"{what}: no answer within {limit:g}s") from None
+            raise self._error(f"{what}: no answer within {shown}s") from None
         finally:
             if not task.done():
                 task.cancel()
@@ -366,7 +367,7 @@ class _Session:
         try:
             return task.result()
         except (TimeoutError, aioimaplib.CommandTimeout):
-            raise self._error(f"{what}: no answer within {limit:g}s") from None
+            raise self._error(f"{what}: no answer within {shown}s") from None
         except ssl.SSLCertVerificationError as exc:
             raise self._error(f"{what}: certificate not trusted: {exc.verify_message}") from None
         except ssl.SSLError as exc:
