@@ -4,11 +4,13 @@ dead-letter store) and aiosmtpd playing Exchange.
 The awkward shapes of issue 17 (lines starting with ".", bare LF, no final newline, a
 200,000-character line, a body that is only ".") arrive byte for byte through the spool as
 they do through memory; a spooled message's dead letter is its bytes after our header lines,
-in the Maildir and in the IMAP store; a spool file a kill left is gone after the next start.
+in the Maildir and in the IMAP store; a spool file a kill left is gone after the next start;
+accounts polled together wait for the memory budget (docs/design.md §10.6) rather than exceed it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 from collections.abc import Callable
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 from aiosmtpd.smtp import Envelope
 
+from connector.config import load_settings
 from connector.deadletter import (
     DeadLetterInfo,
     dead_letter_head,
@@ -25,6 +28,8 @@ from connector.deadletter import (
 from connector.deadletter.imap import ImapStore
 from connector.deadletter.maildir import MaildirStore
 from connector.deadletter.reconcile import ReconcilingStore
+from connector.runtime import build_runtime
+from connector.service import open_service
 from connector.spool import Spool, Spooled
 from connector.tls import TlsMode
 from tests.integration.conftest import Setup, strip_trace
@@ -120,6 +125,58 @@ def test_a_spool_file_a_kill_left_is_gone_after_the_next_start(
     spool_dir(s).mkdir(parents=True)
     (spool_dir(s) / "msg-left-by-a-kill.eml").write_bytes(b"half a message")
     assert s.run("once") == 0
+    assert list(spool_dir(s).iterdir()) == []
+
+
+def test_accounts_polled_together_wait_for_the_memory_budget_instead_of_growing(
+    setup_factory: Callable[..., Setup], dovecot: DovecotServer
+) -> None:
+    # Three accounts at once, a budget that holds one 50 kB message (or one spooled one,
+    # charged the threshold): each RETR waits until the message before it, whichever
+    # account's, is handled.  Every message still arrives, byte for byte.
+    def mail(tag: str) -> list[bytes]:
+        small = [
+            f"Subject: {tag} {n}\r\n\r\n".encode() + (b"%d" % n) * 50_000 + b"\r\n"
+            for n in range(4)
+        ]
+        return [*small, f"Subject: {tag} big\r\n\r\n".encode() + BIG[: 78 * 4000]]
+
+    users = [dovecot.add_user() for _ in range(2)]
+    extra = "".join(
+        f"""
+[[accounts]]
+name = "acct{i}"
+host = "127.0.0.1"
+port = {dovecot.ports["pop3"]}
+tls = "none"
+username = "{user}"
+password = "{password}"
+deliver_to = ["info@firma.test"]
+"""
+        for i, (user, password) in enumerate(users)
+    )
+    s = setup_factory(
+        service_extra='spool_threshold = "64KiB"\nmessage_memory_budget = "64KiB"\n'
+        "max_parallel_accounts = 3",
+        dead_letter=extra,
+    )
+    sent = {s.user: mail(s.user)} | {user: mail(user) for user, _ in users}
+    for user, raws in sent.items():
+        s.dovecot.deliver_many(user, raws)
+    runtime = build_runtime(load_settings(s.config))
+    assert runtime.memory_budget == 64 * 1024
+
+    async def once() -> tuple[int, int, list[int]]:
+        async with open_service(runtime) as service:
+            results = await service.run_once()
+            return service.budget.peak, service.budget.in_use, [r.stats.delivered for r in results]
+
+    peak, in_use, delivered = asyncio.run(asyncio.wait_for(once(), 60))
+    assert delivered == [5, 5, 5]
+    assert 50_000 < peak <= 64 * 1024  # charged, and never more than the budget at once
+    assert in_use == 0  # all given back
+    got = sorted(strip_trace(m.data) for m in s.received())
+    assert got == sorted(raw for raws in sent.values() for raw in raws)
     assert list(spool_dir(s).iterdir()) == []
 
 

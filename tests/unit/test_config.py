@@ -1130,3 +1130,23 @@ def test_a_budget_smaller_than_the_threshold_is_refused_by_name(tmp_path: Path) 
     )
     assert problem.startswith("service.message_memory_budget")
     assert "at least spool_threshold" in problem
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "says"),
+    [
+        ('spool_threshold = "lots"', "spool_threshold", "expected a size"),
+        ("spool_threshold = 0", "spool_threshold", "greater than 0"),
+        ("spool_threshold = -1", "spool_threshold", "greater than 0"),
+        ("spool_threshold = 1.5", "spool_threshold", "expected a size"),
+        ('message_memory_budget = "some"', "message_memory_budget", "expected a size"),
+        ("message_memory_budget = 0", "message_memory_budget", "greater than 0"),
+        ("message_memory_budget = true", "message_memory_budget", "expected a size"),
+    ],
+)
+def test_a_bad_memory_value_is_refused_naming_its_key(
+    tmp_path: Path, line: str, key: str, says: str
+) -> None:
+    (problem,) = problems(tmp_path, f"[service]\n{line}\n" + MINIMAL)
+    assert problem.startswith(f"service.{key}: "), problem
+    assert says in problem
