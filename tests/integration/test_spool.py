@@ -30,7 +30,7 @@ from connector.deadletter.maildir import MaildirStore
 from connector.deadletter.reconcile import ReconcilingStore
 from connector.runtime import build_runtime
 from connector.service import open_service
-from connector.spool import Spool, Spooled
+from connector.spool import READ_CHUNK, Spool, Spooled
 from connector.tls import TlsMode
 from tests.integration.conftest import Setup, strip_trace
 from tests.servers import DovecotServer
@@ -41,6 +41,33 @@ WHEN = dt.datetime(2026, 11, 27, 15, 49, 35, tzinfo=dt.UTC)
 INFO = DeadLetterInfo("info", "u-big", "data", "554 5.7.1 too big for us", WHEN)
 LONG = b"A" * 200_000
 BIG = (b"QUJD" * 19 + b"\r\n") * (5 * 1024 * 1024 // 78)  # ~5 MiB of base64
+
+
+def padded(head: bytes, length: int) -> bytes:
+    """``head`` and whole CRLF lines of filler, ``length`` octets in all."""
+    n = length - len(head)
+    lines, rest = divmod(n, 78)
+    if rest == 1:  # no room for a line of its own: one line is longer
+        lines, rest = lines - 1, 79
+    last = b"y" * (rest - 2) + b"\r\n" if rest else b""
+    out = head + (b"x" * 76 + b"\r\n") * lines + last
+    assert len(out) == length
+    assert out.endswith(b"\n")
+    return out
+
+
+# Where a spool file is cut when DATA reads it: a line starting with "." just after the cut,
+# and a CRLF cut in two in a message that has a lone CR too (so its line ends are normalised
+# chunk by chunk: the CR before the cut must pair with the LF after it; Dovecot sends a bare
+# LF as CRLF already).
+DOT_AT_THE_CUT = padded(b"Subject: a dot line at the cut\r\n\r\n", READ_CHUNK) + (
+    b".starts the second chunk\r\n..\r\nend\r\n"
+)
+CRLF_CUT = padded(b"Subject: CRLF cut in two\r\n\r\na lone CR\rin a line\r\n", READ_CHUNK - 5) + (
+    b"abcd\r\n.x\r\nend\r\n"
+)
+assert DOT_AT_THE_CUT[READ_CHUNK : READ_CHUNK + 1] == b"."
+assert CRLF_CUT[READ_CHUNK - 1 : READ_CHUNK + 1] == b"\r\n"
 
 # (what goes into the Maildir, what must come out of SMTP after our Received: line)
 AWKWARD = [
@@ -56,6 +83,8 @@ AWKWARD = [
     (b"Subject: long line\r\n\r\n" + LONG + b"\r\n.after\r\n" + LONG, None),
     (b"Subject: only a dot\r\n\r\n.\r\n", None),
     (b"Subject: big\r\n\r\n" + BIG, None),
+    (DOT_AT_THE_CUT, None),
+    (CRLF_CUT, CRLF_CUT.replace(b"lone CR\r", b"lone CR\r\n")),
 ]
 
 
