@@ -2,9 +2,10 @@
 
 Our own :class:`~prometheus_client.CollectorRegistry` (not the library's global default) keeps
 the exposition to what §11.1 lists, and lets every test build a fresh set.  Label values are
-bounded: ``account`` (from the config), ``outcome`` and ``result`` (enums), ``code`` (a
-three-digit SMTP code, or ``none`` when a message was deferred without a reply, e.g. a timeout),
-``version``.  Never a UIDL, an address or a subject: those would make a new series per message.
+bounded: ``account`` and ``smtp_target`` (from the config), ``outcome`` and ``result`` (enums),
+``code`` (a three-digit SMTP code, or ``none`` when a message was deferred without a reply, e.g.
+a timeout), ``version``.  Never a UIDL, an address or a subject: those would make a new series
+per message.
 """
 
 from __future__ import annotations
@@ -162,7 +163,17 @@ class Metrics:
             PREFIX + "build_info", "Always 1; the version label.", ["version"], registry=r
         )
         self.build_info.labels(version=version).set(1)
+        # One series per account naming its SMTP target (docs/design.md §11.1, §14.1), not a
+        # label on every per-account series: a query joins it where it is wanted, and an
+        # account moved to another target keeps its series.
+        self.account_info = Gauge(
+            PREFIX + "account_info",
+            "Always 1; the SMTP target the account delivers to (smtp_target).",
+            ["account", "smtp_target"],
+            registry=r,
+        )
         self._accounts: set[str] = set()
+        self._targets: dict[str, str] = {}
 
     # -- accounts ------------------------------------------------------------------------------
 
@@ -194,6 +205,17 @@ class Metrics:
                 with contextlib.suppress(KeyError):  # never set
                     gauge.remove(name)
         self._accounts = wanted
+
+    def set_targets(self, targets: dict[str, str]) -> None:
+        """``account_info``: one series per account, labelled with its SMTP target's name; the
+        series of an account removed or moved to another target goes."""
+        for name, old in self._targets.items():
+            if targets.get(name) != old:
+                with contextlib.suppress(KeyError):
+                    self.account_info.remove(name, old)
+        for name, target in targets.items():
+            self.account_info.labels(account=name, smtp_target=target).set(1)
+        self._targets = dict(targets)
 
     # -- the CycleObserver hook ----------------------------------------------------------------
 

@@ -25,7 +25,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,6 +56,7 @@ from connector.errors import (
 from connector.ledger import AccountStatus, CycleRecord, Failures, Ledger, os_error_text
 from connector.notices import Notifier, RecordingStore
 from connector.runtime import Runtime, open_store
+from connector.shard import Shard
 from connector.smtp import SmtpDeliverer
 from connector.spool import Spool
 
@@ -208,16 +209,26 @@ def status_document(
     dead_letters: dict[str, int],
     next_poll: dict[str, float | None] | None = None,
     ledger: dict[str, Any] | None = None,
+    *,
+    targets: Mapping[str, str] | None = None,
+    shard: Shard | None = None,
+    elsewhere: Collection[str] = (),
 ) -> dict[str, Any]:
     """The ``/status`` and ``status --json`` document (docs/design.md §11.2).
 
     ``names`` (the configured accounts) come first, in config order, then accounts the ledger
-    or the dead-letter store still knows (removed from the config).  ``next_poll`` overrides
-    the ledger's value with the scheduler's (SIGUSR1 or a reload may have moved it).
-    ``ledger`` (:func:`ledger_health`) becomes the document's ``ledger`` object.
+    or the dead-letter store still knows (removed from the config), but those of ``elsewhere``
+    (another shard's: rows left from before a resharding).  ``next_poll`` overrides the
+    ledger's value with the scheduler's (SIGUSR1 or a reload may have moved it).  ``ledger``
+    (:func:`ledger_health`) becomes the document's ``ledger`` object.  ``targets``: the SMTP
+    target of each account (``smtp_target``); ``shard``: the document's ``shard`` object.
     """
     by_name = {row.name: row for row in rows}
     order = list(dict.fromkeys([*names, *sorted(by_name), *sorted(dead_letters)]))
+    if elsewhere:
+        skip = set(elsewhere) - set(names)
+        order = [name for name in order if name not in skip]
+    targets = targets or {}
     accounts = []
     for name in order:
         row = by_name.get(name)
@@ -237,11 +248,15 @@ def status_document(
                 "deferred": row.deferred if row else 0,
                 "dead_letters": dead_letters.get(name, 0),
                 "next_poll": rfc3339(poll),
+                "smtp_target": targets.get(name),
             }
         )
-    if ledger is None:
-        return {"accounts": accounts}
-    return {"accounts": accounts, "ledger": ledger}
+    doc: dict[str, Any] = {"accounts": accounts}
+    if shard is not None:
+        doc["shard"] = {"index": shard.index, "count": shard.count}
+    if ledger is not None:
+        doc["ledger"] = ledger
+    return doc
 
 
 def ledger_health(path: Path, ledger: Ledger | None) -> dict[str, Any]:
@@ -296,6 +311,7 @@ class Service:
         self.dead_letter_counts: dict[str, int] | None = None
         if metrics is not None:
             metrics.set_accounts(self.accounts)
+            metrics.set_targets(self.smtp_targets())
             metrics.watch_ledger(lambda: ledger.writable)
 
     def _new_state(self, spec: AccountSpec, runtime: Runtime) -> AccountState:
@@ -335,12 +351,23 @@ class Service:
         state.failing = saved.failing
         state.restored = True
 
+    def smtp_targets(self) -> dict[str, str]:
+        """The name of each account's SMTP target (``/status``, ``account_info``)."""
+        default = self.runtime.default_target.name
+        return {
+            name: state.spec.smtp.name if state.spec.smtp is not None else default
+            for name, state in self.accounts.items()
+        }
+
     async def _cycle(self, state: AccountState) -> CycleResult:
         spec = state.spec
         await self._restore(state)
         started = self.clock()
+        # The account's own target (docs/design.md §14.1): its session, TLS context and
+        # envelope policy; a target that fails fails only the cycles of its accounts.
+        target = spec.smtp if spec.smtp is not None else self.runtime.default_target
         deliverer = SmtpDeliverer(
-            self.runtime.smtp, transcript=SMTP_TRANSCRIPT if self.runtime.transcripts else None
+            target.settings, transcript=SMTP_TRANSCRIPT if self.runtime.transcripts else None
         )
         recorded = RecordingStore(self.store)  # what the dead-letter digest names
         cycle = Cycle(
@@ -348,7 +375,7 @@ class Service:
             ledger=self.ledger,
             store=recorded,
             deliverer=deliverer,
-            policy=self.runtime.policy,
+            policy=target.policy,
             observer=self.observer,
             stopping=self.stopping,
             clock=self.clock,
@@ -472,7 +499,17 @@ class Service:
                 counts = self.dead_letter_counts = {}
         polls = {name: state.next_poll for name, state in self.accounts.items()}
         health = ledger_health(self.ledger.path, self.ledger)
-        return status_document(self.accounts, rows, counts, polls, health)
+        runtime = self.runtime
+        return status_document(
+            self.accounts,
+            rows,
+            counts,
+            polls,
+            health,
+            targets=self.smtp_targets(),
+            shard=runtime.shard,
+            elsewhere=runtime.elsewhere,
+        )
 
     def metrics_text(self) -> bytes:
         """The Prometheus exposition (empty without metrics)."""
@@ -656,6 +693,7 @@ class Service:
                     current.poll_now.set()
         if self.metrics is not None:
             self.metrics.set_accounts(self.accounts)
+            self.metrics.set_targets(self.smtp_targets())
         log.info("configuration reloaded: %d account(s)", len(self.accounts))
 
     def install_signal_handlers(self, *, reload: Callable[[], None] | None = None) -> None:

@@ -27,6 +27,7 @@ EXPECTED = {
     "pop3_connector_build_info": "gauge",
     "pop3_connector_smtp_data_timeouts": "counter",
     "pop3_connector_ledger_writable": "gauge",
+    "pop3_connector_account_info": "gauge",
 }
 
 
@@ -144,3 +145,29 @@ def test_backlog_and_removed_accounts() -> None:
     assert get("pop3_connector_deferred_messages", {"account": "old"}) is None
     assert get("pop3_connector_dead_letters", {"account": "old"}) is None
     assert get("pop3_connector_deferred_messages", {"account": "info"}) == 2
+
+
+def test_account_info_names_each_accounts_smtp_target() -> None:
+    """One series per account (docs/design.md §14.1), not a label on the others; an account
+    that moves to another target, or goes, leaves no series behind."""
+    m = Metrics()
+    m.set_accounts(["info", "sales"])
+    m.set_targets({"info": "default", "sales": "kunde-b"})
+
+    def info(account: str, target: str) -> float | None:
+        labels = {"account": account, "smtp_target": target}
+        return m.registry.get_sample_value("pop3_connector_account_info", labels)
+
+    assert (info("info", "default"), info("sales", "kunde-b")) == (1, 1)
+    m.set_targets({"info": "kunde-b"})
+    assert (info("info", "default"), info("info", "kunde-b")) == (None, 1)
+    assert info("sales", "kunde-b") is None
+    infos = [
+        s for f in text_string_to_metric_families(m.render().decode())
+        if f.name == "pop3_connector_account_info" for s in f.samples
+    ]  # fmt: skip
+    assert len(infos) == 1
+    # No other series carries the target.
+    assert b"smtp_target" not in b"".join(
+        line for line in m.render().splitlines() if b"account_info" not in line
+    )

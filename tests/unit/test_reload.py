@@ -12,7 +12,7 @@ import pytest
 import trustme
 from pydantic import BaseModel
 
-from connector.config import AccountConfig, Settings, load_settings
+from connector.config import AccountConfig, Settings, SmtpConfig, load_settings
 from connector.ledger import Ledger
 from connector.metrics import Metrics
 from connector.runtime import Runtime, build_runtime
@@ -93,6 +93,7 @@ BASE: Final[dict[str, Any]] = {
     "password": "secret",
     "auth": "auto",
     "deliver_to": ["info@firma.local"],
+    "smtp": "kunde",  # _runtime names "kunde" and "xkunde" as targets
     "poll_interval": 300,
     "enabled": True,
     "max_deferral": 86400,
@@ -238,11 +239,15 @@ def _account(tmp_path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     return account
 
 
-def _runtime(tmp_path: Path, account: dict[str, Any]) -> Runtime:
+def _runtime(
+    tmp_path: Path, account: dict[str, Any], target: dict[str, Any] | None = None
+) -> Runtime:
+    smtp = {"host": "127.0.0.1", "tls": "none", "helo_name": "c.test"}
     return build_runtime(
         Settings(
             service={"state_dir": tmp_path},
-            smtp={"host": "127.0.0.1", "tls": "none", "helo_name": "c.test"},
+            smtp=smtp,
+            smtp_targets={"kunde": target or smtp, "xkunde": {**smtp, "host": "127.0.0.2"}},
             accounts=[account],
         )
     )
@@ -302,5 +307,58 @@ async def test_reload_applies_each_account_key(files: Path, key: KeyPath) -> Non
             assert new_spec != old_spec, f"{_dotted(key)} does not reach the account's spec"
             assert service.accounts["info"] is state
             assert state.spec is new_spec, f"a reload ignored a change of {_dotted(key)}"
+    finally:
+        await ledger.close()
+
+
+# Every key of an SMTP target ([smtp_targets.NAME], the keys of [smtp]): a change reaches the
+# accounts that deliver there, as a change of their own.
+TARGET: Final[dict[str, Any]] = {
+    "host": "exchange.kunde.test",
+    "port": 2525,
+    "tls": "starttls",
+    "verify_certificate": True,
+    "ca_file": Path("ca.pem"),
+    "username": "connector",
+    "password": "smtp-secret",
+    "helo_name": "connector.kunde.test",
+    "envelope_sender": "return-path",
+    "dsn": True,
+    "timeout": 60,
+    "data_termination_timeout": 600,
+}
+TARGET_VARIANTS: Final[dict[str, dict[str, Any]]] = {
+    "password_file": {"password": None, "password_file": "token-or-password"},
+    "password_env": {"password": None, "password_env": "RELOAD_TEST_PASSWORD"},
+}
+
+
+@pytest.mark.parametrize("key", list(SmtpConfig.model_fields))
+async def test_reload_applies_each_smtp_target_key(files: Path, key: str) -> None:
+    """SIGHUP with one key of an account's SMTP target changed: the account's spec changes,
+    and a failing account polls at once (the change may be the fix: a new SMTP password)."""
+    target = {k: v for k, v in {**TARGET, **TARGET_VARIANTS.get(key, {})}.items() if v is not None}
+    for name in ("ca_file", "password_file"):
+        if name in target:
+            target[name] = files / target[name]
+    annotation = SmtpConfig.model_fields[key].annotation
+    value = "null" if key == "envelope_sender" else _changed(target[key], annotation, (key,))
+    changed = {**target, key: value}
+    account = _account(files, {})
+    old_runtime = _runtime(files, account, target)
+    ledger = await Ledger.open(files / "ledger.sqlite3")
+    try:
+        service = Service(old_runtime, ledger)
+        state = service.accounts["info"]
+        old_spec = state.spec
+        state.failing = True
+        service.apply_runtime(_runtime(files, account, target))  # rebuilt, not changed
+        assert state.spec is old_spec
+        assert not state.poll_now.is_set()
+        new_runtime = _runtime(files, account, changed)
+        service.apply_runtime(new_runtime)
+        assert service.accounts["info"] is state
+        assert state.spec is new_runtime.accounts[0], f"a reload ignored smtp_targets.*.{key}"
+        assert state.poll_now.is_set()
     finally:
         await ledger.close()
