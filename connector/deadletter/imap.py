@@ -37,7 +37,7 @@ out a chunk at a time, waiting whenever the transport's buffer is above its high
 (:meth:`_Session.streaming`).  That costs one chunk (``spool.READ_CHUNK``) and the transport's
 buffer, whatever the message's size; the in-memory path costs the message and its copy with our
 header lines.  It relies on aioimaplib's ``_continuation``, ``literal_data`` and
-``pending_sync_command`` (tests/unit/test_imap_streaming.py names them), under the pin in
+``pending_sync_command`` (tests/unit/test_deadletter_imap.py names them), under the pin in
 ``pyproject.toml``.  The APPEND's deadline grows with the literal: a second per megabyte over
 the store's ``timeout``, since the server says nothing while it reads a literal.
 

@@ -137,11 +137,6 @@ class SmtpDeliverer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    @property
-    def connected(self) -> bool:
-        """True while a set-up session is open (it may still be dropped by the server)."""
-        return self._smtp is not None and self._smtp.is_connected
-
     async def connect(self) -> None:
         """Open and set up the session: greeting, EHLO, STARTTLS and EHLO again, AUTH.
 

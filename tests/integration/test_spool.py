@@ -3,8 +3,9 @@ dead-letter store) and aiosmtpd playing Exchange.
 
 The awkward shapes of issue 17 (lines starting with ".", bare LF, no final newline, a
 200,000-character line, a body that is only ".") arrive byte for byte through the spool as
-they do through memory; a spooled message's dead letter is its bytes after our header lines,
-in the Maildir and in the IMAP store; a spool file a kill left is gone after the next start;
+they do through memory; a spooled message's dead letter is its bytes after our header lines
+(the stores given a spool file: test_deadletter_maildir.py, test_deadletter_reconcile.py in
+tests/unit, test_deadletter_imap.py here); a spool file a kill left is gone after the next start;
 accounts polled together wait for the memory budget (docs/design.md §10.6) rather than exceed it.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,16 +22,11 @@ from aiosmtpd.smtp import Envelope
 from connector.config import load_settings
 from connector.deadletter import (
     DeadLetterInfo,
-    dead_letter_head,
     strip_dead_letter_headers,
 )
-from connector.deadletter.imap import ImapStore
-from connector.deadletter.maildir import MaildirStore
-from connector.deadletter.reconcile import ReconcilingStore
 from connector.runtime import build_runtime
 from connector.service import open_service
-from connector.spool import READ_CHUNK, Spool, Spooled
-from connector.tls import TlsMode
+from connector.spool import READ_CHUNK
 from tests.integration.conftest import Setup, strip_trace
 from tests.servers import DovecotServer
 
@@ -207,74 +202,3 @@ deliver_to = ["info@firma.test"]
     got = sorted(strip_trace(m.data) for m in s.received())
     assert got == sorted(raw for raws in sent.values() for raw in raws)
     assert list(spool_dir(s).iterdir()) == []
-
-
-# -- the dead-letter stores, given a spool file ------------------------------------------------
-
-
-async def spooled(tmp_path: Path, raw: bytes) -> Spooled:
-    spool = Spool(tmp_path / "spool")
-    os.makedirs(tmp_path, exist_ok=True)
-    spool.clean()
-    writer = spool.writer()
-    for i in range(0, len(raw), 100_000):
-        await writer.write(raw[i : i + 100_000])
-    return await writer.finish()
-
-
-IMAP_SAFE = AWKWARD[0][0] + AWKWARD[3][0] + b"\r\n" + BIG  # IMAP carries CRLF lines verbatim
-
-
-async def test_the_imap_store_appends_a_spooled_message_byte_for_byte(
-    dovecot: DovecotServer, mailbox: tuple[str, str], tmp_path: Path
-) -> None:
-    user, password = mailbox
-    for tls in (TlsMode.IMPLICIT, TlsMode.NONE):
-        store = ImapStore(
-            "localhost" if tls is TlsMode.IMPLICIT else "127.0.0.1",
-            dovecot.ports["imaps" if tls is TlsMode.IMPLICIT else "imap"],
-            tls,
-            dovecot.client_context() if tls is TlsMode.IMPLICIT else None,
-            user,
-            password,
-            "Spool/Dead Letters",
-            timeout=10,
-        )
-        message = await spooled(tmp_path / tls.value, IMAP_SAFE)
-        id = await store.put(message, INFO)
-        stored = await store.get(id)
-        assert stored == dead_letter_head(message, INFO) + IMAP_SAFE
-        assert b"".join([c async for c in store.chunks(id)]) == stored  # partial FETCHes
-        (record,) = [r for r in await store.list() if r.id == id]
-        assert record.size == len(IMAP_SAFE)
-
-
-async def test_the_maildir_store_copies_a_spooled_message_byte_for_byte(tmp_path: Path) -> None:
-    raw = b"".join(stored for stored, _ in AWKWARD) + b"\rlone CR\0NUL\r\n"
-    message = await spooled(tmp_path, raw)
-    store = MaildirStore(tmp_path / "dead-letters")
-    id = await store.put(message, INFO)
-    stored = await store.get(id)
-    assert stored == dead_letter_head(message, INFO) + raw
-    assert b"".join([c async for c in store.chunks(id)]) == stored
-    assert message.path.read_bytes() == raw  # copied, not moved: the cycle removes it
-
-
-async def test_a_spooled_message_left_unrecorded_by_a_kill_is_matched_not_stored_twice(
-    tmp_path: Path,
-) -> None:
-    raw = AWKWARD[3][0] + b"\r\n"
-    inner = MaildirStore(tmp_path / "dead-letters")
-    first = await inner.put(await spooled(tmp_path / "a", raw), INFO)  # then the kill
-    other = await inner.put(await spooled(tmp_path / "b", raw + b"x\r\n"), INFO)
-
-    async def recorded() -> set[str]:
-        return {other}
-
-    store = ReconcilingStore(inner, recorded)
-    assert await store.put(await spooled(tmp_path / "c", raw + b"y\r\n"), INFO) not in (
-        first,
-        other,
-    )  # same size class, other bytes: stored
-    assert await store.put(await spooled(tmp_path / "d", raw), INFO) == first
-    assert len(await inner.list()) == 3

@@ -1,14 +1,12 @@
 """The spool (connector/spool.py): what a writer records must be what the whole message says,
-its files are owner-only and go when asked, a start removes what a killed run left; and DATA's
-content read from a spool file is, octet for octet, what the in-memory path sends
-(docs/design.md §5.3)."""
+its files are owner-only and go when asked, a start removes what a killed run left
+(docs/design.md §5.3).  DATA's content read from a spool file: tests/unit/test_smtp_content.py."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,6 @@ from connector import headers
 from connector.cycle.identity import duplicate_key
 from connector.deadletter import message_eol
 from connector.errors import StateError
-from connector.smtp.content import content_of, streamed_content
 from connector.spool import HEAD, Spool, Spooled
 
 settings.register_profile("dev", max_examples=60, deadline=None)
@@ -37,6 +34,18 @@ async def spool_bytes(
             await writer.write(data[pos : pos + max(cut, 1)])
             pos += max(cut, 1)
     return await writer.finish(prefix)
+
+
+async def spooled(directory: Path, raw: bytes) -> Spooled:
+    """``raw`` in a spool file under ``directory`` (created), written 100,000 octets at a time:
+    a message as the POP3 client leaves it for the cycle and the dead-letter stores."""
+    os.makedirs(directory, exist_ok=True)
+    spool = Spool(directory / "spool")
+    spool.clean()
+    writer = spool.writer()
+    for i in range(0, len(raw), 100_000):
+        await writer.write(raw[i : i + 100_000])
+    return await writer.finish()
 
 
 def lone_line_ends(raw: bytes) -> int:
@@ -127,40 +136,3 @@ async def test_a_spool_that_cannot_be_written_is_a_state_error(tmp_path: Path) -
         spool.clean()
     with pytest.raises(StateError, match="cannot create a spool file"):
         await spool.writer().write(b"x")
-
-
-# -- DATA from a spool file ------------------------------------------------------------------
-
-
-async def pieces_of_file(spooled: Spooled, trace: bytes, size: int) -> tuple[bytes, int]:
-    def chunks() -> AsyncIterator[bytes]:
-        return spooled.chunks(size)
-
-    content = streamed_content(
-        trace,
-        chunks,
-        size=spooled.size,
-        ascii=spooled.ascii,
-        lone=spooled.lone,
-        last=spooled.last,
-    )
-    out = b"".join([bytes(piece) async for piece in content.pieces()])
-    assert content.ascii == (trace + spooled.path.read_bytes()).isascii()
-    return out, content.size
-
-
-@settings(PROFILE, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(raw=messages_st, size=st.integers(1, 9), trace=st.booleans())
-async def test_data_from_a_spool_file_is_what_the_in_memory_path_sends(
-    tmp_path: Path, raw: bytes, size: int, trace: bool
-) -> None:
-    spool = Spool(tmp_path / "spool")
-    spool.clean()
-    spooled = await spool_bytes(spool, raw, [])
-    line = b"Received: from pop by us; date\r\n" if trace else b""
-    memory = content_of(line, raw, None)
-    expected = b"".join(bytes(piece) for piece in memory.pieces())
-    streamed, octets = await pieces_of_file(spooled, line, size)
-    assert streamed == expected
-    assert octets == memory.size
-    spooled.remove()
