@@ -662,6 +662,6 @@ def test_sigkill_at_random_instants_loses_nothing_long(
     assert table.still_deferred == 0
     assert table.spooled_messages > 0
     assert table.spool_files_left_by_kills > 0  # kills did land inside spooled messages
-    assert table.kills_in_retr_to_spool > 0  # seed 5: 9 of the 220 kills
-    assert table.kills_in_data_from_spool > 0  # seed 5: 60
+    assert table.kills_in_retr_to_spool > 0  # seed 5: 6 and 9 of the 220 kills in two runs
+    assert table.kills_in_data_from_spool > 0  # seed 5: 63 and 60
     assert table.spool_files_at_the_end == 0
