@@ -35,6 +35,7 @@ import enum
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -244,6 +245,9 @@ async def dead_letters_show(
         out.write(data)
         out.flush()
         return EX_OK
+    if eml.is_dir():
+        print(f"pop3-connector: cannot write {eml}: it is a directory; name a file", file=err)
+        return EX_FAILED
     try:
         await asyncio.to_thread(_write_private, eml, data)
     except OSError as exc:
@@ -254,10 +258,22 @@ async def dead_letters_show(
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    # Mail is private: owner-only, as the dead-letter store itself (README "Permissions").
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    """Write ``data`` to ``path`` owner-only (0600), whether or not ``path`` exists.
+
+    Mail is private, as the dead-letter store itself (README "Permissions").  Opening an
+    existing file keeps its mode (``O_CREAT``'s mode applies only to a new file), so the bytes
+    go to a new file beside it, made 0600 by ``mkstemp``, which then replaces ``path``
+    (``os.replace``: atomic on POSIX; a symbolic link at ``path`` is replaced, not followed).
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 async def dead_letters_purge(

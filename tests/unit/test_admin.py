@@ -1,0 +1,78 @@
+"""The operator commands of ``connector/admin.py`` on a Maildir store and a ledger, without
+SMTP: ``dead-letters show``, the dry run of ``requeue`` and ``status``."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import io
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from connector import admin
+from connector.config import load_settings
+from connector.deadletter import DeadLetterInfo
+from connector.deadletter.maildir import MaildirStore
+from connector.runtime import Runtime, build_runtime
+
+NOW = dt.datetime(2026, 11, 27, 15, 49, 35, tzinfo=dt.UTC)
+MESSAGE = b"From: a@b.example\r\nSubject: hello\r\n\r\nbody\r\n"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith("POP3_CONNECTOR_"):
+            monkeypatch.delenv(name)
+
+
+def runtime(tmp_path: Path, accounts: str = "") -> Runtime:
+    accounts = accounts or (
+        '[[accounts]]\nname = "info"\nhost = "127.0.0.1"\nport = 1\ntls = "none"\n'
+        'username = "info"\npassword = "pw"\ndeliver_to = ["info@firma.local"]\n'
+    )
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'[service]\nstate_dir = "{tmp_path / "state"}"\n[metrics]\nlisten = ""\n'
+        f'[smtp]\nhost = "127.0.0.1"\ntls = "none"\nhelo_name = "c.test"\n{accounts}'
+    )
+    return build_runtime(load_settings(path))
+
+
+def put(rt: Runtime, raw: bytes = MESSAGE, account: str = "info", stage: str = "data") -> str:
+    assert rt.dead_letter_path is not None
+    info = DeadLetterInfo(account, "u1", stage, "554 5.1.0 Sender denied", NOW)
+    return asyncio.run(MaildirStore(rt.dead_letter_path).put(raw, info))
+
+
+def show(rt: Runtime, dl_id: str, eml: Path | None = None) -> tuple[int, bytes, str]:
+    out, err = io.BytesIO(), io.StringIO()
+    code = asyncio.run(admin.dead_letters_show(rt, dl_id, out=out, err=err, eml=eml))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_show_eml_makes_an_existing_file_owner_only(tmp_path: Path) -> None:
+    """An export over an older one (mode 0644, as an editor or a copy left it) is replaced by
+    an owner-only file, as a new one is: mail is private."""
+    rt = runtime(tmp_path)
+    dl_id = put(rt)
+    eml = tmp_path / "refused.eml"
+    eml.write_bytes(b"an older export, longer than the new one" * 10)
+    eml.chmod(0o644)
+    code, _, err = show(rt, dl_id, eml)
+    assert (code, f"written to {eml}" in err) == (0, True)
+    assert stat.S_IMODE(eml.stat().st_mode) == 0o600
+    assert eml.read_bytes().endswith(MESSAGE)
+    assert eml.read_bytes().startswith(b"X-POP3-Connector-Account: info\r\n")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left
+
+
+def test_show_eml_to_a_directory_says_so(tmp_path: Path) -> None:
+    rt = runtime(tmp_path)
+    dl_id = put(rt)
+    code, _, err = show(rt, dl_id, tmp_path)
+    assert code == admin.EX_FAILED
+    assert f"cannot write {tmp_path}: it is a directory" in err
