@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import json
 import logging
 import os
@@ -245,9 +246,6 @@ async def dead_letters_show(
         out.write(data)
         out.flush()
         return EX_OK
-    if eml.is_dir():
-        print(f"pop3-connector: cannot write {eml}: it is a directory; name a file", file=err)
-        return EX_FAILED
     try:
         await asyncio.to_thread(_write_private, eml, data)
     except OSError as exc:
@@ -265,6 +263,8 @@ def _write_private(path: Path, data: bytes) -> None:
     go to a new file beside it, made 0600 by ``mkstemp``, which then replaces ``path``
     (``os.replace``: atomic on POSIX; a symbolic link at ``path`` is replaced, not followed).
     """
+    if path.is_dir():  # `--eml /tmp/`: the file's name is missing
+        raise IsADirectoryError(errno.EISDIR, "it is a directory; name a file in it")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
