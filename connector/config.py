@@ -77,10 +77,13 @@ __all__ = [
     "Settings",
     "SmtpConfig",
     "config_warnings",
+    "configured_secrets",
     "dead_letter_path",
     "format_duration",
     "format_validation_error",
+    "holds_secret",
     "load_settings",
+    "mask_secrets",
     "parse_duration",
     "parse_size",
     "poll_interval_warnings",
@@ -850,6 +853,42 @@ _SHOWN_VALUE_MAX: Final = 60
 _ACCOUNT_PATH: Final = re.compile(r"accounts\[(\d+)\]")
 
 
+def holds_secret(value: str, secrets: Collection[str]) -> bool:
+    """Whether ``value`` contains one of ``secrets``, or is a piece of one (4 characters or
+    more): a password pasted into the wrong key, whole or in part."""
+    return any(s in value or (len(value) >= 4 and value in s) for s in secrets if s)
+
+
+# A secret shorter than this is masked only where it stands alone (not inside a word): a
+# one-letter password would otherwise mask that letter in every word of the message.
+_SHORT_SECRET: Final = 6
+
+
+def mask_secrets(text: str, secrets: Collection[str]) -> str:
+    """``text`` with every occurrence of each of ``secrets`` replaced by the mask: the net
+    under a message built from configured values (a host, a name, a path), any of which may
+    hold a password pasted into the wrong key.  A short secret only where no letter or digit
+    touches it."""
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        if len(secret) >= _SHORT_SECRET:
+            text = text.replace(secret, MASK)
+        else:
+            alone = re.compile(rf"(?<![^\W_]){re.escape(secret)}(?![^\W_])")
+            text = alone.sub(MASK, text)
+    return text
+
+
+def configured_secrets(settings: Settings) -> frozenset[str]:
+    """Every password the settings hold, resolved (inline, ``password_file``,
+    ``password_env``): the accounts', ``[smtp]``'s, each SMTP target's and an IMAP dead-letter
+    store's.  Only to keep them out of what ``check`` prints."""
+    models: list[_Secretful] = [settings.smtp, *settings.smtp_targets.values()]
+    models += settings.accounts
+    if isinstance(settings.dead_letter, ImapDeadLetter):
+        models.append(settings.dead_letter)
+    return frozenset(s for m in models if (s := m.secret()))
+
+
 def _shown_value(err: Any, secrets: Collection[str]) -> str:
     """`` (got VALUE)`` for the value an error is about, when that is safe to show: a plain
     value (not a table), not under a secret key, not an unknown key (a misspelt ``pasword``
@@ -868,7 +907,7 @@ def _shown_value(err: Any, secrets: Collection[str]) -> str:
         case int() | float():
             shown = repr(value)
         case str():
-            if any(s in value or (len(value) >= 4 and value in s) for s in secrets if s):
+            if holds_secret(value, secrets):
                 return ""
             text = value if len(value) <= _SHOWN_VALUE_MAX else value[:_SHOWN_VALUE_MAX] + "..."
             shown = _toml_string(text)
@@ -960,7 +999,8 @@ def format_validation_error(
         shown = _shown_value(err, secrets)
         if not (shown and path.endswith("].name")):  # the name itself is the bad value
             path = _with_account_name(path, account_names or {})
-        lines.append(f"{path or '<config>'}: {msg}{shown}")
+        # The message itself may quote a configured value (a target's name, a path).
+        lines.append(mask_secrets(f"{path or '<config>'}: {msg}{shown}", secrets))
     return lines
 
 
@@ -1145,7 +1185,18 @@ _KEY_ORDER: Final = (
 )
 
 
-def _table_lines(model: BaseModel) -> Iterator[str]:
+def _masked(value: object, secrets: Collection[str]) -> object:
+    """``value`` with every string that holds a secret (:func:`holds_secret`) masked."""
+    match value:
+        case str() | Path() if holds_secret(str(value), secrets):
+            return MASK
+        case list():
+            return [_masked(v, secrets) for v in value]
+        case _:
+            return value
+
+
+def _table_lines(model: BaseModel, secrets: Collection[str] = ()) -> Iterator[str]:
     inline = isinstance(model, _Secretful) and not (model.password_file or model.password_env)
     fields = list(type(model).model_fields)
     keys = [k for k in _KEY_ORDER if k in fields] + [k for k in fields if k not in _KEY_ORDER]
@@ -1161,7 +1212,8 @@ def _table_lines(model: BaseModel) -> Iterator[str]:
             if inline:
                 yield f"{key} = {_toml_string(MASK)}"
             continue
-        yield f"{key} = {_toml_value(key, value)}"
+        # A password pasted into another key (host, username, deliver_to) is masked there too.
+        yield f"{key} = {_toml_value(key, _masked(value, secrets))}"
 
 
 _BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
@@ -1174,17 +1226,19 @@ def _toml_key(key: str) -> str:
 
 def render_settings(settings: Settings) -> str:
     """The effective configuration as TOML, defaults filled in and every secret masked."""
+    secrets = configured_secrets(settings)
     lines = ["# pop3-connector: effective configuration (defaults filled in, secrets masked)"]
     for table in ("service", "metrics", "smtp", "dead_letter", "notices"):
-        lines += ["", f"[{table}]", *_table_lines(getattr(settings, table))]
+        lines += ["", f"[{table}]", *_table_lines(getattr(settings, table), secrets)]
     for name, target in settings.smtp_targets.items():
-        lines += ["", f"[smtp_targets.{_toml_key(name)}]", *_table_lines(target)]
+        table_name = mask_secrets(_toml_key(name), secrets)
+        lines += ["", f"[smtp_targets.{table_name}]", *_table_lines(target, secrets)]
     for account in settings.accounts:
-        lines += ["", "[[accounts]]", *_table_lines(account)]
+        lines += ["", "[[accounts]]", *_table_lines(account, secrets)]
         if account.shared is not None:
-            lines += ["", "[accounts.shared]", *_table_lines(account.shared)]
+            lines += ["", "[accounts.shared]", *_table_lines(account.shared, secrets)]
             for rule in account.shared.rules:
-                lines += ["", "[[accounts.shared.rules]]", *_table_lines(rule)]
+                lines += ["", "[[accounts.shared.rules]]", *_table_lines(rule, secrets)]
     return "\n".join(lines) + "\n"
 
 
@@ -1272,7 +1326,10 @@ def config_warnings(settings: Settings, path: Path) -> list[str]:
         )
     if not any(a.enabled for a in settings.accounts):
         warnings.append("accounts: no account is enabled; run and once will do nothing")
-    return warnings + port_tls_warnings(settings) + poll_interval_warnings(settings)
+    warnings += port_tls_warnings(settings) + poll_interval_warnings(settings)
+    # The warnings quote hosts, names and paths, any of which may hold a pasted password.
+    secrets = configured_secrets(settings)
+    return [mask_secrets(w, secrets) for w in warnings]
 
 
 def _account_key(index: int, account: AccountConfig) -> str:

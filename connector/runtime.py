@@ -20,7 +20,9 @@ from connector.config import (
     ImapDeadLetter,
     Settings,
     SharedConfig,
+    configured_secrets,
     dead_letter_path,
+    mask_secrets,
 )
 from connector.cycle import AccountSpec, DeliveryPolicy, Oversize, SmtpTarget
 from connector.deadletter import DeadLetterArchive
@@ -162,8 +164,17 @@ def build_runtime(settings: Settings, *, include_disabled: bool = False) -> Runt
 
     ``include_disabled`` also builds the accounts with ``enabled = false`` (``disabled``), for
     ``check --connect``; otherwise they are skipped, so a disabled account's bad ``ca_file``
-    never stops the service.
+    never stops the service.  The errors' text never holds a configured password (a path or
+    a host may be one pasted into the wrong key).
     """
+    try:
+        return _build_runtime(settings, include_disabled)
+    except ConfigError as exc:
+        secrets = configured_secrets(settings)
+        raise ConfigError([mask_secrets(p, secrets) for p in exc.problems]) from None
+
+
+def _build_runtime(settings: Settings, include_disabled: bool) -> Runtime:
     targets = {DEFAULT_TARGET: _target(settings, DEFAULT_TARGET)}
     targets.update((name, _target(settings, name)) for name in settings.smtp_targets)
     smtp, policy = targets[DEFAULT_TARGET].settings, targets[DEFAULT_TARGET].policy

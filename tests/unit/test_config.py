@@ -693,6 +693,65 @@ def test_a_secret_pasted_into_another_key_is_not_shown(
     assert problems(tmp_path, text)  # problems() asserts the secret is absent
 
 
+@pytest.mark.parametrize("key", ["host", "username", "deliver_to", "smtp-host", "target-host"])
+@pytest.mark.parametrize("source", ["inline", "file", "smtp", "target"])
+def test_check_masks_a_secret_pasted_into_a_valid_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str, source: str
+) -> None:
+    """A password that is also a valid value elsewhere (the same text as a host, a user name,
+    a recipient) loads, and ``check`` (the rendering and the warnings) masks it there too,
+    whichever password it is: an account's, [smtp]'s or another target's."""
+    secret = "Hunter2-secret@firma.local" if key == "deliver_to" else "Hunter2-secret"
+    (tmp_path / "pw").write_text(secret + "\n", encoding="utf-8")
+    password = {
+        "inline": f'password = "{secret}"',
+        "file": f'password_file = "{tmp_path / "pw"}"',
+        "smtp": 'password = "pw"',
+        "target": 'password = "pw"',
+    }[source]
+    smtp_login = f'username = "c"\npassword = "{secret}"\n' if source == "smtp" else ""
+    target_login = f'username = "c"\npassword = "{secret}"\n' if source == "target" else ""
+    values = dict.fromkeys(("host", "smtp-host", "target-host"), "x.example")
+    values |= {"username": "info", "deliver_to": "info@firma.local", key: secret}
+    text = f"""
+[smtp]
+host = "{values["smtp-host"]}"
+tls = "none"
+{smtp_login}
+[smtp_targets.kunde]
+host = "{values["target-host"]}"
+tls = "none"
+{target_login}
+[[accounts]]
+name = "info"
+host = "{values["host"]}"
+tls = "none"
+username = "{values["username"]}"
+{password}
+deliver_to = ["{values["deliver_to"]}"]
+smtp = "kunde"
+"""
+    path = write(tmp_path, text)
+    settings = load_settings(path)
+    shown = render_settings(settings) + "\n".join(config_warnings(settings, path))
+    assert secret not in shown
+    assert "Hunter2" not in shown
+    assert MASK in shown
+
+
+def test_errors_mask_a_secret_quoted_in_a_message(tmp_path: Path) -> None:
+    """A message that quotes a configured value (here the name of an SMTP target that does
+    not exist) masks a password in it."""
+    text = MINIMAL.replace('name = "info"', f'name = "info"\nsmtp = "{SECRET[:6]}-x"').replace(
+        f'password = "{SECRET}"', f'password = "{SECRET[:6]}-x"'
+    )
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, text)
+    (problem,) = info.value.problems
+    assert problem.startswith('accounts[0] (name "info").smtp: no SMTP target')
+    assert f"{SECRET[:6]}-x" not in problem
+
+
 # --------------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------------
