@@ -313,6 +313,13 @@ def _main(argv: Sequence[str] | None) -> int:
 
         setup_logging("warning")
         state_dir = Path(args.state_dir) if args.state_dir else None
+        if state_dir is not None and _in_use(state_dir):
+            # The demo writes its own ledger and dead letters there: never into a real state
+            # directory (it would mix its dead letters with real ones and overwrite rows).
+            parser.error(
+                f"demo: --state-dir {printable(str(state_dir))} exists and is not an empty "
+                "directory; name a new or empty one (or leave it out: a new temporary one)"
+            )
         return runloop.run(run_demo(state_dir))
     setup_logging()  # until the config says otherwise: errors while loading still get logged
     try:
@@ -338,6 +345,16 @@ def _main(argv: Sequence[str] | None) -> int:
         # Disposition.BUG: not a failure we know.  Say so loudly, with the traceback.
         log.exception("pop3-connector stopped on an unexpected error")
         return EX_SOFTWARE
+
+
+def _in_use(path: Path) -> bool:
+    """Whether ``path`` exists and is anything but an empty directory."""
+    try:
+        return any(path.iterdir())
+    except FileNotFoundError:
+        return False
+    except OSError:  # not a directory, or unreadable
+        return True
 
 
 def _dispatch(args: argparse.Namespace) -> int:
