@@ -505,9 +505,9 @@ async def _dry_run(
             ", ".join(plan.recipients) if plan.problem is None else "- (" + plan.problem + ")"
         )
         unsendable += plan.problem is not None
-        rows.append(
-            [dl_id, plan.info.account, plan.info.stage, recipients, str(len(plan.original))]
-        )
+        # Anyone with access to the store can plant a dead letter: escape what is shown.
+        cells = [dl_id, plan.info.account, plan.info.stage, recipients, str(len(plan.original))]
+        rows.append([printable(cell) for cell in cells])
     print(format_table(["ID", "ACCOUNT", "STAGE", "RECIPIENTS", "SIZE"], rows), file=out)
     print(f"dry run: {len(rows)} dead letter(s) would be requeued; nothing sent", file=out)
     return EX_FAILED if unsendable else EX_OK

@@ -146,6 +146,18 @@ def _since(text: str) -> datetime:
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
+def _recipient(text: str) -> str:
+    """``requeue --to``: an address as the config takes one for ``deliver_to``, checked before
+    anything is sent (a bad one would fail at RCPT and read as a fault of the SMTP setup)."""
+    from connector.addresses import is_plain_address
+
+    if not is_plain_address(text):
+        raise argparse.ArgumentTypeError(
+            f'"{printable(text[:80])}" is not a mail address (expected user@domain, ASCII, no <>)'
+        )
+    return text
+
+
 _SHARD_HELP = (
     "poll only the accounts of shard K of N (0 <= K < N; docs/design.md §14.2): K/N, or "
     "auto/N with K from the trailing -K of $POD_NAME, else the host name"
@@ -262,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     requeue.add_argument(
         "--to",
         action="append",
+        type=_recipient,
         metavar="ADDR",
         help="deliver to ADDR instead of the account's deliver_to (repeatable)",
     )

@@ -76,3 +76,33 @@ def test_show_eml_to_a_directory_says_so(tmp_path: Path) -> None:
     code, _, err = show(rt, dl_id, tmp_path)
     assert code == admin.EX_FAILED
     assert f"cannot write {tmp_path}: it is a directory" in err
+
+
+def dry_run(
+    rt: Runtime, dl_id: str | None = None, to: list[str] | None = None
+) -> tuple[int, str, str]:
+    """``requeue --dry-run``: ``dl_id``, else every dead letter (``--all``)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = asyncio.run(
+        admin.dead_letters_requeue(
+            rt, dl_id, to=to, out=out, err=err, selection=admin.Selection(), dry_run=True
+        )
+    )
+    return code, out.getvalue(), err.getvalue()
+
+
+def plant(rt: Runtime, dl_id: str, old: bytes, new: bytes) -> None:
+    """Change a stored dead letter's bytes, as anyone with access to the store can."""
+    assert rt.dead_letter_path is not None
+    (path,) = (rt.dead_letter_path / "new").glob(f"{dl_id}*")
+    path.write_bytes(path.read_bytes().replace(old, new, 1))
+
+
+def test_dry_run_escapes_control_characters(tmp_path: Path) -> None:
+    rt = runtime(tmp_path)
+    dl_id = put(rt, stage="data")
+    plant(rt, dl_id, b"Stage: data", b"Stage: da\x1b[2Jta")
+    code, out, _ = dry_run(rt, to=["x@firma.local"])
+    assert code == 0
+    assert "\x1b" not in out
+    assert "da\\x1b[2Jta" in out

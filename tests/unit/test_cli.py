@@ -1,0 +1,50 @@
+"""connector/cli.py: arguments, usage errors and what the commands print on the terminal."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from connector.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith("POP3_CONNECTOR_"):
+            monkeypatch.delenv(name)
+
+
+def config(tmp_path: Path, extra: str = "", accounts: str = "") -> Path:
+    accounts = accounts or (
+        '[[accounts]]\nname = "info"\nhost = "127.0.0.1"\nport = 1\ntls = "none"\n'
+        'username = "info"\npassword = "pw"\ndeliver_to = ["info@firma.local"]\n'
+    )
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'[service]\nstate_dir = "{tmp_path / "state"}"\n[metrics]\nlisten = ""\n'
+        f'[smtp]\nhost = "127.0.0.1"\ntls = "none"\nhelo_name = "c.test"\n{extra}{accounts}'
+    )
+    path.chmod(0o600)
+    return path
+
+
+def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_requeue_to_must_be_an_address(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], dry_run: list[str]
+) -> None:
+    """``--to bad`` is a usage error naming --to, before anything is read or sent (it ended in
+    a 553 and advice blaming [smtp])."""
+    argv = ["--config", str(config(tmp_path)), "dead-letters", "requeue", "--all", *dry_run]
+    err = usage_error([*argv, "--to", "ok@firma.local", "--to", "b\x1bad"], capsys)
+    assert 'argument --to: "b\\x1bad" is not a mail address' in err
+    assert "\x1b" not in err
