@@ -509,7 +509,12 @@ async def _dry_run(
         cells = [dl_id, plan.info.account, plan.info.stage, recipients, str(len(plan.original))]
         rows.append([printable(cell) for cell in cells])
     print(format_table(["ID", "ACCOUNT", "STAGE", "RECIPIENTS", "SIZE"], rows), file=out)
-    print(f"dry run: {len(rows)} dead letter(s) would be requeued; nothing sent", file=out)
+    # Only those a real run would send: one without a recipient would be "not attempted".
+    held = f", {unsendable} would not (no recipient: see above)" if unsendable else ""
+    print(
+        f"dry run: {len(rows) - unsendable} dead letter(s) would be requeued{held}; nothing sent",
+        file=out,
+    )
     return EX_FAILED if unsendable else EX_OK
 
 

@@ -106,3 +106,19 @@ def test_dry_run_escapes_control_characters(tmp_path: Path) -> None:
     assert code == 0
     assert "\x1b" not in out
     assert "da\\x1b[2Jta" in out
+
+
+def test_dry_run_counts_only_what_would_be_sent(tmp_path: Path) -> None:
+    """Dead letters of an account no longer configured have no recipient: listed, but not
+    counted as "would be requeued"."""
+    rt = runtime(tmp_path)
+    put(rt)
+    for _ in range(3):
+        put(rt, account="gone")
+    code, out, _ = dry_run(rt)
+    assert code == admin.EX_FAILED
+    assert out.count("is not configured") == 3
+    assert out.splitlines()[-1] == (
+        "dry run: 1 dead letter(s) would be requeued, 3 would not (no recipient: see above); "
+        "nothing sent"
+    )
