@@ -139,6 +139,7 @@ async def status_command(runtime: Runtime, *, as_json: bool, out: TextIO) -> int
         targets={name: target.name for name, target in runtime.account_targets().items()},
         shard=runtime.shard,
         elsewhere=runtime.elsewhere,
+        disabled=runtime.disabled_names,
     )
     if as_json:
         print(json.dumps(doc, indent=2, ensure_ascii=False), file=out)
@@ -153,7 +154,7 @@ async def status_command(runtime: Runtime, *, as_json: bool, out: TextIO) -> int
             _dash(a["mailbox_messages"]),
             str(a["deferred"]),
             str(a["dead_letters"]),
-            _when(a["next_poll"]),
+            "disabled" if a["name"] in runtime.disabled_names else _when(a["next_poll"]),
             _dash(a["smtp_target"]),
             a["last_error"] or "",
         ]
@@ -366,14 +367,12 @@ async def _plan(
     if info.recipients:
         # A shared mailbox's message, or a copy for the recipients that refused it: to them.
         return _Plan(info, original, info.recipients, None)
-    spec = next((s for s in runtime.accounts if s.name == info.account), None)
-    if spec is None:
-        problem = (
-            f"account {info.account!r} is not configured (or disabled); "
-            "give the recipient with --to ADDR"
-        )
+    # A disabled account is configured, only not polled: its deliver_to still holds.
+    deliver_to = runtime.deliver_to.get(info.account)
+    if deliver_to is None:
+        problem = f"account {info.account!r} is not configured; give the recipient with --to ADDR"
         return _Plan(info, original, (), problem)
-    return _Plan(info, original, spec.deliver_to, None)
+    return _Plan(info, original, deliver_to, None)
 
 
 class _History:

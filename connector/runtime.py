@@ -86,6 +86,11 @@ class Runtime:
     # ones' dead letters and ledger rows are theirs too; no spec is built for them).
     targets: dict[str, SmtpTarget] = field(default_factory=dict)
     target_names: dict[str, str] = field(default_factory=dict)
+    # The deliver_to of every account of the config, enabled or not, whichever shard owns it
+    # (requeue sends a disabled account's dead letters there: it is configured, only not
+    # polled); and the names of those with enabled = false (status: no next poll).
+    deliver_to: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    disabled_names: frozenset[str] = frozenset()
     # The accounts of this process (--shard, owned_by): the others of the config are
     # `elsewhere`, polled by other replicas.
     shard: Shard = ALL
@@ -203,6 +208,8 @@ def _build_runtime(settings: Settings, include_disabled: bool) -> Runtime:
         disabled=tuple(disabled),
         targets=targets,
         target_names={a.name: settings.target_of(a) for a in settings.accounts},
+        deliver_to={a.name: tuple(a.deliver_to) for a in settings.accounts},
+        disabled_names=frozenset(a.name for a in settings.accounts if not a.enabled),
         notices=None
         if notices.postmaster is None
         else NoticeSettings(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import io
+import json
 import os
 import stat
 from pathlib import Path
@@ -16,6 +17,7 @@ from connector import admin
 from connector.config import load_settings
 from connector.deadletter import DeadLetterInfo
 from connector.deadletter.maildir import MaildirStore
+from connector.ledger import CycleRecord, Ledger
 from connector.runtime import Runtime, build_runtime
 
 NOW = dt.datetime(2026, 11, 27, 15, 49, 35, tzinfo=dt.UTC)
@@ -122,3 +124,60 @@ def test_dry_run_counts_only_what_would_be_sent(tmp_path: Path) -> None:
         "dry run: 1 dead letter(s) would be requeued, 3 would not (no recipient: see above); "
         "nothing sent"
     )
+
+
+DISABLED = """[[accounts]]
+name = "info"
+host = "127.0.0.1"
+port = 1
+tls = "none"
+username = "info"
+password = "pw"
+deliver_to = ["info@firma.local"]
+
+[[accounts]]
+name = "old"
+host = "127.0.0.1"
+port = 1
+tls = "none"
+username = "old"
+password = "pw"
+deliver_to = ["old@firma.local"]
+enabled = false
+"""
+
+
+def test_requeue_of_a_disabled_account_goes_to_its_deliver_to(tmp_path: Path) -> None:
+    """Disabled is configured, only not polled: its deliver_to holds, no --to needed."""
+    rt = runtime(tmp_path, DISABLED)
+    put(rt, account="old")
+    code, out, _ = dry_run(rt)
+    assert code == 0
+    assert "old@firma.local" in out
+    assert "dry run: 1 dead letter(s) would be requeued; nothing sent" in out
+
+
+def test_status_shows_a_disabled_account_as_disabled_not_its_next_poll(tmp_path: Path) -> None:
+    """A disabled account's last cycle (from before it was disabled) stays in the table, but
+    it has no next poll."""
+    rt = runtime(tmp_path, DISABLED)
+    rt.state_dir.mkdir()
+
+    async def seed() -> None:
+        ledger = await Ledger.open(rt.ledger_path)
+        try:
+            record = CycleRecord(1.0, 2.0, "ok", None, 0, 0, next_poll=NOW.timestamp())
+            await ledger.record_cycle("old", record)
+        finally:
+            await ledger.close()
+
+    asyncio.run(seed())
+    out = io.StringIO()
+    assert asyncio.run(admin.status_command(rt, as_json=False, out=out)) == 0
+    (row,) = [line for line in out.getvalue().splitlines() if line.startswith("old ")]
+    assert "disabled" in row
+    assert "2026-11-27" not in row
+    out = io.StringIO()
+    assert asyncio.run(admin.status_command(rt, as_json=True, out=out)) == 0
+    (old,) = [a for a in json.loads(out.getvalue())["accounts"] if a["name"] == "old"]
+    assert old["next_poll"] is None
