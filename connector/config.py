@@ -76,6 +76,7 @@ __all__ = [
     "ServiceSettings",
     "Settings",
     "SmtpConfig",
+    "account_key",
     "config_warnings",
     "configured_secrets",
     "dead_letter_path",
@@ -1257,7 +1258,11 @@ def _inline_password_keys(path: Path) -> list[str]:
         ]
     accounts = data.get("accounts", [])
     if isinstance(accounts, list):
-        keys += [f"accounts[{i}].password" for i, a in enumerate(accounts) if "password" in a]
+        keys += [
+            _with_account_name(f"accounts[{i}].password", _account_names(data))
+            for i, a in enumerate(accounts)
+            if isinstance(a, dict) and "password" in a
+        ]
     return keys
 
 
@@ -1290,7 +1295,7 @@ def config_warnings(settings: Settings, path: Path) -> list[str]:
     endpoints += [(f"smtp_targets.{_toml_key(n)}", t) for n, t in settings.smtp_targets.items()]
     if isinstance(settings.dead_letter, ImapDeadLetter):
         endpoints.append(("dead_letter", settings.dead_letter))
-    endpoints += [(f"accounts[{i}]", a) for i, a in enumerate(settings.accounts)]
+    endpoints += [(account_key(i, a), a) for i, a in enumerate(settings.accounts)]
     for where, ep in endpoints:
         if ep.tls == "none" and ep.password is not None and not is_loopback(ep.host):
             warnings.append(f'{where}.tls: "none" sends the password in clear text to {ep.host}')
@@ -1332,7 +1337,7 @@ def config_warnings(settings: Settings, path: Path) -> list[str]:
     return [mask_secrets(w, secrets) for w in warnings]
 
 
-def _account_key(index: int, account: AccountConfig) -> str:
+def account_key(index: int, account: AccountConfig) -> str:
     """``accounts[4] (name "buchhaltung")``, as the config errors name an account."""
     return f"accounts[{index}] (name {_toml_string(account.name)})"
 
@@ -1354,7 +1359,7 @@ def port_tls_warnings(settings: Settings) -> list[str]:
     ]
     if isinstance(settings.dead_letter, ImapDeadLetter):
         endpoints.append(("dead_letter", "imap", settings.dead_letter))
-    endpoints += [(_account_key(i, a), "pop3", a) for i, a in enumerate(settings.accounts)]
+    endpoints += [(account_key(i, a), "pop3", a) for i, a in enumerate(settings.accounts)]
     warnings = []
     for where, protocol, ep in endpoints:
         implicit_port = _IMPLICIT_PORTS[protocol]
@@ -1399,5 +1404,5 @@ def poll_interval_warnings(settings: Settings) -> list[str]:
     for i, account in enumerate(settings.accounts):
         interval = settings.poll_interval_of(account)
         if interval < _MIN_SENSIBLE_POLL and interval != service:
-            warn(_account_key(i, account), interval)
+            warn(account_key(i, account), interval)
     return warnings

@@ -20,6 +20,7 @@ from connector.config import (
     ImapDeadLetter,
     Settings,
     SharedConfig,
+    account_key,
     configured_secrets,
     dead_letter_path,
     mask_secrets,
@@ -282,26 +283,27 @@ def owned_by(runtime: Runtime, shard: Shard) -> Runtime:
 def _account(settings: Settings, i: int, target: SmtpTarget) -> AccountSpec:
     """``accounts[i]`` as the cycle takes it, delivering to ``target``."""
     acct = settings.accounts[i]
+    where = account_key(i, acct)  # accounts[4] (name "buchhaltung"), as the config's errors
     tls = TlsMode(acct.tls)
     password: str | OAuth2TokenSource | None = acct.secret()
     if acct.auth == "xoauth2":
         # The config guarantees exactly one source (and no password) for XOAUTH2.
         argv = acct.oauth2_argv()
         password = OAuth2TokenSource(
-            f"accounts[{i}].oauth2_token_{'command' if argv else 'file'}",
+            f"{where}.oauth2_token_{'command' if argv else 'file'}",
             file=acct.oauth2_token_file,
             argv=argv,
             secret_env=secret_env_names(settings),
         )
     if password is None:  # the config guarantees one; be explicit for the type checker
-        raise ConfigError(f"accounts[{i}].password: no password given")
+        raise ConfigError(f"{where}.password: no password given")
     return AccountSpec(
         name=acct.name,
         endpoint=Pop3Endpoint(
             acct.host,
             acct.effective_port,
             tls,
-            _ssl_context(tls, acct.verify_certificate, acct.ca_file, f"accounts[{i}]"),
+            _ssl_context(tls, acct.verify_certificate, acct.ca_file, where),
             acct.host,
             verify_certificate=acct.verify_certificate,
             ca_file=acct.ca_file,

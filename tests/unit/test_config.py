@@ -834,7 +834,7 @@ def test_render_defaults(tmp_path: Path) -> None:
 def test_warnings_clear_text_password(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL.replace("[[accounts]]", '[[accounts]]\ntls = "none"'))
     assert config_warnings(load_settings(path), path) == [
-        'accounts[0].tls: "none" sends the password in clear text to pop.example.net'
+        'accounts[0] (name "info").tls: "none" sends the password in clear text to pop.example.net'
     ]
 
 
@@ -847,7 +847,8 @@ def test_warnings_oauth2_token_in_clear_text(tmp_path: Path) -> None:
     )
     path = write(tmp_path, xoauth2.format(host="pop.example.net") + 'tls = "none"\n')
     assert config_warnings(load_settings(path), path) == [
-        'accounts[0].tls: "none" sends the OAuth2 access token in clear text to pop.example.net'
+        'accounts[0] (name "m365").tls: "none" sends the OAuth2 access token in clear text to '
+        "pop.example.net"
     ]
     for text in (
         xoauth2.format(host="pop.example.net"),  # implicit TLS, the default
@@ -879,7 +880,8 @@ def test_warnings_verify_certificate_and_smtp(
     warnings = config_warnings(load_settings(path), path)
     assert warnings == [
         'smtp.tls: "none" sends the password in clear text to exchange.example.local',
-        "accounts[0].verify_certificate: false accepts any certificate from pop.example.net "
+        'accounts[0] (name "info").verify_certificate: false accepts'
+        " any certificate from pop.example.net "
         "(anyone on the path can read the password and the mail)",
         "accounts: no account is enabled; run and once will do nothing",
     ]
@@ -892,7 +894,8 @@ def test_warnings_file_modes(tmp_path: Path) -> None:
     assert config_warnings(settings, path) == []
     path.chmod(0o640)
     assert config_warnings(settings, path) == [
-        f"accounts[0].password: {path} holds a password and is accessible to group or others "
+        f'accounts[0] (name "info").password: {path} holds'
+        f" a password and is accessible to group or others "
         "(mode 0640); chmod 600 it, or use password_file / password_env"
     ]
     pw = tmp_path / "pw"
@@ -901,7 +904,8 @@ def test_warnings_file_modes(tmp_path: Path) -> None:
     path = write(tmp_path, with_password(f'password_file = "{pw}"'))
     path.chmod(0o644)  # no inline password: the config's mode does not matter
     assert config_warnings(load_settings(path), path) == [
-        f"accounts[0].password_file: {pw} is accessible to group or others (mode 0604); "
+        f'accounts[0] (name "info").password_file: {pw} is accessible'
+        f" to group or others (mode 0604); "
         "chmod 600 it"
     ]
 

@@ -34,4 +34,4 @@ def test_a_bad_ca_file_is_named_with_the_account_and_without_a_secret(tmp_path: 
         build_runtime(load_settings(path))
     (problem,) = info.value.problems
     assert SECRET not in problem
-    assert f".ca_file: cannot load {tmp_path}/{MASK}" in problem
+    assert problem.startswith(f'accounts[0] (name "info").ca_file: cannot load {tmp_path}/{MASK}')
