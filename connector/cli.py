@@ -338,7 +338,14 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         return _dispatch(args)
     except ConfigError as exc:
-        print(f"pop3-connector: invalid configuration in {config_path(args)}:", file=sys.stderr)
+        # A problem with a POP3_CONNECTOR_* variable starts with its name: not the file's.
+        from_env = [p.startswith("POP3_CONNECTOR_") for p in exc.problems]
+        source = str(config_path(args))
+        if from_env and all(from_env):
+            source = "the environment (POP3_CONNECTOR_* variables)"
+        elif any(from_env):
+            source += " and the environment"
+        print(f"pop3-connector: invalid configuration in {source}:", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return EX_CONFIG

@@ -974,13 +974,25 @@ def _secrets_in(data: Mapping[str, Any]) -> set[str]:
     return _known_secrets(data) | {env[n] for n in names if n in env}
 
 
+def _env_source(loc: tuple[int | str, ...], environ: Mapping[str, str]) -> str | None:
+    """The ``POP3_CONNECTOR_*`` variable that gave the value at ``loc`` (``smtp.port`` from
+    ``POP3_CONNECTOR_SMTP__PORT``), if one did: the environment wins over the file."""
+    if not loc or any(isinstance(part, int) for part in loc):
+        return None  # list items cannot be reached from the environment
+    wanted = ENV_PREFIX + "__".join(str(part) for part in loc).upper()
+    return next((name for name in environ if name.upper() == wanted), None)
+
+
 def format_validation_error(
     exc: ValidationError,
     account_names: Mapping[int, str] | None = None,
     secrets: Collection[str] = (),
+    environ: Mapping[str, str] | None = None,
 ) -> list[str]:
     """One line per error, ``key.path[0].name: message``, the bad value after it when it is
-    no secret (see :func:`_shown_value`), and an account's name next to its index."""
+    no secret (see :func:`_shown_value`), and an account's name next to its index.  With
+    ``environ`` (the variables the settings were loaded with), a value that came from a
+    ``POP3_CONNECTOR_*`` variable is blamed on it, not on the file."""
     lines: list[str] = []
     for err in exc.errors(include_input=True, include_url=False):
         path = _key_path(err["loc"])
@@ -1000,6 +1012,9 @@ def format_validation_error(
         shown = _shown_value(err, secrets)
         if not (shown and path.endswith("].name")):  # the name itself is the bad value
             path = _with_account_name(path, account_names or {})
+        variable = _env_source(err["loc"], environ) if environ is not None else None
+        if variable is not None:
+            path = f"{variable} (environment variable, {path})"
         # The message itself may quote a configured value (a target's name, a path).
         lines.append(mask_secrets(f"{path or '<config>'}: {msg}{shown}", secrets))
     return lines
@@ -1065,7 +1080,7 @@ def load_settings(path: Path) -> Settings:
     try:
         settings = Settings()
     except ValidationError as exc:
-        problems = format_validation_error(exc, _account_names(data), _secrets_in(data))
+        problems = format_validation_error(exc, _account_names(data), _secrets_in(data), os.environ)
         raise ConfigError(unknown + problems) from None
     except SettingsError as exc:
         # Bad JSON in a variable such as POP3_CONNECTOR_ACCOUNTS; the message names the field.

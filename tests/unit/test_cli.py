@@ -48,3 +48,17 @@ def test_requeue_to_must_be_an_address(
     err = usage_error([*argv, "--to", "ok@firma.local", "--to", "b\x1bad"], capsys)
     assert 'argument --to: "b\\x1bad" is not a mail address' in err
     assert "\x1b" not in err
+
+
+def test_a_bad_environment_variable_is_not_blamed_on_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = config(tmp_path)
+    monkeypatch.setenv("POP3_CONNECTOR_SMTP__PORTT", "1")
+    assert main(["--config", str(path), "check"]) == 78
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "pop3-connector: invalid configuration in the environment (POP3_CONNECTOR_* variables):\n"
+        "  POP3_CONNECTOR_SMTP__PORTT (environment variable, smtp.portt): unknown key\n"
+    )
+    assert str(path) not in err

@@ -189,7 +189,25 @@ def test_unknown_env_variable_is_an_error(tmp_path: Path, monkeypatch: pytest.Mo
         "POP3_CONNECTOR_SMPT__HOST: unknown setting (environment variable)"
     ]
     monkeypatch.setenv("POP3_CONNECTOR_SMTP__HSOT", "typo.example")
-    assert "smtp.hsot: unknown key" in problems(tmp_path, MINIMAL)
+    assert "POP3_CONNECTOR_SMTP__HSOT (environment variable, smtp.hsot): unknown key" in problems(
+        tmp_path, MINIMAL
+    )
+
+
+def test_a_bad_value_from_the_environment_names_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The environment wins over the file, so its variable is the source to name; the same
+    key in the file alone is named by its path."""
+    monkeypatch.setenv("POP3_CONNECTOR_SMTP__PORT", "99999")
+    assert problems(tmp_path, MINIMAL) == [
+        "POP3_CONNECTOR_SMTP__PORT (environment variable, smtp.port): Input should be less "
+        'than or equal to 65535 (got "99999")'
+    ]
+    monkeypatch.delenv("POP3_CONNECTOR_SMTP__PORT")
+    assert problems(tmp_path, MINIMAL.replace("[smtp]", "[smtp]\nport = 99999")) == [
+        "smtp.port: Input should be less than or equal to 65535 (got 99999)"
+    ]
 
 
 def test_password_env_variable_with_our_prefix_is_not_unknown(
@@ -210,8 +228,8 @@ def test_bad_json_in_env_is_a_config_error(tmp_path: Path, monkeypatch: pytest.M
 def test_env_validation_error_names_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POP3_CONNECTOR_SMTP__PORT", "abc")
     assert problems(tmp_path, MINIMAL) == [
-        "smtp.port: Input should be a valid integer, unable to parse string as an integer "
-        '(got "abc")'
+        "POP3_CONNECTOR_SMTP__PORT (environment variable, smtp.port): Input should be a valid "
+        'integer, unable to parse string as an integer (got "abc")'
     ]
 
 
