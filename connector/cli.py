@@ -30,6 +30,7 @@ from connector.errors import (
     DeadLetterError,
     LedgerError,
     StateError,
+    UsageError,
     printable,
 )
 
@@ -337,6 +338,11 @@ def _main(argv: Sequence[str] | None) -> int:
     setup_logging()  # until the config says otherwise: errors while loading still get logged
     try:
         return _dispatch(args)
+    except UsageError as exc:
+        # An option's value (--shard, once --account), not the config file: the line names it.
+        for problem in exc.problems:
+            print(f"pop3-connector: {problem}", file=sys.stderr)
+        return EX_CONFIG
     except ConfigError as exc:
         # A problem with a POP3_CONNECTOR_* variable starts with its name: not the file's.
         from_env = [p.startswith("POP3_CONNECTOR_") for p in exc.problems]
@@ -495,11 +501,12 @@ async def _once(runtime: Runtime, names: list[str] | None) -> int:
     unknown = [n for n in names or [] if n not in known]
     if unknown:
         elsewhere = set(runtime.elsewhere)
-        raise ConfigError(
+        raise UsageError(
             [
-                f"--account {n}: not this shard's ({runtime.shard}); another replica polls it"
+                f"--account {printable(n)}: not this shard's ({runtime.shard}); another replica "
+                "polls it"
                 if n in elsewhere
-                else f"--account {n}: no enabled account of that name"
+                else f"--account {printable(n)}: no enabled account of that name"
                 for n in unknown
             ]
         )

@@ -62,3 +62,21 @@ def test_a_bad_environment_variable_is_not_blamed_on_the_file(
         "  POP3_CONNECTOR_SMTP__PORTT (environment variable, smtp.portt): unknown key\n"
     )
     assert str(path) not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "problem"),
+    [
+        (["--shard", "5/2", "status"], "--shard 5/2: shard 5 is not below 2"),
+        (["once", "--account", "nope"], "--account nope: no enabled account of that name"),
+        (["once", "--account", "no\x1b[31mpe"], "--account no\\x1b[31mpe: no enabled account"),
+    ],
+)
+def test_a_bad_option_value_is_reported_as_such_not_as_a_bad_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], problem: str
+) -> None:
+    assert main(["--config", str(config(tmp_path)), *argv]) == 78
+    err = capsys.readouterr().err
+    assert err.startswith(f"pop3-connector: {problem}")
+    assert "invalid configuration" not in err
+    assert "\x1b" not in err
