@@ -1069,7 +1069,9 @@ def load_settings(path: Path) -> Settings:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        # "utf-8-sig" drops one byte-order mark at the start, which Notepad writes (as for a
+        # password_file); TOML 1.0 would take it for a syntax error at 1:1.
+        data = tomllib.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text (TOML files must be UTF-8)") from None
     except tomllib.TOMLDecodeError as exc:
@@ -1260,7 +1262,7 @@ def render_settings(settings: Settings) -> str:
 
 def _inline_password_keys(path: Path) -> list[str]:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
         return []
     keys = [f"{t}.password" for t in ("smtp", "dead_letter") if "password" in data.get(t, {})]

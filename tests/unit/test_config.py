@@ -168,6 +168,19 @@ def test_env_can_supply_a_whole_missing_table(
     assert load(tmp_path, ACCOUNT).smtp.host == "relay.example.local"
 
 
+def test_a_byte_order_mark_at_the_start_is_dropped(tmp_path: Path) -> None:
+    """Notepad writes one; the file loads, and the warning about its mode still finds the
+    inline password."""
+    path = tmp_path / "config.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + MINIMAL.encode())
+    path.chmod(0o644)
+    settings = load_settings(path)
+    assert settings.accounts[0].secret() == SECRET
+    assert [w.split(":")[0] for w in config_warnings(settings, path)] == [
+        'accounts[0] (name "info").password'
+    ]
+
+
 def test_config_path_variable_is_not_a_setting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
