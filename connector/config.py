@@ -360,6 +360,14 @@ class _Secretful(_Model):
         return self.password
 
 
+def _check_directory(value: Path | None, key: str) -> None:
+    # Created when missing (at start, or with the Maildir's first dead letter); a file in its
+    # place would otherwise fail later as "lock: File exists" or "cannot read new/: Not a
+    # directory".  Raised from the model, so that the whole path is in the message.
+    if value is not None and value.exists() and not value.is_dir():
+        raise _problem(f"{value} exists and is not a directory", key)
+
+
 class ServiceSettings(_Model):
     """``[service]``: the daemon as a whole."""
 
@@ -372,6 +380,11 @@ class ServiceSettings(_Model):
     cycle_timeout: Duration = 3600.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+
+    @model_validator(mode="after")
+    def _state_dir_is_a_directory(self) -> Self:
+        _check_directory(self.state_dir, "state_dir")
+        return self
 
 
 _LISTEN_V6_RE: Final = re.compile(r"\[(?P<host>[^\]]+)\]:(?P<port>\d{1,5})")
@@ -534,6 +547,11 @@ class MaildirDeadLetter(_Model):
     store: Literal["maildir"] = "maildir"
     # None only before loading: load_settings fills in <state_dir>/dead-letters.
     path: Path | None = None
+
+    @model_validator(mode="after")
+    def _path_is_a_directory(self) -> Self:
+        _check_directory(self.path, "path")
+        return self
 
 
 def _folder(value: str) -> str:

@@ -181,6 +181,15 @@ def test_a_byte_order_mark_at_the_start_is_dropped(tmp_path: Path) -> None:
     ]
 
 
+def test_a_state_dir_or_dead_letter_path_that_is_a_file_is_named(tmp_path: Path) -> None:
+    file = tmp_path / "f"
+    file.write_text("")
+    text = f'[service]\nstate_dir = "{file}"\n' + MINIMAL
+    assert problems(tmp_path, text) == [f"service.state_dir: {file} exists and is not a directory"]
+    text = f'[dead_letter]\npath = "{file}"\n' + MINIMAL
+    assert problems(tmp_path, text) == [f"dead_letter.path: {file} exists and is not a directory"]
+
+
 def test_config_path_variable_is_not_a_setting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
