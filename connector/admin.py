@@ -36,13 +36,14 @@ import errno
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
+from typing import Any, BinaryIO, Final, TextIO
 
 from connector.config import DEFAULT_TARGET
 from connector.cycle import SmtpTarget, Verdict, refusal_summary, verdict
@@ -232,19 +233,29 @@ async def dead_letters_list(runtime: Runtime, *, as_json: bool, out: TextIO) -> 
 
 
 async def dead_letters_show(
-    runtime: Runtime, dl_id: str, *, out: BinaryIO, err: TextIO, eml: Path | None = None
+    runtime: Runtime,
+    dl_id: str,
+    *,
+    out: BinaryIO,
+    err: TextIO,
+    eml: Path | None = None,
+    terminal: bool = False,
 ) -> int:
     """Write the stored message (our header lines, then the original) to ``out``, or to the
     file ``eml``: a message file Outlook and other mail clients open (RFC 5322; our
     ``X-POP3-Connector-*`` lines are header fields like any other).  A file, not a shell
-    redirection: Windows PowerShell 5.1's ``>`` re-encodes the bytes as UTF-16."""
+    redirection: Windows PowerShell 5.1's ``>`` re-encodes the bytes as UTF-16.
+
+    ``terminal`` (``out`` is one): the message is anyone's bytes, so control characters but
+    TAB, CR and LF are shown escaped (an ESC[2J in a Subject would clear the screen), and
+    bytes that are not UTF-8 as ``\\xNN``; ``eml`` and a pipe get the bytes unchanged."""
     try:
         data = await open_store(runtime).get(dl_id)
     except KeyError:
         print(f"pop3-connector: no dead letter {dl_id!r}", file=err)
         return EX_FAILED
     if eml is None:
-        out.write(data)
+        out.write(_for_terminal(data) if terminal else data)
         out.flush()
         return EX_OK
     try:
@@ -254,6 +265,16 @@ async def dead_letters_show(
         return EX_FAILED
     print(f"{dl_id}: written to {eml} ({len(data)} bytes)", file=err)
     return EX_OK
+
+
+_NOT_LINE_LAYOUT: Final = re.compile(r"[^\t\r\n]+")
+
+
+def _for_terminal(data: bytes) -> bytes:
+    """``data`` as UTF-8 with every control character but TAB, CR and LF escaped
+    (:func:`~connector.errors.printable`), and each byte that is not UTF-8 as ``\\xNN``."""
+    text = data.decode("utf-8", errors="backslashreplace")
+    return _NOT_LINE_LAYOUT.sub(lambda m: printable(m[0]), text).encode("utf-8")
 
 
 def _write_private(path: Path, data: bytes) -> None:

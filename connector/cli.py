@@ -469,7 +469,12 @@ def _dead_letters(args: argparse.Namespace, runtime: Runtime) -> int:
             sys.stdout.flush()
             return runloop.run(
                 admin.dead_letters_show(
-                    runtime, args.id, out=sys.stdout.buffer, err=sys.stderr, eml=args.eml
+                    runtime,
+                    args.id,
+                    out=sys.stdout.buffer,
+                    err=sys.stderr,
+                    eml=args.eml,
+                    terminal=sys.stdout.isatty(),
                 )
             )
         case "requeue":

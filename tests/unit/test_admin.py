@@ -50,9 +50,13 @@ def put(rt: Runtime, raw: bytes = MESSAGE, account: str = "info", stage: str = "
     return asyncio.run(MaildirStore(rt.dead_letter_path).put(raw, info))
 
 
-def show(rt: Runtime, dl_id: str, eml: Path | None = None) -> tuple[int, bytes, str]:
+def show(
+    rt: Runtime, dl_id: str, eml: Path | None = None, *, terminal: bool = False
+) -> tuple[int, bytes, str]:
     out, err = io.BytesIO(), io.StringIO()
-    code = asyncio.run(admin.dead_letters_show(rt, dl_id, out=out, err=err, eml=eml))
+    code = asyncio.run(
+        admin.dead_letters_show(rt, dl_id, out=out, err=err, eml=eml, terminal=terminal)
+    )
     return code, out.getvalue(), err.getvalue()
 
 
@@ -181,3 +185,22 @@ def test_status_shows_a_disabled_account_as_disabled_not_its_next_poll(tmp_path:
     assert asyncio.run(admin.status_command(rt, as_json=True, out=out)) == 0
     (old,) = [a for a in json.loads(out.getvalue())["accounts"] if a["name"] == "old"]
     assert old["next_poll"] is None
+
+
+HOSTILE = (
+    b"From: a@b.example\r\nSubject: \x1b[2Jgone\x9b\r\n\tfolded \xe2\x80\xae\r\n\r\n"
+    b"Gr\xc3\xbc\xc3\x9fe\x07\r\n"
+)
+
+
+def test_show_on_a_terminal_escapes_control_characters(tmp_path: Path) -> None:
+    """A Subject with ESC[2J must not clear the administrator's screen; line ends, TAB and
+    UTF-8 text stay; a pipe and --eml get the bytes unchanged."""
+    rt = runtime(tmp_path)
+    dl_id = put(rt, HOSTILE)
+    code, shown, _ = show(rt, dl_id, terminal=True)
+    assert code == 0
+    assert shown.endswith(
+        b"Subject: \\x1b[2Jgone\\x9b\r\n\tfolded \\u202e\r\n\r\nGr\xc3\xbc\xc3\x9fe\\x07\r\n"
+    )
+    assert show(rt, dl_id)[1].endswith(HOSTILE)
