@@ -227,7 +227,9 @@ async def dead_letters_list(runtime: Runtime, *, as_json: bool, out: TextIO) -> 
         ]
         for r in records
     ]
-    headers = ["ID", "ACCOUNT", "FAILED AT (UTC)", "STAGE", "SIZE", "RESPONSE"]
+    # The message as fetched, without our header lines (what requeue sends): a `size` refusal
+    # counts what would have gone out, with the Received: line on top, so it says more octets.
+    headers = ["ID", "ACCOUNT", "FAILED AT (UTC)", "STAGE", "ORIGINAL SIZE", "RESPONSE"]
     print(format_table(headers, rows), file=out)
     return EX_OK
 

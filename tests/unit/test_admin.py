@@ -204,3 +204,15 @@ def test_show_on_a_terminal_escapes_control_characters(tmp_path: Path) -> None:
         b"Subject: \\x1b[2Jgone\\x9b\r\n\tfolded \\u202e\r\n\r\nGr\xc3\xbc\xc3\x9fe\\x07\r\n"
     )
     assert show(rt, dl_id)[1].endswith(HOSTILE)
+
+
+def test_list_labels_the_size_as_the_original_messages(tmp_path: Path) -> None:
+    """The size column counts the message as fetched, without our header lines (a `size`
+    refusal counts it with the Received: line, so its number is larger): labelled so."""
+    rt = runtime(tmp_path)
+    put(rt)
+    out = io.StringIO()
+    assert asyncio.run(admin.dead_letters_list(rt, as_json=False, out=out)) == 0
+    header, row = out.getvalue().splitlines()
+    assert header.endswith("STAGE  ORIGINAL SIZE  RESPONSE")
+    assert f" {len(MESSAGE)} " in row
