@@ -1162,6 +1162,7 @@ _DURATION_KEYS: Final = frozenset(
     {
         "poll_interval",
         "shutdown_grace",
+        "cycle_timeout",
         "timeout",
         "data_termination_timeout",
         "max_deferral",

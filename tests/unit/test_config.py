@@ -861,6 +861,7 @@ def test_render_defaults(tmp_path: Path) -> None:
     }
     assert data["smtp"]["port"] == 25
     assert data["smtp"]["timeout"] == "1m"
+    assert data["service"]["cycle_timeout"] == "1h"  # as every other duration
     assert data["accounts"][0]["max_deferral"] == "5d"
     assert data["accounts"][0]["password"] == MASK
     assert list(data["accounts"][0])[:2] == ["name", "host"]
