@@ -584,7 +584,7 @@ async def _run(runtime: Runtime, settings: Settings, path: Path) -> int:
                     len(runtime.accounts) + len(runtime.elsewhere),
                 )
                 log.debug("shard %s: %s", runtime.shard, ", ".join(runtime.intervals))
-            for warning in poll_interval_warnings(settings):
+            for warning in poll_interval_warnings(settings, path):
                 log.warning("%s", warning)
             # systemd (Type=notify, WatchdogSec=): ready now; pings from this loop while the
             # scheduler lives, so that a frozen loop gets the process restarted.

@@ -1367,7 +1367,7 @@ def config_warnings(settings: Settings, path: Path) -> list[str]:
         )
     if not any(a.enabled for a in settings.accounts):
         warnings.append("accounts: no account is enabled; run and once will do nothing")
-    warnings += port_tls_warnings(settings) + poll_interval_warnings(settings)
+    warnings += port_tls_warnings(settings) + poll_interval_warnings(settings, path)
     # The warnings quote hosts, names and paths, any of which may hold a pasted password.
     secrets = configured_secrets(settings)
     return [mask_secrets(w, secrets) for w in warnings]
@@ -1421,24 +1421,58 @@ def port_tls_warnings(settings: Settings) -> list[str]:
 _MIN_SENSIBLE_POLL: Final = 60.0
 
 
-def poll_interval_warnings(settings: Settings) -> list[str]:
-    """A poll interval under a minute: most likely minutes written as a bare number, which is
-    seconds (``poll_interval = 15``).  For ``check`` and the log when ``run`` starts."""
-    warnings = []
+def _with_unit(path: Path | None) -> set[str]:
+    """Where ``poll_interval`` is written with a unit (``"10s"``): ``"service"`` and
+    ``"accounts[i]"``, read from the file at ``path`` and the environment's override."""
 
-    def warn(where: str, seconds: float) -> None:
-        minutes = f"{seconds:g}m"
+    def has_unit(value: object) -> bool:
+        return isinstance(value, str) and re.fullmatch(_NUMBER, value.strip()) is None
+
+    found: set[str] = set()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig")) if path else {}
+    except (OSError, ValueError):
+        data = {}
+    service = data.get("service")
+    if isinstance(service, dict) and has_unit(service.get("poll_interval")):
+        found.add("service")
+    env = {n.upper(): v for n, v in os.environ.items()}
+    override = env.get(ENV_PREFIX + "SERVICE__POLL_INTERVAL")
+    if override is not None:
+        found.discard("service")
+        if has_unit(override):
+            found.add("service")
+    accounts = data.get("accounts")
+    if isinstance(accounts, list):
+        found |= {
+            f"accounts[{i}]"
+            for i, a in enumerate(accounts)
+            if isinstance(a, dict) and has_unit(a.get("poll_interval"))
+        }
+    return found
+
+
+def poll_interval_warnings(settings: Settings, path: Path | None = None) -> list[str]:
+    """A poll interval under a minute: most likely minutes written as a bare number, which is
+    seconds (``poll_interval = 15``).  For ``check`` and the log when ``run`` starts.  With the
+    config file's ``path``, an interval written with its unit (``"10s"``) gets no hint at
+    minutes: it says what it means."""
+    warnings = []
+    with_unit = _with_unit(path)
+
+    def warn(where: str, key: str, seconds: float) -> None:
+        hint = f'; a bare number is seconds: for {seconds:g} minutes write "{seconds:g}m"'
         warnings.append(
-            f"{where}.poll_interval: {seconds:g} s, a login every {seconds:g} seconds; a bare "
-            f'number is seconds: for {seconds:g} minutes write "{minutes}".  Providers may '
-            "lock or refuse a mailbox polled this often (RFC 2449 LOGIN-DELAY)"
+            f"{where}.poll_interval: {seconds:g} s, a login every {seconds:g} seconds"
+            f"{'' if key in with_unit else hint}.  Providers may lock or refuse a mailbox "
+            "polled this often (RFC 2449 LOGIN-DELAY)"
         )
 
     service = settings.service.poll_interval
     if service < _MIN_SENSIBLE_POLL:
-        warn("service", service)
+        warn("service", "service", service)
     for i, account in enumerate(settings.accounts):
         interval = settings.poll_interval_of(account)
         if interval < _MIN_SENSIBLE_POLL and interval != service:
-            warn(account_key(i, account), interval)
+            warn(account_key(i, account), f"accounts[{i}]", interval)
     return warnings

@@ -1042,6 +1042,13 @@ def test_warnings_poll_interval_under_a_minute(tmp_path: Path) -> None:
     path = write(tmp_path, text)
     (warning,) = config_warnings(load_settings(path), path)
     assert warning.startswith('accounts[1] (name "sales").poll_interval: 30 s, a login every')
+    # Written with its unit, it means seconds: no hint at minutes.
+    assert "bare number" not in warning
+    path = write(
+        tmp_path, MINIMAL + ACCOUNT.replace('"info"', '"sales"', 1) + "poll_interval = 30\n"
+    )
+    (warning,) = config_warnings(load_settings(path), path)
+    assert 'a bare number is seconds: for 30 minutes write "30m"' in warning
     for fine in ("60", '"1m"', '"15m"', "900"):
         path = write(tmp_path, MINIMAL + f"poll_interval = {fine}\n")
         assert config_warnings(load_settings(path), path) == []
