@@ -160,7 +160,7 @@ def _recipient(text: str) -> str:
 
 
 _SHARD_HELP = (
-    "poll only the accounts of shard K of N (0 <= K < N; docs/design.md §14.2): K/N, or "
+    "the accounts of shard K of N (0 <= K < N; docs/design.md §14.2): K/N, or "
     "auto/N with K from the trailing -K of $POD_NAME, else the host name"
 )
 
@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="deliver a dead letter (or a selection) again, without our headers, once the cause "
         "is fixed",
     )
+    # _main checks the choice between an ID and a selection, with this usage line.
+    requeue.set_defaults(requeue_parser=requeue)
     requeue.add_argument("id", metavar="ID", nargs="?", help="the one dead letter to requeue")
     requeue.add_argument(
         "--account", action="append", metavar="NAME", help="those of this account (repeatable)"
@@ -314,10 +316,11 @@ def _main(argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     if args.command == "dead-letters" and args.dl_command == "requeue":
         selecting = args.all or args.account or args.stage or args.since is not None
+        usage: argparse.ArgumentParser = args.requeue_parser
         if args.id is not None and selecting:
-            parser.error("requeue: give either an ID or --account/--stage/--since/--all, not both")
+            usage.error("give either an ID or --account/--stage/--since/--all, not both")
         if args.id is None and not selecting:
-            parser.error("requeue: give an ID, or select with --account/--stage/--since/--all")
+            usage.error("give an ID, or select with --account/--stage/--since/--all")
     if args.command == "import-fetchmailrc":
         from connector.fetchmailrc import main as import_fetchmailrc
 

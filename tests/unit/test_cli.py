@@ -80,3 +80,23 @@ def test_a_bad_option_value_is_reported_as_such_not_as_a_bad_config(
     assert err.startswith(f"pop3-connector: {problem}")
     assert "invalid configuration" not in err
     assert "\x1b" not in err
+
+
+def test_requeue_without_a_selection_shows_requeues_usage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--config", str(config(tmp_path)), "dead-letters", "requeue", "--dry-run"]
+    err = usage_error(argv, capsys)
+    assert err.startswith("usage: pop3-connector dead-letters requeue ")
+    assert "give an ID, or select with --account/--stage/--since/--all" in err
+
+
+@pytest.mark.parametrize("command", ["check", "status", "run"])
+def test_shard_help_describes_the_accounts_not_polling(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--shard K/N the accounts of shard K of N" in help_text
+    assert "poll only" not in help_text
