@@ -487,9 +487,10 @@ async def dead_letters_requeue(
         await history.close()
     for target, (stopped_at, skipped) in sessions.stopped.items():
         table = "[smtp]" if target == DEFAULT_TARGET else f"[smtp_targets.{target}]"
+        others = f"; {skipped} dead letter(s) not attempted" if skipped else ""
         print(
-            f"pop3-connector: stopped at {stopped_at}: the SMTP setup failed, not the message; "
-            f"{skipped} dead letter(s) not attempted.  Fix {table} or the receive connector "
+            f"pop3-connector: stopped at {stopped_at}: the SMTP setup failed, not the message"
+            f"{others}.  Fix {table} or the receive connector "
             "(pop3-connector check --connect), then run the same command again.",
             file=err,
         )
