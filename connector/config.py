@@ -797,9 +797,13 @@ class Settings(BaseSettings):
             known = [DEFAULT_TARGET, *targets]
             for i, account in enumerate(value):
                 if account.smtp is not None and account.smtp not in known:
+                    there = ", ".join(
+                        f"{_toml_string(t)}{' ([smtp])' if t == DEFAULT_TARGET else ''}"
+                        for t in known
+                    )
                     raise _problem(
-                        f"no SMTP target {_toml_string(account.smtp)}: name [smtp_targets."
-                        f"{account.smtp}] in the config, or one of {', '.join(known)}",
+                        f"no SMTP target {_toml_string(account.smtp)}: add a table "
+                        f"[smtp_targets.{_toml_key(account.smtp)}], or name one there is: {there}",
                         f"[{i}].smtp",
                     )
         service = info.data.get("service")
