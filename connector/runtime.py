@@ -20,7 +20,10 @@ from connector.config import (
     ImapDeadLetter,
     Settings,
     SharedConfig,
+    account_key,
+    configured_secrets,
     dead_letter_path,
+    mask_secrets,
 )
 from connector.cycle import AccountSpec, DeliveryPolicy, Oversize, SmtpTarget
 from connector.deadletter import DeadLetterArchive
@@ -88,6 +91,11 @@ class Runtime:
     # ones' dead letters and ledger rows are theirs too; no spec is built for them).
     targets: dict[str, SmtpTarget] = field(default_factory=dict)
     target_names: dict[str, str] = field(default_factory=dict)
+    # The deliver_to of every account of the config, enabled or not, whichever shard owns it
+    # (requeue sends a disabled account's dead letters there: it is configured, only not
+    # polled); and the names of those with enabled = false (status: no next poll).
+    deliver_to: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    disabled_names: frozenset[str] = frozenset()
     # The accounts of this process (--shard, owned_by): the others of the config are
     # `elsewhere`, polled by other replicas.
     shard: Shard = ALL
@@ -170,8 +178,17 @@ def build_runtime(settings: Settings, *, include_disabled: bool = False) -> Runt
 
     ``include_disabled`` also builds the accounts with ``enabled = false`` (``disabled``), for
     ``check --connect``; otherwise they are skipped, so a disabled account's bad ``ca_file``
-    never stops the service.
+    never stops the service.  The errors' text never holds a configured password (a path or
+    a host may be one pasted into the wrong key).
     """
+    try:
+        return _build_runtime(settings, include_disabled)
+    except ConfigError as exc:
+        secrets = configured_secrets(settings)
+        raise ConfigError([mask_secrets(p, secrets) for p in exc.problems]) from None
+
+
+def _build_runtime(settings: Settings, include_disabled: bool) -> Runtime:
     targets = {DEFAULT_TARGET: _target(settings, DEFAULT_TARGET)}
     targets.update((name, _target(settings, name)) for name in settings.smtp_targets)
     smtp, policy = targets[DEFAULT_TARGET].settings, targets[DEFAULT_TARGET].policy
@@ -202,6 +219,8 @@ def build_runtime(settings: Settings, *, include_disabled: bool = False) -> Runt
         disabled=tuple(disabled),
         targets=targets,
         target_names={a.name: settings.target_of(a) for a in settings.accounts},
+        deliver_to={a.name: tuple(a.deliver_to) for a in settings.accounts},
+        disabled_names=frozenset(a.name for a in settings.accounts if not a.enabled),
         notices=None
         if notices.postmaster is None
         else NoticeSettings(
@@ -274,26 +293,27 @@ def owned_by(runtime: Runtime, shard: Shard) -> Runtime:
 def _account(settings: Settings, i: int, target: SmtpTarget) -> AccountSpec:
     """``accounts[i]`` as the cycle takes it, delivering to ``target``."""
     acct = settings.accounts[i]
+    where = account_key(i, acct)  # accounts[4] (name "buchhaltung"), as the config's errors
     tls = TlsMode(acct.tls)
     password: str | OAuth2TokenSource | None = acct.secret()
     if acct.auth == "xoauth2":
         # The config guarantees exactly one source (and no password) for XOAUTH2.
         argv = acct.oauth2_argv()
         password = OAuth2TokenSource(
-            f"accounts[{i}].oauth2_token_{'command' if argv else 'file'}",
+            f"{where}.oauth2_token_{'command' if argv else 'file'}",
             file=acct.oauth2_token_file,
             argv=argv,
             secret_env=secret_env_names(settings),
         )
     if password is None:  # the config guarantees one; be explicit for the type checker
-        raise ConfigError(f"accounts[{i}].password: no password given")
+        raise ConfigError(f"{where}.password: no password given")
     return AccountSpec(
         name=acct.name,
         endpoint=Pop3Endpoint(
             acct.host,
             acct.effective_port,
             tls,
-            _ssl_context(tls, acct.verify_certificate, acct.ca_file, f"accounts[{i}]"),
+            _ssl_context(tls, acct.verify_certificate, acct.ca_file, where),
             acct.host,
             verify_certificate=acct.verify_certificate,
             ca_file=acct.ca_file,

@@ -213,6 +213,7 @@ def status_document(
     targets: Mapping[str, str] | None = None,
     shard: Shard | None = None,
     elsewhere: Collection[str] = (),
+    disabled: Collection[str] = (),
 ) -> dict[str, Any]:
     """The ``/status`` and ``status --json`` document (docs/design.md §11.2).
 
@@ -222,6 +223,7 @@ def status_document(
     ledger's value with the scheduler's (SIGUSR1 or a reload may have moved it).  ``ledger``
     (:func:`ledger_health`) becomes the document's ``ledger`` object.  ``targets``: the SMTP
     target of each account (``smtp_target``); ``shard``: the document's ``shard`` object.
+    ``disabled``: the accounts with ``enabled = false``, which have no next poll.
     """
     by_name = {row.name: row for row in rows}
     order = list(dict.fromkeys([*names, *sorted(by_name), *sorted(dead_letters)]))
@@ -235,6 +237,8 @@ def status_document(
         poll = row.next_poll if row is not None else None
         if next_poll is not None and next_poll.get(name) is not None:
             poll = next_poll[name]
+        if name in disabled:
+            poll = None  # never polled; the ledger's value is from before it was disabled
         accounts.append(
             {
                 "name": name,
@@ -509,6 +513,7 @@ class Service:
             targets=self.smtp_targets(),
             shard=runtime.shard,
             elsewhere=runtime.elsewhere,
+            disabled=runtime.disabled_names,
         )
 
     def metrics_text(self) -> bytes:
