@@ -378,13 +378,37 @@ class ServiceSettings(_Model):
     # The longest one account's cycle may take, connect to QUIT, whatever the servers do (a
     # POP3 server sending a byte per read timeout); then its connections are dropped.
     cycle_timeout: Duration = 3600.0
+    # A message whose LIST size is above this is streamed to <state_dir>/spool and handled
+    # from the file (docs/design.md §5.3); smaller ones stay in memory.
+    spool_threshold: Size = 2 * 1024 * 1024
+    # The octets of messages in memory at once, over all accounts (docs/design.md §10.6);
+    # None: twice the threshold per parallel account (memory_budget()).
+    message_memory_budget: Size | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+
+    @model_validator(mode="after")
+    def _budget_holds_a_message(self) -> Self:
+        budget = self.message_memory_budget
+        if budget is not None and budget < self.spool_threshold:
+            raise _problem(
+                f"must be at least spool_threshold ({self.spool_threshold} octets): a message "
+                f"the threshold keeps in memory must fit (got {budget})",
+                "message_memory_budget",
+            )
+        return self
 
     @model_validator(mode="after")
     def _state_dir_is_a_directory(self) -> Self:
         _check_directory(self.state_dir, "state_dir")
         return self
+
+    def memory_budget(self) -> int:
+        """``message_memory_budget``, or its default: room for two messages at the spool
+        threshold (the one being delivered, the next one being read) per parallel account."""
+        if self.message_memory_budget is not None:
+            return self.message_memory_budget
+        return 2 * self.spool_threshold * self.max_parallel_accounts
 
 
 _LISTEN_V6_RE: Final = re.compile(r"\[(?P<host>[^\]]+)\]:(?P<port>\d{1,5})")

@@ -79,6 +79,10 @@ class Runtime:
     transcripts: bool
     imap_store: ImapStoreSpec | None = None
     notices: NoticeSettings | None = None  # None: [notices] postmaster not set
+    # [service] spool_threshold and the memory budget (docs/design.md §5.3, §10.6); the
+    # defaults are the config's for max_parallel_accounts = 8.
+    spool_threshold: int = 2 * 1024 * 1024
+    memory_budget: int = 32 * 1024 * 1024
     # Accounts with enabled = false, built only for `check --connect` (build_runtime's
     # include_disabled): never polled.
     disabled: tuple[AccountSpec, ...] = ()
@@ -118,6 +122,10 @@ class Runtime:
     @property
     def ledger_path(self) -> Path:
         return self.state_dir / "ledger.sqlite3"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.state_dir / "spool"
 
     @property
     def dead_letter_where(self) -> str:
@@ -206,6 +214,8 @@ def _build_runtime(settings: Settings, include_disabled: bool) -> Runtime:
         shutdown_grace=settings.service.shutdown_grace,
         transcripts=settings.service.log_level == "debug",
         imap_store=_imap_store(settings),
+        spool_threshold=settings.service.spool_threshold,
+        memory_budget=settings.service.memory_budget(),
         disabled=tuple(disabled),
         targets=targets,
         target_names={a.name: settings.target_of(a) for a in settings.accounts},

@@ -32,6 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
+from connector.budget import MemoryBudget
 from connector.cycle import (
     AccountSpec,
     Cycle,
@@ -57,6 +58,7 @@ from connector.notices import Notifier, RecordingStore
 from connector.runtime import Runtime, open_store
 from connector.shard import Shard
 from connector.smtp import SmtpDeliverer
+from connector.spool import Spool
 
 if TYPE_CHECKING:
     # Imported where used: aioimaplib and prometheus_client cost start-up time (bench/README.md)
@@ -302,6 +304,10 @@ class Service:
         self._locks: dict[str, asyncio.Lock] = {}
         self.accounts = {spec.name: self._new_state(spec, runtime) for spec in runtime.accounts}
         self._semaphore = asyncio.Semaphore(runtime.max_parallel)
+        # Shared by every cycle: the octets of messages in memory (docs/design.md §10.6), and
+        # the directory the larger ones are streamed to (§5.3; open_service cleans it).
+        self.budget = MemoryBudget(runtime.memory_budget)
+        self.spool = Spool(runtime.spool_dir)
         self._tg: asyncio.TaskGroup | None = None
         self.alive = False
         # Dead letters per account, as last counted after a cycle: /status reads this, since
@@ -378,6 +384,9 @@ class Service:
             stopping=self.stopping,
             clock=self.clock,
             transcript=POP3_TRANSCRIPT if self.runtime.transcripts else None,
+            spool=self.spool,
+            spool_threshold=self.runtime.spool_threshold,
+            budget=self.budget,
         )
         try:
             stats = await cycle.run()
@@ -660,6 +669,9 @@ class Service:
         if new.max_parallel != old.max_parallel:
             # Cycles in flight keep the old semaphore; new ones queue on the new one.
             self._semaphore = asyncio.Semaphore(new.max_parallel)
+        if new.memory_budget != old.memory_budget:
+            # Likewise: cycles in flight finish on the old budget, new ones share the new.
+            self.budget = MemoryBudget(new.memory_budget)
         self.runtime = new
         specs = {spec.name: spec for spec in new.accounts}
         for name in list(self.accounts):
@@ -734,6 +746,9 @@ async def open_service(
     with StateLock(runtime.state_dir):
         ledger = await Ledger.open(runtime.ledger_path)
         try:
+            # What a killed run left in the spool (docs/design.md §5.3): nothing else writes
+            # there while we hold the lock, and no cycle has started yet.
+            await asyncio.to_thread(Spool(runtime.spool_dir).clean)
             if runtime.dead_letter_path is not None:
                 await _remove_stale_tmp(MaildirStore(runtime.dead_letter_path))
             yield Service(runtime, ledger, observer=observer, metrics=metrics)

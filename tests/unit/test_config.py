@@ -1228,3 +1228,49 @@ def test_parse_size_refuses(value: object) -> None:
 def test_bad_max_message_size_names_the_key(tmp_path: Path) -> None:
     (line,) = problems(tmp_path, MINIMAL + 'max_message_size = "lots"\n')
     assert line.startswith('accounts[0] (name "info").max_message_size: expected a size')
+
+
+# --------------------------------------------------------------------------------------------
+# Memory (docs/design.md §5.3, §10.6)
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_memory_budget_defaults_to_twice_the_threshold_per_parallel_account(
+    tmp_path: Path,
+) -> None:
+    s = load(tmp_path, MINIMAL)
+    assert s.service.spool_threshold == 2 * 1024 * 1024
+    assert s.service.memory_budget() == 2 * 2 * 1024 * 1024 * 8
+    s = load(tmp_path, '[service]\nspool_threshold = "1MiB"\nmax_parallel_accounts = 3\n' + MINIMAL)
+    assert s.service.memory_budget() == 2 * 1024 * 1024 * 3
+    s = load(tmp_path, '[service]\nmessage_memory_budget = "50MB"\n' + MINIMAL)
+    assert s.service.memory_budget() == 50_000_000
+
+
+def test_a_budget_smaller_than_the_threshold_is_refused_by_name(tmp_path: Path) -> None:
+    (problem,) = problems(
+        tmp_path,
+        '[service]\nspool_threshold = "8MiB"\nmessage_memory_budget = "1MiB"\n' + MINIMAL,
+    )
+    assert problem.startswith("service.message_memory_budget")
+    assert "at least spool_threshold" in problem
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "says"),
+    [
+        ('spool_threshold = "lots"', "spool_threshold", "expected a size"),
+        ("spool_threshold = 0", "spool_threshold", "greater than 0"),
+        ("spool_threshold = -1", "spool_threshold", "greater than 0"),
+        ("spool_threshold = 1.5", "spool_threshold", "expected a size"),
+        ('message_memory_budget = "some"', "message_memory_budget", "expected a size"),
+        ("message_memory_budget = 0", "message_memory_budget", "greater than 0"),
+        ("message_memory_budget = true", "message_memory_budget", "expected a size"),
+    ],
+)
+def test_a_bad_memory_value_is_refused_naming_its_key(
+    tmp_path: Path, line: str, key: str, says: str
+) -> None:
+    (problem,) = problems(tmp_path, f"[service]\n{line}\n" + MINIMAL)
+    assert problem.startswith(f"service.{key}: "), problem
+    assert says in problem
