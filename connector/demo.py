@@ -31,6 +31,18 @@ IMAP_USER = "office@firma.example"
 PASSWORD = "demo-password"  # noqa: S105 (the built-in demo server's account)
 SIZE_LIMIT = 100_000
 PUSH_DEADLINE = 30.0  # seconds; the push takes milliseconds
+# What the demo shows (README, Quick start): each message's outcome, cycle by cycle, in the
+# order of sample_mail().  Anything else is a failure of the demo (exit 1).
+EXPECTED: tuple[tuple[int, Outcome], ...] = (
+    (1, Outcome.DELIVERED),
+    (1, Outcome.DEAD_LETTERED),
+    (1, Outcome.DELIVERED),
+    (1, Outcome.DEAD_LETTERED),
+    (1, Outcome.DEFERRED),
+    (1, Outcome.DEAD_LETTERED),
+    (1, Outcome.DELIVERED),
+    (2, Outcome.DELIVERED),
+)
 
 
 def _mail(sender: str, subject: str, body: str, extra: str = "") -> bytes:
@@ -225,7 +237,21 @@ async def run_demo(state_dir: Path | None = None) -> int:
             print("\nPush: the IMAP message did not arrive (see the log)")
         print(f"\nConfig used: {config}\nLedger:      {runtime.ledger_path}")
         print(f"See the effective config: pop3-connector --config {config} check")
-        ok = all(r.ok for r in results) and left == 0 and pushed is not None
+        shown = tuple((e.cycle, e.outcome) for e in recorder.events)
+        delivered = sum(o is Outcome.DELIVERED for _, o in EXPECTED)
+        dead_lettered = sum(o is Outcome.DEAD_LETTERED for _, o in EXPECTED)
+        ok = (
+            all(r.ok for r in results)
+            and left == 0
+            and shown == EXPECTED
+            and (received, len(dead)) == (delivered, dead_lettered)
+            and pushed is not None
+        )
+        if not ok:
+            print(
+                f"\nThe demo did not end as expected ({delivered} delivered, {dead_lettered} "
+                "dead-lettered, none left): this is a bug, please report it with this output."
+            )
     return 0 if ok else 1
 
 

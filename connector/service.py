@@ -32,6 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
+from connector.budget import MemoryBudget
 from connector.cycle import (
     AccountSpec,
     Cycle,
@@ -57,6 +58,7 @@ from connector.notices import Notifier, RecordingStore
 from connector.runtime import Runtime, open_store
 from connector.shard import Shard
 from connector.smtp import SmtpDeliverer
+from connector.spool import Spool
 
 if TYPE_CHECKING:
     # Imported where used: aioimaplib and prometheus_client cost start-up time (bench/README.md)
@@ -214,6 +216,7 @@ def status_document(
     targets: Mapping[str, str] | None = None,
     shard: Shard | None = None,
     elsewhere: Collection[str] = (),
+    disabled: Collection[str] = (),
 ) -> dict[str, Any]:
     """The ``/status`` and ``status --json`` document (docs/design.md §11.2).
 
@@ -223,6 +226,7 @@ def status_document(
     ledger's value with the scheduler's (SIGUSR1 or a reload may have moved it).  ``ledger``
     (:func:`ledger_health`) becomes the document's ``ledger`` object.  ``targets``: the SMTP
     target of each account (``smtp_target``); ``shard``: the document's ``shard`` object.
+    ``disabled``: the accounts with ``enabled = false``, which have no next poll.
     """
     by_name = {row.name: row for row in rows}
     order = list(dict.fromkeys([*names, *sorted(by_name), *sorted(dead_letters)]))
@@ -236,6 +240,8 @@ def status_document(
         poll = row.next_poll if row is not None else None
         if next_poll is not None and next_poll.get(name) is not None:
             poll = next_poll[name]
+        if name in disabled:
+            poll = None  # never polled; the ledger's value is from before it was disabled
         accounts.append(
             {
                 "name": name,
@@ -301,6 +307,10 @@ class Service:
         self._locks: dict[str, asyncio.Lock] = {}
         self.accounts = {spec.name: self._new_state(spec, runtime) for spec in runtime.accounts}
         self._semaphore = asyncio.Semaphore(runtime.max_parallel)
+        # Shared by every cycle: the octets of messages in memory (docs/design.md §10.6), and
+        # the directory the larger ones are streamed to (§5.3; open_service cleans it).
+        self.budget = MemoryBudget(runtime.memory_budget)
+        self.spool = Spool(runtime.spool_dir)
         self._tg: asyncio.TaskGroup | None = None
         self.alive = False
         # Dead letters per account, as last counted after a cycle: /status reads this, since
@@ -384,6 +394,9 @@ class Service:
             clock=self.clock,
             transcript=POP3_TRANSCRIPT if self.runtime.transcripts else None,
             connect=connect,
+            spool=self.spool,
+            spool_threshold=self.runtime.spool_threshold,
+            budget=self.budget,
         )
         try:
             stats = await cycle.run()
@@ -510,6 +523,7 @@ class Service:
             targets=self.smtp_targets(),
             shard=runtime.shard,
             elsewhere=runtime.elsewhere,
+            disabled=runtime.disabled_names,
         )
 
     def metrics_text(self) -> bytes:
@@ -721,6 +735,9 @@ class Service:
         if new.max_parallel != old.max_parallel:
             # Cycles in flight keep the old semaphore; new ones queue on the new one.
             self._semaphore = asyncio.Semaphore(new.max_parallel)
+        if new.memory_budget != old.memory_budget:
+            # Likewise: cycles in flight finish on the old budget, new ones share the new.
+            self.budget = MemoryBudget(new.memory_budget)
         self.runtime = new
         specs = {spec.name: spec for spec in new.accounts}
         for name in list(self.accounts):
@@ -795,6 +812,9 @@ async def open_service(
     with StateLock(runtime.state_dir):
         ledger = await Ledger.open(runtime.ledger_path)
         try:
+            # What a killed run left in the spool (docs/design.md §5.3): nothing else writes
+            # there while we hold the lock, and no cycle has started yet.
+            await asyncio.to_thread(Spool(runtime.spool_dir).clean)
             if runtime.dead_letter_path is not None:
                 await _remove_stale_tmp(MaildirStore(runtime.dead_letter_path))
             yield Service(runtime, ledger, observer=observer, metrics=metrics)

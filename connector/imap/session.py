@@ -45,11 +45,12 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from types import TracebackType
 from typing import Final, Protocol, Self
 
+from connector.budget import MemoryBudget
 from connector.errors import ImapResponseError, Pop3ProtocolError
 from connector.imap import ImapAuth, ImapOptions
 from connector.imap.client import ImapClient, TokenSource
 from connector.imap.protocol import literal_cap, uid_set, uid_sets
-from connector.pop3.client import AuthMethod, Pop3Endpoint, Pop3Timeouts, Retrieved
+from connector.pop3.client import AuthMethod, Pop3Endpoint, Pop3Timeouts, Retrieved, Spooling
 
 log = logging.getLogger(__name__)
 TRANSCRIPT: Final = logging.getLogger("connector.transcript.imap")
@@ -249,40 +250,78 @@ class ImapSession:
                     yield item.uid, body
 
     async def retrieve_many(
-        self, numbers: Sequence[int], *, sizes: Mapping[int, int] | None = None
+        self,
+        numbers: Sequence[int],
+        *,
+        sizes: Mapping[int, int] | None = None,
+        spooling: Spooling | None = None,
+        budget: MemoryBudget | None = None,
     ) -> AsyncGenerator[Retrieved, None]:
         """Yield each message of ``numbers`` (UIDs) in order, fetched in batches of up to
         FETCH_WINDOW messages and FETCH_WINDOW_OCTETS octets beyond the first; a message
         expunged meanwhile by another client is skipped.  Each body is bounded by its
-        RFC822.SIZE (protocol.literal_cap) and by ``max_message_size``."""
+        RFC822.SIZE (protocol.literal_cap) and by ``max_message_size``.
+
+        ``budget``: each message is charged its RFC822.SIZE before its FETCH is sent, given
+        back when the caller asks for the next one (docs/design.md §10.6); the first of a batch
+        waits for room, the others join the batch only if they fit now.  ``spooling`` is not
+        used: an IMAP message is read into memory whatever its size (docs/design.md §15.1).
+        """
+        del spooling  # see the docstring
         sizes = sizes if sizes is not None else self._sizes
-        i = 0
-        while i < len(numbers):
-            batch = [numbers[i]]
-            octets = 0
-            i += 1
-            while (
-                i < len(numbers)
-                and len(batch) < FETCH_WINDOW
-                and octets + sizes.get(numbers[i], 0) <= FETCH_WINDOW_OCTETS
-            ):
-                octets += sizes.get(numbers[i], 0)
-                batch.append(numbers[i])
+        charges: dict[int, int] = {}  # UID -> what it holds of the budget
+
+        def release(uid: int) -> None:
+            charge = charges.pop(uid, 0)
+            if charge and budget is not None:
+                budget.release(charge)
+
+        try:
+            i = 0
+            while i < len(numbers):
+                batch = [numbers[i]]
+                if budget is not None:
+                    charges[numbers[i]] = await budget.acquire(self._cost(numbers[i], budget))
+                octets = 0
                 i += 1
-            wanted = set(batch)
-            cap = max(self._cap(uid) for uid in batch)
-            async for item in self._client.uid_fetch(
-                uid_set(batch), "(UID BODY.PEEK[])", max_literal=cap
-            ):
-                if item.uid not in wanted or "BODY[]" not in item.bodies:
-                    continue  # another client's flag change (RFC 3501 §7.4.2), or a repeat
-                wanted.discard(item.uid)
-                body = item.bodies["BODY[]"]
-                if body is None:
-                    raise Pop3ProtocolError(f"the server sent no content for UID {item.uid}")
-                if len(body) > self._cap(item.uid):
-                    raise Pop3ProtocolError(f"UID {item.uid} is longer than RFC822.SIZE said")
-                yield Retrieved(item.uid, body, None)
+                while (
+                    i < len(numbers)
+                    and len(batch) < FETCH_WINDOW
+                    and octets + sizes.get(numbers[i], 0) <= FETCH_WINDOW_OCTETS
+                ):
+                    if budget is not None:
+                        taken = budget.try_acquire(self._cost(numbers[i], budget))
+                        if taken is None:
+                            break  # no room now: the next batch waits for it
+                        charges[numbers[i]] = taken
+                    octets += sizes.get(numbers[i], 0)
+                    batch.append(numbers[i])
+                    i += 1
+                wanted = set(batch)
+                cap = max(self._cap(uid) for uid in batch)
+                async for item in self._client.uid_fetch(
+                    uid_set(batch), "(UID BODY.PEEK[])", max_literal=cap
+                ):
+                    if item.uid not in wanted or "BODY[]" not in item.bodies:
+                        continue  # another client's flag change (RFC 3501 §7.4.2), or a repeat
+                    wanted.discard(item.uid)
+                    body = item.bodies["BODY[]"]
+                    if body is None:
+                        raise Pop3ProtocolError(f"the server sent no content for UID {item.uid}")
+                    if len(body) > self._cap(item.uid):
+                        raise Pop3ProtocolError(f"UID {item.uid} is longer than RFC822.SIZE said")
+                    yield Retrieved(item.uid, body, None)
+                    release(item.uid)  # the caller asks for the next: done with this one
+                for uid in batch:
+                    release(uid)  # expunged by another client meanwhile: never yielded
+        finally:
+            for uid in list(charges):
+                release(uid)
+
+    def _cost(self, uid: int, budget: MemoryBudget) -> int:
+        """What a message may cost in memory: its RFC822.SIZE; unknown, the whole budget."""
+        size = self._sizes.get(uid)
+        return size if size is not None else budget.total
 
     async def dele(self, number: int) -> None:
         """Remember message ``number`` for deletion at :meth:`quit` (nothing is sent now)."""

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from connector.budget import MemoryBudget
 from connector.errors import (
     Disposition,
     ImapResponseError,
@@ -44,6 +45,32 @@ async def test_the_folder_as_a_session(server: LoopbackImapServer) -> None:
         await s.quit()
     assert len(server.messages(USER)) == 36
     assert server.commands[-3:] == ["UID STORE", "UID EXPUNGE", "LOGOUT"]
+
+
+async def test_the_memory_budget_bounds_what_one_fetch_brings(
+    server: LoopbackImapServer,
+) -> None:
+    """Each message is charged its RFC822.SIZE before its FETCH (docs/design.md §15.1): with
+    room for one and a half messages, the messages come one FETCH at a time, and the budget
+    is whole again at the end (and after a caller that stops early)."""
+    size = len(mail(0))
+    for i in range(4):
+        server.add_message(USER, mail(i))
+    budget = MemoryBudget(size + size // 2)
+    async with await session(server) as s:
+        await s.stat()  # as the cycle does: STAT, then the listing
+        listing = [n for n, _ in await s.uidl()]
+        got = [r.raw async for r in s.retrieve_many(listing, budget=budget)]
+        assert got == [mail(i) for i in range(4)]
+        assert server.commands.count("UID FETCH") == 1 + 4  # the listing, then one each
+        assert (budget.in_use, budget.peak) == (0, size)
+        roomy = MemoryBudget(10 * size)
+        stream = s.retrieve_many(listing, budget=roomy)
+        first = await anext(stream)
+        assert first.raw == mail(0)
+        assert roomy.in_use == 4 * size  # one FETCH for all four
+        await stream.aclose()  # the caller stops early: its charges are given back
+        assert roomy.in_use == 0
 
 
 async def test_unsolicited_flag_updates_are_not_taken_for_messages(
