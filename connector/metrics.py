@@ -138,6 +138,13 @@ class Metrics:
             ["account"],
             registry=r,
         )
+        self.idle_connected = Gauge(
+            PREFIX + "idle_connected",
+            "1 while an IMAP account holds a connection in IDLE, waiting for new mail "
+            "(RFC 2177); 0 while it only polls (no IDLE offered, push off, reconnecting).",
+            ["account"],
+            registry=r,
+        )
         self.smtp_responses = Counter(
             PREFIX + "smtp_responses",
             "The final SMTP reply per message: 250 after DATA, or the code that refused or "
@@ -201,6 +208,7 @@ class Metrics:
                 self.dead_letters,
                 self.last_success,
                 self.account_failing,
+                self.idle_connected,
             ):
                 with contextlib.suppress(KeyError):  # never set
                     gauge.remove(name)
@@ -249,6 +257,11 @@ class Metrics:
         if ok:
             self.last_success.labels(account=account).set(finished)
         self.account_failing.labels(account=account).set(1 if failing else 0)
+
+    def idle(self, account: str, connected: bool) -> None:
+        """An IMAP account's IDLE connection opened or closed (``imap.IdleWatcher``)."""
+        if account in self._accounts:
+            self.idle_connected.labels(account=account).set(1 if connected else 0)
 
     def watch_ledger(self, writable: Callable[[], bool]) -> None:
         """Have ``ledger_writable`` read ``writable()`` at every scrape (``Ledger.writable``)."""

@@ -63,11 +63,13 @@ from connector.spool import Spool
 if TYPE_CHECKING:
     # Imported where used: aioimaplib and prometheus_client cost start-up time (bench/README.md)
     # that a `once` from cron with a Maildir store and no metrics endpoint never needs.
+    from connector.imap.idle import IdleWatcher
     from connector.metrics import Metrics
 
 log = logging.getLogger(__name__)
 POP3_TRANSCRIPT = logging.getLogger("connector.transcript.pop3")
 SMTP_TRANSCRIPT = logging.getLogger("connector.transcript.smtp")
+IMAP_TRANSCRIPT = logging.getLogger("connector.transcript.imap")
 
 # A bare "-ERR" to PASS (no RFC 2449 code) may be a wrong password or a busy server; after this
 # many in a row we treat the account as failing (docs/design.md §6.1).
@@ -179,6 +181,7 @@ class AccountState:
     last: CycleResult | None = None
     next_poll: float | None = None
     removed: bool = False  # dropped from the config by a reload: its loop ends after this cycle
+    watcher: IdleWatcher | None = None  # an IMAP account waiting with IDLE (docs/design.md §15.3)
 
 
 class _Observers:
@@ -374,6 +377,12 @@ class Service:
             target.settings, transcript=SMTP_TRANSCRIPT if self.runtime.transcripts else None
         )
         recorded = RecordingStore(self.store)  # what the dead-letter digest names
+        connect = None
+        if state.watcher is not None and state.watcher.spec == spec and spec.imap is not None:
+            from connector.imap.session import ImapSession
+
+            # The cycle runs on the watcher's connection: no new login (docs/design.md §15.3).
+            connect = ImapSession.opener(spec.imap, keep=spec.leave_on_server, lender=state.watcher)
         cycle = Cycle(
             spec,
             ledger=self.ledger,
@@ -384,6 +393,7 @@ class Service:
             stopping=self.stopping,
             clock=self.clock,
             transcript=POP3_TRANSCRIPT if self.runtime.transcripts else None,
+            connect=connect,
             spool=self.spool,
             spool_threshold=self.runtime.spool_threshold,
             budget=self.budget,
@@ -588,18 +598,74 @@ class Service:
         return woken, held
 
     async def _account_loop(self, state: AccountState) -> None:
-        while not self.stopping.is_set() and not state.removed:
-            state.poll_now.clear()
-            state.forced = False
-            result = await self._run_state(state)
-            if state.poll_now.is_set() and not state.forced and self.held_until(state):
-                # Asked for while this cycle ran, and the cycle failed: the backoff stands.
+        watcher: IdleWatcher | None = None
+        try:
+            while not self.stopping.is_set() and not state.removed:
                 state.poll_now.clear()
-            delay = (state.next_poll or self.clock()) - self.clock()
-            if self.stopping.is_set() or state.removed:
+                state.forced = False
+                result = await self._run_state(state)
+                if state.poll_now.is_set() and not state.forced and self.held_until(state):
+                    # Asked for while this cycle ran, and the cycle failed: the backoff stands.
+                    state.poll_now.clear()
+                delay = (state.next_poll or self.clock()) - self.clock()
+                if self.stopping.is_set() or state.removed:
+                    return
+                log.debug(
+                    "account=%s next poll in %.0fs (ok=%s)", state.spec.name, delay, result.ok
+                )
+                watcher = state.watcher = await self._watcher(state, watcher)
+                await self._wait(state, watcher, max(delay, 0.0))
+        finally:
+            state.watcher = None
+            if watcher is not None:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # Past shutdown_grace (or a BUG elsewhere): drop it, wait for nothing.
+                    await watcher.abort()
+                else:
+                    # SIGTERM, removal: DONE and LOGOUT (docs/design.md §15.3).
+                    await watcher.close()
+
+    async def _watcher(
+        self, state: AccountState, current: IdleWatcher | None
+    ) -> IdleWatcher | None:
+        """The account's IDLE watcher (docs/design.md §15.3): kept while its spec and interval
+        stay as they are, replaced when a reload changes them, None for a POP3 account or
+        ``push = false``."""
+        spec = state.spec
+        if current is not None and current.spec == spec and current.interval == state.interval:
+            return current
+        if current is not None:
+            await current.close()
+        if spec.imap is None or not spec.imap.push:
+            return None
+        from connector.imap.idle import IdleWatcher  # only IMAP accounts load it
+
+        metrics = self.metrics
+        return IdleWatcher(
+            spec,
+            interval=state.interval,
+            transcript=IMAP_TRANSCRIPT if self.runtime.transcripts else None,
+            on_state=None if metrics is None else functools.partial(metrics.idle, spec.name),
+        )
+
+    async def _wait(self, state: AccountState, watcher: IdleWatcher | None, delay: float) -> None:
+        """Until the next poll, or an event (a stop, ``POST /poll``, SIGUSR1); an IMAP account
+        with a watcher also until the server announces new mail, unless the account is
+        backing off (a failing account must not poll at every message: docs/design.md §6.3)."""
+        events = (self.stopping, state.poll_now)
+        if watcher is None:
+            await _wait_any(events, delay)
+            return
+        from connector.imap.idle import Wake
+
+        end = self.clock() + delay
+        while (remaining := end - self.clock()) > 0:
+            if await watcher.wait(remaining, events) is not Wake.MAIL:
                 return
-            log.debug("account=%s next poll in %.0fs (ok=%s)", state.spec.name, delay, result.ok)
-            await _wait_any((self.stopping, state.poll_now), max(delay, 0.0))
+            if self.held_until(state) is None:
+                log.debug("account=%s: new mail announced; polling now", state.spec.name)
+                return
 
     def _start_loop(self, state: AccountState) -> None:
         if self._tg is None:

@@ -45,6 +45,7 @@ DESIGN_METRICS: Final = {
     "build_info": "gauge",
     "ledger_writable": "gauge",
     "smtp_data_timeouts_total": "counter",
+    "idle_connected": "gauge",
     "account_info": "gauge",
 }
 HISTOGRAM_SUFFIXES: Final = ("_bucket", "_sum", "_count")

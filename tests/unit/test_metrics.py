@@ -27,6 +27,7 @@ EXPECTED = {
     "pop3_connector_build_info": "gauge",
     "pop3_connector_smtp_data_timeouts": "counter",
     "pop3_connector_ledger_writable": "gauge",
+    "pop3_connector_idle_connected": "gauge",
     "pop3_connector_account_info": "gauge",
 }
 
