@@ -6,7 +6,8 @@ AUTHENTICATE PLAIN and XOAUTH2 (with or without SASL-IR), LIST for the separator
 SELECT/EXAMINE, UID FETCH (UID, RFC822.SIZE, FLAGS, BODY.PEEK[] and BODY.PEEK[HEADER]), UID
 STORE of ``\\Deleted``, EXPUNGE, UID EXPUNGE (UIDPLUS), UID SEARCH DELETED, IDLE (RFC 2177),
 NOOP, LOGOUT.  Switches give what a real server (Dovecot) cannot do on demand: no UIDPLUS, no
-IDLE, a message flagged ``\\Deleted`` by "another client", a new UIDVALIDITY.
+IDLE, a message flagged ``\\Deleted`` by "another client", a new UIDVALIDITY, a connection cut
+in the middle of a message (``cut_fetch_after``).
 
 State is in memory and exposed for assertions (``commands``, ``sessions``, ``folder``).  A
 message added with :meth:`LoopbackImapServer.add_message` is announced with ``EXISTS`` to every
@@ -95,8 +96,12 @@ class LoopbackImapServer(_LoopbackServer):
         separator: str = "/",
         understate_sizes: int = 0,
         chatty: bool = False,
+        cut_fetch_after: int | None = None,
     ) -> None:
         super().__init__()
+        # A UID FETCH of bodies sends this many octets of its answer, then the connection
+        # closes (in the middle of a literal, when the octets end inside one).
+        self.cut_fetch_after = cut_fetch_after
         # Before each message's body, an unsolicited FETCH with its flags (as a server sends
         # when another session changed them, RFC 3501 §7.4.2).
         self.chatty = chatty
@@ -282,7 +287,7 @@ class _ImapSession:
             case "SELECT" | "EXAMINE" if user is not None and text:
                 await self.select(tag, verb, user, text[0])
             case "UID FETCH" if box is not None and len(text) >= 2:
-                await self.fetch(tag, box, text[0], " ".join(text[1:]).upper())
+                return await self.fetch(tag, box, text[0], " ".join(text[1:]).upper())
             case "UID STORE" if box is not None and len(text) >= 3 and not self.read_only:
                 for m in _matching(box, text[0]):
                     m.flags.add("\\Deleted")
@@ -352,13 +357,15 @@ class _ImapSession:
         mode = "READ-ONLY" if self.read_only else "READ-WRITE"
         await self.send(f"{tag} OK [{mode}] {verb} completed")
 
-    async def fetch(self, tag: str, box: _Folder, uid_set: str, items: str) -> None:
+    async def fetch(self, tag: str, box: _Folder, uid_set: str, items: str) -> bool:
+        """Answer a UID FETCH, or the cut asked for; False ends the session."""
         wanted = _matching(box, uid_set)
+        out = bytearray()
         for seq, m in enumerate(box.messages, 1):
             if m not in wanted:
                 continue
             if self.srv.chatty and "BODY" in items:
-                self.writer.write(f"* {seq} FETCH (FLAGS (\\Seen) UID {m.uid})\r\n".encode())
+                out += f"* {seq} FETCH (FLAGS (\\Seen) UID {m.uid})\r\n".encode()
             parts = [f"UID {m.uid}".encode()]
             if "RFC822.SIZE" in items:
                 size = max(len(m.raw) - self.srv.understate_sizes, 0)
@@ -371,8 +378,14 @@ class _ImapSession:
                 parts.append(b"BODY[HEADER] {%d}\r\n%s" % (len(header), header))
             elif "BODY.PEEK[]" in items:
                 parts.append(b"BODY[] {%d}\r\n%s" % (len(m.raw), m.raw))
-            self.writer.write(b"* %d FETCH (%s)\r\n" % (seq, b" ".join(parts)))
+            out += b"* %d FETCH (%s)\r\n" % (seq, b" ".join(parts))
+        cut = self.srv.cut_fetch_after
+        if cut is not None and "BODY" in items and len(out) > cut:
+            await self.send(bytes(out[:cut]))
+            return False  # the handler closes the connection
+        self.writer.write(out)
         await self.send(f"{tag} OK FETCH completed")
+        return True
 
     async def expunge(self, tag: str, box: _Folder, only: set[int] | None) -> None:
         seq = 1

@@ -10,6 +10,11 @@ literal of any announced size into memory, and does not fail a pending command w
 connection drops (library-facts.md §4).  This shell needs a few hundred lines, on the same
 pattern as ``pop3.client``: streams, one deadline per phase, a core that knows nothing of I/O.
 
+A message above the spool threshold (``uid_fetch_spooled``, docs/design.md §5.3, §15.1) is
+streamed: the reader hands its literal over in chunks, each written to a spool file as it is
+read, as the POP3 client streams a RETR; the session holds a read's worth of it, never the
+message.
+
 Deadlines (docs/design.md §10.2): ``connect`` for TCP and TLS; ``command`` for a whole
 response to a short command; ``idle_read`` for each read of a FETCH that carries messages, so a
 big message never hits a total deadline while bytes flow.  Waiting in IDLE has no deadline of
@@ -54,6 +59,7 @@ from connector.imap.protocol import (
     Continuation,
     Fetched,
     LiteralArg,
+    LiteralChunk,
     NeedData,
     Response,
     ResponseReader,
@@ -70,7 +76,15 @@ from connector.imap.protocol import (
     sasl_plain,
     server_mailbox_name,
 )
-from connector.pop3.client import Pop3Endpoint, Pop3Timeouts, _xoauth2_status, sasl_xoauth2
+from connector.pop3.client import (
+    Pop3Endpoint,
+    Pop3Timeouts,
+    Spooling,
+    SpoolSink,
+    _xoauth2_status,
+    sasl_xoauth2,
+)
+from connector.spool import Spooled
 from connector.tls import TlsMode, tls_reason_hint
 
 log = logging.getLogger(__name__)
@@ -108,8 +122,8 @@ def _describe(ev: Response | Continuation) -> str:
     if isinstance(ev, Continuation):
         return "+ ****" if ev.text else "+"
     parts = [ev.segments[0][:200].decode("utf-8", "replace")]
-    for literal, segment in zip(ev.literals, ev.segments[1:], strict=True):
-        parts.append(f"[{len(literal)} octets]")
+    for i, (literal, segment) in enumerate(zip(ev.literals, ev.segments[1:], strict=True)):
+        parts.append("[streamed to the spool]" if i in ev.streamed else f"[{len(literal)} octets]")
         parts.append(segment[:80].decode("utf-8", "replace"))
     return f"{ev.tag} " + " ".join(p for p in parts if p)
 
@@ -141,9 +155,10 @@ class ImapClient:
         self._tags = 0
         self._broken: str | None = None
         self._logging_out = False
-        # The UID FETCH whose responses are being read (its tag and literal cap): a caller
-        # that stops iterating leaves it open, and the next command reads it to its end.
-        self._open_fetch: tuple[str, int] | None = None
+        # The UID FETCH whose responses are being read (its tag, literal cap and the length
+        # above which a literal is streamed): a caller that stops iterating leaves it open,
+        # and the next command reads it to its end.
+        self._open_fetch: tuple[str, int, int | None] | None = None
         self._idle_tag: str | None = None
         self.capabilities = frozenset()
         self.tls_active = endpoint.tls is TlsMode.IMPLICIT
@@ -264,6 +279,46 @@ class ImapClient:
     async def _read(self, *, long: bool = False, deadline: bool = True) -> Response | Continuation:
         """The next response.  ``long``: a FETCH of messages, deadline per read; without
         ``deadline`` (waiting in IDLE) no deadline at all."""
+        ev = await self._read_event(long=long, deadline=deadline)
+        if isinstance(ev, LiteralChunk):  # pragma: no cover (streams only in _read_spooled)
+            raise self._poison(Pop3ProtocolError("a literal streamed outside a FETCH"))
+        return ev
+
+    async def _read_spooled(
+        self, sink: Callable[[], SpoolSink] | None
+    ) -> tuple[Response | Continuation, builtins.list[Spooled]]:
+        """The next response of a UID FETCH, and the spool files of its streamed literals, in
+        order (each into a new ``sink()``; without ``sink`` their chunks are dropped).  A
+        failure on the way (the sink's StateError, the server's error, a cancellation) removes
+        what this response spooled and leaves the stream unusable: it stopped in the middle
+        of a response (the POP3 client's ``_spool`` does the same)."""
+        files: builtins.list[Spooled] = []
+        current: SpoolSink | None = None
+        try:
+            while True:
+                ev = await self._read_event(long=True, deadline=True)
+                if not isinstance(ev, LiteralChunk):
+                    return ev, files
+                if sink is None:
+                    continue
+                if current is None:
+                    current = sink()
+                await current.write(ev.data)
+                if ev.end:
+                    files.append(await current.finish())
+                    current = None
+        except BaseException as exc:
+            if current is not None:
+                current.discard()
+            for spooled in files:
+                spooled.remove()
+            if not isinstance(exc, Pop3Error):  # the sink's own failure, or a cancellation
+                self._poison(Pop3ConnectionError("stopped in the middle of a message"))
+            raise
+
+    async def _read_event(
+        self, *, long: bool, deadline: bool
+    ) -> Response | Continuation | LiteralChunk:
         self._usable()
         rr, reader = self._rr, self._reader
         try:
@@ -295,7 +350,7 @@ class ImapClient:
             # Cancelled while reading: whoever came next would read the rest of a response.
             self._poison(Pop3ConnectionError("cancelled while reading a response"))
             raise
-        if self._log is not None:
+        if self._log is not None and not isinstance(ev, LiteralChunk):
             self._log.debug("S: %s", _describe(ev))
         return ev
 
@@ -351,17 +406,19 @@ class ImapClient:
     async def _drain_abandoned(self) -> None:
         """Read to its end a UID FETCH whose responses a caller stopped reading."""
         if self._open_fetch is not None:
-            tag, cap = self._open_fetch
+            tag, cap, above = self._open_fetch
             self._open_fetch = None
             self._rr.max_literal = cap
+            self._rr.stream_above = above  # a large message's chunks are dropped as they come
             while True:
-                ev = await self._read(long=True)
+                ev, _ = await self._read_spooled(None)
                 if isinstance(ev, Continuation):
                     raise self._poison(Pop3ProtocolError("an unexpected IMAP continuation"))
                 if ev.tag == tag:
                     break
                 self._untagged(ev, "UID FETCH")
         self._rr.max_literal = DEFAULT_LITERAL
+        self._rr.stream_above = None
 
     def _untagged(self, ev: Response, verb: str) -> None:
         if ev.tag != "*":
@@ -626,26 +683,58 @@ class ImapClient:
         ``max_literal`` caps every literal (a message body) of the responses.  A caller that
         stops early leaves the rest to be read (and dropped) by the next command.
         """
+        async for fetched, _ in self.uid_fetch_spooled(
+            uids, items, max_literal=max_literal, spooling=None
+        ):
+            yield fetched
+
+    async def uid_fetch_spooled(
+        self, uids: str, items: str, *, max_literal: int, spooling: Spooling | None
+    ) -> AsyncGenerator[tuple[Fetched, dict[str, Spooled]], None]:
+        """:meth:`uid_fetch`, with each literal longer than ``spooling.above`` streamed into a
+        new ``spooling.sink()`` (docs/design.md §5.3): yields each FETCH response with the
+        spool files of its sections that were streamed (``Fetched.bodies`` holds an empty
+        value for them).  The caller owns the files yielded (and removes them); every other
+        file (a FETCH without a UID, a literal that is no body) is removed here.
+        """
         tag = await self._send("UID FETCH", uids, items)
-        self._open_fetch = (tag, max_literal)
+        above = spooling.above if spooling is not None else None
+        sink = spooling.sink if spooling is not None else None
+        self._open_fetch = (tag, max_literal, above)
         # Not a try/finally: a caller that breaks out of its loop leaves this generator
         # suspended (closed later by the event loop), and _open_fetch tells the next command.
         while self._fetching(tag):
             self._rr.max_literal = max_literal
-            ev = await self._read(long=True)
+            self._rr.stream_above = above
+            ev, files = await self._read_spooled(sink)
+            if isinstance(ev, Continuation) or ev.tag == tag:
+                for spooled in files:
+                    spooled.remove()  # a literal in a status response: not a message
             if isinstance(ev, Continuation):
                 raise self._poison(Pop3ProtocolError("an unexpected IMAP continuation"))
             if ev.tag == tag:
                 self._open_fetch = None
                 self._rr.max_literal = DEFAULT_LITERAL
+                self._rr.stream_above = None
                 status = parse_status(ev)
                 if status is None or status.status is not Status.OK:
                     raise self._refusal("UID FETCH", status)
                 return
-            self._untagged(ev, "UID FETCH")
-            fetched = parse_fetch(ev)
+            try:
+                self._untagged(ev, "UID FETCH")
+                fetched = parse_fetch(ev)
+            except BaseException:
+                for spooled in files:
+                    spooled.remove()
+                raise
+            by_literal = dict(zip(ev.streamed, files, strict=True))
+            found: dict[str, Spooled] = {}
             if fetched is not None and fetched.uid is not None:
-                yield fetched
+                found = {s: by_literal.pop(i) for s, i in fetched.streamed.items()}
+            for spooled in by_literal.values():
+                spooled.remove()
+            if fetched is not None and fetched.uid is not None:
+                yield fetched, found
 
     def _fetching(self, tag: str) -> bool:
         """Whether the UID FETCH ``tag`` is still open (not read to its end by someone)."""

@@ -17,13 +17,20 @@ goes on.  A response is kept as its text segments and its literals, in order
 so a message body (a literal) is one ``bytes`` object, copied once out of the buffer, never
 scanned.  A line is searched for its CRLF once however the data is chunked (a search offset).
 
+Streaming (docs/design.md §5.3).  A literal announced longer than :attr:`stream_above` octets
+(when the shell sets it: a UID FETCH of messages above the spool threshold) is not held: it
+comes out as :class:`LiteralChunk` events, each what the buffer holds of it, the last one
+marked ``end``; its place in the response is then an empty literal, listed in
+:attr:`Response.streamed`.  So a message of any size costs a read's worth of memory here.
+
 Caps, because every byte from the server is hostile: a line segment may be :attr:`max_line`
-octets, a literal :attr:`max_literal` octets, one response at most :attr:`max_response` octets
-in all.  The shell sets ``max_literal`` before each command from what the server itself
-announced (a message's ``RFC822.SIZE``, plus the tolerance of :func:`literal_cap`), as the POP3
-core bounds a RETR by LIST.  Exceeding a cap raises :class:`~connector.errors.Pop3ProtocolError`
-(the mail source's protocol error; the tree has one for POP3 and IMAP alike); EOF inside a
-response raises :class:`~connector.errors.Pop3ConnectionError`.
+octets, a literal :attr:`max_literal` octets (streamed or not; its length is read from at most
+12 digits before it is compared), one response at most :attr:`max_response` octets in all.  The
+shell sets ``max_literal`` before each command from what the server itself announced (a
+message's ``RFC822.SIZE``, plus the tolerance of :func:`literal_cap`), as the POP3 core bounds a
+RETR by LIST.  Exceeding a cap raises :class:`~connector.errors.Pop3ProtocolError` (the mail
+source's protocol error; the tree has one for POP3 and IMAP alike); EOF inside a response raises
+:class:`~connector.errors.Pop3ConnectionError`.
 
 Parsing.  :func:`tokens` turns a response into atoms, quoted strings, literals and parentheses,
 iteratively (no recursion the server controls); :func:`parse_fetch`, :func:`parse_status` and
@@ -96,6 +103,7 @@ class Response:
     tag: str
     segments: tuple[bytes, ...]
     literals: tuple[bytes, ...] = ()
+    streamed: tuple[int, ...] = ()  # indexes of literals streamed (LiteralChunk), left empty
 
     @property
     def text(self) -> bytes:
@@ -114,7 +122,16 @@ class Continuation:
     text: bytes
 
 
-Event = Response | Continuation | NeedData
+@dataclass(frozen=True, slots=True)
+class LiteralChunk:
+    """Octets of a literal being streamed (longer than ``ResponseReader.stream_above``), in
+    order; ``end``: the literal's last.  Its response follows once the rest has come."""
+
+    data: bytes
+    end: bool
+
+
+Event = Response | Continuation | LiteralChunk | NeedData
 
 _LITERAL_MARK: Final = re.compile(rb"\{(\d{1,12})\}\r?$")
 
@@ -125,12 +142,15 @@ class ResponseReader:
     def __init__(self) -> None:
         self.max_line = MAX_LINE
         self.max_literal = DEFAULT_LITERAL
+        self.stream_above: int | None = None  # longer literals come as LiteralChunk events
         self._buf = bytearray()
         self._scan = 0  # where the search for the next line end resumes
         self._eof = False
         self._segments: list[bytes] = []
         self._literals: list[bytes] = []
         self._want: int | None = None  # octets of the literal being read
+        self._streaming = False  # ... and it goes out in LiteralChunk events
+        self._streamed: list[int] = []
         self._size = 0  # octets of the response so far
 
     @property
@@ -156,6 +176,8 @@ class ResponseReader:
     def next_event(self) -> Event:
         """The next complete event, or :data:`NEED_DATA`; raises on a cap or an EOF inside."""
         while True:
+            if self._streaming:
+                return self._chunk()
             if self._want is not None:
                 if len(self._buf) < self._want:
                     return self._need()
@@ -189,11 +211,32 @@ class ResponseReader:
                     raise Pop3ProtocolError(f"IMAP response over {self.max_response} octets")
                 self._segments.append(line[: m.start()])
                 self._want = n
+                self._streaming = self.stream_above is not None and n > self.stream_above
                 continue
             if self._size > self.max_response:
                 raise Pop3ProtocolError(f"IMAP response over {self.max_response} octets")
             self._segments.append(line)
             return self._finish()
+
+    def _chunk(self) -> LiteralChunk | NeedData:
+        """What the buffer holds of the literal being streamed (at most what is left of it)."""
+        want = self._want or 0
+        if not self._buf:
+            return self._need()
+        if len(self._buf) <= want:
+            data = bytes(self._buf)
+            self._buf.clear()
+        else:
+            data = bytes(self._buf[:want])
+            del self._buf[:want]
+        want -= len(data)
+        if want:
+            self._want = want
+            return LiteralChunk(data, end=False)
+        self._want, self._streaming, self._scan = None, False, 0
+        self._streamed.append(len(self._literals))
+        self._literals.append(b"")
+        return LiteralChunk(data, end=True)
 
     def _need(self) -> NeedData:
         if self._eof:
@@ -203,15 +246,17 @@ class ResponseReader:
         return NEED_DATA
 
     def _finish(self) -> Response | Continuation:
-        segments, literals = self._segments, self._literals
-        self._segments, self._literals, self._size = [], [], 0
+        segments, literals, streamed = self._segments, self._literals, self._streamed
+        self._segments, self._literals, self._streamed, self._size = [], [], [], 0
         first = segments[0]
         if first.startswith(b"+") and not literals:
             return Continuation(first[1:].lstrip(b" "))
         tag, sep, rest = first.partition(b" ")
         if not sep or not tag or not _TAG.fullmatch(tag):
             raise Pop3ProtocolError(f"IMAP response without a tag: {_show(first)}")
-        return Response(tag.decode("ascii"), (rest, *segments[1:]), tuple(literals))
+        return Response(
+            tag.decode("ascii"), (rest, *segments[1:]), tuple(literals), tuple(streamed)
+        )
 
 
 # RFC 3501 §9: tag = 1*<any ASTRING-CHAR except "+">; "*" for untagged responses.
@@ -238,6 +283,7 @@ class Kind(enum.Enum):
 class Token:
     kind: Kind
     value: bytes = b""
+    literal: int | None = None  # a literal's index in its response (Response.streamed)
 
 
 _OPEN: Final = Token(Kind.OPEN)
@@ -256,7 +302,7 @@ def tokens(response: Response, start: int = 0) -> Iterator[Token]:
     for i, segment in enumerate(response.segments):
         yield from _segment_tokens(segment, start if i == 0 else 0)
         if i < len(response.literals):
-            yield Token(Kind.STRING, response.literals[i])
+            yield Token(Kind.STRING, response.literals[i], i)
 
 
 def _segment_tokens(s: bytes, pos: int) -> Iterator[Token]:
@@ -406,7 +452,9 @@ class Fetched:
     """One FETCH response (RFC 3501 §7.4.2): the items we ask for, the rest ignored.
 
     ``bodies`` maps a section as the server named it (``BODY[]``, ``BODY[HEADER]``, upper case,
-    without an ``<origin>``) to its content (None for NIL).
+    without an ``<origin>``) to its content (None for NIL).  ``streamed`` maps a section whose
+    literal was streamed (its ``bodies`` entry is then empty) to the literal's index in the
+    response (:attr:`Response.streamed`).
     """
 
     seq: int
@@ -414,6 +462,7 @@ class Fetched:
     size: int | None = None
     flags: tuple[str, ...] | None = None
     bodies: dict[str, bytes | None] = field(default_factory=dict)
+    streamed: dict[str, int] = field(default_factory=dict)
 
 
 def parse_fetch(response: Response) -> Fetched | None:
@@ -430,6 +479,7 @@ def parse_fetch(response: Response) -> Fetched | None:
     size: int | None = None
     flags: tuple[str, ...] | None = None
     bodies: dict[str, bytes | None] = {}
+    streamed: dict[str, int] = {}
     while True:
         key = next(it, None)
         if key == _CLOSE:
@@ -450,14 +500,17 @@ def parse_fetch(response: Response) -> Fetched | None:
         elif name == b"RFC822.SIZE":
             size = _number(value)
         elif name.startswith(b"BODY[") or name.startswith(b"BINARY["):
-            section = name.split(b"]", 1)[0] + b"]"
+            section = (name.split(b"]", 1)[0] + b"]").decode("ascii", "replace")
+            streamed.pop(section, None)  # named twice: the last one counts
             if value.kind is Kind.STRING:
-                bodies[section.decode("ascii", "replace")] = value.value
+                bodies[section] = value.value
+                if value.literal is not None and value.literal in response.streamed:
+                    streamed[section] = value.literal
             elif value.value.upper() == b"NIL":
-                bodies[section.decode("ascii", "replace")] = None
+                bodies[section] = None
             else:
                 raise Pop3ProtocolError("IMAP FETCH response: a body that is no string")
-    return Fetched(seq, uid, size, flags, bodies)
+    return Fetched(seq, uid, size, flags, bodies, streamed)
 
 
 def _flat_list(it: Iterator[Token]) -> list[bytes]:
@@ -668,6 +721,7 @@ __all__ = [
     "Kind",
     "Listed",
     "LiteralArg",
+    "LiteralChunk",
     "NeedData",
     "Response",
     "ResponseReader",

@@ -13,7 +13,7 @@ uidl               each message's key: ``imap:<UIDVALIDITY>:<UID>`` (RFC 3501 §
                    pair never names another message in this folder)
 retrieve_many      ``UID FETCH <set> (UID BODY.PEEK[])``, up to 32 messages or 4 MiB a command;
                    ``.PEEK`` leaves ``\\Seen`` alone (a user reading the folder elsewhere sees
-                   what is new)
+                   what is new); a body above the spool threshold is streamed to a spool file
 top                ``BODY.PEEK[HEADER]``
 dele               remembered; nothing is sent (a POP3 DELE takes effect only at QUIT either)
 quit               ``UID STORE +FLAGS.SILENT (\\Deleted)`` for them, ``UID EXPUNGE`` (RFC 4315)
@@ -262,12 +262,14 @@ class ImapSession:
         expunged meanwhile by another client is skipped.  Each body is bounded by its
         RFC822.SIZE (protocol.literal_cap) and by ``max_message_size``.
 
-        ``budget``: each message is charged its RFC822.SIZE before its FETCH is sent, given
-        back when the caller asks for the next one (docs/design.md §10.6); the first of a batch
-        waits for room, the others join the batch only if they fit now.  ``spooling`` is not
-        used: an IMAP message is read into memory whatever its size (docs/design.md §15.1).
+        ``spooling``: a body whose literal is longer than ``spooling.above`` is streamed into
+        a spool file and yielded as ``Retrieved.spooled`` (docs/design.md §5.3, §15.1), as a
+        POP3 RETR above the threshold is; the caller removes it.  ``budget``: each message is
+        charged before its FETCH is sent what it may cost in memory (docs/design.md §10.6):
+        its RFC822.SIZE, at most ``spooling.above`` (a streamed one costs buffers), and given
+        back when the caller asks for the next one; the first of a batch waits for room, the
+        others join the batch only if they fit now.
         """
-        del spooling  # see the docstring
         sizes = sizes if sizes is not None else self._sizes
         charges: dict[int, int] = {}  # UID -> what it holds of the budget
 
@@ -281,7 +283,8 @@ class ImapSession:
             while i < len(numbers):
                 batch = [numbers[i]]
                 if budget is not None:
-                    charges[numbers[i]] = await budget.acquire(self._cost(numbers[i], budget))
+                    cost = self._cost(numbers[i], budget, spooling)
+                    charges[numbers[i]] = await budget.acquire(cost)
                 octets = 0
                 i += 1
                 while (
@@ -290,7 +293,7 @@ class ImapSession:
                     and octets + sizes.get(numbers[i], 0) <= FETCH_WINDOW_OCTETS
                 ):
                     if budget is not None:
-                        taken = budget.try_acquire(self._cost(numbers[i], budget))
+                        taken = budget.try_acquire(self._cost(numbers[i], budget, spooling))
                         if taken is None:
                             break  # no room now: the next batch waits for it
                         charges[numbers[i]] = taken
@@ -299,12 +302,26 @@ class ImapSession:
                     i += 1
                 wanted = set(batch)
                 cap = max(self._cap(uid) for uid in batch)
-                async for item in self._client.uid_fetch(
-                    uid_set(batch), "(UID BODY.PEEK[])", max_literal=cap
+                async for item, files in self._client.uid_fetch_spooled(
+                    uid_set(batch), "(UID BODY.PEEK[])", max_literal=cap, spooling=spooling
                 ):
+                    spooled = files.pop("BODY[]", None)
+                    for other in files.values():
+                        other.remove()  # a section we did not ask for
                     if item.uid not in wanted or "BODY[]" not in item.bodies:
+                        if spooled is not None:
+                            spooled.remove()
                         continue  # another client's flag change (RFC 3501 §7.4.2), or a repeat
                     wanted.discard(item.uid)
+                    if spooled is not None:
+                        if spooled.size > self._cap(item.uid):
+                            spooled.remove()
+                            raise Pop3ProtocolError(
+                                f"UID {item.uid} is longer than RFC822.SIZE said"
+                            )
+                        yield Retrieved(item.uid, b"", None, spooled)
+                        release(item.uid)  # the caller asks for the next: done with this one
+                        continue
                     body = item.bodies["BODY[]"]
                     if body is None:
                         raise Pop3ProtocolError(f"the server sent no content for UID {item.uid}")
@@ -318,9 +335,12 @@ class ImapSession:
             for uid in list(charges):
                 release(uid)
 
-    def _cost(self, uid: int, budget: MemoryBudget) -> int:
-        """What a message may cost in memory: its RFC822.SIZE; unknown, the whole budget."""
+    def _cost(self, uid: int, budget: MemoryBudget, spooling: Spooling | None) -> int:
+        """What a message may cost in memory: its RFC822.SIZE (unknown: the whole budget);
+        with a spool, at most its threshold, since a longer literal is streamed."""
         size = self._sizes.get(uid)
+        if spooling is not None:
+            return min(size, spooling.above) if size is not None else spooling.above
         return size if size is not None else budget.total
 
     async def dele(self, number: int) -> None:

@@ -7,6 +7,8 @@ they do through memory; a spooled message's dead letter is its bytes after our h
 (the stores given a spool file: test_deadletter_maildir.py, test_deadletter_reconcile.py in
 tests/unit, test_deadletter_imap.py here); a spool file a kill left is gone after the next start;
 accounts polled together wait for the memory budget (docs/design.md §10.6) rather than exceed it.
+IMAP accounts spool too (docs/design.md §15.1): Dovecot IMAP's literals above the threshold
+arrive, and are dead-lettered, byte for byte through the spool, charged the threshold at most.
 """
 
 from __future__ import annotations
@@ -201,4 +203,76 @@ deliver_to = ["info@firma.test"]
     assert in_use == 0  # all given back
     got = sorted(strip_trace(m.data) for m in s.received())
     assert got == sorted(raw for raws in sent.values() for raw in raws)
+    assert list(spool_dir(s).iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# IMAP accounts (docs/design.md §15.1): a FETCH literal above the threshold is spooled
+# --------------------------------------------------------------------------------------------
+
+IMAP_THRESHOLD = 64 * 1024
+# Above the threshold but the first: lines starting with ".", a 200,000-character line, no
+# final newline, a "." at a spool file's read boundary; the first is small (in memory).
+IMAP_AWKWARD = [
+    b"Subject: small\r\n\r\n.\r\n..\r\n",
+    padded(b"Subject: dots\r\n\r\n.\r\n..\r\n.x\r\n...\r\n", 100_000) + b".\r\n..end\r\n",
+    b"Subject: long line\r\n\r\n" + LONG + b"\r\n.after\r\n" + LONG,
+    padded(b"Subject: no final newline\r\n\r\n", 100_000) + b".last line",
+    DOT_AT_THE_CUT,
+]
+
+
+def imap_spool_setup(factory: Callable[..., Setup]) -> Setup:
+    return factory(protocol="imap", service_extra=f"spool_threshold = {IMAP_THRESHOLD}")
+
+
+def once_in_process(s: Setup) -> int:
+    """The ``once`` command's service in this process; the memory budget's peak charge (what
+    shows that a message was streamed rather than held: docs/design.md §10.6)."""
+    runtime = build_runtime(load_settings(s.config))
+
+    async def once() -> int:
+        async with open_service(runtime) as service:
+            (result,) = await service.run_once()
+            assert result.ok, result.error
+            return service.budget.peak
+
+    return asyncio.run(asyncio.wait_for(once(), 60))
+
+
+def test_imap_messages_above_the_threshold_arrive_byte_for_byte_through_the_spool(
+    setup_factory: Callable[..., Setup],
+) -> None:
+    s = imap_spool_setup(setup_factory)
+    s.dovecot.deliver_many(s.user, IMAP_AWKWARD)
+    peak = once_in_process(s)
+    got = [strip_trace(m.data) for m in s.received()]
+    assert len(got) == len(IMAP_AWKWARD)
+    for g, raw in zip(got, IMAP_AWKWARD, strict=True):
+        assert g == expected((raw, None)), (len(g), g[:40])
+    # One FETCH for all, each charged the threshold at most (streamed), never its size.
+    assert 0 < peak <= len(IMAP_AWKWARD) * IMAP_THRESHOLD < sum(map(len, IMAP_AWKWARD))
+    assert s.upstream() == []
+    assert list(spool_dir(s).iterdir()) == []
+    assert s.run("once") == 0
+    assert len(s.received()) == len(IMAP_AWKWARD)  # none handed to SMTP again
+
+
+def test_the_dead_letter_of_a_spooled_imap_message_is_its_bytes_after_our_lines(
+    setup_factory: Callable[..., Setup],
+) -> None:
+    s = imap_spool_setup(setup_factory)
+    raw = IMAP_AWKWARD[2]  # the 200,000-character lines, no final newline
+
+    def refuse(stage: str, envelope: Envelope, data: bytes | None) -> str | None:
+        return "554 5.7.1 too big for us" if stage == "data" else None
+
+    s.sink.handler.rule = refuse
+    s.dovecot.deliver_many(s.user, [raw])
+    assert 0 < once_in_process(s) <= IMAP_THRESHOLD
+    (dead,) = s.dead_letters()
+    assert strip_dead_letter_headers(dead) == raw
+    assert b"X-POP3-Connector-Stage: data\r\n" in dead[: dead.index(b"Subject:")]
+    assert b"X-POP3-Connector-UIDL: imap:" in dead[: dead.index(b"Subject:")]
+    assert s.upstream() == []
     assert list(spool_dir(s).iterdir()) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import itertools
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from connector.imap.protocol import (
     Event,
     Fetched,
     LiteralArg,
+    LiteralChunk,
     NeedData,
     Response,
     ResponseReader,
@@ -156,6 +158,93 @@ def test_many_literals_cannot_exceed_the_response_cap() -> None:
     reader.receive_data(many)
     with pytest.raises(Pop3ProtocolError, match="response over"):
         drain(reader)
+
+
+# --------------------------------------------------------------------------------------------
+# Streamed literals (docs/design.md §5.3, §15.1)
+# --------------------------------------------------------------------------------------------
+
+BIG = b".dot first\r\n" + b"L" * 5000 + b"\r\n..\r\nno final newline"
+STREAMED = (
+    b"* 1 FETCH (UID 7 BODY[] {%d}\r\n%s FLAGS (\\Seen))\r\n" % (len(BIG), BIG)
+    + b"* 2 FETCH (UID 8 BODY[] {3}\r\nabc)\r\n"
+    + b"C9 OK done\r\n"
+)
+
+
+def streamed(data: bytes, cuts: list[int], *, above: int = 100) -> list[Event]:
+    reader = ResponseReader()
+    reader.max_literal = 10_000
+    reader.stream_above = above
+    out: list[Event] = []
+    bounds = [0, *sorted(set(cuts)), len(data)]
+    for a, b in itertools.pairwise(bounds):
+        reader.receive_data(data[a:b])
+        while not isinstance(ev := reader.next_event(), NeedData):
+            out.append(ev)
+    return out
+
+
+@given(st.lists(st.integers(min_value=1, max_value=len(STREAMED) - 1), max_size=30))
+def test_a_literal_above_stream_above_comes_in_chunks_byte_for_byte(cuts: list[int]) -> None:
+    """However the bytes are cut, the long literal comes out as chunks (the last one marked)
+    that add up to it exactly, its place in the response is empty and listed as streamed,
+    and a short literal stays in the response."""
+    got = streamed(STREAMED, cuts)
+    chunks = [ev for ev in got if isinstance(ev, LiteralChunk)]
+    assert b"".join(c.data for c in chunks) == BIG
+    assert [c.end for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert all(c.data for c in chunks)
+    responses = [ev for ev in got if isinstance(ev, Response)]
+    assert responses == [
+        Response("*", (b"1 FETCH (UID 7 BODY[] ", b" FLAGS (\\Seen))"), (b"",), (0,)),
+        Response("*", (b"2 FETCH (UID 8 BODY[] ", b")"), (b"abc",)),
+        Response("C9", (b"OK done",)),
+    ]
+    assert got.index(responses[0]) == len(chunks)  # the chunks come before their response
+    first = parse_fetch(responses[0])
+    assert first is not None
+    assert (first.uid, first.bodies, first.streamed) == (7, {"BODY[]": b""}, {"BODY[]": 0})
+    second = parse_fetch(responses[1])
+    assert second is not None
+    assert (second.bodies, second.streamed) == ({"BODY[]": b"abc"}, {})
+
+
+def test_a_streamed_literal_holds_no_more_than_a_read() -> None:
+    reader = ResponseReader()
+    reader.max_literal = 10_000_000
+    reader.stream_above = 1000
+    reader.receive_data(b"* 1 FETCH (UID 7 BODY[] {5000000}\r\n")
+    assert reader.next_event() is NEED_DATA
+    ends = []
+    for _ in range(50):
+        reader.receive_data(b"x" * 100_000)
+        chunk = reader.next_event()
+        assert isinstance(chunk, LiteralChunk)
+        assert len(chunk.data) == 100_000
+        assert reader.buffered == 0
+        assert reader.next_event() is NEED_DATA
+        ends.append(chunk.end)
+    assert ends == [False] * 49 + [True]
+    reader.receive_data(b")\r\n")
+    assert isinstance(reader.next_event(), Response)
+
+
+def test_a_streamed_literal_is_capped_before_a_chunk_and_cut_by_eof() -> None:
+    reader = ResponseReader()
+    reader.max_literal = 1000
+    reader.stream_above = 10
+    reader.receive_data(b"* 1 FETCH (BODY[] {1001}\r\nxxxx")
+    with pytest.raises(Pop3ProtocolError, match="literal of 1001"):
+        reader.next_event()
+    reader = ResponseReader()
+    reader.stream_above = 10
+    reader.receive_data(b"* 1 FETCH (BODY[] {100}\r\n" + b"x" * 40)
+    assert reader.next_event() == LiteralChunk(b"x" * 40, end=False)
+    assert reader.in_response
+    reader.receive_data(b"")
+    with pytest.raises(Pop3ConnectionError, match="mid-response"):
+        reader.next_event()
 
 
 def test_a_response_without_a_tag_is_refused() -> None:
