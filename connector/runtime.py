@@ -69,6 +69,8 @@ class Runtime:
     # Accounts with enabled = false, built only for `check --connect` (build_runtime's
     # include_disabled): never polled.
     disabled: tuple[AccountSpec, ...] = ()
+    # POP3 sessions at once on one host ([service] max_sessions_per_host; schedule.host_key).
+    per_host: int = 2
 
     @property
     def ledger_path(self) -> Path:
@@ -127,14 +129,15 @@ def build_runtime(settings: Settings, *, include_disabled: bool = False) -> Runt
     ``check --connect``; otherwise they are skipped, so a disabled account's bad ``ca_file``
     never stops the service.
     """
-    smtp, policy = _smtp(settings)
+    contexts = _Contexts()
+    smtp, policy = _smtp(settings, contexts)
     accounts: list[AccountSpec] = []
     disabled: list[AccountSpec] = []
     intervals: dict[str, float] = {}
     for i, acct in enumerate(settings.accounts):
         if not acct.enabled and not include_disabled:
             continue
-        (accounts if acct.enabled else disabled).append(_account(settings, i))
+        (accounts if acct.enabled else disabled).append(_account(settings, i, contexts))
         if acct.enabled:
             intervals[acct.name] = settings.poll_interval_of(acct)
     notices = settings.notices
@@ -146,9 +149,10 @@ def build_runtime(settings: Settings, *, include_disabled: bool = False) -> Runt
         state_dir=settings.service.state_dir,
         dead_letter_path=dead_letter_path(settings),
         max_parallel=settings.service.max_parallel_accounts,
+        per_host=settings.service.max_sessions_per_host,
         shutdown_grace=settings.service.shutdown_grace,
         transcripts=settings.service.log_level == "debug",
-        imap_store=_imap_store(settings),
+        imap_store=_imap_store(settings, contexts),
         disabled=tuple(disabled),
         notices=None
         if notices.postmaster is None
@@ -161,16 +165,31 @@ def build_runtime(settings: Settings, *, include_disabled: bool = False) -> Runt
     )
 
 
-def _ssl_context(
-    tls: TlsMode, verify: bool, ca_file: Path | None, where: str
-) -> ssl.SSLContext | None:
-    """The client TLS context for ``tls`` (None without TLS); ``where`` names the config key."""
-    if tls is TlsMode.NONE:
-        return None
-    return make_ssl_context(verify, ca_file, where)
+class _Contexts:
+    """The client TLS contexts of one build, one per distinct (``verify_certificate``,
+    ``ca_file``): a context holds no per-connection state and is shared safely by every
+    connection, and each costs the system trust store loaded again (some 20 ms of CPU and
+    800 KiB: per account, 10,000 POP3S accounts would take minutes and gigabytes to start,
+    bench/README.md "fleet").  A reload builds a new set, so a changed CA file is read again."""
+
+    def __init__(self) -> None:
+        self._built: dict[tuple[bool, Path | None], ssl.SSLContext] = {}
+
+    def get(
+        self, tls: TlsMode, verify: bool, ca_file: Path | None, where: str
+    ) -> ssl.SSLContext | None:
+        """The context for ``tls`` (None without TLS); ``where`` names the config key of the
+        first account that asks for it (a ``ca_file`` that cannot be loaded is its error)."""
+        if tls is TlsMode.NONE:
+            return None
+        key = (verify, ca_file)
+        ctx = self._built.get(key)
+        if ctx is None:
+            ctx = self._built[key] = make_ssl_context(verify, ca_file, where)
+        return ctx
 
 
-def _smtp(settings: Settings) -> tuple[SmtpSettings, DeliveryPolicy]:
+def _smtp(settings: Settings, contexts: _Contexts) -> tuple[SmtpSettings, DeliveryPolicy]:
     """``[smtp]``: the session's settings, and how messages go on the envelope."""
     smtp_cfg = settings.smtp
     smtp_tls = TlsMode(smtp_cfg.tls)
@@ -179,7 +198,7 @@ def _smtp(settings: Settings) -> tuple[SmtpSettings, DeliveryPolicy]:
         host=smtp_cfg.host,
         port=smtp_cfg.effective_port,
         tls=smtp_tls,
-        ssl_context=_ssl_context(smtp_tls, smtp_cfg.verify_certificate, smtp_cfg.ca_file, "smtp"),
+        ssl_context=contexts.get(smtp_tls, smtp_cfg.verify_certificate, smtp_cfg.ca_file, "smtp"),
         helo_name=helo,
         username=smtp_cfg.username,
         password=smtp_cfg.secret(),
@@ -197,7 +216,7 @@ def _smtp(settings: Settings) -> tuple[SmtpSettings, DeliveryPolicy]:
     return smtp, policy
 
 
-def _account(settings: Settings, i: int) -> AccountSpec:
+def _account(settings: Settings, i: int, contexts: _Contexts) -> AccountSpec:
     """``accounts[i]`` as the cycle takes it."""
     acct = settings.accounts[i]
     tls = TlsMode(acct.tls)
@@ -219,7 +238,7 @@ def _account(settings: Settings, i: int) -> AccountSpec:
             acct.host,
             acct.effective_port,
             tls,
-            _ssl_context(tls, acct.verify_certificate, acct.ca_file, f"accounts[{i}]"),
+            contexts.get(tls, acct.verify_certificate, acct.ca_file, f"accounts[{i}]"),
             acct.host,
             verify_certificate=acct.verify_certificate,
             ca_file=acct.ca_file,
@@ -238,7 +257,7 @@ def _account(settings: Settings, i: int) -> AccountSpec:
     )
 
 
-def _imap_store(settings: Settings) -> ImapStoreSpec | None:
+def _imap_store(settings: Settings, contexts: _Contexts) -> ImapStoreSpec | None:
     """``[dead_letter] store = "imap"``, or None for the Maildir store."""
     dl = settings.dead_letter
     if not isinstance(dl, ImapDeadLetter):
@@ -248,7 +267,7 @@ def _imap_store(settings: Settings) -> ImapStoreSpec | None:
         host=dl.host,
         port=dl.effective_port,
         tls=tls,
-        ssl_context=_ssl_context(tls, dl.verify_certificate, dl.ca_file, "dead_letter"),
+        ssl_context=contexts.get(tls, dl.verify_certificate, dl.ca_file, "dead_letter"),
         username=dl.username or "",
         password=dl.secret() or "",
         folder=dl.folder,
