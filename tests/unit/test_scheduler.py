@@ -149,7 +149,7 @@ async def test_a_reload_keeps_every_unchanged_account_where_it_was(tmp_path: Pat
     try:
         service = Service(runtime(tmp_path, names), ledger, clock=clock)
         service.schedule_all()
-        before = {n: service.plan.due(n) for n in names}
+        before = {n: service.plan.due(n) or 0.0 for n in names}
         assert sorted(before.values()) == [T0 + i * START_SPACING for i in range(40)]  # ramped
 
         clock.now = T0 + 500.0
