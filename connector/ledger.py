@@ -537,8 +537,10 @@ class Ledger:
         self._owed: list[tuple[str, _Row]] = []
         # Why the last write failed; None once one succeeds (set on the ledger thread).
         self._write_error: LedgerError | None = None
-        # record_cycle_soon: the newest row per account, taken by one drain job at a time.
+        # record_cycle_soon: the newest row per account, and sync_listing's empty listings
+        # (account -> recipients_before), taken by one drain job at a time.
         self._cycles: dict[str, tuple[object, ...]] = {}
+        self._emptied: dict[str, float | None] = {}
         self._cycles_draining = False
 
     @classmethod
@@ -680,7 +682,17 @@ class Ledger:
         upstream by someone else is forgotten like any other.  One read of the account's rows;
         writes only for the rows forgotten.  ``recipients_before``: forget the account's
         ``mid:`` rows (the duplicate window) recorded before then.
+
+        An empty listing (the idle poll of an emptied mailbox, by far the most common) has no
+        entries to return: its forgetting is queued with the cycle records
+        (:meth:`record_cycle_soon`) instead of a round trip to the ledger thread, and done
+        before any later job of the ledger (the next cycle's sync among them).
         """
+        if not listed:
+            if self._closed:
+                raise LedgerError(f"ledger {self.path}: closed")
+            self._soon(lambda: self._emptied.__setitem__(account, recipients_before))
+            return {}
         wanted = frozenset(listed)  # a snapshot: the caller may reuse its collection
         return await self._submit(
             "sync_listing",
@@ -1056,23 +1068,34 @@ class Ledger:
         so a ``status`` read after it, or :meth:`close`, sees them."""
         if self._closed:
             raise LedgerError(f"ledger {self.path}: closed")
+        params = _cycle_params(account, record)
+        self._soon(lambda: self._cycles.__setitem__(account, params))  # the newest wins
+
+    def _soon(self, queue: Callable[[], None]) -> None:
+        """Queue work for the next drain job (``queue`` runs under the lock) and submit one
+        unless it is pending: the work of the cycles that end while the ledger thread is busy
+        is done in one transaction, and nobody waits for it."""
         with self._lock:
-            self._cycles[account] = _cycle_params(account, record)  # the newest wins
+            queue()
             start, self._cycles_draining = not self._cycles_draining, True
         if start:
             self._executor.submit(self._drain_cycles)
 
     def _drain_cycles(self) -> None:
-        """On the ledger thread: commit the queued cycle rows (see record_cycle_soon)."""
+        """On the ledger thread: the queued empty listings, then the cycle rows, in one
+        transaction (see sync_listing and record_cycle_soon)."""
         with self._lock:
             rows, self._cycles = list(self._cycles.values()), {}
+            emptied, self._emptied = self._emptied, {}
             self._cycles_draining = False
-        if not rows:
+        if not rows and not emptied:
             return
         conn = self._conn
         before = conn.total_changes
         try:
             with self._writing(conn):
+                for account, recipients_before in emptied.items():
+                    _forget_account(conn, account, recipients_before)
                 conn.executemany(_UPSERT_CYCLE, rows)
         except (sqlite3.Error, OSError) as exc:
             error = _ledger_error(self.path, "record_cycle", exc)
@@ -1082,6 +1105,8 @@ class Ledger:
         except Exception:  # a job of the executor nobody awaits: say it here, or never
             log.exception("cannot record %d cycle(s) in the ledger", len(rows))
             return
+        if emptied:
+            log.debug("ledger: %d account(s) with an empty listing synced", len(emptied))
         if conn.total_changes != before:
             self._wrote(None)
 
@@ -1220,6 +1245,22 @@ class Ledger:
         if writes and conn.total_changes != before:
             self._wrote(None)
         return result
+
+
+def _forget_account(conn: sqlite3.Connection, account: str, before: float | None) -> None:
+    """Inside the caller's transaction: what an empty listing leaves of ``account`` (every row
+    gone upstream, with its ``uidl:`` recipients; ``mid:`` rows recorded before ``before``)."""
+    conn.execute("DELETE FROM messages WHERE account = ?", (account,))
+    conn.execute(
+        "DELETE FROM recipients_done WHERE account = ? AND key >= 'uidl:' AND key < 'uidl;'",
+        (account,),
+    )
+    if before is not None:
+        conn.execute(
+            "DELETE FROM recipients_done"
+            " WHERE account = ? AND key >= 'mid:' AND key < 'mid;' AND at < ?",
+            (account, before),
+        )
 
 
 def _mid_rows_due(conn: sqlite3.Connection, account: str, before: float | None) -> bool:

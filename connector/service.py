@@ -205,6 +205,7 @@ class AccountState:
     last: CycleResult | None = None
     next_poll: float | None = None
     removed: bool = False  # dropped from the config by a reload: not polled after this cycle
+    offset: float = -1.0  # schedule.phase(name), once computed (_next_poll)
 
 
 @dataclass(slots=True)
@@ -535,7 +536,9 @@ class Service:
         (connector.schedule); after a failure, the backoff (docs/design.md §6.3)."""
         now = self.clock()
         if result.ok:
-            return next_slot(phase(state.spec.name), state.interval, now + state.interval * MIN_GAP)
+            if state.offset < 0:
+                state.offset = phase(state.spec.name)
+            return next_slot(state.offset, state.interval, now + state.interval * MIN_GAP)
         return now + self.delay_after(state, result)
 
     async def _account_backlog(self, name: str, result: CycleResult) -> None:
@@ -689,7 +692,11 @@ class Service:
                 self._tg.create_task(self._polled(state), name=f"account-{name}")
             when = plan.wakeup(self.clock())
             delay = None if when is None else max(when - self.clock(), 0.0)
-            await _wait_any((self.stopping, self._wake), delay)
+            await _wait_any((self._wake,), delay)  # `stopping` sets it too (_wake_on_stop)
+
+    async def _wake_on_stop(self) -> None:
+        await self.stopping.wait()
+        self._wake.set()
 
     async def _polled(self, state: AccountState) -> None:
         """One cycle the dispatcher started; then tell the plan when the account is due."""
@@ -746,6 +753,7 @@ class Service:
                 # The dispatcher lives until `stopping`, with or without accounts (a reload
                 # may add some); the cycles it starts are tasks of this group too.
                 tg.create_task(self._dispatch(), name="scheduler")
+                tg.create_task(self._wake_on_stop(), name="wake-on-stop")
                 tg.create_task(self._recount(), name="recount")
 
         loops_task = asyncio.create_task(loops(), name="accounts")
@@ -866,6 +874,13 @@ class Service:
 
 async def _wait_any(events: Iterable[asyncio.Event], seconds: float | None) -> None:
     """Wait until any event is set or ``seconds`` pass (None: no time limit)."""
+    events = tuple(events)
+    if len(events) == 1:
+        # The dispatcher's sleep, between every few polls: no waiter task for one event.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await events[0].wait()
+        return
     waiters = [asyncio.create_task(e.wait()) for e in events]
     try:
         await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)

@@ -986,3 +986,24 @@ async def test_deferred_count_of_one_account(ledger: Ledger) -> None:
     assert await ledger.deferred_count("nobody") == 0
     await ledger.sync_listing("info", ["d1", "ok1"])  # d2 is gone upstream
     assert await ledger.deferred_count("info") == 1
+
+
+async def test_an_empty_listing_is_synced_without_a_round_trip_and_forgets_everything(
+    ledger: Ledger,
+) -> None:
+    await ledger.record_delivered("info", "u1", 1, "250 ok", T0)
+    done = RecipientsDone(("uidl:u2", "mid:<m@x>:digest"), ("a@x",))
+    await ledger.record_deferred("info", "u2", 1, "250 ok (refused: <b@x> 451)", T0, done=done)
+    await ledger.record_delivered("sales", "s1", 1, "250 ok", T0)
+    release = threading.Event()
+    busy = asyncio.ensure_future(ledger._submit("busy", lambda conn: release.wait(10)))
+    # The ledger thread is busy: an empty listing does not wait for it.
+    assert (
+        await asyncio.wait_for(ledger.sync_listing("info", [], recipients_before=T0 + 1), 1) == {}
+    )
+    release.set()
+    await busy
+    assert await ledger.entry("info", "u1") is None  # runs after the queued forgetting
+    assert await ledger.entry("info", "u2") is None
+    assert await done_recipients(ledger, "info", ["uidl:u2", "mid:<m@x>:digest"]) == set()
+    assert await ledger.entry("sales", "s1") is not None
