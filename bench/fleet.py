@@ -179,6 +179,9 @@ class FleetResult:
     dovecot_logins: int = 0
     warnings: list[str] = field(default_factory=list)
     setup_s: float = 0.0
+    # The warm-up probe (bench/probes.py, a minimal asyncio POP3 client, every account once):
+    # its CPU, start-up included, is a floor for what a poll of an empty mailbox can cost.
+    warmup_cpu: float = 0.0
     log: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -606,7 +609,7 @@ def run(
     # tuned_dovecot_conf, one session each), since at 10,000 at once Dovecot's login processes
     # found the pop3 service's socket full (its log: "net_connect_unix(pop3) failed: Resource
     # temporarily unavailable", SocketUnavailable) and dropped a few logins.
-    warm_wall, warm_rc = 0.0, 0
+    warm_wall, warm_cpu, warm_rc = 0.0, 0.0, 0
     for i in range(0, len(users), WARMUP_CHUNK):
         argv, _ = runners.probe_job(
             workdir / "warmup",
@@ -621,8 +624,12 @@ def run(
         )
         warm = runners.run_measured(argv, timeout=120, log=workdir / "warmup.log")
         warm_wall += warm.wall
+        warm_cpu += warm.cpu
         warm_rc = warm_rc or warm.rc
-    print(f"   set-up and warm-up round: {warm_wall:.1f}s rc={warm_rc}", flush=True)
+    print(
+        f"   set-up and warm-up round: {warm_wall:.1f}s, probe CPU {warm_cpu:.2f}s rc={warm_rc}",
+        flush=True,
+    )
     port = free_port()
     cfg = config(
         workdir,
@@ -647,6 +654,7 @@ def run(
         per_host=opts.per_host or opts.parallel,
     )
     result.setup_s = time.monotonic() - started
+    result.warmup_cpu = warm_cpu
     expected: list[str] = []
 
     def deliver(number: int) -> int:

@@ -994,6 +994,12 @@ def report_fleet(rows: list[Row]) -> str:
         (sc.get("series", 0) for r in rounds for sc in r["scrapes"] if sc["path"] == "/metrics"),
         default=0,
     )
+    if run.get("warmup_cpu"):
+        out.append(
+            f"- the floor: the warm-up probe (a minimal asyncio POP3 client, bench/probes.py) "
+            f"logged every account in once for {run['warmup_cpu']:.2f} CPU s, its start-up "
+            f"included: {run['warmup_cpu'] / max(n, 1) * 1000:.2f} ms per login"
+        )
     out.append(f"- /metrics: {series:,} series ({series / max(n, 1):.1f} per account)")
     out.append(
         f"- stop: SIGTERM to exit {sec(run['stop_s'])}, rc {run['rc']}; Dovecot logged "

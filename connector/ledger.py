@@ -91,6 +91,9 @@ T = TypeVar("T")
 A = TypeVar("A")
 
 BUSY_TIMEOUT_MS: Final = 5000
+CYCLE_RECORD_DELAY: Final = 1.0
+"""Seconds the cycle records (and empty listings) queue up before one transaction commits
+them all (Ledger.record_cycle_soon)."""
 """How long to wait for another process's write lock (a CLI command) before failing."""
 
 MIN_FREE_BYTES: Final = 1024 * 1024
@@ -1072,18 +1075,25 @@ class Ledger:
         self._soon(lambda: self._cycles.__setitem__(account, params))  # the newest wins
 
     def _soon(self, queue: Callable[[], None]) -> None:
-        """Queue work for the next drain job (``queue`` runs under the lock) and submit one
-        unless it is pending: the work of the cycles that end while the ledger thread is busy
-        is done in one transaction, and nobody waits for it."""
+        """Queue work for the next drain job (``queue`` runs under the lock), which starts
+        CYCLE_RECORD_DELAY after the first work queued: the cycles that end within it share
+        one transaction (spread over the interval, each poll would otherwise commit alone),
+        and nobody waits for it.  Every other job of the ledger thread (a listing sync,
+        account_status, close...) commits what is queued first (_call), so none sees the
+        ledger without it."""
         with self._lock:
             queue()
             start, self._cycles_draining = not self._cycles_draining, True
         if start:
+            asyncio.get_running_loop().call_later(CYCLE_RECORD_DELAY, self._submit_drain)
+
+    def _submit_drain(self) -> None:
+        if not self._closed:  # else close() drained it
             self._executor.submit(self._drain_cycles)
 
     def _drain_cycles(self) -> None:
         """On the ledger thread: the queued empty listings, then the cycle rows, in one
-        transaction (see sync_listing and record_cycle_soon)."""
+        transaction (see sync_listing and record_cycle_soon).  Nothing queued: nothing done."""
         with self._lock:
             rows, self._cycles = list(self._cycles.values()), {}
             emptied, self._emptied = self._emptied, {}
@@ -1234,6 +1244,7 @@ class Ledger:
     def _call(self, op: str, fn: Callable[[sqlite3.Connection], T], *, writes: bool) -> T:
         """On the ledger thread: ``fn(conn)``, with SQLite and OS errors as LedgerError."""
         conn = self._conn
+        self._drain_cycles()  # what record_cycle_soon and empty listings queued, first
         before = conn.total_changes
         try:
             result = fn(conn)

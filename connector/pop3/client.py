@@ -390,6 +390,12 @@ class Pop3Client:
     async def _flush(self) -> None:
         if self._outbox:
             self._write_outbox()
+        transport = self._writer.transport
+        if transport.get_write_buffer_size() == 0 and not transport.is_closing():
+            # Written out already (a command fits the socket buffer): drain() would return at
+            # once, and its deadline cost a timer per command.  A broken connection shows at
+            # the reply's read.
+            return
         try:
             async with asyncio.timeout(self._timeouts.command):
                 await self._writer.drain()

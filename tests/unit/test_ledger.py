@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import stat
 import threading
@@ -1007,3 +1008,20 @@ async def test_an_empty_listing_is_synced_without_a_round_trip_and_forgets_every
     assert await ledger.entry("info", "u2") is None
     assert await done_recipients(ledger, "info", ["uidl:u2", "mid:<m@x>:digest"]) == set()
     assert await ledger.entry("sales", "s1") is not None
+
+
+async def test_queued_cycle_records_commit_by_themselves_within_the_delay(
+    ledger: Ledger, db_path: Path
+) -> None:
+    """No other job comes: the rows still reach the file, CYCLE_RECORD_DELAY later."""
+    ledger.record_cycle_soon("info", CycleRecord(T0, T0 + 1, "ok", None, 0, 0, T0 + 60))
+
+    def committed() -> bool:
+        with contextlib.closing(sqlite3.connect(db_path)) as outside:
+            return outside.execute("SELECT count(*) FROM accounts").fetchone()[0] == 1
+
+    assert not committed()  # queued, not written yet: the next ones may join it
+    deadline = asyncio.get_running_loop().time() + ledger_module.CYCLE_RECORD_DELAY + 5
+    while not committed():
+        assert asyncio.get_running_loop().time() < deadline, "never committed"
+        await asyncio.sleep(0.05)
