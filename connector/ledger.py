@@ -91,10 +91,11 @@ T = TypeVar("T")
 A = TypeVar("A")
 
 BUSY_TIMEOUT_MS: Final = 5000
+"""How long to wait for another process's write lock (a CLI command) before failing."""
+
 CYCLE_RECORD_DELAY: Final = 1.0
 """Seconds the cycle records (and empty listings) queue up before one transaction commits
 them all (Ledger.record_cycle_soon)."""
-"""How long to wait for another process's write lock (a CLI command) before failing."""
 
 MIN_FREE_BYTES: Final = 1024 * 1024
 """Room the ledger's file system must have for :meth:`Ledger.prove_writable` to pass.  A commit

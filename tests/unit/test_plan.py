@@ -333,3 +333,19 @@ def test_a_changed_interval_moves_to_the_new_grid_and_the_same_keeps_its_poll() 
     plan.update(Polled("b", "h2", 300.0), T0)  # another host, same interval
     assert plan.due("a") == next_slot(phase("a"), 600.0, T0)
     assert plan.due("b") == T0 + 100
+
+
+def test_accounts_queued_for_a_host_that_pauses_wait_for_their_slot_after_it() -> None:
+    plan = Plan(max_parallel=8, per_host=1, rng=random.Random(4))
+    plan.add([Polled(n, "h", 60.0) for n in "abc"], T0)
+    for n in "abc":
+        plan.set_due(n, T0)
+    assert plan.take(T0) == ["a"]  # "b" and "c" wait in the host's queue
+    pause = plan.finish(
+        "a", T0 + 1, next_due=T0 + 60, logged_in=False, slow_down="-ERR [IN-USE] locked"
+    )
+    assert pause is not None
+    until = plan.hosts["h"].paused_until
+    # Not at the end of the pause all at once: each at its own slot after it.
+    for n in "bc":
+        assert plan.due(n) == next_slot(phase(n), 60.0, until)
