@@ -1018,7 +1018,8 @@ async def test_queued_cycle_records_commit_by_themselves_within_the_delay(
 
     def committed() -> bool:
         with contextlib.closing(sqlite3.connect(db_path)) as outside:
-            return outside.execute("SELECT count(*) FROM accounts").fetchone()[0] == 1
+            rows: int = outside.execute("SELECT count(*) FROM accounts").fetchone()[0]
+            return rows == 1
 
     assert not committed()  # queued, not written yet: the next ones may join it
     deadline = asyncio.get_running_loop().time() + ledger_module.CYCLE_RECORD_DELAY + 5
