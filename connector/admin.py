@@ -1,8 +1,11 @@
-"""The operator commands: ``status`` and ``dead-letters list | show | requeue | purge``.
+"""The operator commands: ``status``, ``dead-letters list | show | requeue | purge`` and
+``ledger export | import``.
 
-They work while ``run`` is running: none takes the state directory's lock.  The ledger is
-SQLite in WAL mode, so a second connection reads (and ``requeue`` writes its one row) beside the
-service's; a Maildir is safe to change from two processes (docs/design.md §7.3).
+They work while ``run`` is running: none but ``ledger import`` takes the state directory's
+lock.  The ledger is SQLite in WAL mode, so a second connection reads (and ``requeue`` writes its
+one row) beside the service's; a Maildir is safe to change from two processes (docs/design.md
+§7.3).  ``ledger import`` replaces an account's rows, which a running service must not see
+change under it: it refuses while one holds the lock.
 
 ``requeue`` puts a dead letter back on the way it was refused on: our ``X-POP3-Connector-*``
 lines removed, the original bytes (no new ``Received:`` line: the first attempt's never left
@@ -13,12 +16,15 @@ from the store and recorded in the ledger as delivered.  Refused again: it stays
 reason; the new version is stored durably before the old one is removed, so a crash in between
 leaves two copies, never none.
 
-In bulk (``requeue --account/--stage/--since/--all``) the selected dead letters go oldest first
-through one SMTP session, and the batch stops at the first failure that is about our setup
-rather than the message (connect, TLS, AUTH, or what :func:`~connector.cycle.verdict` puts on
-our setup, as the cycle does: a 530, a refused ``deliver_to`` or relay): every dead letter after
-it would meet the same answer, and its refusal says nothing about any of them, so they stay as
-they are.
+A dead letter goes to the SMTP target of the account it came from (``accounts[].smtp``,
+docs/design.md §14.1; ``[smtp]`` for an account no longer configured), with that target's
+envelope policy.  In bulk (``requeue --account/--stage/--since/--all``) the selected dead letters
+go oldest first, through one SMTP session per target, and a target stops at the first failure
+that is about our setup rather than the message (connect, TLS, AUTH, or what
+:func:`~connector.cycle.verdict` puts on our setup, as the cycle does: a 530, a refused
+``deliver_to`` or relay): every later dead letter for that target would meet the same answer,
+and its refusal says nothing about any of them, so they stay as they are.  The other targets
+go on.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from connector.cycle import Verdict, refusal_summary, verdict
+from connector.config import DEFAULT_TARGET
+from connector.cycle import SmtpTarget, Verdict, refusal_summary, verdict
 from connector.deadletter import (
     DeadLetterArchive,
     DeadLetterInfo,
@@ -44,10 +51,18 @@ from connector.deadletter import (
     parse_dead_letter_headers,
     strip_dead_letter_headers,
 )
-from connector.errors import DeliveryError, LedgerError, printable
+from connector.errors import AlreadyRunningError, DeliveryError, LedgerError, printable
 from connector.ledger import AccountStatus, Ledger
+from connector.ledger_export import parse_export
 from connector.runtime import Runtime, open_store
-from connector.service import SMTP_TRANSCRIPT, ledger_health, rfc3339, status_document
+from connector.service import (
+    SMTP_TRANSCRIPT,
+    StateLock,
+    ledger_health,
+    rfc3339,
+    status_document,
+)
+from connector.shard import shard_of
 from connector.smtp import Envelope, SmtpDeliverer, envelope_sender
 
 __all__ = [
@@ -56,6 +71,9 @@ __all__ = [
     "dead_letters_requeue",
     "dead_letters_show",
     "format_table",
+    "ledger_export",
+    "ledger_import",
+    "shard_line",
     "status_command",
 ]
 
@@ -105,13 +123,26 @@ async def _ledger_rows(runtime: Runtime) -> tuple[list[AccountStatus], dict[str,
 
 
 async def status_command(runtime: Runtime, *, as_json: bool, out: TextIO) -> int:
-    """Print a table (or the ``/status`` JSON) per account, from the ledger and the store."""
+    """Print a table (or the ``/status`` JSON) per account, from the ledger and the store.
+
+    With ``--shard`` (``runtime.shard``), the accounts this replica owns; a line above the
+    table says which shard it is and how many of the configured accounts that is."""
     rows, health = await _ledger_rows(runtime)
     counts = await open_store(runtime).count_by_account()
-    doc = status_document([spec.name for spec in runtime.accounts], rows, counts, ledger=health)
+    doc = status_document(
+        [spec.name for spec in runtime.accounts],
+        rows,
+        counts,
+        ledger=health,
+        targets={name: target.name for name, target in runtime.account_targets().items()},
+        shard=runtime.shard,
+        elsewhere=runtime.elsewhere,
+    )
     if as_json:
         print(json.dumps(doc, indent=2, ensure_ascii=False), file=out)
         return EX_OK
+    if runtime.shard.count > 1:
+        print(shard_line(runtime) + "\n", file=out)
     table = [
         [
             a["name"],
@@ -121,6 +152,7 @@ async def status_command(runtime: Runtime, *, as_json: bool, out: TextIO) -> int
             str(a["deferred"]),
             str(a["dead_letters"]),
             _when(a["next_poll"]),
+            _dash(a["smtp_target"]),
             a["last_error"] or "",
         ]
         for a in doc["accounts"]
@@ -133,6 +165,7 @@ async def status_command(runtime: Runtime, *, as_json: bool, out: TextIO) -> int
         "DEFERRED",
         "DEAD LETTERS",
         "NEXT POLL (UTC)",
+        "SMTP",
         "LAST ERROR",
     ]
     print(format_table(headers, table), file=out)
@@ -140,6 +173,14 @@ async def status_command(runtime: Runtime, *, as_json: bool, out: TextIO) -> int
         # The cycles' own records stop with the ledger, so the table above may look fine.
         print(f"\nLEDGER NOT WRITABLE: no mail is delivered. {health['error']}", file=out)
     return EX_OK
+
+
+def shard_line(runtime: Runtime) -> str:
+    """``shard 1/3: 98 of 300 accounts`` (``check``, ``status``): those of the config this
+    process owns (``runtime.accounts`` and ``disabled``) of all it has."""
+    owned = len(runtime.accounts) + len(runtime.disabled)
+    total = owned + len(runtime.elsewhere)
+    return f"shard {runtime.shard}: {owned} of {total} accounts"
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +318,7 @@ class Outcome(enum.Enum):
 class _Result:
     outcome: Outcome
     text: str  # one line, without the "pop3-connector: " prefix
-    setup_failed: bool = False  # the batch must stop here
+    setup_failed: bool = False  # the batch must stop here (for this SMTP target)
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,12 +431,10 @@ async def dead_letters_requeue(
     single = dl_id is not None
     counts = dict.fromkeys(Outcome, 0)
     history = _History(runtime)
-    deliverer = SmtpDeliverer(
-        runtime.smtp, transcript=SMTP_TRANSCRIPT if runtime.transcripts else None
-    )
+    sessions = _Sessions(runtime)
     try:
-        for done, current in enumerate(ids):
-            result = await _requeue_one(runtime, store, deliverer, history, current, to, now)
+        for current in ids:
+            result = await _requeue_one(runtime, store, sessions, history, current, to, now)
             counts[result.outcome] += 1
             if single:
                 ok = result.outcome is Outcome.DELIVERED
@@ -405,22 +444,17 @@ async def dead_letters_requeue(
                 break
             gone = result.outcome is Outcome.GONE
             print(f"{current}: gone (removed meanwhile)" if gone else result.text, file=out)
-            if result.setup_failed:
-                rest = ids[done + 1 :]
-                for other in rest:
-                    print(f"{other}: not attempted", file=out)
-                counts[Outcome.NOT_ATTEMPTED] += len(rest)
-                print(
-                    f"pop3-connector: stopped at {current}: the SMTP setup failed, not the "
-                    f"message; {len(rest)} dead letter(s) not attempted.  Fix [smtp] or the "
-                    "receive connector (pop3-connector check --connect), then run the same "
-                    "command again.",
-                    file=err,
-                )
-                break
     finally:
-        await deliverer.close()
+        await sessions.close()
         await history.close()
+    for target, (stopped_at, skipped) in sessions.stopped.items():
+        table = "[smtp]" if target == DEFAULT_TARGET else f"[smtp_targets.{target}]"
+        print(
+            f"pop3-connector: stopped at {stopped_at}: the SMTP setup failed, not the message; "
+            f"{skipped} dead letter(s) not attempted.  Fix {table} or the receive connector "
+            "(pop3-connector check --connect), then run the same command again.",
+            file=err,
+        )
     if not single:
         summary = ", ".join(f"{n} {o.value}" for o, n in counts.items() if n)
         print(f"requeue: {summary}", file=out)
@@ -463,10 +497,48 @@ async def _dry_run(
     return EX_FAILED if unsendable else EX_OK
 
 
+class _Sessions:
+    """One SMTP session per target for a batch, opened on first use (docs/design.md §14.1),
+    and the targets whose setup failed: their later dead letters are not attempted."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._targets = runtime.account_targets()
+        self._deliverers: dict[str, SmtpDeliverer] = {}
+        # target name -> (the dead letter it stopped at, how many were not attempted since)
+        self.stopped: dict[str, tuple[str, int]] = {}
+
+    def target(self, account: str) -> SmtpTarget:
+        """The target of the account a dead letter came from ([smtp] if it is not
+        configured any more)."""
+        return self._targets.get(account) or self._runtime.default_target
+
+    def deliverer(self, target: SmtpTarget) -> SmtpDeliverer:
+        found = self._deliverers.get(target.name)
+        if found is None:
+            transcript = SMTP_TRANSCRIPT if self._runtime.transcripts else None
+            found = self._deliverers[target.name] = SmtpDeliverer(
+                target.settings, transcript=transcript
+            )
+        return found
+
+    def skip(self, target: SmtpTarget) -> bool:
+        """True (and counted) when ``target``'s setup failed earlier in the batch."""
+        stopped = self.stopped.get(target.name)
+        if stopped is None:
+            return False
+        self.stopped[target.name] = (stopped[0], stopped[1] + 1)
+        return True
+
+    async def close(self) -> None:
+        for deliverer in self._deliverers.values():
+            await deliverer.close()
+
+
 async def _requeue_one(
     runtime: Runtime,
     store: DeadLetterArchive,
-    deliverer: SmtpDeliverer,
+    sessions: _Sessions,
     history: _History,
     dl_id: str,
     to: Sequence[str] | None,
@@ -475,16 +547,22 @@ async def _requeue_one(
     plan = await _plan(runtime, store, dl_id, to)
     if isinstance(plan, _Result):
         return plan
+    target = sessions.target(plan.info.account)
+    if sessions.skip(target):
+        return _Result(Outcome.NOT_ATTEMPTED, f"{dl_id}: not attempted")
     if plan.problem is not None:
         return _Result(Outcome.NOT_ATTEMPTED, f"{dl_id}: not attempted: {plan.problem}")
     info, original, recipients = plan.info, plan.original, plan.recipients
-    policy = runtime.policy
+    policy = target.policy
     sender, sender_fixed = envelope_sender(original, policy.sender_policy, policy.fixed_sender)
     envelope = Envelope(sender, recipients, sender_fixed=sender_fixed)
     try:
-        delivered = await deliverer.deliver(original, envelope)
+        delivered = await sessions.deliverer(target).deliver(original, envelope)
     except DeliveryError as exc:
-        return await _refused_again(store, history, dl_id, info, original, exc, now)
+        result = await _refused_again(store, history, dl_id, info, original, exc, now)
+        if result.setup_failed:
+            sessions.stopped[target.name] = (dl_id, 0)
+        return result
     when = time.time() if now is None else now
 
     if delivered.refused:
@@ -578,3 +656,136 @@ async def _refused_again(
         Outcome.REFUSED_AGAIN,
         f"{dl_id}: refused again ({exc}); kept as {new_id} with the new reason",
     )
+
+
+# --------------------------------------------------------------------------------------------
+# ledger export / import (docs/design.md §14.3)
+# --------------------------------------------------------------------------------------------
+
+
+def _configured(runtime: Runtime) -> set[str]:
+    """Every account name of the config, enabled or not, whichever shard owns it."""
+    names = {s.name for s in (*runtime.accounts, *runtime.disabled)} | set(runtime.elsewhere)
+    return names | set(runtime.target_names)
+
+
+def _not_owned(runtime: Runtime, names: Sequence[str]) -> list[str]:
+    """With ``--shard``: the names this shard does not own, one line each."""
+    return [
+        f"account {name} is not shard {runtime.shard}'s (it is shard "
+        f"{shard_of(name, runtime.shard.count)}/{runtime.shard.count}'s)"
+        for name in names
+        if not runtime.shard.owns(name)
+    ]
+
+
+async def ledger_export(
+    runtime: Runtime, names: Sequence[str], *, out: TextIO, err: TextIO, now: float | None = None
+) -> int:
+    """Write the ledger rows of the named accounts to ``out`` (the export file's JSON).
+
+    Reads beside a running service (WAL; no lock taken).  An account with no rows is exported
+    empty, with a note, when it is configured; a name neither configured nor in the ledger is
+    an error (a typo would otherwise export nothing, and the import would then delete the new
+    owner's nothing, silently).  With ``--shard``, an account the shard does not own is an
+    error: it was exported from the wrong replica."""
+    names = list(dict.fromkeys(names))
+    problems = _not_owned(runtime, names)
+    if not runtime.ledger_path.exists():
+        problems.append(f"no ledger at {runtime.ledger_path} (never ran here?)")
+    if problems:
+        for problem in problems:
+            print(f"pop3-connector: ledger export: {problem}", file=err)
+        return EX_FAILED
+    ledger = await Ledger.open(runtime.ledger_path)
+    try:
+        when = rfc3339(time.time() if now is None else now) or ""
+        export = await ledger.export_accounts(names, exported_at=when)
+    finally:
+        await ledger.close()
+    configured = _configured(runtime)
+    unknown = [a.name for a in export.accounts if not a.count and a.name not in configured]
+    if unknown:
+        for name in unknown:
+            print(
+                f"pop3-connector: ledger export: no account {name} in the config or the ledger",
+                file=err,
+            )
+        return EX_FAILED
+    out.write(export.dumps())
+    out.flush()
+    for account in export.accounts:
+        note = "" if account.count else " (none: it has never been polled with this ledger)"
+        print(
+            f"account {account.name}: {len(account.messages)} message row(s), "
+            f"{len(account.recipients_done)} recipient row(s), cycle record "
+            f"{'yes' if account.account is not None else 'no'}{note}",
+            file=err,
+        )
+    return EX_OK
+
+
+async def ledger_import(
+    runtime: Runtime, source: Path | BinaryIO, *, replace: bool, out: TextIO, err: TextIO
+) -> int:
+    """Write the rows of an export file into this ledger, in one transaction.
+
+    Takes the state directory's lock: a running service must not have its ledger changed
+    under it (AlreadyRunningError, exit 75).  An account with rows here already is refused
+    (exit 1, nothing written) unless ``replace``; so is, with ``--shard``, an account the
+    shard does not own."""
+    label = str(source) if isinstance(source, Path) else "standard input"
+    try:
+        read = source.read_bytes if isinstance(source, Path) else source.read
+        data = await asyncio.to_thread(read)
+    except OSError as exc:
+        print(f"pop3-connector: cannot read {label}: {exc.strerror or exc}", file=err)
+        return EX_FAILED
+    try:
+        export = parse_export(data)
+    except ValueError as exc:
+        print(f"pop3-connector: {label}: {exc}", file=err)
+        return EX_FAILED
+    names = [a.name for a in export.accounts]
+    problems = _not_owned(runtime, names)
+    if problems:
+        for problem in problems:
+            print(f"pop3-connector: ledger import: {problem}; nothing imported", file=err)
+        return EX_FAILED
+    configured = _configured(runtime)
+    for name in names:
+        if name not in configured:
+            print(f"warning: account {name} is not in the config {label} is for", file=err)
+    try:
+        lock = StateLock(runtime.state_dir)
+        lock.acquire()
+    except AlreadyRunningError as exc:
+        raise AlreadyRunningError(
+            f"ledger import: {exc}; stop it first (its ledger must not change under it)"
+        ) from None
+    try:
+        ledger = await Ledger.open(runtime.ledger_path)
+        try:
+            result = await ledger.import_accounts(export, replace=replace)
+        except ValueError as exc:
+            print(f"pop3-connector: {label}: {exc}; nothing imported", file=err)
+            return EX_FAILED
+        finally:
+            await ledger.close()
+    finally:
+        lock.release()
+    if result.conflicts and not replace:
+        for name, count in result.conflicts.items():
+            print(
+                f"pop3-connector: ledger import: account {name} has {count} row(s) in "
+                f"{runtime.ledger_path} already; nothing imported.  Rows left from before the "
+                "account moved away (an earlier resharding) are older than the file: then "
+                "run the same command with --replace",
+                file=err,
+            )
+        return EX_FAILED
+    for name, count in result.imported.items():
+        replaced = result.conflicts.get(name)
+        was = f" (replacing {replaced})" if replaced else ""
+        print(f"account {name}: {count} row(s) imported{was}", file=out)
+    return EX_OK

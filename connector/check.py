@@ -2,9 +2,10 @@
 
 Each POP3 account, the disabled ones too (marked, so that a cut-over is tested before it
 happens): connect, TLS as configured, login, STAT, QUIT (nothing is fetched or deleted).
-SMTP: connect, EHLO, STARTTLS, AUTH; then what a delivery needs, without sending a message:
-``MAIL FROM`` with the sender real mail has, ``RCPT TO`` each recipient fixed in the config
-(every account's ``deliver_to``, which is a shared mailbox's fallback, and the shared
+Every SMTP target (``[smtp]`` and each ``[smtp_targets.NAME]``, docs/design.md §14.1): connect,
+EHLO, STARTTLS, AUTH; then what a delivery needs, without sending a message: ``MAIL FROM`` with
+the sender real mail has there, ``RCPT TO`` each recipient that the accounts delivering there
+fix in the config (every ``deliver_to``, which is a shared mailbox's fallback, and the shared
 mailboxes' rule targets), RSET, QUIT.  All at once; then one table row per target, envelope
 sender and recipient; exit 1 when any failed.  A refusal that would stop or dead-letter real
 mail is a failure, with a hint at the Exchange setting that most likely causes it.  The texts
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 from typing import Final, TextIO
 
 from connector.admin import format_table
-from connector.cycle import AccountSpec
+from connector.config import DEFAULT_TARGET
+from connector.cycle import AccountSpec, DeliveryPolicy, SmtpTarget
 from connector.errors import AUTH_REQUIRED, ConnectorError, SmtpStage, split_enhanced_code
 from connector.pop3 import Pop3Client
 from connector.runtime import Runtime
@@ -80,9 +82,8 @@ def fixed_recipients(accounts: Iterable[AccountSpec]) -> list[str]:
     return list(seen.values())
 
 
-def check_sender(runtime: Runtime) -> str:
+def check_sender(policy: DeliveryPolicy) -> str:
     """The envelope sender real mail would have: a foreign one, or the fixed one."""
-    policy = runtime.policy
     match policy.sender_policy:
         case SenderPolicy.RETURN_PATH:
             return CHECK_SENDER
@@ -144,8 +145,10 @@ def _reply_row(target: str, where: str, tls: str, stage: str, reply: Reply) -> _
     return _Row(target, where, tls, "temporary", f"{shown}: refused for now, try again later")
 
 
-async def _check_smtp(runtime: Runtime, recipients: Sequence[str]) -> list[_Row]:
-    smtp = runtime.smtp
+async def _check_smtp(target: SmtpTarget, recipients: Sequence[str]) -> list[_Row]:
+    smtp = target.settings
+    # "smtp" for [smtp], as before there were targets; "smtp NAME" for the others.
+    label = "smtp" if target.name == DEFAULT_TARGET else f"smtp {target.name}"
     where, tls = f"{smtp.host}:{smtp.port}", str(smtp.tls)
     rows: list[_Row] = []
     deliverer = SmtpDeliverer(smtp)
@@ -153,23 +156,28 @@ async def _check_smtp(runtime: Runtime, recipients: Sequence[str]) -> list[_Row]
         try:
             await deliverer.connect()
         except ConnectorError as exc:
-            return [_Row("smtp", where, tls, "FAILED", str(exc))]
+            return [_Row(label, where, tls, "FAILED", str(exc))]
         limit = deliverer.max_size
         auth = ", logged in" if smtp.username else ""
         size = f", size limit {limit} bytes" if limit else ""
-        rows.append(_Row("smtp", where, tls, "ok", f"session accepted{auth}{size}"))
-        sender = check_sender(runtime)
+        rows.append(_Row(label, where, tls, "ok", f"session accepted{auth}{size}"))
+        sender = check_sender(target.policy)
         try:
-            rows += await _check_envelope(deliverer, sender, recipients, where, tls)
+            rows += await _check_envelope(deliverer, sender, recipients, where, tls, label)
         except ConnectorError as exc:
-            rows.append(_Row(f"smtp MAIL FROM:<{sender}>", where, tls, "FAILED", str(exc)))
+            rows.append(_Row(f"{label} MAIL FROM:<{sender}>", where, tls, "FAILED", str(exc)))
     finally:
         await deliverer.close()
     return rows
 
 
 async def _check_envelope(
-    deliverer: SmtpDeliverer, sender: str, recipients: Sequence[str], where: str, tls: str
+    deliverer: SmtpDeliverer,
+    sender: str,
+    recipients: Sequence[str],
+    where: str,
+    tls: str,
+    label: str = "smtp",
 ) -> list[_Row]:
     """MAIL FROM the test sender, RCPT TO each recipient, RSET.  If the sender is refused,
     the recipients are still tested, with the null sender (the probe the delivery makes)."""
@@ -179,16 +187,17 @@ async def _check_envelope(
         batch = recipients[start : start + RCPT_BATCH]
         result = await deliverer.probe(mail_sender, batch)
         if start == 0:
-            rows.append(_reply_row(f"smtp MAIL FROM:<{sender}>", where, tls, "mail", result.mail))
+            mail = f"{label} MAIL FROM:<{sender}>"
+            rows.append(_reply_row(mail, where, tls, "mail", result.mail))
         if not result.mail.accepted and mail_sender and batch:
             mail_sender = ""
             result = await deliverer.probe(mail_sender, batch)
         if not result.mail.accepted:
             detail = f"not tested: MAIL FROM:<{mail_sender}> was refused"
-            rows += [_Row(f"smtp RCPT TO:<{r}>", where, tls, "-", detail) for r in batch]
+            rows += [_Row(f"{label} RCPT TO:<{r}>", where, tls, "-", detail) for r in batch]
             continue
         for recipient, reply in result.rcpt.items():
-            rows.append(_reply_row(f"smtp RCPT TO:<{recipient}>", where, tls, "rcpt", reply))
+            rows.append(_reply_row(f"{label} RCPT TO:<{recipient}>", where, tls, "rcpt", reply))
     return rows
 
 
@@ -213,13 +222,24 @@ async def check_connections(runtime: Runtime, out: TextIO | None = None) -> int:
         )
         for spec, mark in accounts
     ]
-    recipients = fixed_recipients(spec for spec, _ in accounts)
-    smtp = asyncio.create_task(_check_smtp(runtime, recipients))
+    # Every target, each with the recipients of the accounts that deliver there (a target no
+    # account uses is still tested: notices go through [smtp], and a cut-over is prepared).
+    targets = dict(runtime.targets) or {DEFAULT_TARGET: runtime.default_target}
+    users: dict[str, list[AccountSpec]] = {name: [] for name in targets}
+    for spec, _ in accounts:
+        target = spec.smtp.name if spec.smtp is not None else DEFAULT_TARGET
+        users.setdefault(target, []).append(spec)
+        targets.setdefault(target, spec.smtp or runtime.default_target)
+    smtp = [
+        asyncio.create_task(_check_smtp(target, fixed_recipients(users[name])))
+        for name, target in targets.items()
+    ]
     rows: list[_Row] = []
     for name, where, tls, task in pop3:
         ok, text = await _guarded(task)
         rows.append(_Row(name, where, tls, "ok" if ok else "FAILED", text))
-    rows += await smtp
+    for checked in smtp:
+        rows += await checked
     print(
         format_table(["TARGET", "ADDRESS", "TLS", "RESULT", "DETAIL"], [r.cells() for r in rows]),
         file=out,

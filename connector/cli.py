@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from connector.runtime import Runtime
     from connector.sdnotify import SystemdNotifier
     from connector.service import Service
+    from connector.shard import Shard
 
 EX_OK = 0
 EX_FAILED = 1
@@ -147,6 +148,12 @@ def _since(text: str) -> datetime:
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
+_SHARD_HELP = (
+    "poll only the accounts of shard K of N (0 <= K < N; docs/design.md §14.2): K/N, or "
+    "auto/N with K from the trailing -K of $POD_NAME, else the host name"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pop3-connector",
@@ -158,11 +165,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="config file (default: $POP3_CONNECTOR_CONFIG, else /etc/pop3-connector/config.toml)",
     )
+    parser.add_argument("--shard", metavar="K/N", help=_SHARD_HELP)
+    # The same option after the command (`run --shard auto/3`, as deploy/kubernetes runs it);
+    # SUPPRESS: not given there, it leaves the global one's value alone.
+    sharded = argparse.ArgumentParser(add_help=False)
+    sharded.add_argument("--shard", metavar="K/N", default=argparse.SUPPRESS, help=_SHARD_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("run", help="run the service: poll every enabled account on its interval")
-    once = sub.add_parser("once", help="one cycle of each (or the named) account, then exit")
+    sub.add_parser(
+        "run", parents=[sharded], help="run the service: poll every enabled account on its interval"
+    )
+    once = sub.add_parser(
+        "once", parents=[sharded], help="one cycle of each (or the named) account, then exit"
+    )
     once.add_argument("--account", action="append", metavar="NAME", help="only this account")
-    check = sub.add_parser("check", help="validate the config and print it, secrets masked")
+    check = sub.add_parser(
+        "check", parents=[sharded], help="validate the config and print it, secrets masked"
+    )
     check.add_argument(
         "--connect",
         action="store_true",
@@ -174,9 +192,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rc.add_argument("file", metavar="FILE", help="the .fetchmailrc to translate")
     status = sub.add_parser(
-        "status", help="a table per account: last cycle, result, upstream, deferred, dead letters"
+        "status",
+        parents=[sharded],
+        help="a table per account: last cycle, result, upstream, deferred, dead letters",
     )
     status.add_argument("--json", action="store_true", help="the /status JSON document instead")
+    ledger = sub.add_parser(
+        "ledger", help="move accounts' ledger rows to another replica or machine (resharding)"
+    )
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True, metavar="ACTION")
+    export = ledger_sub.add_parser(
+        "export",
+        parents=[sharded],
+        help="write the named accounts' ledger rows to standard output (JSON); works beside a "
+        "running service",
+    )
+    export.add_argument(
+        "--account", action="append", required=True, metavar="NAME", help="repeatable"
+    )
+    imp = ledger_sub.add_parser(
+        "import",
+        parents=[sharded],
+        help="write the rows of an export file into this ledger; refuses while the service runs",
+    )
+    imp.add_argument("file", metavar="FILE", help='the export file ("-": standard input)')
+    imp.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace the rows an account has here already (left from an earlier resharding)",
+    )
     dl = sub.add_parser("dead-letters", help="inspect, re-deliver and clean the dead letters")
     dl_sub = dl.add_subparsers(dest="dl_command", required=True, metavar="ACTION")
     dl_list = dl_sub.add_parser("list", help="every dead letter, oldest first")
@@ -300,22 +344,28 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from connector.config import config_warnings, load_settings, render_settings
-    from connector.runtime import build_runtime
+    from connector.runtime import build_runtime, owned_by
+    from connector.shard import ALL, parse_shard
 
     path = config_path(args)
     settings = load_settings(path)
-    runtime = build_runtime(settings)
+    # --shard: this process's accounts (docs/design.md §14.2); fixed for the process's life,
+    # reloads included.  A bad value is a configuration error (78), as a bad config is.
+    shard = parse_shard(args.shard) if getattr(args, "shard", None) else ALL
+    runtime = owned_by(build_runtime(settings), shard)
     setup_logging(settings.service.log_level, settings.service.log_format)
     match args.command:
         case "check":
             print(render_settings(settings))
             for warning in config_warnings(settings, path):
                 print(f"warning: {warning}", file=sys.stderr)
+            # The disabled accounts too: a cut-over is tested before it happens.
+            everything = owned_by(build_runtime(settings, include_disabled=True), shard)
+            if args.shard:
+                print(_shard_listing(everything))
             if args.connect:
                 from connector.check import check_connections
 
-                # The disabled accounts too: a cut-over is tested before it happens.
-                everything = build_runtime(settings, include_disabled=True)
                 return runloop.run(check_connections(everything))
             return EX_OK
         case "once":
@@ -326,12 +376,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             # `run` needs none of them once the runtime is built: let them go.
             del settings
             return runloop.run(_run(runtime, options, path))
-        case "status" | "dead-letters":
+        case "status" | "dead-letters" | "ledger":
             try:
                 if args.command == "status":
                     from connector.admin import status_command
 
                     return runloop.run(status_command(runtime, as_json=args.json, out=sys.stdout))
+                if args.command == "ledger":
+                    return _ledger(args, runtime)
                 return _dead_letters(args, runtime)
             except (DeadLetterError, LedgerError) as exc:
                 # The store or the ledger failed (permissions, disk): say so, no traceback.
@@ -339,6 +391,35 @@ def _dispatch(args: argparse.Namespace) -> int:
                 return EX_FAILED
         case _:
             raise AssertionError(args.command)
+
+
+def _shard_listing(runtime: Runtime) -> str:
+    """``check --shard``: which shard this is and the accounts it owns, as TOML comments (the
+    output stays a config that loads)."""
+    from connector.admin import shard_line
+
+    owned = [s.name for s in runtime.accounts] + [f"{s.name} (disabled)" for s in runtime.disabled]
+    lines = [f"# {shard_line(runtime)}:"] + [f"#   {name}" for name in owned]
+    return "\n".join(lines) + "\n"
+
+
+def _ledger(args: argparse.Namespace, runtime: Runtime) -> int:
+    from connector import admin
+
+    match args.ledger_command:
+        case "export":
+            return runloop.run(
+                admin.ledger_export(runtime, args.account, out=sys.stdout, err=sys.stderr)
+            )
+        case "import":
+            source = sys.stdin.buffer if args.file == "-" else Path(args.file)
+            return runloop.run(
+                admin.ledger_import(
+                    runtime, source, replace=args.replace, out=sys.stdout, err=sys.stderr
+                )
+            )
+        case _:
+            raise AssertionError(args.ledger_command)
 
 
 def _dead_letters(args: argparse.Namespace, runtime: Runtime) -> int:
@@ -382,7 +463,15 @@ async def _once(runtime: Runtime, names: list[str] | None) -> int:
     known = {spec.name for spec in runtime.accounts}
     unknown = [n for n in names or [] if n not in known]
     if unknown:
-        raise ConfigError([f"--account {n}: no enabled account of that name" for n in unknown])
+        elsewhere = set(runtime.elsewhere)
+        raise ConfigError(
+            [
+                f"--account {n}: not this shard's ({runtime.shard}); another replica polls it"
+                if n in elsewhere
+                else f"--account {n}: no enabled account of that name"
+                for n in unknown
+            ]
+        )
     async with open_service(runtime) as service:
         service.install_signal_handlers()
         results = await service.run_once(names)
@@ -416,12 +505,12 @@ class RunOptions:
         return cls(m.listen, m.address, tuple(m.allowed_hosts), m.per_account, warnings)
 
 
-def _load(path: Path) -> tuple[Settings, Runtime]:
+def _load(path: Path, shard: Shard) -> tuple[Settings, Runtime]:
     from connector.config import load_settings
-    from connector.runtime import build_runtime
+    from connector.runtime import build_runtime, owned_by
 
     settings = load_settings(path)
-    return settings, build_runtime(settings)
+    return settings, owned_by(build_runtime(settings), shard)
 
 
 async def _run(runtime: Runtime, options: RunOptions, path: Path) -> int:
@@ -440,7 +529,7 @@ async def _run(runtime: Runtime, options: RunOptions, path: Path) -> int:
             # In a thread: reading and building thousands of accounts (and their TLS contexts)
             # takes long enough to hold up the cycles, the HTTP endpoint and the watchdog
             # pings (docs/design.md §11.5).  Only apply_runtime runs on the loop.
-            new_settings, new_runtime = await asyncio.to_thread(_load, path)
+            new_settings, new_runtime = await asyncio.to_thread(_load, path, runtime.shard)
         except ConfigError as exc:
             log.error("reload failed; keeping the old configuration. %s is invalid:", path)
             for problem in exc.problems:
@@ -493,6 +582,16 @@ async def _run(runtime: Runtime, options: RunOptions, path: Path) -> int:
                 len(runtime.accounts),
                 runtime.state_dir,
             )
+            if runtime.shard.count > 1:
+                # Which accounts this replica owns (docs/design.md §14.2); the names at debug.
+                log.info(
+                    "shard %s: polling %d of the %d enabled accounts (the others are other "
+                    "replicas')",
+                    runtime.shard,
+                    len(runtime.accounts),
+                    len(runtime.accounts) + len(runtime.elsewhere),
+                )
+                log.debug("shard %s: %s", runtime.shard, ", ".join(runtime.intervals))
             for warning in options.warnings:
                 log.warning("%s", warning)
             # systemd (Type=notify, WatchdogSec=): ready now; pings from this loop while the

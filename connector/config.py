@@ -65,6 +65,7 @@ from connector.errors import ConfigError
 from connector.tls import is_loopback
 
 __all__ = [
+    "DEFAULT_TARGET",
     "ENV_PREFIX",
     "MASK",
     "AccountConfig",
@@ -91,6 +92,9 @@ ENV_PREFIX: Final = "POP3_CONNECTOR_"
 # The CLI's config-path variable shares the prefix but is not a setting (docs/design.md §4.1).
 CONFIG_ENV: Final = ENV_PREFIX + "CONFIG"
 EVENT_LOOP_ENV: Final = ENV_PREFIX + "EVENT_LOOP"  # read by connector.runloop, not a setting
+# The number of shards, set by deploy/kubernetes/statefulset.yaml for its
+# `run --shard auto/$(POP3_CONNECTOR_SHARDS)` (deploy/kubernetes/README.md): not a setting.
+SHARDS_ENV: Final = ENV_PREFIX + "SHARDS"
 MASK: Final = "********"
 # The one error type our validators raise: ``key`` (optional) is appended to pydantic's location,
 # so a cross-field check on ``accounts[1]`` can still name ``accounts[1].password_file``.
@@ -244,6 +248,20 @@ def _account_name(value: str) -> str:
     if not _NAME_RE.fullmatch(value) or value in {".", ".."}:
         raise _problem("use 1-64 characters: letters, digits, '.', '_', '-' or '@'")
     return value
+
+
+DEFAULT_TARGET: Final = "default"
+"""The name of ``[smtp]`` as an SMTP target: what an account without ``smtp`` delivers to."""
+
+
+def _target_name(value: str) -> str:
+    # A label value of account_info and a field of /status, like an account's name.
+    if not _NAME_RE.fullmatch(value) or value in {".", ".."}:
+        raise _problem("use 1-64 characters: letters, digits, '.', '_', '-' or '@'")
+    return value
+
+
+TargetName = Annotated[str, AfterValidator(_target_name)]
 
 
 def _pop3_username(value: str) -> str:
@@ -502,8 +520,7 @@ class SmtpConfig(_Endpoint):
         updates = super()._finished()
         if self.username is not None and updates["password"] is None:
             raise _problem(
-                "smtp.username is set: set password, password_file or password_env too",
-                "password",
+                "username is set: set password, password_file or password_env too", "password"
             )
         if self.username is None and updates["password"] is not None:
             raise _problem("required when a password is set (SMTP AUTH)", "username")
@@ -624,6 +641,9 @@ class AccountConfig(_Endpoint):
     oauth2_token_file: Path | None = None
     oauth2_token_command: str | None = Field(default=None, min_length=1)
     deliver_to: list[Address] = Field(min_length=1)
+    # The SMTP target this account's mail goes to: a name of [smtp_targets.NAME], or "default"
+    # ([smtp]); None is [smtp] too.  An IT provider's customers each have their own Exchange.
+    smtp: TargetName | None = None
     # None before loading; load_settings fills in service.poll_interval.
     poll_interval: Duration | None = None
     enabled: bool = True
@@ -714,6 +734,11 @@ class Settings(BaseSettings):
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     smtp: SmtpConfig
+    # More SMTP servers, by name ([smtp_targets.kunde-a], the same keys as [smtp]), that an
+    # account chooses with `smtp = "kunde-a"` (docs/design.md §14.1).  A table of tables, so
+    # that an error names `smtp_targets.kunde-a.port`; the environment still reaches [smtp]
+    # as POP3_CONNECTOR_SMTP__HOST.
+    smtp_targets: dict[TargetName, SmtpConfig] = Field(default_factory=dict)
     dead_letter: DeadLetterConfig = Field(default_factory=MaildirDeadLetter, validate_default=True)
     notices: NoticesConfig = Field(default_factory=NoticesConfig)
     accounts: list[AccountConfig] = Field(min_length=1)
@@ -751,6 +776,16 @@ class Settings(BaseSettings):
             first = seen.setdefault(account.name.lower(), i)
             if first != i:
                 raise _problem(f"duplicate account name (also accounts[{first}])", f"[{i}].name")
+        targets = info.data.get("smtp_targets")
+        if targets is not None:  # None: the targets had errors of their own, reported instead
+            known = [DEFAULT_TARGET, *targets]
+            for i, account in enumerate(value):
+                if account.smtp is not None and account.smtp not in known:
+                    raise _problem(
+                        f"no SMTP target {_toml_string(account.smtp)}: name [smtp_targets."
+                        f"{account.smtp}] in the config, or one of {', '.join(known)}",
+                        f"[{i}].smtp",
+                    )
         service = info.data.get("service")
         if service is None:
             return value
@@ -760,6 +795,22 @@ class Settings(BaseSettings):
             else a.model_copy(update={"poll_interval": service.poll_interval})
             for a in value
         ]
+
+    @field_validator("smtp_targets")
+    @classmethod
+    def _check_targets(cls, value: dict[str, SmtpConfig]) -> dict[str, SmtpConfig]:
+        if DEFAULT_TARGET in value:
+            reserved = f'"{DEFAULT_TARGET}" is [smtp]\'s name; give this target another one'
+            raise _problem(reserved, DEFAULT_TARGET)
+        return value
+
+    def target_of(self, account: AccountConfig) -> str:
+        """The name of the SMTP target an account delivers to (``"default"``: ``[smtp]``)."""
+        return account.smtp if account.smtp is not None else DEFAULT_TARGET
+
+    def smtp_config(self, target: str) -> SmtpConfig:
+        """``[smtp]`` for ``"default"``, else ``[smtp_targets.<target>]`` (KeyError if none)."""
+        return self.smtp if target == DEFAULT_TARGET else self.smtp_targets[target]
 
     def poll_interval_of(self, account: AccountConfig) -> float:
         """Seconds between an account's cycles: its own ``poll_interval``, else the service's."""
@@ -790,6 +841,10 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
             path += f"[{part}]"
         elif i == 1 and loc[0] == "dead_letter" and part in _DEAD_LETTER_TAGS:
             continue  # the discriminated union's tag is not a TOML key
+        elif part == "[key]":
+            continue  # pydantic's marker for an error in a table's key: the key names it
+        elif i == 1 and loc[0] == "smtp_targets":
+            path += "." + _toml_key(part)  # a target's name may hold a "." or a space
         else:
             path += f".{part}" if path else part
     return path
@@ -932,14 +987,15 @@ def _password_env_names(data: object) -> set[str]:
 def _unknown_env(exempt: set[str]) -> list[str]:
     # pydantic-settings ignores a prefixed variable that matches no field; a typo like
     # POP3_CONNECTOR_SMPT__HOST would be silently dropped, so report it like an unknown key.
-    # Exempt: the config-path and event-loop variables, and variables a password_env names.
+    # Exempt: the config-path, event-loop and shard-count variables, and variables a
+    # password_env names.
     fields = set(Settings.model_fields)
     problems = []
     for name in sorted(os.environ):
         upper = name.upper()
         if (
             not upper.startswith(ENV_PREFIX)
-            or upper in (CONFIG_ENV, EVENT_LOOP_ENV)
+            or upper in (CONFIG_ENV, EVENT_LOOP_ENV, SHARDS_ENV)
             or upper in exempt
         ):
             continue
@@ -1114,11 +1170,21 @@ def _table_lines(model: BaseModel) -> Iterator[str]:
         yield f"{key} = {_toml_value(key, value)}"
 
 
+_BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_key(key: str) -> str:
+    """A TOML key: bare when it can be (TOML 1.0 §Keys), else a quoted string."""
+    return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
+
+
 def render_settings(settings: Settings) -> str:
     """The effective configuration as TOML, defaults filled in and every secret masked."""
     lines = ["# pop3-connector: effective configuration (defaults filled in, secrets masked)"]
     for table in ("service", "metrics", "smtp", "dead_letter", "notices"):
         lines += ["", f"[{table}]", *_table_lines(getattr(settings, table))]
+    for name, target in settings.smtp_targets.items():
+        lines += ["", f"[smtp_targets.{_toml_key(name)}]", *_table_lines(target)]
     for account in settings.accounts:
         lines += ["", "[[accounts]]", *_table_lines(account)]
         if account.shared is not None:
@@ -1134,6 +1200,13 @@ def _inline_password_keys(path: Path) -> list[str]:
     except (OSError, ValueError):
         return []
     keys = [f"{t}.password" for t in ("smtp", "dead_letter") if "password" in data.get(t, {})]
+    targets = data.get("smtp_targets", {})
+    if isinstance(targets, dict):
+        keys += [
+            f"smtp_targets.{_toml_key(name)}.password"
+            for name, table in targets.items()
+            if isinstance(table, dict) and "password" in table
+        ]
     accounts = data.get("accounts", [])
     if isinstance(accounts, list):
         keys += [f"accounts[{i}].password" for i, a in enumerate(accounts) if "password" in a]
@@ -1166,6 +1239,7 @@ def config_warnings(settings: Settings, path: Path) -> list[str]:
     """
     warnings: list[str] = []
     endpoints: list[tuple[str, _Endpoint]] = [("smtp", settings.smtp)]
+    endpoints += [(f"smtp_targets.{_toml_key(n)}", t) for n, t in settings.smtp_targets.items()]
     if isinstance(settings.dead_letter, ImapDeadLetter):
         endpoints.append(("dead_letter", settings.dead_letter))
     endpoints += [(f"accounts[{i}]", a) for i, a in enumerate(settings.accounts)]
@@ -1229,6 +1303,9 @@ def port_tls_warnings(settings: Settings) -> list[str]:
     ``tls = "implicit"`` fails every handshake ("wrong version number"), ``port = 995`` with
     ``tls = "starttls"`` waits for a greeting that never comes in clear text."""
     endpoints: list[tuple[str, str, _Endpoint]] = [("smtp", "smtp", settings.smtp)]
+    endpoints += [
+        (f"smtp_targets.{_toml_key(n)}", "smtp", t) for n, t in settings.smtp_targets.items()
+    ]
     if isinstance(settings.dead_letter, ImapDeadLetter):
         endpoints.append(("dead_letter", "imap", settings.dead_letter))
     endpoints += [(_account_key(i, a), "pop3", a) for i, a in enumerate(settings.accounts)]

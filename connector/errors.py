@@ -24,7 +24,7 @@ Every module translates its library's exceptions into these at its edge, so the 
 is short, code first, and never carries a secret or a message body.
 
 :func:`classify` is the single place that turns an exception into a :class:`Disposition`.  It is
-pure and table-driven so that it can be tested exhaustively (tests/unit/test_classify.py).
+pure and table-driven so that it can be tested exhaustively (tests/unit/test_errors.py).
 """
 
 from __future__ import annotations

@@ -17,6 +17,13 @@ options and then one or more ``user`` descriptions with their own options.  Word
    ``defaults`` block, then the block's server options, then the user's, last one winning (as
    fetchmail applies ``defaults``), and renders one ``[[accounts]]`` table per user.
 
+SMTP servers: the first ``smtphost`` named becomes ``[smtp]``; every other one (an IT provider's
+rc file delivers each customer's mailboxes to that customer's server) becomes an SMTP target,
+``[smtp_targets.NAME]`` named after its host, and the accounts that name it get
+``smtp = "NAME"`` (docs/design.md §14.1).  An account without ``smtphost`` (fetchmail's
+localhost) goes to ``[smtp]``, with a note.  Each server's ``esmtpname``/``esmtppassword`` come
+from the first user that delivers there with them.
+
 Everything that has no equivalent here becomes a note for the administrator, with its line.
 Notes never quote a password or any quoted string (it might be one); the TOML on standard output
 does carry the passwords that were in the rc file, exactly as the rc file did.
@@ -43,7 +50,7 @@ from __future__ import annotations
 import enum
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final, assert_never
 
@@ -535,6 +542,7 @@ class _Account:
     oversize: str | None = None
     shared: _Shared | None = None
     leave_on_server: bool = False
+    smtp: str | None = None  # the name of its [smtp_targets.NAME]; None: [smtp]
 
 
 @dataclass(slots=True)
@@ -755,11 +763,15 @@ def _account_name(remote: str, host: str, taken: set[str]) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Smtp:
+    """``[smtp]`` (``name`` None) or one ``[smtp_targets.NAME]``."""
+
     host: str
     port: int | None
     tls: _Tls
     username: str | None
     password: str | None
+    name: str | None = None
+    password_file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -768,7 +780,48 @@ class _Result:
     smtp: _Smtp
     accounts: tuple[_Account, ...]
     notes: tuple[str, ...]
-    smtp_password_file: str | None
+    targets: tuple[_Smtp, ...] = ()
+
+
+def _target_name(host: str, port: int | None, taken: set[str]) -> str:
+    """A name for the SMTP target of ``host`` (and ``port``): the host, in the characters a
+    name allows (config: letters, digits, . _ - @), made unique; never "default"."""
+    base = _NAME_BAD_CHARS.sub("-", host).strip("-.")[:56] or "smtp"
+    if base.lower() in taken and port is not None:
+        base = f"{base}-{port}"
+    name, n = base, 2
+    while name.lower() in taken or name.lower() == "default":
+        name, n = f"{base}-{n}", n + 1
+    taken.add(name.lower())
+    return name
+
+
+def _smtp_server(
+    key: tuple[str, int | None], name: str | None, drafts: list[_Draft], password_dir: Path
+) -> tuple[_Smtp, list[str]]:
+    """One SMTP server of the rc file, for the drafts that deliver there, and its notes."""
+    host, port = key
+    notes: list[str] = []
+    table = "[smtp]" if name is None else f"[smtp_targets.{name}]"
+    tls = _Tls.NONE if is_loopback(host) else _Tls.STARTTLS
+    if tls is _Tls.STARTTLS:
+        notes.append(
+            f'{table} tls = "starttls": fetchmail spoke plain SMTP to {host}; we require '
+            "STARTTLS with a trusted certificate (set ca_file for a company CA, or "
+            'tls = "none" on a trusted network)'
+        )
+    esmtp = next((d for d in drafts if d.esmtpname), None)
+    password = esmtp.esmtppassword if esmtp else None
+    password_file = None
+    if esmtp is not None and password is None:
+        file = "smtp.password" if name is None else f"smtp-{name}.password"
+        password_file = str(password_dir / file)
+        notes.append(
+            f"{table} password_file: esmtpname without esmtppassword; write the password into "
+            f"{password_file} (mode 0600)"
+        )
+    username = esmtp.esmtpname if esmtp else None
+    return _Smtp(host, port, tls, username, password, name, password_file), notes
 
 
 def _interpret(parsed: _Parsed, password_dir: Path) -> _Result:
@@ -796,71 +849,62 @@ def _interpret(parsed: _Parsed, password_dir: Path) -> _Result:
             if block.kind == "skip":
                 draft.note(block.line, "'skip': written with enabled = false")
             drafts.append(draft)
-    # One [smtp] for everything: the first smtphost named wins (fetchmail's default is
-    # localhost, port 25).
+    # The first smtphost named is [smtp] (fetchmail's default is localhost, port 25); each
+    # other one an SMTP target of its own, for the users that name it.
     smtp_hosts = [h for d in drafts for h in d.smtphosts[:1]]
     first = smtp_hosts[0] if smtp_hosts else None
-    smtp_host = first.host if first else "localhost"
+    default = (first.host, first.port) if first else ("localhost", None)
     if first is None:
         notes.append(
             "[smtp] host: the rc file names no smtphost; fetchmail then delivers to "
             "localhost:25. Set host to your Exchange server"
         )
+    by_server: dict[tuple[str, int | None], list[_Draft]] = {default: []}
     for d in drafts:
-        if d.smtphosts and (d.smtphosts[0].host, d.smtphosts[0].port) != (
-            smtp_host,
-            first.port if first else None,
-        ):
-            notes.append(
-                f"line {d.smtphosts[0].line}: a second smtphost; only one SMTP server is "
-                f"supported, {smtp_host} is used for every account"
-            )
+        key = (d.smtphosts[0].host, d.smtphosts[0].port) if d.smtphosts else default
+        by_server.setdefault(key, []).append(d)
         if first is not None and not d.smtphosts:
             notes.append(
                 f"line {d.line}: poll {d.host}: no smtphost (fetchmail used localhost); "
-                f"{smtp_host} is used for it too"
+                f"[smtp] ({default[0]}) is used for it"
             )
         if len(d.smtphosts) > 1:
             notes.append(
                 f"line {d.smtphosts[1].line}: smtphost fallback list; only the first host is used"
             )
-    smtp_tls = _Tls.NONE if is_loopback(smtp_host) else _Tls.STARTTLS
-    if smtp_tls is _Tls.STARTTLS:
-        notes.append(
-            f'[smtp] tls = "starttls": fetchmail spoke plain SMTP to {smtp_host}; we require '
-            "STARTTLS with a trusted certificate (set ca_file for a company CA, or "
-            'tls = "none" on a trusted network)'
-        )
-    esmtp = next((d for d in drafts if d.esmtpname), None)
-    smtp_password = esmtp.esmtppassword if esmtp else None
-    smtp_password_file = None
-    if esmtp is not None and smtp_password is None:
-        smtp_password_file = str(password_dir / "smtp.password")
-        notes.append(
-            f"[smtp] password_file: esmtpname without esmtppassword; write the password into "
-            f"{smtp_password_file} (mode 0600)"
-        )
-    smtp = _Smtp(
-        smtp_host,
-        first.port if first else None,
-        smtp_tls,
-        esmtp.esmtpname if esmtp else None,
-        smtp_password,
-    )
-    domain = next((d.smtpaddress for d in drafts if d.smtpaddress), None) or smtp_host
-    accounts: list[_Account] = []
+    smtp, smtp_notes = _smtp_server(default, None, by_server[default], password_dir)
+    notes += smtp_notes
+    names: dict[tuple[str, int | None], str] = {}
+    targets: list[_Smtp] = []
     taken: set[str] = set()
+    for key, delivering in by_server.items():
+        if key == default:
+            continue
+        name = names[key] = _target_name(key[0], key[1], taken)
+        target, target_notes = _smtp_server(key, name, delivering, password_dir)
+        targets.append(target)
+        host = key[0] if key[1] is None else f"{key[0]}/{key[1]}"
+        line = next(h.line for d in delivering for h in d.smtphosts[:1])
+        notes.append(
+            f"line {line}: smtphost {host} written as [smtp_targets.{name}], for the accounts "
+            f'that name it (smtp = "{name}")'
+        )
+        notes += target_notes
+    domain = next((d.smtpaddress for d in drafts if d.smtpaddress), None) or default[0]
+    accounts: list[_Account] = []
+    taken = set()
     for d in drafts:
         account = _finish(d, domain, daemon, password_dir, taken, postmaster)
         notes.extend(d.notes)
         if account is not None:
-            accounts.append(account)
+            key = (d.smtphosts[0].host, d.smtphosts[0].port) if d.smtphosts else default
+            accounts.append(replace(account, smtp=names.get(key)))
     if daemon is None and accounts:
         notes.append(
             "[service] poll_interval: no 'set daemon' (fetchmail ran from cron or with -d?); "
             "the default, 15m, is used"
         )
-    return _Result(daemon, smtp, tuple(accounts), tuple(dict.fromkeys(notes)), smtp_password_file)
+    return _Result(daemon, smtp, tuple(accounts), tuple(dict.fromkeys(notes)), tuple(targets))
 
 
 def _set_note(s: _Option) -> list[str]:
@@ -1215,6 +1259,14 @@ def _toml_str(text: str) -> str:
     return "".join(out)
 
 
+_BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_key(key: str) -> str:
+    """A TOML key (TOML 1.0 §Keys): bare when it can be, else quoted ("mail.firma.de")."""
+    return key if _BARE_KEY.fullmatch(key) else _toml_str(key)
+
+
 def _duration(seconds: float) -> str:
     value = format_duration(seconds)
     return _toml_str(value) if isinstance(value, str) else repr(value)
@@ -1240,17 +1292,18 @@ def _render(result: _Result, source: str, password_dir: Path) -> str:
     ]
     if result.service_interval is not None:
         lines += ["", "[service]", f"poll_interval = {_duration(result.service_interval)}"]
-    smtp = result.smtp
-    lines += ["", "[smtp]", f"host = {_toml_str(smtp.host)}"]
-    if smtp.port is not None:
-        lines.append(f"port = {smtp.port}")
-    lines.append(f"tls = {_tls_value(smtp.tls)}")
-    if smtp.username is not None:
-        lines.append(f"username = {_toml_str(smtp.username)}")
-        if smtp.password is not None:
-            lines.append(f"password = {_toml_str(smtp.password)}")
-        elif result.smtp_password_file is not None:
-            lines.append(f"password_file = {_toml_str(result.smtp_password_file)}")
+    for smtp in (result.smtp, *result.targets):
+        table = "[smtp]" if smtp.name is None else f"[smtp_targets.{_toml_key(smtp.name)}]"
+        lines += ["", table, f"host = {_toml_str(smtp.host)}"]
+        if smtp.port is not None:
+            lines.append(f"port = {smtp.port}")
+        lines.append(f"tls = {_tls_value(smtp.tls)}")
+        if smtp.username is not None:
+            lines.append(f"username = {_toml_str(smtp.username)}")
+            if smtp.password is not None:
+                lines.append(f"password = {_toml_str(smtp.password)}")
+            elif smtp.password_file is not None:
+                lines.append(f"password_file = {_toml_str(smtp.password_file)}")
     for a in result.accounts:
         lines += ["", f"# from line {a.line}", *(f"# {c}" for c in a.comments), "[[accounts]]"]
         lines += [f"name = {_toml_str(a.name)}", f"host = {_toml_str(a.host)}"]
@@ -1269,6 +1322,8 @@ def _render(result: _Result, source: str, password_dir: Path) -> str:
         if a.auth != "auto":
             lines.append(f"auth = {_toml_str(a.auth)}")
         lines.append("deliver_to = [" + ", ".join(_toml_str(r) for r in a.deliver_to) + "]")
+        if a.smtp is not None:
+            lines.append(f"smtp = {_toml_str(a.smtp)}")
         if a.poll_interval is not None:
             lines.append(f"poll_interval = {_duration(a.poll_interval)}")
         if a.max_message_size is not None:

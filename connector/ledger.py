@@ -84,6 +84,7 @@ from pathlib import Path
 from typing import Any, Final, Self, TypeVar
 
 from connector.errors import LedgerError
+from connector.ledger_export import ImportResult, LedgerExport, export_rows, import_rows
 
 log = logging.getLogger(__name__)
 
@@ -1210,6 +1211,25 @@ class Ledger:
             return Failures() if row is None else Failures(row[0], row[1], bool(row[2]))
 
         return await self._submit("failures", run)
+
+    # -- moving an account to another ledger (docs/design.md §14.3) ----------------------------
+
+    async def export_accounts(self, names: Sequence[str], *, exported_at: str) -> LedgerExport:
+        """The rows of each named account, one snapshot (``ledger export``)."""
+        wanted = tuple(names)
+        return await self._submit(
+            "export", lambda conn: export_rows(conn, wanted, exported_at=exported_at)
+        )
+
+    async def import_accounts(self, export: LedgerExport, *, replace: bool) -> ImportResult:
+        """Write the rows of ``export`` in one transaction (``ledger import``); an account with
+        rows here already is a conflict unless ``replace`` (see ``ledger_export.import_rows``).
+        ``ValueError`` for a file this ledger cannot take (a newer schema, unknown columns)."""
+        schema = len(MIGRATIONS)
+        return await self._submit(
+            "import",
+            lambda conn: import_rows(conn, export, replace=replace, schema=schema),
+        )
 
     # -- the thread hop ------------------------------------------------------------------------
 

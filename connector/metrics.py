@@ -2,17 +2,19 @@
 
 Our own :class:`~prometheus_client.CollectorRegistry` (not the library's global default) keeps
 the exposition to what §11.1 lists, and lets every test build a fresh set.  Label values are
-bounded: ``account`` (from the config), ``outcome`` and ``result`` (enums), ``code`` (a
-three-digit SMTP code, or ``none`` when a message was deferred without a reply, e.g. a timeout),
-``version``.  Never a UIDL, an address or a subject: those would make a new series per message.
+bounded: ``account`` and ``smtp_target`` (from the config), ``outcome`` and ``result`` (enums),
+``code`` (a three-digit SMTP code, or ``none`` when a message was deferred without a reply, e.g.
+a timeout), ``version``.  Never a UIDL, an address or a subject: those would make a new series
+per message.
 
 Per account or in total (``[metrics] per_account``, docs/design.md §11.1): with it (the default)
 the counters, the histogram and the mailbox and backlog gauges carry the ``account`` label, and
-each account has its ``account_failing`` and ``last_success_timestamp_seconds``; without it the
-same families are exported once, without the label (the totals: ``sum()`` over them reads the
-same in both modes), and nothing per account is kept in prometheus_client at all.  The counts
-of accounts (``accounts``, ``accounts_failing``, ``oldest_last_success_timestamp_seconds``) are
-there in both modes, computed when scraped from plain dicts.
+each account has its ``account_failing``, ``last_success_timestamp_seconds`` and
+``account_info`` (its SMTP target); without it the same families are exported once, without
+the label (the totals: ``sum()`` over them reads the same in both modes), and nothing per
+account is kept in prometheus_client at all.  The counts of accounts (``accounts``,
+``accounts_failing``, ``oldest_last_success_timestamp_seconds``) are there in both modes,
+computed when scraped from plain dicts.
 """
 
 from __future__ import annotations
@@ -203,9 +205,22 @@ class Metrics:
             PREFIX + "build_info", "Always 1; the version label.", ["version"], registry=r
         )
         self.build_info.labels(version=version).set(1)
+        # One series per account naming its SMTP target (docs/design.md §11.1, §14.1), not a
+        # label on every per-account series: a query joins it where it is wanted, and an
+        # account moved to another target keeps its series.  Per account like the others:
+        # only with per_account (/status names every account's target in both modes).
+        self.account_info: Gauge | None = None
+        if per_account:
+            self.account_info = Gauge(
+                PREFIX + "account_info",
+                "Always 1; the SMTP target the account delivers to (smtp_target).",
+                ["account", "smtp_target"],
+                registry=r,
+            )
         # What each account's gauges read, kept here in both modes: the counts above are
         # computed from it at scrape time, and without per_account so are the totals.
         self._accounts: set[str] = set()
+        self._targets: dict[str, str] = {}
         self._failing: set[str] = set()
         self._last_success: dict[str, float] = {}
         self._mailbox: dict[str, tuple[int, int]] = {}
@@ -279,6 +294,21 @@ class Metrics:
             for values in (self._last_success, self._mailbox, self._deferred, self._dead):
                 values.pop(name, None)
         self._accounts = wanted
+
+    def set_targets(self, targets: dict[str, str]) -> None:
+        """``account_info``: one series per account, labelled with its SMTP target's name; the
+        series of an account removed or moved to another target goes.  Nothing without
+        ``per_account``."""
+        info = self.account_info
+        if info is None:
+            return
+        for name, old in self._targets.items():
+            if targets.get(name) != old:
+                with contextlib.suppress(KeyError):
+                    info.remove(name, old)
+        for name, target in targets.items():
+            info.labels(account=name, smtp_target=target).set(1)
+        self._targets = dict(targets)
 
     # -- the CycleObserver hook ----------------------------------------------------------------
 

@@ -41,7 +41,7 @@ it, and :attr:`Routing.unread` names it, so the cycle can say so in its log.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -54,7 +54,6 @@ __all__ = [
     "Routing",
     "Rule",
     "SharedMailbox",
-    "header_fields",
     "message_id",
     "route",
 ]
@@ -110,13 +109,6 @@ class Routing:
     found: tuple[str, ...]
     configured: frozenset[str]
     unread: tuple[str, ...] = ()
-
-
-def header_fields(raw: bytes) -> Iterator[tuple[str, str]]:
-    """``(lower-case name, unfolded value)`` of each field of the header block, in order
-    (:func:`connector.headers.fields`; values decoded with surrogate escapes)."""
-    for field in headers.fields(raw):
-        yield field.name, field.text
 
 
 def message_id(raw: bytes) -> str | None:

@@ -3,19 +3,26 @@
 :func:`build_runtime` reads :class:`connector.config.Settings` once (at start and at each
 reload, docs/design.md §4.3) and builds frozen values: an :class:`~connector.cycle.AccountSpec`
 per account, the SMTP settings and delivery policy, where the dead letters go
-(:func:`open_store`), the notices.  Only this module, ``service`` and ``cli`` read ``Settings``
-(docs/design.md §2).  Every value compares by its contents, so a reload can tell what changed.
+(:func:`open_store`), the notices, the SMTP targets.  Only this module, ``service`` and ``cli``
+read ``Settings`` (docs/design.md §2).  Every value compares by its contents, so a reload can tell
+what changed.  :func:`owned_by` narrows a runtime to the accounts of one shard (``--shard``).
 """
 
 from __future__ import annotations
 
 import socket
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from connector.config import ImapDeadLetter, Settings, SharedConfig, dead_letter_path
-from connector.cycle import AccountSpec, DeliveryPolicy, Oversize
+from connector.config import (
+    DEFAULT_TARGET,
+    ImapDeadLetter,
+    Settings,
+    SharedConfig,
+    dead_letter_path,
+)
+from connector.cycle import AccountSpec, DeliveryPolicy, Oversize, SmtpTarget
 from connector.deadletter import DeadLetterArchive
 from connector.deadletter.maildir import MaildirStore
 from connector.errors import ConfigError
@@ -23,14 +30,16 @@ from connector.notices import NoticeSettings
 from connector.oauth2 import OAuth2TokenSource
 from connector.pop3 import AuthMethod, Pop3Endpoint
 from connector.recipients import Rule, SharedMailbox
+from connector.shard import ALL, Shard
 from connector.smtp import SenderPolicy, SmtpSettings
 from connector.tls import TlsMode, make_ssl_context
 
 
 def secret_env_names(settings: Settings) -> frozenset[str]:
-    """Every variable a ``password_env`` names (accounts, ``[smtp]``, ``[dead_letter]``), in
-    upper case."""
+    """Every variable a ``password_env`` names (accounts, ``[smtp]`` and the other SMTP targets,
+    ``[dead_letter]``), in upper case."""
     models: list[object] = [*settings.accounts, settings.smtp, settings.dead_letter]
+    models += settings.smtp_targets.values()
     names = (getattr(m, "password_env", None) for m in models)
     return frozenset(n.upper() for n in names if isinstance(n, str))
 
@@ -57,6 +66,7 @@ class Runtime:
 
     accounts: tuple[AccountSpec, ...]
     intervals: dict[str, float]
+    # The default target ([smtp]): notices go there, and an account without `smtp`.
     smtp: SmtpSettings
     policy: DeliveryPolicy
     state_dir: Path
@@ -71,6 +81,33 @@ class Runtime:
     disabled: tuple[AccountSpec, ...] = ()
     # POP3 sessions at once on one host ([service] max_sessions_per_host; schedule.host_key).
     per_host: int = 2
+    # Every SMTP target by name, "default" ([smtp]) first, then [smtp_targets] in config order;
+    # and the name of the target of every account of the config, enabled or not (the disabled
+    # ones' dead letters and ledger rows are theirs too; no spec is built for them).
+    targets: dict[str, SmtpTarget] = field(default_factory=dict)
+    target_names: dict[str, str] = field(default_factory=dict)
+    # The accounts of this process (--shard, owned_by): the others of the config are
+    # `elsewhere`, polled by other replicas.
+    shard: Shard = ALL
+    elsewhere: tuple[str, ...] = ()
+
+    def account_targets(self) -> dict[str, SmtpTarget]:
+        """The SMTP target of each account of the config, by account name (an account it
+        does not have, such as one removed from the config, goes to :attr:`default_target`)."""
+        default = self.default_target
+        found = {name: self.targets.get(t, default) for name, t in self.target_names.items()}
+        found.update(
+            (s.name, s.smtp if s.smtp is not None else default)
+            for s in (*self.accounts, *self.disabled)
+        )
+        return found
+
+    @property
+    def default_target(self) -> SmtpTarget:
+        """``[smtp]`` as a target."""
+        return self.targets.get(DEFAULT_TARGET) or SmtpTarget(
+            DEFAULT_TARGET, self.smtp, self.policy
+        )
 
     @property
     def ledger_path(self) -> Path:
@@ -130,14 +167,17 @@ def build_runtime(settings: Settings, *, include_disabled: bool = False) -> Runt
     never stops the service.
     """
     contexts = _Contexts()
-    smtp, policy = _smtp(settings, contexts)
+    targets = {DEFAULT_TARGET: _target(settings, DEFAULT_TARGET, contexts)}
+    targets.update((name, _target(settings, name, contexts)) for name in settings.smtp_targets)
+    smtp, policy = targets[DEFAULT_TARGET].settings, targets[DEFAULT_TARGET].policy
     accounts: list[AccountSpec] = []
     disabled: list[AccountSpec] = []
     intervals: dict[str, float] = {}
     for i, acct in enumerate(settings.accounts):
         if not acct.enabled and not include_disabled:
             continue
-        (accounts if acct.enabled else disabled).append(_account(settings, i, contexts))
+        spec = _account(settings, i, targets[settings.target_of(acct)], contexts)
+        (accounts if acct.enabled else disabled).append(spec)
         if acct.enabled:
             intervals[acct.name] = settings.poll_interval_of(acct)
     notices = settings.notices
@@ -154,6 +194,8 @@ def build_runtime(settings: Settings, *, include_disabled: bool = False) -> Runt
         transcripts=settings.service.log_level == "debug",
         imap_store=_imap_store(settings, contexts),
         disabled=tuple(disabled),
+        targets=targets,
+        target_names={a.name: settings.target_of(a) for a in settings.accounts},
         notices=None
         if notices.postmaster is None
         else NoticeSettings(
@@ -189,22 +231,26 @@ class _Contexts:
         return ctx
 
 
-def _smtp(settings: Settings, contexts: _Contexts) -> tuple[SmtpSettings, DeliveryPolicy]:
-    """``[smtp]``: the session's settings, and how messages go on the envelope."""
-    smtp_cfg = settings.smtp
+def _target(settings: Settings, name: str, contexts: _Contexts) -> SmtpTarget:
+    """``[smtp]`` (``name`` "default") or ``[smtp_targets.<name>]``: the session's settings, with
+    its own TLS context, and how messages go on the envelope."""
+    smtp_cfg = settings.smtp_config(name)
+    where = "smtp" if name == DEFAULT_TARGET else f"smtp_targets.{name}"
     smtp_tls = TlsMode(smtp_cfg.tls)
     helo = smtp_cfg.helo_name or socket.getfqdn()
     smtp = SmtpSettings(
         host=smtp_cfg.host,
         port=smtp_cfg.effective_port,
         tls=smtp_tls,
-        ssl_context=contexts.get(smtp_tls, smtp_cfg.verify_certificate, smtp_cfg.ca_file, "smtp"),
+        ssl_context=contexts.get(smtp_tls, smtp_cfg.verify_certificate, smtp_cfg.ca_file, where),
         helo_name=helo,
         username=smtp_cfg.username,
         password=smtp_cfg.secret(),
         dsn=smtp_cfg.dsn,
         timeout=smtp_cfg.timeout,
         data_termination_timeout=smtp_cfg.data_termination_timeout,
+        verify_certificate=smtp_cfg.verify_certificate,
+        ca_file=smtp_cfg.ca_file,
     )
     match smtp_cfg.envelope_sender:
         case "return-path":
@@ -213,11 +259,29 @@ def _smtp(settings: Settings, contexts: _Contexts) -> tuple[SmtpSettings, Delive
             policy = DeliveryPolicy(SenderPolicy.NULL, None, helo)
         case address:
             policy = DeliveryPolicy(SenderPolicy.FIXED, address, helo)
-    return smtp, policy
+    return SmtpTarget(name, smtp, policy)
 
 
-def _account(settings: Settings, i: int, contexts: _Contexts) -> AccountSpec:
-    """``accounts[i]`` as the cycle takes it."""
+def owned_by(runtime: Runtime, shard: Shard) -> Runtime:
+    """``runtime`` with only the accounts ``shard`` owns (docs/design.md §14.2); the rest are
+    named in ``elsewhere``.  Every target stays: ``check --connect`` tests them all."""
+    if shard == ALL:
+        return replace(runtime, shard=shard)
+    mine = tuple(s for s in runtime.accounts if shard.owns(s.name))
+    mine_disabled = tuple(s for s in runtime.disabled if shard.owns(s.name))
+    others = tuple(s.name for s in (*runtime.accounts, *runtime.disabled) if not shard.owns(s.name))
+    return replace(
+        runtime,
+        accounts=mine,
+        disabled=mine_disabled,
+        intervals={s.name: runtime.intervals[s.name] for s in mine},
+        shard=shard,
+        elsewhere=others,
+    )
+
+
+def _account(settings: Settings, i: int, target: SmtpTarget, contexts: _Contexts) -> AccountSpec:
+    """``accounts[i]`` as the cycle takes it, delivering to ``target``."""
     acct = settings.accounts[i]
     tls = TlsMode(acct.tls)
     password: str | OAuth2TokenSource | None = acct.secret()
@@ -254,6 +318,7 @@ def _account(settings: Settings, i: int, contexts: _Contexts) -> AccountSpec:
         oversize=Oversize(acct.oversize),
         shared=None if acct.shared is None else shared_mailbox(acct.shared, acct.username),
         cycle_timeout=settings.service.cycle_timeout,
+        smtp=target,
     )
 
 

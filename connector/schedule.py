@@ -1,8 +1,8 @@
 """When each account polls, and how hard we press one POP3 host (docs/design.md §10.2).
 
 Pure: no asyncio and no clock of its own.  ``Service.serve`` asks a :class:`Plan` which accounts
-to start now and when to ask again, and tells it when a cycle ends; tests/unit/test_plan.py drives
-the same object with a fake clock through thousands of accounts.
+to start now and when to ask again, and tells it when a cycle ends; tests/unit/test_schedule.py
+drives the same object with a fake clock through thousands of accounts.
 
 Theory of operation
 -------------------

@@ -29,7 +29,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,6 +60,7 @@ from connector.ledger import AccountStatus, CycleRecord, Failures, Ledger, os_er
 from connector.notices import Notifier, RecordingStore
 from connector.runtime import Runtime, open_store
 from connector.schedule import MIN_GAP, Plan, Polled, host_key, next_slot, phase, slow_down_reason
+from connector.shard import Shard
 from connector.smtp import SmtpDeliverer
 
 if TYPE_CHECKING:
@@ -246,16 +247,26 @@ def status_document(
     dead_letters: dict[str, int],
     next_poll: dict[str, float | None] | None = None,
     ledger: dict[str, Any] | None = None,
+    *,
+    targets: Mapping[str, str] | None = None,
+    shard: Shard | None = None,
+    elsewhere: Collection[str] = (),
 ) -> dict[str, Any]:
     """The ``/status`` and ``status --json`` document (docs/design.md §11.2).
 
     ``names`` (the configured accounts) come first, in config order, then accounts the ledger
-    or the dead-letter store still knows (removed from the config).  ``next_poll`` overrides
-    the ledger's value with the scheduler's (SIGUSR1 or a reload may have moved it).
-    ``ledger`` (:func:`ledger_health`) becomes the document's ``ledger`` object.
+    or the dead-letter store still knows (removed from the config), but those of ``elsewhere``
+    (another shard's: rows left from before a resharding).  ``next_poll`` overrides the
+    ledger's value with the scheduler's (SIGUSR1 or a reload may have moved it).  ``ledger``
+    (:func:`ledger_health`) becomes the document's ``ledger`` object.  ``targets``: the SMTP
+    target of each account (``smtp_target``); ``shard``: the document's ``shard`` object.
     """
     by_name = {row.name: row for row in rows}
     order = list(dict.fromkeys([*names, *sorted(by_name), *sorted(dead_letters)]))
+    if elsewhere:
+        skip = set(elsewhere) - set(names)
+        order = [name for name in order if name not in skip]
+    targets = targets or {}
     accounts = []
     for name in order:
         row = by_name.get(name)
@@ -275,11 +286,15 @@ def status_document(
                 "deferred": row.deferred if row else 0,
                 "dead_letters": dead_letters.get(name, 0),
                 "next_poll": rfc3339(poll),
+                "smtp_target": targets.get(name),
             }
         )
-    if ledger is None:
-        return {"accounts": accounts}
-    return {"accounts": accounts, "ledger": ledger}
+    doc: dict[str, Any] = {"accounts": accounts}
+    if shard is not None:
+        doc["shard"] = {"index": shard.index, "count": shard.count}
+    if ledger is not None:
+        doc["ledger"] = ledger
+    return doc
 
 
 def ledger_health(path: Path, ledger: Ledger | None) -> dict[str, Any]:
@@ -336,6 +351,7 @@ class Service:
         self.dead_letter_counts: dict[str, int] | None = None
         if metrics is not None:
             metrics.set_accounts(self.accounts)
+            metrics.set_targets(self.smtp_targets())
             metrics.watch_ledger(lambda: ledger.writable)
 
     def _new_state(self, spec: AccountSpec, runtime: Runtime) -> AccountState:
@@ -406,12 +422,23 @@ class Service:
         state.failing = saved.failing
         state.restored = True
 
+    def smtp_targets(self) -> dict[str, str]:
+        """The name of each account's SMTP target (``/status``, ``account_info``)."""
+        default = self.runtime.default_target.name
+        return {
+            name: state.spec.smtp.name if state.spec.smtp is not None else default
+            for name, state in self.accounts.items()
+        }
+
     async def _cycle(self, state: AccountState) -> CycleResult:
         spec = state.spec
         await self._restore(state)
         started = self.clock()
+        # The account's own target (docs/design.md §14.1): its session, TLS context and
+        # envelope policy; a target that fails fails only the cycles of its accounts.
+        target = spec.smtp if spec.smtp is not None else self.runtime.default_target
         deliverer = SmtpDeliverer(
-            self.runtime.smtp, transcript=SMTP_TRANSCRIPT if self.runtime.transcripts else None
+            target.settings, transcript=SMTP_TRANSCRIPT if self.runtime.transcripts else None
         )
         recorded = RecordingStore(self.store)  # what the dead-letter digest names
         cycle = Cycle(
@@ -419,7 +446,7 @@ class Service:
             ledger=self.ledger,
             store=recorded,
             deliverer=deliverer,
-            policy=self.runtime.policy,
+            policy=target.policy,
             observer=self.observer,
             stopping=self.stopping,
             clock=self.clock,
@@ -592,7 +619,17 @@ class Service:
             name: self.plan.due(name) or state.next_poll for name, state in self.accounts.items()
         }
         health = ledger_health(self.ledger.path, self.ledger)
-        return status_document(self.accounts, rows, counts, polls, health)
+        runtime = self.runtime
+        return status_document(
+            self.accounts,
+            rows,
+            counts,
+            polls,
+            health,
+            targets=self.smtp_targets(),
+            shard=runtime.shard,
+            elsewhere=runtime.elsewhere,
+        )
 
     def metrics_text(self) -> bytes:
         """The Prometheus exposition (empty without metrics)."""
@@ -842,6 +879,7 @@ class Service:
         self.runtime = replace(new, accounts=tuple(self.accounts[n].spec for n in specs))
         if self.metrics is not None:
             self.metrics.set_accounts(self.accounts)
+            self.metrics.set_targets(self.smtp_targets())
         self._recount_now.set()  # the admin may have requeued or purged dead letters
         self._wake.set()
         log.info("configuration reloaded: %d account(s)", len(self.accounts))

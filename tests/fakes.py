@@ -2,7 +2,7 @@
 tests that open no sockets.
 
 The dead-letter store passes the same contract suite as the real stores
-(tests/unit/test_deadletter.py); the cycle's fakes (FakeLedger, FakeMailbox/FakePop3,
+(tests/test_deadletter_contract.py); the cycle's fakes (FakeLedger, FakeMailbox/FakePop3,
 FakeDeliverer) keep the rules of the real ledger and of RFC 1939 that a cycle can see, and mypy
 checks them against the Protocols in connector/cycle/lifecycle.py.
 """

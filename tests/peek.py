@@ -2,7 +2,8 @@
 
 The ledger's change counter (a steady listing writes nothing) and its done recipients by key;
 POP3 commands the connector never sends (NOOP, RSET) and RETR in its plain ``(number, raw)``
-form.  Each goes through the object's own machinery, so it behaves as a method there would.
+form; whether an SMTP session is open.  Each goes through the object's own machinery, so it
+behaves as a method there would.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from connector.ledger import Ledger
 from connector.pop3 import Pop3Client
 from connector.pop3.client import RETR_WINDOW, RETR_WINDOW_OCTETS
 from connector.pop3.protocol import Command, Verb
+from connector.smtp import SmtpDeliverer
 
 
 async def total_changes(ledger: Ledger) -> int:
@@ -51,3 +53,8 @@ async def retr_many(
     ) as items:
         async for item in items:
             yield item.number, item.raw
+
+
+def smtp_connected(deliverer: SmtpDeliverer) -> bool:
+    """True while a set-up SMTP session is open (it may still be dropped by the server)."""
+    return deliverer._smtp is not None and deliverer._smtp.is_connected

@@ -21,6 +21,7 @@ from tests.mailservers import (
 from tests.servers import DovecotServer, SmtpSink
 
 
+@pytest.mark.integration
 def test_dovecot_fresh_user_can_pop(dovecot: DovecotServer) -> None:
     user, pw = dovecot.add_user()
     dovecot.deliver_many(user, [b"Subject: a\r\n\r\nx\r\n", b"Subject: b\r\n\r\ny\r\n"])

@@ -9,8 +9,8 @@
                requeue``), its summary line, and the circuit breaker (docs/design.md §6.2)
 ``identity``   UIDLs and their stand-ins; what the ledger keeps to recognise a message, and
                the check before a DELE unread; the key of a shared mailbox's copies
-``values``     what a cycle is given (:class:`AccountSpec`) and reports (:class:`Outcome`,
-               :class:`CycleStats`)
+``values``     what a cycle is given (:class:`AccountSpec`, its :class:`SmtpTarget`) and
+               reports (:class:`Outcome`, :class:`CycleStats`)
 ``trace``      the ``Received:`` line added to every message delivered
 
 ``lifecycle`` imports the others; none of them imports ``lifecycle``.
@@ -38,7 +38,14 @@ from connector.cycle.refusal import (
     verdict,
 )
 from connector.cycle.trace import trace_header
-from connector.cycle.values import AccountSpec, CycleStats, DeliveryPolicy, Outcome, Oversize
+from connector.cycle.values import (
+    AccountSpec,
+    CycleStats,
+    DeliveryPolicy,
+    Outcome,
+    Oversize,
+    SmtpTarget,
+)
 
 __all__ = [
     "BREAKER_THRESHOLD",
@@ -60,6 +67,7 @@ __all__ = [
     "Outcome",
     "Oversize",
     "Pop3Session",
+    "SmtpTarget",
     "Verdict",
     "duplicate_key",
     "error_summary",

@@ -7,10 +7,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from connector.pop3 import AuthMethod, Pop3Endpoint, Pop3Timeouts
 from connector.recipients import SharedMailbox
 from connector.smtp import SenderPolicy
+
+if TYPE_CHECKING:  # the deliverer's module loads aiosmtplib: not for a pure value
+    from connector.smtp import SmtpSettings
 
 
 class Oversize(enum.StrEnum):
@@ -51,6 +55,10 @@ class AccountSpec:
     # The whole cycle's deadline, connect to QUIT ([service] cycle_timeout): the per-read
     # timeouts alone let a server that sends a byte now and then hold a cycle for ever.
     cycle_timeout: float = 3600.0
+    # Where its mail goes (`smtp = "NAME"`, docs/design.md §14.1); None: the service's default
+    # target ([smtp]).  Part of the spec, so that a reload that changes the target's settings
+    # changes the accounts that use it (a failing one then polls at once: it may be the fix).
+    smtp: SmtpTarget | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +68,18 @@ class DeliveryPolicy:
     sender_policy: SenderPolicy
     fixed_sender: str | None
     helo_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpTarget:
+    """One SMTP server mail is delivered to: ``[smtp]`` (named ``default``) or one of
+    ``[smtp_targets.NAME]`` (docs/design.md §14.1).  Each has its own session settings (TLS
+    context, login) and envelope policy; the cycles of its accounts open their sessions there
+    and nowhere else, so a target that fails stops its own accounts only."""
+
+    name: str
+    settings: SmtpSettings
+    policy: DeliveryPolicy
 
 
 class Outcome(enum.StrEnum):

@@ -1,35 +1,17 @@
 """POP3: a sans-I/O protocol core (``protocol``) and its asyncio shell (``client``).
 
-Layers above use the shell (:class:`Pop3Client` and its parameter types); the core's names are
-re-exported for tests and for anyone driving the protocol over another transport.
+Layers above use the shell (:class:`Pop3Client` and its parameter types), named here; the
+core's names are imported from ``connector.pop3.protocol`` itself.
 
 The shell's names are loaded lazily (PEP 562 ``__getattr__``): importing
 ``connector.pop3.protocol`` runs this file first, and it must not drag in asyncio, socket or
-ssl (docs/design.md §2; tests/unit/test_pop3_sansio.py checks it).
+ssl (docs/design.md §2; tests/unit/test_pop3_protocol.py checks it).
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
-
-from connector.pop3.protocol import (
-    NEED_DATA,
-    Capabilities,
-    Closed,
-    Command,
-    Connection,
-    Continuation,
-    Err,
-    Event,
-    Greeting,
-    Listing,
-    LocalProtocolError,
-    Message,
-    Ok,
-    State,
-    Verb,
-)
 
 if TYPE_CHECKING:
     from connector.pop3.client import (
@@ -43,26 +25,11 @@ if TYPE_CHECKING:
 _FROM_CLIENT = frozenset({"AuthMethod", "Pop3Client", "Pop3Endpoint", "Pop3Timeouts", "Retrieved"})
 
 __all__ = [
-    "NEED_DATA",
     "AuthMethod",
-    "Capabilities",
-    "Closed",
-    "Command",
-    "Connection",
-    "Continuation",
-    "Err",
-    "Event",
-    "Greeting",
-    "Listing",
-    "LocalProtocolError",
-    "Message",
-    "Ok",
     "Pop3Client",
     "Pop3Endpoint",
     "Pop3Timeouts",
     "Retrieved",
-    "State",
-    "Verb",
 ]
 
 

@@ -13,7 +13,7 @@ its public API.  Two things it cannot do, so we do them on its connection:
   regular expression (``sendmail()`` does both).
 
 What of aiosmtplib's insides that takes, all on ``aiosmtplib.protocol.SMTPProtocol``
-(tests/unit/test_aiosmtplib_internals.py fails, naming the attribute, when one changes):
+(tests/unit/test_smtp_connection.py fails, naming the attribute, when one changes):
 
 * ``_buffer``: the bytearray of received bytes not yet parsed (``_Replies`` appends to it);
 * ``_read_response_from_buffer()``: one complete reply parsed off ``_buffer``, or None;

@@ -36,6 +36,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import assert_never
 
 import aiosmtplib
@@ -81,13 +82,17 @@ class SmtpSettings:
     host: str
     port: int
     tls: TlsMode
-    ssl_context: ssl.SSLContext | None  # required unless tls is NONE
+    # Not compared: a reload builds a new context; what it was built from is compared instead
+    # (verify_certificate, ca_file), so that settings compare by value (docs/design.md §4.3).
+    ssl_context: ssl.SSLContext | None = field(compare=False)  # required unless tls is NONE
     helo_name: str
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     dsn: bool = True
     timeout: float = 60.0
     data_termination_timeout: float = 600.0
+    verify_certificate: bool = True
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,11 +135,6 @@ class SmtpDeliverer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
-
-    @property
-    def connected(self) -> bool:
-        """True while a set-up session is open (it may still be dropped by the server)."""
-        return self._smtp is not None and self._smtp.is_connected
 
     async def connect(self) -> None:
         """Open and set up the session: greeting, EHLO, STARTTLS and EHLO again, AUTH.

@@ -202,6 +202,7 @@ def test_status_without_a_ledger_and_unknown_ids(
         "deferred": 0,
         "dead_letters": 0,
         "next_poll": None,
+        "smtp_target": "default",
     }
     assert not (tmp_path / "state" / "ledger.sqlite3").exists()  # a reader creates nothing
     assert main(["--config", str(config), "status"]) == 0

@@ -4,7 +4,7 @@
 Issue 19: a receive connector set up wrong (``530 5.7.1 Client was not authenticated``,
 ``550 5.7.60 ... send as this sender``) must not dead-letter the mailbox; issue 12: a sender
 refused at RCPT (Postfix's ``smtpd_delay_reject = yes``) must not block the account.
-docs/design.md §6.2 tells the two apart by testing (tests/integration/test_evidence.py), with a
+docs/design.md §6.2 tells the two apart by testing (tests/component/test_smtp_evidence.py), with a
 circuit breaker against our own misjudgement (connector.cycle.Breaker).  Each test looks at
 what an administrator would: the exit status, the dead-letter store, the POP3 mailbox, status.
 """

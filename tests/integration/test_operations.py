@@ -167,7 +167,8 @@ def test_metrics_during_and_after_real_cycles(
         assert last_success > 0
         # Labels stay bounded: no UIDL, address or subject anywhere in the exposition.
         labels = {label for (_, pairs) in after for label, _ in pairs}
-        assert labels <= {"account", "outcome", "result", "code", "version", "le"}
+        bounded = {"account", "outcome", "result", "code", "version", "le", "smtp_target"}
+        assert labels <= bounded
 
         info = account_status(base, "info")
         assert info is not None

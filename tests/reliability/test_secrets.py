@@ -33,9 +33,9 @@ from connector.deadletter.imap import ImapStore, quote_astring
 from connector.oauth2 import OAuth2TokenSource
 from connector.runtime import build_runtime, open_store
 from connector.tls import TlsMode
+from tests.component.test_deadletter_imap import FakeImap
 from tests.integration.conftest import Setup
 from tests.integration.test_cycle import deny_spammer, message
-from tests.integration.test_imap_store import FakeImap
 from tests.reliability.test_security import _cli
 from tests.servers import QUOTED_PASSWORD, QUOTED_USER
 

@@ -1,16 +1,14 @@
-"""connector.addresses and connector.headers: the RFC 5321 Mailbox and Reverse-path scanners,
-the RFC 5322 address-list scanner, the bounded header reader, the IMAP SEARCH answer."""
+"""connector.addresses: the RFC 5321 Mailbox and Reverse-path scanners, the RFC 5322
+address-list scanner, and the plain address forms of the config."""
 
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from connector import headers
 from connector.addresses import (
     address_list,
     address_needs_smtputf8,
@@ -22,7 +20,6 @@ from connector.addresses import (
     mailbox_problem,
     reverse_path,
 )
-from connector.deadletter.imap import _search_uids
 
 settings.register_profile("dev", max_examples=60, deadline=None)
 settings.register_profile("ci", max_examples=1000, deadline=None)
@@ -115,83 +112,6 @@ def test_any_text_gives_a_mailbox_or_none_never_an_exception(text: str) -> None:
 )
 def test_address_list(value: str, found: list[str]) -> None:
     assert address_list(value) == found
-
-
-# --------------------------------------------------------------------------------------------
-# The header reader
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("raw", "expected"),
-    [
-        (b"A: b\r\n\r\nbody", (4, 8)),
-        (b"A: b\n\nbody", (4, 6)),
-        (b"A: b\n\r\nbody", (4, 7)),
-        (b"\r\nbody", (0, 2)),
-        (b"\nbody", (0, 1)),
-        (b"A: b\r\n", None),
-        (b"", None),
-    ],
-)
-def test_bounds(raw: bytes, expected: tuple[int, int] | None) -> None:
-    assert headers.bounds(raw) == expected
-
-
-def test_bounds_looks_only_within_the_cap() -> None:
-    raw = b"X: " + b"a" * headers.MAX_HEADER_BLOCK + b"\r\n\r\nbody"
-    assert headers.bounds(raw) is None
-    assert headers.header_block(raw) == raw[: headers.MAX_HEADER_BLOCK]
-
-
-def test_a_long_value_is_cut_and_marked() -> None:
-    raw = b"To: " + b"a@x.test, " * 10_000 + b"\r\nSubject: s\r\n\r\n"
-    to, subject = headers.fields(raw)
-    assert to.cut
-    assert headers.MAX_VALUE - 1 <= len(to.value) <= headers.MAX_VALUE
-    assert subject == headers.Field("subject", b"s")
-
-
-def test_fields_stop_at_the_caps() -> None:
-    raw = b"".join(b"X-%d: v\r\n" % i for i in range(headers.MAX_FIELDS + 10)) + b"\r\n"
-    assert len(list(headers.fields(raw))) == headers.MAX_FIELDS
-    start = time.perf_counter()
-    list(headers.fields(b"x\r\n" * 100_000))  # lines that are not fields
-    assert time.perf_counter() - start < 1.0
-
-
-def test_header_digest_is_the_same_for_retr_and_top() -> None:
-    raw = b"From: a@x.test\r\nSubject: s\r\n\r\nbody\r\nmore\r\n"
-    top = b"From: a@x.test\r\nSubject: s\r\n\r\n"  # TOP n 0 (RFC 1939 §7)
-    assert headers.header_digest(raw) == headers.header_digest(top)
-    assert headers.header_digest(raw) != headers.header_digest(b"From: b@x.test\r\n\r\n")
-    headers_only = b"From: a@x.test\r\nSubject: s\r\n"
-    assert headers.header_digest(headers_only) == headers.header_digest(headers_only)
-
-
-# --------------------------------------------------------------------------------------------
-# The IMAP store's SEARCH answer (its pattern backtracked exponentially)
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("line", "uids"),
-    [
-        (b"3 7", [3, 7]),
-        (b"SEARCH 3 7", [3, 7]),
-        (b"", []),
-        (b"3 x", []),
-        (b"1" * 40 + b"x", []),
-    ],
-)
-def test_search_uids(line: bytes, uids: list[int]) -> None:
-    assert _search_uids(line) == uids
-
-
-def test_search_answer_of_digits_is_linear() -> None:
-    start = time.perf_counter()
-    assert _search_uids(b"1" * 100_000 + b"x") == []
-    assert time.perf_counter() - start < 0.05
 
 
 # --------------------------------------------------------------------------------------------

@@ -175,6 +175,14 @@ def test_config_path_variable_is_not_a_setting(
     assert load(tmp_path, MINIMAL).smtp.host == "exchange.example.local"
 
 
+def test_shard_count_variable_is_not_a_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # deploy/kubernetes/statefulset.yaml sets it for `run --shard auto/$(POP3_CONNECTOR_SHARDS)`.
+    monkeypatch.setenv("POP3_CONNECTOR_SHARDS", "3")
+    assert load(tmp_path, MINIMAL).smtp.host == "exchange.example.local"
+
+
 def test_unknown_env_variable_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POP3_CONNECTOR_SMPT__HOST", "typo.example")
     assert problems(tmp_path, MINIMAL) == [
@@ -326,7 +334,7 @@ def test_smtp_auth_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     s = load(tmp_path, text)
     assert (s.smtp.username, s.smtp.secret()) == ("connector", SECRET)
     assert problems(tmp_path, MINIMAL.replace("[smtp]", '[smtp]\nusername = "connector"')) == [
-        "smtp.password: smtp.username is set: set password, password_file or password_env too"
+        "smtp.password: username is set: set password, password_file or password_env too"
     ]
     assert problems(tmp_path, MINIMAL.replace("[smtp]", f'[smtp]\npassword = "{SECRET}"')) == [
         "smtp.username: required when a password is set (SMTP AUTH)"
@@ -980,6 +988,11 @@ def test_example_config_shows_every_key(model: type[BaseModel]) -> None:
             rf"^[ \t]*(?:#[ \t]*)?(?:{key}[ \t]*=|\[\[?[\w.]*\b{key}\]\]?)", text, re.MULTILINE
         ), key
     for table in Settings.model_fields:
+        # The SMTP targets are a table of tables, shown commented out (``# [smtp_targets.x]``):
+        # a business with one Exchange has none.
+        if table == "smtp_targets":
+            assert re.search(r"^# \[smtp_targets\.[\w-]+\]$", text, re.MULTILINE), table
+            continue
         assert re.search(rf"^\[\[?{table}\]\]?", text, re.MULTILINE), table
 
 

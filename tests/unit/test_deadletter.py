@@ -1,20 +1,12 @@
-"""Dead-letter stores: one contract every store passes, Maildir specifics, the header helpers."""
+"""connector.deadletter: the header lines of a dead letter and the Recipients field (the contract
+every store passes is tests/test_deadletter_contract.py; the Maildir store's own behaviour,
+tests/unit/test_deadletter_maildir.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import email
 import email.policy
-import mailbox
-import os
-import resource
-import shutil
-import signal
-import stat
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -22,7 +14,6 @@ from hypothesis import strategies as st
 
 from connector.deadletter import (
     HEADER_BLOCK_MAX,
-    DeadLetterArchive,
     DeadLetterInfo,
     dead_letter_headers,
     header_block_continues,
@@ -30,7 +21,6 @@ from connector.deadletter import (
     strip_dead_letter_headers,
     with_dead_letter_headers,
 )
-from connector.deadletter.maildir import MaildirStore, unique_name
 from connector.errors import DeadLetterError
 from connector.smtp import address_problem
 from tests.fakes import InMemoryDeadLetterStore
@@ -54,248 +44,8 @@ def info(account: str = "info", uidl: str = "u1", minute: int = 0) -> DeadLetter
 
 
 # ============================================================================================
-# The contract: every DeadLetterArchive
+# The in-memory fake of tests/fakes.py
 # ============================================================================================
-
-
-@pytest.fixture(params=["maildir", "memory"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> DeadLetterArchive:
-    if request.param == "maildir":
-        return MaildirStore(tmp_path / "dead-letters")
-    return InMemoryDeadLetterStore()
-
-
-async def test_put_get_keeps_the_bytes_after_our_headers(store: DeadLetterArchive) -> None:
-    raw = MESSAGE + bytes(range(256)) + b"\rlone CR\nlone LF\r\n" + b"x" * 100_000
-    id = await store.put(raw, INFO)
-    stored = await store.get(id)
-    assert stored == EXPECTED_HEADERS + raw
-    assert strip_dead_letter_headers(stored) == raw
-
-
-async def test_list_and_count(store: DeadLetterArchive) -> None:
-    assert await store.list() == []
-    assert await store.count_by_account() == {}
-    later = await store.put(b"Subject: 2\r\n\r\n", info("info", "u2", minute=50))
-    earlier = await store.put(MESSAGE, info("info", "u1", minute=10))
-    other = await store.put(b"", info("sales", "s1", minute=30))
-    assert len({later, earlier, other}) == 3
-
-    records = await store.list()
-    assert [(r.id, r.account, r.uidl) for r in records] == [
-        (earlier, "info", "u1"),
-        (other, "sales", "s1"),
-        (later, "info", "u2"),
-    ]
-    first = records[0]
-    assert (first.stage, first.response) == ("data", "554 5.1.0 Sender denied")
-    assert first.failed_at == WHEN.replace(minute=10)
-    assert first.size == len(MESSAGE)
-    assert records[1].size == 0
-    assert await store.count_by_account() == {"info": 2, "sales": 1}
-
-
-async def test_remove_and_unknown_ids(store: DeadLetterArchive) -> None:
-    id = await store.put(MESSAGE, INFO)
-    keep = await store.put(MESSAGE, info(uidl="u2"))
-    await store.remove(id)
-    assert [r.id for r in await store.list()] == [keep]
-    with pytest.raises(KeyError):
-        await store.get(id)
-    with pytest.raises(KeyError):
-        await store.remove(id)
-    with pytest.raises(KeyError):
-        await store.get("no-such-id")
-
-
-async def test_sanitised_values_are_listed_as_written(store: DeadLetterArchive) -> None:
-    await store.put(MESSAGE, DeadLetterInfo("info", "u1", "data", "550\r\n  spam\tdetected", WHEN))
-    (record,) = await store.list()
-    assert record.response == "550 spam detected"
-
-
-# ============================================================================================
-# Maildir specifics
-# ============================================================================================
-
-
-def _mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
-
-
-async def test_maildir_lists_oldest_first_within_one_second(tmp_path: Path) -> None:
-    """Failed-At has whole seconds; the names' microseconds and counter order the rest, as
-    numbers (as strings, ``M123456`` sorts before ``M99`` and ``Q10`` before ``Q2``)."""
-    store = MaildirStore(tmp_path / "dead-letters")
-    names = [  # in the order they were stored, all in one second
-        "1796643000.M99P7Q1R0a0a0a0a.host",
-        "1796643000.M123456P7Q2R0a0a0a0a.host",
-        "1796643000.M123456P7Q10R0a0a0a0a.host",
-    ]
-    for n, name in enumerate(names):
-        stored = await store.put(MESSAGE, info(uidl=f"u{n}"))
-        (store.path / "new" / stored).rename(store.path / "new" / name)
-    assert [r.uidl for r in await store.list()] == ["u0", "u1", "u2"]
-    assert sorted(names) == names[::-1]  # what a sort by the name alone gave
-
-
-async def test_maildir_files_appear_only_in_new(tmp_path: Path) -> None:
-    root = tmp_path / "dead-letters"
-    id = await MaildirStore(root).put(MESSAGE, INFO)
-    assert sorted(p.name for p in root.iterdir()) == ["cur", "new", "tmp"]
-    assert [p.name for p in (root / "new").iterdir()] == [id]
-    assert list((root / "tmp").iterdir()) == []
-    assert list((root / "cur").iterdir()) == []
-    assert {_mode(root / d) for d in ("", "tmp", "new", "cur")} == {0o700}
-    assert _mode(root / "new" / id) == 0o600
-
-
-async def test_maildir_fsyncs_the_file_before_and_new_after_the_link(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    root = tmp_path / "dead-letters"
-    store = MaildirStore(root)
-    await store.put(b"first", INFO)  # creates the Maildir; the next put is the steady case
-    events: list[tuple[str, str]] = []
-    real_fsync, real_link, real_rename = os.fsync, os.link, os.rename
-
-    def fsync(fd: int) -> None:
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def link(src: str | Path, dst: str | Path) -> None:
-        events.append(("link", str(dst)))
-        real_link(src, dst)
-
-    def rename(src: str | Path, dst: str | Path) -> None:
-        events.append(("rename", str(dst)))
-        real_rename(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "link", link)
-    monkeypatch.setattr(os, "rename", rename)
-    id = await store.put(MESSAGE, INFO)
-
-    new_dir = str((root / "new").resolve())
-    assert events == [
-        ("fsync", str((root / "tmp" / id).resolve())),
-        ("link", str(root / "new" / id)),
-        ("fsync", new_dir),
-    ]
-
-
-async def test_maildir_never_leaves_a_half_written_file(tmp_path: Path) -> None:
-    # A real short write: the kernel refuses to grow any file past RLIMIT_FSIZE (EFBIG), as a
-    # full disk would (ENOSPC), even for root.
-    root = tmp_path / "dead-letters"
-    store = MaildirStore(root)
-    await store.put(b"small", INFO)
-    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
-    try:
-        with pytest.raises(DeadLetterError) as caught:
-            await store.put(b"x" * 1_000_000, INFO)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, old_handler)
-    assert caught.value.store == f"maildir:{root}"
-    assert caught.value.reason == "cannot write the file: File too large [EFBIG]"
-    assert len(list((root / "new").iterdir())) == 1  # only the first message
-    assert list((root / "tmp").iterdir()) == []  # the partial file was removed
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory outside pytest's private tmp tree, so that "nobody" can reach into it."""
-    base = Path(tempfile.mkdtemp(prefix="deadletter-"))
-    base.chmod(0o755)
-    try:
-        yield base
-    finally:
-        for path in (base, *base.rglob("*")):
-            if path.is_dir():
-                path.chmod(0o700)
-        shutil.rmtree(base)
-
-
-@contextlib.contextmanager
-def without_privileges() -> Iterator[None]:
-    """Run the block unable to bypass file modes: as root, with effective uid "nobody".
-
-    The real uid stays 0, which is what allows switching back.
-    """
-    if os.geteuid() != 0:
-        yield
-        return
-    os.seteuid(65534)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-
-
-async def test_maildir_in_a_read_only_directory_is_a_dead_letter_error(shared_dir: Path) -> None:
-    read_only = shared_dir / "ro"
-    read_only.mkdir(mode=0o555)
-    read_only.chmod(0o555)
-    store = MaildirStore(read_only / "dead-letters")
-    with without_privileges(), pytest.raises(DeadLetterError) as caught:
-        await store.put(MESSAGE, INFO)
-    assert caught.value.store == f"maildir:{read_only / 'dead-letters'}"
-    assert caught.value.reason == "cannot create the Maildir: Permission denied [EACCES]"
-    assert not (read_only / "dead-letters").exists()
-
-
-async def test_maildir_with_a_read_only_new_is_a_dead_letter_error(shared_dir: Path) -> None:
-    root = shared_dir / "dead-letters"
-    for sub, mode in (("", 0o777), ("tmp", 0o777), ("cur", 0o777), ("new", 0o555)):
-        (root / sub).mkdir()
-        (root / sub).chmod(mode)
-    with without_privileges(), pytest.raises(DeadLetterError) as caught:
-        await MaildirStore(root).put(MESSAGE, INFO)
-    assert caught.value.reason == "cannot move the file into new/: Permission denied [EACCES]"
-    assert list((root / "tmp").iterdir()) == []  # the tmp/ file was cleaned up
-    assert list((root / "new").iterdir()) == []
-
-
-async def test_maildir_is_readable_by_pythons_mailbox_and_a_client_moving_files(
-    tmp_path: Path,
-) -> None:
-    root = tmp_path / "dead-letters"
-    store = MaildirStore(root)
-    id = await store.put(MESSAGE, INFO)
-
-    md = mailbox.Maildir(root, factory=None, create=False)
-    assert md.keys() == [id]
-    assert md.get_bytes(id) == EXPECTED_HEADERS + MESSAGE
-    message = md[id]
-    assert message["X-POP3-Connector-Response"] == "554 5.1.0 Sender denied"
-    assert message["Subject"] == "hi"
-
-    # A mail client marks it seen: new/<id> -> cur/<id>:2,S.  It is still the same dead letter.
-    (root / "new" / id).rename(root / "cur" / f"{id}:2,S")
-    assert [r.id for r in await store.list()] == [id]
-    assert strip_dead_letter_headers(await store.get(id)) == MESSAGE
-    await store.remove(id)
-    assert list((root / "cur").iterdir()) == []
-
-
-async def test_maildir_skips_foreign_files_and_refuses_path_ids(tmp_path: Path) -> None:
-    root = tmp_path / "dead-letters"
-    store = MaildirStore(root)
-    id = await store.put(MESSAGE, INFO)
-    (root / "new" / "1.foreign.host").write_bytes(b"Subject: not ours\r\n\r\n")
-    assert [r.id for r in await store.list()] == [id]
-    for bad in ("", "../new/" + id, "." + id, f"{id}:2,S", "a\0b"):
-        with pytest.raises(KeyError):
-            await store.get(bad)
-
-
-def test_unique_names_differ() -> None:
-    names = {unique_name() for _ in range(1000)}
-    assert len(names) == 1000
-    assert all(":" not in n and "/" not in n for n in names)
 
 
 async def test_fake_put_failure_switch() -> None:
@@ -538,17 +288,6 @@ def test_a_head_cut_inside_the_recipients_field() -> None:
     assert not header_block_continues(with_dead_letter_headers(MESSAGE, INFO)[:100])
 
 
-async def test_maildir_keeps_a_folded_recipients_field(tmp_path: Path) -> None:
-    store = MaildirStore(tmp_path / "dead-letters")
-    dl = recipients_info(addresses(40))
-    id = await store.put(MESSAGE, dl)
-    (record,) = await store.list()
-    assert (record.id, record.size) == (id, len(MESSAGE))
-    stored = await store.get(id)
-    assert parse_dead_letter_headers(stored) == (dl, len(stored) - len(MESSAGE))
-    assert strip_dead_letter_headers(stored) == MESSAGE
-
-
 def _address(local: str, local_len: int, domain_len: int) -> str:
     labels = ["d" * 63] * (domain_len // 64) + ["e" * (domain_len % 64 or 1)]
     return (local * local_len)[:local_len] + "@" + ".".join(labels)
@@ -582,13 +321,3 @@ def test_recipients_round_trip_for_any_list(
     assert max(len(line) for line in physical_lines(head, eol)) <= 998
     assert parse_dead_letter_headers(wrapped) == (dl, len(head))
     assert strip_dead_letter_headers(wrapped) == raw
-
-
-async def test_maildir_lists_a_recipients_field_longer_than_the_head(tmp_path: Path) -> None:
-    store = MaildirStore(tmp_path / "dead-letters")
-    dl = recipients_info(addresses(300))
-    id = await store.put(MESSAGE, dl)
-    assert len(with_dead_letter_headers(MESSAGE, dl)) > HEADER_BLOCK_MAX
-    (record,) = await store.list()
-    assert (record.id, record.account, record.size) == (id, "catchall", len(MESSAGE))
-    assert await store.count_by_account() == {"catchall": 1}

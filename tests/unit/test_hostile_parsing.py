@@ -39,6 +39,10 @@ from connector.pop3.protocol import parse_scan_line, parse_stat
 from connector.recipients import SharedMailbox, message_id, route
 from connector.smtp import SenderPolicy, address_problem, envelope_sender
 
+# Time is what these tests bound: they run without coverage's line tracer, which would slow the
+# parsers they time (scripts/test measures coverage; the parsers' own tests cover them).
+pytestmark = pytest.mark.no_cover
+
 BOUND = 0.050  # seconds per call
 MB = 1024 * 1024
 

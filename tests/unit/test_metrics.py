@@ -32,11 +32,13 @@ EXPECTED = {
     "pop3_connector_accounts_failing": "gauge",
     "pop3_connector_oldest_last_success_timestamp_seconds": "gauge",
     "pop3_connector_host_pauses": "counter",
+    "pop3_connector_account_info": "gauge",
 }
-# Without per_account: the same families less the two that do not add up across accounts.
+# Without per_account: the same families less the three that are about one account each.
 PER_ACCOUNT_ONLY = {
     "pop3_connector_last_success_timestamp_seconds",
     "pop3_connector_account_failing",
+    "pop3_connector_account_info",
 }
 
 
@@ -226,3 +228,29 @@ def test_no_accounts_nothing_overdue() -> None:
     value = m.registry.get_sample_value("pop3_connector_oldest_last_success_timestamp_seconds")
     assert value is not None
     assert value != value  # NaN: time() - NaN > x is never true, so no alert fires
+
+
+def test_account_info_names_each_accounts_smtp_target() -> None:
+    """One series per account (docs/design.md §14.1), not a label on the others; an account
+    that moves to another target, or goes, leaves no series behind."""
+    m = Metrics()
+    m.set_accounts(["info", "sales"])
+    m.set_targets({"info": "default", "sales": "kunde-b"})
+
+    def info(account: str, target: str) -> float | None:
+        labels = {"account": account, "smtp_target": target}
+        return m.registry.get_sample_value("pop3_connector_account_info", labels)
+
+    assert (info("info", "default"), info("sales", "kunde-b")) == (1, 1)
+    m.set_targets({"info": "kunde-b"})
+    assert (info("info", "default"), info("info", "kunde-b")) == (None, 1)
+    assert info("sales", "kunde-b") is None
+    infos = [
+        s for f in text_string_to_metric_families(m.render().decode())
+        if f.name == "pop3_connector_account_info" for s in f.samples
+    ]  # fmt: skip
+    assert len(infos) == 1
+    # No other series carries the target.
+    assert b"smtp_target" not in b"".join(
+        line for line in m.render().splitlines() if b"account_info" not in line
+    )

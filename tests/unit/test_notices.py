@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from datetime import UTC, datetime
 from email import message_from_bytes
 from email.message import EmailMessage
 from email.policy import default
@@ -23,6 +24,8 @@ from connector.notices import (
 )
 from connector.smtp import Envelope, SmtpSettings
 from connector.tls import TlsMode
+from tests.component.test_cycle_lifecycle import mail
+from tests.fakes import InMemoryDeadLetterStore
 
 SMTP = SmtpSettings(
     host="127.0.0.1",
@@ -346,3 +349,23 @@ async def test_oversize_notice_not_sent_is_tried_again_next_cycle(tmp_path: Path
         )
         outbox.fail = False
     assert outbox.subjects() == ["[pop3-connector] info: 1 message too large"]
+
+
+# -- RecordingStore ----------------------------------------------------------------------------
+
+
+def _info(uidl: str, recipients: tuple[str, ...] = (), account: str = "info") -> DeadLetterInfo:
+    return DeadLetterInfo(
+        account, uidl, "data", "554 5.1.0 Sender denied", datetime(2026, 1, 2, tzinfo=UTC),
+        recipients,
+    )  # fmt: skip
+
+
+async def test_the_admin_digest_forgets_a_dead_letter_that_was_removed() -> None:
+    inner = InMemoryDeadLetterStore()
+    recorded = RecordingStore(inner)
+    kept = await recorded.put(mail(1), _info("u1"))
+    gone = await recorded.put(mail(2), _info("u2"))
+    await recorded.remove(gone)
+    assert [n.id for n in recorded.notes] == [kept]
+    assert list(inner.messages) == [kept]

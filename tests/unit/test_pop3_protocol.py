@@ -6,8 +6,15 @@ start of another reply that must stay in the buffer.  No sockets, no event loop.
 
 from __future__ import annotations
 
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
+import connector.pop3.protocol as protocol
 from connector.errors import Pop3ConnectionError, Pop3ProtocolError
 from connector.pop3.protocol import (
     MAX_LINE,
@@ -521,6 +528,54 @@ def test_command_bytes() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# servers that do not dot-stuff a message's first line (Dovecot 2.3, seen on the wire): RFC 1939 §3
+# says every line starting with "." is stuffed; Dovecot skips the first line.  RETR's "+OK <octets>"
+# tells the readings apart; without a count the RFC reading stands.
+# ---------------------------------------------------------------------------------------------
+
+
+def retr(reply: bytes) -> Message:
+    conn = Connection()
+    conn.receive_data(b"+OK hi\r\n")
+    conn.next_event()
+    for verb, arg in ((Verb.USER, "u"), (Verb.PASS, "p")):
+        conn.send(Command(verb, (arg,)))
+        conn.receive_data(b"+OK\r\n")
+        assert isinstance(conn.next_event(), Ok)
+    conn.send(Command(Verb.RETR, (1,)))
+    for i in range(len(reply)):  # byte by byte: the decision must not depend on chunking
+        conn.receive_data(reply[i : i + 1])
+    event = conn.next_event()
+    assert isinstance(event, Message)
+    return event
+
+
+@pytest.mark.parametrize(
+    ("wire", "message"),
+    [
+        (b"+OK 3 octets\r\n.\r\n.\r\n", b".\r\n"),  # Dovecot: a message that is only "."
+        (b"+OK 6 octets\r\n.\r\n..\r\n.\r\n", b".\r\n.\r\n"),
+        (b"+OK 10 octets\r\n..two\r\nx\r\n.\r\n", b"..two\r\nx\r\n"),  # unstuffed first line
+        (b"+OK 9 octets\r\n..two\r\nx\r\n.\r\n", b".two\r\nx\r\n"),  # properly stuffed
+        (b"+OK 11 octets\r\n.foo\r\nbar\r\n.\r\n", b".foo\r\nbar\r\n"),
+        (b"+OK message follows\r\n..two\r\n.\r\n", b".two\r\n"),  # no count: RFC reading
+        # Stored without a final line end: counted as stored, sent with a CRLF added.
+        (b"+OK 1 octets\r\n.\r\n.\r\n", b".\r\n"),
+        (b"+OK 3 octets\r\n..x\r\n.\r\n", b"..x\r\n"),
+        (b"+OK 0 octets\r\n.\r\n", b""),
+        (b"+OK\r\n.\r\n", b""),
+    ],
+)
+def test_first_line_readings(wire: bytes, message: bytes) -> None:
+    assert retr(wire).raw == message
+
+
+def test_a_dot_first_line_that_does_not_add_up_is_refused() -> None:
+    with pytest.raises(Pop3ProtocolError):
+        retr(b"+OK 50 octets\r\n.\r\nx\r\n.\r\n")
+
+
+# ---------------------------------------------------------------------------------------------
 # caps and protocol errors
 # ---------------------------------------------------------------------------------------------
 
@@ -622,6 +677,50 @@ def test_eof_in_the_middle_of_a_reply(data: bytes) -> None:
 def test_bad_max_message_size() -> None:
     with pytest.raises(ValueError, match="positive"):
         Connection(max_message_size=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the core stays sans-I/O (docs/design.md §2): importing it pulls in no network or loop
+# ---------------------------------------------------------------------------------------------
+
+
+FORBIDDEN = ("asyncio", "socket", "ssl", "selectors")
+
+
+def test_fresh_interpreter_imports_no_io_modules() -> None:
+    code = (
+        "import sys\n"
+        "import connector.pop3.protocol\n"
+        f"print(sorted(m for m in {FORBIDDEN!r} if m in sys.modules))\n"
+    )
+    # -I: isolated mode, so no sitecustomize or user site can import asyncio behind our back.
+    # Without coverage.py's variables: under scripts/test it would start in the child (pyproject's
+    # patch = ["subprocess"]) and import socket itself.
+    fresh = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")}
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True, env=fresh
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_protocol_imports_only_stdlib_and_errors() -> None:
+    tree = ast.parse(Path(protocol.__file__).read_text())
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+    local = {name for name in imported if name.split(".")[0] == "connector"}
+    # _scan: the C helper of _unstuff (no I/O, no imports of its own).
+    assert local == {"connector.errors", "connector.pop3._scan"}
+    third_party = {
+        name
+        for name in imported - local
+        if name.split(".")[0] not in sys.stdlib_module_names and name != "__future__"
+    }
+    assert third_party == set()
+    assert not {name.split(".")[0] for name in imported} & set(FORBIDDEN)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from connector.recipients import (
     Routing,
     Rule,
     SharedMailbox,
-    header_fields,
     message_id,
     route,
 )
@@ -437,24 +436,6 @@ def test_header_block_bigger_than_the_scanning_limit() -> None:
 def test_one_huge_header_line_is_cut_not_scanned_whole() -> None:
     raw = b"To: bob@firma.example\r\nX-Junk: " + b"a" * 20_000_000 + b"\r\n\r\n"
     assert rt(raw).recipients == ("bob@firma.example",)
-
-
-def test_header_fields_unfolds_and_lowercases() -> None:
-    raw = (
-        b"Subject: one\r\n two\r\n\tthree\r\n"
-        b"not a field line\r\n"
-        b" orphan continuation\r\n"
-        b"X-A:  v  \r\n"
-        b"\r\n"
-        b"To: body@x.test\r\n"
-    )
-    assert list(header_fields(raw)) == [("subject", "one two three"), ("x-a", "v")]
-
-
-def test_header_fields_surrogate_escapes_eight_bit() -> None:
-    ((name, value),) = header_fields(b"Subject: caf\xe9\r\n\r\n")
-    assert name == "subject"
-    assert value.encode("ascii", "surrogateescape") == b"caf\xe9"
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ aiosmtplib or the network modules (the package's ``__init__`` loads the rest on 
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
 
@@ -26,8 +27,11 @@ def test_the_pure_part_imports_no_io_modules() -> None:
         f"print(sorted(m for m in {FORBIDDEN!r} if m in sys.modules))\n"
     )
     # -I: isolated mode, so no sitecustomize or user site imports anything behind our back.
+    # Without coverage.py's variables: under scripts/test it would start in the child (pyproject's
+    # patch = ["subprocess"]) and import socket itself.
+    fresh = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")}
     out = subprocess.run(
-        [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True
+        [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True, env=fresh
     )
     assert out.stdout.strip() == "[]"
 

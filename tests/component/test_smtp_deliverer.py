@@ -34,6 +34,7 @@ from connector.smtp import (
     envelope_sender,
 )
 from connector.tls import TlsMode
+from tests.peek import smtp_connected
 from tests.servers import RecordingHandler, SmtpSink, free_port
 
 TO = ("info@firma.local",)
@@ -62,7 +63,7 @@ def message(n: int) -> bytes:
 
 
 def is_connected(deliverer: SmtpDeliverer) -> bool:
-    return deliverer.connected  # a call, so mypy does not narrow it across awaits
+    return smtp_connected(deliverer)  # a call, so mypy does not narrow it across awaits
 
 
 def size_limit(deliverer: SmtpDeliverer) -> int | None:
@@ -408,7 +409,7 @@ async def test_partial_recipients_delivered_once(smtp_sink: SmtpSink) -> None:
     )
     async with SmtpDeliverer(smtp_settings(smtp_sink.port)) as deliverer:
         # Recipients read from the message (a shared mailbox): a configured one refused
-        # permanently would abort the transaction instead (test_delivery_recipients.py).
+        # permanently would abort the transaction instead (test_smtp_deliverer_recipients.py).
         result = await deliverer.deliver(
             MESSAGE, envelope(recipients=("info@x.test", "gone@x.test"), recipients_fixed=False)
         )

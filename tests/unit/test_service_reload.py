@@ -12,11 +12,12 @@ import pytest
 import trustme
 from pydantic import BaseModel
 
-from connector.config import AccountConfig, Settings, load_settings
+from connector.config import AccountConfig, Settings, SmtpConfig, load_settings
 from connector.ledger import Ledger
 from connector.metrics import Metrics
 from connector.runtime import Runtime, build_runtime
 from connector.service import Service
+from connector.shard import Shard
 
 
 def runtime(tmp_path: Path, accounts: dict[str, str], parallel: int = 8) -> Runtime:
@@ -93,6 +94,7 @@ BASE: Final[dict[str, Any]] = {
     "password": "secret",
     "auth": "auto",
     "deliver_to": ["info@firma.local"],
+    "smtp": "kunde",  # _runtime names "kunde" and "xkunde" as targets
     "poll_interval": 300,
     "enabled": True,
     "max_deferral": 86400,
@@ -238,11 +240,15 @@ def _account(tmp_path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     return account
 
 
-def _runtime(tmp_path: Path, account: dict[str, Any]) -> Runtime:
+def _runtime(
+    tmp_path: Path, account: dict[str, Any], target: dict[str, Any] | None = None
+) -> Runtime:
+    smtp = {"host": "127.0.0.1", "tls": "none", "helo_name": "c.test"}
     return build_runtime(
         Settings(
             service={"state_dir": tmp_path},
-            smtp={"host": "127.0.0.1", "tls": "none", "helo_name": "c.test"},
+            smtp=smtp,
+            smtp_targets={"kunde": target or smtp, "xkunde": {**smtp, "host": "127.0.0.2"}},
             accounts=[account],
         )
     )
@@ -336,11 +342,11 @@ async def test_sighup_reads_and_builds_the_config_off_the_event_loop(
     entered, release = threading.Event(), threading.Event()
     load = cli._load
 
-    def slow_load(path: Path) -> tuple[Settings, Runtime]:
+    def slow_load(path: Path, shard: Shard) -> tuple[Settings, Runtime]:
         entered.set()
         if not release.wait(10):
             raise RuntimeError("the loop never went on")
-        return load(path)
+        return load(path, shard)
 
     monkeypatch.setattr(cli, "_load", slow_load)
     monkeypatch.setattr(cli, "setup_logging", lambda *args: None)  # keep caplog's handler
@@ -365,3 +371,56 @@ async def test_sighup_reads_and_builds_the_config_off_the_event_loop(
     await until("configuration reloaded")
     os.kill(os.getpid(), signal.SIGTERM)
     assert await asyncio.wait_for(running, 10) == 0
+
+
+# Every key of an SMTP target ([smtp_targets.NAME], the keys of [smtp]): a change reaches the
+# accounts that deliver there, as a change of their own.
+TARGET: Final[dict[str, Any]] = {
+    "host": "exchange.kunde.test",
+    "port": 2525,
+    "tls": "starttls",
+    "verify_certificate": True,
+    "ca_file": Path("ca.pem"),
+    "username": "connector",
+    "password": "smtp-secret",
+    "helo_name": "connector.kunde.test",
+    "envelope_sender": "return-path",
+    "dsn": True,
+    "timeout": 60,
+    "data_termination_timeout": 600,
+}
+TARGET_VARIANTS: Final[dict[str, dict[str, Any]]] = {
+    "password_file": {"password": None, "password_file": "token-or-password"},
+    "password_env": {"password": None, "password_env": "RELOAD_TEST_PASSWORD"},
+}
+
+
+@pytest.mark.parametrize("key", list(SmtpConfig.model_fields))
+async def test_reload_applies_each_smtp_target_key(files: Path, key: str) -> None:
+    """SIGHUP with one key of an account's SMTP target changed: the account's spec changes,
+    and a failing account polls at once (the change may be the fix: a new SMTP password)."""
+    target = {k: v for k, v in {**TARGET, **TARGET_VARIANTS.get(key, {})}.items() if v is not None}
+    for name in ("ca_file", "password_file"):
+        if name in target:
+            target[name] = files / target[name]
+    annotation = SmtpConfig.model_fields[key].annotation
+    value = "null" if key == "envelope_sender" else _changed(target[key], annotation, (key,))
+    changed = {**target, key: value}
+    account = _account(files, {})
+    old_runtime = _runtime(files, account, target)
+    ledger = await Ledger.open(files / "ledger.sqlite3")
+    try:
+        service = Service(old_runtime, ledger)
+        state = service.accounts["info"]
+        old_spec = state.spec
+        state.failing = True
+        service.apply_runtime(_runtime(files, account, target))  # rebuilt, not changed
+        assert state.spec is old_spec
+        assert not state.poll_now.is_set()
+        new_runtime = _runtime(files, account, changed)
+        service.apply_runtime(new_runtime)
+        assert service.accounts["info"] is state
+        assert state.spec is new_runtime.accounts[0], f"a reload ignored smtp_targets.*.{key}"
+        assert state.poll_now.is_set()
+    finally:
+        await ledger.close()

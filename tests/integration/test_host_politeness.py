@@ -6,8 +6,8 @@ session of a user is logged in, Dovecot answers the next login of that user ``-E
 Mailbox is locked by another POP3 session.`` (after waiting about ten seconds for the lock, a
 wait of its own that no setting shortens).  The same Dovecot also listens on 127.0.0.2, which
 is another host for the per-host limit: the one that must not suffer for the first.  The
-loopback tests (tests/unit/test_host_politeness.py) cover LOGIN-DELAY and the pauses over
-time; connector.schedule's own tests (test_plan.py) the real pause durations.
+loopback tests (tests/component/test_service_politeness.py) cover LOGIN-DELAY and the pauses over
+time; connector.schedule's own tests (tests/unit/test_schedule.py) the real pause durations.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,7 @@ from connector.cycle import (
     DeliveryPolicy,
     Outcome,
     Oversize,
-    duplicate_key,
     stand_in_uidl,
-    trace_header,
 )
 from connector.deadletter import parse_dead_letter_headers
 from connector.deadletter.maildir import MaildirStore
@@ -48,7 +45,7 @@ from connector.recipients import Rule, SharedMailbox
 from connector.smtp import Envelope, SenderPolicy, SmtpDeliverer, SmtpSettings
 from connector.tls import TlsMode
 from tests.fakes import InMemoryDeadLetterStore
-from tests.peek import total_changes
+from tests.peek import smtp_connected, total_changes
 
 USER, PASSWORD = "info@firma.example", "pop-secret"
 
@@ -365,42 +362,6 @@ async def test_stop_between_messages_still_quits(tmp_path: Path) -> None:
         assert len(rig.pop.mailboxes[USER]) == 4  # and its DELE took effect: QUIT was sent
 
 
-def test_trace_header_uses_the_message_line_ending_and_is_safe() -> None:
-    when = datetime(2026, 11, 27, 15, 49, 35, tzinfo=UTC)
-    crlf = trace_header(
-        b"Subject: x\r\n\r\n",
-        pop_host="pop.example",
-        by_host="me",
-        uidl="abc",
-        recipients=["a@b"],
-        now=when,
-    )
-    assert crlf == (
-        b"Received: from pop.example by me with POP3 (pop3-connector) id abc\r\n"
-        b"\tfor <a@b>; Fri, 27 Nov 2026 15:49:35 +0000\r\n"
-    )
-    lf = trace_header(
-        b"Subject: x\n\n",
-        pop_host="p",
-        by_host="me",
-        uidl="a;b\r\nX: y",
-        recipients=["a@b", "c@d"],
-        now=when,
-    )
-    expected = b"Received: from p by me with POP3 (pop3-connector)\n"
-    assert lf == expected + b"\t; Fri, 27 Nov 2026 15:49:35 +0000\n"
-    # The date is of the second the message was taken, whatever was formatted before.
-    for now, text in [
-        (when.replace(microsecond=999_999), b"15:49:35"),
-        (datetime(2026, 11, 27, 15, 49, 36, 1, tzinfo=UTC), b"15:49:36"),
-        (when, b"15:49:35"),
-    ]:
-        line = trace_header(
-            b"x\r\n", pop_host="p", by_host="me", uidl="a", recipients=["a@b"], now=now
-        )
-        assert line.endswith(b"Fri, 27 Nov 2026 " + text + b" +0000\r\n")
-
-
 # -- leave_on_server / delete_after ---------------------------------------------------------------
 
 DAY = 86400.0
@@ -602,24 +563,6 @@ async def test_copies_that_differ_only_in_trace_fields_are_still_suppressed(
     assert not [r for r in caplog.records if "different body" in r.getMessage()]
 
 
-def test_duplicate_key_is_the_message_id_and_a_digest_of_the_body_only() -> None:
-    key = duplicate_key("<m1@customer.example>", copy_for("info@firma.example", "x"))
-    assert key.startswith("mid:<m1@customer.example>:")
-    assert len(key.rpartition(":")[2]) == 64  # SHA-256, hex
-    assert key == duplicate_key(
-        "<m1@customer.example>", copy_for("chef@firma.example", "x", mx="mx22")
-    )
-    assert key != duplicate_key("<m1@customer.example>", copy_for("info@firma.example", "y"))
-    assert key != duplicate_key("<m2@customer.example>", copy_for("info@firma.example", "x"))
-    # LF line ends, as route() tolerates them; no empty line: the whole message.
-    assert duplicate_key("<a@b>", b"To: x\n\nbody\n") == duplicate_key("<a@b>", b"To: y\n\nbody\n")
-    assert duplicate_key("<a@b>", b"To: x\r\n") != duplicate_key("<a@b>", b"To: y\r\n")
-    # A hostile Message-ID cannot make the key unbounded.
-    long = duplicate_key("<" + "x" * 100_000 + "@b>", b"To: x\r\n\r\nbody\r\n")
-    assert len(long) < 200
-    assert long != duplicate_key("<" + "x" * 100_001 + "@b>", b"To: x\r\n\r\nbody\r\n")
-
-
 async def test_expired_after_some_recipients_got_it_the_dead_letter_names_the_others(
     tmp_path: Path,
 ) -> None:
@@ -783,7 +726,7 @@ async def test_before_content_can_still_stop_a_message(rig: Rig) -> None:
     async with deliverer:
         with pytest.raises(Stop):
             await deliverer.deliver(mail(1), envelope, before_content=refuse)
-        assert not deliverer.connected
+        assert not smtp_connected(deliverer)
         called: list[bool] = []
 
         async def allow() -> None:
@@ -811,7 +754,7 @@ async def test_a_pop3_error_in_before_content_is_not_taken_for_an_smtp_failure(r
     async with deliverer:
         with pytest.raises(Pop3ConnectionError):
             await deliverer.deliver(mail(1), envelope, before_content=pop3_dropped)
-        assert not deliverer.connected
+        assert not smtp_connected(deliverer)
         delivered = await deliverer.deliver(mail(2), envelope)
     assert delivered.response.startswith("250")
     assert [m.data for m in rig.sink.messages] == [mail(2)]

@@ -1,37 +1,28 @@
 """Issue 18 in the cycle: a ledger that cannot be written delivers nothing twice, and a dead
 letter whose row failed leaves no twin.
 
-The loopback servers of test_fetcher, a real ledger (its failures are real SQLite aborts from
-temporary triggers; tests/reliability/test_storage_faults.py does the same with full and
-read-only file systems and a second process holding the lock) and real or in-memory stores.
+The loopback servers of tests/component/test_cycle_lifecycle.py, a real ledger (its failures
+are real SQLite aborts from temporary triggers; tests/reliability/test_storage_faults.py does the
+same with full and read-only file systems and a second process holding the lock) and real or
+in-memory stores.
 """
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from connector.deadletter import (
-    DeadLetterInfo,
-    DeadLetterRecord,
-    parse_dead_letter_headers,
-    with_dead_letter_headers,
-)
-from connector.deadletter.maildir import STALE_TMP, MaildirStore
+from connector.deadletter.maildir import MaildirStore
 from connector.deadletter.reconcile import ReconcilingStore
 from connector.errors import DeadLetterError, LedgerError
 from connector.ledger import Ledger
-from connector.notices import RecordingStore
+from tests.component.test_cycle_lifecycle import USER, Rig, deny, mail, make_rig
 from tests.fakes import InMemoryDeadLetterStore
 from tests.peek import total_changes
-from tests.unit.test_fetcher import USER, Rig, deny, mail, make_rig
 
 
 @pytest.fixture
@@ -203,106 +194,3 @@ async def test_a_dead_letter_left_behind_is_matched_to_the_next_copy(rig: Rig) -
     assert entry is not None
     assert entry.dead_letter_id == dl_id
     assert inner.put_calls == 1
-
-
-async def test_the_admin_digest_forgets_a_dead_letter_that_was_removed() -> None:
-    inner = InMemoryDeadLetterStore()
-    recorded = RecordingStore(inner)
-    kept = await recorded.put(mail(1), _info("u1"))
-    gone = await recorded.put(mail(2), _info("u2"))
-    await recorded.remove(gone)
-    assert [n.id for n in recorded.notes] == [kept]
-    assert list(inner.messages) == [kept]
-
-
-# -- ReconcilingStore ---------------------------------------------------------------------------
-
-
-def _info(uidl: str, recipients: tuple[str, ...] = (), account: str = "info") -> DeadLetterInfo:
-    return DeadLetterInfo(
-        account, uidl, "data", "554 5.1.0 Sender denied", datetime(2026, 1, 2, tzinfo=UTC),
-        recipients,
-    )  # fmt: skip
-
-
-class CountingStore(InMemoryDeadLetterStore):
-    def __init__(self) -> None:
-        super().__init__()
-        self.list_calls = 0
-
-    async def list(self) -> list[DeadLetterRecord]:
-        self.list_calls += 1
-        return await super().list()
-
-
-async def test_an_unrecorded_dead_letter_is_reused_only_for_the_same_message() -> None:
-    inner = CountingStore()
-    orphan = await inner.put(mail(1), _info("u1"))  # a run killed before the commit
-    recorded_one = await inner.put(mail(2), _info("u2"))  # recorded: never reused
-    named = await inner.put(mail(3), _info("u3", ("bob@firma.local",)))
-    recorded = {recorded_one}
-
-    async def ids() -> frozenset[str]:
-        return frozenset(recorded)
-
-    store = ReconcilingStore(inner, ids)
-    assert await store.put(mail(1), _info("u1")) == orphan
-    # Once matched it is recorded by the caller: the next copy is a new dead letter.
-    assert await store.put(mail(1), _info("u1")) != orphan
-    assert await store.put(mail(2), _info("u2")) != recorded_one
-    # The same UIDL for other bytes (RFC 1939 §7: a server may reuse one), another account,
-    # other recipients: other dead letters.
-    assert await store.put(mail(9), _info("u3", ("bob@firma.local",))) != named
-    assert await store.put(mail(3), _info("u3", ("eve@firma.local",))) != named
-    assert await store.put(mail(3), _info("u3", ("bob@firma.local",), "sales")) != named
-    assert await store.put(mail(3), _info("u3", ("bob@firma.local",))) == named
-    assert inner.list_calls == 1  # one look at the store per process
-
-
-async def test_reconciling_passes_on_a_store_it_cannot_list() -> None:
-    class Unlistable(InMemoryDeadLetterStore):
-        async def list(self) -> list[DeadLetterRecord]:
-            raise DeadLetterError("memory", "timed out")
-
-    async def ids() -> frozenset[str]:
-        return frozenset()
-
-    inner = Unlistable()
-    store = ReconcilingStore(inner, ids)
-    await store.put(mail(1), _info("u1"))
-    assert len(inner.messages) == 1
-
-
-async def test_reconciling_skips_a_dead_letter_removed_meanwhile() -> None:
-    inner = InMemoryDeadLetterStore()
-    orphan = await inner.put(mail(1), _info("u1"))
-
-    async def ids() -> frozenset[str]:
-        return frozenset()
-
-    store = ReconcilingStore(inner, ids)
-    await store.put(mail(5), _info("u5"))  # the scan happens here
-    await inner.remove(orphan)  # `dead-letters purge` in another process
-    new = await store.put(mail(1), _info("u1"))
-    assert new != orphan
-    parsed = parse_dead_letter_headers(inner.messages[new])
-    assert parsed is not None
-    assert inner.messages[new] == with_dead_letter_headers(mail(1), _info("u1"))
-
-
-# -- the Maildir's tmp/ -------------------------------------------------------------------------
-
-
-async def test_partial_files_in_tmp_older_than_36_hours_are_removed(tmp_path: Path) -> None:
-    store = MaildirStore(tmp_path / "dead")
-    assert await store.remove_stale_tmp() == 0  # no Maildir yet
-    await store.put(mail(1), _info("u1"))
-    tmp = store.path / "tmp"
-    now = time.time()
-    old, young = tmp / "1.M1P1Q1.host", tmp / "2.M2P2Q2.host"
-    for path, age in ((old, STALE_TMP + 60), (young, STALE_TMP - 3600)):
-        path.write_bytes(b"X-POP3-Connector-Account: info\r\n")  # a write that died
-        os.utime(path, (now - age, now - age))
-    assert await store.remove_stale_tmp() == 1
-    assert sorted(p.name for p in tmp.iterdir()) == [young.name]
-    assert len(await store.list()) == 1  # what is in new/ is untouched

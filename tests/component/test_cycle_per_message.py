@@ -27,7 +27,7 @@ import connector.cycle.lifecycle as lifecycle
 from connector.cycle import ERROR_LIMIT, Deliverer, Outcome, error_summary
 from connector.ledger import MessageState
 from connector.smtp import Delivered, Envelope
-from tests.unit.test_fetcher import USER, Recorder, Rig, mail, make_rig
+from tests.component.test_cycle_lifecycle import USER, Recorder, Rig, mail, make_rig
 
 _HYPOTHESIS = settings(
     max_examples=12,

@@ -4,7 +4,7 @@ What these hold is the order of operations of docs/design.md §5 and §8.5, seen
 every DELE follows the commit of its message's row, the rows of the earlier messages are
 committed before a message's content goes out, a failed commit stops the cycle before the next
 content, and every outcome is reported and counted once.  The same lifecycle against real
-servers: tests/unit/test_fetcher.py and tests/integration/.
+servers: tests/component/test_cycle_lifecycle.py and tests/integration/.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Two hosts: ``127.0.0.1`` (the provider under test) and ``127.0.0.2`` (another on
 not suffer for the first).  The servers record every login attempt with its time, and the most
 sessions they had open at once; the tests count logins per second per host.  The pauses are
 shortened (``HOST_PAUSE``) and the start ramp flattened (``START_SPACING``) so that a test
-takes seconds; connector.schedule's own tests (test_plan.py) cover the real durations.
+takes seconds; connector.schedule's own tests (tests/unit/test_schedule.py) cover the real
+durations.
 """
 
 from __future__ import annotations

@@ -192,7 +192,7 @@ async def test_after_a_good_cycle_the_next_poll_is_the_accounts_slot(tmp_path: P
 async def test_a_reload_of_the_same_file_keeps_one_set_of_specs(tmp_path: Path) -> None:
     """The runtime holds the specs the accounts poll with, not a second, equal set (with TLS
     each spec holds an SSL context: a reload must not double the memory)."""
-    from tests.unit.test_reload import runtime as config_runtime
+    from tests.unit.test_service_reload import runtime as config_runtime
 
     first = config_runtime(tmp_path, {"info": "a.test", "sales": "b.test"})
     ledger = await Ledger.open(tmp_path / "ledger.sqlite3")

@@ -1,0 +1,90 @@
+"""connector.deadletter.reconcile: ReconcilingStore returns an unrecorded dead letter for the
+same message only, and gives way to a plain put when it cannot look (the cycle with a ledger
+that fails: tests/component/test_cycle_storage_faults.py)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from connector.deadletter import (
+    DeadLetterInfo,
+    DeadLetterRecord,
+    parse_dead_letter_headers,
+    with_dead_letter_headers,
+)
+from connector.deadletter.reconcile import ReconcilingStore
+from connector.errors import DeadLetterError
+from tests.component.test_cycle_lifecycle import mail
+from tests.fakes import InMemoryDeadLetterStore
+
+
+def _info(uidl: str, recipients: tuple[str, ...] = (), account: str = "info") -> DeadLetterInfo:
+    return DeadLetterInfo(
+        account, uidl, "data", "554 5.1.0 Sender denied", datetime(2026, 1, 2, tzinfo=UTC),
+        recipients,
+    )  # fmt: skip
+
+
+class CountingStore(InMemoryDeadLetterStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.list_calls = 0
+
+    async def list(self) -> list[DeadLetterRecord]:
+        self.list_calls += 1
+        return await super().list()
+
+
+async def test_an_unrecorded_dead_letter_is_reused_only_for_the_same_message() -> None:
+    inner = CountingStore()
+    orphan = await inner.put(mail(1), _info("u1"))  # a run killed before the commit
+    recorded_one = await inner.put(mail(2), _info("u2"))  # recorded: never reused
+    named = await inner.put(mail(3), _info("u3", ("bob@firma.local",)))
+    recorded = {recorded_one}
+
+    async def ids() -> frozenset[str]:
+        return frozenset(recorded)
+
+    store = ReconcilingStore(inner, ids)
+    assert await store.put(mail(1), _info("u1")) == orphan
+    # Once matched it is recorded by the caller: the next copy is a new dead letter.
+    assert await store.put(mail(1), _info("u1")) != orphan
+    assert await store.put(mail(2), _info("u2")) != recorded_one
+    # The same UIDL for other bytes (RFC 1939 §7: a server may reuse one), another account,
+    # other recipients: other dead letters.
+    assert await store.put(mail(9), _info("u3", ("bob@firma.local",))) != named
+    assert await store.put(mail(3), _info("u3", ("eve@firma.local",))) != named
+    assert await store.put(mail(3), _info("u3", ("bob@firma.local",), "sales")) != named
+    assert await store.put(mail(3), _info("u3", ("bob@firma.local",))) == named
+    assert inner.list_calls == 1  # one look at the store per process
+
+
+async def test_reconciling_passes_on_a_store_it_cannot_list() -> None:
+    class Unlistable(InMemoryDeadLetterStore):
+        async def list(self) -> list[DeadLetterRecord]:
+            raise DeadLetterError("memory", "timed out")
+
+    async def ids() -> frozenset[str]:
+        return frozenset()
+
+    inner = Unlistable()
+    store = ReconcilingStore(inner, ids)
+    await store.put(mail(1), _info("u1"))
+    assert len(inner.messages) == 1
+
+
+async def test_reconciling_skips_a_dead_letter_removed_meanwhile() -> None:
+    inner = InMemoryDeadLetterStore()
+    orphan = await inner.put(mail(1), _info("u1"))
+
+    async def ids() -> frozenset[str]:
+        return frozenset()
+
+    store = ReconcilingStore(inner, ids)
+    await store.put(mail(5), _info("u5"))  # the scan happens here
+    await inner.remove(orphan)  # `dead-letters purge` in another process
+    new = await store.put(mail(1), _info("u1"))
+    assert new != orphan
+    parsed = parse_dead_letter_headers(inner.messages[new])
+    assert parsed is not None
+    assert inner.messages[new] == with_dead_letter_headers(mail(1), _info("u1"))
