@@ -23,8 +23,10 @@ from bench.runners import Endpoints, ProcResult
 from tests.servers import DovecotServer, start_dovecot, stop_dovecot
 
 SCENARIOS: Final = ("throughput", "poison", "idle", "large")
-# Run only when asked for (--only fleet): ten thousand accounts over five rounds take minutes.
-ON_REQUEST: Final = ("fleet",)
+# Run only when asked for (--only fleet): ten thousand accounts over five rounds take minutes;
+# --only spool measures where keeping a message in memory stops paying (docs/design.md §5.3).
+ON_REQUEST: Final = ("fleet", "spool")
+RSS_GOAL_MIB: Final = 100  # issue 17: pop3-connector's peak RSS in the large scenarios
 MB: Final = 1e6
 MIB: Final = 1024 * 1024
 CONNECTOR: Final = "pop3-connector"
@@ -73,6 +75,12 @@ class Scale:
     large_accounts: int = 8
     large_per_account: int = 3
     large_size: int = 25 * MIB
+    # The same scenario with one message per account of the size Exchange Online allows.
+    huge_accounts: int = 8
+    huge_per_account: int = 1
+    huge_size: int = 150 * MIB
+    spool_sizes: tuple[int, ...] = (256 * 1024, 1 * MIB, 2 * MIB, 4 * MIB, 8 * MIB, 16 * MIB)
+    spool_per_account: int = 32 * MIB  # octets per account in each spool-scenario run
     fleet_accounts: int = 10_000
     fleet_rounds: int = 5
     fleet_interval: float = 60.0
@@ -91,6 +99,11 @@ QUICK: Final = Scale(
     large_accounts=2,
     large_per_account=1,
     large_size=2 * MIB,
+    huge_accounts=2,
+    huge_per_account=1,
+    huge_size=8 * MIB,
+    spool_sizes=(1 * MIB, 8 * MIB),
+    spool_per_account=8 * MIB,
     fleet_accounts=200,
     fleet_rounds=4,
     fleet_interval=5.0,
@@ -246,14 +259,22 @@ class Bench:
         return result, rx
 
     def run_client(
-        self, runner: str, users: list[str], workdir: Path, limit: float, *, parallel: int
+        self,
+        runner: str,
+        users: list[str],
+        workdir: Path,
+        limit: float,
+        *,
+        parallel: int,
+        service: Sequence[str] = (),
     ) -> tuple[ProcResult, float, Path | None]:
-        """Run pop3-connector, fetchmail or mpop over ``users``; mpop's Maildir is returned."""
+        """Run pop3-connector, fetchmail or mpop over ``users``; mpop's Maildir is returned.
+        ``service``: more ``[service]`` lines for pop3-connector."""
         ends = self.ends
         self._runs += 1
         log = workdir / f"client-{self._runs:04d}.log"
         if runner == CONNECTOR:
-            cfg = runners.connector_config(workdir, ends, users, parallel=parallel)
+            cfg = runners.connector_config(workdir, ends, users, parallel=parallel, service=service)
             res, rx = self.measure(runners.connector_argv(cfg), log=log, limit=limit)
             return res, rx, None
         if runner == FETCHMAIL:
@@ -565,58 +586,172 @@ def idle(b: Bench) -> None:
 
 
 def large(b: Bench) -> None:
+    """8 accounts x three 25 MiB messages, and 8 x one 150 MiB ("huge"), polled in parallel:
+    time and peak RSS, pop3-connector against the goal of RSS_GOAL_MIB (its large messages go
+    through the spool, docs/design.md §5.3), beside fetchmail and mpop."""
     s = b.scale
-    print(
-        f"== large: {s.large_accounts} accounts x {s.large_per_account} messages of "
-        f"{s.large_size / MIB:.0f} MiB, polled in parallel",
-        flush=True,
+    variants = (
+        ("large", s.large_accounts, s.large_per_account, s.large_size),
+        ("huge", s.huge_accounts, s.huge_per_account, s.huge_size),
     )
-    spec = CorpusSpec(
-        "large",
-        s.large_accounts,
-        s.large_per_account,
-        large_fraction=1.0,
-        large_size=s.large_size,
-        prefix="large",
-    )
-    boxes = corpus.build(spec, b.cache)
-    users = b.users(len(boxes))
-    msgs = [m for box in boxes for m in box.messages]
-    nbytes = sum(m.size for m in msgs)
-    for rep in range(1, b.reps + 1):
-        for runner in (r for r in (CONNECTOR, FETCHMAIL, MPOP) if r in b.runners):
-            b.fill(users, [box.messages for box in boxes])
-            wd = b.rundir(f"large-{runner}-{rep}")
-            res, rx, target = b.run_client(
-                runner, users, wd, b.limit(len(msgs), nbytes * 20), parallel=s.large_accounts
-            )
-            if target is not None:
-                seen = runners.maildir_ids(target)
-                shutil.rmtree(target, ignore_errors=True)
-            else:
-                seen = b.receiver.seen()
-            row = _note_rc(
-                Row(
-                    scenario="large",
-                    runner=runner,
-                    rep=rep,
-                    messages=len(msgs),
-                    bytes=nbytes,
-                    wall=res.wall,
-                    cpu=res.cpu,
-                    maxrss_mib=res.maxrss_mib,
-                    receiver_cpu=rx,
-                    check=runners.check_once([m.msgid for m in msgs], seen),
-                    left_upstream=corpus.left_in(b.mail_root, users),
-                    rc=res.rc,
+    for scenario, accounts, per_account, size in variants:
+        print(
+            f"== {scenario}: {accounts} accounts x {per_account} messages of "
+            f"{size / MIB:.0f} MiB, polled in parallel",
+            flush=True,
+        )
+        spec = CorpusSpec(
+            scenario,
+            accounts,
+            per_account,
+            large_fraction=1.0,
+            large_size=size,
+            prefix=scenario,
+        )
+        boxes = corpus.build(spec, b.cache)
+        users = b.users(len(boxes))
+        msgs = [m for box in boxes for m in box.messages]
+        nbytes = sum(m.size for m in msgs)
+        for rep in range(1, b.reps + 1):
+            for runner in (r for r in (CONNECTOR, FETCHMAIL, MPOP) if r in b.runners):
+                b.fill(users, [box.messages for box in boxes])
+                wd = b.rundir(f"{scenario}-{runner}-{rep}")
+                res, rx, target = b.run_client(
+                    runner, users, wd, b.limit(len(msgs), nbytes * 20), parallel=accounts
                 )
-            )
-            b.rows.append(row)
-            print(
-                f"   rep {rep} {runner:<15} {row.wall:7.2f}s cpu {row.cpu:6.2f}s "
-                f"rss {row.maxrss_mib:6.1f}MiB {row.check}",
-                flush=True,
-            )
+                if target is not None:
+                    seen = runners.maildir_ids(target)
+                    shutil.rmtree(target, ignore_errors=True)
+                else:
+                    seen = b.receiver.seen()
+                row = _note_rc(
+                    Row(
+                        scenario=scenario,
+                        runner=runner,
+                        rep=rep,
+                        messages=len(msgs),
+                        bytes=nbytes,
+                        wall=res.wall,
+                        cpu=res.cpu,
+                        maxrss_mib=res.maxrss_mib,
+                        receiver_cpu=rx,
+                        check=runners.check_once([m.msgid for m in msgs], seen),
+                        left_upstream=corpus.left_in(b.mail_root, users),
+                        rc=res.rc,
+                    )
+                )
+                if runner == CONNECTOR and row.check == "ok" and row.maxrss_mib > RSS_GOAL_MIB:
+                    row = Row(**{**asdict(row), "check": f"rss>{RSS_GOAL_MIB}MiB"})
+                b.rows.append(row)
+                print(
+                    f"   rep {rep} {runner:<15} {row.wall:7.2f}s cpu {row.cpu:6.2f}s "
+                    f"rss {row.maxrss_mib:6.1f}MiB {row.check}",
+                    flush=True,
+                )
+
+
+def spool_scenario(b: Bench) -> None:
+    """Where keeping a message in memory stops paying: for each size, the same mail (8
+    accounts, ``spool_per_account`` octets each) through pop3-connector three times: every
+    message in memory (``spool_threshold`` 1 GiB, so no budget holds it back either), every
+    message through the spool (``spool_threshold`` 1), and the default configuration (the
+    threshold and the budget as shipped): CPU per GB and peak RSS."""
+    s = b.scale
+    modes: dict[str, tuple[str, ...]] = {
+        "memory": ('spool_threshold = "1GiB"',),
+        "spool": ("spool_threshold = 1",),
+        "default": (),
+    }
+    for size in s.spool_sizes:
+        per_account = max(2, s.spool_per_account // size)
+        print(
+            f"== spool: {b.parallel} accounts x {per_account} messages of "
+            f"{size / MIB:g} MiB, in memory and through the spool",
+            flush=True,
+        )
+        spec = CorpusSpec(
+            f"spool-{size}",
+            b.parallel,
+            per_account,
+            large_fraction=1.0,
+            large_size=size,
+            prefix=f"spool{size}",
+        )
+        boxes = corpus.build(spec, b.cache)
+        users = b.users(len(boxes))
+        msgs = [m for box in boxes for m in box.messages]
+        nbytes = sum(m.size for m in msgs)
+        for rep in range(1, b.reps + 1):
+            for mode, service in modes.items():
+                b.fill(users, [box.messages for box in boxes])
+                wd = b.rundir(f"spool-{size}-{mode}-{rep}")
+                res, rx, _ = b.run_client(
+                    CONNECTOR,
+                    users,
+                    wd,
+                    b.limit(len(msgs), nbytes * 20),
+                    parallel=b.parallel,
+                    service=service,
+                )
+                row = _note_rc(
+                    Row(
+                        scenario="spool",
+                        runner=f"{CONNECTOR} ({mode})",
+                        rep=rep,
+                        messages=len(msgs),
+                        bytes=nbytes,
+                        wall=res.wall,
+                        cpu=res.cpu,
+                        maxrss_mib=res.maxrss_mib,
+                        receiver_cpu=rx,
+                        check=runners.check_once([m.msgid for m in msgs], b.receiver.seen()),
+                        left_upstream=corpus.left_in(b.mail_root, users),
+                        rc=res.rc,
+                        extra={"size": size, "mode": mode},
+                    )
+                )
+                b.rows.append(row)
+                print(
+                    f"   rep {rep} {mode:<6} {row.wall:7.2f}s cpu {row.cpu:6.2f}s "
+                    f"({row.cpu / (nbytes / 1e9):.2f} s/GB) rss {row.maxrss_mib:6.1f}MiB "
+                    f"{row.check}",
+                    flush=True,
+                )
+
+
+def report_spool(rows: list[Row]) -> str:
+    rs_all = [r for r in rows if r.scenario == "spool"]
+    if not rs_all:
+        return ""
+    table = []
+    for size in dict.fromkeys(r.extra["size"] for r in rs_all):
+        cells = [f"{size / MIB:g}"]
+        for mode in ("memory", "spool", "default"):
+            rs = [r for r in rs_all if r.extra["size"] == size and r.extra["mode"] == mode]
+            gb = rs[0].bytes / 1e9
+            cells += [
+                f"{_med([r.wall for r in rs]):.2f}",
+                f"{_med([r.cpu for r in rs]) / gb:.2f}",
+                f"{_med([r.maxrss_mib for r in rs]):.0f}",
+            ]
+        cells.append(_checks([r for r in rs_all if r.extra["size"] == size]))
+        table.append(cells)
+    head = [
+        "message MiB",
+        "memory: wall s",
+        "CPU s/GB",
+        "peak RSS MiB",
+        "spool: wall s",
+        "CPU s/GB",
+        "peak RSS MiB",
+        "default: wall s",
+        "CPU s/GB",
+        "peak RSS MiB",
+        "exactly once",
+    ]
+    return "### spool: in memory or through the spool, by message size (medians)\n\n" + _table(
+        head, table
+    )
 
 
 def fleet_scenario(b: Bench) -> None:
@@ -1053,9 +1188,16 @@ def report(rows: list[Row], scale: Scale, parallel: int, dovecot: str) -> str:
             "large",
             f"large: {scale.large_accounts} accounts x {scale.large_per_account} messages of "
             f"{scale.large_size / MIB:.0f} MiB (medians); pop3-connector RSS goal: "
-            f"{60 + 2 * scale.large_accounts * scale.large_size / MIB:.0f}"
-            " MiB (60 MiB + twice the bytes in flight)",
+            f"{RSS_GOAL_MIB} MiB",
         ),
+        report_simple(
+            rows,
+            "huge",
+            f"huge: {scale.huge_accounts} accounts x {scale.huge_per_account} messages of "
+            f"{scale.huge_size / MIB:.0f} MiB (medians); pop3-connector RSS goal: "
+            f"{RSS_GOAL_MIB} MiB",
+        ),
+        report_spool(rows),
         report_fleet(rows),
     ]
     head = (
@@ -1200,6 +1342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "idle": idle,
             "large": large,
             "fleet": fleet_scenario,
+            "spool": spool_scenario,
         }
         for name in SCENARIOS + ON_REQUEST:
             if name in chosen:

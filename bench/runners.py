@@ -121,14 +121,22 @@ def _write_private(path: Path, text: str) -> Path:
 
 
 def connector_config(
-    workdir: Path, ends: Endpoints, users: list[str], *, parallel: int, log_level: str = "info"
+    workdir: Path,
+    ends: Endpoints,
+    users: list[str],
+    *,
+    parallel: int,
+    log_level: str = "info",
+    service: Sequence[str] = (),
 ) -> Path:
-    """A config for ``pop3-connector once``: plain POP3 and SMTP on loopback, metrics off."""
+    """A config for ``pop3-connector once``: plain POP3 and SMTP on loopback, metrics off;
+    ``service``: more ``[service]`` lines (``spool_threshold = ...``)."""
     lines = [
         "[service]",
         f'state_dir = "{workdir / "state"}"',
         f"max_parallel_accounts = {parallel}",
         f'log_level = "{log_level}"',
+        *service,
         "",
         "[metrics]",
         'listen = ""',

@@ -32,15 +32,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import json
 import logging
 import os
+import re
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
+from typing import Any, BinaryIO, Final, TextIO
 
 from connector.config import DEFAULT_TARGET
 from connector.cycle import SmtpTarget, Verdict, refusal_summary, verdict
@@ -137,6 +140,7 @@ async def status_command(runtime: Runtime, *, as_json: bool, out: TextIO) -> int
         targets={name: target.name for name, target in runtime.account_targets().items()},
         shard=runtime.shard,
         elsewhere=runtime.elsewhere,
+        disabled=runtime.disabled_names,
     )
     if as_json:
         print(json.dumps(doc, indent=2, ensure_ascii=False), file=out)
@@ -151,7 +155,7 @@ async def status_command(runtime: Runtime, *, as_json: bool, out: TextIO) -> int
             _dash(a["mailbox_messages"]),
             str(a["deferred"]),
             str(a["dead_letters"]),
-            _when(a["next_poll"]),
+            "disabled" if a["name"] in runtime.disabled_names else _when(a["next_poll"]),
             _dash(a["smtp_target"]),
             a["last_error"] or "",
         ]
@@ -223,25 +227,37 @@ async def dead_letters_list(runtime: Runtime, *, as_json: bool, out: TextIO) -> 
         ]
         for r in records
     ]
-    headers = ["ID", "ACCOUNT", "FAILED AT (UTC)", "STAGE", "SIZE", "RESPONSE"]
+    # The message as fetched, without our header lines (what requeue sends): a `size` refusal
+    # counts what would have gone out, with the Received: line on top, so it says more octets.
+    headers = ["ID", "ACCOUNT", "FAILED AT (UTC)", "STAGE", "ORIGINAL SIZE", "RESPONSE"]
     print(format_table(headers, rows), file=out)
     return EX_OK
 
 
 async def dead_letters_show(
-    runtime: Runtime, dl_id: str, *, out: BinaryIO, err: TextIO, eml: Path | None = None
+    runtime: Runtime,
+    dl_id: str,
+    *,
+    out: BinaryIO,
+    err: TextIO,
+    eml: Path | None = None,
+    terminal: bool = False,
 ) -> int:
     """Write the stored message (our header lines, then the original) to ``out``, or to the
     file ``eml``: a message file Outlook and other mail clients open (RFC 5322; our
     ``X-POP3-Connector-*`` lines are header fields like any other).  A file, not a shell
-    redirection: Windows PowerShell 5.1's ``>`` re-encodes the bytes as UTF-16."""
+    redirection: Windows PowerShell 5.1's ``>`` re-encodes the bytes as UTF-16.
+
+    ``terminal`` (``out`` is one): the message is anyone's bytes, so control characters but
+    TAB, CR and LF are shown escaped (an ESC[2J in a Subject would clear the screen), and
+    bytes that are not UTF-8 as ``\\xNN``; ``eml`` and a pipe get the bytes unchanged."""
     try:
         data = await open_store(runtime).get(dl_id)
     except KeyError:
         print(f"pop3-connector: no dead letter {dl_id!r}", file=err)
         return EX_FAILED
     if eml is None:
-        out.write(data)
+        out.write(_for_terminal(data) if terminal else data)
         out.flush()
         return EX_OK
     try:
@@ -253,11 +269,35 @@ async def dead_letters_show(
     return EX_OK
 
 
+_NOT_LINE_LAYOUT: Final = re.compile(r"[^\t\r\n]+")
+
+
+def _for_terminal(data: bytes) -> bytes:
+    """``data`` as UTF-8 with every control character but TAB, CR and LF escaped
+    (:func:`~connector.errors.printable`), and each byte that is not UTF-8 as ``\\xNN``."""
+    text = data.decode("utf-8", errors="backslashreplace")
+    return _NOT_LINE_LAYOUT.sub(lambda m: printable(m[0]), text).encode("utf-8")
+
+
 def _write_private(path: Path, data: bytes) -> None:
-    # Mail is private: owner-only, as the dead-letter store itself (README "Permissions").
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    """Write ``data`` to ``path`` owner-only (0600), whether or not ``path`` exists.
+
+    Mail is private, as the dead-letter store itself (README "Permissions").  Opening an
+    existing file keeps its mode (``O_CREAT``'s mode applies only to a new file), so the bytes
+    go to a new file beside it, made 0600 by ``mkstemp``, which then replaces ``path``
+    (``os.replace``: atomic on POSIX; a symbolic link at ``path`` is replaced, not followed).
+    """
+    if path.is_dir():  # `--eml /tmp/`: the file's name is missing
+        raise IsADirectoryError(errno.EISDIR, "it is a directory; name a file in it")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 async def dead_letters_purge(
@@ -350,14 +390,12 @@ async def _plan(
     if info.recipients:
         # A shared mailbox's message, or a copy for the recipients that refused it: to them.
         return _Plan(info, original, info.recipients, None)
-    spec = next((s for s in runtime.accounts if s.name == info.account), None)
-    if spec is None:
-        problem = (
-            f"account {info.account!r} is not configured (or disabled); "
-            "give the recipient with --to ADDR"
-        )
+    # A disabled account is configured, only not polled: its deliver_to still holds.
+    deliver_to = runtime.deliver_to.get(info.account)
+    if deliver_to is None:
+        problem = f"account {info.account!r} is not configured; give the recipient with --to ADDR"
         return _Plan(info, original, (), problem)
-    return _Plan(info, original, spec.deliver_to, None)
+    return _Plan(info, original, deliver_to, None)
 
 
 class _History:
@@ -449,9 +487,10 @@ async def dead_letters_requeue(
         await history.close()
     for target, (stopped_at, skipped) in sessions.stopped.items():
         table = "[smtp]" if target == DEFAULT_TARGET else f"[smtp_targets.{target}]"
+        others = f"; {skipped} dead letter(s) not attempted" if skipped else ""
         print(
-            f"pop3-connector: stopped at {stopped_at}: the SMTP setup failed, not the message; "
-            f"{skipped} dead letter(s) not attempted.  Fix {table} or the receive connector "
+            f"pop3-connector: stopped at {stopped_at}: the SMTP setup failed, not the message"
+            f"{others}.  Fix {table} or the receive connector "
             "(pop3-connector check --connect), then run the same command again.",
             file=err,
         )
@@ -489,11 +528,16 @@ async def _dry_run(
             ", ".join(plan.recipients) if plan.problem is None else "- (" + plan.problem + ")"
         )
         unsendable += plan.problem is not None
-        rows.append(
-            [dl_id, plan.info.account, plan.info.stage, recipients, str(len(plan.original))]
-        )
+        # Anyone with access to the store can plant a dead letter: escape what is shown.
+        cells = [dl_id, plan.info.account, plan.info.stage, recipients, str(len(plan.original))]
+        rows.append([printable(cell) for cell in cells])
     print(format_table(["ID", "ACCOUNT", "STAGE", "RECIPIENTS", "SIZE"], rows), file=out)
-    print(f"dry run: {len(rows)} dead letter(s) would be requeued; nothing sent", file=out)
+    # Only those a real run would send: one without a recipient would be "not attempted".
+    held = f", {unsendable} would not (no recipient: see above)" if unsendable else ""
+    print(
+        f"dry run: {len(rows) - unsendable} dead letter(s) would be requeued{held}; nothing sent",
+        file=out,
+    )
     return EX_FAILED if unsendable else EX_OK
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Final, TextIO
 
 from connector.admin import format_table
-from connector.config import DEFAULT_TARGET
+from connector.config import DEFAULT_TARGET, mask_secrets
 from connector.cycle import AccountSpec, DeliveryPolicy, SmtpTarget
 from connector.errors import AUTH_REQUIRED, ConnectorError, SmtpStage, split_enhanced_code
 from connector.pop3 import Pop3Client
@@ -208,6 +208,16 @@ async def _guarded(task: asyncio.Task[str]) -> tuple[bool, str]:
         return False, str(exc)
 
 
+def _secrets(runtime: Runtime, accounts: Iterable[tuple[AccountSpec, str]]) -> set[str]:
+    """Every password the runtime holds: the accounts' (not a token source), the targets'."""
+    found = {spec.password for spec, _ in accounts if isinstance(spec.password, str)}
+    found |= {t.settings.password for t in runtime.targets.values() if t.settings.password}
+    found |= {runtime.smtp.password} if runtime.smtp.password else set()
+    if runtime.imap_store is not None:
+        found.add(runtime.imap_store.password)
+    return found
+
+
 async def check_connections(runtime: Runtime, out: TextIO | None = None) -> int:
     """Try every connection at once; print a table; 0 when all succeeded, else 1."""
     out = out if out is not None else sys.stdout
@@ -240,8 +250,8 @@ async def check_connections(runtime: Runtime, out: TextIO | None = None) -> int:
         rows.append(_Row(name, where, tls, "ok" if ok else "FAILED", text))
     for checked in smtp:
         rows += await checked
-    print(
-        format_table(["TARGET", "ADDRESS", "TLS", "RESULT", "DETAIL"], [r.cells() for r in rows]),
-        file=out,
-    )
+    # A password pasted into a host, user name or recipient would otherwise be shown here.
+    secrets = _secrets(runtime, accounts)
+    cells = [[mask_secrets(c, secrets) for c in r.cells()] for r in rows]
+    print(format_table(["TARGET", "ADDRESS", "TLS", "RESULT", "DETAIL"], cells), file=out)
     return 1 if any(r.result == "FAILED" for r in rows) else 0

@@ -31,6 +31,7 @@ from connector.errors import (
     DeadLetterError,
     LedgerError,
     StateError,
+    UsageError,
     printable,
 )
 
@@ -148,8 +149,20 @@ def _since(text: str) -> datetime:
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
+def _recipient(text: str) -> str:
+    """``requeue --to``: an address as the config takes one for ``deliver_to``, checked before
+    anything is sent (a bad one would fail at RCPT and read as a fault of the SMTP setup)."""
+    from connector.addresses import is_plain_address
+
+    if not is_plain_address(text):
+        raise argparse.ArgumentTypeError(
+            f'"{printable(text[:80])}" is not a mail address (expected user@domain, ASCII, no <>)'
+        )
+    return text
+
+
 _SHARD_HELP = (
-    "poll only the accounts of shard K of N (0 <= K < N; docs/design.md §14.2): K/N, or "
+    "the accounts of shard K of N (0 <= K < N; docs/design.md §14.2): K/N, or "
     "auto/N with K from the trailing -K of $POD_NAME, else the host name"
 )
 
@@ -238,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="deliver a dead letter (or a selection) again, without our headers, once the cause "
         "is fixed",
     )
+    # _main checks the choice between an ID and a selection, with this usage line.
+    requeue.set_defaults(requeue_parser=requeue)
     requeue.add_argument("id", metavar="ID", nargs="?", help="the one dead letter to requeue")
     requeue.add_argument(
         "--account", action="append", metavar="NAME", help="those of this account (repeatable)"
@@ -264,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     requeue.add_argument(
         "--to",
         action="append",
+        type=_recipient,
         metavar="ADDR",
         help="deliver to ADDR instead of the account's deliver_to (repeatable)",
     )
@@ -302,10 +318,11 @@ def _main(argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     if args.command == "dead-letters" and args.dl_command == "requeue":
         selecting = args.all or args.account or args.stage or args.since is not None
+        usage: argparse.ArgumentParser = args.requeue_parser
         if args.id is not None and selecting:
-            parser.error("requeue: give either an ID or --account/--stage/--since/--all, not both")
+            usage.error("give either an ID or --account/--stage/--since/--all, not both")
         if args.id is None and not selecting:
-            parser.error("requeue: give an ID, or select with --account/--stage/--since/--all")
+            usage.error("give an ID, or select with --account/--stage/--since/--all")
     if args.command == "import-fetchmailrc":
         from connector.fetchmailrc import main as import_fetchmailrc
 
@@ -315,12 +332,31 @@ def _main(argv: Sequence[str] | None) -> int:
 
         setup_logging("warning")
         state_dir = Path(args.state_dir) if args.state_dir else None
+        if state_dir is not None and _in_use(state_dir):
+            # The demo writes its own ledger and dead letters there: never into a real state
+            # directory (it would mix its dead letters with real ones and overwrite rows).
+            parser.error(
+                f"demo: --state-dir {printable(str(state_dir))} exists and is not an empty "
+                "directory; name a new or empty one (or leave it out: a new temporary one)"
+            )
         return runloop.run(run_demo(state_dir))
     setup_logging()  # until the config says otherwise: errors while loading still get logged
     try:
         return _dispatch(args)
+    except UsageError as exc:
+        # An option's value (--shard, once --account), not the config file: the line names it.
+        for problem in exc.problems:
+            print(f"pop3-connector: {problem}", file=sys.stderr)
+        return EX_CONFIG
     except ConfigError as exc:
-        print(f"pop3-connector: invalid configuration in {config_path(args)}:", file=sys.stderr)
+        # A problem with a POP3_CONNECTOR_* variable starts with its name: not the file's.
+        from_env = [p.startswith("POP3_CONNECTOR_") for p in exc.problems]
+        source = str(config_path(args))
+        if from_env and all(from_env):
+            source = "the environment (POP3_CONNECTOR_* variables)"
+        elif any(from_env):
+            source += " and the environment"
+        print(f"pop3-connector: invalid configuration in {source}:", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return EX_CONFIG
@@ -340,6 +376,16 @@ def _main(argv: Sequence[str] | None) -> int:
         # Disposition.BUG: not a failure we know.  Say so loudly, with the traceback.
         log.exception("pop3-connector stopped on an unexpected error")
         return EX_SOFTWARE
+
+
+def _in_use(path: Path) -> bool:
+    """Whether ``path`` exists and is anything but an empty directory."""
+    try:
+        return any(path.iterdir())
+    except FileNotFoundError:
+        return False
+    except OSError:  # not a directory, or unreadable
+        return True
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -371,7 +417,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         case "once":
             return runloop.run(_once(runtime, args.account))
         case "run":
-            options = RunOptions.of(settings)
+            options = RunOptions.of(settings, path)
             # The settings of thousands of accounts are tens of MiB of pydantic models, and
             # `run` needs none of them once the runtime is built: let them go.
             del settings
@@ -432,7 +478,12 @@ def _dead_letters(args: argparse.Namespace, runtime: Runtime) -> int:
             sys.stdout.flush()
             return runloop.run(
                 admin.dead_letters_show(
-                    runtime, args.id, out=sys.stdout.buffer, err=sys.stderr, eml=args.eml
+                    runtime,
+                    args.id,
+                    out=sys.stdout.buffer,
+                    err=sys.stderr,
+                    eml=args.eml,
+                    terminal=sys.stdout.isatty(),
                 )
             )
         case "requeue":
@@ -464,11 +515,12 @@ async def _once(runtime: Runtime, names: list[str] | None) -> int:
     unknown = [n for n in names or [] if n not in known]
     if unknown:
         elsewhere = set(runtime.elsewhere)
-        raise ConfigError(
+        raise UsageError(
             [
-                f"--account {n}: not this shard's ({runtime.shard}); another replica polls it"
+                f"--account {printable(n)}: not this shard's ({runtime.shard}); another replica "
+                "polls it"
                 if n in elsewhere
-                else f"--account {n}: no enabled account of that name"
+                else f"--account {printable(n)}: no enabled account of that name"
                 for n in unknown
             ]
         )
@@ -497,11 +549,11 @@ class RunOptions:
     warnings: tuple[str, ...]
 
     @classmethod
-    def of(cls, settings: Settings) -> RunOptions:
+    def of(cls, settings: Settings, path: Path) -> RunOptions:
         from connector.config import poll_interval_warnings, scale_warnings
 
         m = settings.metrics
-        warnings = (*poll_interval_warnings(settings), *scale_warnings(settings))
+        warnings = (*poll_interval_warnings(settings, path), *scale_warnings(settings))
         return cls(m.listen, m.address, tuple(m.allowed_hosts), m.per_account, warnings)
 
 

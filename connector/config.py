@@ -76,11 +76,15 @@ __all__ = [
     "ServiceSettings",
     "Settings",
     "SmtpConfig",
+    "account_key",
     "config_warnings",
+    "configured_secrets",
     "dead_letter_path",
     "format_duration",
     "format_validation_error",
+    "holds_secret",
     "load_settings",
+    "mask_secrets",
     "parse_duration",
     "parse_size",
     "poll_interval_warnings",
@@ -356,6 +360,14 @@ class _Secretful(_Model):
         return self.password
 
 
+def _check_directory(value: Path | None, key: str) -> None:
+    # Created when missing (at start, or with the Maildir's first dead letter); a file in its
+    # place would otherwise fail later as "lock: File exists" or "cannot read new/: Not a
+    # directory".  Raised from the model, so that the whole path is in the message.
+    if value is not None and value.exists() and not value.is_dir():
+        raise _problem(f"{value} exists and is not a directory", key)
+
+
 class ServiceSettings(_Model):
     """``[service]``: the daemon as a whole."""
 
@@ -369,8 +381,37 @@ class ServiceSettings(_Model):
     # The longest one account's cycle may take, connect to QUIT, whatever the servers do (a
     # POP3 server sending a byte per read timeout); then its connections are dropped.
     cycle_timeout: Duration = 3600.0
+    # A message whose LIST size is above this is streamed to <state_dir>/spool and handled
+    # from the file (docs/design.md §5.3); smaller ones stay in memory.
+    spool_threshold: Size = 2 * 1024 * 1024
+    # The octets of messages in memory at once, over all accounts (docs/design.md §10.6);
+    # None: twice the threshold per parallel account (memory_budget()).
+    message_memory_budget: Size | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+
+    @model_validator(mode="after")
+    def _budget_holds_a_message(self) -> Self:
+        budget = self.message_memory_budget
+        if budget is not None and budget < self.spool_threshold:
+            raise _problem(
+                f"must be at least spool_threshold ({self.spool_threshold} octets): a message "
+                f"the threshold keeps in memory must fit (got {budget})",
+                "message_memory_budget",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _state_dir_is_a_directory(self) -> Self:
+        _check_directory(self.state_dir, "state_dir")
+        return self
+
+    def memory_budget(self) -> int:
+        """``message_memory_budget``, or its default: room for two messages at the spool
+        threshold (the one being delivered, the next one being read) per parallel account."""
+        if self.message_memory_budget is not None:
+            return self.message_memory_budget
+        return 2 * self.spool_threshold * self.max_parallel_accounts
 
 
 _LISTEN_V6_RE: Final = re.compile(r"\[(?P<host>[^\]]+)\]:(?P<port>\d{1,5})")
@@ -536,6 +577,11 @@ class MaildirDeadLetter(_Model):
     store: Literal["maildir"] = "maildir"
     # None only before loading: load_settings fills in <state_dir>/dead-letters.
     path: Path | None = None
+
+    @model_validator(mode="after")
+    def _path_is_a_directory(self) -> Self:
+        _check_directory(self.path, "path")
+        return self
 
 
 def _folder(value: str) -> str:
@@ -781,9 +827,13 @@ class Settings(BaseSettings):
             known = [DEFAULT_TARGET, *targets]
             for i, account in enumerate(value):
                 if account.smtp is not None and account.smtp not in known:
+                    there = ", ".join(
+                        f"{_toml_string(t)}{' ([smtp])' if t == DEFAULT_TARGET else ''}"
+                        for t in known
+                    )
                     raise _problem(
-                        f"no SMTP target {_toml_string(account.smtp)}: name [smtp_targets."
-                        f"{account.smtp}] in the config, or one of {', '.join(known)}",
+                        f"no SMTP target {_toml_string(account.smtp)}: add a table "
+                        f"[smtp_targets.{_toml_key(account.smtp)}], or name one there is: {there}",
                         f"[{i}].smtp",
                     )
         service = info.data.get("service")
@@ -856,6 +906,42 @@ _SHOWN_VALUE_MAX: Final = 60
 _ACCOUNT_PATH: Final = re.compile(r"accounts\[(\d+)\]")
 
 
+def holds_secret(value: str, secrets: Collection[str]) -> bool:
+    """Whether ``value`` contains one of ``secrets``, or is a piece of one (4 characters or
+    more): a password pasted into the wrong key, whole or in part."""
+    return any(s in value or (len(value) >= 4 and value in s) for s in secrets if s)
+
+
+# A secret shorter than this is masked only where it stands alone (not inside a word): a
+# one-letter password would otherwise mask that letter in every word of the message.
+_SHORT_SECRET: Final = 6
+
+
+def mask_secrets(text: str, secrets: Collection[str]) -> str:
+    """``text`` with every occurrence of each of ``secrets`` replaced by the mask: the net
+    under a message built from configured values (a host, a name, a path), any of which may
+    hold a password pasted into the wrong key.  A short secret only where no letter or digit
+    touches it."""
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        if len(secret) >= _SHORT_SECRET:
+            text = text.replace(secret, MASK)
+        else:
+            alone = re.compile(rf"(?<![^\W_]){re.escape(secret)}(?![^\W_])")
+            text = alone.sub(MASK, text)
+    return text
+
+
+def configured_secrets(settings: Settings) -> frozenset[str]:
+    """Every password the settings hold, resolved (inline, ``password_file``,
+    ``password_env``): the accounts', ``[smtp]``'s, each SMTP target's and an IMAP dead-letter
+    store's.  Only to keep them out of what ``check`` prints."""
+    models: list[_Secretful] = [settings.smtp, *settings.smtp_targets.values()]
+    models += settings.accounts
+    if isinstance(settings.dead_letter, ImapDeadLetter):
+        models.append(settings.dead_letter)
+    return frozenset(s for m in models if (s := m.secret()))
+
+
 def _shown_value(err: Any, secrets: Collection[str]) -> str:
     """`` (got VALUE)`` for the value an error is about, when that is safe to show: a plain
     value (not a table), not under a secret key, not an unknown key (a misspelt ``pasword``
@@ -874,7 +960,7 @@ def _shown_value(err: Any, secrets: Collection[str]) -> str:
         case int() | float():
             shown = repr(value)
         case str():
-            if any(s in value or (len(value) >= 4 and value in s) for s in secrets if s):
+            if holds_secret(value, secrets):
                 return ""
             text = value if len(value) <= _SHOWN_VALUE_MAX else value[:_SHOWN_VALUE_MAX] + "..."
             shown = _toml_string(text)
@@ -940,13 +1026,25 @@ def _secrets_in(data: Mapping[str, Any]) -> set[str]:
     return _known_secrets(data) | {env[n] for n in names if n in env}
 
 
+def _env_source(loc: tuple[int | str, ...], environ: Mapping[str, str]) -> str | None:
+    """The ``POP3_CONNECTOR_*`` variable that gave the value at ``loc`` (``smtp.port`` from
+    ``POP3_CONNECTOR_SMTP__PORT``), if one did: the environment wins over the file."""
+    if not loc or any(isinstance(part, int) for part in loc):
+        return None  # list items cannot be reached from the environment
+    wanted = ENV_PREFIX + "__".join(str(part) for part in loc).upper()
+    return next((name for name in environ if name.upper() == wanted), None)
+
+
 def format_validation_error(
     exc: ValidationError,
     account_names: Mapping[int, str] | None = None,
     secrets: Collection[str] = (),
+    environ: Mapping[str, str] | None = None,
 ) -> list[str]:
     """One line per error, ``key.path[0].name: message``, the bad value after it when it is
-    no secret (see :func:`_shown_value`), and an account's name next to its index."""
+    no secret (see :func:`_shown_value`), and an account's name next to its index.  With
+    ``environ`` (the variables the settings were loaded with), a value that came from a
+    ``POP3_CONNECTOR_*`` variable is blamed on it, not on the file."""
     lines: list[str] = []
     for err in exc.errors(include_input=True, include_url=False):
         path = _key_path(err["loc"])
@@ -966,7 +1064,11 @@ def format_validation_error(
         shown = _shown_value(err, secrets)
         if not (shown and path.endswith("].name")):  # the name itself is the bad value
             path = _with_account_name(path, account_names or {})
-        lines.append(f"{path or '<config>'}: {msg}{shown}")
+        variable = _env_source(err["loc"], environ) if environ is not None else None
+        if variable is not None:
+            path = f"{variable} (environment variable, {path})"
+        # The message itself may quote a configured value (a target's name, a path).
+        lines.append(mask_secrets(f"{path or '<config>'}: {msg}{shown}", secrets))
     return lines
 
 
@@ -1019,7 +1121,9 @@ def load_settings(path: Path) -> Settings:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        # "utf-8-sig" drops one byte-order mark at the start, which Notepad writes (as for a
+        # password_file); TOML 1.0 would take it for a syntax error at 1:1.
+        data = tomllib.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text (TOML files must be UTF-8)") from None
     except tomllib.TOMLDecodeError as exc:
@@ -1030,7 +1134,7 @@ def load_settings(path: Path) -> Settings:
     try:
         settings = Settings()
     except ValidationError as exc:
-        problems = format_validation_error(exc, _account_names(data), _secrets_in(data))
+        problems = format_validation_error(exc, _account_names(data), _secrets_in(data), os.environ)
         raise ConfigError(unknown + problems) from None
     except SettingsError as exc:
         # Bad JSON in a variable such as POP3_CONNECTOR_ACCOUNTS; the message names the field.
@@ -1092,6 +1196,7 @@ _DURATION_KEYS: Final = frozenset(
     {
         "poll_interval",
         "shutdown_grace",
+        "cycle_timeout",
         "timeout",
         "data_termination_timeout",
         "max_deferral",
@@ -1151,7 +1256,18 @@ _KEY_ORDER: Final = (
 )
 
 
-def _table_lines(model: BaseModel) -> Iterator[str]:
+def _masked(value: object, secrets: Collection[str]) -> object:
+    """``value`` with every string that holds a secret (:func:`holds_secret`) masked."""
+    match value:
+        case str() | Path() if holds_secret(str(value), secrets):
+            return MASK
+        case list():
+            return [_masked(v, secrets) for v in value]
+        case _:
+            return value
+
+
+def _table_lines(model: BaseModel, secrets: Collection[str] = ()) -> Iterator[str]:
     inline = isinstance(model, _Secretful) and not (model.password_file or model.password_env)
     fields = list(type(model).model_fields)
     keys = [k for k in _KEY_ORDER if k in fields] + [k for k in fields if k not in _KEY_ORDER]
@@ -1167,7 +1283,8 @@ def _table_lines(model: BaseModel) -> Iterator[str]:
             if inline:
                 yield f"{key} = {_toml_string(MASK)}"
             continue
-        yield f"{key} = {_toml_value(key, value)}"
+        # A password pasted into another key (host, username, deliver_to) is masked there too.
+        yield f"{key} = {_toml_value(key, _masked(value, secrets))}"
 
 
 _BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
@@ -1180,23 +1297,25 @@ def _toml_key(key: str) -> str:
 
 def render_settings(settings: Settings) -> str:
     """The effective configuration as TOML, defaults filled in and every secret masked."""
+    secrets = configured_secrets(settings)
     lines = ["# pop3-connector: effective configuration (defaults filled in, secrets masked)"]
     for table in ("service", "metrics", "smtp", "dead_letter", "notices"):
-        lines += ["", f"[{table}]", *_table_lines(getattr(settings, table))]
+        lines += ["", f"[{table}]", *_table_lines(getattr(settings, table), secrets)]
     for name, target in settings.smtp_targets.items():
-        lines += ["", f"[smtp_targets.{_toml_key(name)}]", *_table_lines(target)]
+        table_name = mask_secrets(_toml_key(name), secrets)
+        lines += ["", f"[smtp_targets.{table_name}]", *_table_lines(target, secrets)]
     for account in settings.accounts:
-        lines += ["", "[[accounts]]", *_table_lines(account)]
+        lines += ["", "[[accounts]]", *_table_lines(account, secrets)]
         if account.shared is not None:
-            lines += ["", "[accounts.shared]", *_table_lines(account.shared)]
+            lines += ["", "[accounts.shared]", *_table_lines(account.shared, secrets)]
             for rule in account.shared.rules:
-                lines += ["", "[[accounts.shared.rules]]", *_table_lines(rule)]
+                lines += ["", "[[accounts.shared.rules]]", *_table_lines(rule, secrets)]
     return "\n".join(lines) + "\n"
 
 
 def _inline_password_keys(path: Path) -> list[str]:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
         return []
     keys = [f"{t}.password" for t in ("smtp", "dead_letter") if "password" in data.get(t, {})]
@@ -1209,7 +1328,11 @@ def _inline_password_keys(path: Path) -> list[str]:
         ]
     accounts = data.get("accounts", [])
     if isinstance(accounts, list):
-        keys += [f"accounts[{i}].password" for i, a in enumerate(accounts) if "password" in a]
+        keys += [
+            _with_account_name(f"accounts[{i}].password", _account_names(data))
+            for i, a in enumerate(accounts)
+            if isinstance(a, dict) and "password" in a
+        ]
     return keys
 
 
@@ -1242,7 +1365,7 @@ def config_warnings(settings: Settings, path: Path) -> list[str]:
     endpoints += [(f"smtp_targets.{_toml_key(n)}", t) for n, t in settings.smtp_targets.items()]
     if isinstance(settings.dead_letter, ImapDeadLetter):
         endpoints.append(("dead_letter", settings.dead_letter))
-    endpoints += [(f"accounts[{i}]", a) for i, a in enumerate(settings.accounts)]
+    endpoints += [(account_key(i, a), a) for i, a in enumerate(settings.accounts)]
     for where, ep in endpoints:
         if ep.tls == "none" and ep.password is not None and not is_loopback(ep.host):
             warnings.append(f'{where}.tls: "none" sends the password in clear text to {ep.host}')
@@ -1278,15 +1401,14 @@ def config_warnings(settings: Settings, path: Path) -> list[str]:
         )
     if not any(a.enabled for a in settings.accounts):
         warnings.append("accounts: no account is enabled; run and once will do nothing")
-    return (
-        warnings
-        + port_tls_warnings(settings)
-        + poll_interval_warnings(settings)
-        + scale_warnings(settings)
-    )
+    warnings += port_tls_warnings(settings) + poll_interval_warnings(settings, path)
+    warnings += scale_warnings(settings)
+    # The warnings quote hosts, names and paths, any of which may hold a pasted password.
+    secrets = configured_secrets(settings)
+    return [mask_secrets(w, secrets) for w in warnings]
 
 
-def _account_key(index: int, account: AccountConfig) -> str:
+def account_key(index: int, account: AccountConfig) -> str:
     """``accounts[4] (name "buchhaltung")``, as the config errors name an account."""
     return f"accounts[{index}] (name {_toml_string(account.name)})"
 
@@ -1308,7 +1430,7 @@ def port_tls_warnings(settings: Settings) -> list[str]:
     ]
     if isinstance(settings.dead_letter, ImapDeadLetter):
         endpoints.append(("dead_letter", "imap", settings.dead_letter))
-    endpoints += [(_account_key(i, a), "pop3", a) for i, a in enumerate(settings.accounts)]
+    endpoints += [(account_key(i, a), "pop3", a) for i, a in enumerate(settings.accounts)]
     warnings = []
     for where, protocol, ep in endpoints:
         implicit_port = _IMPLICIT_PORTS[protocol]
@@ -1334,26 +1456,60 @@ def port_tls_warnings(settings: Settings) -> list[str]:
 _MIN_SENSIBLE_POLL: Final = 60.0
 
 
-def poll_interval_warnings(settings: Settings) -> list[str]:
-    """A poll interval under a minute: most likely minutes written as a bare number, which is
-    seconds (``poll_interval = 15``).  For ``check`` and the log when ``run`` starts."""
-    warnings = []
+def _with_unit(path: Path | None) -> set[str]:
+    """Where ``poll_interval`` is written with a unit (``"10s"``): ``"service"`` and
+    ``"accounts[i]"``, read from the file at ``path`` and the environment's override."""
 
-    def warn(where: str, seconds: float) -> None:
-        minutes = f"{seconds:g}m"
+    def has_unit(value: object) -> bool:
+        return isinstance(value, str) and re.fullmatch(_NUMBER, value.strip()) is None
+
+    found: set[str] = set()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig")) if path else {}
+    except (OSError, ValueError):
+        data = {}
+    service = data.get("service")
+    if isinstance(service, dict) and has_unit(service.get("poll_interval")):
+        found.add("service")
+    env = {n.upper(): v for n, v in os.environ.items()}
+    override = env.get(ENV_PREFIX + "SERVICE__POLL_INTERVAL")
+    if override is not None:
+        found.discard("service")
+        if has_unit(override):
+            found.add("service")
+    accounts = data.get("accounts")
+    if isinstance(accounts, list):
+        found |= {
+            f"accounts[{i}]"
+            for i, a in enumerate(accounts)
+            if isinstance(a, dict) and has_unit(a.get("poll_interval"))
+        }
+    return found
+
+
+def poll_interval_warnings(settings: Settings, path: Path | None = None) -> list[str]:
+    """A poll interval under a minute: most likely minutes written as a bare number, which is
+    seconds (``poll_interval = 15``).  For ``check`` and the log when ``run`` starts.  With the
+    config file's ``path``, an interval written with its unit (``"10s"``) gets no hint at
+    minutes: it says what it means."""
+    warnings = []
+    with_unit = _with_unit(path)
+
+    def warn(where: str, key: str, seconds: float) -> None:
+        hint = f'; a bare number is seconds: for {seconds:g} minutes write "{seconds:g}m"'
         warnings.append(
-            f"{where}.poll_interval: {seconds:g} s, a login every {seconds:g} seconds; a bare "
-            f'number is seconds: for {seconds:g} minutes write "{minutes}".  Providers may '
-            "lock or refuse a mailbox polled this often (RFC 2449 LOGIN-DELAY)"
+            f"{where}.poll_interval: {seconds:g} s, a login every {seconds:g} seconds"
+            f"{'' if key in with_unit else hint}.  Providers may lock or refuse a mailbox "
+            "polled this often (RFC 2449 LOGIN-DELAY)"
         )
 
     service = settings.service.poll_interval
     if service < _MIN_SENSIBLE_POLL:
-        warn("service", service)
+        warn("service", "service", service)
     for i, account in enumerate(settings.accounts):
         interval = settings.poll_interval_of(account)
         if interval < _MIN_SENSIBLE_POLL and interval != service:
-            warn(_account_key(i, account), interval)
+            warn(account_key(i, account), f"accounts[{i}]", interval)
     return warnings
 
 

@@ -24,6 +24,18 @@ from connector.service import open_service
 USER = "info@firma.example"
 PASSWORD = "demo-password"  # noqa: S105 (the built-in demo server's account)
 SIZE_LIMIT = 100_000
+# What the demo shows (README, Quick start): each message's outcome, cycle by cycle, in the
+# order of sample_mail().  Anything else is a failure of the demo (exit 1).
+EXPECTED: tuple[tuple[int, Outcome], ...] = (
+    (1, Outcome.DELIVERED),
+    (1, Outcome.DEAD_LETTERED),
+    (1, Outcome.DELIVERED),
+    (1, Outcome.DEAD_LETTERED),
+    (1, Outcome.DEFERRED),
+    (1, Outcome.DEAD_LETTERED),
+    (1, Outcome.DELIVERED),
+    (2, Outcome.DELIVERED),
+)
 
 
 def _mail(sender: str, subject: str, body: str, extra: str = "") -> bytes:
@@ -191,5 +203,18 @@ async def run_demo(state_dir: Path | None = None) -> int:
                 print(f"  {line.decode()}")
         print(f"\nConfig used: {config}\nLedger:      {runtime.ledger_path}")
         print(f"See the effective config: pop3-connector --config {config} check")
-        ok = all(r.ok for r in results) and left == 0
+        shown = tuple((e.cycle, e.outcome) for e in recorder.events)
+        delivered = sum(o is Outcome.DELIVERED for _, o in EXPECTED)
+        dead_lettered = sum(o is Outcome.DEAD_LETTERED for _, o in EXPECTED)
+        ok = (
+            all(r.ok for r in results)
+            and left == 0
+            and shown == EXPECTED
+            and (len(sink.messages), len(dead)) == (delivered, dead_lettered)
+        )
+        if not ok:
+            print(
+                f"\nThe demo did not end as expected ({delivered} delivered, {dead_lettered} "
+                "dead-lettered, none left): this is a bug, please report it with this output."
+            )
     return 0 if ok else 1

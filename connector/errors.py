@@ -76,6 +76,12 @@ class ConfigError(ConnectorError):
         super().__init__("\n".join(self.problems))
 
 
+class UsageError(ConfigError):
+    """A command-line option's value that cannot be used (``--shard 5/2``, ``once --account``
+    with a name this process does not poll): one line per problem, the option first.  The CLI
+    reports it as such, not as a bad config file, and exits 78 as for one (README)."""
+
+
 # --------------------------------------------------------------------------------------------
 # POP3
 # --------------------------------------------------------------------------------------------

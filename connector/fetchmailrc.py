@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Final, assert_never
 
 from connector.addresses import is_address_pattern, is_domain, is_field_name, is_plain_address
-from connector.config import config_text_problems, format_duration
+from connector.config import config_text_problems, format_duration, mask_secrets
 from connector.tls import is_loopback
 
 __all__ = ["DEFAULT_PASSWORD_DIR", "convert", "main"]
@@ -1383,7 +1383,26 @@ def convert(
     notes.extend(result.notes)
     if not result.accounts:
         notes.append(f"{source}: no POP3 account could be converted")
-    return _render(result, source, password_dir), notes
+    # A note quotes hosts, names and addresses from the rc file, and any of them may be a
+    # password written in the wrong place (`poll Pw-Sec-9` beside `password Pw-Sec-9`).
+    secrets = _passwords(parsed)
+    return _render(result, source, password_dir), [mask_secrets(n, secrets) for n in notes]
+
+
+def _passwords(parsed: _Parsed) -> set[str]:
+    """Every ``password`` and ``esmtppassword`` value of the rc file."""
+    options = [*parsed.settings]
+    for block in parsed.blocks:
+        options += block.server
+        for user in block.users:
+            options += user
+    return {
+        arg
+        for opt in options
+        if opt.name in ("password", "esmtppassword")
+        for arg in opt.args
+        if arg
+    }
 
 
 def main(path: Path) -> int:
@@ -1404,6 +1423,15 @@ def main(path: Path) -> int:
     problems = [] if nothing else config_text_problems(toml)
     if not nothing and not problems:
         sys.stdout.write(toml)
+        inline = sum(line.startswith("password = ") for line in toml.splitlines())
+        if inline:
+            # By design (the rc file held them in clear too); but whoever redirects the output
+            # into a file decides who can read it.
+            notes.append(
+                f"standard output holds {inline} password(s) from {path} in clear text "
+                "(password = ...): write it to a file only you can read (umask 077; chmod 600), "
+                "or move each into a password_file"
+            )
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     for problem in problems:

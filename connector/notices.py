@@ -37,6 +37,7 @@ from typing import Final, assert_never
 
 from connector.deadletter import HEADER_BLOCK_MAX, DeadLetterInfo, DeadLetterStore
 from connector.smtp import Envelope, SmtpDeliverer, SmtpSettings
+from connector.spool import Spooled, head_of
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +106,10 @@ class RecordingStore:
         self.store = store
         self.notes: list[DeadLetterNote] = []
 
-    async def put(self, raw: bytes, info: DeadLetterInfo) -> str:
+    async def put(self, raw: bytes | Spooled, info: DeadLetterInfo) -> str:
         """Store through the wrapped store; on success remember the dead letter."""
         dl_id = await self.store.put(raw, info)
-        self.notes.append(note_for(dl_id, raw, info))
+        self.notes.append(note_for(dl_id, head_of(raw), info))
         return dl_id
 
     async def remove(self, id: str) -> None:

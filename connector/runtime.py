@@ -20,7 +20,10 @@ from connector.config import (
     ImapDeadLetter,
     Settings,
     SharedConfig,
+    account_key,
+    configured_secrets,
     dead_letter_path,
+    mask_secrets,
 )
 from connector.cycle import AccountSpec, DeliveryPolicy, Oversize, SmtpTarget
 from connector.deadletter import DeadLetterArchive
@@ -76,6 +79,10 @@ class Runtime:
     transcripts: bool
     imap_store: ImapStoreSpec | None = None
     notices: NoticeSettings | None = None  # None: [notices] postmaster not set
+    # [service] spool_threshold and the memory budget (docs/design.md §5.3, §10.6); the
+    # defaults are the config's for max_parallel_accounts = 8.
+    spool_threshold: int = 2 * 1024 * 1024
+    memory_budget: int = 32 * 1024 * 1024
     # Accounts with enabled = false, built only for `check --connect` (build_runtime's
     # include_disabled): never polled.
     disabled: tuple[AccountSpec, ...] = ()
@@ -86,6 +93,11 @@ class Runtime:
     # ones' dead letters and ledger rows are theirs too; no spec is built for them).
     targets: dict[str, SmtpTarget] = field(default_factory=dict)
     target_names: dict[str, str] = field(default_factory=dict)
+    # The deliver_to of every account of the config, enabled or not, whichever shard owns it
+    # (requeue sends a disabled account's dead letters there: it is configured, only not
+    # polled); and the names of those with enabled = false (status: no next poll).
+    deliver_to: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    disabled_names: frozenset[str] = frozenset()
     # The accounts of this process (--shard, owned_by): the others of the config are
     # `elsewhere`, polled by other replicas.
     shard: Shard = ALL
@@ -112,6 +124,10 @@ class Runtime:
     @property
     def ledger_path(self) -> Path:
         return self.state_dir / "ledger.sqlite3"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.state_dir / "spool"
 
     @property
     def dead_letter_where(self) -> str:
@@ -164,8 +180,17 @@ def build_runtime(settings: Settings, *, include_disabled: bool = False) -> Runt
 
     ``include_disabled`` also builds the accounts with ``enabled = false`` (``disabled``), for
     ``check --connect``; otherwise they are skipped, so a disabled account's bad ``ca_file``
-    never stops the service.
+    never stops the service.  The errors' text never holds a configured password (a path or
+    a host may be one pasted into the wrong key).
     """
+    try:
+        return _build_runtime(settings, include_disabled)
+    except ConfigError as exc:
+        secrets = configured_secrets(settings)
+        raise ConfigError([mask_secrets(p, secrets) for p in exc.problems]) from None
+
+
+def _build_runtime(settings: Settings, include_disabled: bool) -> Runtime:
     contexts = _Contexts()
     targets = {DEFAULT_TARGET: _target(settings, DEFAULT_TARGET, contexts)}
     targets.update((name, _target(settings, name, contexts)) for name in settings.smtp_targets)
@@ -193,9 +218,13 @@ def build_runtime(settings: Settings, *, include_disabled: bool = False) -> Runt
         shutdown_grace=settings.service.shutdown_grace,
         transcripts=settings.service.log_level == "debug",
         imap_store=_imap_store(settings, contexts),
+        spool_threshold=settings.service.spool_threshold,
+        memory_budget=settings.service.memory_budget(),
         disabled=tuple(disabled),
         targets=targets,
         target_names={a.name: settings.target_of(a) for a in settings.accounts},
+        deliver_to={a.name: tuple(a.deliver_to) for a in settings.accounts},
+        disabled_names=frozenset(a.name for a in settings.accounts if not a.enabled),
         notices=None
         if notices.postmaster is None
         else NoticeSettings(
@@ -283,26 +312,27 @@ def owned_by(runtime: Runtime, shard: Shard) -> Runtime:
 def _account(settings: Settings, i: int, target: SmtpTarget, contexts: _Contexts) -> AccountSpec:
     """``accounts[i]`` as the cycle takes it, delivering to ``target``."""
     acct = settings.accounts[i]
+    where = account_key(i, acct)  # accounts[4] (name "buchhaltung"), as the config's errors
     tls = TlsMode(acct.tls)
     password: str | OAuth2TokenSource | None = acct.secret()
     if acct.auth == "xoauth2":
         # The config guarantees exactly one source (and no password) for XOAUTH2.
         argv = acct.oauth2_argv()
         password = OAuth2TokenSource(
-            f"accounts[{i}].oauth2_token_{'command' if argv else 'file'}",
+            f"{where}.oauth2_token_{'command' if argv else 'file'}",
             file=acct.oauth2_token_file,
             argv=argv,
             secret_env=secret_env_names(settings),
         )
     if password is None:  # the config guarantees one; be explicit for the type checker
-        raise ConfigError(f"accounts[{i}].password: no password given")
+        raise ConfigError(f"{where}.password: no password given")
     return AccountSpec(
         name=acct.name,
         endpoint=Pop3Endpoint(
             acct.host,
             acct.effective_port,
             tls,
-            contexts.get(tls, acct.verify_certificate, acct.ca_file, f"accounts[{i}]"),
+            contexts.get(tls, acct.verify_certificate, acct.ca_file, where),
             acct.host,
             verify_certificate=acct.verify_certificate,
             ca_file=acct.ca_file,

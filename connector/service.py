@@ -36,6 +36,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
+from connector.budget import MemoryBudget
 from connector.cycle import (
     AccountSpec,
     Cycle,
@@ -62,6 +63,7 @@ from connector.runtime import Runtime, open_store
 from connector.schedule import MIN_GAP, Plan, Polled, host_key, next_slot, phase, slow_down_reason
 from connector.shard import Shard
 from connector.smtp import SmtpDeliverer
+from connector.spool import Spool
 
 if TYPE_CHECKING:
     # Imported where used: aioimaplib and prometheus_client cost start-up time (bench/README.md)
@@ -251,6 +253,7 @@ def status_document(
     targets: Mapping[str, str] | None = None,
     shard: Shard | None = None,
     elsewhere: Collection[str] = (),
+    disabled: Collection[str] = (),
 ) -> dict[str, Any]:
     """The ``/status`` and ``status --json`` document (docs/design.md §11.2).
 
@@ -260,6 +263,7 @@ def status_document(
     ledger's value with the scheduler's (SIGUSR1 or a reload may have moved it).  ``ledger``
     (:func:`ledger_health`) becomes the document's ``ledger`` object.  ``targets``: the SMTP
     target of each account (``smtp_target``); ``shard``: the document's ``shard`` object.
+    ``disabled``: the accounts with ``enabled = false``, which have no next poll.
     """
     by_name = {row.name: row for row in rows}
     order = list(dict.fromkeys([*names, *sorted(by_name), *sorted(dead_letters)]))
@@ -273,6 +277,8 @@ def status_document(
         poll = row.next_poll if row is not None else None
         if next_poll is not None and next_poll.get(name) is not None:
             poll = next_poll[name]
+        if name in disabled:
+            poll = None  # never polled; the ledger's value is from before it was disabled
         accounts.append(
             {
                 "name": name,
@@ -342,6 +348,10 @@ class Service:
         self._gates: dict[str, _Gate] = {}
         self._wake = asyncio.Event()  # the plan changed: the dispatcher looks again
         self._recount_now = asyncio.Event()
+        # Shared by every cycle: the octets of messages in memory (docs/design.md §10.6), and
+        # the directory the larger ones are streamed to (§5.3; open_service cleans it).
+        self.budget = MemoryBudget(runtime.memory_budget)
+        self.spool = Spool(runtime.spool_dir)
         self._tg: asyncio.TaskGroup | None = None
         self.alive = False
         # Dead letters per account: counted at start, then kept up to date by the cycles as
@@ -451,6 +461,9 @@ class Service:
             stopping=self.stopping,
             clock=self.clock,
             transcript=POP3_TRANSCRIPT if self.runtime.transcripts else None,
+            spool=self.spool,
+            spool_threshold=self.runtime.spool_threshold,
+            budget=self.budget,
         )
         try:
             stats = await cycle.run()
@@ -629,6 +642,7 @@ class Service:
             targets=self.smtp_targets(),
             shard=runtime.shard,
             elsewhere=runtime.elsewhere,
+            disabled=runtime.disabled_names,
         )
 
     def metrics_text(self) -> bytes:
@@ -842,6 +856,9 @@ class Service:
         if new.per_host != old.per_host:
             self._gates.clear()  # likewise, for the host gates of once and run_cycle
         self.plan.set_limits(max_parallel=new.max_parallel, per_host=new.per_host)
+        if new.memory_budget != old.memory_budget:
+            # Likewise: cycles in flight finish on the old budget, new ones share the new.
+            self.budget = MemoryBudget(new.memory_budget)
         now = self.clock()
         specs = {spec.name: spec for spec in new.accounts}
         for name in list(self.accounts):
@@ -936,6 +953,9 @@ async def open_service(
     with StateLock(runtime.state_dir):
         ledger = await Ledger.open(runtime.ledger_path)
         try:
+            # What a killed run left in the spool (docs/design.md §5.3): nothing else writes
+            # there while we hold the lock, and no cycle has started yet.
+            await asyncio.to_thread(Spool(runtime.spool_dir).clean)
             if runtime.dead_letter_path is not None:
                 await _remove_stale_tmp(MaildirStore(runtime.dead_letter_path))
             yield Service(runtime, ledger, observer=observer, metrics=metrics)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from connector.errors import ConfigError, printable
+from connector.errors import UsageError, printable
 
 __all__ = ["ALL", "Shard", "parse_shard", "shard_key", "shard_of"]
 
@@ -94,21 +94,21 @@ def parse_shard(
     """``k/N``, or ``auto/N`` with k from the pod's name (``$POD_NAME`` when set and not
     empty, else the host name: ``pop3-connector-2`` is shard 2).
 
-    Raises :class:`ConfigError` naming the value (the CLI exits 78): in a StatefulSet a
-    replica whose ordinal is not below N is a replica count and ``POP3_CONNECTOR_SHARDS`` that
-    disagree, and it must not poll anything.
+    Raises :class:`~connector.errors.UsageError` naming the value (the CLI exits 78): in a
+    StatefulSet a replica whose ordinal is not below N is a replica count and
+    ``POP3_CONNECTOR_SHARDS`` that disagree, and it must not poll anything.
     """
     where = f"--shard {printable(text[:40])}"
     m = _SPEC_RE.fullmatch(text.strip())
     if m is None:
-        raise ConfigError(f'{where}: expected "k/N" or "auto/N", like 0/3 or auto/3')
+        raise UsageError(f'{where}: expected "k/N" or "auto/N", like 0/3 or auto/3')
     count = int(m["n"])
     if count < 1:
-        raise ConfigError(f"{where}: N must be at least 1")
+        raise UsageError(f"{where}: N must be at least 1")
     if m["k"] != "auto":
         index = int(m["k"])
         if index >= count:
-            raise ConfigError(f"{where}: shard {index} is not below {count}")
+            raise UsageError(f"{where}: shard {index} is not below {count}")
         return Shard(index, count)
     env = os.environ if environ is None else environ
     pod = env.get(POD_NAME_ENV, "")
@@ -116,13 +116,13 @@ def parse_shard(
     ordinal = _ORDINAL_RE.search(name)
     shown = printable(name if len(name) <= 80 else name[:80] + "...")
     if ordinal is None:
-        raise ConfigError(
+        raise UsageError(
             f'{where}: {source} "{shown}" does not end in "-k" (a StatefulSet pod\'s ordinal); '
             f"set {POD_NAME_ENV} or give k/N"
         )
     index = int(ordinal[1])
     if index >= count:
-        raise ConfigError(
+        raise UsageError(
             f'{where}: {source} "{shown}" gives shard {index}, not below {count} (do '
             f"spec.replicas and POP3_CONNECTOR_SHARDS agree?)"
         )

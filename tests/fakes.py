@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import itertools
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterator,
     Awaitable,
     Callable,
@@ -25,6 +26,7 @@ from collections.abc import (
 from types import TracebackType
 from typing import Self
 
+from connector.budget import MemoryBudget
 from connector.deadletter import (
     DeadLetterInfo,
     DeadLetterRecord,
@@ -34,8 +36,9 @@ from connector.deadletter import (
 from connector.errors import DeadLetterError, DeliveryError, LedgerError, SmtpStage
 from connector.ledger import Identity, LedgerEntry, MessageState, RecipientsDone
 from connector.pop3 import AuthMethod, Retrieved
-from connector.pop3.client import TokenSource
+from connector.pop3.client import Spooling, TokenSource
 from connector.smtp import Delivered, Envelope
+from connector.spool import Spooled
 
 
 class InMemoryDeadLetterStore:
@@ -54,14 +57,20 @@ class InMemoryDeadLetterStore:
         self.put_calls = 0
         self._ids = itertools.count(1)
 
-    async def put(self, raw: bytes, info: DeadLetterInfo) -> str:
+    async def put(self, raw: bytes | Spooled, info: DeadLetterInfo) -> str:
         """Store a copy; return its id, or raise DeadLetterError while ``fail_put`` is set."""
         self.put_calls += 1
         if self.fail_put:
             raise DeadLetterError(self.store_name, "injected failure")
         id = f"mem-{next(self._ids):06d}"
-        self.messages[id] = with_dead_letter_headers(raw, info)
+        self.messages[id] = with_dead_letter_headers(_bytes(raw), info)
         return id
+
+    async def chunks(self, id: str) -> AsyncIterator[bytes]:
+        """The stored bytes in chunks of 1,000 octets.  Unknown id: KeyError."""
+        data = self.messages[id]
+        for i in range(0, len(data), 1000):
+            yield data[i : i + 1000]
 
     async def list(self) -> builtins.list[DeadLetterRecord]:
         """Every dead letter, oldest first."""
@@ -414,10 +423,30 @@ class FakePop3:
         return self._messages[number - 1][1]
 
     async def retrieve_many(
-        self, numbers: Sequence[int], *, sizes: Mapping[int, int] | None = None
-    ) -> AsyncIterator[Retrieved]:
+        self,
+        numbers: Sequence[int],
+        *,
+        sizes: Mapping[int, int] | None = None,
+        spooling: Spooling | None = None,
+        budget: MemoryBudget | None = None,
+    ) -> AsyncGenerator[Retrieved, None]:
+        """Each message in turn; one above ``spooling.above`` goes through a spool sink, as
+        the real client streams it (one write per 1,000 octets), and each is charged to
+        ``budget`` while the caller has it."""
         for n in numbers:
-            yield Retrieved(n, self._messages[n - 1][1], None)
+            raw = self._messages[n - 1][1]
+            charge = await budget.acquire(len(raw)) if budget is not None else 0
+            try:
+                if spooling is not None and len(raw) > spooling.above:
+                    sink = spooling.sink()
+                    for i in range(0, len(raw), 1000):
+                        await sink.write(raw[i : i + 1000])
+                    yield Retrieved(n, b"", None, await sink.finish())
+                else:
+                    yield Retrieved(n, raw, None)
+            finally:
+                if budget is not None:
+                    budget.release(charge)
 
     async def dele(self, number: int) -> None:
         self._marked.add(number)
@@ -445,13 +474,14 @@ class FakeDeliverer:
 
     async def deliver(
         self,
-        raw: bytes,
+        raw_or_spooled: bytes | Spooled,
         envelope: Envelope,
         *,
         trace: bytes = b"",
         wire: bytes | None = None,
         before_content: Callable[[], Awaitable[None]] | None = None,
     ) -> Delivered:
+        raw = _bytes(raw_or_spooled)  # a spooled one read whole: the fakes' messages are small
         answer = self.answer(raw, envelope)
         uid = _uid_of(raw)
         if isinstance(answer, DeliveryError) and answer.stage in (SmtpStage.MAIL, SmtpStage.RCPT):
@@ -467,6 +497,10 @@ class FakeDeliverer:
 
     async def close(self) -> None:
         pass
+
+
+def _bytes(message: bytes | Spooled) -> bytes:
+    return message if isinstance(message, bytes) else message.path.read_bytes()
 
 
 def _uid_of(raw: bytes) -> str:

@@ -151,6 +151,10 @@ class FaultProxy:
             if t.is_alive():
                 t.join(timeout=5)
 
+    def closing(self) -> bool:
+        """Whether close() has begun (a method: another thread sets it)."""
+        return self._closed
+
     # -- threads ------------------------------------------------------------------------------
 
     def _accept(self) -> None:
@@ -172,6 +176,12 @@ class FaultProxy:
                 fault = None
             link = _Link(index, client, server, fault)
             self._links.append(link)
+            if self.closing():
+                # close() ran while this connection was being set up and may not have seen it
+                # (it sets _closed before it closes the links it knows): close it here.
+                _close(client)
+                _close(server)
+                return
             if fault is not None and fault.after_bytes == 0:
                 self._fire(link)
             for src, dst, direction in (

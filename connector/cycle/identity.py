@@ -20,6 +20,7 @@ from typing import Final, Protocol
 from connector import headers
 from connector.errors import Pop3ResponseError
 from connector.ledger import Identity, LedgerEntry
+from connector.spool import Spooled, head_of
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def stand_in_uidl(data: bytes, size: int | None = None) -> str:
 _MAX_KEY_MESSAGE_ID: Final = 200
 
 
-def duplicate_key(mid: str, raw: bytes) -> str:
+def duplicate_key(mid: str, raw: bytes | Spooled) -> str:
     """The ledger key under which a shared mailbox's copies of one message meet:
     ``mid:<Message-ID>:<SHA-256 of the body, hex>``.
 
@@ -68,14 +69,23 @@ def duplicate_key(mid: str, raw: bytes) -> str:
     broken mailer reuses one, and a forged message could reuse one to have the real one
     dropped; a different body is a different message, and is delivered.  The digest has a
     fixed length at the end, so no two (Message-ID, body) pairs give one key.
+
+    A spooled message's body digest was taken while it was written (``Spooled.body_digest``,
+    the same octets); the cycle asks its spool writer for it whenever a key may be needed.
     """
-    # The body after the header block (headers.bounds: an empty line within its cap; without
-    # one the whole message is taken, which is safe).
-    found = headers.bounds(raw)
-    body = memoryview(raw)[found[1] :] if found is not None else raw
+    if isinstance(raw, bytes):
+        # The body after the header block (headers.bounds: an empty line within its cap;
+        # without one the whole message is taken, which is safe).
+        found = headers.bounds(raw)
+        body = memoryview(raw)[found[1] :] if found is not None else raw
+        digest = hashlib.sha256(body).hexdigest()
+    elif raw.body_digest is None:
+        raise ValueError("a spooled message without the digest of its body")
+    else:
+        digest = raw.body_digest
     if len(mid) > _MAX_KEY_MESSAGE_ID:
         mid = "sha256:" + hashlib.sha256(mid.encode("ascii")).hexdigest()
-    return f"mid:{mid}:{hashlib.sha256(body).hexdigest()}"
+    return f"mid:{mid}:{digest}"
 
 
 async def uid_listing(pop: Reader, count: int, sizes: Mapping[int, int]) -> list[tuple[int, str]]:
@@ -124,9 +134,9 @@ class Identities:
         self.sizes: Mapping[int, int] = {}
         self._no_top = False  # the server answered TOP with a bare -ERR: it has none
 
-    def of(self, number: int, raw: bytes) -> Identity:
+    def of(self, number: int, raw: bytes | Spooled) -> Identity:
         """What the ledger keeps to recognise message ``number`` later (docs/design.md §5.1)."""
-        return Identity(self.sizes.get(number), headers.header_digest(raw))
+        return Identity(self.sizes.get(number), headers.header_digest(head_of(raw)))
 
     async def same(self, pop: Reader, number: int, uid: str, entry: LedgerEntry) -> bool:
         """Whether the message listed as ``number`` is the one ``entry`` recorded, checked

@@ -50,21 +50,28 @@ upstream and the cycle goes on.
 
 Cancellation: every ledger write runs to its commit once started (the ``Ledger`` Protocol); the
 cycle shields only what must finish as a pair, a dead letter and its row (docs/design.md §10.3).
+
+Memory (docs/design.md §5.3, §10.6): a message above the spool threshold is streamed by RETR into
+a spool file and handled from there (:class:`~connector.spool.Spooled` stands in for its bytes:
+its head for the header readers, its file for DATA and the dead letter); every RETR is charged
+to the memory budget shared by all accounts.  The spool file goes once the message is handled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Final, NamedTuple, Protocol, Self, TypeVar
 
+from connector.budget import MemoryBudget
 from connector.cycle.commit import GroupCommit, Tickets
 from connector.cycle.identity import Identities, Reader, duplicate_key, uid_listing
 from connector.cycle.refusal import Breaker, Verdict, refusal_summary, verdict
@@ -83,9 +90,10 @@ from connector.errors import (
 )
 from connector.ledger import Identity, LedgerEntry, MessageState, RecipientsDone
 from connector.pop3 import AuthMethod, Pop3Client, Retrieved
-from connector.pop3.client import TokenSource
+from connector.pop3.client import Spooling, TokenSource
 from connector.recipients import message_id, route
 from connector.smtp import Delivered, Envelope, envelope_sender
+from connector.spool import Spool, Spooled, head_of, size_of
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +105,8 @@ stage ``error`` (docs/design.md §5.2, invariant 7)."""
 
 FETCH_CEILING: Final = 1024 * 1024 * 1024
 """No message larger than this is read, whatever the policy: it is left upstream and reported.
-A message is held in memory while it is handled; this bounds what one message may cost."""
+A large message is spooled to disk while it is handled (docs/design.md §5.3); this bounds what
+one message may cost in disk and in time."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,8 +224,13 @@ class Pop3Session(Reader, Protocol):
     async def list(self) -> builtins.list[tuple[int, int]]: ...
 
     def retrieve_many(
-        self, numbers: Sequence[int], *, sizes: Mapping[int, int] | None = None
-    ) -> AsyncIterator[Retrieved]: ...
+        self,
+        numbers: Sequence[int],
+        *,
+        sizes: Mapping[int, int] | None = None,
+        spooling: Spooling | None = None,
+        budget: MemoryBudget | None = None,
+    ) -> AsyncGenerator[Retrieved, None]: ...
 
     async def dele(self, number: int) -> None: ...
 
@@ -228,7 +242,7 @@ class Deliverer(Protocol):
 
     async def deliver(
         self,
-        raw: bytes,
+        raw: bytes | Spooled,
         envelope: Envelope,
         *,
         trace: bytes = b"",
@@ -282,19 +296,25 @@ class Upstream(enum.Enum):
 class InHand:
     """The message being handled: its number in this session, UIDL, bytes and ledger row.
 
-    ``wire``: the bytes as POP3 sent them (still dot-stuffed), when that is SMTP's DATA content
-    as it is (RFC 1939 §3, RFC 5321 §4.5.2): forwarded unscanned.
+    ``raw``: its bytes, or its spool file (docs/design.md §5.3).  ``wire``: the bytes as POP3
+    sent them (still dot-stuffed), when that is SMTP's DATA content as it is (RFC 1939 §3,
+    RFC 5321 §4.5.2): forwarded unscanned.
     """
 
     number: int
     uid: str
-    raw: bytes
+    raw: bytes | Spooled
     entry: LedgerEntry | None
     wire: bytes | None = None
 
     @property
     def size(self) -> int:
-        return len(self.raw)
+        return size_of(self.raw)
+
+    @property
+    def head(self) -> bytes:
+        """What the header readers take (``connector.headers`` reads no further)."""
+        return head_of(self.raw)
 
 
 class Routed(NamedTuple):
@@ -337,6 +357,9 @@ class Cycle:
         clock: Callable[[], float] = time.time,
         transcript: logging.Logger | None = None,
         connect: Callable[..., Awaitable[Pop3Session]] = Pop3Client.connect,
+        spool: Spool | None = None,
+        spool_threshold: int = 0,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.account = account
         self.ledger = ledger
@@ -348,6 +371,11 @@ class Cycle:
         self.clock = clock
         self.transcript = transcript
         self._connect = connect
+        # Messages whose LIST size is above spool_threshold go to the spool (none without
+        # one); every RETR is charged to the budget shared by all cycles (none: unbounded).
+        self.spool = spool
+        self.spool_threshold = spool_threshold
+        self.budget = budget
         self.stats = CycleStats()
         self.commits = GroupCommit(ledger)
         self.identities = Identities(account.name)
@@ -538,16 +566,47 @@ class Cycle:
         known: dict[str, LedgerEntry],
         sizes: Mapping[int, int],
     ) -> None:
-        """RETR and handle ``numbers`` in order, until done or ``stopping``."""
-        async for item in pop.retrieve_many(numbers, sizes=sizes):
-            if self.stopping.is_set():
-                # Stop between messages, never inside one (docs/design.md §10.4); this one waits.
-                self.stats.stopped_early = True
-                break
-            uid = uids[item.number]
-            message = InHand(item.number, uid, item.raw, known.get(uid), item.wire)
-            await self._handle(pop, message)
+        """RETR and handle ``numbers`` in order, until done or ``stopping``.  Closed as soon
+        as the loop ends, so that the RETRs still in flight are abandoned at once (their
+        replies read and dropped, none written to the spool) and their budget given back."""
+        retrieved = pop.retrieve_many(
+            numbers, sizes=sizes, spooling=self._spooling(), budget=self.budget
+        )
+        async with contextlib.aclosing(retrieved):
+            await self._handle_all(pop, retrieved, uids, known)
+
+    async def _handle_all(
+        self,
+        pop: Pop3Session,
+        retrieved: AsyncGenerator[Retrieved, None],
+        uids: dict[int, str],
+        known: dict[str, LedgerEntry],
+    ) -> None:
+        async for item in retrieved:
+            try:
+                if self.stopping.is_set():
+                    # Stop between messages, never inside one (docs/design.md §10.4); this
+                    # one waits upstream.
+                    self.stats.stopped_early = True
+                    break
+                uid = uids[item.number]
+                message = InHand(item.number, uid, item.message, known.get(uid), item.wire)
+                await self._handle(pop, message)
+            finally:
+                if item.spooled is not None:
+                    item.spooled.remove()  # handled (or abandoned): its spool file goes now
             del message, item  # drop this message before the next is read: two copies at most
+
+    def _spooling(self) -> Spooling | None:
+        """Where RETR streams the messages above the spool threshold: a new spool file each.
+        A shared mailbox that suppresses duplicates needs each body's digest (its duplicate
+        key): the writer takes it on the way."""
+        spool = self.spool
+        if spool is None:
+            return None
+        shared = self.account.shared
+        digest = shared is not None and shared.duplicate_window > 0
+        return Spooling(self.spool_threshold, lambda: spool.writer(digest_body=digest))
 
     async def _revisit(
         self,
@@ -612,7 +671,7 @@ class Cycle:
     async def _deliver(self, pop: Pop3Session, m: InHand) -> None:
         """Deliver one message to whoever does not have it yet, and conclude it by the answer."""
         acct, policy = self.account, self.policy
-        sender, sender_fixed = envelope_sender(m.raw, policy.sender_policy, policy.fixed_sender)
+        sender, sender_fixed = envelope_sender(m.head, policy.sender_policy, policy.fixed_sender)
         routed = self._route(m)
         have = await self._done_for(m, routed)
         todo = tuple(r for r in routed.recipients if r.lower() not in have)
@@ -627,7 +686,7 @@ class Cycle:
             configured=routed.configured,
         )
         trace = trace_header(
-            m.raw,
+            m.head,
             pop_host=acct.endpoint.host,
             by_host=policy.helo_name,
             uidl=m.uid,
@@ -646,7 +705,7 @@ class Cycle:
         except DeliveryError as exc:
             await self._refused(pop, m, exc, envelope, routed.keys)
             return
-        self.stats.delivered_bytes += len(trace) + len(m.raw)
+        self.stats.delivered_bytes += len(trace) + m.size
         self.breaker.through()
         if delivered.refused:
             await self._partly_delivered(pop, m, delivered, envelope, routed.keys)
@@ -690,7 +749,7 @@ class Cycle:
         keys: tuple[str, ...] = (f"uidl:{m.uid}",)
         if acct.shared is None:
             return Routed(acct.deliver_to, frozenset(), keys, None)
-        routing = route(m.raw, acct.shared, acct.deliver_to)
+        routing = route(m.head, acct.shared, acct.deliver_to)
         if routing.unread:
             # A hostile or broken header: routed on what could be read (the fallback when that
             # names nobody of ours); the administrator should know why.
@@ -710,7 +769,7 @@ class Cycle:
             ", ".join(routing.found),
             ", ".join(routing.recipients),
         )
-        mid = message_id(m.raw) if acct.shared.duplicate_window > 0 else None
+        mid = message_id(m.head) if acct.shared.duplicate_window > 0 else None
         mid_key = duplicate_key(mid, m.raw) if mid is not None else None
         if mid_key is not None:
             keys += (mid_key,)
@@ -989,7 +1048,7 @@ class Cycle:
         envelope: Envelope | None = None
         if acct.shared is not None:
             # Named in the dead letter, so that a requeue goes to them, not to the fallback.
-            recipients = route(m.raw, acct.shared, acct.deliver_to).recipients
+            recipients = route(m.head, acct.shared, acct.deliver_to).recipients
             envelope = Envelope("", recipients, sender_fixed=True, recipients_fixed=False)
         await self._dead_letter(pop, m, "size", response, envelope)
 

@@ -30,8 +30,12 @@ from __future__ import annotations
 import builtins
 import datetime as dt
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
+
+if TYPE_CHECKING:
+    from connector.spool import Spooled
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +75,11 @@ class DeadLetterRecord:
 class DeadLetterStore(Protocol):
     """The seam the cycle uses (docs/design.md §5.1 step 4)."""
 
-    async def put(self, raw: bytes, info: DeadLetterInfo) -> str:
-        """Store durably; return the dead letter's id.  Raises DeadLetterError."""
+    async def put(self, raw: bytes | Spooled, info: DeadLetterInfo) -> str:
+        """Store durably; return the dead letter's id.  Raises DeadLetterError.
+
+        A spooled message (docs/design.md §5.3) is copied from its file in chunks (our
+        header lines first), never read whole into memory."""
         ...
 
     async def remove(self, id: str) -> None:
@@ -95,6 +102,11 @@ class DeadLetterArchive(DeadLetterStore, Protocol):
 
     async def get(self, id: str) -> bytes:
         """The stored bytes: our header lines followed by the original message."""
+        ...
+
+    def chunks(self, id: str) -> AsyncIterator[bytes]:
+        """The stored bytes in order, a bounded chunk at a time (a dead letter of a spooled
+        message is never read whole: docs/design.md §5.3)."""
         ...
 
     async def count_by_account(self) -> dict[str, int]:
@@ -234,6 +246,13 @@ def with_dead_letter_headers(raw: bytes, info: DeadLetterInfo) -> bytes:
     return dead_letter_headers(info, message_eol(raw)) + raw
 
 
+def dead_letter_head(message: bytes | Spooled, info: DeadLetterInfo) -> bytes:
+    """Our header lines for ``message``, in its own line ending: what goes before a spooled
+    message's file (``Spooled.eol`` was read as :func:`message_eol` reads it)."""
+    eol = message_eol(message) if isinstance(message, bytes) else message.eol
+    return dead_letter_headers(info, eol)
+
+
 def _our_lines(raw: bytes) -> tuple[list[bytes], bytes | None, int]:
     """The values of our leading header lines, in order, the optional Recipients field's value
     (unfolded), and the offset just past them.
@@ -329,6 +348,7 @@ __all__ = [
     "DeadLetterInfo",
     "DeadLetterRecord",
     "DeadLetterStore",
+    "dead_letter_head",
     "dead_letter_headers",
     "format_failed_at",
     "header_block_continues",

@@ -30,6 +30,17 @@ What aioimaplib leaves to us (library-facts.md §4), and what this module does a
   not a hang until the timeout.
 * No STARTTLS: ``tls`` is implicit TLS (IMAPS, RFC 8314) or none.
 
+A spooled message (docs/design.md §5.3) is appended without reading it into memory: aioimaplib
+is given a stand-in of the literal's length (:class:`_Literal`), and when the server asks for
+the literal (the ``+`` continuation, RFC 3501 §7.5) our header lines and then the spool file go
+out a chunk at a time, waiting whenever the transport's buffer is above its high-water mark
+(:meth:`_Session.streaming`).  That costs one chunk (``spool.READ_CHUNK``) and the transport's
+buffer, whatever the message's size; the in-memory path costs the message and its copy with our
+header lines.  It relies on aioimaplib's ``_continuation``, ``literal_data`` and
+``pending_sync_command`` (tests/unit/test_deadletter_imap.py names them), under the pin in
+``pyproject.toml``.  The APPEND's deadline grows with the literal: a second per megabyte over
+the store's ``timeout``, since the server says nothing while it reads a literal.
+
 IMAP carries messages as CRLF lines without NUL (RFC 3501 §4.3), so a server may normalise a
 message that has bare CR or LF or a NUL octet (Dovecot turns a bare LF into CRLF and NUL into
 0x80).  Such a message is still stored, with a warning: refusing it would leave it upstream,
@@ -58,12 +69,14 @@ from connector.deadletter import (
     HEADER_PREFIX,
     DeadLetterInfo,
     DeadLetterRecord,
+    dead_letter_head,
     format_failed_at,
     header_block_continues,
     parse_dead_letter_headers,
     with_dead_letter_headers,
 )
-from connector.errors import DeadLetterError
+from connector.errors import DeadLetterError, StateError
+from connector.spool import READ_CHUNK, Spooled
 from connector.tls import TlsMode
 
 log = logging.getLogger(__name__)
@@ -84,6 +97,19 @@ _FETCH_SIZE_RE: Final = re.compile(rb"\bRFC822\.SIZE (\d+)", re.IGNORECASE)
 # RFC 3501 §4.3: a literal is CRLF lines without NUL; these may not survive the round trip.
 _NOT_IMAP_SAFE_RE: Final = re.compile(rb"\x00|\r(?!\n)|(?<!\r)\n")
 _MAX_TEXT: Final = 200
+# A literal's share of the APPEND deadline: the server answers only once it has read it all.
+_LITERAL_RATE: Final = 1_000_000  # octets per second, at least
+
+
+class _Literal:
+    """What aioimaplib's ``append()`` is given for a spooled message: the literal's length
+    (its ``{n}``), nothing more; the octets go out from :meth:`_Session.streaming`."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class ResponseStatus(enum.StrEnum):
@@ -320,14 +346,17 @@ class _Session:
         if not self._lost.done():
             self._lost.set_result(None)
 
-    async def call(self, what: str, awaitable: Awaitable[Any]) -> Any:
-        """Await one aioimaplib call under our deadline, racing it against connection loss."""
+    async def call(self, what: str, awaitable: Awaitable[Any], *, extra: float = 0.0) -> Any:
+        """Await one aioimaplib call under our deadline (``timeout`` plus ``extra`` seconds),
+        racing it against connection loss."""
         task = asyncio.ensure_future(awaitable)
+        limit = self._store.timeout + extra
+        shown = f"{round(limit, 1) if extra >= 0.05 else self._store.timeout:g}"
         try:
-            async with asyncio.timeout(self._store.timeout):
+            async with asyncio.timeout(limit):
                 await asyncio.wait({task, self._lost}, return_when=asyncio.FIRST_COMPLETED)
         except TimeoutError:
-            raise self._error(f"{what}: no answer within {self._store.timeout:g}s") from None
+            raise self._error(f"{what}: no answer within {shown}s") from None
         finally:
             if not task.done():
                 task.cancel()
@@ -338,7 +367,7 @@ class _Session:
         try:
             return task.result()
         except (TimeoutError, aioimaplib.CommandTimeout):
-            raise self._error(f"{what}: no answer within {self._store.timeout:g}s") from None
+            raise self._error(f"{what}: no answer within {shown}s") from None
         except ssl.SSLCertVerificationError as exc:
             raise self._error(f"{what}: certificate not trusted: {exc.verify_message}") from None
         except ssl.SSLError as exc:
@@ -352,9 +381,71 @@ class _Session:
         except aioimaplib.AioImapException as exc:
             raise self._error(f"{what}: {self._clean(str(exc))}") from None
 
-    async def command(self, what: str, awaitable: Awaitable[Any]) -> _Answer:
+    async def command(self, what: str, awaitable: Awaitable[Any], *, extra: float = 0.0) -> _Answer:
         """Like :meth:`call`, for calls that return an aioimaplib ``Response``."""
-        return _Answer.of(await self.call(what, awaitable))
+        return _Answer.of(await self.call(what, awaitable, extra=extra))
+
+    @contextlib.asynccontextmanager
+    async def streaming(self, head: bytes, spooled: Spooled) -> AsyncIterator[_Literal]:
+        """While active, the continuation of an APPEND given the :class:`_Literal` yielded
+        here is answered with ``head`` and the spool file, a chunk at a time, with flow
+        control; any other continuation goes to aioimaplib as always.  A failure to read the
+        file drops the connection (the APPEND then fails) and is raised on exit."""
+        imap = self._protocol
+        literal = _Literal(len(head) + spooled.size)
+        writable = asyncio.Event()
+        writable.set()
+        sender: asyncio.Task[None] | None = None
+        failed: list[BaseException] = []
+
+        async def send() -> None:
+            transport = imap.transport
+            try:
+                if head:
+                    transport.write(head)
+                async for data in spooled.chunks():
+                    transport.write(data)
+                    await writable.wait()  # cleared while the transport is above high water
+                transport.write(b"\r\n")
+            except Exception as exc:  # noqa: BLE001 - raised by streaming() on exit
+                failed.append(exc)
+                transport.abort()
+
+        def on_continuation(line: bytes) -> None:
+            nonlocal sender
+            command = imap.pending_sync_command
+            ours = imap.literal_data is literal
+            if command is not None and command.name == "APPEND" and ours:
+                imap.literal_data = None
+                sender = asyncio.get_running_loop().create_task(send())
+                return
+            type(imap)._continuation(imap, line)
+
+        vars(imap).update(
+            _continuation=on_continuation,
+            pause_writing=writable.clear,
+            resume_writing=writable.set,
+        )
+        try:
+            yield literal
+        except DeadLetterError:
+            if failed:  # the APPEND failed because the literal could not be sent: say why
+                raise self._unsent(failed[0]) from None
+            raise
+        finally:
+            for name in ("_continuation", "pause_writing", "resume_writing"):
+                vars(imap).pop(name, None)
+            if sender is not None:
+                if not sender.done():
+                    sender.cancel()
+                sender.add_done_callback(_consume)
+        if failed:
+            raise self._unsent(failed[0])
+
+    def _unsent(self, why: BaseException) -> DeadLetterError:
+        if isinstance(why, StateError):
+            return self._error(f"cannot read the spool file: {why}")
+        return self._error(f"sending the message failed ({type(why).__name__})")
 
     def refused(self, what: str, answer: _Answer) -> DeadLetterError:
         """The DeadLetterError for a NO/BAD answer, with the server's text."""
@@ -541,14 +632,20 @@ class ImapStore:
 
     # -- the DeadLetterStore protocol ----------------------------------------------------------
 
-    async def put(self, raw: bytes, info: DeadLetterInfo) -> str:
+    async def put(self, raw: bytes | Spooled, info: DeadLetterInfo) -> str:
         """APPEND ``raw`` with our header lines; return its id once the server said OK.
 
         Creates the folder when the server answers ``[TRYCREATE]``, then tries once more.
-        Raises DeadLetterError for any refusal, timeout or connection failure.
+        Raises DeadLetterError for any refusal, timeout or connection failure.  A spooled
+        message is streamed from its file (see the module docstring).
         """
-        data = with_dead_letter_headers(raw, info)
-        if _NOT_IMAP_SAFE_RE.search(data):
+        data: bytes | Spooled
+        if isinstance(raw, bytes):
+            data = with_dead_letter_headers(raw, info)
+            unsafe = _NOT_IMAP_SAFE_RE.search(data) is not None
+        else:
+            data, unsafe = raw, raw.lone > 0  # NUL is not counted: warned of in memory only
+        if unsafe:
             log.warning(
                 "account=%s uidl=%s: the message has NUL or bare CR/LF octets, which IMAP may "
                 "normalise (RFC 3501 §4.3); storing it anyway",
@@ -576,8 +673,20 @@ class ImapStore:
         )
         return id
 
-    async def _append(self, session: _Session, data: bytes, info: DeadLetterInfo) -> _Answer:
-        # The date is the failure time, so INTERNALDATE (RFC 3501 §2.3.3) sorts by it.
+    async def _append(
+        self, session: _Session, data: bytes | Spooled, info: DeadLetterInfo
+    ) -> _Answer:
+        if isinstance(data, bytes):
+            return await self._append_literal(session, data, info)
+        async with session.streaming(dead_letter_head(data, info), data) as literal:
+            return await self._append_literal(session, literal, info)
+
+    async def _append_literal(
+        self, session: _Session, data: bytes | _Literal, info: DeadLetterInfo
+    ) -> _Answer:
+        # The date is the failure time, so INTERNALDATE (RFC 3501 §2.3.3) sorts by it.  The
+        # server answers once it has read the literal: its deadline grows with it.
+        extra = len(data) / _LITERAL_RATE
         return await session.command(
             "APPEND",
             session._protocol.append(
@@ -585,9 +694,32 @@ class ImapStore:
                 session.mailbox(),
                 DEAD_LETTER_FLAGS,
                 info.failed_at,
-                timeout=self.timeout,
+                timeout=self.timeout + extra,
             ),
+            extra=extra,
         )
+
+    async def chunks(self, id: str, size: int = READ_CHUNK) -> AsyncIterator[bytes]:
+        """The stored bytes (our header lines, then the original) ``size`` at a time, by
+        partial FETCHes (RFC 3501 §6.4.5, ``BODY.PEEK[]<start.size>``) on one connection,
+        never all at once.  Unknown id: KeyError."""
+        uidvalidity, uid = parse_id(id)
+        async with self._session() as session:
+            await self._select_for(session, id, uidvalidity)
+            start = 0
+            while True:
+                items = await session.uid_fetch(str(uid), f"(UID BODY.PEEK[]<{start}.{size}>)")
+                found = [i.literal for i in items if i.uid == uid]
+                if not found:
+                    if start == 0:
+                        raise KeyError(id)
+                    return
+                data = found[0] or b""
+                if data:
+                    yield data
+                if len(data) < size:
+                    return
+                start += len(data)
 
     async def _create(self, session: _Session) -> None:
         mailbox = session.mailbox()

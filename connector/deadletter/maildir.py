@@ -21,6 +21,7 @@ import builtins
 import collections
 import contextlib
 import errno
+import io
 import itertools
 import logging
 import os
@@ -28,6 +29,7 @@ import re
 import secrets
 import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final
 
@@ -35,11 +37,13 @@ from connector.deadletter import (
     HEADER_BLOCK_MAX,
     DeadLetterInfo,
     DeadLetterRecord,
+    dead_letter_head,
     header_block_continues,
     parse_dead_letter_headers,
     with_dead_letter_headers,
 )
 from connector.errors import DeadLetterError
+from connector.spool import READ_CHUNK, Spooled
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,18 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def _copy_file(spooled: Spooled, fd: int) -> None:
+    """Append a spool file to ``fd``, a chunk at a time; its size must not have changed (it
+    is ours, so a difference is a bug or a tampered state directory: refuse to store it)."""
+    copied = 0
+    with open(spooled.path, "rb", buffering=0) as src:
+        while data := src.read(READ_CHUNK):
+            _write_all(fd, data)
+            copied += len(data)
+    if copied != spooled.size:
+        raise OSError(errno.EIO, f"spool file holds {copied} octets, not {spooled.size}")
+
+
 class MaildirStore:
     """Dead letters as files in a Maildir at ``path``, readable by any mail client.
 
@@ -103,9 +119,26 @@ class MaildirStore:
 
     # -- the DeadLetterStore protocol ----------------------------------------------------------
 
-    async def put(self, raw: bytes, info: DeadLetterInfo) -> str:
-        """Store ``raw`` with our header lines durably; return its id.  Raises DeadLetterError."""
+    async def put(self, raw: bytes | Spooled, info: DeadLetterInfo) -> str:
+        """Store ``raw`` with our header lines durably; return its id.  Raises DeadLetterError.
+        A spooled message is copied from its file, a chunk at a time."""
         return await asyncio.to_thread(self._put, raw, info)
+
+    async def chunks(self, id: str, size: int = READ_CHUNK) -> AsyncIterator[bytes]:
+        """The stored bytes (our header lines, then the original) ``size`` at a time, never
+        all at once.  Unknown id: KeyError."""
+        f = await asyncio.to_thread(self._open, id)
+        try:
+            while True:
+                try:
+                    data = await asyncio.to_thread(f.read, size)
+                except OSError as exc:
+                    raise self._error(f"cannot read {id}", exc) from exc
+                if not data:
+                    return
+                yield data
+        finally:
+            f.close()
 
     async def list(self) -> builtins.list[DeadLetterRecord]:
         """Every dead letter in ``new/`` and ``cur/``, oldest first; reads only header lines.
@@ -158,8 +191,8 @@ class MaildirStore:
             _fsync_dir(self.path.parent)
         self._ready = True
 
-    def _put(self, raw: bytes, info: DeadLetterInfo) -> str:
-        data = with_dead_letter_headers(raw, info)
+    def _put(self, raw: bytes | Spooled, info: DeadLetterInfo) -> str:
+        data = with_dead_letter_headers(raw, info) if isinstance(raw, bytes) else None
         try:
             self._ensure_maildir()
         except OSError as exc:
@@ -175,7 +208,14 @@ class MaildirStore:
         stage = "cannot write the file"
         try:
             try:
-                _write_all(fd, data)
+                if data is not None:
+                    _write_all(fd, data)
+                else:
+                    assert isinstance(raw, Spooled)  # noqa: S101 - data is None only then
+                    _write_all(fd, dead_letter_head(raw, info))
+                    stage = "cannot copy the spool file"
+                    _copy_file(raw, fd)
+                    stage = "cannot write the file"
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -248,6 +288,17 @@ class MaildirStore:
             pass
         except OSError as exc:
             raise self._error("cannot read cur/", exc) from exc
+        raise KeyError(id)
+
+    def _open(self, id: str) -> io.BufferedReader:
+        for _ in range(2):  # as _get: a mail client may move the file meanwhile
+            path = self._locate(id)
+            try:
+                return open(path, "rb")
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise self._error(f"cannot read {id}", exc) from exc
         raise KeyError(id)
 
     def _get(self, id: str) -> bytes:

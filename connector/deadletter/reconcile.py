@@ -24,17 +24,21 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 
 from connector.deadletter import (
+    HEADER_BLOCK_MAX,
     DeadLetterArchive,
     DeadLetterInfo,
     DeadLetterRecord,
+    header_block_continues,
     parse_dead_letter_headers,
     with_dead_letter_headers,
 )
 from connector.errors import DeadLetterError, LedgerError
+from connector.spool import Spooled, size_of
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,7 @@ class ReconcilingStore:
     def __repr__(self) -> str:
         return f"ReconcilingStore({self.store!r})"
 
-    async def put(self, raw: bytes, info: DeadLetterInfo) -> str:
+    async def put(self, raw: bytes | Spooled, info: DeadLetterInfo) -> str:
         """The id of an unrecorded dead letter of this very message, else ``store.put``."""
         twin = await self._twin(raw, info)
         if twin is not None:
@@ -88,10 +92,13 @@ class ReconcilingStore:
     async def get(self, id: str) -> bytes:
         return await self.store.get(id)
 
+    def chunks(self, id: str) -> AsyncIterator[bytes]:
+        return self.store.chunks(id)
+
     async def count_by_account(self) -> dict[str, int]:
         return await self.store.count_by_account()
 
-    async def _twin(self, raw: bytes, info: DeadLetterInfo) -> str | None:
+    async def _twin(self, raw: bytes | Spooled, info: DeadLetterInfo) -> str | None:
         index = await self._index()
         # Compare as written: the header values are sanitised (dead_letter_headers).
         parsed = parse_dead_letter_headers(with_dead_letter_headers(b"", info))
@@ -99,25 +106,64 @@ class ReconcilingStore:
         candidates = index.get((want.account, want.uidl)) if index else None
         if not candidates:
             return None
+        mine: str | None = None  # a spooled message's digest, taken once a candidate fits
         for record in builtins.list(candidates):
-            if record.size != len(raw):
+            if record.size != size_of(raw):
                 continue
             try:
-                stored = await self.store.get(record.id)
+                if isinstance(raw, bytes):
+                    same = await self._same_bytes(record.id, want, raw)
+                else:
+                    theirs = await self._stored_digest(record.id, want)
+                    if theirs is not None and mine is None:
+                        mine = await _digest(raw.chunks())
+                    same = theirs is not None and theirs == mine
             except KeyError:  # purged or requeued meanwhile
                 candidates.remove(record)
                 continue
             except DeadLetterError as exc:
                 log.warning("cannot read dead letter %s to compare it: %s", record.id, exc)
                 continue
-            found = parse_dead_letter_headers(stored)
-            if found is None:
-                continue
-            head, header_len = found
-            if head.recipients == want.recipients and stored[header_len:] == raw:
+            if same:
                 candidates.remove(record)
                 return record.id
         return None
+
+    async def _same_bytes(self, id: str, want: DeadLetterInfo, raw: bytes) -> bool:
+        stored = await self.store.get(id)
+        found = parse_dead_letter_headers(stored)
+        if found is None:
+            return False
+        head, header_len = found
+        return head.recipients == want.recipients and stored[header_len:] == raw
+
+    async def _stored_digest(self, id: str, want: DeadLetterInfo) -> str | None:
+        """SHA-256 of the original message in dead letter ``id`` (read a chunk at a time,
+        for a spooled message's twin: docs/design.md §5.3), or None when it is not one of
+        ours or names other recipients."""
+        head = bytearray()
+        digest = hashlib.sha256()
+        parsed: tuple[DeadLetterInfo, int] | None = None
+        async for data in self.store.chunks(id):
+            if parsed is not None:
+                await asyncio.to_thread(digest.update, data)
+                continue
+            head += data
+            if len(head) < HEADER_BLOCK_MAX or header_block_continues(bytes(head)):
+                continue  # our header lines may go on in the next chunk
+            parsed = parse_dead_letter_headers(bytes(head))
+            if parsed is None:
+                return None
+            digest.update(memoryview(head)[parsed[1] :])
+            head = bytearray()
+        if parsed is None:
+            parsed = parse_dead_letter_headers(bytes(head))
+            if parsed is None:
+                return None
+            digest.update(memoryview(head)[parsed[1] :])
+        if parsed[0].recipients != want.recipients:
+            return None
+        return digest.hexdigest()
 
     async def _index(self) -> dict[_Key, builtins.list[DeadLetterRecord]] | None:
         """The unrecorded dead letters, looked up once; None if the store or ledger failed
@@ -138,6 +184,14 @@ class ReconcilingStore:
                 log.debug("%d dead letters without a ledger row", sum(map(len, index.values())))
                 self._unrecorded = index
             return self._unrecorded
+
+
+async def _digest(chunks: AsyncIterator[bytes]) -> str:
+    """SHA-256 of what ``chunks`` yields, hashed in a worker thread (large messages)."""
+    digest = hashlib.sha256()
+    async for data in chunks:
+        await asyncio.to_thread(digest.update, data)
+    return digest.hexdigest()
 
 
 __all__ = ["ReconcilingStore"]

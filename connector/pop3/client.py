@@ -12,6 +12,13 @@ Replies are matched to commands by a FIFO, so commands can be pipelined (RFC 244
 messages simply queues behind them; replies read on someone else's behalf are stashed until
 claimed.
 
+A message too large to hold in memory is streamed instead (``retrieve_many(...,
+spooling=...)``, docs/design.md §5.3): its RETR is sent in the core's streaming mode and each
+chunk goes to a sink (a spool file) as it is read, so the session holds a chunk and one read of
+it, never the message.  Every RETR of ``retrieve_many`` is first charged to the shared memory
+budget (``budget=``, docs/design.md §10.6); one that does not fit waits, or, behind others in
+the window, is sent later.
+
 DELE is pipelined too when the server offers PIPELINING: ``dele()`` sends the command and
 returns without waiting for the reply, which is checked when it arrives (while reading a later
 reply, or in ``quit()``, which reads every outstanding DELE reply before it sends QUIT).  A
@@ -42,8 +49,9 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequen
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self, assert_never
+from typing import Final, Protocol, Self, assert_never
 
+from connector.budget import MemoryBudget
 from connector.errors import (
     Pop3AuthError,
     Pop3ConnectionError,
@@ -65,6 +73,8 @@ from connector.pop3.protocol import (
     Listing,
     LocalProtocolError,
     Message,
+    MessageChunk,
+    MessageEnd,
     NeedData,
     Ok,
     State,
@@ -73,6 +83,7 @@ from connector.pop3.protocol import (
     parse_stat,
     sasl_plain,
 )
+from connector.spool import Spooled
 from connector.tls import TlsMode, tls_reason_hint
 
 log = logging.getLogger(__name__)
@@ -116,11 +127,50 @@ class Retrieved:
     ``raw``: the message (CRLF line ends, dots unstuffed).  ``wire``: the same message as it
     came off the wire, still dot-stuffed, when that is byte for byte SMTP's DATA content
     (RFC 1939 §3 and RFC 5321 §4.5.2 stuff alike), else None (see ``protocol.Message``).
+    ``spooled``: a message streamed to a spool file instead (``raw`` is then empty).
     """
 
     number: int
     raw: bytes
     wire: bytes | None
+    spooled: Spooled | None = None
+
+    @property
+    def message(self) -> bytes | Spooled:
+        """The message: its bytes, or its spool file."""
+        return self.spooled if self.spooled is not None else self.raw
+
+
+class SpoolSink(Protocol):
+    """Where a streamed RETR's chunks go (``connector.spool.SpoolWriter``)."""
+
+    async def write(self, data: bytes) -> None:
+        """Append the message's next octets."""
+        ...
+
+    async def finish(self, prefix: bytes = b"") -> Spooled:
+        """The message is whole (``prefix`` belongs before it: ``protocol.MessageEnd``)."""
+        ...
+
+    def discard(self) -> None:
+        """Throw away what was written (synchronous: it runs during a cancellation too)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Spooling:
+    """Which messages :meth:`Pop3Client.retrieve_many` streams, and where: every message
+    whose LIST size is above ``above`` octets (or unknown) goes to a new ``sink()``."""
+
+    above: int
+    sink: Callable[[], SpoolSink]
+
+
+@dataclass(frozen=True, slots=True)
+class _SpooledReply:
+    """A streamed RETR's reply once its message is whole in its sink (kept in the stash)."""
+
+    spooled: Spooled
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +244,10 @@ def _describe(event: Event) -> str:
             return "+ ****"
         case Message(raw=raw):
             return f"+OK [message, {len(raw)} octets]"
+        case MessageEnd(size=size):
+            return f"+OK [message, {size} octets, streamed to the spool]"
+        case MessageChunk(data=data):
+            return f"[{len(data)} octets of a message]"
         case Listing(entries=entries):
             return f"+OK [listing, {len(entries)} entries]"
         case Capabilities(entries=entries):
@@ -240,7 +294,10 @@ class Pop3Client:
         self._log = transcript
         self._seq = 0
         self._inflight: deque[tuple[int, Verb | None]] = deque([(0, None)])  # greeting
-        self._stash: dict[int, Event] = {}  # replies read ahead of their claimant
+        self._stash: dict[int, Event | _SpooledReply] = {}  # replies read ahead of their claimant
+        # Streamed RETRs awaiting their reply: seq -> the sink factory (None: abandoned, the
+        # chunks are read and dropped).
+        self._streams: dict[int, Callable[[], SpoolSink] | None] = {}
         self._abandoned: set[int] = set()  # replies nobody will claim (retrieve_many stopped)
         self._deles: dict[int, int] = {}  # pipelined DELEs awaiting their reply: seq -> number
         self._outbox: list[bytes] = []  # commands not written yet (see _submit)
@@ -357,17 +414,25 @@ class Pop3Client:
             self._writer.transport.abort()
         return exc
 
-    def _submit(self, cmd: Command, *, defer: bool = False, expect: int | None = None) -> int:
+    def _submit(
+        self,
+        cmd: Command,
+        *,
+        defer: bool = False,
+        expect: int | None = None,
+        stream: Callable[[], SpoolSink] | None = None,
+    ) -> int:
         """Queue ``cmd`` in the core and the write buffer; return its sequence number.
 
         ``defer``: hold the bytes back until the next command or flush (pipelined DELEs go out
         together with the next RETRs: one system call, and one wake-up of the server, for many).
         A reply is never awaited for a command still held back (``_read_next``).  ``expect``:
-        what bounds the reply (``Connection.send``).
+        what bounds the reply (``Connection.send``).  ``stream`` (RETR): stream the message
+        into a sink this makes (``_spool``).
         """
         if self._broken is not None:
             raise Pop3ConnectionError(f"connection unusable ({self._broken})")
-        data = self._conn.send(cmd, expect=expect)
+        data = self._conn.send(cmd, expect=expect, stream=stream is not None)
         if defer:
             if not self._outbox:
                 self._outbox_from = self._seq + 1
@@ -379,6 +444,8 @@ class Pop3Client:
             self._writer.write(data)
         self._seq += 1
         self._inflight.append((self._seq, cmd.verb))
+        if stream is not None:
+            self._streams[self._seq] = stream
         if self._log is not None:
             self._log.debug("C: %s", _redact(cmd))
         return self._seq
@@ -439,12 +506,43 @@ class Pop3Client:
             raise
         if isinstance(ev, Closed):
             raise self._poison(Pop3ConnectionError("the server closed the connection"))
-        if self._log is not None:
+        if self._log is not None and not isinstance(ev, MessageChunk):
             self._log.debug("S: %s", _describe(ev))
         return ev
 
+    async def _spool(self, head: int, ev: MessageChunk | MessageEnd) -> _SpooledReply | None:
+        """Read a streamed RETR's reply to its end, each chunk into the sink registered for
+        ``head`` (none, when the RETR was abandoned: the chunks are dropped).  A failure on
+        the way (the sink's StateError, the server's error, a cancellation) throws the sink's
+        file away and leaves the stream unusable: it stopped in the middle of a reply."""
+        factory = self._streams.pop(head, None)
+        sink = factory() if factory is not None else None
+        try:
+            event: Event = ev
+            while isinstance(event, MessageChunk):
+                if sink is not None:
+                    await sink.write(event.data)
+                event = await self._read_event(True)
+            if not isinstance(event, MessageEnd):  # pragma: no cover (the core ends so)
+                raise self._poison(Pop3ProtocolError(f"{type(event).__name__} in a message"))
+            if sink is None:
+                return None
+            return _SpooledReply(await sink.finish(event.prefix))
+        except BaseException as exc:
+            if sink is not None:
+                sink.discard()
+            if not isinstance(exc, Pop3Error):  # the sink's own failure, or a cancellation
+                self._poison(Pop3ConnectionError("stopped in the middle of a message"))
+            raise
+
     async def _reply(self, seq: int, *, long: bool) -> Event:
         """Read replies in order until the one for ``seq`` is in; stash the others."""
+        ev = await self._claim(seq, long=long)
+        if isinstance(ev, _SpooledReply):  # pragma: no cover (only retrieve_many streams)
+            raise AssertionError("a streamed reply claimed as an event")
+        return ev
+
+    async def _claim(self, seq: int, *, long: bool) -> Event | _SpooledReply:
         while seq not in self._stash:
             if not await self._read_next(long):
                 break
@@ -459,10 +557,16 @@ class Pop3Client:
         head, verb = self._inflight[0]
         if self._outbox and head >= self._outbox_from:
             await self._flush()  # never wait for a reply to a command not yet written
-        ev = await self._read_event(long or verb in (Verb.RETR, Verb.TOP))
+        ev: Event | _SpooledReply | None = await self._read_event(
+            long or verb in (Verb.RETR, Verb.TOP)
+        )
         if isinstance(ev, Continuation):
             self._stash[head] = ev
             return False
+        if isinstance(ev, MessageChunk | MessageEnd):
+            ev = await self._spool(head, ev)
+        else:
+            self._streams.pop(head, None)  # an -ERR to a streamed RETR: no sink was made
         self._inflight.popleft()
         if not self._inflight and self._conn.buffered and self._conn.state is not State.CLOSED:
             # Every reply due is in, and more came with the last: nobody asked for it, and
@@ -481,7 +585,9 @@ class Pop3Client:
                     raise self._poison(Pop3ProtocolError(f"unexpected {type(ev).__name__}"))
         elif head in self._abandoned:
             self._abandoned.discard(head)
-        else:
+            if isinstance(ev, _SpooledReply):  # abandoned while it was being streamed
+                ev.spooled.remove()
+        elif ev is not None:
             self._stash[head] = ev
         return True
 
@@ -734,6 +840,9 @@ class Pop3Client:
         window: int = RETR_WINDOW,
         window_octets: int = RETR_WINDOW_OCTETS,
         sizes: Mapping[int, int] | None = None,
+        *,
+        spooling: Spooling | None = None,
+        budget: MemoryBudget | None = None,
     ) -> AsyncGenerator[Retrieved, None]:
         """Yield a :class:`Retrieved` for each message in order.  When the server offers
         PIPELINING, up to ``window`` RETRs are in flight, and beyond the first no more than
@@ -741,6 +850,13 @@ class Pop3Client:
         asked for here; if LIST is refused, count only); else one at a time.  The window is
         topped up when half of it is free, so that one write carries several RETRs (and the
         DELEs queued meanwhile).
+
+        ``spooling``: messages above its size (or of unknown size) are streamed into its
+        sinks and yielded as ``Retrieved.spooled``.  ``budget``: each RETR is first charged
+        what its message may cost in memory (its LIST size; ``spooling.above`` at most,
+        which a streamed one costs in buffers at most), given back when the caller asks for
+        the next message; the first RETR of an empty window waits for room, a pipelined one
+        behind it is sent only if it fits now (``connector.budget``).
 
         Other commands (``dele``) may be called between messages; they queue behind the RETRs
         in flight.  If the caller stops early, the replies still in flight are read and dropped
@@ -753,11 +869,16 @@ class Pop3Client:
                 with contextlib.suppress(Pop3ResponseError):
                     sizes = dict(await self.list())
         window = max(1, window) if self.pipelining else 1
-        sent: deque[tuple[int, int, int]] = deque()  # (message number, sequence, octets)
+        # (message number, sequence, octets, budget charge)
+        sent: deque[tuple[int, int, int, int]] = deque()
         octets = 0
         todo = 0
+        held = 0  # the charge of the message the caller has in hand
         try:
             while True:
+                if held and budget is not None:
+                    budget.release(held)  # the caller is done with the last message
+                held = 0
                 submitted = False
                 half_free = len(sent) <= window // 2 and octets <= window_octets // 2
                 while half_free and todo < len(numbers) and len(sent) < window:
@@ -766,8 +887,31 @@ class Pop3Client:
                     if sent and octets + size > window_octets:
                         break
                     listed = sizes.get(number, self._listed.get(number))
-                    seq = self._submit(Command(Verb.RETR, (number,)), defer=True, expect=listed)
-                    sent.append((number, seq, size))
+                    streamed = spooling is not None and (listed is None or listed > spooling.above)
+                    charge = 0
+                    if budget is not None:
+                        if streamed and spooling is not None:
+                            cost = spooling.above  # a spooled message costs buffers
+                        else:  # in memory; of unknown size, the whole budget (runs alone)
+                            cost = listed if listed is not None else budget.total
+                        if not sent:
+                            charge = await budget.acquire(cost)  # holding nothing: may wait
+                        elif (taken := budget.try_acquire(cost)) is None:
+                            break  # no room now: sent once the window drains
+                        else:
+                            charge = taken
+                    try:
+                        seq = self._submit(
+                            Command(Verb.RETR, (number,)),
+                            defer=True,
+                            expect=listed,
+                            stream=spooling.sink if streamed and spooling else None,
+                        )
+                    except BaseException:
+                        if budget is not None:
+                            budget.release(charge)  # never sent: the budget outlives the cycle
+                        raise
+                    sent.append((number, seq, size, charge))
                     octets += size
                     todo += 1
                     submitted = True
@@ -775,14 +919,27 @@ class Pop3Client:
                     return
                 if submitted:
                     await self._flush()
-                number, seq, size = sent.popleft()
+                number, seq, size, charge = sent[0]
+                reply = await self._claim(seq, long=True)
+                sent.popleft()
+                held = charge
                 octets -= size
-                message = self._message_event(await self._reply(seq, long=True), "RETR")
-                yield Retrieved(number, message.raw, message.wire)
+                if isinstance(reply, _SpooledReply):
+                    yield Retrieved(number, b"", None, reply.spooled)
+                else:
+                    message = self._message_event(reply, "RETR")
+                    yield Retrieved(number, message.raw, message.wire)
         finally:
-            for _, seq, _ in sent:
-                if self._stash.pop(seq, None) is None:
+            if budget is not None:
+                budget.release(held + sum(charge for *_, charge in sent))
+            for _, seq, _, _ in sent:
+                stashed = self._stash.pop(seq, None)
+                if isinstance(stashed, _SpooledReply):
+                    stashed.spooled.remove()
+                elif stashed is None:
                     self._abandoned.add(seq)
+                    if seq in self._streams:
+                        self._streams[seq] = None  # its chunks are read and dropped
 
     async def dele(self, number: int) -> None:
         """Mark a message deleted; the server removes it at QUIT (RFC 1939 §6).
@@ -816,7 +973,15 @@ class Pop3Client:
             await self.close()
 
     async def close(self) -> None:
-        """Drop the connection without QUIT (nothing is deleted).  Idempotent."""
+        """Drop the connection without QUIT (nothing is deleted).  Idempotent.
+
+        Messages streamed to the spool that nobody claimed (read ahead for a caller that
+        stopped early) are removed: nothing can claim them now."""
+        for seq, ev in builtins.list(self._stash.items()):
+            if isinstance(ev, _SpooledReply):
+                ev.spooled.remove()
+                del self._stash[seq]
+        self._streams = dict.fromkeys(self._streams)  # replies still due: chunks dropped
         if self._broken is None:
             self._broken = "closed"
             self._writer.close()

@@ -41,6 +41,18 @@ body as received, still stuffed, rides along as :attr:`Message.wire` when it is 
 stuffed as RFC 1939 §3 says: it is already SMTP's DATA content (RFC 5321 §4.5.2), so delivery
 forwards it without a rescan.
 
+Streaming.  A RETR sent with ``send(cmd, stream=True)`` is not gathered into one
+:class:`Message`: its body comes out as :class:`MessageChunk` events of at most a little more
+than :data:`STREAM_CHUNK` octets, in order, unstuffed and CRLF-normalised as ``Message.raw``
+would be, then one :class:`MessageEnd`.  The shell writes the chunks where it likes (a spool
+file, docs/design.md §5.3); the buffer here never holds more than a chunk and one read, however
+large the message or its lines.  A chunk ends at a line end, or, inside a line longer than a
+chunk, before a final CR (which may pair with the next read's LF); the state carried from one
+chunk to the next is whether the next byte starts a line.  One thing cannot be known until the
+end: whether a server that does not dot-stuff a first line starting with ``..`` (Dovecot 2.3,
+``_first_line_quirk``) meant one dot more; :attr:`MessageEnd.prefix` then holds the octet that
+belongs before the first chunk.
+
 Caps are separate, because one shared cap (poplib's 2048) rejects real mail: a status or
 listing line may be :data:`MAX_LINE` octets (RFC 1939 §3 says 512; we allow slack); a message
 may be ``max_message_size`` octets, and lines inside it may be any length.  A hostile server
@@ -89,6 +101,7 @@ __all__ = [
     "MAX_LINE",
     "MAX_MESSAGES",
     "NEED_DATA",
+    "STREAM_CHUNK",
     "TRANSITIONS",
     "Capabilities",
     "Closed",
@@ -101,6 +114,8 @@ __all__ = [
     "Listing",
     "LocalProtocolError",
     "Message",
+    "MessageChunk",
+    "MessageEnd",
     "NeedData",
     "Ok",
     "State",
@@ -384,6 +399,30 @@ class Message:
     wire: bytes | None = field(default=None, compare=False, repr=False)
 
 
+STREAM_CHUNK: Final = 128 * 1024
+"""A streamed RETR's body is handed out once this many octets are buffered (see the module
+docstring): a chunk is about this size plus what one read added."""
+
+
+@dataclass(frozen=True, slots=True)
+class MessageChunk:
+    """A piece of a streamed RETR (``send(..., stream=True)``): the message's next octets, CRLF
+    line ends, dots unstuffed, as :attr:`Message.raw` would hold them; never the terminator."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEnd:
+    """The end of a streamed RETR.  ``size``: the message's octets, ``prefix`` included.
+    ``prefix``: octets that belong *before* the first chunk, usually none; a ``"."`` when the
+    server did not dot-stuff a first line starting with ``..`` (``_first_line_quirk``), which
+    only the octet count at the end reveals."""
+
+    size: int
+    prefix: bytes = b""
+
+
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     """The reply to CAPA (RFC 2449 §5): ``(NAME, (arg, ...))`` pairs, names in upper case."""
@@ -400,7 +439,18 @@ class Closed:
     """The server closed the connection when no reply was due (after QUIT, or idle)."""
 
 
-Event = Greeting | Ok | Err | Continuation | Listing | Message | Capabilities | Closed
+Event = (
+    Greeting
+    | Ok
+    | Err
+    | Continuation
+    | Listing
+    | Message
+    | MessageChunk
+    | MessageEnd
+    | Capabilities
+    | Closed
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,6 +478,7 @@ class _Pending:
     cap: int | None = None  # this reply's own cap in octets (a listing, a RETR), see send()
     listed: int | None = None  # RETR: the size LIST announced, for the error message
     count: int | None = None  # LIST, UIDL: the message count STAT announced
+    stream: bool = False  # RETR: MessageChunk events and a MessageEnd instead of a Message
 
 
 def _frame_for(cmd: Command) -> _Frame:
@@ -522,6 +573,17 @@ def _unstuff(body: bytes, stuffed: bool) -> tuple[bytes, bool]:
     return (raw[1:] if raw.startswith(b"..") else raw), crlf
 
 
+def _unstuff_piece(piece: bytes, line_start: bool) -> bytes:
+    """:func:`_unstuff` for a piece of a streamed body: whole lines (ending in LF) or, from a
+    line too long to wait for, part of one (never ending in CR).  ``line_start``: the piece
+    starts a line, so a leading ``..`` loses a dot; else it continues one, and its first octet
+    is content whatever it is (a stand-in octet in front keeps ``_unstuff`` from reading it as
+    a line start)."""
+    if line_start:
+        return _unstuff(piece, True)[0]
+    return _unstuff(b"x" + piece, True)[0][1:]
+
+
 def _lines(body: bytes) -> list[bytes]:
     """The lines of a small multi-line reply (listings, CAPA), unstuffed, line ends removed."""
     out = []
@@ -557,6 +619,15 @@ class Connection:
         self._status_text = ""  # the +OK text of the multi-line reply in progress
         self._announced: int | None = None  # RETR's "+OK <octets>", when the server says it
         self._sasl_challenged = False  # a Continuation was delivered; AUTH waits for an answer
+        # A streamed RETR (send(..., stream=True)) in progress: whether _buf[0] is content in
+        # the middle of a line (else it is the LF before the next line, as above); the octets
+        # of the body taken off the buffer and handed out (before and after unstuffing); the
+        # body's first octets as sent (for _lead_dot); the MessageEnd due after the last chunk.
+        self._mid_line = False
+        self._taken = 0
+        self._streamed = 0
+        self._lead = b""
+        self._end: MessageEnd | None = None
 
     # -- properties ------------------------------------------------------------------------
 
@@ -581,14 +652,15 @@ class Connection:
 
     # -- sending ---------------------------------------------------------------------------
 
-    def send(self, cmd: Command, *, expect: int | None = None) -> bytes:
+    def send(self, cmd: Command, *, expect: int | None = None, stream: bool = False) -> bytes:
         """Queue ``cmd`` and return the bytes to write.
 
         ``expect`` bounds the reply by what the session was told before: for LIST and UIDL
         without an argument the message count STAT gave (:func:`listing_cap`), for RETR and
         TOP the size LIST gave for that message (:func:`retr_cap`).  Without it a multi-line
         reply is bounded by ``max_message_size`` only; a CAPA reply always by
-        :data:`CAPA_CAP`.
+        :data:`CAPA_CAP`.  ``stream`` (RETR only): the message comes as
+        :class:`MessageChunk` events and a :class:`MessageEnd` (see the module docstring).
 
         Raises LocalProtocolError when the verb is not allowed in the current state, or when an
         exclusive command (PASS, APOP, AUTH, STLS, QUIT) still awaits its reply.
@@ -607,6 +679,8 @@ class Connection:
         transition = TRANSITIONS[self._state].get(cmd.verb)
         if transition is None:
             raise LocalProtocolError(f"{cmd.verb.value} is not allowed in {self._state.value}")
+        if stream and cmd.verb is not Verb.RETR:
+            raise ValueError(f"only RETR can be streamed, not {cmd.verb.value}")
         frame = _frame_for(cmd)
         cap = listed = count = None
         if frame is _Frame.CAPA:
@@ -616,7 +690,7 @@ class Connection:
                 cap, count = listing_cap(expect), expect
             elif frame is _Frame.MESSAGE:
                 cap, listed = retr_cap(expect), expect
-        self._pending.append(_Pending(cmd.verb, frame, transition, cap, listed, count))
+        self._pending.append(_Pending(cmd.verb, frame, transition, cap, listed, count, stream))
         return cmd.to_bytes()
 
     def send_sasl_response(self, response: str) -> bytes:
@@ -655,6 +729,9 @@ class Connection:
             raise
 
     def _next_event(self) -> Event | NeedData:
+        if self._end is not None:  # a streamed RETR's last chunk went out just before
+            ended, self._end = self._end, None
+            return ended
         if not self._pending:
             if self._buf:
                 raise Pop3ProtocolError("the server sent data no command asked for")
@@ -733,12 +810,17 @@ class Connection:
                 self._in_body = True
                 self._scan = 0
                 self._stuffed = False
+                self._mid_line = False
+                self._taken = self._streamed = 0
+                self._lead = b""
                 return self._body(head)
             case _:
                 assert_never(head.frame)
 
     def _body(self, head: _Pending) -> Event | NeedData:
         """Find the terminating ``.`` line of a multi-line reply; build its event."""
+        if head.stream:
+            return self._stream_body(head)
         buf = self._buf
         i = buf.find(b"\n.", self._scan)
         while i >= 0:
@@ -760,6 +842,79 @@ class Connection:
         if len(buf) - 1 > self._wire_cap(head):
             raise Pop3ProtocolError(self._too_long(head))
         return self._need_data()
+
+    def _stream_body(self, head: _Pending) -> Event | NeedData:
+        """:meth:`_body` for a streamed RETR: the same search for the terminator, but the
+        body is handed out in chunks as it comes (:meth:`_cut`) instead of gathered."""
+        buf = self._buf
+        base = 0 if self._mid_line else 1  # where the body's octets start in _buf
+        i = buf.find(b"\n.", self._scan)
+        while i >= 0:
+            after = bytes(buf[i + 2 : i + 4])
+            first = i == 0 and base == 1 and not self._taken  # the message's first line
+            if (after == b"\r\n" or after[:1] == b"\n") and not (first and self._announced):
+                return self._end_stream(head, base, i, i + 2 + (2 if after == b"\r\n" else 1))
+            if after in (b"", b"\r"):
+                break
+            i = buf.find(b"\n.", i + 2)
+        else:
+            i = max(len(buf) - 1, 0)
+        self._scan = i
+        if self._taken + len(buf) - base > self._wire_cap(head):
+            raise Pop3ProtocolError(self._too_long(head))
+        if len(buf) - base >= STREAM_CHUNK:
+            return MessageChunk(self._cut(head, base))
+        return self._need_data()
+
+    def _cut(self, head: _Pending, base: int) -> bytes:
+        """Take the body's decided octets off the buffer: up to the last line end the search
+        has passed, keeping that LF as ``_buf[0]`` (what follows it is judged by the next
+        search); or, with no line end there (one long line), all but a final CR."""
+        buf = self._buf
+        if not self._taken:
+            self._lead = bytes(buf[base : base + 3])
+        line_start = base == 1
+        cut = buf.rfind(b"\n", base, self._scan + 1)
+        if cut >= base:
+            piece = bytes(buf[base : cut + 1])
+            del buf[:cut]
+            self._scan -= cut
+            self._mid_line = False
+        else:
+            stop = len(buf) - (1 if buf.endswith(b"\r") else 0)
+            piece = bytes(buf[base:stop])
+            del buf[:stop]
+            self._scan = 0
+            self._mid_line = True
+        return self._hand_out(head, piece, line_start)
+
+    def _hand_out(self, head: _Pending, piece: bytes, line_start: bool) -> bytes:
+        self._taken += len(piece)
+        data = _unstuff_piece(piece, line_start)
+        self._streamed += len(data)
+        if head.cap is not None and self._streamed > head.cap:
+            raise Pop3ProtocolError(self._too_long(head))
+        return data
+
+    def _end_stream(self, head: _Pending, base: int, dot_lf: int, end: int) -> Event:
+        """The terminator of a streamed RETR is at ``dot_lf``: the last chunk (if any octets
+        are left), then the :class:`MessageEnd`."""
+        piece = bytes(self._buf[base : dot_lf + 1]) if dot_lf + 1 > base else b""
+        if not self._taken:
+            self._lead = piece[:3]
+        del self._buf[:end]
+        self._in_body = self._mid_line = False
+        self._scan = 0
+        data = self._hand_out(head, piece, base == 1) if piece else b""
+        self._complete(ok=True)
+        prefix = _lead_dot(self._lead, self._streamed, self._announced)
+        if head.cap is not None and self._streamed + len(prefix) > head.cap:
+            raise Pop3ProtocolError(self._too_long(head))
+        end_event = MessageEnd(self._streamed + len(prefix), prefix)
+        if not data:
+            return end_event
+        self._end = end_event
+        return MessageChunk(data)
 
     def _wire_cap(self, head: _Pending) -> int:
         """The most octets the reply in progress may take on the wire.  A RETR's cap counts
@@ -840,14 +995,24 @@ def _first_line_quirk(body: bytes, raw: bytes, announced: int | None) -> bytes:
     # pop3_fast_size_lookups) sends the one-line message ".x" LF as "+OK 3", "..x" CRLF, the
     # very bytes of Dovecot's "..x" stored without a line end, and it becomes "..x".  No real
     # mail is one line (RFC 5322 §3.6 requires From: and Date:), so the tolerance stays.
+    return b"." + raw if _lead_dot(body[:3], len(raw), announced) else raw
+
+
+def _lead_dot(lead: bytes, size: int, announced: int | None) -> bytes:
+    """The decision of :func:`_first_line_quirk` from the body's first three octets as sent
+    (``lead``) and the message's size read the usual way: ``b"."`` when the server did not
+    stuff a first line starting with ``..`` (the dot belongs before the message), else ``b""``;
+    raises when a ``.`` first line taken as content does not add up."""
+    if announced is None or not lead.startswith(b"."):
+        return b""
     counts = (announced, announced + 2)
-    if body.startswith(b"..") and len(raw) + 1 in counts:
-        return b"." + raw
-    if body.startswith((b".\r\n", b".\n")) and len(raw) not in counts:
+    if lead.startswith(b"..") and size + 1 in counts:
+        return b"."
+    if lead.startswith((b".\r\n", b".\n")) and size not in counts:
         raise Pop3ProtocolError(
-            f"message of {len(raw)} octets after a '.' first line, but {announced} announced"
+            f"message of {size} octets after a '.' first line, but {announced} announced"
         )
-    return raw
+    return b""
 
 
 def _parse_listing(

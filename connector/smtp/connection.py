@@ -41,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Final, Literal, cast
 
 import aiosmtplib
@@ -49,7 +49,12 @@ from aiosmtplib.protocol import MAX_RESPONSE_LENGTH, SMTPProtocol
 from aiosmtplib.typing import Default
 
 from connector.errors import SmtpStage, printable
-from connector.smtp.content import Content, write_coalesced
+from connector.smtp.content import (
+    Content,
+    StreamedContent,
+    write_coalesced,
+    write_coalesced_async,
+)
 from connector.smtp.failures import EndOfDataTimeout
 
 __all__ = ["TracingSMTP"]
@@ -64,9 +69,10 @@ _STAGE_OF_VERB: Final[Mapping[bytes, SmtpStage]] = {
 
 
 async def _write_content(
-    protocol: SMTPProtocol, pieces: Iterator[bytes | memoryview], stall: float | None
+    protocol: SMTPProtocol, content: Content | StreamedContent, stall: float | None
 ) -> None:
-    """Write ``pieces`` with flow control (:func:`~connector.smtp.content.write_coalesced`)."""
+    """Write the content's pieces with flow control
+    (:func:`~connector.smtp.content.write_coalesced`)."""
 
     async def write(data: bytes | memoryview) -> None:
         # Not isinstance(asyncio.WriteTransport): uvloop's transports do not derive from
@@ -81,7 +87,10 @@ async def _write_content(
             async with asyncio.timeout(stall):  # the server stopped reading
                 await protocol._drain_helper()
 
-    await write_coalesced(pieces, write)
+    if isinstance(content, StreamedContent):
+        await write_coalesced_async(content.pieces(), write)
+    else:
+        await write_coalesced(content.pieces(), write)
 
 
 def _rebind(protocol: SMTPProtocol) -> None:
@@ -267,13 +276,19 @@ class TracingSMTP(aiosmtplib.SMTP):
         return responses
 
     async def send_content(
-        self, content: Content, *, reply_timeout: float | None, final_timeout: float | None
+        self,
+        content: Content | StreamedContent,
+        *,
+        reply_timeout: float | None,
+        final_timeout: float | None,
     ) -> aiosmtplib.SMTPResponse:
         """After a 354: write the content, read the final reply through aiosmtplib's protocol.
 
-        ``content`` comes from :func:`~connector.smtp.content.content_of`.  A write that
-        stalls for ``reply_timeout`` raises TimeoutError; no reply to the final dot within
-        ``final_timeout`` raises :class:`EndOfDataTimeout` (the connection is closed then).
+        ``content`` comes from :func:`~connector.smtp.content.content_of` (or
+        :func:`~connector.smtp.content.streamed_content`, read from its file as it goes).  A
+        write that stalls for ``reply_timeout`` raises TimeoutError; no reply to the final
+        dot within ``final_timeout`` raises :class:`EndOfDataTimeout` (the connection is closed
+        then).
         Raises SMTPDataError unless the reply is 250, aiosmtplib's errors for a drop.
         """
         self.stage = SmtpStage.DATA
@@ -281,12 +296,16 @@ class TracingSMTP(aiosmtplib.SMTP):
         if protocol is None:
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
         if self._trace is not None:  # never the body (docs/design.md §11.3)
-            self.say("C", f"<{sum(map(len, content.parts))} octets>")
+            if isinstance(content, StreamedContent):
+                octets = content.size
+            else:
+                octets = sum(map(len, content.parts))
+            self.say("C", f"<{octets} octets>")
         try:
             # As SMTPProtocol.execute_data_command does: a reply is due from now on, so one
             # that arrives while we still write (a 552, a 421) is kept rather than dropped.
             protocol._response_pending = True
-            await _write_content(protocol, content.pieces(), reply_timeout)
+            await _write_content(protocol, content, reply_timeout)
             try:
                 response = await protocol.read_response(timeout=final_timeout)
             except aiosmtplib.SMTPReadTimeoutError as exc:

@@ -20,13 +20,27 @@ content is cut into pieces that the connection writes (:mod:`connector.smtp.conn
   passes that form (``deliver(..., wire=...)``, see :func:`prepare_wire`), it is written as it
   is: no CRLF counts and no dot scan over the message, only over our small trace line.
 
+* A message in a spool file (docs/design.md §5.3) is read in chunks and stuffed (and, if it
+  has a lone CR or LF, normalised) chunk by chunk, carrying from one chunk to the next only
+  whether a line starts there and a final CR (:class:`StreamedContent`): the same octets on
+  the wire as the pieces above would give, at the cost of a chunk in memory.
+
 The size for MAIL's ``SIZE=`` (RFC 1870) is counted here too: the octets as transmitted before
 dot-stuffing, as aiosmtplib counts them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+import re
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Final
 
@@ -34,15 +48,21 @@ from aiosmtplib.protocol import normalize_message_line_endings
 
 __all__ = [
     "Content",
+    "StreamedContent",
     "content_of",
     "content_pieces",
     "prepare_content",
     "prepare_wire",
+    "streamed_content",
     "stuffed_pieces",
     "write_coalesced",
+    "write_coalesced_async",
 ]
 
 SLICE: Final = 1024 * 1024  # the most of a message handed to the transport in one write
+# What aiosmtplib's normalize_message_line_endings replaces (a CRLF, or a lone LF or CR), by
+# CRLF; without its final CRLF, which a chunk in the middle of a message must not get.
+_LINE_END: Final = re.compile(rb"\r\n|\n|\r(?!\n)")
 COALESCE: Final = 64 * 1024  # pieces smaller than this are gathered into one write
 
 
@@ -120,6 +140,72 @@ class Content:
             return stuffed_pieces(self.parts)
         return content_pieces(self.parts)
 
+    @property
+    def ascii(self) -> bool:
+        """Every octet is 7-bit (else ``BODY=8BITMIME``); dots added by stuffing are ASCII,
+        so either form tells.  One fast C pass per part."""
+        return all(part.isascii() for part in self.parts)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamedContent:
+    """DATA's content of a message read in chunks (a spool file, docs/design.md §5.3), after
+    ``trace``: built by :func:`streamed_content`.  ``chunks()`` gives the message's octets in
+    order; ``size`` is the RFC 1870 size; ``ascii``: every octet is 7-bit; ``crlf``: every CR
+    and LF is in a CRLF pair (else each lone one is normalised to CRLF, as aiosmtplib does)."""
+
+    trace: bytes
+    chunks: Callable[[], AsyncIterator[bytes]]
+    size: int
+    ascii: bool
+    crlf: bool
+
+    async def pieces(self) -> AsyncIterator[bytes | memoryview]:
+        """The content in pieces for the writer, ending with the final dot line: the same
+        octets :func:`content_pieces` would give for the whole message (a property test holds
+        them equal)."""
+        at_line_start = True
+        ends_with_crlf = False
+        if self.trace:
+            for piece in _stuffed(self.trace, at_line_start):
+                yield piece
+            at_line_start = ends_with_crlf = self.trace.endswith(b"\n")
+        carry = b""  # a final CR held back: it may pair with the next chunk's LF
+        async for chunk in self.chunks():
+            if not self.crlf:
+                chunk = carry + chunk
+                carry = b"\r" if chunk.endswith(b"\r") else b""
+                chunk = _LINE_END.sub(b"\r\n", chunk[: len(chunk) - len(carry)])
+            if not chunk:
+                continue
+            for piece in _stuffed(chunk, at_line_start):
+                yield piece
+            at_line_start = ends_with_crlf = chunk.endswith(b"\n")
+        if carry:  # the message ends with a lone CR: CRLF, as normalising the whole would
+            yield b"\r\n"
+            ends_with_crlf = True
+        yield b".\r\n" if ends_with_crlf else b"\r\n.\r\n"
+
+
+def streamed_content(
+    trace: bytes,
+    chunks: Callable[[], AsyncIterator[bytes]],
+    *,
+    size: int,
+    ascii: bool,
+    lone: int,
+    last: bytes,
+) -> StreamedContent:
+    """The content of ``trace`` (ours: CRLF-clean, ending with CRLF, or empty) then a message
+    of ``size`` octets read by ``chunks()``, with ``lone`` CR or LF octets outside a CRLF pair
+    and ``last`` its last octet (``connector.spool.Spooled`` records them).  The RFC 1870 size
+    is counted as :func:`prepare_content` counts it: each lone line end becomes two octets, and
+    a message that does not end with a line end gets the CRLF before the final dot."""
+    # Normalised, a final CR or LF becomes a final CRLF.
+    ends = last in (b"\r", b"\n") if size else trace.endswith(b"\r\n")
+    octets = len(trace) + size + lone + (0 if ends else 2)
+    return StreamedContent(trace, chunks, octets, ascii and trace.isascii(), lone == 0)
+
 
 def content_of(trace: bytes, raw: bytes, wire: bytes | None) -> Content:
     """The content of ``trace`` then ``raw``: from ``wire`` (POP3's dot-stuffed form) when
@@ -147,19 +233,25 @@ def content_pieces(parts: Sequence[bytes]) -> Iterator[bytes | memoryview]:
     at_line_start = True
     ends_with_crlf = False  # an empty message still gets its CRLF, as aiosmtplib sends it
     for part in parts:
-        view = memoryview(part)
-        if at_line_start and part.startswith(b"."):
-            yield b"."
-        start = 0
-        i = part.find(b"\n.")
-        while i >= 0:
-            yield from _slices(view, start, i + 1)
-            yield b"."
-            start = i + 1
-            i = part.find(b"\n.", start)
-        yield from _slices(view, start, len(part))
+        yield from _stuffed(part, at_line_start)
         at_line_start = ends_with_crlf = part.endswith(b"\n")
     yield b".\r\n" if ends_with_crlf else b"\r\n.\r\n"
+
+
+def _stuffed(part: bytes, at_line_start: bool) -> Iterator[bytes | memoryview]:
+    """``part`` dot-stuffed (RFC 5321 §4.5.2) as slices with a ``b"."`` between them where a
+    line starts with a dot; ``at_line_start``: the octet before ``part`` ended a line."""
+    view = memoryview(part)
+    if at_line_start and part.startswith(b"."):
+        yield b"."
+    start = 0
+    i = part.find(b"\n.")
+    while i >= 0:
+        yield from _slices(view, start, i + 1)
+        yield b"."
+        start = i + 1
+        i = part.find(b"\n.", start)
+    yield from _slices(view, start, len(part))
 
 
 async def write_coalesced(
@@ -169,6 +261,29 @@ async def write_coalesced(
     batch: list[bytes | memoryview] = []
     batched = 0
     for piece in pieces:
+        if len(piece) >= COALESCE:
+            if batch:
+                await write(b"".join(batch))
+                batch, batched = [], 0
+            await write(piece)
+            continue
+        batch.append(piece)
+        batched += len(piece)
+        if batched >= COALESCE:
+            await write(b"".join(batch))
+            batch, batched = [], 0
+    if batch:
+        await write(b"".join(batch))
+
+
+async def write_coalesced_async(
+    pieces: AsyncIterable[bytes | memoryview],
+    write: Callable[[bytes | memoryview], Awaitable[None]],
+) -> None:
+    """:func:`write_coalesced` for pieces from an async iterator (:class:`StreamedContent`)."""
+    batch: list[bytes | memoryview] = []
+    batched = 0
+    async for piece in pieces:
         if len(piece) >= COALESCE:
             if batch:
                 await write(b"".join(batch))

@@ -43,7 +43,7 @@ import aiosmtplib
 
 from connector.errors import DeliveryError, SmtpStage
 from connector.smtp.connection import TracingSMTP
-from connector.smtp.content import Content, content_of
+from connector.smtp.content import Content, StreamedContent, content_of, streamed_content
 from connector.smtp.envelope import (
     Envelope,
     address_problem,
@@ -59,6 +59,7 @@ from connector.smtp.failures import (
     recipient_refusals,
     refused_permanently,
 )
+from connector.spool import Spooled, head_of
 from connector.tls import TlsMode
 
 __all__ = ["Delivered", "SmtpDeliverer", "SmtpSettings"]
@@ -222,7 +223,7 @@ class SmtpDeliverer:
 
     async def deliver(
         self,
-        raw: bytes,
+        raw: bytes | Spooled,
         envelope: Envelope,
         *,
         trace: bytes = b"",
@@ -235,7 +236,11 @@ class SmtpDeliverer:
         joining the two.  The bytes are sent unchanged, dot-stuffed (see the module docstring).
         ``wire``: ``raw`` as POP3 sent it (dot-stuffed, CRLF-clean, ending with CRLF; see
         :func:`prepare_wire`), written instead of stuffing ``raw`` again; None: stuff ``raw``.
-        Raises DeliveryError for every failure, including session setup.
+        A spooled ``raw`` (docs/design.md §5.3) is read from its file in chunks as it goes
+        out; its header block (SMTPUTF8) and what its writer recorded (size, 8-bit octets,
+        line ends) stand in for scans of the whole.
+        Raises DeliveryError for every failure, including session setup, and StateError when
+        a spool file cannot be read (the transaction is then abandoned unsent).
 
         ``before_content`` is awaited after the server's 354, right before the content goes
         out: the last moment at which this message can still not be delivered.  Whatever it
@@ -249,7 +254,13 @@ class SmtpDeliverer:
         """
         check_envelope(envelope)
         smtp = await self._session()
-        content = content_of(trace, raw, wire)
+        content: Content | StreamedContent
+        if isinstance(raw, bytes):
+            content = content_of(trace, raw, wire)
+        else:
+            content = streamed_content(
+                trace, raw.chunks, size=raw.size, ascii=raw.ascii, lone=raw.lone, last=raw.last
+            )
         size = content.size
 
         limit = self.max_size
@@ -264,7 +275,7 @@ class SmtpDeliverer:
                 per_message=True,
             )
 
-        mail_options, rcpt_options = self._parameters(smtp, raw, envelope, content)
+        mail_options, rcpt_options = self._parameters(smtp, head_of(raw), envelope, content)
         smtp.stage = SmtpStage.MAIL
         try:
             refused, response = await self._transaction(
@@ -300,7 +311,11 @@ class SmtpDeliverer:
         )
 
     def _parameters(
-        self, smtp: TracingSMTP, raw: bytes, envelope: Envelope, content: Content
+        self,
+        smtp: TracingSMTP,
+        raw: bytes,
+        envelope: Envelope,
+        content: Content | StreamedContent,
     ) -> tuple[list[bytes], list[bytes]]:
         """MAIL's and RCPT's parameters for this message, as far as the server offers them.
 
@@ -315,10 +330,7 @@ class SmtpDeliverer:
             smtputf8 = False
         if smtp.supports_extension("size"):
             mail_options.append(b"size=%d" % content.size)  # RFC 1870 §6
-        # One fast C pass per part; dots added by stuffing are ASCII, so either form tells.
-        if not all(part.isascii() for part in content.parts) and smtp.supports_extension(
-            "8bitmime"
-        ):
+        if not content.ascii and smtp.supports_extension("8bitmime"):
             mail_options.append(b"BODY=8BITMIME")  # RFC 6152 §3
         if smtputf8:
             mail_options.append(b"SMTPUTF8")  # RFC 6531 §3.4
@@ -332,7 +344,7 @@ class SmtpDeliverer:
         self,
         smtp: TracingSMTP,
         envelope: Envelope,
-        content: Content,
+        content: Content | StreamedContent,
         mail_options: Sequence[bytes],
         rcpt_options: Sequence[bytes],
         before_content: Callable[[], Awaitable[None]] | None = None,

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from connector import demo
+from connector.cli import main
 
 
 def test_demo_tells_the_story_and_leaves_the_dead_letters(tmp_path: Path) -> None:
@@ -42,3 +48,34 @@ def test_demo_piped_into_head_ends_quietly(tmp_path: Path) -> None:
     assert first == b"pop3-connector demo\n"
     assert "Traceback" not in err
     assert "unexpected error" not in err
+
+
+def test_demo_refuses_a_state_dir_in_use(tmp_path: Path) -> None:
+    """A real state directory (or anything not empty) is never written into: a usage error,
+    and nothing in it changes."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "ledger.sqlite3").write_bytes(b"real rows")
+    proc = subprocess.run(
+        [sys.executable, "-m", "connector", "demo", "--state-dir", str(state)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert f"demo: --state-dir {state} exists and is not an empty directory" in proc.stderr.decode()
+    assert [p.name for p in state.iterdir()] == ["ledger.sqlite3"]
+    assert (state / "ledger.sqlite3").read_bytes() == b"real rows"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["demo", "--state-dir", str(empty)]) == 0
+
+
+def test_demo_exits_1_when_it_ends_otherwise_than_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One more message than the README shows: the counts differ, and the demo says so."""
+    mail = demo.sample_mail()
+    monkeypatch.setattr(demo, "sample_mail", lambda: [*mail, mail[0].replace(b"1142", b"1143")])
+    assert asyncio.run(demo.run_demo(tmp_path / "demo")) == 1
+    assert "The demo did not end as expected" in capsys.readouterr().out

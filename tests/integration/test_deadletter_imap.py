@@ -12,11 +12,13 @@ import datetime as dt
 import logging
 import re
 import ssl
+from pathlib import Path
 
 import pytest
 
 from connector.deadletter import (
     DeadLetterInfo,
+    dead_letter_head,
     strip_dead_letter_headers,
     with_dead_letter_headers,
 )
@@ -28,6 +30,7 @@ from connector.deadletter.imap import (
 from connector.errors import DeadLetterError
 from connector.tls import TlsMode
 from tests.servers import DovecotServer
+from tests.unit.test_spool import spooled
 
 WHEN = dt.datetime(2026, 11, 27, 15, 49, 35, tzinfo=dt.UTC)
 INFO = DeadLetterInfo("info", "00000001650a1b2c", "data", "554 5.1.0 Sender denied", WHEN)
@@ -179,3 +182,40 @@ async def test_untrusted_certificate_is_a_dead_letter_error(
     store = _imap_store(dovecot, *mailbox, ssl_context=ssl.create_default_context())
     with pytest.raises(DeadLetterError, match="certificate not trusted"):
         await store.put(MESSAGE, INFO)
+
+
+# -- a spooled message (docs/design.md §5.3): the APPEND literal streamed from its file -------
+
+# Lines starting with ".", a 200,000-character line, ~5 MiB of base64: IMAP carries CRLF lines
+# verbatim (a bare LF or CR has no place in an IMAP literal of a message).
+SPOOLED_IMAP = (
+    b"Subject: dots\r\n\r\n.\r\n..\r\n.x\r\n...\r\n"
+    + b"A" * 200_000
+    + b"\r\n.after\r\n"
+    + (b"QUJD" * 19 + b"\r\n") * (5 * 1024 * 1024 // 78)
+)
+
+
+@pytest.mark.integration
+async def test_the_imap_store_appends_a_spooled_message_byte_for_byte(
+    dovecot: DovecotServer, mailbox: tuple[str, str], tmp_path: Path
+) -> None:
+    user, password = mailbox
+    for tls in (TlsMode.IMPLICIT, TlsMode.NONE):
+        store = ImapStore(
+            "localhost" if tls is TlsMode.IMPLICIT else "127.0.0.1",
+            dovecot.ports["imaps" if tls is TlsMode.IMPLICIT else "imap"],
+            tls,
+            dovecot.client_context() if tls is TlsMode.IMPLICIT else None,
+            user,
+            password,
+            "Spool/Dead Letters",
+            timeout=10,
+        )
+        message = await spooled(tmp_path / tls.value, SPOOLED_IMAP)
+        id = await store.put(message, INFO)
+        stored = await store.get(id)
+        assert stored == dead_letter_head(message, INFO) + SPOOLED_IMAP
+        assert b"".join([c async for c in store.chunks(id)]) == stored  # partial FETCHes
+        (record,) = [r for r in await store.list() if r.id == id]
+        assert record.size == len(SPOOLED_IMAP)

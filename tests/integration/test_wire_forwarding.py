@@ -32,7 +32,9 @@ def test_messages_arrive_byte_for_byte_and_mostly_unscanned(
         return prepare_content(parts)
 
     monkeypatch.setattr(connector.smtp.content, "prepare_content", counting)
-    s = setup_factory()
+    # The in-memory paths, the 20 MiB messages included (by default they would be spooled:
+    # tests/integration/test_spool.py).
+    s = setup_factory(service_extra='spool_threshold = "64MiB"')
     # (stored in the Maildir, received by the SMTP server after our trace line, old path?)
     cases: list[tuple[bytes, bytes, bool]] = [
         (b"Subject: plain\r\n\r\nbody\r\n", b"", False),

@@ -25,6 +25,12 @@ window no longer makes a twin: the next run's dead letter of the message is the 
 (deadletter.reconcile), so the harness wants none, and every dead letter recorded in the ledger
 at the end.  Partial files a kill left in the Maildir's ``tmp/`` are counted (removed at a start
 36 hours later).
+
+The spool threshold is set low (``SPOOL_THRESHOLD``), so that the larger half of the messages is
+streamed through a spool file (docs/design.md §5.3) and the kills land in RETR-to-spool, in DATA
+from the spool and between the ``250`` and the commit of spooled messages as well as of those in
+memory.  A spool file a kill left is counted, and must be gone after the next start: the spool
+is empty at the end.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ _DL_UIDL = re.compile(rb"^X-POP3-Connector-UIDL: (\S+)", re.MULTILINE)
 _MAILDIR_NAME = re.compile(r"^(\d+)\.M(\d+)P(\d+)Q")  # MaildirStore.unique_name
 _names = itertools.count()
 HANG_AFTER = 100  # seconds; longer than any deadline of one cycle with these settings
+SPOOL_THRESHOLD = 16 * 1024  # messages of 20,000 and 120,000 octets go through the spool
 
 
 class Kind(enum.Enum):
@@ -91,6 +98,8 @@ class RunRecord:
     smtp_ports: frozenset[int] = frozenset()  # its proxy's connections to the sink
     pid: int | None = None
     unrecorded_after: frozenset[str] = frozenset()  # dead-letter files without a ledger row
+    spool_after: int = 0  # files in the spool when it ended
+    killed_in: str = ""  # a kill at a byte: in the "pop3" or the "smtp" traffic
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +187,7 @@ class Harness:
     work: Path
     rng: random.Random
     kinds: dict[str, Kind] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)  # Message-ID -> octets stored
     runs: list[RunRecord] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -210,6 +220,7 @@ class Harness:
                 f"Subject: {kind.value} {n}\r\n"
                 f"Message-ID: <{mid}>\r\n\r\n"
             ).encode() + body
+            self.sizes[mid] = len(raw)
             name = f"{base}.M{n:06d}P{os.getpid()}.harness"
             tmp = self.maildir / "tmp" / name
             tmp.write_bytes(raw)
@@ -239,6 +250,11 @@ class Harness:
                 out.append(DeadLetterFile(m.group(1).decode(), u.group(1).decode(), p.name))
         return sorted(out, key=lambda f: f.written)
 
+    def spool_files(self) -> int:
+        """Files in the spool directory (a message being handled, or left by a kill)."""
+        spool = self.state_dir / "spool"
+        return len(list(spool.iterdir())) if spool.exists() else 0
+
     def partial_dead_letters(self) -> int:
         """Files a kill left half-written in the Maildir's tmp/."""
         tmp = self.state_dir / "dead-letters" / "tmp"
@@ -252,6 +268,7 @@ class Harness:
             f"""
 [service]
 state_dir = "{self.state_dir}"
+spool_threshold = {SPOOL_THRESHOLD}
 [smtp]
 host = "127.0.0.1"
 port = {smtp_port}
@@ -329,14 +346,22 @@ deliver_to = ["info@firma.test"]
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(victim[0].pid, signal.SIGKILL)
 
-        def observe(direction: Direction, data: bytes) -> None:
-            with lock:
-                before, seen[0] = seen[0], seen[0] + len(data)
-                if not (by_time or at_dead_letter) and before < threshold <= seen[0]:
-                    kill()
+        killed_in: list[str] = []  # the traffic the kill came in: "pop3" or "smtp"
 
-        pop = FaultProxy(("127.0.0.1", self.dovecot.ports["pop3"]), observer=observe).start()
-        smtp = FaultProxy(("127.0.0.1", self.sink.port), observer=observe).start()
+        def observer(name: str) -> Callable[[Direction, bytes], None]:
+            def observe(direction: Direction, data: bytes) -> None:
+                with lock:
+                    before, seen[0] = seen[0], seen[0] + len(data)
+                    if not (by_time or at_dead_letter) and before < threshold <= seen[0]:
+                        killed_in.append(name)
+                        kill()
+
+            return observe
+
+        pop = FaultProxy(
+            ("127.0.0.1", self.dovecot.ports["pop3"]), observer=observer("pop3")
+        ).start()
+        smtp = FaultProxy(("127.0.0.1", self.sink.port), observer=observer("smtp")).start()
         timer: threading.Timer | None = None
         watcher = threading.Thread(target=watch, daemon=True)
         try:
@@ -384,6 +409,8 @@ deliver_to = ["info@firma.test"]
                 ports,
                 self.pid,
                 unrecorded,
+                self.spool_files(),
+                killed_in[0] if killed_in else "",
             )
         )
         if not killed:
@@ -404,7 +431,14 @@ deliver_to = ["info@firma.test"]
             self.config(self.dovecot.ports["pop3"], self.sink.port), lambda proc: None
         )
         self.runs.append(
-            RunRecord(len(self.runs), False, "clean", ledger_states(self.state_dir), pid=self.pid)
+            RunRecord(
+                len(self.runs),
+                False,
+                "clean",
+                ledger_states(self.state_dir),
+                pid=self.pid,
+                spool_after=self.spool_files(),
+            )
         )
         return rc
 
@@ -426,6 +460,12 @@ class Table:
     dead_letters_left_by_kills: int
     dead_letters_unrecorded: int
     partial_dead_letters: int
+    spooled_messages: int
+    kills_in_retr_to_spool: int
+    kills_in_data_from_spool: int
+    spooled_duplicates: int
+    spool_files_left_by_kills: int
+    spool_files_at_the_end: int
     seconds: float
 
     def render(self) -> str:
@@ -445,6 +485,12 @@ class Table:
             ("dead letters a kill left unrecorded", self.dead_letters_left_by_kills),
             ("  unrecorded at the end, message upstream", self.dead_letters_unrecorded),
             ("partial files left in the Maildir's tmp/", self.partial_dead_letters),
+            ("messages above the spool threshold", self.spooled_messages),
+            ("kills in RETR, a spool file open", self.kills_in_retr_to_spool),
+            ("kills in SMTP, a spool file open", self.kills_in_data_from_spool),
+            ("duplicates of spooled messages (in the window)", self.spooled_duplicates),
+            ("spool files a kill left (removed at the next start)", self.spool_files_left_by_kills),
+            ("  spool files at the end", self.spool_files_at_the_end),
             ("wall time (s)", round(self.seconds, 1)),
         ]
         width = max(len(name) for name, _ in rows)
@@ -521,6 +567,16 @@ def account(h: Harness, kills: int, seconds: float) -> Table:
             1 for f in files if f.name not in recorded and f.mid in upstream
         ),
         partial_dead_letters=h.partial_dead_letters(),
+        spooled_messages=sum(1 for size in h.sizes.values() if size > SPOOL_THRESHOLD),
+        kills_in_retr_to_spool=sum(
+            1 for r in h.runs if r.killed and r.killed_in == "pop3" and r.spool_after
+        ),
+        kills_in_data_from_spool=sum(
+            1 for r in h.runs if r.killed and r.killed_in == "smtp" and r.spool_after
+        ),
+        spooled_duplicates=sum(delivered[m] - 1 for m in dups if h.sizes[m] > SPOOL_THRESHOLD),
+        spool_files_left_by_kills=sum(r.spool_after for r in h.runs if r.killed),
+        spool_files_at_the_end=h.spool_files(),
         seconds=seconds,
     )
 
@@ -587,6 +643,8 @@ def test_sigkill_at_random_instants_loses_nothing(dovecot: DovecotServer, tmp_pa
     assert table.dead_letter_duplicates == table.dead_letter_duplicates_in_window == 0
     assert table.dead_letters_unrecorded == 0
     assert table.still_deferred == 0
+    assert table.spooled_messages > 0
+    assert table.spool_files_at_the_end == 0
 
 
 @pytest.mark.slow
@@ -602,3 +660,8 @@ def test_sigkill_at_random_instants_loses_nothing_long(
     assert table.dead_letter_duplicates == table.dead_letter_duplicates_in_window == 0
     assert table.dead_letters_unrecorded == 0
     assert table.still_deferred == 0
+    assert table.spooled_messages > 0
+    assert table.spool_files_left_by_kills > 0  # kills did land inside spooled messages
+    assert table.kills_in_retr_to_spool > 0  # seed 5: 6 and 9 of the 220 kills in two runs
+    assert table.kills_in_data_from_spool > 0  # seed 5: 63 and 60
+    assert table.spool_files_at_the_end == 0

@@ -52,6 +52,7 @@ from connector.ledger import Ledger, MessageState
 from connector.pop3 import AuthMethod, Pop3Endpoint, Pop3Timeouts
 from connector.recipients import SharedMailbox, message_id, route
 from connector.smtp import Delivered, Envelope, SenderPolicy, address_problem, envelope_sender
+from connector.spool import Spooled
 from connector.tls import TlsMode
 from tests.fakes import InMemoryDeadLetterStore
 
@@ -317,10 +318,11 @@ class Accepting:
     def __init__(self) -> None:
         self.raws: list[bytes] = []
 
-    async def deliver(self, raw: bytes, envelope: Envelope, **kw: Any) -> Delivered:
+    async def deliver(self, raw: bytes | Spooled, envelope: Envelope, **kw: Any) -> Delivered:
         before: Callable[[], Any] | None = kw.get("before_content")
         if before is not None:
             await before()
+        assert isinstance(raw, bytes)  # no spool in these cycles
         self.raws.append(raw)
         return Delivered("250 2.0.0 ok")
 

@@ -200,7 +200,7 @@ def test_check_warns_about_config_with_password_readable_by_others(
     s.config.chmod(0o644)
     proc = _cli(s.config, "check")
     assert proc.returncode == 0
-    assert "accounts[0].password" in proc.stderr
+    assert 'accounts[0] (name "info").password: ' in proc.stderr
     assert "accessible to group or others (mode 0644)" in proc.stderr
     s.config.chmod(0o600)
     assert "accessible to group or others" not in _cli(s.config, "check").stderr

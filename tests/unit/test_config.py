@@ -168,6 +168,28 @@ def test_env_can_supply_a_whole_missing_table(
     assert load(tmp_path, ACCOUNT).smtp.host == "relay.example.local"
 
 
+def test_a_byte_order_mark_at_the_start_is_dropped(tmp_path: Path) -> None:
+    """Notepad writes one; the file loads, and the warning about its mode still finds the
+    inline password."""
+    path = tmp_path / "config.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + MINIMAL.encode())
+    path.chmod(0o644)
+    settings = load_settings(path)
+    assert settings.accounts[0].secret() == SECRET
+    assert [w.split(":")[0] for w in config_warnings(settings, path)] == [
+        'accounts[0] (name "info").password'
+    ]
+
+
+def test_a_state_dir_or_dead_letter_path_that_is_a_file_is_named(tmp_path: Path) -> None:
+    file = tmp_path / "f"
+    file.write_text("")
+    text = f'[service]\nstate_dir = "{file}"\n' + MINIMAL
+    assert problems(tmp_path, text) == [f"service.state_dir: {file} exists and is not a directory"]
+    text = f'[dead_letter]\npath = "{file}"\n' + MINIMAL
+    assert problems(tmp_path, text) == [f"dead_letter.path: {file} exists and is not a directory"]
+
+
 def test_config_path_variable_is_not_a_setting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -189,7 +211,25 @@ def test_unknown_env_variable_is_an_error(tmp_path: Path, monkeypatch: pytest.Mo
         "POP3_CONNECTOR_SMPT__HOST: unknown setting (environment variable)"
     ]
     monkeypatch.setenv("POP3_CONNECTOR_SMTP__HSOT", "typo.example")
-    assert "smtp.hsot: unknown key" in problems(tmp_path, MINIMAL)
+    assert "POP3_CONNECTOR_SMTP__HSOT (environment variable, smtp.hsot): unknown key" in problems(
+        tmp_path, MINIMAL
+    )
+
+
+def test_a_bad_value_from_the_environment_names_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The environment wins over the file, so its variable is the source to name; the same
+    key in the file alone is named by its path."""
+    monkeypatch.setenv("POP3_CONNECTOR_SMTP__PORT", "99999")
+    assert problems(tmp_path, MINIMAL) == [
+        "POP3_CONNECTOR_SMTP__PORT (environment variable, smtp.port): Input should be less "
+        'than or equal to 65535 (got "99999")'
+    ]
+    monkeypatch.delenv("POP3_CONNECTOR_SMTP__PORT")
+    assert problems(tmp_path, MINIMAL.replace("[smtp]", "[smtp]\nport = 99999")) == [
+        "smtp.port: Input should be less than or equal to 65535 (got 99999)"
+    ]
 
 
 def test_password_env_variable_with_our_prefix_is_not_unknown(
@@ -210,8 +250,8 @@ def test_bad_json_in_env_is_a_config_error(tmp_path: Path, monkeypatch: pytest.M
 def test_env_validation_error_names_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POP3_CONNECTOR_SMTP__PORT", "abc")
     assert problems(tmp_path, MINIMAL) == [
-        "smtp.port: Input should be a valid integer, unable to parse string as an integer "
-        '(got "abc")'
+        "POP3_CONNECTOR_SMTP__PORT (environment variable, smtp.port): Input should be a valid "
+        'integer, unable to parse string as an integer (got "abc")'
     ]
 
 
@@ -693,6 +733,65 @@ def test_a_secret_pasted_into_another_key_is_not_shown(
     assert problems(tmp_path, text)  # problems() asserts the secret is absent
 
 
+@pytest.mark.parametrize("key", ["host", "username", "deliver_to", "smtp-host", "target-host"])
+@pytest.mark.parametrize("source", ["inline", "file", "smtp", "target"])
+def test_check_masks_a_secret_pasted_into_a_valid_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str, source: str
+) -> None:
+    """A password that is also a valid value elsewhere (the same text as a host, a user name,
+    a recipient) loads, and ``check`` (the rendering and the warnings) masks it there too,
+    whichever password it is: an account's, [smtp]'s or another target's."""
+    secret = "Hunter2-secret@firma.local" if key == "deliver_to" else "Hunter2-secret"
+    (tmp_path / "pw").write_text(secret + "\n", encoding="utf-8")
+    password = {
+        "inline": f'password = "{secret}"',
+        "file": f'password_file = "{tmp_path / "pw"}"',
+        "smtp": 'password = "pw"',
+        "target": 'password = "pw"',
+    }[source]
+    smtp_login = f'username = "c"\npassword = "{secret}"\n' if source == "smtp" else ""
+    target_login = f'username = "c"\npassword = "{secret}"\n' if source == "target" else ""
+    values = dict.fromkeys(("host", "smtp-host", "target-host"), "x.example")
+    values |= {"username": "info", "deliver_to": "info@firma.local", key: secret}
+    text = f"""
+[smtp]
+host = "{values["smtp-host"]}"
+tls = "none"
+{smtp_login}
+[smtp_targets.kunde]
+host = "{values["target-host"]}"
+tls = "none"
+{target_login}
+[[accounts]]
+name = "info"
+host = "{values["host"]}"
+tls = "none"
+username = "{values["username"]}"
+{password}
+deliver_to = ["{values["deliver_to"]}"]
+smtp = "kunde"
+"""
+    path = write(tmp_path, text)
+    settings = load_settings(path)
+    shown = render_settings(settings) + "\n".join(config_warnings(settings, path))
+    assert secret not in shown
+    assert "Hunter2" not in shown
+    assert MASK in shown
+
+
+def test_errors_mask_a_secret_quoted_in_a_message(tmp_path: Path) -> None:
+    """A message that quotes a configured value (here the name of an SMTP target that does
+    not exist) masks a password in it."""
+    text = MINIMAL.replace('name = "info"', f'name = "info"\nsmtp = "{SECRET[:6]}-x"').replace(
+        f'password = "{SECRET}"', f'password = "{SECRET[:6]}-x"'
+    )
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, text)
+    (problem,) = info.value.problems
+    assert problem.startswith('accounts[0] (name "info").smtp: no SMTP target')
+    assert f"{SECRET[:6]}-x" not in problem
+
+
 # --------------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------------
@@ -762,6 +861,7 @@ def test_render_defaults(tmp_path: Path) -> None:
     }
     assert data["smtp"]["port"] == 25
     assert data["smtp"]["timeout"] == "1m"
+    assert data["service"]["cycle_timeout"] == "1h"  # as every other duration
     assert data["accounts"][0]["max_deferral"] == "5d"
     assert data["accounts"][0]["password"] == MASK
     assert list(data["accounts"][0])[:2] == ["name", "host"]
@@ -775,7 +875,7 @@ def test_render_defaults(tmp_path: Path) -> None:
 def test_warnings_clear_text_password(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL.replace("[[accounts]]", '[[accounts]]\ntls = "none"'))
     assert config_warnings(load_settings(path), path) == [
-        'accounts[0].tls: "none" sends the password in clear text to pop.example.net'
+        'accounts[0] (name "info").tls: "none" sends the password in clear text to pop.example.net'
     ]
 
 
@@ -788,7 +888,8 @@ def test_warnings_oauth2_token_in_clear_text(tmp_path: Path) -> None:
     )
     path = write(tmp_path, xoauth2.format(host="pop.example.net") + 'tls = "none"\n')
     assert config_warnings(load_settings(path), path) == [
-        'accounts[0].tls: "none" sends the OAuth2 access token in clear text to pop.example.net'
+        'accounts[0] (name "m365").tls: "none" sends the OAuth2 access token in clear text to '
+        "pop.example.net"
     ]
     for text in (
         xoauth2.format(host="pop.example.net"),  # implicit TLS, the default
@@ -820,7 +921,8 @@ def test_warnings_verify_certificate_and_smtp(
     warnings = config_warnings(load_settings(path), path)
     assert warnings == [
         'smtp.tls: "none" sends the password in clear text to exchange.example.local',
-        "accounts[0].verify_certificate: false accepts any certificate from pop.example.net "
+        'accounts[0] (name "info").verify_certificate: false accepts'
+        " any certificate from pop.example.net "
         "(anyone on the path can read the password and the mail)",
         "accounts: no account is enabled; run and once will do nothing",
     ]
@@ -833,7 +935,8 @@ def test_warnings_file_modes(tmp_path: Path) -> None:
     assert config_warnings(settings, path) == []
     path.chmod(0o640)
     assert config_warnings(settings, path) == [
-        f"accounts[0].password: {path} holds a password and is accessible to group or others "
+        f'accounts[0] (name "info").password: {path} holds'
+        f" a password and is accessible to group or others "
         "(mode 0640); chmod 600 it, or use password_file / password_env"
     ]
     pw = tmp_path / "pw"
@@ -842,7 +945,8 @@ def test_warnings_file_modes(tmp_path: Path) -> None:
     path = write(tmp_path, with_password(f'password_file = "{pw}"'))
     path.chmod(0o644)  # no inline password: the config's mode does not matter
     assert config_warnings(load_settings(path), path) == [
-        f"accounts[0].password_file: {pw} is accessible to group or others (mode 0604); "
+        f'accounts[0] (name "info").password_file: {pw} is accessible'
+        f" to group or others (mode 0604); "
         "chmod 600 it"
     ]
 
@@ -938,6 +1042,13 @@ def test_warnings_poll_interval_under_a_minute(tmp_path: Path) -> None:
     path = write(tmp_path, text)
     (warning,) = config_warnings(load_settings(path), path)
     assert warning.startswith('accounts[1] (name "sales").poll_interval: 30 s, a login every')
+    # Written with its unit, it means seconds: no hint at minutes.
+    assert "bare number" not in warning
+    path = write(
+        tmp_path, MINIMAL + ACCOUNT.replace('"info"', '"sales"', 1) + "poll_interval = 30\n"
+    )
+    (warning,) = config_warnings(load_settings(path), path)
+    assert 'a bare number is seconds: for 30 minutes write "30m"' in warning
     for fine in ("60", '"1m"', '"15m"', "900"):
         path = write(tmp_path, MINIMAL + f"poll_interval = {fine}\n")
         assert config_warnings(load_settings(path), path) == []
@@ -1117,3 +1228,49 @@ def test_parse_size_refuses(value: object) -> None:
 def test_bad_max_message_size_names_the_key(tmp_path: Path) -> None:
     (line,) = problems(tmp_path, MINIMAL + 'max_message_size = "lots"\n')
     assert line.startswith('accounts[0] (name "info").max_message_size: expected a size')
+
+
+# --------------------------------------------------------------------------------------------
+# Memory (docs/design.md §5.3, §10.6)
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_memory_budget_defaults_to_twice_the_threshold_per_parallel_account(
+    tmp_path: Path,
+) -> None:
+    s = load(tmp_path, MINIMAL)
+    assert s.service.spool_threshold == 2 * 1024 * 1024
+    assert s.service.memory_budget() == 2 * 2 * 1024 * 1024 * 8
+    s = load(tmp_path, '[service]\nspool_threshold = "1MiB"\nmax_parallel_accounts = 3\n' + MINIMAL)
+    assert s.service.memory_budget() == 2 * 1024 * 1024 * 3
+    s = load(tmp_path, '[service]\nmessage_memory_budget = "50MB"\n' + MINIMAL)
+    assert s.service.memory_budget() == 50_000_000
+
+
+def test_a_budget_smaller_than_the_threshold_is_refused_by_name(tmp_path: Path) -> None:
+    (problem,) = problems(
+        tmp_path,
+        '[service]\nspool_threshold = "8MiB"\nmessage_memory_budget = "1MiB"\n' + MINIMAL,
+    )
+    assert problem.startswith("service.message_memory_budget")
+    assert "at least spool_threshold" in problem
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "says"),
+    [
+        ('spool_threshold = "lots"', "spool_threshold", "expected a size"),
+        ("spool_threshold = 0", "spool_threshold", "greater than 0"),
+        ("spool_threshold = -1", "spool_threshold", "greater than 0"),
+        ("spool_threshold = 1.5", "spool_threshold", "expected a size"),
+        ('message_memory_budget = "some"', "message_memory_budget", "expected a size"),
+        ("message_memory_budget = 0", "message_memory_budget", "greater than 0"),
+        ("message_memory_budget = true", "message_memory_budget", "expected a size"),
+    ],
+)
+def test_a_bad_memory_value_is_refused_naming_its_key(
+    tmp_path: Path, line: str, key: str, says: str
+) -> None:
+    (problem,) = problems(tmp_path, f"[service]\n{line}\n" + MINIMAL)
+    assert problem.startswith(f"service.{key}: "), problem
+    assert says in problem

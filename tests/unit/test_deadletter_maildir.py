@@ -22,11 +22,13 @@ import pytest
 
 from connector.deadletter import (
     DeadLetterInfo,
+    dead_letter_head,
     strip_dead_letter_headers,
 )
 from connector.deadletter.maildir import STALE_TMP, MaildirStore, unique_name
 from connector.errors import DeadLetterError
 from tests.component.test_cycle_lifecycle import mail
+from tests.unit.test_spool import spooled
 
 WHEN = dt.datetime(2026, 11, 27, 15, 49, 35, tzinfo=dt.UTC)
 INFO = DeadLetterInfo("info", "00000001650a1b2c", "data", "554 5.1.0 Sender denied", WHEN)
@@ -248,3 +250,25 @@ async def test_partial_files_in_tmp_older_than_36_hours_are_removed(tmp_path: Pa
     assert await store.remove_stale_tmp() == 1
     assert sorted(p.name for p in tmp.iterdir()) == [young.name]
     assert len(await store.list()) == 1  # what is in new/ is untouched
+
+
+# -- a spooled message (docs/design.md §5.3) ------------------------------------------------
+
+# Lines starting with ".", a bare LF, a lone CR, a NUL, a 200,000-character line and no final
+# line end: the copy is the spool file's octets after our header lines.
+LONG_LINE = b"Subject: long line\r\n\r\n" + b"A" * 200_000 + b"\r\n.after\r\n" + b"A" * 200_000
+SPOOLED_RAW = (
+    b"Subject: awkward\r\n\r\n.\r\n..\r\n.x\r\nbare LF\n.dot\n"
+    + LONG_LINE
+    + b"\rlone CR\0NUL\r\nno final newline"
+)
+
+
+async def test_the_maildir_store_copies_a_spooled_message_byte_for_byte(tmp_path: Path) -> None:
+    message = await spooled(tmp_path, SPOOLED_RAW)
+    store = MaildirStore(tmp_path / "dead-letters")
+    id = await store.put(message, INFO)
+    stored = await store.get(id)
+    assert stored == dead_letter_head(message, INFO) + SPOOLED_RAW
+    assert b"".join([c async for c in store.chunks(id)]) == stored
+    assert message.path.read_bytes() == SPOOLED_RAW  # copied, not moved: the cycle removes it

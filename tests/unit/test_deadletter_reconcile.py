@@ -5,6 +5,7 @@ that fails: tests/component/test_cycle_storage_faults.py)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 from connector.deadletter import (
     DeadLetterInfo,
@@ -12,10 +13,12 @@ from connector.deadletter import (
     parse_dead_letter_headers,
     with_dead_letter_headers,
 )
+from connector.deadletter.maildir import MaildirStore
 from connector.deadletter.reconcile import ReconcilingStore
 from connector.errors import DeadLetterError
 from tests.component.test_cycle_lifecycle import mail
 from tests.fakes import InMemoryDeadLetterStore
+from tests.unit.test_spool import spooled
 
 
 def _info(uidl: str, recipients: tuple[str, ...] = (), account: str = "info") -> DeadLetterInfo:
@@ -88,3 +91,25 @@ async def test_reconciling_skips_a_dead_letter_removed_meanwhile() -> None:
     parsed = parse_dead_letter_headers(inner.messages[new])
     assert parsed is not None
     assert inner.messages[new] == with_dead_letter_headers(mail(1), _info("u1"))
+
+
+async def test_a_spooled_message_left_unrecorded_by_a_kill_is_matched_not_stored_twice(
+    tmp_path: Path,
+) -> None:
+    # docs/design.md §5.3: the match reads a spooled message from its file.
+    raw = b"Subject: long line\r\n\r\n" + b"A" * 200_000 + b"\r\n"
+    info = _info("u-big")
+    inner = MaildirStore(tmp_path / "dead-letters")
+    first = await inner.put(await spooled(tmp_path / "a", raw), info)  # then the kill
+    other = await inner.put(await spooled(tmp_path / "b", raw + b"x\r\n"), info)
+
+    async def recorded() -> set[str]:
+        return {other}
+
+    store = ReconcilingStore(inner, recorded)
+    assert await store.put(await spooled(tmp_path / "c", raw + b"y\r\n"), info) not in (
+        first,
+        other,
+    )  # same size class, other bytes: stored
+    assert await store.put(await spooled(tmp_path / "d", raw), info) == first
+    assert len(await inner.list()) == 3

@@ -247,6 +247,28 @@ def test_notes_never_carry_a_password() -> None:
     assert 'password = "pw-in-quotes"' in toml  # the earlier blocks still convert
 
 
+def test_notes_mask_a_password_also_written_as_a_host_or_name() -> None:
+    """The notes quote hosts and names from the rc file; a password that is also one of them
+    (written in the wrong place) is masked there."""
+    rc = """poll pop.example.net user Pw-Sec-9 password Pw-Sec-9 is u@firma.local here
+              smtphost Pw-Sec-9 keep"""
+    _, notes = convert(rc)
+    assert any("fetchmail spoke plain SMTP to ********" in n for n in notes)
+    assert not any("Pw-Sec-9" in n for n in notes)
+
+
+def test_main_warns_that_the_output_holds_passwords(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = tmp_path / ".fetchmailrc"
+    rc.write_text(HOME_RC, encoding="utf-8")
+    assert main(rc) == 0
+    out, err = capsys.readouterr()
+    count = sum(line.startswith("password = ") for line in out.splitlines())
+    assert count
+    assert f"note: standard output holds {count} password(s) from {rc} in clear text" in err
+
+
 @pytest.mark.parametrize("rc", [HOME_RC, OFFICE_RC, LEGACY_RC])
 def test_output_is_toml_and_passwords_only_in_password_keys(rc: str) -> None:
     toml, notes = convert(rc)

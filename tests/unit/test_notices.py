@@ -23,6 +23,7 @@ from connector.notices import (
     note_for,
 )
 from connector.smtp import Envelope, SmtpSettings
+from connector.spool import Spooled
 from connector.tls import TlsMode
 from tests.component.test_cycle_lifecycle import mail
 from tests.fakes import InMemoryDeadLetterStore
@@ -111,7 +112,7 @@ def test_note_without_headers_and_with_control_characters() -> None:
 
 async def test_recording_store_remembers_what_was_stored() -> None:
     class Store:
-        async def put(self, raw: bytes, info: DeadLetterInfo) -> str:
+        async def put(self, raw: bytes | Spooled, info: DeadLetterInfo) -> str:
             return "id-7"
 
         async def remove(self, id: str) -> None:

@@ -271,7 +271,8 @@ def test_config_token_file_needs_no_password(tmp_path: Path) -> None:
     settings = load(tmp_path, account('auth = "xoauth2"', f'oauth2_token_file = "{token_file}"'))
     (spec,) = build_runtime(settings).accounts
     assert spec.auth is AuthMethod.XOAUTH2
-    assert spec.password == OAuth2TokenSource("accounts[0].oauth2_token_file", file=token_file)
+    where = 'accounts[0] (name "m365").oauth2_token_file'
+    assert spec.password == OAuth2TokenSource(where, file=token_file)
     # Equal across loads, so a reload that changes nothing does not restart the account.
     assert build_runtime(settings).accounts[0].password == spec.password
 

@@ -360,7 +360,7 @@ async def test_sighup_reads_and_builds_the_config_off_the_event_loop(
         raise AssertionError(f"no {what!r} in the log")
 
     running = asyncio.create_task(
-        cli._run(build_runtime(settings), cli.RunOptions.of(settings), config)
+        cli._run(build_runtime(settings), cli.RunOptions.of(settings, config), config)
     )
     await until(" running: ")
     os.kill(os.getpid(), signal.SIGHUP)

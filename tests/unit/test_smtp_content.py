@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from pathlib import Path
+
 import pytest
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from connector.smtp import (
     content_pieces,
     prepare_content,
 )
+from connector.smtp.content import content_of, streamed_content
+from connector.spool import Spool, Spooled
+from tests.unit.test_spool import PROFILE, messages_st, spool_bytes
 
 # ------------------------------------------------------------------------------------------
 # DATA content: what we write instead of aiosmtplib's sendmail()
@@ -80,3 +86,42 @@ def test_crlf_content_is_sliced_not_copied() -> None:
     assert max(len(p) for p in pieces) <= 1024 * 1024
     assert [p for p in pieces if isinstance(p, bytes)] == [b".", b".", b".", b".\r\n"]
     assert b"".join(pieces) == aiosmtplib_content(b"Received: x\r\n" + raw)
+
+
+# ------------------------------------------------------------------------------------------
+# DATA from a spool file (docs/design.md §5.3): octet for octet what the in-memory path sends
+# ------------------------------------------------------------------------------------------
+
+
+async def pieces_of_file(spooled: Spooled, trace: bytes, size: int) -> tuple[bytes, int]:
+    def chunks() -> AsyncIterator[bytes]:
+        return spooled.chunks(size)
+
+    content = streamed_content(
+        trace,
+        chunks,
+        size=spooled.size,
+        ascii=spooled.ascii,
+        lone=spooled.lone,
+        last=spooled.last,
+    )
+    out = b"".join([bytes(piece) async for piece in content.pieces()])
+    assert content.ascii == (trace + spooled.path.read_bytes()).isascii()
+    return out, content.size
+
+
+@settings(PROFILE, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=messages_st, size=st.integers(1, 9), trace=st.booleans())
+async def test_data_from_a_spool_file_is_what_the_in_memory_path_sends(
+    tmp_path: Path, raw: bytes, size: int, trace: bool
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.clean()
+    spooled = await spool_bytes(spool, raw, [])
+    line = b"Received: from pop by us; date\r\n" if trace else b""
+    memory = content_of(line, raw, None)
+    expected = b"".join(bytes(piece) for piece in memory.pieces())
+    streamed, octets = await pieces_of_file(spooled, line, size)
+    assert streamed == expected
+    assert octets == memory.size
+    spooled.remove()

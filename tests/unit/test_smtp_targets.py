@@ -118,8 +118,8 @@ def test_each_account_gets_its_targets_settings_and_policy(tmp_path: Path) -> No
 def test_unknown_target_is_an_error_naming_the_account_key(tmp_path: Path) -> None:
     text = BASE.format(secret=SECRET).replace('smtp = "kunde.b"', 'smtp = "kunde-c"')
     assert problems(tmp_path, text) == [
-        'accounts[1] (name "b-info").smtp: no SMTP target "kunde-c": name '
-        "[smtp_targets.kunde-c] in the config, or one of default, kunde-a, kunde.b"
+        'accounts[1] (name "b-info").smtp: no SMTP target "kunde-c": add a table '
+        '[smtp_targets.kunde-c], or name one there is: "default" ([smtp]), "kunde-a", "kunde.b"'
     ]
 
 
