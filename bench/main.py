@@ -17,15 +17,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
-from bench import corpus, fleet, runners
+from bench import corpus, fleet, push, runners
 from bench.corpus import CorpusSpec, Mailbox, Message
 from bench.runners import Endpoints, ProcResult
 from tests.servers import DovecotServer, start_dovecot, stop_dovecot
 
 SCENARIOS: Final = ("throughput", "poison", "idle", "large")
 # Run only when asked for (--only fleet): ten thousand accounts over five rounds take minutes;
+# (--only push): 200 messages at random instants, about two minutes per client;
 # --only spool measures where keeping a message in memory stops paying (docs/design.md §5.3).
-ON_REQUEST: Final = ("fleet", "spool")
+ON_REQUEST: Final = ("fleet", "spool", push.PUSH)
 RSS_GOAL_MIB: Final = 100  # issue 17: pop3-connector's peak RSS in the large scenarios
 MB: Final = 1e6
 MIB: Final = 1024 * 1024
@@ -88,6 +89,7 @@ class Scale:
     fleet_tls: bool = False
     fleet_per_account: bool = False
     fleet_per_host: int | None = None
+    push_messages: int = 200
 
 
 QUICK: Final = Scale(
@@ -107,6 +109,7 @@ QUICK: Final = Scale(
     fleet_accounts=200,
     fleet_rounds=4,
     fleet_interval=5.0,
+    push_messages=20,
 )
 
 
@@ -1199,6 +1202,7 @@ def report(rows: list[Row], scale: Scale, parallel: int, dovecot: str) -> str:
         ),
         report_spool(rows),
         report_fleet(rows),
+        push.report_push(rows),
     ]
     head = (
         f"pop3-connector max_parallel_accounts = {parallel} (large: one per account); "
@@ -1219,7 +1223,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--only",
         choices=SCENARIOS + ON_REQUEST,
         action="append",
-        help="run only this scenario (repeatable); fleet runs only when named here",
+        help="run only this scenario (repeatable); fleet and push run only when named here",
     )
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 3; quick: 1)")
     p.add_argument("--json", metavar="FILE", help="write the raw results here")
@@ -1343,6 +1347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "large": large,
             "fleet": fleet_scenario,
             "spool": spool_scenario,
+            push.PUSH: lambda b: push.push(b, b.scale.push_messages),
         }
         for name in SCENARIOS + ON_REQUEST:
             if name in chosen:

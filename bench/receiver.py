@@ -20,8 +20,12 @@ Messages whose Message-ID starts with ``<poison.`` are refused ``554 5.1.0`` aft
 
 Control protocol (one line in, one line out, on the control port): ``RESET`` clears the
 counters and answers ``OK``; ``STATS`` answers one JSON object: ``accepted`` (Message-ID ->
-count), ``refused`` (count), ``bytes`` (accepted DATA bytes, dot-stuffed as on the wire),
+count), ``accepted_at`` (Message-ID -> the Unix time of its first 250, for the push scenario's
+latencies), ``refused`` (count), ``bytes`` (accepted DATA bytes, dot-stuffed as on the wire),
 ``transactions``.
+
+``LHLO`` is answered like ``EHLO`` (RFC 2033): getmail forwards over LMTP (its ``MDA_lmtp``),
+and with one recipient an LMTP transaction is an SMTP one.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import re
 import signal
 import socket
 import sys
+import time
 from collections import Counter
 from typing import Final
 
@@ -50,6 +55,7 @@ class Stats:
 
     def __init__(self) -> None:
         self.accepted: Counter[str] = Counter()
+        self.accepted_at: dict[str, float] = {}
         self.refused = 0
         self.bytes = 0
         self.transactions = 0
@@ -57,12 +63,14 @@ class Stats:
     def reset(self) -> None:
         """Forget everything seen so far (between two runs)."""
         self.accepted.clear()
+        self.accepted_at.clear()
         self.refused = self.bytes = self.transactions = 0
 
     def as_json(self) -> str:
         return json.dumps(
             {
                 "accepted": dict(self.accepted),
+                "accepted_at": self.accepted_at,
                 "refused": self.refused,
                 "bytes": self.bytes,
                 "transactions": self.transactions,
@@ -129,7 +137,7 @@ class SmtpReceiver(asyncio.Protocol):
             line = bytes(self.buf[: i + 1]).rstrip(b"\r\n")
             del self.buf[: i + 1]
             verb = line[:4].upper()
-            if verb == b"EHLO":
+            if verb in (b"EHLO", b"LHLO"):
                 replies.append(
                     b"250-bench.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
                     b"250-ENHANCEDSTATUSCODES\r\n250 SIZE %d\r\n" % SIZE_LIMIT
@@ -196,6 +204,7 @@ class SmtpReceiver(asyncio.Protocol):
             replies.append(b"554 5.1.0 Sender denied\r\n")
         else:
             self.stats.accepted[mid] += 1
+            self.stats.accepted_at.setdefault(mid, time.time())
             self.stats.bytes += self.size
             replies.append(b"250 2.0.0 accepted\r\n")
         return scan[end + 5 :]

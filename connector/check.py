@@ -1,7 +1,8 @@
 """``pop3-connector check --connect``: log in everywhere, like the SBS connector's "Test" button.
 
 Each POP3 account, the disabled ones too (marked, so that a cut-over is tested before it
-happens): connect, TLS as configured, login, STAT, QUIT (nothing is fetched or deleted).
+happens): connect, TLS as configured, login, STAT, QUIT (nothing is fetched or deleted); an
+IMAP account: login, EXAMINE its folder, its size, whether IDLE and UIDPLUS are offered.
 Every SMTP target (``[smtp]`` and each ``[smtp_targets.NAME]``, docs/design.md §14.1): connect,
 EHLO, STARTTLS, AUTH; then what a delivery needs, without sending a message: ``MAIL FROM`` with
 the sender real mail has there, ``RCPT TO`` each recipient that the accounts delivering there
@@ -63,11 +64,39 @@ def _shown(text: str) -> str:
 
 
 async def _check_pop3(spec: AccountSpec) -> str:
+    if spec.imap is not None:
+        return await _check_imap(spec)
     async with await Pop3Client.connect(spec.endpoint, spec.timeouts) as pop:
         await pop.login(spec.username, spec.password, spec.auth)
         count, octets = await pop.stat()
         await pop.quit()
     return f"{count} message(s), {octets} bytes waiting"
+
+
+async def _check_imap(spec: AccountSpec) -> str:
+    """An IMAP account: login, SELECT the folder (read-only: EXAMINE), LOGOUT; whether the
+    server offers IDLE (push) and UIDPLUS (UID EXPUNGE) is part of the answer."""
+    from connector.imap.client import ImapClient  # only IMAP accounts load it
+
+    options = spec.imap
+    if options is None:  # pragma: no cover (the caller checked)
+        raise ValueError("not an IMAP account")
+    async with await ImapClient.connect(spec.endpoint, spec.timeouts) as client:
+        await client.login(spec.username, spec.password, options.auth)
+        await client.select(options.folder, read_only=True)
+        listing = await client.listing()
+        caps = client.capabilities
+        await client.logout()
+    if not options.push:
+        push = "push off (polled)"
+    elif "IDLE" in caps:
+        push = "IDLE offered (push)"
+    else:
+        push = "no IDLE (polled)"
+    expunge = "UIDPLUS" if "UIDPLUS" in caps else "no UIDPLUS (see README)"
+    octets = sum(size for _, size in listing)
+    waiting = f"{len(listing)} message(s), {octets} bytes waiting in {options.folder!r}"
+    return f"{waiting}; {push}; {expunge}"
 
 
 def fixed_recipients(accounts: Iterable[AccountSpec]) -> list[str]:
@@ -225,7 +254,7 @@ async def check_connections(runtime: Runtime, out: TextIO | None = None) -> int:
     accounts += [(spec, " (disabled)") for spec in runtime.disabled]
     pop3 = [
         (
-            f"pop3 {spec.name}{mark}",
+            f"{'pop3' if spec.imap is None else 'imap'} {spec.name}{mark}",
             f"{spec.endpoint.host}:{spec.endpoint.port}",
             str(spec.endpoint.tls),
             asyncio.create_task(_check_pop3(spec)),

@@ -170,7 +170,8 @@ _SHARD_HELP = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pop3-connector",
-        description="Fetch mail from POP3 mailboxes and deliver it to Exchange over SMTP.",
+        description="Fetch mail from POP3 mailboxes (or IMAP folders) and deliver it to "
+        "Exchange over SMTP.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
@@ -197,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--connect",
         action="store_true",
-        help="also log in to each POP3 account (disabled ones too) and to SMTP, and test "
+        help="also log in to each POP3 or IMAP account (disabled ones too) and to SMTP, and test "
         "MAIL FROM and RCPT TO each fixed recipient (nothing is sent)",
     )
     rc = sub.add_parser(

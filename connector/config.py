@@ -62,6 +62,7 @@ from pydantic_settings import (
 
 from connector.addresses import is_address_pattern, is_domain, is_field_name, is_plain_address
 from connector.errors import ConfigError
+from connector.imap.protocol import folder_levels
 from connector.tls import is_loopback
 
 __all__ = [
@@ -672,16 +673,41 @@ class SharedConfig(_Model):
     duplicate_window: Duration = 7 * 86400.0
 
 
+def _account_folder(value: str) -> str:
+    try:
+        folder_levels(value)
+    except ValueError as exc:
+        raise _problem(f"{exc}; levels are separated by '/'") from None
+    return value
+
+
+# The keys of an IMAP account that a POP3 account must not have.
+_IMAP_ONLY: Final = ("folder", "push", "idle_renewal")
+# RFC 2177 §3: a client re-issues IDLE at least every 29 minutes.
+_IDLE_RENEWAL_MAX: Final = 29 * 60.0
+
+
 class AccountConfig(_Endpoint):
-    """One ``[[accounts]]`` entry: a POP3 mailbox and where its mail goes."""
+    """One ``[[accounts]]`` entry: a POP3 mailbox (or an IMAP folder) and where its mail goes."""
 
     # RFC 8314 §3.3 (995); RFC 1939 §3 and RFC 2595 §4 (110, plain or with STLS).
     _default_ports: ClassVar[dict[str, int]] = {"implicit": 995, "starttls": 110, "none": 110}
+    # RFC 8314 §3.3 (993); RFC 3501 §2.1 and §6.2.1 (143, plain or with STARTTLS).
+    _imap_ports: ClassVar[dict[str, int]] = {"implicit": 993, "starttls": 143, "none": 143}
 
     name: Annotated[str, AfterValidator(_account_name)]
+    # "pop3" (the default) or "imap": an IMAP folder collected like a POP3 mailbox, waiting
+    # with IDLE where the server offers it (docs/design.md §15).
+    protocol: Literal["pop3", "imap"] = "pop3"
     tls: Literal["implicit", "starttls", "none"] = "implicit"
     username: Annotated[str, AfterValidator(_pop3_username)]
-    auth: Literal["auto", "user", "apop", "plain", "xoauth2"] = "auto"
+    # POP3: auto, user, apop, plain, xoauth2; IMAP: auto, login, plain, xoauth2.
+    auth: Literal["auto", "user", "apop", "login", "plain", "xoauth2"] = "auto"
+    # IMAP only: the folder to collect ("/" between levels), whether to wait with IDLE, and
+    # how often IDLE is renewed.
+    folder: Annotated[str, AfterValidator(_account_folder)] = "INBOX"
+    push: bool = True
+    idle_renewal: Duration = Field(default=25 * 60.0, gt=0, le=_IDLE_RENEWAL_MAX)
     # auth = "xoauth2" (Microsoft 365, Gmail): where each login gets a fresh access token; an
     # external helper keeps it current.  Exactly one of the two, and then no password.
     oauth2_token_file: Path | None = None
@@ -737,7 +763,27 @@ class AccountConfig(_Endpoint):
     # With leave_on_server: DELE a kept message this long after it was delivered.
     delete_after: Duration | None = None
 
+    @property
+    def effective_port(self) -> int:
+        """The port to connect to: the configured one, else the default for ``protocol`` and
+        ``tls``."""
+        if self.port is not None:
+            return self.port
+        return (self._imap_ports if self.protocol == "imap" else self._default_ports)[self.tls]
+
     def _finished(self) -> dict[str, Any]:
+        if self.protocol == "pop3":
+            for key in _IMAP_ONLY:
+                if key in self.model_fields_set:
+                    raise _problem('only used with protocol = "imap"', key)
+            if self.auth == "login":
+                raise _problem('"login" is for IMAP accounts; POP3 says "user"', "auth")
+        elif self.auth in ("user", "apop"):
+            raise _problem(
+                f'"{self.auth}" is a POP3 login; an IMAP account takes "auto", "login", '
+                '"plain" or "xoauth2"',
+                "auth",
+            )
         updates = super()._finished()
         if self.delete_after is not None and not self.leave_on_server:
             # Without leave_on_server mail is deleted at once: the key would silently mean
@@ -1272,6 +1318,8 @@ def _table_lines(model: BaseModel, secrets: Collection[str] = ()) -> Iterator[st
     fields = list(type(model).model_fields)
     keys = [k for k in _KEY_ORDER if k in fields] + [k for k in fields if k not in _KEY_ORDER]
     for key in keys:
+        if isinstance(model, AccountConfig) and model.protocol == "pop3" and key in _IMAP_ONLY:
+            continue  # not valid for a POP3 account, so not shown (the output loads again)
         value = getattr(model, key)
         if value is None or isinstance(value, BaseModel):
             continue  # a sub-table: render_settings writes it after the table's own keys
@@ -1430,13 +1478,13 @@ def port_tls_warnings(settings: Settings) -> list[str]:
     ]
     if isinstance(settings.dead_letter, ImapDeadLetter):
         endpoints.append(("dead_letter", "imap", settings.dead_letter))
-    endpoints += [(account_key(i, a), "pop3", a) for i, a in enumerate(settings.accounts)]
+    endpoints += [(account_key(i, a), a.protocol, a) for i, a in enumerate(settings.accounts)]
     warnings = []
     for where, protocol, ep in endpoints:
         implicit_port = _IMPLICIT_PORTS[protocol]
         if ep.tls == "implicit" and ep.port in _PLAIN_PORTS[protocol]:
-            # The IMAP store has no STARTTLS (aioimaplib): plain IMAP is "none".
-            other = "none" if protocol == "imap" else "starttls"
+            # The IMAP store has no STARTTLS (aioimaplib): plain IMAP is "none" there.
+            other = "none" if isinstance(ep, ImapDeadLetter) else "starttls"
             default = "" if "tls" in ep.model_fields_set else " (the default: tls is not set)"
             warnings.append(
                 f"{where}.port: {ep.port} speaks plain text (STARTTLS at most), but tls = "

@@ -3,27 +3,34 @@
 A POP3 mailbox with sample mail and an SMTP sink playing Exchange, which refuses some of it
 permanently (sender filtering, a size limit) and greylists one message once.  Two cycles run
 through the same code as ``once`` (config file, ledger, dead-letter Maildir), then the demo prints
-what happened and where everything is.  It needs nothing beyond the package and a loopback
-interface, and takes about a second.
+what happened and where everything is.  Then the service runs as ``run`` does, with an IMAP
+account waiting in IDLE on the built-in IMAP server (``connector.loopback_imap``): a message
+that arrives there is in "Exchange" a moment later, with no poll.  It needs nothing beyond the
+package and a loopback interface, and takes about a second.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.parser
 import email.policy
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from connector.config import load_settings
 from connector.cycle import Outcome
 from connector.loopback import LoopbackPop3Server, LoopbackSmtpSink
+from connector.loopback_imap import LoopbackImapServer
 from connector.runtime import build_runtime
-from connector.service import open_service
+from connector.service import Service, open_service
 
 USER = "info@firma.example"
+IMAP_USER = "office@firma.example"
 PASSWORD = "demo-password"  # noqa: S105 (the built-in demo server's account)
 SIZE_LIMIT = 100_000
+PUSH_DEADLINE = 30.0  # seconds; the push takes milliseconds
 # What the demo shows (README, Quick start): each message's outcome, cycle by cycle, in the
 # order of sample_mail().  Anything else is a failure of the demo (exit 1).
 EXPECTED: tuple[tuple[int, Outcome], ...] = (
@@ -95,15 +102,19 @@ class _Event:
     response: str
 
 
+@dataclass
 class _Recorder:
     """A CycleObserver that keeps what happened, for the printout."""
 
-    def __init__(self) -> None:
-        self.cycle = 0
-        self.events: list[_Event] = []
+    cycle: int = 0
+    events: list[_Event] = field(default_factory=list)
+    imap_delivered: asyncio.Event = field(default_factory=asyncio.Event)
 
     def message(self, account: str, uidl: str, size: int, outcome: Outcome, response: str) -> None:
-        self.events.append(_Event(self.cycle, uidl, outcome, response))
+        if account == "info":
+            self.events.append(_Event(self.cycle, uidl, outcome, response))
+        elif outcome is Outcome.DELIVERED:
+            self.imap_delivered.set()
 
 
 def _subject(raw: bytes) -> str:
@@ -111,7 +122,7 @@ def _subject(raw: bytes) -> str:
     return str(msg.get("Subject", "(no subject)"))
 
 
-def _write_config(state_dir: Path, pop_port: int, smtp_port: int) -> Path:
+def _write_config(state_dir: Path, pop_port: int, smtp_port: int, imap_port: int) -> Path:
     config = state_dir / "config.toml"
     config.write_text(
         f"""# Written by `pop3-connector demo`: the built-in servers on loopback.
@@ -136,6 +147,16 @@ tls = "none"
 username = "{USER}"
 password = "{PASSWORD}"
 deliver_to = ["info@firma.local"]
+
+[[accounts]]
+name = "office"
+protocol = "imap"                       # an IMAP folder, waiting with IDLE (push)
+host = "127.0.0.1"
+port = {imap_port}
+tls = "none"
+username = "{IMAP_USER}"
+password = "{PASSWORD}"
+deliver_to = ["office@firma.local"]
 """
     )
     config.chmod(0o600)
@@ -151,10 +172,11 @@ async def run_demo(state_dir: Path | None = None) -> int:
     subjects = {}
     pop3 = LoopbackPop3Server({USER: PASSWORD})
     sink = LoopbackSmtpSink(_Exchange(), size_limit=SIZE_LIMIT)
-    async with pop3, sink:
+    imap = LoopbackImapServer({IMAP_USER: PASSWORD})
+    async with pop3, sink, imap:
         for raw in mail:
             subjects[pop3.add_message(USER, raw)] = _subject(raw)
-        config = _write_config(state_dir, pop3.port, sink.port)
+        config = _write_config(state_dir, pop3.port, sink.port, imap.port)
         runtime = build_runtime(load_settings(config))
         recorder = _Recorder()
         print("pop3-connector demo")
@@ -170,7 +192,7 @@ async def run_demo(state_dir: Path | None = None) -> int:
             for cycle in (1, 2):
                 recorder.cycle = cycle
                 retrs_before = pop3.commands.count("RETR")
-                (result,) = await service.run_once()
+                (result,) = await service.run_once(["info"])
                 results.append(result)
                 retrs.append(pop3.commands.count("RETR") - retrs_before)
                 status = "ok" if result.ok else f"FAILED: {result.error}"
@@ -183,9 +205,11 @@ async def run_demo(state_dir: Path | None = None) -> int:
                     print(f"  {label:<14} {subjects.get(e.uidl, e.uidl)[:32]:<32} {e.response}")
             dead = await service.store.list()
             first = await service.store.get(dead[0].id) if dead else b""
+            received = len(sink.messages)
+            pushed = await _push(service, imap, recorder)
         left = len(pop3.mailboxes.get(USER, []))
         print(
-            f"\nExchange received {len(sink.messages)} messages; {len(dead)} are in the "
+            f"\nExchange received {received} messages; {len(dead)} are in the "
             f"dead-letter store; {left} left in the POP3 mailbox."
         )
         print(
@@ -201,6 +225,16 @@ async def run_demo(state_dir: Path | None = None) -> int:
                 if not line.startswith(b"X-POP3-Connector-"):
                     break
                 print(f"  {line.decode()}")
+        if pushed is not None:
+            print(
+                f'\nPush: the IMAP account "office" ({IMAP_USER} on 127.0.0.1:{imap.port}) '
+                "waited with IDLE (RFC 2177)\n  between its cycles; a message arriving there "
+                f"was in Exchange {pushed * 1000:.0f} ms later, though the next poll\n"
+                "  was 15 minutes away."
+                + ("  The stop ended IDLE with DONE, then LOGOUT." if imap.dones else "")
+            )
+        else:
+            print("\nPush: the IMAP message did not arrive (see the log)")
         print(f"\nConfig used: {config}\nLedger:      {runtime.ledger_path}")
         print(f"See the effective config: pop3-connector --config {config} check")
         shown = tuple((e.cycle, e.outcome) for e in recorder.events)
@@ -210,7 +244,8 @@ async def run_demo(state_dir: Path | None = None) -> int:
             all(r.ok for r in results)
             and left == 0
             and shown == EXPECTED
-            and (len(sink.messages), len(dead)) == (delivered, dead_lettered)
+            and (received, len(dead)) == (delivered, dead_lettered)
+            and pushed is not None
         )
         if not ok:
             print(
@@ -218,3 +253,28 @@ async def run_demo(state_dir: Path | None = None) -> int:
                 "dead-lettered, none left): this is a bug, please report it with this output."
             )
     return 0 if ok else 1
+
+
+async def _push(service: Service, imap: LoopbackImapServer, recorder: _Recorder) -> float | None:
+    """Run the service as ``run`` does until the IMAP account has collected its first message
+    and waits in IDLE; add a message to its folder; return how long it took to be delivered
+    (None if it was not, within PUSH_DEADLINE), then stop the service as SIGTERM would."""
+    imap.add_message(IMAP_USER, _mail("orders@supplier.example", "Order 1", "Two boxes.\r\n"))
+    recorder.cycle = 3
+    serving = asyncio.create_task(service.serve())
+    try:
+        async with asyncio.timeout(PUSH_DEADLINE):
+            await recorder.imap_delivered.wait()  # the first cycle took the waiting message
+            await imap.idling.wait()  # and the account waits with IDLE
+            recorder.imap_delivered.clear()
+            started = time.monotonic()
+            imap.add_message(
+                IMAP_USER, _mail("anna@customer.example", "Urgent: call me", "Thanks!\r\n")
+            )
+            await recorder.imap_delivered.wait()
+            return time.monotonic() - started
+    except TimeoutError:
+        return None
+    finally:
+        service.stopping.set()
+        await serving

@@ -4,10 +4,12 @@
 
     ConnectorError
     ├── ConfigError                    bad settings; the CLI exits with EX_CONFIG (78)
-    ├── Pop3Error
-    │   ├── Pop3ProtocolError          the server broke RFC 1939 (framing, caps, nonsense)
+    ├── Pop3Error                      the mail source (POP3, or IMAP for protocol = "imap")
+    │   ├── Pop3ProtocolError          the server broke RFC 1939 / 3501 (framing, caps, nonsense)
     │   ├── Pop3ResponseError          -ERR: .command, .resp_code, .text
-    │   │   └── Pop3AuthError          -ERR to USER/PASS/APOP/AUTH
+    │   │   ├── Pop3AuthError          -ERR to USER/PASS/APOP/AUTH
+    │   │   └── ImapResponseError      NO or BAD: .status, .resp_code (RFC 5530)
+    │   │       └── ImapAuthError      NO to LOGIN/AUTHENTICATE (also a Pop3AuthError)
     │   ├── Pop3ConnectionError        also a ConnectionError
     │   │   └── Pop3TlsError           handshake or certificate failure
     │   └── Pop3TimeoutError           also a TimeoutError
@@ -119,6 +121,29 @@ class Pop3ResponseError(Pop3Error):
 
 class Pop3AuthError(Pop3ResponseError):
     """``-ERR`` to USER, PASS, APOP or AUTH: the login failed."""
+
+
+class ImapResponseError(Pop3ResponseError):
+    """An IMAP server answered ``NO`` or ``BAD`` (RFC 3501 §7.1).
+
+    A mail source's refusal like a POP3 ``-ERR``: ``resp_code`` is the response code in upper
+    case (RFC 5530: ``AUTHENTICATIONFAILED``, ``UNAVAILABLE``, ``NONEXISTENT``), or None.
+    """
+
+    def __init__(
+        self, command: str, text: str, resp_code: str | None = None, *, status: str = "NO"
+    ) -> None:
+        super().__init__(command, text, resp_code)
+        self.status = status
+
+    def __str__(self) -> str:
+        code = f"[{self.resp_code}] " if self.resp_code else ""
+        return f"{self.status} {code}{self.text} (to {self.command})"
+
+
+class ImapAuthError(ImapResponseError, Pop3AuthError):
+    """``NO`` to LOGIN or AUTHENTICATE: the login failed (a bare one counts like a bare
+    ``-ERR`` at login, docs/design.md §6.3)."""
 
 
 class Pop3ConnectionError(Pop3Error, ConnectionError):
@@ -389,6 +414,20 @@ class Disposition(enum.Enum):
 _POP3_TRANSIENT_CODES: Final = frozenset({"SYS/TEMP", "IN-USE", "LOGIN-DELAY"})
 # RFC 3206 §4 and §5: credentials wrong, or a permanent system problem.
 _POP3_PERMANENT_CODES: Final = frozenset({"AUTH", "SYS/PERM"})
+# RFC 5530 §3: what an administrator must fix (credentials, permissions, a folder that does not
+# exist, TLS the server insists on), for an IMAP account; every other NO or BAD is RETRY, as
+# a bare -ERR (UNAVAILABLE, INUSE, LIMIT, SERVERBUG say so outright).
+_IMAP_PERMANENT_CODES: Final = frozenset(
+    {
+        "AUTHENTICATIONFAILED",
+        "AUTHORIZATIONFAILED",
+        "EXPIRED",
+        "PRIVACYREQUIRED",
+        "CONTACTADMIN",
+        "NOPERM",
+        "NONEXISTENT",
+    }
+)
 
 
 def classify(exc: BaseException) -> Disposition:
@@ -399,6 +438,8 @@ def classify(exc: BaseException) -> Disposition:
     * POP3: ``[SYS/TEMP]``, ``[IN-USE]``, ``[LOGIN-DELAY]``, protocol errors, timeouts and broken
       connections are RETRY; ``[AUTH]``, ``[SYS/PERM]`` and certificate failures are
       PARK_ACCOUNT.  A bare ``-ERR`` at login is RETRY; the service caps how often in a row.
+      IMAP alike: ``NO [AUTHENTICATIONFAILED]`` and the other codes of RFC 5530 that need an
+      administrator are PARK_ACCOUNT, any other ``NO``/``BAD`` RETRY.
     * SMTP setup (connect, TLS, EHLO, AUTH): a 5xx, a ``security`` failure or a refused login is
       PARK_ACCOUNT; anything transient there is RETRY.  Neither ever dead-letters.
     * SMTP transaction: a 552 to RCPT counts as 452 (RFC 5321 §4.5.3.1.10); the class digit of an
@@ -409,6 +450,10 @@ def classify(exc: BaseException) -> Disposition:
     * Dead-letter store and ledger failures are RETRY: the message stays upstream.
     """
     match exc:
+        case ImapResponseError(resp_code=code) if code in _IMAP_PERMANENT_CODES:
+            return Disposition.PARK_ACCOUNT
+        case ImapResponseError():
+            return Disposition.RETRY
         case Pop3AuthError(resp_code=code) if code in _POP3_PERMANENT_CODES:
             return Disposition.PARK_ACCOUNT
         case Pop3ResponseError(resp_code=code) if code in _POP3_TRANSIENT_CODES:

@@ -77,7 +77,7 @@ import os
 import shutil
 import sqlite3
 import threading
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -755,6 +755,43 @@ class Ledger:
                 _forget(conn, account, gone)
 
         await self._submit("forget", run, shield=True)
+
+    async def entries_outside(self, account: str, family: str, current: str) -> list[LedgerEntry]:
+        """The rows of ``account`` whose key starts with ``family`` but not with ``current``:
+        an IMAP folder's rows under another UIDVALIDITY than the one it has now (``imap:``,
+        ``imap:<UIDVALIDITY>:``, docs/design.md §15.2).  Two ranges of the primary key: ":"
+        ends each prefix, and ";" follows ":" in ASCII."""
+        if not family.endswith(":") or not current.startswith(family) or not current.endswith(":"):
+            raise ValueError("prefixes must end with ':' and current must extend family")
+
+        def run(conn: sqlite3.Connection) -> list[LedgerEntry]:
+            rows = conn.execute(
+                _SELECT_ACCOUNT + " AND ((uidl >= ? AND uidl < ?) OR (uidl >= ? AND uidl < ?))",
+                (account, family, current, current[:-1] + ";", family[:-1] + ";"),
+            )
+            return [_entry(row) for row in rows]
+
+        return await self._submit("entries_outside", run)
+
+    async def rekey(self, account: str, renames: Mapping[str, str]) -> None:
+        """Move rows (and the recipients done under their ``uidl:`` keys) from old keys to new
+        ones, in one transaction: the same messages listed under new identifiers (an IMAP
+        folder whose UIDVALIDITY changed, docs/design.md §15.2).  A new key that already has
+        a row keeps it; the old row then stays, to be forgotten by the listing sync."""
+        pairs = [(new, account, old) for old, new in renames.items()]
+
+        def run(conn: sqlite3.Connection) -> None:
+            with self._writing(conn):
+                conn.executemany(
+                    "UPDATE OR IGNORE messages SET uidl = ? WHERE account = ? AND uidl = ?", pairs
+                )
+                conn.executemany(
+                    "UPDATE OR IGNORE recipients_done SET key = 'uidl:' || ?"
+                    " WHERE account = ? AND key = 'uidl:' || ?",
+                    pairs,
+                )
+
+        await self._submit("rekey", run, shield=True, writes=True)
 
     async def record_failed(
         self,

@@ -148,6 +148,16 @@ class Metrics:
             acct,
             registry=r,
         )
+        # Per account only, like account_failing: /status says which accounts wait in IDLE.
+        self.idle_connected: Gauge | None = None
+        if per_account:
+            self.idle_connected = Gauge(
+                PREFIX + "idle_connected",
+                "1 while an IMAP account holds a connection in IDLE, waiting for new mail "
+                "(RFC 2177); 0 while it only polls (no IDLE offered, push off, reconnecting).",
+                ["account"],
+                registry=r,
+            )
         self.smtp_responses = Counter(
             PREFIX + "smtp_responses",
             "The final SMTP reply per message: 250 after DATA, or the code that refused or "
@@ -283,7 +293,11 @@ class Metrics:
                 self.mailbox_bytes,
                 self.deferred_messages,
                 self.dead_letters,
-                *(g for g in (self.last_success, self.account_failing) if g is not None),
+                *(
+                    g
+                    for g in (self.last_success, self.account_failing, self.idle_connected)
+                    if g is not None
+                ),
             ]
             for name in removed:
                 for gauge in gauges:
@@ -351,6 +365,11 @@ class Metrics:
             self._failing.discard(account)
         if self.account_failing is not None:
             self.account_failing.labels(account=account).set(1 if failing else 0)
+
+    def idle(self, account: str, connected: bool) -> None:
+        """An IMAP account's IDLE connection opened or closed (``imap.IdleWatcher``)."""
+        if self.idle_connected is not None and account in self._accounts:
+            self.idle_connected.labels(account=account).set(1 if connected else 0)
 
     def watch_ledger(self, writable: Callable[[], bool]) -> None:
         """Have ``ledger_writable`` read ``writable()`` at every scrape (``Ledger.writable``)."""

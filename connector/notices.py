@@ -159,7 +159,7 @@ def dead_letter_digest(
     lines = [
         f"pop3-connector moved {n} message{'s' if n != 1 else ''} of account {account} to the "
         "dead-letter store: the mail server refused them permanently.",
-        "They were deleted from the POP3 mailbox; nothing is lost.",
+        "They were deleted from the provider's mailbox; nothing is lost.",
     ]
     for note in notes:
         lines += [
@@ -187,8 +187,9 @@ def failing_notice(
         f"pop3-connector cannot collect the mail of account {account}.",
         f"Error: {_clean(error) or '(unknown)'}",
         "",
-        "Its mail waits in the POP3 mailbox until the cause is fixed; nothing is dead-lettered",
-        "because of this.  Retries continue; a notice follows when the account recovers.",
+        "Its mail waits in the provider's mailbox until the cause is fixed; nothing is",
+        "dead-lettered because of this.  Retries continue; a notice follows when the account",
+        "recovers.",
         "Check: pop3-connector check --connect",
     ]
     lines += _suppressed_line(suppressed, "failing notices")
@@ -203,7 +204,7 @@ def oversize_notice(
     n = len(left)
     lines = [
         f"pop3-connector left {n} message{'s' if n != 1 else ''} of account {account} in the "
-        "POP3 mailbox: larger than its max_message_size.",
+        "provider's mailbox: larger than its max_message_size.",
         "They stay there, untouched, and block nothing; this notice is sent once for each.",
         "",
         *(f"  UIDL {_clean(uid)}: {size} octets" for uid, size in left),

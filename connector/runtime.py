@@ -29,6 +29,7 @@ from connector.cycle import AccountSpec, DeliveryPolicy, Oversize, SmtpTarget
 from connector.deadletter import DeadLetterArchive
 from connector.deadletter.maildir import MaildirStore
 from connector.errors import ConfigError
+from connector.imap import ImapAuth, ImapOptions
 from connector.notices import NoticeSettings
 from connector.oauth2 import OAuth2TokenSource
 from connector.pop3 import AuthMethod, Pop3Endpoint
@@ -326,6 +327,14 @@ def _account(settings: Settings, i: int, target: SmtpTarget, contexts: _Contexts
         )
     if password is None:  # the config guarantees one; be explicit for the type checker
         raise ConfigError(f"{where}.password: no password given")
+    imap: ImapOptions | None = None
+    if acct.protocol == "imap":
+        imap = ImapOptions(
+            folder=acct.folder,
+            auth=ImapAuth(acct.auth),
+            push=acct.push,
+            idle_renewal=acct.idle_renewal,
+        )
     return AccountSpec(
         name=acct.name,
         endpoint=Pop3Endpoint(
@@ -339,7 +348,8 @@ def _account(settings: Settings, i: int, target: SmtpTarget, contexts: _Contexts
         ),
         username=acct.username,
         password=password,
-        auth=AuthMethod(acct.auth),
+        # An IMAP account's login is in ``imap`` (its "login" is no POP3 method).
+        auth=AuthMethod.AUTO if imap is not None else AuthMethod(acct.auth),
         deliver_to=tuple(acct.deliver_to),
         max_deferral=acct.max_deferral,
         max_message_size=acct.max_message_size,
@@ -348,6 +358,7 @@ def _account(settings: Settings, i: int, target: SmtpTarget, contexts: _Contexts
         oversize=Oversize(acct.oversize),
         shared=None if acct.shared is None else shared_mailbox(acct.shared, acct.username),
         cycle_timeout=settings.service.cycle_timeout,
+        imap=imap,
         smtp=target,
     )
 

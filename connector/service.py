@@ -68,11 +68,13 @@ from connector.spool import Spool
 if TYPE_CHECKING:
     # Imported where used: aioimaplib and prometheus_client cost start-up time (bench/README.md)
     # that a `once` from cron with a Maildir store and no metrics endpoint never needs.
+    from connector.imap.idle import IdleWatcher
     from connector.metrics import Metrics
 
 log = logging.getLogger(__name__)
 POP3_TRANSCRIPT = logging.getLogger("connector.transcript.pop3")
 SMTP_TRANSCRIPT = logging.getLogger("connector.transcript.smtp")
+IMAP_TRANSCRIPT = logging.getLogger("connector.transcript.imap")
 
 # A bare "-ERR" to PASS (no RFC 2449 code) may be a wrong password or a busy server; after this
 # many in a row we treat the account as failing (docs/design.md §6.1).
@@ -209,6 +211,12 @@ class AccountState:
     next_poll: float | None = None
     removed: bool = False  # dropped from the config by a reload: not polled after this cycle
     offset: float = -1.0  # schedule.phase(name), once computed (_next_poll)
+    watcher: IdleWatcher | None = None  # an IMAP account waiting with IDLE (docs/design.md §15.3)
+    # Service._idle's task while it holds the watcher between cycles, and the event that ends
+    # its wait when the plan starts the account's next cycle (which borrows the connection) or
+    # a reload removes the account; made for an account with push only.
+    idle: asyncio.Task[None] | None = None
+    leave_idle: asyncio.Event | None = None
 
 
 @dataclass(slots=True)
@@ -451,6 +459,12 @@ class Service:
             target.settings, transcript=SMTP_TRANSCRIPT if self.runtime.transcripts else None
         )
         recorded = RecordingStore(self.store)  # what the dead-letter digest names
+        connect = None
+        if state.watcher is not None and state.watcher.spec == spec and spec.imap is not None:
+            from connector.imap.session import ImapSession
+
+            # The cycle runs on the watcher's connection: no new login (docs/design.md §15.3).
+            connect = ImapSession.opener(spec.imap, keep=spec.leave_on_server, lender=state.watcher)
         cycle = Cycle(
             spec,
             ledger=self.ledger,
@@ -461,6 +475,7 @@ class Service:
             stopping=self.stopping,
             clock=self.clock,
             transcript=POP3_TRANSCRIPT if self.runtime.transcripts else None,
+            connect=connect,
             spool=self.spool,
             spool_threshold=self.runtime.spool_threshold,
             budget=self.budget,
@@ -722,6 +737,68 @@ class Service:
         self.plan.set_due(state.spec.name, self.clock())
         self._wake.set()
 
+    async def _watcher(
+        self, state: AccountState, current: IdleWatcher | None
+    ) -> IdleWatcher | None:
+        """The account's IDLE watcher (docs/design.md §15.3): kept while its spec and interval
+        stay as they are, replaced when a reload changes them, None for a POP3 account or
+        ``push = false``."""
+        spec = state.spec
+        if current is not None and current.spec == spec and current.interval == state.interval:
+            return current
+        if current is not None:
+            await current.close()
+        if spec.imap is None or not spec.imap.push:
+            return None
+        from connector.imap.idle import IdleWatcher  # only IMAP accounts load it
+
+        metrics = self.metrics
+        return IdleWatcher(
+            spec,
+            interval=state.interval,
+            transcript=IMAP_TRANSCRIPT if self.runtime.transcripts else None,
+            on_state=None if metrics is None else functools.partial(metrics.idle, spec.name),
+        )
+
+    async def _idle(self, state: AccountState) -> None:
+        """An IMAP account with ``push`` between its cycles (docs/design.md §15.3): its watcher
+        holds the connection in IDLE until the plan starts the next cycle (``leave_idle``), a
+        stop or a removal; new mail makes the account due now, unless it is backing off (a
+        failing account must not poll at every message: §6.3)."""
+        from connector.imap.idle import Wake
+
+        name = state.spec.name
+        leave = state.leave_idle
+        if leave is None:
+            leave = state.leave_idle = asyncio.Event()
+        watcher = state.watcher = await self._watcher(state, state.watcher)
+        if watcher is None:
+            return
+        events = (self.stopping, leave)
+        try:
+            while not (self.stopping.is_set() or state.removed or leave.is_set()):
+                due = self.plan.due(name)
+                remaining = 0.0 if due is None else due - self.clock()
+                if remaining <= 0:
+                    break  # due (or started): the cycle takes the connection
+                woke = await watcher.wait(remaining, events)
+                if woke is Wake.MAIL and self.held_until(state) is None:
+                    log.debug("account=%s: new mail announced; polling now", name)
+                    self._poll_soon(state)
+                    break
+        except asyncio.CancelledError:
+            state.watcher = None
+            await watcher.abort()  # past shutdown_grace: drop it, wait for nothing
+            raise
+        if self.stopping.is_set() or state.removed:
+            await self._close_watcher(state)
+
+    async def _close_watcher(self, state: AccountState) -> None:
+        """SIGTERM, removal: DONE and LOGOUT (docs/design.md §15.3)."""
+        watcher, state.watcher = state.watcher, None
+        if watcher is not None:
+            await watcher.close()
+
     def schedule_all(self) -> None:
         """Put every account not yet in the plan on it, their first polls ramped from now
         (``serve`` does this as it starts)."""
@@ -752,6 +829,14 @@ class Service:
     async def _polled(self, state: AccountState) -> None:
         """One cycle the dispatcher started; then tell the plan when the account is due."""
         name = state.spec.name
+        idle = state.idle
+        if idle is not None and not idle.done():
+            if state.leave_idle is not None:
+                state.leave_idle.set()  # the IDLE wait ends: this cycle borrows its connection
+            await asyncio.wait({idle})
+        state.idle = None
+        if state.leave_idle is not None:
+            state.leave_idle.clear()
         state.poll_now.clear()
         state.forced = False
         result = await self._run_state(state, gated=False)
@@ -778,6 +863,10 @@ class Service:
             )
             if self.metrics is not None:
                 self.metrics.host_paused()
+        if due is None:
+            await self._close_watcher(state)
+        elif state.spec.imap is not None and state.spec.imap.push and self._tg is not None:
+            state.idle = self._tg.create_task(self._idle(state), name=f"idle-{name}")
         self._wake.set()
 
     async def _recount(self) -> None:
@@ -866,6 +955,8 @@ class Service:
                 state = self.accounts.pop(name)
                 state.removed = True
                 state.poll_now.set()
+                if state.leave_idle is not None:
+                    state.leave_idle.set()  # its IDLE wait ends, and the watcher logs out
                 self.plan.remove(name)  # not polled again; a cycle in flight ends as it will
                 log.info("reload: account=%s removed", name)
         added: list[Polled] = []

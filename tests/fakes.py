@@ -205,6 +205,26 @@ class FakeLedger:
             self.rows.pop((account, uidl), None)
             self.done.pop((account, f"uidl:{uidl}"), None)
 
+    async def entries_outside(
+        self, account: str, family: str, current: str
+    ) -> builtins.list[LedgerEntry]:
+        return [
+            e
+            for (a, uidl), e in self.rows.items()
+            if a == account and uidl.startswith(family) and not uidl.startswith(current)
+        ]
+
+    async def rekey(self, account: str, renames: Mapping[str, str]) -> None:
+        self._write_check()
+        for old, new in renames.items():
+            if (account, old) in self.rows and (account, new) not in self.rows:
+                self.rows[(account, new)] = dataclasses.replace(
+                    self.rows.pop((account, old)), uidl=new
+                )
+                done = self.done.pop((account, f"uidl:{old}"), None)
+                if done is not None:
+                    self.done[(account, f"uidl:{new}")] = done
+
     async def prove_writable(self, now: float) -> None:
         self._write_check()
 

@@ -49,6 +49,7 @@ DESIGN_METRICS: Final = {
     "accounts_failing": "gauge",
     "oldest_last_success_timestamp_seconds": "gauge",
     "host_pauses_total": "counter",
+    "idle_connected": "gauge",
     "account_info": "gauge",
 }
 HISTOGRAM_SUFFIXES: Final = ("_bucket", "_sum", "_count")

@@ -7,6 +7,8 @@
   one listed under its UIDL before it is DELEd unread (docs/design.md §5.1 step 1).
 * :func:`duplicate_key`: the ledger key under which a shared mailbox's copies of one message
   meet (docs/design.md §8.2).
+* :func:`carry_over`: an IMAP folder whose UIDVALIDITY changed lists every message under a new
+  identifier; the ledger's rows follow them, matched by identity (docs/design.md §15.2).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from __future__ import annotations
 import builtins
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Final, Protocol
+import re
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from typing import Final, Protocol, runtime_checkable
 
 from connector import headers
 from connector.errors import Pop3ResponseError
@@ -151,7 +154,9 @@ class Identities:
         message, once, for the rare DELE that needs the check.
         """
         identity = entry.identity
-        if identity is None or uid.startswith("sha256:"):
+        if identity is None or uid.startswith(("sha256:", "imap:")):
+            # IMAP: a UID is never reused while the UIDVALIDITY in the key stands (RFC 3501
+            # §2.3.1.1), so the key alone says it is the same message.
             return True
         listed = self.sizes.get(number)
         if identity.size is not None and listed is not None and listed != identity.size:
@@ -165,3 +170,92 @@ class Identities:
                 self._no_top = True
                 log.info("account=%s: the server has no TOP; checking by RETR", self.account)
         return headers.header_digest(await pop.retr(number)) == identity.digest
+
+
+@runtime_checkable
+class Renumbering(Protocol):
+    """A session whose identifiers hold the epoch they are valid in, ``family`` + epoch + ":"
+    (IMAP: ``imap:<UIDVALIDITY>:<UID>``; ``connector.imap.ImapSession``)."""
+
+    @property
+    def family(self) -> str:
+        """The prefix every identifier of this kind has (``imap:``)."""
+        ...
+
+    @property
+    def epoch(self) -> str:
+        """The prefix of this session's identifiers (``imap:<UIDVALIDITY>:``)."""
+        ...
+
+    def header_blocks(self, numbers: Sequence[int]) -> AsyncIterator[tuple[int, bytes]]:
+        """(number, header block) of each message of ``numbers`` still there."""
+        ...
+
+
+class EpochLedger(Protocol):
+    """The ledger methods :func:`carry_over` uses (``connector.ledger.Ledger``)."""
+
+    async def entries_outside(
+        self, account: str, family: str, current: str
+    ) -> builtins.list[LedgerEntry]: ...
+
+    async def rekey(self, account: str, renames: Mapping[str, str]) -> None: ...
+
+
+_TRAILING_NUMBER: Final = re.compile(r"(\d{1,10})$")
+
+
+def _order(uid: str) -> tuple[int, str]:
+    m = _TRAILING_NUMBER.search(uid)
+    return (int(m.group(1)) if m else 0, uid)
+
+
+async def carry_over(
+    ledger: EpochLedger,
+    account: str,
+    session: Renumbering,
+    listing: Sequence[tuple[int, str]],
+    sizes: Mapping[int, int],
+) -> Collection[str]:
+    """Give the ledger's rows of an earlier epoch to the messages listed now that are the same
+    (docs/design.md §15.2); return the old keys carried over.
+
+    An IMAP server that changes a folder's UIDVALIDITY (a rebuilt index, a restored or
+    migrated mailbox) lists every message under a new UID; under the new keys the ledger
+    would know none of them, and the listing sync would forget the old rows: every message
+    kept upstream, deferred or finished but not yet expunged would be delivered again.  So,
+    before the sync, when the ledger holds rows of another epoch, the listed messages' header
+    blocks are read (once, after the change) and each old row that records an identity (LIST
+    size and header digest, the same identity the check before a DELE uses) goes to the listed
+    message with that identity, pairing in order of UID among equals (byte-identical copies).
+    A row without an identity, or whose message is not listed any more, is left to the sync,
+    which forgets it (its message is gone).  A steady folder costs one read of the ledger.
+    """
+    stale = await ledger.entries_outside(account, session.family, session.epoch)
+    if not stale:
+        return ()
+    waiting: dict[tuple[int | None, str], list[str]] = {}
+    for entry in sorted(stale, key=lambda e: _order(e.uidl)):
+        if entry.identity is not None:
+            key = (entry.identity.size, entry.identity.digest)
+            waiting.setdefault(key, []).append(entry.uidl)
+    keys = dict(listing)
+    renames: dict[str, str] = {}
+    if waiting:
+        async for number, header in session.header_blocks(sorted(keys)):
+            olds = waiting.get((sizes.get(number), headers.header_digest(header)))
+            if olds and number in keys:
+                renames[olds.pop(0)] = keys[number]
+    if renames:
+        await ledger.rekey(account, renames)
+    log.warning(
+        "account=%s: the folder's identifiers changed (%s, was %s): %d known message(s) "
+        "recognised by size and header digest and kept as they were; %d row(s) of messages "
+        "no longer there forgotten",
+        account,
+        session.epoch.rstrip(":"),
+        ", ".join(sorted({e.uidl.rsplit(":", 1)[0] for e in stale}))[:200],
+        len(renames),
+        len(stale) - len(renames),
+    )
+    return renames.keys()

@@ -73,7 +73,14 @@ from typing import Final, NamedTuple, Protocol, Self, TypeVar
 
 from connector.budget import MemoryBudget
 from connector.cycle.commit import GroupCommit, Tickets
-from connector.cycle.identity import Identities, Reader, duplicate_key, uid_listing
+from connector.cycle.identity import (
+    Identities,
+    Reader,
+    Renumbering,
+    carry_over,
+    duplicate_key,
+    uid_listing,
+)
 from connector.cycle.refusal import Breaker, Verdict, refusal_summary, verdict
 from connector.cycle.trace import trace_header
 from connector.cycle.values import AccountSpec, CycleStats, DeliveryPolicy, Outcome, Oversize
@@ -126,6 +133,12 @@ class Ledger(Tickets, Protocol):
     ) -> dict[str, LedgerEntry]: ...
 
     async def forget(self, account: str, uidls: Collection[str]) -> None: ...
+
+    async def entries_outside(
+        self, account: str, family: str, current: str
+    ) -> builtins.list[LedgerEntry]: ...
+
+    async def rekey(self, account: str, renames: Mapping[str, str]) -> None: ...
 
     async def prove_writable(self, now: float) -> None: ...
 
@@ -270,6 +283,16 @@ class LogObserver:
         )
 
 
+def _source(account: AccountSpec) -> Callable[..., Awaitable[Pop3Session]]:
+    """How a cycle connects to the account's mailbox: POP3, or an IMAP folder
+    (``connector.imap.ImapSession``, loaded only for an IMAP account)."""
+    if account.imap is None:
+        return Pop3Client.connect
+    from connector.imap.session import ImapSession
+
+    return ImapSession.opener(account.imap, keep=account.leave_on_server)
+
+
 # --------------------------------------------------------------------------------------------
 # The cycle
 # --------------------------------------------------------------------------------------------
@@ -356,7 +379,7 @@ class Cycle:
         stopping: asyncio.Event | None = None,
         clock: Callable[[], float] = time.time,
         transcript: logging.Logger | None = None,
-        connect: Callable[..., Awaitable[Pop3Session]] = Pop3Client.connect,
+        connect: Callable[..., Awaitable[Pop3Session]] | None = None,
         spool: Spool | None = None,
         spool_threshold: int = 0,
         budget: MemoryBudget | None = None,
@@ -370,7 +393,7 @@ class Cycle:
         self.stopping = stopping or asyncio.Event()
         self.clock = clock
         self.transcript = transcript
-        self._connect = connect
+        self._connect = connect if connect is not None else _source(account)
         # Messages whose LIST size is above spool_threshold go to the spool (none without
         # one); every RETR is charged to the budget shared by all cycles (none: unbounded).
         self.spool = spool
@@ -425,6 +448,9 @@ class Cycle:
             self.stats.mailbox_known = True
             sizes = dict(await pop.list()) if count else {}
             listing = await uid_listing(pop, count, sizes) if count else []
+            if listing and isinstance(pop, Renumbering):
+                # Before the sync, which would forget rows listed under other identifiers.
+                await carry_over(self.ledger, acct.name, pop, listing, sizes)
             known = await self.ledger.sync_listing(
                 acct.name,
                 [uid for _, uid in listing],
@@ -689,6 +715,7 @@ class Cycle:
             m.head,
             pop_host=acct.endpoint.host,
             by_host=policy.helo_name,
+            protocol="POP3" if acct.imap is None else "IMAP",
             uidl=m.uid,
             recipients=todo,
             now=datetime.fromtimestamp(self.clock(), UTC),

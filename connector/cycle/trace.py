@@ -14,15 +14,26 @@ _SAFE_ATOM = re.compile(rb"^[A-Za-z0-9._+=/-]{1,70}$")
 
 
 def trace_header(
-    raw: bytes, *, pop_host: str, by_host: str, uidl: str, recipients: Sequence[str], now: datetime
+    raw: bytes,
+    *,
+    pop_host: str,
+    by_host: str,
+    uidl: str,
+    recipients: Sequence[str],
+    now: datetime,
+    protocol: str = "POP3",
 ) -> bytes:
     """The ``Received:`` line we add at the top (RFC 5321 §4.4), in the message's own line ending.
 
-    It says where the message came from (the POP3 host) and when we took it, as fetchmail's does,
-    so Exchange's message trace shows the hop.
+    It says where the message came from (the POP3 or IMAP host) and when we took it, as
+    fetchmail's does, so Exchange's message trace shows the hop.  An IMAP key
+    (``imap:<UIDVALIDITY>:<UID>``) appears as ``imap.<UIDVALIDITY>.<UID>``: ":" is no atom
+    character (RFC 5322 §3.2.3).
     """
     nl = raw.find(b"\n")
     eol = b"\n" if nl == 0 or (nl > 0 and raw[nl - 1] != 0x0D) else b"\r\n"
+    if protocol != "POP3":
+        uidl = uidl.replace(":", ".")
     uid = uidl.encode("ascii", "replace")
     ident = b" id " + uid if _SAFE_ATOM.match(uid) else b""
     rcpt = (
@@ -33,7 +44,9 @@ def trace_header(
         + pop_host.encode("ascii", "replace")
         + b" by "
         + by_host.encode("ascii", "replace")
-        + b" with POP3 (pop3-connector)"
+        + b" with "
+        + protocol.encode("ascii", "replace")
+        + b" (pop3-connector)"
         + ident
         + eol
         + b"\t"

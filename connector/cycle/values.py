@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from connector.imap import ImapOptions
 from connector.pop3 import AuthMethod, Pop3Endpoint, Pop3Timeouts
 from connector.recipients import SharedMailbox
 from connector.smtp import SenderPolicy
@@ -55,6 +56,9 @@ class AccountSpec:
     # The whole cycle's deadline, connect to QUIT ([service] cycle_timeout): the per-read
     # timeouts alone let a server that sends a byte now and then hold a cycle for ever.
     cycle_timeout: float = 3600.0
+    # protocol = "imap": the folder, its login and push (docs/design.md §15); None for POP3.
+    # ``endpoint`` then names the IMAP server, and ``auth`` is not used (ImapOptions.auth is).
+    imap: ImapOptions | None = None
     # Where its mail goes (`smtp = "NAME"`, docs/design.md §14.1); None: the service's default
     # target ([smtp]).  Part of the spec, so that a reload that changes the target's settings
     # changes the accounts that use it (a failing one then polls at once: it may be the fix).

@@ -26,6 +26,9 @@ def test_demo_tells_the_story_and_leaves_the_dead_letters(tmp_path: Path) -> Non
     assert "Exchange received 4 messages; 3 are in the dead-letter store; 0 left" in out
     assert out.count("dead-lettered  ") == 3
     assert "Cycle 2" in out
+    # The IMAP account waited with IDLE; a new message came without a poll.
+    assert 'Push: the IMAP account "office"' in out
+    assert "The stop ended IDLE with DONE, then LOGOUT." in out
     # The dead letters are where the demo says, as files a mail client can open.
     new = list((tmp_path / "demo" / "dead-letters" / "new").iterdir())
     assert len(new) == 3

@@ -72,10 +72,15 @@ def write_config(
     account_extra: str = "",
     service_extra: str = "",
     dead_letter: str = "",
+    protocol: str = "pop3",
 ) -> Path:
-    port = {"none": dovecot.ports["pop3"], "starttls": dovecot.ports["pop3"]}.get(
-        tls, dovecot.ports["pop3s"]
+    plain, implicit = (("pop3", "pop3s"), ("imap", "imaps"))[protocol == "imap"]
+    port = {"none": dovecot.ports[plain], "starttls": dovecot.ports[plain]}.get(
+        tls, dovecot.ports[implicit]
     )
+    if protocol != "pop3":
+        account_extra = f'protocol = "{protocol}"\n{account_extra}'
+
     path.write_text(
         f"""
 [service]

@@ -63,7 +63,7 @@ from tests.servers import DovecotServer, SmtpSink
 pytestmark = pytest.mark.integration
 
 _MID = re.compile(rb"^Message-ID: <([^>]+)>", re.MULTILINE | re.IGNORECASE)
-_TRACE_ID = re.compile(rb"^Received: from \S+ by \S+ with POP3 \(pop3-connector\) id (\S+)")
+_TRACE_ID = re.compile(rb"^Received: from \S+ by \S+ with (POP3|IMAP) \(pop3-connector\) id (\S+)")
 _DL_UIDL = re.compile(rb"^X-POP3-Connector-UIDL: (\S+)", re.MULTILINE)
 _MAILDIR_NAME = re.compile(r"^(\d+)\.M(\d+)P(\d+)Q")  # MaildirStore.unique_name
 _names = itertools.count()
@@ -169,7 +169,9 @@ class Exchange:
                 pass
         t = _TRACE_ID.match(data)
         assert t is not None, data[:200]
-        uidl = t.group(1).decode()
+        uidl = t.group(2).decode()
+        if t.group(1) == b"IMAP":
+            uidl = uidl.replace(".", ":")  # trace.trace_header: imap:V:U is shown as imap.V.U
         state = ledger_states(self.state_dir).get(uidl)
         peer = self.handler.peer
         port = peer[1] if isinstance(peer, tuple) and len(peer) >= 2 else None
@@ -189,6 +191,7 @@ class Harness:
     kinds: dict[str, Kind] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)  # Message-ID -> octets stored
     runs: list[RunRecord] = field(default_factory=list)
+    protocol: str = "pop3"  # or "imap": the same mailbox as an IMAP account (docs/design.md §15)
 
     def __post_init__(self) -> None:
         self.pid: int | None = None  # of the run going on
@@ -262,6 +265,11 @@ class Harness:
 
     # -- running the connector ------------------------------------------------------------------
 
+    @property
+    def source_port(self) -> int:
+        """Dovecot's plain port for the account's protocol."""
+        return self.dovecot.ports[self.protocol]
+
     def config(self, pop_port: int, smtp_port: int) -> Path:
         path = self.work / f"config-{pop_port}-{smtp_port}.toml"
         path.write_text(
@@ -277,6 +285,7 @@ helo_name = "connector.test"
 timeout = "20s"
 [[accounts]]
 name = "info"
+protocol = "{self.protocol}"
 host = "127.0.0.1"
 port = {pop_port}
 tls = "none"
@@ -358,9 +367,8 @@ deliver_to = ["info@firma.test"]
 
             return observe
 
-        pop = FaultProxy(
-            ("127.0.0.1", self.dovecot.ports["pop3"]), observer=observer("pop3")
-        ).start()
+        # "pop3": the mail source's traffic, POP3 or IMAP.
+        pop = FaultProxy(("127.0.0.1", self.source_port), observer=observer("pop3")).start()
         smtp = FaultProxy(("127.0.0.1", self.sink.port), observer=observer("smtp")).start()
         timer: threading.Timer | None = None
         watcher = threading.Thread(target=watch, daemon=True)
@@ -427,9 +435,7 @@ deliver_to = ["info@firma.test"]
         return a.run
 
     def clean_run(self) -> int:
-        rc = self.run_once(
-            self.config(self.dovecot.ports["pop3"], self.sink.port), lambda proc: None
-        )
+        rc = self.run_once(self.config(self.source_port, self.sink.port), lambda proc: None)
         self.runs.append(
             RunRecord(
                 len(self.runs),
@@ -498,13 +504,19 @@ class Table:
 
 
 def run_harness(
-    dovecot: DovecotServer, tmp_path: Path, *, seed: int, kills: int, batch: int
+    dovecot: DovecotServer,
+    tmp_path: Path,
+    *,
+    seed: int,
+    kills: int,
+    batch: int,
+    protocol: str = "pop3",
 ) -> tuple[Table, Harness]:
     started = time.monotonic()
     user, password = dovecot.add_user()
     sink = SmtpSink().start()
     try:
-        h = Harness(dovecot, user, password, sink, tmp_path, random.Random(seed))
+        h = Harness(dovecot, user, password, sink, tmp_path, random.Random(seed), protocol=protocol)
         done = 0
         while done < kills:
             if len(h.upstream()) < batch:
@@ -634,10 +646,14 @@ def _report(title: str, table: Table, h: Harness) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_sigkill_at_random_instants_loses_nothing(dovecot: DovecotServer, tmp_path: Path) -> None:
-    """~20 kills (seeded): every message delivered or dead-lettered exactly once, none lost."""
-    table, h = run_harness(dovecot, tmp_path, seed=20261127, kills=20, batch=6)
-    _report("crash harness (quick, seed 20261127)", table, h)
+@pytest.mark.parametrize("protocol", ["pop3", "imap"])
+def test_sigkill_at_random_instants_loses_nothing(
+    dovecot: DovecotServer, tmp_path: Path, protocol: str
+) -> None:
+    """~20 kills (seeded): every message delivered or dead-lettered exactly once, none lost.
+    The same over IMAP: flagging and expunging only after the commit, as DELE and QUIT."""
+    table, h = run_harness(dovecot, tmp_path, seed=20261127, kills=20, batch=6, protocol=protocol)
+    _report(f"crash harness ({protocol}, quick, seed 20261127)", table, h)
     assert table.lost == 0
     assert table.duplicates == table.duplicates_in_window
     assert table.dead_letter_duplicates == table.dead_letter_duplicates_in_window == 0
@@ -649,12 +665,13 @@ def test_sigkill_at_random_instants_loses_nothing(dovecot: DovecotServer, tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
+@pytest.mark.parametrize("protocol", ["pop3", "imap"])
 def test_sigkill_at_random_instants_loses_nothing_long(
-    dovecot: DovecotServer, tmp_path: Path
+    dovecot: DovecotServer, tmp_path: Path, protocol: str
 ) -> None:
     """The long run: 200+ kills; run with ``pytest -m slow -s``."""
-    table, h = run_harness(dovecot, tmp_path, seed=5, kills=220, batch=10)
-    _report("crash harness (slow, seed 5)", table, h)
+    table, h = run_harness(dovecot, tmp_path, seed=5, kills=220, batch=10, protocol=protocol)
+    _report(f"crash harness ({protocol}, slow, seed 5)", table, h)
     assert table.lost == 0
     assert table.duplicates == table.duplicates_in_window
     assert table.dead_letter_duplicates == table.dead_letter_duplicates_in_window == 0

@@ -32,13 +32,15 @@ EXPECTED = {
     "pop3_connector_accounts_failing": "gauge",
     "pop3_connector_oldest_last_success_timestamp_seconds": "gauge",
     "pop3_connector_host_pauses": "counter",
+    "pop3_connector_idle_connected": "gauge",
     "pop3_connector_account_info": "gauge",
 }
-# Without per_account: the same families less the three that are about one account each.
+# Without per_account: the same families less the four that are about one account each.
 PER_ACCOUNT_ONLY = {
     "pop3_connector_last_success_timestamp_seconds",
     "pop3_connector_account_failing",
     "pop3_connector_account_info",
+    "pop3_connector_idle_connected",
 }
 
 

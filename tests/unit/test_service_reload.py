@@ -86,6 +86,7 @@ async def test_apply_runtime_adds_removes_and_changes(tmp_path: Path) -> None:
 # each can be changed from it.  Durations and sizes as numbers, paths as Path (see _changed).
 BASE: Final[dict[str, Any]] = {
     "name": "info",
+    "protocol": "pop3",
     "host": "pop.firma.test",
     "port": 1110,
     "tls": "starttls",
@@ -124,6 +125,10 @@ VARIANTS: Final[dict[str, dict[str, Any]]] = {
         "oauth2_token_command": "token-helper --account info",
     },
     "delete_after": {"leave_on_server": True, "delete_after": 86400},
+    # An IMAP account's own keys (docs/design.md §15).
+    "folder": {"protocol": "imap", "folder": "INBOX"},
+    "push": {"protocol": "imap", "push": True},
+    "idle_renewal": {"protocol": "imap", "idle_renewal": 600},
 }
 # What a reload does with a changed key other than changing the account's spec.
 RENAMES: Final = "name"  # the account under its old name is removed, the new one added
