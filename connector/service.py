@@ -793,6 +793,17 @@ class Service:
         if self.stopping.is_set() or state.removed:
             await self._close_watcher(state)
 
+    async def _close_watchers(self) -> None:
+        """The watchers no task holds any more, at the end of ``serve``: an account whose new
+        mail made it due just as the stop came (the dispatcher started no cycle, and its
+        ``_idle`` had returned).  DONE and LOGOUT; dropped when cancelled (shutdown_grace)."""
+        task = asyncio.current_task()
+        cancelled = task is not None and task.cancelling() > 0
+        for state in self.accounts.values():
+            watcher, state.watcher = state.watcher, None
+            if watcher is not None:
+                await (watcher.abort() if cancelled else watcher.close())
+
     async def _close_watcher(self, state: AccountState) -> None:
         """SIGTERM, removal: DONE and LOGOUT (docs/design.md §15.3)."""
         watcher, state.watcher = state.watcher, None
@@ -887,14 +898,17 @@ class Service:
         """
 
         async def loops() -> None:
-            async with asyncio.TaskGroup() as tg:
-                self._tg = tg
-                self.schedule_all()
-                # The dispatcher lives until `stopping`, with or without accounts (a reload
-                # may add some); the cycles it starts are tasks of this group too.
-                tg.create_task(self._dispatch(), name="scheduler")
-                tg.create_task(self._wake_on_stop(), name="wake-on-stop")
-                tg.create_task(self._recount(), name="recount")
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    self._tg = tg
+                    self.schedule_all()
+                    # The dispatcher lives until `stopping`, with or without accounts (a reload
+                    # may add some); the cycles it starts are tasks of this group too.
+                    tg.create_task(self._dispatch(), name="scheduler")
+                    tg.create_task(self._wake_on_stop(), name="wake-on-stop")
+                    tg.create_task(self._recount(), name="recount")
+            finally:
+                await self._close_watchers()
 
         loops_task = asyncio.create_task(loops(), name="accounts")
         stop_task = asyncio.create_task(self.stopping.wait(), name="stopping")
@@ -957,6 +971,11 @@ class Service:
                 state.poll_now.set()
                 if state.leave_idle is not None:
                     state.leave_idle.set()  # its IDLE wait ends, and the watcher logs out
+                tg, idle = self._tg, state.idle
+                held = (idle is not None and not idle.done()) or self.plan.due(name) is None
+                if state.watcher is not None and not held and tg is not None:
+                    # Due, not started (no _idle, no cycle): nothing else would log it out.
+                    tg.create_task(self._close_watcher(state), name=f"unwatch-{name}")
                 self.plan.remove(name)  # not polled again; a cycle in flight ends as it will
                 log.info("reload: account=%s removed", name)
         added: list[Polled] = []
