@@ -7,9 +7,11 @@ short ``poll_interval`` and the metrics endpoint on, watched from outside over s
 
 What is measured, and how (nothing in connector/ is touched):
 
-* **Rounds** come from our own log: one ``account=... cycle ok in 0.01s: ...`` line per cycle,
-  with a millisecond timestamp; a cycle's start is its line's time minus its duration.  Round k
-  is complete when every account has logged k cycles.
+* **Rounds** come from the ledger's ``accounts`` table, read beside the running service every
+  half second: each cycle records its start and end there (an idle cycle logs only at debug,
+  and the scenario runs at info, as a provider would).  An account is polled at most every half
+  interval, so no cycle is missed.  Round k is complete when every account has k cycles.  What
+  a round delivered is what the receiver got meanwhile.
 * **CPU** is user + system time of the connector process (all threads, /proc/PID/stat), sampled
   when a round completes; the CPU of what the benchmark itself asks between rounds (scrapes,
   the reload) is measured around each request and taken off the round it fell into.
@@ -19,17 +21,20 @@ What is measured, and how (nothing in connector/ is touched):
   (cycles running) and again between rounds 1 and 2 (the file unchanged both times).
 * **Scrapes**: ``GET /metrics`` and ``GET /status`` between rounds (the process idle) and in the
   middle of each round (the process busy), each timed from the request to the last byte.
-* **Ledger**: rows, rows whose UIDL is gone, file sizes, read with sqlite3 beside the running
-  service (WAL lets a reader in).  Pruning keeps a gone row 7 days (connector/ledger.py,
-  ``DEFAULT_PRUNE_AFTER``); to see it work within a run, the benchmark moves every
-  ``gone_since`` 8 days back before the round before the last, and counts what is left after it.
+* **Ledger**: rows and file sizes, read with sqlite3 beside the running service (WAL lets a
+  reader in).  A row is forgotten in the cycle whose listing no longer has its UIDL
+  (``Ledger.sync_listing``), so the rows after a round are at most the messages that round
+  delivered, and none after the idle round: growth bounded.
 * **Spread**: the cycle starts of each round per tenth of the interval, from the round's first.
 * **Exactly once**: the receiver's Message-IDs against every message put into a Maildir, and
   the Maildirs empty at the end.
 
-Options: the accounts on POP3S instead of plain POP3 (``tls``: providers run 995), and dead
-letters already in the store at start (``dead_letters``).  A run cut short by its time limit
-keeps the figures of the cycles so far (the round is marked partial) and fails its check.
+Options: the accounts on POP3S instead of plain POP3 (``tls``: providers run 995), dead
+letters already in the store at start (``dead_letters``), the per-account series
+(``per_account``; off by default here, as the README tells providers), and
+``max_sessions_per_host`` (``per_host``; by default the parallel limit, since every account is
+on the one Dovecot).  A run cut short by its time limit keeps the figures of the cycles so far
+(the round is marked partial) and fails its check.
 """
 
 from __future__ import annotations
@@ -60,16 +65,12 @@ from bench.runners import PASSWORD, Endpoints
 from tests.servers import DovecotServer, free_port
 
 USER_PREFIX: Final = "fleet"
-PRUNE_WARP: Final = 8 * 24 * 3600.0  # more than the ledger's 7 days (DEFAULT_PRUNE_AFTER)
 SPREAD_BINS: Final = 10
 WARMUP_CHUNK: Final = 1000  # accounts the warm-up probe logs in at once (see run)
 MIN_ROUNDS: Final = 2  # a round with new mail, then the idle one
-PRUNE_ROUNDS: Final = 4  # pruning needs rows gone before the round before the idle last one
+LEDGER_POLL: Final = 0.5  # seconds between reads of the accounts table (see CycleWatch)
 
 _LINE: Final = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) +([\w.]+): (.*)$")
-_CYCLE: Final = re.compile(
-    r"^account=(\S+) cycle (ok in|failed after) (\d+(?:\.\d+)?)s(?:: mailbox=\d+ delivered=(\d+))?"
-)
 
 
 class Counting(Protocol):
@@ -95,6 +96,8 @@ class FleetOptions:
     timeout: float | None = None
     dead_letters: int = 0  # already in the dead-letter store at start (a provider's keeps some)
     tls: bool = False  # POP3S (implicit TLS, Dovecot's test CA as ca_file), as providers run it
+    per_account: bool = False  # [metrics] per_account
+    per_host: int | None = None  # [service] max_sessions_per_host (None: parallel)
 
 
 @dataclass(slots=True)
@@ -118,7 +121,7 @@ class RoundStats:
     new_messages: int = 0  # put into Maildirs before this round
     cycles: int = 0
     failed: int = 0
-    delivered: int = 0  # as the cycle lines say
+    delivered: int = 0  # what the receiver got during the round
     first_start: float | None = None
     last_end: float | None = None
     starts: list[float] = field(default_factory=list)
@@ -134,6 +137,7 @@ class RoundStats:
     log_bytes: int = 0
     spread: list[int] = field(default_factory=list)
     overflow: int = 0  # cycle starts later than one interval after the round's first
+    polls_window: int = 0  # cycles started between the previous round's end and this one's
     peak_logins_per_s: int = 0
     partial: bool = False  # cut short by the time limit: the figures of the cycles so far
 
@@ -154,6 +158,8 @@ class FleetResult:
     dead_letters: int
     tls: bool
     planned_rounds: int
+    per_account: bool = False
+    per_host: int = 0
     rounds: list[RoundStats] = field(default_factory=list)
     ready_s: float | None = None
     running_line_s: float | None = None
@@ -165,8 +171,6 @@ class FleetResult:
     reload_cpu: float = 0.0
     reload_after_round: int = 0
     reload_changed: int = 0  # accounts the reload called changed (the file was not changed)
-    pruned_before_round: int = 0
-    rows_aged: int = 0
     stop_s: float | None = None
     rc: int | None = None
     expected: int = 0
@@ -175,6 +179,9 @@ class FleetResult:
     dovecot_logins: int = 0
     warnings: list[str] = field(default_factory=list)
     setup_s: float = 0.0
+    # The warm-up probe (bench/probes.py, a minimal asyncio POP3 client, every account once):
+    # its CPU, start-up included, is a floor for what a poll of an empty mailbox can cost.
+    warmup_cpu: float = 0.0
     log: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -208,6 +215,8 @@ def config(
     interval: float,
     metrics_port: int,
     pop3s: tuple[int, Path] | None = None,
+    per_account: bool = False,
+    per_host: int | None = None,
 ) -> Path:
     """The service's config: POP3 (``pop3s``: (port, CA file) for implicit TLS, else plain) and
     plain SMTP on loopback, metrics on, log level info."""
@@ -219,11 +228,13 @@ def config(
         "[service]",
         f'state_dir = "{workdir / "state"}"',
         f"max_parallel_accounts = {parallel}",
+        f"max_sessions_per_host = {per_host or parallel}",
         f"poll_interval = {interval:g}",
         'log_level = "info"',
         "",
         "[metrics]",
         f'listen = "127.0.0.1:{metrics_port}"',
+        f"per_account = {'true' if per_account else 'false'}",
         "",
         "[smtp]",
         'host = "127.0.0.1"',
@@ -365,21 +376,14 @@ def _log_time(stamp: str) -> float:
 
 
 class LogWatch:
-    """Follows the connector's log file and counts cycles per account and per round."""
+    """Follows the connector's log file: its lines (at info: a cycle that moved mail or
+    failed, the reloads, the warnings) with their times."""
 
-    def __init__(self, path: Path, accounts: int) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.accounts = accounts
         self.offset = 0
         self._partial = b""
-        self.cycles: Counter[str] = Counter()
-        self.rounds: dict[int, RoundStats] = {}
-        self.done: Counter[int] = Counter()  # round -> accounts that finished it
-        self.events: list[tuple[float, str, str]] = []  # (time, level, message) of the rest
-        self.bytes_at_round_end: dict[int, int] = {}
-
-    def round(self, number: int) -> RoundStats:
-        return self.rounds.setdefault(number, RoundStats(number))
+        self.events: list[tuple[float, str, str]] = []  # (time, level, message)
 
     def poll(self) -> None:
         with self.path.open("rb") as f:
@@ -398,34 +402,63 @@ class LogWatch:
         if m is None:
             return  # a traceback's continuation lines
         stamp, level, _logger, message = m.groups()
-        at = _log_time(stamp)
-        c = _CYCLE.match(message)
-        if c is None:
-            self.events.append((at, level, message))
-            return
-        account, how, duration, delivered = c.groups()
-        self.cycles[account] += 1
-        number = self.cycles[account]
-        r = self.round(number)
-        start = at - float(duration)
-        r.cycles += 1
-        r.starts.append(start)
-        r.first_start = start if r.first_start is None else min(r.first_start, start)
-        r.last_end = at if r.last_end is None else max(r.last_end, at)
-        if how.startswith("failed"):
-            r.failed += 1
-        elif delivered is not None:
-            r.delivered += int(delivered)
-        self.done[number] += 1
-        if self.done[number] == self.accounts:
-            self.bytes_at_round_end[number] = self.offset
-
-    def complete(self, number: int) -> bool:
-        return self.done[number] >= self.accounts
+        self.events.append((_log_time(stamp), level, message))
 
     def first(self, needle: str, after: float = 0.0) -> float | None:
         """The time of the first log line after ``after`` whose message contains ``needle``."""
         return next((t for t, _, msg in self.events if t >= after and needle in msg), None)
+
+
+class CycleWatch:
+    """Counts cycles per account and per round from the ledger's ``accounts`` table (each
+    cycle records its start and end there), read every LEDGER_POLL seconds beside the
+    running service."""
+
+    def __init__(self, state: Path, accounts: int) -> None:
+        self.path = state / "ledger.sqlite3"
+        self.accounts = accounts
+        self.seen: dict[str, float] = {}  # account -> the start of its last cycle counted
+        self.cycles: Counter[str] = Counter()
+        self.rounds: dict[int, RoundStats] = {}
+        self.done: Counter[int] = Counter()  # round -> accounts that finished it
+        self.all_starts: list[float] = []  # every cycle's start, whatever its round
+        self._next = 0.0
+
+    def round(self, number: int) -> RoundStats:
+        return self.rounds.setdefault(number, RoundStats(number))
+
+    def poll(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self._next:
+            return
+        self._next = now + LEDGER_POLL
+        if not self.path.exists():
+            return
+        try:
+            with _ledger(self.path) as conn:
+                rows = conn.execute(
+                    "SELECT name, last_cycle_started, last_cycle_finished, result FROM accounts"
+                    " WHERE last_cycle_started IS NOT NULL"
+                ).fetchall()
+        except sqlite3.OperationalError:  # not migrated yet
+            return
+        for name, started, finished, result in rows:
+            if self.seen.get(name) == started:
+                continue
+            self.seen[name] = started
+            self.all_starts.append(started)
+            self.cycles[name] += 1
+            r = self.round(self.cycles[name])
+            r.cycles += 1
+            r.starts.append(started)
+            r.first_start = started if r.first_start is None else min(r.first_start, started)
+            r.last_end = finished if r.last_end is None else max(r.last_end, finished)
+            if result != "ok":
+                r.failed += 1
+            self.done[self.cycles[name]] += 1
+
+    def complete(self, number: int) -> bool:
+        return self.done[number] >= self.accounts
 
 
 class Notify:
@@ -507,34 +540,24 @@ def ledger_stats(state: Path) -> dict[str, int]:
     return out
 
 
-def age_gone_rows(state: Path, seconds: float) -> int:
-    """Move every ``gone_since`` ``seconds`` back: what ``seconds`` of waiting would do."""
-    with _ledger(state / "ledger.sqlite3") as conn:
-        cur = conn.execute(
-            "UPDATE messages SET gone_since = gone_since - ? WHERE gone_since IS NOT NULL",
-            (seconds,),
-        )
-        return cur.rowcount
-
-
 # ------------------------------------------------------------------------------------------
 # the run
 # ------------------------------------------------------------------------------------------
 
 
-def _spread(r: RoundStats, interval: float) -> None:
-    if r.first_start is None:
+def _spread(r: RoundStats, interval: float, starts: list[float]) -> None:
+    """The polls of the last interval before the round's end (every account's, whatever its
+    round: an account's k-th cycle need not fall in the same interval as another's), per tenth
+    of it, and the busiest second."""
+    if r.last_end is None:
         return
+    since = r.last_end - interval
     bins = [0] * SPREAD_BINS
     per_second: Counter[int] = Counter()
-    for s in r.starts:
-        offset = s - r.first_start
-        i = int(offset / interval * SPREAD_BINS)
-        if i < SPREAD_BINS:
-            bins[i] += 1
-        else:
-            r.overflow += 1
-        per_second[int(offset)] += 1
+    for s in starts:
+        if since < s <= r.last_end:
+            bins[min(int((s - since) / interval * SPREAD_BINS), SPREAD_BINS - 1)] += 1
+            per_second[int(s)] += 1
     r.spread = bins
     r.peak_logins_per_s = max(per_second.values(), default=0)
 
@@ -586,7 +609,7 @@ def run(
     # tuned_dovecot_conf, one session each), since at 10,000 at once Dovecot's login processes
     # found the pop3 service's socket full (its log: "net_connect_unix(pop3) failed: Resource
     # temporarily unavailable", SocketUnavailable) and dropped a few logins.
-    warm_wall, warm_rc = 0.0, 0
+    warm_wall, warm_cpu, warm_rc = 0.0, 0.0, 0
     for i in range(0, len(users), WARMUP_CHUNK):
         argv, _ = runners.probe_job(
             workdir / "warmup",
@@ -601,8 +624,12 @@ def run(
         )
         warm = runners.run_measured(argv, timeout=120, log=workdir / "warmup.log")
         warm_wall += warm.wall
+        warm_cpu += warm.cpu
         warm_rc = warm_rc or warm.rc
-    print(f"   set-up and warm-up round: {warm_wall:.1f}s rc={warm_rc}", flush=True)
+    print(
+        f"   set-up and warm-up round: {warm_wall:.1f}s, probe CPU {warm_cpu:.2f}s rc={warm_rc}",
+        flush=True,
+    )
     port = free_port()
     cfg = config(
         workdir,
@@ -612,12 +639,22 @@ def run(
         interval=opts.interval,
         metrics_port=port,
         pop3s=(dovecot.ports["pop3s"], dovecot.ca_file) if opts.tls else None,
+        per_account=opts.per_account,
+        per_host=opts.per_host,
     )
     seed_dead_letters(workdir / "state", users, opts.dead_letters)
     result = FleetResult(
-        opts.accounts, opts.interval, opts.parallel, opts.dead_letters, opts.tls, opts.rounds
+        opts.accounts,
+        opts.interval,
+        opts.parallel,
+        opts.dead_letters,
+        opts.tls,
+        opts.rounds,
+        per_account=opts.per_account,
+        per_host=opts.per_host or opts.parallel,
     )
     result.setup_s = time.monotonic() - started
+    result.warmup_cpu = warm_cpu
     expected: list[str] = []
 
     def deliver(number: int) -> int:
@@ -645,7 +682,8 @@ def run(
         if opts.timeout is not None
         else 120 + opts.rounds * (opts.interval + 60 + opts.accounts * 0.05)
     )
-    watch = LogWatch(log_path, opts.accounts)
+    watch = LogWatch(log_path)
+    cycles = CycleWatch(workdir / "state", opts.accounts)
     cut_short: str | None = None
     with log_path.open("wb") as out:
         t0 = time.time()
@@ -664,6 +702,8 @@ def run(
             _watch(
                 result,
                 watch,
+                cycles,
+                receiver,
                 notify,
                 proc,
                 pid,
@@ -748,6 +788,8 @@ def _reload(watch: LogWatch, pid: int, alive: Callable[[], None]) -> tuple[float
 def _watch(
     result: FleetResult,
     watch: LogWatch,
+    cycles: CycleWatch,
+    receiver: Counting,
     notify: Notify,
     proc: subprocess.Popen[bytes],
     pid: int,
@@ -761,25 +803,24 @@ def _watch(
     deadline: float,
     dovecot_cpu: Callable[[], float],
 ) -> None:
-    """Follow the rounds; between them deliver, scrape, reload and age the ledger."""
+    """Follow the rounds; between them deliver, scrape and reload."""
     n = opts.accounts
     reload_after = 1
-    # A message delivered in round k is DELEd then, and its row is marked gone in the account's
-    # next cycle (round k+1).  Aged after round rounds-2 (at least 2), the rows of the earlier
-    # batches are pruned in round rounds-1, and the last round stays idle.
-    warp_after = opts.rounds - 2 if opts.rounds >= PRUNE_ROUNDS else 0
     cpu_mark: float | None = None
     dovecot_mark = dovecot_cpu()
     busy_scraped: set[int] = set()
     idle_scrape_cpu: list[float] = []
     new_before = {1: first_new}
+    received_mark = 0
+    log_mark = 0
+    polls_mark = 0
     current = 1
 
     def settle(r: RoundStats) -> None:
         """What a round ends with (or what a round cut short by the time limit got to).  Its
         CPU: from the previous round's end (round 1: from READY) to now, less what the
         benchmark's own requests cost meanwhile."""
-        nonlocal cpu_mark, dovecot_mark
+        nonlocal cpu_mark, dovecot_mark, received_mark, log_mark, polls_mark
         now_cpu = proc_cpu(pid)
         r.cpu = now_cpu - (cpu_mark if cpu_mark is not None else 0.0) - r.bench_cpu
         cpu_mark = now_cpu
@@ -788,11 +829,14 @@ def _watch(
         r.rss_mib, r.peak_rss_mib, r.threads = proc_memory(pid)
         r.fds = proc_fds(pid)
         r.new_messages = new_before.get(r.number, 0)
-        r.log_bytes = watch.bytes_at_round_end.get(r.number, watch.offset) - (
-            watch.bytes_at_round_end.get(r.number - 1, 0)
-        )
+        received = sum(receiver.seen().values())
+        r.delivered, received_mark = received - received_mark, received
+        watch.poll()
+        r.log_bytes, log_mark = watch.offset - log_mark, watch.offset
         r.ledger = ledger_stats(state)
-        _spread(r, opts.interval)
+        _spread(r, opts.interval, cycles.all_starts)
+        r.polls_window = len(cycles.all_starts) - polls_mark
+        polls_mark = len(cycles.all_starts)
         if r.number == 1:
             starts = [s for s in r.starts if s >= t0]
             result.first_poll_s = min(starts) - t0 if starts else None
@@ -800,9 +844,10 @@ def _watch(
         print(
             f"   round {r.number}{' (cut short)' if r.partial else ''}: {r.cycles} polls in "
             f"{r.wall:.1f}s, {r.new_messages} new, {r.delivered} delivered, {r.failed} failed; "
-            f"CPU {r.cpu:.2f}s ({r.cpu / max(r.cycles, 1) * 1000:.2f} ms/poll); "
+            f"CPU {r.cpu:.2f}s over {r.polls_window} polls "
+            f"({r.cpu / max(r.polls_window, 1) * 1000:.2f} ms/poll); "
             f"RSS {r.rss_mib:.0f} MiB (peak {r.peak_rss_mib:.0f}); ledger "
-            f"{r.ledger.get('messages', 0)} rows, {r.ledger.get('gone', 0)} gone; "
+            f"{r.ledger.get('messages', 0)} rows; log {r.log_bytes / 1024:.0f} KiB; "
             + ", ".join(
                 f"{s.path}{' busy' if s.busy else ''} {s.seconds:.3f}s {s.size / 1024:.0f} KiB"
                 for s in r.scrapes
@@ -814,7 +859,7 @@ def _watch(
         if proc.poll() is not None:
             raise RuntimeError(f"pop3-connector exited rc={proc.returncode}")
         if time.monotonic() > deadline:
-            r = watch.round(current)
+            r = cycles.round(current)
             r.partial = True
             settle(r)
             raise TimeoutError(f"round {current} not complete within the time limit")
@@ -823,6 +868,7 @@ def _watch(
         alive()
         notify.wait(0.05)
         watch.poll()
+        cycles.poll()
         if cpu_mark is None and notify.ready_at is not None:
             cpu_mark = proc_cpu(pid)
             result.startup_cpu = cpu_mark
@@ -830,11 +876,11 @@ def _watch(
             result.ready_s = notify.ready_at - t0
             running = watch.first(" running: ")
             result.running_line_s = None if running is None else running - t0
-        r = watch.round(current)
+        r = cycles.round(current)
         if (
             current not in busy_scraped
-            and watch.done[current] >= n // 2
-            and not watch.complete(current)
+            and cycles.done[current] >= n // 2
+            and not cycles.complete(current)
         ):
             # In the middle of a round: the loop is busy with cycles.  The CPU taken off the
             # round is what the same requests cost an idle process (the mean measured so far;
@@ -847,16 +893,16 @@ def _watch(
                     r.bench_cpu += sc.cpu
             if current > 1:
                 r.bench_cpu += sum(idle_scrape_cpu[-2:])
-        if current == 1 and result.reload_busy_s is None and watch.done[1] >= n // 4:
+        if current == 1 and result.reload_busy_s is None and cycles.done[1] >= n // 4:
             # A reload while the cycles run (the admin does not wait for a quiet moment).
             seconds, cpu, _ = _reload(watch, pid, alive)
             result.reload_busy_s = seconds
             r.bench_cpu += cpu
-        if not watch.complete(current):
+        if not cycles.complete(current):
             continue
         settle(r)
-        # Between rounds: the next round's mail, the idle scrapes, the reload, the ledger's age.
-        following = watch.round(current + 1)
+        # Between rounds: the next round's mail, the idle scrapes, the reload.
+        following = cycles.round(current + 1)
         if current < opts.rounds:
             new_before[current + 1] = deliver(current + 1)
         for path in ("/metrics", "/status"):
@@ -868,7 +914,4 @@ def _watch(
             result.reload_s, result.reload_cpu, result.reload_changed = _reload(watch, pid, alive)
             result.reload_after_round = current
             following.bench_cpu += result.reload_cpu
-        if current == warp_after:
-            result.rows_aged = age_gone_rows(state, PRUNE_WARP)
-            result.pruned_before_round = current + 1
         current += 1

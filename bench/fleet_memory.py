@@ -5,14 +5,14 @@ loaded and built as ``pop3-connector run`` does, and VmRSS and the CPU time are 
 step (the fleet scenario measures the running process as a whole; this says which part is
 which):
 
-    python -m bench.fleet_memory 10000 [--tls] [--reloads K]
+    python -m bench.fleet_memory 10000 [--tls] [--reloads K] [--per-account]
 
-Steps: the imports; ``load_settings``; ``build_runtime``; ``open_service`` with ``Metrics()``
-(``Metrics.set_accounts`` creates every account's series); one finished cycle's metrics per
-account (the gauges first set then); one idle account loop per account (a task waiting in
-``_wait_any`` for its next poll, as ``Service._account_loop`` does between cycles); rendering
-``/metrics`` once; then K reloads of the unchanged file as SIGHUP does them (``load_settings``,
-``build_runtime``, ``Service.apply_runtime``).
+Steps: the imports; ``load_settings``; ``build_runtime``; the settings let go (``run`` keeps
+only the runtime); ``open_service`` with ``Metrics(per_account=...)`` (with per-account series,
+``Metrics.set_accounts`` creates every account's); one finished cycle's metrics per account (the
+gauges first set then); every account on the scheduler's plan (``Service.schedule_all``, as
+``serve`` starts); rendering ``/metrics`` once; then K reloads of the unchanged file as SIGHUP
+does them (``load_settings`` and ``build_runtime``, then ``Service.apply_runtime``).
 """
 
 from __future__ import annotations
@@ -96,47 +96,45 @@ class Steps:
             before = rss
 
 
-async def _service_steps(config: Path, steps: Steps, reloads: int) -> None:
+async def _service_steps(config: Path, steps: Steps, reloads: int, per_account: bool) -> None:
     from connector.config import load_settings
     from connector.cycle import CycleStats
     from connector.metrics import Metrics
     from connector.runtime import build_runtime
-    from connector.service import _wait_any, open_service
+    from connector.service import open_service
 
     settings = load_settings(config)
     steps.mark("load_settings")
     runtime = build_runtime(settings)
     steps.mark("build_runtime")
-    async with open_service(runtime, metrics=Metrics()) as service:
-        steps.mark("open_service + Metrics.set_accounts")
-        metrics = service.metrics
-        if metrics is None:
-            raise RuntimeError("no metrics")
+    del settings
+    steps.mark("the settings let go")
+    metrics = Metrics(per_account=per_account)
+    async with open_service(runtime, metrics=metrics) as service:
+        steps.mark(f"open_service + Metrics(per_account={per_account})")
         now = time.time()
         for name in service.accounts:
             stats = CycleStats(mailbox_known=True)
             metrics.cycle(name, ok=True, duration=0.01, stats=stats, finished=now, failing=False)
         steps.mark("one finished cycle's metrics per account")
-        waits = [
-            asyncio.create_task(_wait_any((service.stopping, state.poll_now), 3600))
-            for state in service.accounts.values()
-        ]
+        service.schedule_all()
         await asyncio.sleep(0.1)
-        steps.mark("an idle account loop per account")
+        steps.mark("every account on the plan (schedule_all)")
         body = service.metrics_text()
-        steps.mark(f"render /metrics ({len(body) / 1e6:.1f} MB)")
+        steps.mark(f"render /metrics ({len(body) / 1e6:.2f} MB)")
         del body
         for k in range(1, reloads + 1):
-            service.apply_runtime(build_runtime(load_settings(config)))
+            new = await asyncio.to_thread(lambda: build_runtime(load_settings(config)))
+            service.apply_runtime(new)
+            del new
             steps.mark(f"reload {k}")
-        service.stopping.set()
-        await asyncio.gather(*waits)
 
 
 def main(argv: list[str]) -> int:
     accounts = int(argv[0]) if argv else 10_000
     tls = "--tls" in argv
     reloads = int(argv[argv.index("--reloads") + 1]) if "--reloads" in argv else 0
+    per_account = "--per-account" in argv
     steps = Steps(accounts)
     # What `run` has imported by the time it serves (the service, the metrics, pydantic).
     import connector.cli
@@ -147,8 +145,11 @@ def main(argv: list[str]) -> int:
     steps.mark("imports")
     with tempfile.TemporaryDirectory(prefix="fleet-memory-") as tmp:
         config = _config(Path(tmp), accounts, tls)
-        asyncio.run(_service_steps(config, steps, reloads))
-    print(f"{accounts} accounts, {'POP3S' if tls else 'plain POP3'}")
+        asyncio.run(_service_steps(config, steps, reloads, per_account))
+    print(
+        f"{accounts} accounts, {'POP3S' if tls else 'plain POP3'}, "
+        f"per_account = {'true' if per_account else 'false'}"
+    )
     steps.print()
     return 0
 

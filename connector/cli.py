@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from connector.runtime import Runtime
     from connector.sdnotify import SystemdNotifier
     from connector.service import Service
+    from connector.shard import Shard
 
 EX_OK = 0
 EX_FAILED = 1
@@ -416,7 +418,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         case "once":
             return runloop.run(_once(runtime, args.account))
         case "run":
-            return runloop.run(_run(runtime, settings, path))
+            options = RunOptions.of(settings, path)
+            # The settings of thousands of accounts are tens of MiB of pydantic models, and
+            # `run` needs none of them once the runtime is built: let them go.
+            del settings
+            return runloop.run(_run(runtime, options, path))
         case "status" | "dead-letters" | "ledger":
             try:
                 if args.command == "status":
@@ -533,39 +539,90 @@ async def _once(runtime: Runtime, names: list[str] | None) -> int:
     return EX_OK if all(r.ok for r in results) else EX_FAILED
 
 
-async def _run(runtime: Runtime, settings: Settings, path: Path) -> int:
-    from connector.config import load_settings, poll_interval_warnings
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """What ``run`` reads from the settings besides the runtime (which reloads replace)."""
+
+    listen: str
+    address: tuple[str, int] | None
+    allowed_hosts: tuple[str, ...]
+    per_account: bool
+    warnings: tuple[str, ...]
+
+    @classmethod
+    def of(cls, settings: Settings, path: Path) -> RunOptions:
+        from connector.config import poll_interval_warnings, scale_warnings
+
+        m = settings.metrics
+        warnings = (*poll_interval_warnings(settings, path), *scale_warnings(settings))
+        return cls(m.listen, m.address, tuple(m.allowed_hosts), m.per_account, warnings)
+
+
+def _load(path: Path, shard: Shard) -> tuple[Settings, Runtime]:
+    from connector.config import load_settings
+    from connector.runtime import build_runtime, owned_by
+
+    settings = load_settings(path)
+    return settings, owned_by(build_runtime(settings), shard)
+
+
+async def _run(runtime: Runtime, options: RunOptions, path: Path) -> int:
     from connector.http import HttpEndpoint
     from connector.metrics import Metrics
-    from connector.runtime import build_runtime, owned_by
     from connector.sdnotify import SystemdNotifier
     from connector.service import open_service
 
-    listen = settings.metrics.listen
+    reloading: asyncio.Task[None] | None = None
+    again = False  # another SIGHUP came while a reload ran: read the file once more after it
 
-    def reload() -> None:
-        """SIGHUP: a bad file keeps the old config, and says why, one problem per line."""
+    async def reload_config() -> None:
+        """A bad file keeps the old config, and says why, one problem per line."""
         log.info("received SIGHUP: reloading %s", path)
         try:
-            new_settings = load_settings(path)
-            new_runtime = owned_by(build_runtime(new_settings), runtime.shard)
+            # In a thread: reading and building thousands of accounts (and their TLS contexts)
+            # takes long enough to hold up the cycles, the HTTP endpoint and the watchdog
+            # pings (docs/design.md §11.5).  Only apply_runtime runs on the loop.
+            new_settings, new_runtime = await asyncio.to_thread(_load, path, runtime.shard)
         except ConfigError as exc:
             log.error("reload failed; keeping the old configuration. %s is invalid:", path)
             for problem in exc.problems:
                 log.error("  %s", problem)
             return
         setup_logging(new_settings.service.log_level, new_settings.service.log_format)
-        if new_settings.metrics.listen != listen:
+        if new_settings.metrics.listen != options.listen:
             log.warning("reload: metrics.listen changes take effect at the next restart")
+        if new_settings.metrics.per_account != options.per_account:
+            log.warning("reload: metrics.per_account changes take effect at the next restart")
+        del new_settings
         service.apply_runtime(new_runtime)
 
+    async def reloads() -> None:
+        nonlocal again
+        while True:
+            again = False
+            try:
+                await reload_config()
+            except Exception:  # as the signal handler would: logged, the old config kept
+                log.exception("reload failed; keeping the old configuration")
+            if not again:
+                return
+
+    def reload() -> None:
+        """SIGHUP: one reload at a time; signals during one ask for one more after it."""
+        nonlocal reloading, again
+        if reloading is not None and not reloading.done():
+            again = True
+            return
+        reloading = asyncio.create_task(reloads(), name="reload")
+
     systemd = SystemdNotifier.from_environment()
-    async with open_service(runtime, metrics=Metrics()) as service:
+    metrics = Metrics(per_account=options.per_account)
+    async with open_service(runtime, metrics=metrics) as service:
         endpoint: HttpEndpoint | None = None
         helpers: list[asyncio.Task[None]] = []
-        address = settings.metrics.address
+        address = options.address
         if address is not None:
-            endpoint = HttpEndpoint(service, allowed_hosts=settings.metrics.allowed_hosts)
+            endpoint = HttpEndpoint(service, allowed_hosts=options.allowed_hosts)
             # Beside the scheduler, not before it: a port someone else holds must not stop
             # the mail (docs/design.md §11.2); the endpoint says so loudly and keeps trying.
             helpers.append(asyncio.create_task(endpoint.start_retrying(*address), name="http"))
@@ -588,7 +645,7 @@ async def _run(runtime: Runtime, settings: Settings, path: Path) -> int:
                     len(runtime.accounts) + len(runtime.elsewhere),
                 )
                 log.debug("shard %s: %s", runtime.shard, ", ".join(runtime.intervals))
-            for warning in poll_interval_warnings(settings, path):
+            for warning in options.warnings:
                 log.warning("%s", warning)
             # systemd (Type=notify, WatchdogSec=): ready now; pings from this loop while the
             # scheduler lives, so that a frozen loop gets the process restarted.
@@ -598,6 +655,8 @@ async def _run(runtime: Runtime, settings: Settings, path: Path) -> int:
             await service.serve()
         finally:
             systemd.notify("STOPPING=1")
+            if reloading is not None:
+                helpers.append(reloading)
             for helper in helpers:
                 helper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

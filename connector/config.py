@@ -375,6 +375,9 @@ class ServiceSettings(_Model):
     state_dir: Path = Path("/var/lib/pop3-connector")
     poll_interval: Duration = 900.0
     max_parallel_accounts: int = Field(default=8, ge=1)
+    # POP3 sessions at once on one host (the configured host name, in lower case): providers
+    # throttle or block an address that opens many (docs/design.md §10.2).
+    max_sessions_per_host: int = Field(default=2, ge=1)
     shutdown_grace: Duration = 30.0
     # The longest one account's cycle may take, connect to QUIT, whatever the servers do (a
     # POP3 server sending a byte per read timeout); then its connections are dropped.
@@ -468,6 +471,9 @@ class MetricsSettings(_Model):
     # Host names a request's Host header may give besides the listen address, localhost and
     # IP literals (connector/http.py: DNS rebinding): the name Prometheus scrapes us by.
     allowed_hosts: list[Annotated[str, AfterValidator(_host_name)]] = []
+    # The account label and the per-account series (docs/design.md §11.1): on for an office's
+    # few mailboxes; a provider with thousands turns it off and gets the totals.
+    per_account: bool = True
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -1444,6 +1450,7 @@ def config_warnings(settings: Settings, path: Path) -> list[str]:
     if not any(a.enabled for a in settings.accounts):
         warnings.append("accounts: no account is enabled; run and once will do nothing")
     warnings += port_tls_warnings(settings) + poll_interval_warnings(settings, path)
+    warnings += scale_warnings(settings)
     # The warnings quote hosts, names and paths, any of which may hold a pasted password.
     secrets = configured_secrets(settings)
     return [mask_secrets(w, secrets) for w in warnings]
@@ -1552,3 +1559,20 @@ def poll_interval_warnings(settings: Settings, path: Path | None = None) -> list
         if interval < _MIN_SENSIBLE_POLL and interval != service:
             warn(account_key(i, account), f"accounts[{i}]", interval)
     return warnings
+
+
+# Above this many accounts the per-account series (some 30 each) make a scrape of megabytes
+# that takes most of a second to render (bench/README.md, "fleet").
+PER_ACCOUNT_SERIES_ADVICE: Final = 1000
+
+
+def scale_warnings(settings: Settings) -> list[str]:
+    """Per-account metrics for more accounts than a Prometheus should scrape one by one.  For
+    ``check`` and the log when ``run`` starts."""
+    enabled = sum(1 for a in settings.accounts if a.enabled)
+    if settings.metrics.per_account and enabled > PER_ACCOUNT_SERIES_ADVICE:
+        return [
+            f"metrics.per_account: true with {enabled} accounts exports some {enabled * 30:,} "
+            'series per scrape; set it to false for the totals (README: "Many accounts")'
+        ]
+    return []

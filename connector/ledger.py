@@ -94,6 +94,10 @@ A = TypeVar("A")
 BUSY_TIMEOUT_MS: Final = 5000
 """How long to wait for another process's write lock (a CLI command) before failing."""
 
+CYCLE_RECORD_DELAY: Final = 1.0
+"""Seconds the cycle records (and empty listings) queue up before one transaction commits
+them all (Ledger.record_cycle_soon)."""
+
 MIN_FREE_BYTES: Final = 1024 * 1024
 """Room the ledger's file system must have for :meth:`Ledger.prove_writable` to pass.  A commit
 can succeed on a full disk by overwriting WAL frames a checkpoint has freed, and the next one,
@@ -338,6 +342,41 @@ _UPSERT_FAILED: Final = """
 """
 
 
+_UPSERT_CYCLE: Final = """
+    INSERT INTO accounts (name, last_cycle_started, last_cycle_finished, result, last_error,
+                          mailbox_messages, mailbox_bytes, next_poll, failures,
+                          bare_login_errors, failing)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (name) DO UPDATE SET
+        last_cycle_started = excluded.last_cycle_started,
+        last_cycle_finished = excluded.last_cycle_finished,
+        result = excluded.result,
+        last_error = excluded.last_error,
+        mailbox_messages = excluded.mailbox_messages,
+        mailbox_bytes = excluded.mailbox_bytes,
+        next_poll = excluded.next_poll,
+        failures = excluded.failures,
+        bare_login_errors = excluded.bare_login_errors,
+        failing = excluded.failing
+"""
+
+
+def _cycle_params(account: str, record: CycleRecord) -> tuple[object, ...]:
+    return (
+        account,
+        record.started,
+        record.finished,
+        record.result,
+        record.error,
+        record.mailbox_messages,
+        record.mailbox_bytes,
+        record.next_poll,
+        record.failures.failures,
+        record.failures.bare_login_errors,
+        record.failures.failing,
+    )
+
+
 def _entry(row: Any) -> LedgerEntry:
     uidl, state, size, attempts, first_seen, last_attempt, response, dl_id, gone = row[:9]
     errors, listed_size, digest = row[9:]
@@ -503,6 +542,11 @@ class Ledger:
         self._owed: list[tuple[str, _Row]] = []
         # Why the last write failed; None once one succeeds (set on the ledger thread).
         self._write_error: LedgerError | None = None
+        # record_cycle_soon: the newest row per account, and sync_listing's empty listings
+        # (account -> recipients_before), taken by one drain job at a time.
+        self._cycles: dict[str, tuple[object, ...]] = {}
+        self._emptied: dict[str, float | None] = {}
+        self._cycles_draining = False
 
     @classmethod
     async def open(cls, path: Path) -> Self:
@@ -643,7 +687,17 @@ class Ledger:
         upstream by someone else is forgotten like any other.  One read of the account's rows;
         writes only for the rows forgotten.  ``recipients_before``: forget the account's
         ``mid:`` rows (the duplicate window) recorded before then.
+
+        An empty listing (the idle poll of an emptied mailbox, by far the most common) has no
+        entries to return: its forgetting is queued with the cycle records
+        (:meth:`record_cycle_soon`) instead of a round trip to the ledger thread, and done
+        before any later job of the ledger (the next cycle's sync among them).
         """
+        if not listed:
+            if self._closed:
+                raise LedgerError(f"ledger {self.path}: closed")
+            self._soon(lambda: self._emptied.__setitem__(account, recipients_before))
+            return {}
         wanted = frozenset(listed)  # a snapshot: the caller may reuse its collection
         return await self._submit(
             "sync_listing",
@@ -659,7 +713,14 @@ class Ledger:
         wanted: frozenset[str],
         recipients_before: float | None,
     ) -> dict[str, LedgerEntry]:
-        known: dict[str, LedgerEntry] = {}
+        # Most cycles change nothing here (a steady or empty mailbox): then one read, without
+        # the write lock and the commit of an empty transaction (bench/README.md, "fleet").
+        # The read is repeated inside the write transaction when something is to be written.
+        if not self._owed and not _mid_rows_due(conn, account, recipients_before):
+            known = {row[0]: _entry(row) for row in conn.execute(_SELECT_ACCOUNT, (account,))}
+            if known.keys() <= wanted:
+                return known
+        known = {}
         gone: list[str] = []
         with self._writing(conn):
             if recipients_before is not None:
@@ -1033,44 +1094,84 @@ class Ledger:
 
     async def record_cycle(self, account: str, record: CycleRecord) -> None:
         """Upsert the account's row with the outcome of its latest cycle."""
-        params = (
-            account,
-            record.started,
-            record.finished,
-            record.result,
-            record.error,
-            record.mailbox_messages,
-            record.mailbox_bytes,
-            record.next_poll,
-            record.failures.failures,
-            record.failures.bare_login_errors,
-            record.failures.failing,
-        )
+        params = _cycle_params(account, record)
 
         def run(conn: sqlite3.Connection) -> None:
             with self._writing(conn):
-                conn.execute(
-                    """
-                    INSERT INTO accounts (name, last_cycle_started, last_cycle_finished, result,
-                                          last_error, mailbox_messages, mailbox_bytes, next_poll,
-                                          failures, bare_login_errors, failing)
-                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                    ON CONFLICT (name) DO UPDATE SET
-                        last_cycle_started = excluded.last_cycle_started,
-                        last_cycle_finished = excluded.last_cycle_finished,
-                        result = excluded.result,
-                        last_error = excluded.last_error,
-                        mailbox_messages = excluded.mailbox_messages,
-                        mailbox_bytes = excluded.mailbox_bytes,
-                        next_poll = excluded.next_poll,
-                        failures = excluded.failures,
-                        bare_login_errors = excluded.bare_login_errors,
-                        failing = excluded.failing
-                    """,
-                    params,
-                )
+                conn.execute(_UPSERT_CYCLE, params)
 
         await self._submit("record_cycle", run, writes=True)
+
+    def record_cycle_soon(self, account: str, record: CycleRecord) -> None:
+        """Queue :meth:`record_cycle`'s row and return at once: the rows queued while the
+        ledger thread is busy are committed together, in one transaction (bookkeeping for
+        ``status``, nothing waits on it).  A failure is logged, and shows in :attr:`writable`.
+        The rows go before any later job of the ledger (its single thread runs jobs in order),
+        so a ``status`` read after it, or :meth:`close`, sees them."""
+        if self._closed:
+            raise LedgerError(f"ledger {self.path}: closed")
+        params = _cycle_params(account, record)
+        self._soon(lambda: self._cycles.__setitem__(account, params))  # the newest wins
+
+    def _soon(self, queue: Callable[[], None]) -> None:
+        """Queue work for the next drain job (``queue`` runs under the lock), which starts
+        CYCLE_RECORD_DELAY after the first work queued: the cycles that end within it share
+        one transaction (spread over the interval, each poll would otherwise commit alone),
+        and nobody waits for it.  Every other job of the ledger thread (a listing sync,
+        account_status, close...) commits what is queued first (_call), so none sees the
+        ledger without it."""
+        with self._lock:
+            queue()
+            start, self._cycles_draining = not self._cycles_draining, True
+        if start:
+            asyncio.get_running_loop().call_later(CYCLE_RECORD_DELAY, self._submit_drain)
+
+    def _submit_drain(self) -> None:
+        if not self._closed:  # else close() drained it
+            self._executor.submit(self._drain_cycles)
+
+    def _drain_cycles(self) -> None:
+        """On the ledger thread: the queued empty listings, then the cycle rows, in one
+        transaction (see sync_listing and record_cycle_soon).  Nothing queued: nothing done."""
+        with self._lock:
+            rows, self._cycles = list(self._cycles.values()), {}
+            emptied, self._emptied = self._emptied, {}
+            self._cycles_draining = False
+        if not rows and not emptied:
+            return
+        conn = self._conn
+        before = conn.total_changes
+        try:
+            with self._writing(conn):
+                for account, recipients_before in emptied.items():
+                    _forget_account(conn, account, recipients_before)
+                conn.executemany(_UPSERT_CYCLE, rows)
+        except (sqlite3.Error, OSError) as exc:
+            error = _ledger_error(self.path, "record_cycle", exc)
+            log.error("cannot record %d cycle(s) in the ledger: %s", len(rows), error)
+            self._wrote(error)
+            return
+        except Exception:  # a job of the executor nobody awaits: say it here, or never
+            log.exception("cannot record %d cycle(s) in the ledger", len(rows))
+            return
+        if emptied:
+            log.debug("ledger: %d account(s) with an empty listing synced", len(emptied))
+        if conn.total_changes != before:
+            self._wrote(None)
+
+    async def deferred_count(self, account: str) -> int:
+        """The account's deferred messages still listed upstream (``deferred`` of
+        :meth:`account_status`, for one account)."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT count(*) FROM messages"
+                " WHERE account = ? AND state = 'deferred' AND gone_since IS NULL",
+                (account,),
+            ).fetchone()
+            return int(row[0])
+
+        return await self._submit("deferred_count", run)
 
     async def breaker(self, account: str) -> str | None:
         """The refusal that tripped the account's circuit breaker, or None (cycle.Breaker)."""
@@ -1201,6 +1302,7 @@ class Ledger:
     def _call(self, op: str, fn: Callable[[sqlite3.Connection], T], *, writes: bool) -> T:
         """On the ledger thread: ``fn(conn)``, with SQLite and OS errors as LedgerError."""
         conn = self._conn
+        self._drain_cycles()  # what record_cycle_soon and empty listings queued, first
         before = conn.total_changes
         try:
             result = fn(conn)
@@ -1212,6 +1314,34 @@ class Ledger:
         if writes and conn.total_changes != before:
             self._wrote(None)
         return result
+
+
+def _forget_account(conn: sqlite3.Connection, account: str, before: float | None) -> None:
+    """Inside the caller's transaction: what an empty listing leaves of ``account`` (every row
+    gone upstream, with its ``uidl:`` recipients; ``mid:`` rows recorded before ``before``)."""
+    conn.execute("DELETE FROM messages WHERE account = ?", (account,))
+    conn.execute(
+        "DELETE FROM recipients_done WHERE account = ? AND key >= 'uidl:' AND key < 'uidl;'",
+        (account,),
+    )
+    if before is not None:
+        conn.execute(
+            "DELETE FROM recipients_done"
+            " WHERE account = ? AND key >= 'mid:' AND key < 'mid;' AND at < ?",
+            (account, before),
+        )
+
+
+def _mid_rows_due(conn: sqlite3.Connection, account: str, before: float | None) -> bool:
+    """Whether ``account`` has ``mid:`` rows recorded before ``before`` (sync_listing)."""
+    if before is None:
+        return False
+    row = conn.execute(
+        "SELECT 1 FROM recipients_done"
+        " WHERE account = ? AND key >= 'mid:' AND key < 'mid;' AND at < ? LIMIT 1",
+        (account, before),
+    ).fetchone()
+    return row is not None
 
 
 def _forget(conn: sqlite3.Connection, account: str, uidls: Sequence[str]) -> None:

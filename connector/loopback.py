@@ -81,6 +81,7 @@ class _LoopbackServer:
     def __init__(self) -> None:
         self.port = 0
         self.sessions = 0
+        self.peak_sessions = 0  # the most connections open at once
         self.commands: list[str] = []
         self.errors: list[Exception] = []  # unexpected handler failures (bugs), for assertions
         self._server: asyncio.Server | None = None
@@ -125,6 +126,7 @@ class _LoopbackServer:
             return
         self._clients[task] = writer
         self.sessions += 1
+        self.peak_sessions = max(self.peak_sessions, len(self._clients))
         try:
             await self._serve(_Input(reader), writer)
         except OSError:
@@ -168,7 +170,11 @@ class LoopbackPop3Server(_LoopbackServer):
     ``lock_mailbox`` (a second concurrent login gets ``-ERR [IN-USE]``), ``auth_error_code``
     (the RFC 2449 §8 code on a failed login; None sends a bare ``-ERR``), ``stall_after_bytes``
     and ``cut_after_bytes`` (a RETR reply stops after that many bytes and hangs, or the connection
-    closes), ``no_greeting``.  ``ssl_context`` enables STLS (RFC 2595 §4).
+    closes), ``no_greeting``, ``close_at_once`` (every connection is closed before the greeting,
+    as a provider turns away an address it throttles), ``login_delay`` (a good login less than
+    that many seconds after the last one accepted, of any user, gets ``-ERR [LOGIN-DELAY]``, RFC
+    2449 §8.1.1: a provider's limit per client address).  ``ssl_context`` enables STLS (RFC
+    2595 §4).  ``logins`` records every login attempt: (``time.monotonic()``, user, the reply).
     """
 
     def __init__(
@@ -185,6 +191,8 @@ class LoopbackPop3Server(_LoopbackServer):
         no_greeting: bool = False,
         hostname: str = "localhost",
         top: bool = True,
+        close_at_once: bool = False,
+        login_delay: float | None = None,
     ) -> None:
         super().__init__()
         self.users = dict(users)
@@ -197,6 +205,10 @@ class LoopbackPop3Server(_LoopbackServer):
         self.no_greeting = no_greeting
         self.hostname = hostname
         self.top = top
+        self.close_at_once = close_at_once
+        self.login_delay = login_delay
+        self.logins: list[tuple[float, str, str]] = []  # (monotonic time, user, reply)
+        self._last_login: float | None = None
         self.deleted: list[str] = []  # UIDLs removed at QUIT, in order
         self.stalled = asyncio.Event()  # set when a RETR reply starts to stall
         self.locked: set[str] = set()
@@ -247,6 +259,8 @@ class _Pop3Session:
         self.stamp = f"<{os.getpid()}.{time.monotonic_ns()}@{server.hostname}>"
 
     async def run(self) -> None:
+        if self.srv.close_at_once:
+            return  # closed by _accept before a word is said
         if self.srv.no_greeting:
             while await self.inp.reader.read(_CHUNK):
                 pass  # say nothing, ever; wait for the client to give up
@@ -327,14 +341,23 @@ class _Pop3Session:
         await self.login_as(authcid, valid)
 
     async def login_as(self, user: str, valid: bool) -> None:
+        now = time.monotonic()
         if not valid:
             code = f"[{self.srv.auth_error_code}] " if self.srv.auth_error_code else ""
+            self.srv.logins.append((now, user, "-ERR"))
             return await _send(self.writer, f"-ERR {code}authentication failed")
+        last, delay = self.srv._last_login, self.srv.login_delay
+        if delay is not None and last is not None and now - last < delay:
+            self.srv.logins.append((now, user, "LOGIN-DELAY"))
+            return await self.err("[LOGIN-DELAY] you logged in too recently")
         if self.srv.lock_mailbox:
-            if user in self.srv.locked:  # RFC 2449 §8.1.1
+            if user in self.srv.locked:  # RFC 2449 §8.1.2
+                self.srv.logins.append((now, user, "IN-USE"))
                 return await self.err("[IN-USE] mailbox locked by another session")
             self.srv.locked.add(user)
             self.holds_lock = True
+        self.srv.logins.append((now, user, "+OK"))
+        self.srv._last_login = now
         self.login = user
         self.drop = list(self.srv._boxes.get(user, []))
         await self.ok(f"logged in, {len(self.drop)} messages")

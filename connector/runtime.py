@@ -87,6 +87,8 @@ class Runtime:
     # Accounts with enabled = false, built only for `check --connect` (build_runtime's
     # include_disabled): never polled.
     disabled: tuple[AccountSpec, ...] = ()
+    # POP3 sessions at once on one host ([service] max_sessions_per_host; schedule.host_key).
+    per_host: int = 2
     # Every SMTP target by name, "default" ([smtp]) first, then [smtp_targets] in config order;
     # and the name of the target of every account of the config, enabled or not (the disabled
     # ones' dead letters and ledger rows are theirs too; no spec is built for them).
@@ -190,8 +192,9 @@ def build_runtime(settings: Settings, *, include_disabled: bool = False) -> Runt
 
 
 def _build_runtime(settings: Settings, include_disabled: bool) -> Runtime:
-    targets = {DEFAULT_TARGET: _target(settings, DEFAULT_TARGET)}
-    targets.update((name, _target(settings, name)) for name in settings.smtp_targets)
+    contexts = _Contexts()
+    targets = {DEFAULT_TARGET: _target(settings, DEFAULT_TARGET, contexts)}
+    targets.update((name, _target(settings, name, contexts)) for name in settings.smtp_targets)
     smtp, policy = targets[DEFAULT_TARGET].settings, targets[DEFAULT_TARGET].policy
     accounts: list[AccountSpec] = []
     disabled: list[AccountSpec] = []
@@ -199,7 +202,7 @@ def _build_runtime(settings: Settings, include_disabled: bool) -> Runtime:
     for i, acct in enumerate(settings.accounts):
         if not acct.enabled and not include_disabled:
             continue
-        spec = _account(settings, i, targets[settings.target_of(acct)])
+        spec = _account(settings, i, targets[settings.target_of(acct)], contexts)
         (accounts if acct.enabled else disabled).append(spec)
         if acct.enabled:
             intervals[acct.name] = settings.poll_interval_of(acct)
@@ -212,9 +215,10 @@ def _build_runtime(settings: Settings, include_disabled: bool) -> Runtime:
         state_dir=settings.service.state_dir,
         dead_letter_path=dead_letter_path(settings),
         max_parallel=settings.service.max_parallel_accounts,
+        per_host=settings.service.max_sessions_per_host,
         shutdown_grace=settings.service.shutdown_grace,
         transcripts=settings.service.log_level == "debug",
-        imap_store=_imap_store(settings),
+        imap_store=_imap_store(settings, contexts),
         spool_threshold=settings.service.spool_threshold,
         memory_budget=settings.service.memory_budget(),
         disabled=tuple(disabled),
@@ -233,16 +237,31 @@ def _build_runtime(settings: Settings, include_disabled: bool) -> Runtime:
     )
 
 
-def _ssl_context(
-    tls: TlsMode, verify: bool, ca_file: Path | None, where: str
-) -> ssl.SSLContext | None:
-    """The client TLS context for ``tls`` (None without TLS); ``where`` names the config key."""
-    if tls is TlsMode.NONE:
-        return None
-    return make_ssl_context(verify, ca_file, where)
+class _Contexts:
+    """The client TLS contexts of one build, one per distinct (``verify_certificate``,
+    ``ca_file``): a context holds no per-connection state and is shared safely by every
+    connection, and each costs the system trust store loaded again (some 20 ms of CPU and
+    800 KiB: per account, 10,000 POP3S accounts would take minutes and gigabytes to start,
+    bench/README.md "fleet").  A reload builds a new set, so a changed CA file is read again."""
+
+    def __init__(self) -> None:
+        self._built: dict[tuple[bool, Path | None], ssl.SSLContext] = {}
+
+    def get(
+        self, tls: TlsMode, verify: bool, ca_file: Path | None, where: str
+    ) -> ssl.SSLContext | None:
+        """The context for ``tls`` (None without TLS); ``where`` names the config key of the
+        first account that asks for it (a ``ca_file`` that cannot be loaded is its error)."""
+        if tls is TlsMode.NONE:
+            return None
+        key = (verify, ca_file)
+        ctx = self._built.get(key)
+        if ctx is None:
+            ctx = self._built[key] = make_ssl_context(verify, ca_file, where)
+        return ctx
 
 
-def _target(settings: Settings, name: str) -> SmtpTarget:
+def _target(settings: Settings, name: str, contexts: _Contexts) -> SmtpTarget:
     """``[smtp]`` (``name`` "default") or ``[smtp_targets.<name>]``: the session's settings, with
     its own TLS context, and how messages go on the envelope."""
     smtp_cfg = settings.smtp_config(name)
@@ -253,7 +272,7 @@ def _target(settings: Settings, name: str) -> SmtpTarget:
         host=smtp_cfg.host,
         port=smtp_cfg.effective_port,
         tls=smtp_tls,
-        ssl_context=_ssl_context(smtp_tls, smtp_cfg.verify_certificate, smtp_cfg.ca_file, where),
+        ssl_context=contexts.get(smtp_tls, smtp_cfg.verify_certificate, smtp_cfg.ca_file, where),
         helo_name=helo,
         username=smtp_cfg.username,
         password=smtp_cfg.secret(),
@@ -291,7 +310,7 @@ def owned_by(runtime: Runtime, shard: Shard) -> Runtime:
     )
 
 
-def _account(settings: Settings, i: int, target: SmtpTarget) -> AccountSpec:
+def _account(settings: Settings, i: int, target: SmtpTarget, contexts: _Contexts) -> AccountSpec:
     """``accounts[i]`` as the cycle takes it, delivering to ``target``."""
     acct = settings.accounts[i]
     where = account_key(i, acct)  # accounts[4] (name "buchhaltung"), as the config's errors
@@ -322,7 +341,7 @@ def _account(settings: Settings, i: int, target: SmtpTarget) -> AccountSpec:
             acct.host,
             acct.effective_port,
             tls,
-            _ssl_context(tls, acct.verify_certificate, acct.ca_file, where),
+            contexts.get(tls, acct.verify_certificate, acct.ca_file, where),
             acct.host,
             verify_certificate=acct.verify_certificate,
             ca_file=acct.ca_file,
@@ -344,7 +363,7 @@ def _account(settings: Settings, i: int, target: SmtpTarget) -> AccountSpec:
     )
 
 
-def _imap_store(settings: Settings) -> ImapStoreSpec | None:
+def _imap_store(settings: Settings, contexts: _Contexts) -> ImapStoreSpec | None:
     """``[dead_letter] store = "imap"``, or None for the Maildir store."""
     dl = settings.dead_letter
     if not isinstance(dl, ImapDeadLetter):
@@ -354,7 +373,7 @@ def _imap_store(settings: Settings) -> ImapStoreSpec | None:
         host=dl.host,
         port=dl.effective_port,
         tls=tls,
-        ssl_context=_ssl_context(tls, dl.verify_certificate, dl.ca_file, "dead_letter"),
+        ssl_context=contexts.get(tls, dl.verify_certificate, dl.ca_file, "dead_letter"),
         username=dl.username or "",
         password=dl.secret() or "",
         folder=dl.folder,

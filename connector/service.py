@@ -3,16 +3,20 @@
 It runs what :func:`connector.runtime.build_runtime` built from the configuration: frozen values
 only; ``Settings`` stops at ``runtime`` and ``cli`` (docs/design.md §2).
 
-Scheduling: one loop per enabled account inside a ``TaskGroup``; a semaphore bounds how many cycles
-run at once (``max_parallel_accounts``); a per-account lock makes two cycles of one account
-impossible (the POP3 server would lock the mailbox, or worse, both would deliver).  A failing
-account backs off; only an unknown error (Disposition.BUG) escapes and ends the service, so that
-systemd restarts it and someone reads the traceback.
+Scheduling: one task, :meth:`Service._dispatch`, asks a :class:`~connector.schedule.Plan` which
+accounts are due and may start (their slot spread over the interval, at most
+``max_parallel_accounts`` sessions in all and ``max_sessions_per_host`` on one host, none on a
+host that asked us to slow down; docs/design.md §10.2), starts a task for each cycle inside a
+``TaskGroup``, and sleeps until the plan's next time or until a cycle ends.  Between its cycles
+an account costs a few small objects and no task.  A per-account lock makes two cycles of one
+account impossible (the POP3 server would lock the mailbox, or worse, both would deliver).  A
+failing account backs off; only an unknown error (Disposition.BUG) escapes and ends the service,
+so that systemd restarts it and someone reads the traceback.
 
 Reload (SIGHUP): :meth:`Service.apply_runtime` takes a freshly built :class:`Runtime`.  A new
-account gets its loop in the running ``TaskGroup``; a removed one finishes the cycle in flight and
-its loop ends; a changed one uses its new settings from its next cycle on (a cycle reads its
-account's spec once, when it starts, so nothing in flight changes under it).
+account is added to the plan; a removed one finishes the cycle in flight and is not polled again;
+a changed one uses its new settings from its next cycle on (a cycle reads its account's spec
+once, when it starts, so nothing in flight changes under it).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from connector.errors import (
 from connector.ledger import AccountStatus, CycleRecord, Failures, Ledger, os_error_text
 from connector.notices import Notifier, RecordingStore
 from connector.runtime import Runtime, open_store
+from connector.schedule import MIN_GAP, Plan, Polled, host_key, next_slot, phase, slow_down_reason
 from connector.shard import Shard
 from connector.smtp import SmtpDeliverer
 from connector.spool import Spool
@@ -77,6 +82,9 @@ BARE_LOGIN_ERROR_LIMIT = 3
 # The slowest a failing account is retried, and the pace for parked accounts.
 MAX_BACKOFF_FACTOR = 4
 PARKED_MIN_DELAY = 3600.0
+# How often `run` counts the dead letters again: the cycles count what they store, and this
+# catches what `dead-letters requeue` and `purge` change from outside (so does a SIGHUP).
+DEAD_LETTER_RECOUNT = 60.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,6 +171,27 @@ class CycleResult:
     duration: float
     error: str | None = None
     disposition: Disposition | None = None
+    logged_in: bool = False  # got past the login (STAT answered)
+    slow_down: str | None = None  # the host asked us to slow down (schedule.slow_down_reason)
+
+
+class Flag:
+    """A flag the scheduler reads (``AccountState.poll_now``): an ``asyncio.Event`` per account
+    would cost a waiter queue each, and nothing waits on this one."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def clear(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
 
 
 @dataclass(slots=True)
@@ -172,7 +201,7 @@ class AccountState:
     spec: AccountSpec
     interval: float
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    poll_now: asyncio.Event = field(default_factory=asyncio.Event)
+    poll_now: Flag = field(default_factory=Flag)
     forced: bool = False  # poll_now was set by SIGUSR1 or a reload: it overrides the backoff
     failures: int = 0
     bare_login_errors: int = 0
@@ -180,8 +209,24 @@ class AccountState:
     restored: bool = False  # the three above read back from the ledger (_restore)
     last: CycleResult | None = None
     next_poll: float | None = None
-    removed: bool = False  # dropped from the config by a reload: its loop ends after this cycle
+    removed: bool = False  # dropped from the config by a reload: not polled after this cycle
+    offset: float = -1.0  # schedule.phase(name), once computed (_next_poll)
     watcher: IdleWatcher | None = None  # an IMAP account waiting with IDLE (docs/design.md §15.3)
+    # Service._idle's task while it holds the watcher between cycles, and the event that ends
+    # its wait when the plan starts the account's next cycle (which borrows the connection) or
+    # a reload removes the account; made for an account with push only.
+    idle: asyncio.Task[None] | None = None
+    leave_idle: asyncio.Event | None = None
+
+
+@dataclass(slots=True)
+class _Gate:
+    """One host's sessions for ``once`` and :meth:`Service.run_cycle` (``serve`` has its plan):
+    at most ``max_sessions_per_host`` at once, and none more in this run once the host asked
+    us to slow down (``slowed``: its answer)."""
+
+    sessions: asyncio.Semaphore
+    slowed: str | None = None
 
 
 class _Observers:
@@ -307,14 +352,20 @@ class Service:
         self._locks: dict[str, asyncio.Lock] = {}
         self.accounts = {spec.name: self._new_state(spec, runtime) for spec in runtime.accounts}
         self._semaphore = asyncio.Semaphore(runtime.max_parallel)
+        self.plan = Plan(max_parallel=runtime.max_parallel, per_host=runtime.per_host)
+        self._gates: dict[str, _Gate] = {}
+        self._wake = asyncio.Event()  # the plan changed: the dispatcher looks again
+        self._recount_now = asyncio.Event()
         # Shared by every cycle: the octets of messages in memory (docs/design.md §10.6), and
         # the directory the larger ones are streamed to (§5.3; open_service cleans it).
         self.budget = MemoryBudget(runtime.memory_budget)
         self.spool = Spool(runtime.spool_dir)
         self._tg: asyncio.TaskGroup | None = None
         self.alive = False
-        # Dead letters per account, as last counted after a cycle: /status reads this, since
-        # counting an IMAP store means logging in to it, which a request must not cost.
+        # Dead letters per account: counted at start, then kept up to date by the cycles as
+        # they store them, and counted again every DEAD_LETTER_RECOUNT seconds and at a reload
+        # (for `dead-letters requeue` and `purge`).  /status reads this, since counting an IMAP
+        # store means logging in to it, which a request must not cost.
         self.dead_letter_counts: dict[str, int] | None = None
         if metrics is not None:
             metrics.set_accounts(self.accounts)
@@ -326,12 +377,43 @@ class Service:
         return AccountState(spec, runtime.intervals[spec.name], lock=lock)
 
     async def run_cycle(self, name: str) -> CycleResult:
-        """One cycle of one account; never two of the same account at once."""
+        """One cycle of one account; never two of the same account at once, nor more than
+        ``max_sessions_per_host`` on its host (``once``)."""
         return await self._run_state(self.accounts[name])
 
-    async def _run_state(self, state: AccountState) -> CycleResult:
-        # The account lock first: a cycle waiting for its account must not hold a parallel slot.
-        async with state.lock, self._semaphore:
+    async def _run_state(self, state: AccountState, *, gated: bool = True) -> CycleResult:
+        """A cycle under the account's lock and the parallel limits.  ``gated``: take a session
+        of the host's :class:`_Gate` (``serve``'s plan has counted it already)."""
+        # The account lock first, then the host, then the parallel slot: a cycle waiting for
+        # its account or its host must not hold a slot that another host's account could use.
+        async with state.lock:
+            if not gated:
+                return await self._slot(state)
+            key = host_key(state.spec.endpoint.host)
+            gate = self._gates.get(key)
+            if gate is None:
+                gate = self._gates[key] = _Gate(asyncio.Semaphore(self.runtime.per_host))
+            async with gate.sessions:
+                if gate.slowed is not None:
+                    return CycleResult(
+                        state.spec.name,
+                        False,
+                        CycleStats(),
+                        0.0,
+                        f"not started: {key} asked us to slow down ({gate.slowed})",
+                    )
+                result = await self._slot(state)
+                if result.slow_down is not None and gate.slowed is None:
+                    gate.slowed = result.slow_down
+                    log.warning(
+                        "host %s asked us to slow down (%s): no more sessions there in this run",
+                        key,
+                        result.slow_down,
+                    )
+                return result
+
+    async def _slot(self, state: AccountState) -> CycleResult:
+        async with self._semaphore:
             if self.stopping.is_set():
                 # Queued behind others when SIGTERM came: do not start a session now.
                 return CycleResult(
@@ -420,14 +502,28 @@ class Service:
                 cycle.stats.skipped,
                 cycle.stats.removed,
             )
-            result = CycleResult(spec.name, False, cycle.stats, duration, str(exc), disposition)
+            logged_in = cycle.stats.mailbox_known
+            result = CycleResult(
+                spec.name,
+                False,
+                cycle.stats,
+                duration,
+                str(exc),
+                disposition,
+                logged_in=logged_in,
+                slow_down=slow_down_reason(exc, logged_in=logged_in),
+            )
         else:
             state.failures = state.bare_login_errors = 0
             if state.failing:
                 log.warning("account=%s recovered", spec.name)
             state.failing = False
             duration = self.clock() - started
-            log.info(
+            moved = stats.delivered + stats.dead_lettered + stats.deferred + stats.skipped
+            # One line at info for a cycle that changed something; an idle cycle (the common
+            # case by far: a line per account per interval) only at debug (docs/design.md §11.3).
+            log.log(
+                logging.INFO if moved or stats.removed or stats.oversize_left else logging.DEBUG,
                 "account=%s cycle ok in %.2fs: mailbox=%d delivered=%d dead_lettered=%d "
                 "deferred=%d skipped=%d removed=%d",
                 spec.name,
@@ -439,8 +535,8 @@ class Service:
                 stats.skipped,
                 stats.removed,
             )
-            result = CycleResult(spec.name, True, stats, duration)
-        state.next_poll = self.clock() + self.delay_after(state, result)
+            result = CycleResult(spec.name, True, stats, duration, logged_in=True)
+        state.next_poll = self._next_poll(state, result)
         await self.notifier.after_cycle(  # never raises: a notice never fails the cycle
             self.runtime.notices,
             self.runtime.smtp,
@@ -454,7 +550,9 @@ class Service:
         # What the admin sees as waiting upstream: what this cycle left there (status, README).
         left = result.stats.left_upstream if result.stats.mailbox_known else (None, None)
         try:
-            await self.ledger.record_cycle(
+            # Queued, not awaited: the rows of the cycles that end together are committed in
+            # one transaction (Ledger.record_cycle_soon).
+            self.ledger.record_cycle_soon(
                 spec.name,
                 CycleRecord(
                     started=started,
@@ -471,10 +569,13 @@ class Service:
             # The bookkeeping for `status` failed (a full disk, say); the cycle's own outcome
             # stands and the scheduler goes on.  Stopping every account would help nobody.
             log.error("account=%s cannot record the cycle in the ledger: %s", spec.name, exc)
+        if recorded.notes and self.dead_letter_counts is not None:
+            counts = self.dead_letter_counts
+            counts[spec.name] = counts.get(spec.name, 0) + len(recorded.notes)
         if self.metrics is not None:
             self.metrics.data_timeouts(spec.name, deliverer.data_timeouts)
             # The gauges first: whoever sees cycles_total count up sees this cycle's backlog.
-            await self.refresh_backlog()
+            await self._account_backlog(spec.name, result)
             self.metrics.cycle(
                 spec.name,
                 ok=result.ok,
@@ -485,12 +586,43 @@ class Service:
             )
         return result
 
+    def _next_poll(self, state: AccountState, result: CycleResult) -> float:
+        """After a good cycle, the account's first slot at least half an interval away
+        (connector.schedule); after a failure, the backoff (docs/design.md §6.3)."""
+        now = self.clock()
+        if result.ok:
+            if state.offset < 0:
+                state.offset = phase(state.spec.name)
+            return next_slot(state.offset, state.interval, now + state.interval * MIN_GAP)
+        return now + self.delay_after(state, result)
+
+    async def _account_backlog(self, name: str, result: CycleResult) -> None:
+        """Set the account's ``deferred_messages`` and ``dead_letters`` gauges after its cycle:
+        this account's alone (every account's, after every cycle, made each poll cost time in
+        proportion to the number of accounts: bench/README.md, "fleet")."""
+        if self.metrics is None:
+            return
+        stats = result.stats
+        if result.ok and stats.mailbox_known and stats.mailbox_messages == 0:
+            deferred = 0  # an empty listing forgot every row (Ledger.sync_listing)
+        else:
+            try:
+                deferred = await self.ledger.deferred_count(name)
+            except ConnectorError as exc:
+                log.warning("account=%s cannot count its deferred messages: %s", name, exc)
+                return
+        counts = self.dead_letter_counts
+        self.metrics.account_backlog(
+            name, deferred, None if counts is None else counts.get(name, 0)
+        )
+
     # -- what the operators see (metrics, /status, /healthz, POST /poll) -----------------------
 
     async def refresh_backlog(self) -> None:
-        """Set the ``deferred_messages`` and ``dead_letters`` gauges, and the dead-letter
-        counts /status shows, from the ledger and the dead-letter store (which ``dead-letters
-        requeue/purge`` change from outside)."""
+        """Set the ``deferred_messages`` and ``dead_letters`` gauges of every account, and the
+        dead-letter counts /status shows, from the ledger and the dead-letter store (which
+        ``dead-letters requeue/purge`` change from outside): at start, every
+        DEAD_LETTER_RECOUNT seconds and after a reload."""
         try:
             rows = await self.ledger.account_status()
             counts = await self.store.count_by_account()
@@ -511,7 +643,9 @@ class Service:
             except ConnectorError as exc:
                 log.warning("cannot count dead letters: %s", exc)
                 counts = self.dead_letter_counts = {}
-        polls = {name: state.next_poll for name, state in self.accounts.items()}
+        polls = {
+            name: self.plan.due(name) or state.next_poll for name, state in self.accounts.items()
+        }
         health = ledger_health(self.ledger.path, self.ledger)
         runtime = self.runtime
         return status_document(
@@ -594,37 +728,14 @@ class Service:
                 continue
             state.forced |= force
             state.poll_now.set()
+            self._poll_soon(state)
             woken.append(n)
         return woken, held
 
-    async def _account_loop(self, state: AccountState) -> None:
-        watcher: IdleWatcher | None = None
-        try:
-            while not self.stopping.is_set() and not state.removed:
-                state.poll_now.clear()
-                state.forced = False
-                result = await self._run_state(state)
-                if state.poll_now.is_set() and not state.forced and self.held_until(state):
-                    # Asked for while this cycle ran, and the cycle failed: the backoff stands.
-                    state.poll_now.clear()
-                delay = (state.next_poll or self.clock()) - self.clock()
-                if self.stopping.is_set() or state.removed:
-                    return
-                log.debug(
-                    "account=%s next poll in %.0fs (ok=%s)", state.spec.name, delay, result.ok
-                )
-                watcher = state.watcher = await self._watcher(state, watcher)
-                await self._wait(state, watcher, max(delay, 0.0))
-        finally:
-            state.watcher = None
-            if watcher is not None:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # Past shutdown_grace (or a BUG elsewhere): drop it, wait for nothing.
-                    await watcher.abort()
-                else:
-                    # SIGTERM, removal: DONE and LOGOUT (docs/design.md §15.3).
-                    await watcher.close()
+    def _poll_soon(self, state: AccountState) -> None:
+        """Make the account due now (in a cycle: right after it, see :meth:`_polled`)."""
+        self.plan.set_due(state.spec.name, self.clock())
+        self._wake.set()
 
     async def _watcher(
         self, state: AccountState, current: IdleWatcher | None
@@ -649,28 +760,134 @@ class Service:
             on_state=None if metrics is None else functools.partial(metrics.idle, spec.name),
         )
 
-    async def _wait(self, state: AccountState, watcher: IdleWatcher | None, delay: float) -> None:
-        """Until the next poll, or an event (a stop, ``POST /poll``, SIGUSR1); an IMAP account
-        with a watcher also until the server announces new mail, unless the account is
-        backing off (a failing account must not poll at every message: docs/design.md §6.3)."""
-        events = (self.stopping, state.poll_now)
-        if watcher is None:
-            await _wait_any(events, delay)
-            return
+    async def _idle(self, state: AccountState) -> None:
+        """An IMAP account with ``push`` between its cycles (docs/design.md §15.3): its watcher
+        holds the connection in IDLE until the plan starts the next cycle (``leave_idle``), a
+        stop or a removal; new mail makes the account due now, unless it is backing off (a
+        failing account must not poll at every message: §6.3)."""
         from connector.imap.idle import Wake
 
-        end = self.clock() + delay
-        while (remaining := end - self.clock()) > 0:
-            if await watcher.wait(remaining, events) is not Wake.MAIL:
-                return
-            if self.held_until(state) is None:
-                log.debug("account=%s: new mail announced; polling now", state.spec.name)
-                return
+        name = state.spec.name
+        leave = state.leave_idle
+        if leave is None:
+            leave = state.leave_idle = asyncio.Event()
+        watcher = state.watcher = await self._watcher(state, state.watcher)
+        if watcher is None:
+            return
+        events = (self.stopping, leave)
+        try:
+            while not (self.stopping.is_set() or state.removed or leave.is_set()):
+                due = self.plan.due(name)
+                remaining = 0.0 if due is None else due - self.clock()
+                if remaining <= 0:
+                    break  # due (or started): the cycle takes the connection
+                woke = await watcher.wait(remaining, events)
+                if woke is Wake.MAIL and self.held_until(state) is None:
+                    log.debug("account=%s: new mail announced; polling now", name)
+                    self._poll_soon(state)
+                    break
+        except asyncio.CancelledError:
+            state.watcher = None
+            await watcher.abort()  # past shutdown_grace: drop it, wait for nothing
+            raise
+        if self.stopping.is_set() or state.removed:
+            await self._close_watcher(state)
 
-    def _start_loop(self, state: AccountState) -> None:
-        if self._tg is None:
-            return  # not serving (``once``): nothing to start
-        self._tg.create_task(self._account_loop(state), name=f"account-{state.spec.name}")
+    async def _close_watchers(self) -> None:
+        """The watchers no task holds any more, at the end of ``serve``: an account whose new
+        mail made it due just as the stop came (the dispatcher started no cycle, and its
+        ``_idle`` had returned).  DONE and LOGOUT; dropped when cancelled (shutdown_grace)."""
+        task = asyncio.current_task()
+        cancelled = task is not None and task.cancelling() > 0
+        for state in self.accounts.values():
+            watcher, state.watcher = state.watcher, None
+            if watcher is not None:
+                await (watcher.abort() if cancelled else watcher.close())
+
+    async def _close_watcher(self, state: AccountState) -> None:
+        """SIGTERM, removal: DONE and LOGOUT (docs/design.md §15.3)."""
+        watcher, state.watcher = state.watcher, None
+        if watcher is not None:
+            await watcher.close()
+
+    def schedule_all(self) -> None:
+        """Put every account not yet in the plan on it, their first polls ramped from now
+        (``serve`` does this as it starts)."""
+        self.plan.add([self._polled_as(state) for state in self.accounts.values()], self.clock())
+
+    @staticmethod
+    def _polled_as(state: AccountState) -> Polled:
+        return Polled(state.spec.name, host_key(state.spec.endpoint.host), state.interval)
+
+    async def _dispatch(self) -> None:
+        """Start what the plan says may start; sleep until its next time or a change."""
+        plan = self.plan
+        while not self.stopping.is_set():
+            self._wake.clear()  # before take(): a change from now on wakes the wait below
+            if self._tg is None:  # pragma: no cover (serve sets it before starting us)
+                raise AssertionError("dispatching outside serve()")
+            for name in plan.take(self.clock()):
+                state = self.accounts[name]
+                self._tg.create_task(self._polled(state), name=f"account-{name}")
+            when = plan.wakeup(self.clock())
+            delay = None if when is None else max(when - self.clock(), 0.0)
+            await _wait_any((self._wake,), delay)  # `stopping` sets it too (_wake_on_stop)
+
+    async def _wake_on_stop(self) -> None:
+        await self.stopping.wait()
+        self._wake.set()
+
+    async def _polled(self, state: AccountState) -> None:
+        """One cycle the dispatcher started; then tell the plan when the account is due."""
+        name = state.spec.name
+        idle = state.idle
+        if idle is not None and not idle.done():
+            if state.leave_idle is not None:
+                state.leave_idle.set()  # the IDLE wait ends: this cycle borrows its connection
+            await asyncio.wait({idle})
+        state.idle = None
+        if state.leave_idle is not None:
+            state.leave_idle.clear()
+        state.poll_now.clear()
+        state.forced = False
+        result = await self._run_state(state, gated=False)
+        if state.poll_now.is_set() and not state.forced and self.held_until(state):
+            # Asked for while this cycle ran, and the cycle failed: the backoff stands.
+            state.poll_now.clear()
+        now = self.clock()
+        if self.stopping.is_set() or state.removed:
+            due = None
+        elif state.poll_now.is_set():
+            due = now
+        else:
+            due = state.next_poll if state.next_poll is not None else now + state.interval
+        paused = self.plan.finish(
+            name, now, next_due=due, logged_in=result.logged_in, slow_down=result.slow_down
+        )
+        if paused is not None:
+            key = host_key(state.spec.endpoint.host)
+            log.warning(
+                "host %s asked us to slow down (%s): no new session there for %.0fs",
+                key,
+                result.slow_down,
+                paused,
+            )
+            if self.metrics is not None:
+                self.metrics.host_paused()
+        if due is None:
+            await self._close_watcher(state)
+        elif state.spec.imap is not None and state.spec.imap.push and self._tg is not None:
+            state.idle = self._tg.create_task(self._idle(state), name=f"idle-{name}")
+        self._wake.set()
+
+    async def _recount(self) -> None:
+        """Count the dead letters (and every account's deferred messages) again, every
+        DEAD_LETTER_RECOUNT seconds and after a reload."""
+        while not self.stopping.is_set():
+            await _wait_any((self.stopping, self._recount_now), DEAD_LETTER_RECOUNT)
+            self._recount_now.clear()
+            if not self.stopping.is_set():
+                await self.refresh_backlog()
 
     async def serve(self) -> None:
         """Poll every account on its interval until ``stopping`` is set, then stop gracefully.
@@ -681,13 +898,17 @@ class Service:
         """
 
         async def loops() -> None:
-            async with asyncio.TaskGroup() as tg:
-                self._tg = tg
-                # Keeps the group open without accounts (none configured, or all removed by a
-                # reload), so that a reload can still add some.
-                tg.create_task(self.stopping.wait(), name="keeper")
-                for state in self.accounts.values():
-                    self._start_loop(state)
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    self._tg = tg
+                    self.schedule_all()
+                    # The dispatcher lives until `stopping`, with or without accounts (a reload
+                    # may add some); the cycles it starts are tasks of this group too.
+                    tg.create_task(self._dispatch(), name="scheduler")
+                    tg.create_task(self._wake_on_stop(), name="wake-on-stop")
+                    tg.create_task(self._recount(), name="recount")
+            finally:
+                await self._close_watchers()
 
         loops_task = asyncio.create_task(loops(), name="accounts")
         stop_task = asyncio.create_task(self.stopping.wait(), name="stopping")
@@ -735,36 +956,59 @@ class Service:
         if new.max_parallel != old.max_parallel:
             # Cycles in flight keep the old semaphore; new ones queue on the new one.
             self._semaphore = asyncio.Semaphore(new.max_parallel)
+        if new.per_host != old.per_host:
+            self._gates.clear()  # likewise, for the host gates of once and run_cycle
+        self.plan.set_limits(max_parallel=new.max_parallel, per_host=new.per_host)
         if new.memory_budget != old.memory_budget:
             # Likewise: cycles in flight finish on the old budget, new ones share the new.
             self.budget = MemoryBudget(new.memory_budget)
-        self.runtime = new
+        now = self.clock()
         specs = {spec.name: spec for spec in new.accounts}
         for name in list(self.accounts):
             if name not in specs:
                 state = self.accounts.pop(name)
                 state.removed = True
-                state.poll_now.set()  # wake its loop so that it ends (after a cycle in flight)
+                state.poll_now.set()
+                if state.leave_idle is not None:
+                    state.leave_idle.set()  # its IDLE wait ends, and the watcher logs out
+                tg, idle = self._tg, state.idle
+                held = (idle is not None and not idle.done()) or self.plan.due(name) is None
+                if state.watcher is not None and not held and tg is not None:
+                    # Due, not started (no _idle, no cycle): nothing else would log it out.
+                    tg.create_task(self._close_watcher(state), name=f"unwatch-{name}")
+                self.plan.remove(name)  # not polled again; a cycle in flight ends as it will
                 log.info("reload: account=%s removed", name)
+        added: list[Polled] = []
         for name, spec in specs.items():
             current = self.accounts.get(name)
             if current is None:
-                added = self.accounts[name] = self._new_state(spec, new)
+                state = self.accounts[name] = self._new_state(spec, new)
+                added.append(self._polled_as(state))
                 log.info("reload: account=%s added", name)
-                self._start_loop(added)
                 continue
             interval = new.intervals[name]
             # By value: AccountSpec and everything in it are frozen values that compare by
             # their contents (an SSL context by what it was built from: Pop3Endpoint).
             if spec != current.spec or interval != current.interval:
+                before = self._polled_as(current)
                 current.spec, current.interval = spec, interval
                 log.info("reload: account=%s changed; applies from its next cycle", name)
+                if self._polled_as(current) != before:
+                    self.plan.update(self._polled_as(current), now)
                 if current.failing:
                     current.forced = True
                     current.poll_now.set()
+                    self._poll_soon(current)
+        self.plan.add(added, now)  # their first polls ramp from now
+        # The runtime holds the specs the accounts poll with: an unchanged account keeps its
+        # old spec (equal by value), so the new one is not kept alive beside it, nor, with
+        # TLS, a second set of SSL contexts.
+        self.runtime = replace(new, accounts=tuple(self.accounts[n].spec for n in specs))
         if self.metrics is not None:
             self.metrics.set_accounts(self.accounts)
             self.metrics.set_targets(self.smtp_targets())
+        self._recount_now.set()  # the admin may have requeued or purged dead letters
+        self._wake.set()
         log.info("configuration reloaded: %d account(s)", len(self.accounts))
 
     def install_signal_handlers(self, *, reload: Callable[[], None] | None = None) -> None:
@@ -793,8 +1037,15 @@ class Service:
         self.stopping.set()
 
 
-async def _wait_any(events: Iterable[asyncio.Event], seconds: float) -> None:
-    """Wait until any event is set or ``seconds`` pass."""
+async def _wait_any(events: Iterable[asyncio.Event], seconds: float | None) -> None:
+    """Wait until any event is set or ``seconds`` pass (None: no time limit)."""
+    events = tuple(events)
+    if len(events) == 1:
+        # The dispatcher's sleep, between every few polls: no waiter task for one event.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await events[0].wait()
+        return
     waiters = [asyncio.create_task(e.wait()) for e in events]
     try:
         await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)

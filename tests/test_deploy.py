@@ -45,6 +45,10 @@ DESIGN_METRICS: Final = {
     "build_info": "gauge",
     "ledger_writable": "gauge",
     "smtp_data_timeouts_total": "counter",
+    "accounts": "gauge",
+    "accounts_failing": "gauge",
+    "oldest_last_success_timestamp_seconds": "gauge",
+    "host_pauses_total": "counter",
     "idle_connected": "gauge",
     "account_info": "gauge",
 }
@@ -222,7 +226,7 @@ def test_memory_max_leaves_room_over_the_measured_peaks_and_the_arithmetic() -> 
 def test_promtool_check_rules(promtool: str) -> None:
     result = _run(promtool, "check", "rules", "alerts.yml", cwd=DEPLOY / "prometheus")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 7 rules found" in result.stdout
+    assert "SUCCESS: 9 rules found" in result.stdout
 
 
 def test_promtool_test_rules(promtool: str) -> None:
@@ -254,6 +258,10 @@ def test_alert_rules_cover_the_issue() -> None:
     assert "mailbox_messages" in exprs["Pop3ConnectorUpstreamMailboxGrowing"]
     assert "cycle_duration_seconds" in exprs["Pop3ConnectorCycleNearInterval"]
     assert "pop3_connector_ledger_writable == 0" in exprs["Pop3ConnectorLedgerNotWritable"]
+    # [metrics] per_account = false: the counts of accounts stand in for the per-account gauges.
+    assert "pop3_connector_accounts_failing" in exprs["Pop3ConnectorAccountsFailing"]
+    assert "oldest_last_success" in exprs["Pop3ConnectorAccountWithoutSuccess"]
+    assert "3 * 900" in exprs["Pop3ConnectorAccountWithoutSuccess"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -305,6 +305,7 @@ class Pop3Client:
         self._dele_failed: Pop3ResponseError | None = None  # a -ERR to DELE: no QUIT then
         self._broken: str | None = None  # why the connection is unusable
         self._count: int | None = None  # STAT's message count: bounds the listings
+        self._uidl_ahead: int | None = None  # a UIDL sent with LIST, its reply not yet read
         self._listed: dict[int, int] = {}  # LIST's sizes: bound each RETR
         self.greeting_text, self.apop_stamp, self.capabilities = "", None, {}
         self.tls_active = endpoint.tls is TlsMode.IMPLICIT
@@ -456,6 +457,12 @@ class Pop3Client:
     async def _flush(self) -> None:
         if self._outbox:
             self._write_outbox()
+        transport = self._writer.transport
+        if transport.get_write_buffer_size() == 0 and not transport.is_closing():
+            # Written out already (a command fits the socket buffer): drain() would return at
+            # once, and its deadline cost a timer per command.  A broken connection shows at
+            # the reply's read.
+            return
         try:
             async with asyncio.timeout(self._timeouts.command):
                 await self._writer.drain()
@@ -770,23 +777,48 @@ class Pop3Client:
 
     async def uidl(self) -> builtins.list[tuple[int, str]]:
         """[(msg number, uid)] for every message; Pop3ResponseError if the server lacks UIDL.
-        After :meth:`stat`, a listing longer than its count allows is a Pop3ProtocolError."""
+        After :meth:`stat`, a listing longer than its count allows is a Pop3ProtocolError.
+        The reply of a UIDL that :meth:`list` sent along is read, not asked for again."""
+        seq, self._uidl_ahead = self._uidl_ahead, None
+        if seq is not None:
+            return builtins.list(self._listed_entries(await self._reply(seq, long=False), "UIDL"))
         return builtins.list(await self._listing(Verb.UIDL))
 
     async def list(self) -> builtins.list[tuple[int, int]]:
         """[(msg number, octets)], bounded like :meth:`uidl`.  The sizes bound each RETR of
         the session: a message longer than LIST said (beyond ``protocol.retr_cap``'s
-        tolerance) is a Pop3ProtocolError."""
-        listed = [(n, int(size)) for n, size in await self._listing(Verb.LIST)]
+        tolerance) is a Pop3ProtocolError.
+
+        After STAT, on a server that offers PIPELINING and UIDL, the UIDL the cycle asks for
+        next goes out with LIST, in one write (RFC 2449 §6.6: one round trip for both, each
+        reply still bounded by STAT's count); :meth:`uidl` reads its reply.
+        """
+        if (
+            self.pipelining
+            and "UIDL" in self.capabilities
+            and self._count is not None
+            and self._uidl_ahead is None
+        ):
+            seq = self._submit(Command(Verb.LIST), expect=self._count)
+            self._uidl_ahead = self._submit(Command(Verb.UIDL), expect=self._count)
+            await self._flush()
+            entries = self._listed_entries(await self._reply(seq, long=False), "LIST")
+        else:
+            entries = await self._listing(Verb.LIST)
+        listed = [(n, int(size)) for n, size in entries]
         self._listed = dict(listed)
         return listed
 
     async def _listing(self, verb: Verb) -> tuple[tuple[int, str], ...]:
-        match ev := await self._request(Command(verb), expect=self._count):
+        ev = await self._request(Command(verb), expect=self._count)
+        return self._listed_entries(ev, verb.value)
+
+    def _listed_entries(self, ev: Event, verb: str) -> tuple[tuple[int, str], ...]:
+        match ev:
             case Listing(entries=entries):
                 return entries
             case Err(text=text, resp_code=code):
-                raise Pop3ResponseError(verb.value, text, code)
+                raise Pop3ResponseError(verb, text, code)
             case _:  # pragma: no cover
                 raise self._poison(Pop3ProtocolError(f"unexpected {type(ev).__name__}"))
 

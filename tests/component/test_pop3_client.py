@@ -144,6 +144,55 @@ async def test_user_and_pass_are_pipelined_when_offered() -> None:
         assert await pop.stat() == (0, 0)
 
 
+def _listings_script(uidl_reply: bytes) -> Handler:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await hello(r, w, [*CAPS, b"PIPELINING"])
+        await login(r, w)
+        await expect(r, b"STAT")
+        w.write(b"+OK 2 30\r\n")
+        # Both lines before we answer LIST: else the client did not pipeline them.
+        assert await r.readline() == b"LIST\r\n"
+        assert await r.readline() == b"UIDL\r\n"
+        w.write(b"+OK\r\n1 10\r\n2 20\r\n.\r\n" + uidl_reply)
+        await expect(r, b"QUIT")
+        w.write(b"+OK bye\r\n")
+        await until_eof(r)
+
+    return script
+
+
+async def test_list_and_uidl_go_out_together_when_pipelining_is_offered() -> None:
+    script = _listings_script(b"+OK\r\n1 aaa\r\n2 bbb\r\n.\r\n")
+    async with serve(script) as ep, await Pop3Client.connect(ep, FAST) as pop:
+        await pop.login("alice", "secret", AuthMethod.USER)
+        assert await pop.stat() == (2, 30)
+        assert await pop.list() == [(1, 10), (2, 20)]
+        assert await pop.uidl() == [(1, "aaa"), (2, "bbb")]
+        await pop.quit()
+
+
+@pytest.mark.parametrize(
+    ("uidl_reply", "error"),
+    [
+        (b"-ERR [SYS/TEMP] try later\r\n", Pop3ResponseError),
+        # Forty entries for STAT's two: the UIDL sent ahead is bounded by the count as well.
+        (
+            b"+OK\r\n" + b"".join(b"%d u%d\r\n" % (i, i) for i in range(1, 41)) + b".\r\n",
+            Pop3ProtocolError,
+        ),
+    ],
+)
+async def test_a_uidl_sent_with_list_fails_as_one_sent_alone(
+    uidl_reply: bytes, error: type[Exception]
+) -> None:
+    async with serve(_listings_script(uidl_reply)) as ep, await Pop3Client.connect(ep, FAST) as pop:
+        await pop.login("alice", "secret", AuthMethod.USER)
+        await pop.stat()
+        assert await pop.list() == [(1, 10), (2, 20)]
+        with pytest.raises(error):
+            await pop.uidl()
+
+
 async def test_utf8_refused_by_the_server_leaves_the_login_as_it_was() -> None:
     """RFC 6856: UTF8 goes before the login when CAPA offers it; a -ERR to it is no failure.
     (Courier's acceptance is tested against Courier in tests/integration/test_interop.py.)"""

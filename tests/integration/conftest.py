@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import mailbox
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -36,7 +37,13 @@ class Setup:
         return sorted(p.read_bytes() for sub in ("new", "cur") for p in (md / sub).iterdir())
 
     def upstream(self) -> list[bytes]:
-        return [p.read_bytes() for p in self.dovecot.maildir_files(self.user)]
+        out: list[bytes] = []
+        for p in self.dovecot.maildir_files(self.user):
+            # A session of the service running meanwhile may expunge it between the listing
+            # and the read: then it is no longer upstream.
+            with contextlib.suppress(FileNotFoundError):
+                out.append(p.read_bytes())
+        return out
 
     def received(self) -> list[ReceivedMail]:
         return list(self.sink.received)

@@ -201,3 +201,31 @@ def test_sigterm_ends_idle_with_done_and_logout(
         assert wire.count(b" LOGOUT\r\n") == logouts + 1
         assert b"Logout completed" in bytes(wire.down)[-300:]
         assert "Traceback" not in log.read_text()
+
+
+def ok_cycles(service: Service) -> float:
+    assert service.metrics is not None
+    value = service.metrics.registry.get_sample_value(
+        "pop3_connector_cycles_total", {"account": "info", "result": "ok"}
+    )
+    return value or 0.0
+
+
+async def test_a_poll_asked_for_in_idle_ends_the_wait_and_borrows_its_connection(
+    setup_factory: Callable[..., Setup], dovecot: DovecotServer
+) -> None:
+    """``POST /poll`` (or SIGUSR1) while the account waits in IDLE: the scheduler ends the wait
+    before the cycle starts (Service._idle, ``leave_idle``), the cycle runs on the watcher's
+    connection (no third login), and the wait resumes after it."""
+    wire = Wire()
+    with FaultProxy(("127.0.0.1", dovecot.ports["imap"]), observer=wire) as proxy:
+        s = proxied_setup(setup_factory, proxy)
+        async with serving(s) as service:
+            await asyncio.to_thread(wire.wait_for, b" IDLE\r\n")  # the watcher waits
+            before = ok_cycles(service)
+            woken, held = service.poll_now("info")
+            assert (woken, held) == (["info"], {})
+            await until(lambda: ok_cycles(service) > before)
+            await asyncio.to_thread(wire.wait_for, b" IDLE\r\n", 2)  # waiting again
+            assert idle_gauge(service) == 1.0
+        assert wire.count(b" AUTHENTICATE PLAIN ") == 2  # the first cycle's and the watcher's

@@ -9,9 +9,10 @@ delivered exactly once.  Then the resharding procedure of deploy/kubernetes/READ
 old owners, ``ledger import`` into the new ones), and four ``run --shard j/4`` processes: the
 accounts that moved, ``leave_on_server`` ones among them, deliver only what is new.
 
-Rounds are started by the replicas themselves (every account polls when ``run`` starts) and by
-SIGUSR1 (every account polls now); a round is over when each replica has logged a cycle of
-each of its accounts.  ``run`` is used throughout, not ``once``: the point is the service
+Rounds are started by the replicas themselves (every account polls when ``run`` starts, one
+after another: the start ramp of docs/design.md §10.2, at most one login a second on the one
+host) and by SIGUSR1 (every account polls now); a round is over when each replica has logged a
+cycle of each of its accounts.  ``run`` is used throughout, not ``once``: the point is the service
 honouring its shard, at start and on SIGUSR1.
 """
 
@@ -33,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from connector.cli import main
+from connector.schedule import START_SPACING
 from tests.servers import USER_PASSWORD, DovecotServer, SmtpSink
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -125,19 +127,20 @@ class Fleet:
             del os.environ["POP3_CONNECTOR_SERVICE__STATE_DIR"]
 
 
-def _wait(what: str, done: Callable[[], bool], replicas: list[Replica]) -> None:
-    deadline = time.monotonic() + ROUND_DEADLINE
+def _wait(what: str, done: Callable[[], bool], replicas: list[Replica], extra: float = 0.0) -> None:
+    deadline = time.monotonic() + ROUND_DEADLINE + extra
     while not done():
         for r in replicas:
             if r.proc.poll() is not None:
                 raise AssertionError(f"replica {r.shard} exited: {r.log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {ROUND_DEADLINE:.0f} s")
+            raise AssertionError(f"{what}: not within {ROUND_DEADLINE + extra:.0f} s")
         time.sleep(0.05)
 
 
 def rounds(replicas: list[Replica], owned: dict[str, list[str]], count: int) -> None:
-    """Until each replica has logged ``count`` good cycles of each of its accounts."""
+    """Until each replica has logged ``count`` good cycles of each of its accounts.  The first
+    round also waits out the start ramp: one account a second on the one Dovecot host."""
 
     def done() -> bool:
         for r in replicas:
@@ -146,7 +149,8 @@ def rounds(replicas: list[Replica], owned: dict[str, list[str]], count: int) -> 
                 return False
         return True
 
-    _wait(f"round {count}", done, replicas)
+    ramp = max(len(names) for names in owned.values()) * START_SPACING if count == 1 else 0.0
+    _wait(f"round {count}", done, replicas, ramp)
 
 
 def stop(replicas: list[Replica]) -> None:
@@ -270,7 +274,7 @@ def test_three_replicas_then_four_deliver_everything_once(
     offset = (fleet.dovecot.root / "dovecot.log").stat().st_size
     replicas = [fleet.start(k, 3) for k in range(3)]
     try:
-        rounds(replicas, owned3, 1)  # every account polls when run starts
+        rounds(replicas, owned3, 1)  # every account polls when run starts (ramped)
         fleet.deliver_round("a3")
         for r in replicas:
             r.proc.send_signal(signal.SIGUSR1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import stat
 import threading
@@ -925,3 +926,103 @@ async def test_a_nearly_full_disk_fails_the_proof(
         await ledger.prove_writable(T0)
     assert "is full: free space there" in str(info.value)
     assert not ledger.writable
+
+
+# -- what an idle poll costs the ledger (bench/README.md, "fleet") ----------------------------
+
+
+async def test_a_steady_listing_takes_no_write_lock(ledger: Ledger, db_path: Path) -> None:
+    """Another process holds the write lock (a `dead-letters requeue`): a cycle whose listing
+    changed nothing reads and goes on; it does not wait BUSY_TIMEOUT_MS for a lock it needs
+    not."""
+    await ledger.record_delivered("info", "u1", 1, "250 ok", T0)
+    other = sqlite3.connect(db_path, isolation_level=None, timeout=0)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        known = await asyncio.wait_for(ledger.sync_listing("info", ["u1", "new"]), 1.0)
+        assert set(known) == {"u1"}
+        assert await asyncio.wait_for(ledger.sync_listing("empty", []), 1.0) == {}
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+
+
+async def test_cycle_records_queued_soon_are_committed_the_newest_per_account(
+    ledger: Ledger,
+) -> None:
+    # The ledger thread is busy: the records queued meanwhile go in one transaction.
+    release = threading.Event()
+    busy = asyncio.ensure_future(ledger._submit("busy", lambda conn: release.wait(10)))
+    ledger.record_cycle_soon("info", CycleRecord(T0, T0 + 1, "failed", "x", None, None, T0 + 60))
+    ledger.record_cycle_soon("info", CycleRecord(T0 + 60, T0 + 61, "ok", None, 0, 0, T0 + 120))
+    ledger.record_cycle_soon("sales", CycleRecord(T0, T0 + 2, "ok", None, 3, 300, T0 + 60))
+    release.set()
+    await busy
+    statuses = {s.name: s for s in await ledger.account_status()}  # runs after the drain
+    assert statuses["info"].result == "ok"
+    assert statuses["info"].last_cycle_started == T0 + 60
+    assert statuses["sales"].mailbox_messages == 3
+
+
+async def test_cycle_records_queued_before_close_are_committed(db_path: Path) -> None:
+    led = await Ledger.open(db_path)
+    led.record_cycle_soon("info", CycleRecord(T0, T0 + 1, "ok", None, 0, 0, T0 + 60))
+    await led.close()
+    with pytest.raises(LedgerError):
+        led.record_cycle_soon("info", CycleRecord(T0, T0 + 1, "ok", None, 0, 0, T0 + 60))
+    led = await Ledger.open(db_path)
+    try:
+        [status] = await led.account_status()
+        assert status.result == "ok"
+    finally:
+        await led.close()
+
+
+async def test_deferred_count_of_one_account(ledger: Ledger) -> None:
+    await ledger.record_deferred("info", "d1", 1, "451", T0)
+    await ledger.record_deferred("info", "d2", 1, "451", T0)
+    await ledger.record_delivered("info", "ok1", 1, "250", T0)
+    await ledger.record_deferred("sales", "d3", 1, "451", T0)
+    assert await ledger.deferred_count("info") == 2
+    assert await ledger.deferred_count("nobody") == 0
+    await ledger.sync_listing("info", ["d1", "ok1"])  # d2 is gone upstream
+    assert await ledger.deferred_count("info") == 1
+
+
+async def test_an_empty_listing_is_synced_without_a_round_trip_and_forgets_everything(
+    ledger: Ledger,
+) -> None:
+    await ledger.record_delivered("info", "u1", 1, "250 ok", T0)
+    done = RecipientsDone(("uidl:u2", "mid:<m@x>:digest"), ("a@x",))
+    await ledger.record_deferred("info", "u2", 1, "250 ok (refused: <b@x> 451)", T0, done=done)
+    await ledger.record_delivered("sales", "s1", 1, "250 ok", T0)
+    release = threading.Event()
+    busy = asyncio.ensure_future(ledger._submit("busy", lambda conn: release.wait(10)))
+    # The ledger thread is busy: an empty listing does not wait for it.
+    assert (
+        await asyncio.wait_for(ledger.sync_listing("info", [], recipients_before=T0 + 1), 1) == {}
+    )
+    release.set()
+    await busy
+    assert await ledger.entry("info", "u1") is None  # runs after the queued forgetting
+    assert await ledger.entry("info", "u2") is None
+    assert await done_recipients(ledger, "info", ["uidl:u2", "mid:<m@x>:digest"]) == set()
+    assert await ledger.entry("sales", "s1") is not None
+
+
+async def test_queued_cycle_records_commit_by_themselves_within_the_delay(
+    ledger: Ledger, db_path: Path
+) -> None:
+    """No other job comes: the rows still reach the file, CYCLE_RECORD_DELAY later."""
+    ledger.record_cycle_soon("info", CycleRecord(T0, T0 + 1, "ok", None, 0, 0, T0 + 60))
+
+    def committed() -> bool:
+        with contextlib.closing(sqlite3.connect(db_path)) as outside:
+            rows: int = outside.execute("SELECT count(*) FROM accounts").fetchone()[0]
+            return rows == 1
+
+    assert not committed()  # queued, not written yet: the next ones may join it
+    deadline = asyncio.get_running_loop().time() + ledger_module.CYCLE_RECORD_DELAY + 5
+    while not committed():
+        assert asyncio.get_running_loop().time() < deadline, "never committed"
+        await asyncio.sleep(0.05)

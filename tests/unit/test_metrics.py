@@ -27,8 +27,20 @@ EXPECTED = {
     "pop3_connector_build_info": "gauge",
     "pop3_connector_smtp_data_timeouts": "counter",
     "pop3_connector_ledger_writable": "gauge",
+    # The counts of accounts, in both modes (per_account on or off).
+    "pop3_connector_accounts": "gauge",
+    "pop3_connector_accounts_failing": "gauge",
+    "pop3_connector_oldest_last_success_timestamp_seconds": "gauge",
+    "pop3_connector_host_pauses": "counter",
     "pop3_connector_idle_connected": "gauge",
     "pop3_connector_account_info": "gauge",
+}
+# Without per_account: the same families less the four that are about one account each.
+PER_ACCOUNT_ONLY = {
+    "pop3_connector_last_success_timestamp_seconds",
+    "pop3_connector_account_failing",
+    "pop3_connector_account_info",
+    "pop3_connector_idle_connected",
 }
 
 
@@ -146,6 +158,78 @@ def test_backlog_and_removed_accounts() -> None:
     assert get("pop3_connector_deferred_messages", {"account": "old"}) is None
     assert get("pop3_connector_dead_letters", {"account": "old"}) is None
     assert get("pop3_connector_deferred_messages", {"account": "info"}) == 2
+
+
+def _cycle(m: Metrics, account: str, *, ok: bool, mailbox: int, finished: float,
+           failing: bool = False) -> None:  # fmt: skip
+    stats = CycleStats(mailbox_messages=mailbox, mailbox_bytes=mailbox * 100, delivered_bytes=10,
+                       mailbox_known=True)  # fmt: skip
+    m.cycle(account, ok=ok, duration=0.03, stats=stats, finished=finished, failing=failing)
+
+
+def test_without_per_account_the_same_families_as_totals_without_the_label() -> None:
+    m = Metrics(per_account=False, clock=lambda: 100.0)
+    m.set_accounts(["info", "sales", "quiet"])
+    _cycle(m, "info", ok=True, mailbox=3, finished=1000.0)
+    _cycle(m, "sales", ok=False, mailbox=4, finished=1100.0, failing=True)
+    m.message("info", "U1", 10, Outcome.DELIVERED, "250 OK")
+    m.message("sales", "U2", 10, Outcome.DELIVERED, "250 OK")
+    m.account_backlog("info", 2, 5)
+    m.account_backlog("sales", 1, None)  # dead letters not counted yet: left as they were
+    families_seen = families(m)
+    assert families_seen == {k: v for k, v in EXPECTED.items() if k not in PER_ACCOUNT_ONLY}
+    text = m.render().decode()
+    assert "account=" not in text
+    get = m.registry.get_sample_value
+    assert get("pop3_connector_messages_total", {"outcome": "delivered"}) == 2
+    assert get("pop3_connector_messages_total", {"outcome": "removed"}) == 0
+    assert get("pop3_connector_cycles_total", {"result": "ok"}) == 1
+    assert get("pop3_connector_cycles_total", {"result": "failed"}) == 1
+    assert get("pop3_connector_cycle_duration_seconds_count", {}) == 2
+    assert get("pop3_connector_delivered_bytes_total", {}) == 20
+    assert get("pop3_connector_mailbox_messages", {}) == 7
+    assert get("pop3_connector_mailbox_bytes", {}) == 700
+    assert get("pop3_connector_deferred_messages", {}) == 3
+    assert get("pop3_connector_dead_letters", {}) == 5
+    assert get("pop3_connector_accounts", {}) == 3
+    assert get("pop3_connector_accounts_failing", {}) == 1
+    # "quiet" has had no cycle: it counts from the start of the process (100.0).
+    assert get("pop3_connector_oldest_last_success_timestamp_seconds", {}) == 100.0
+    m.set_accounts(["info", "sales"])  # a reload removed "quiet" ...
+    assert get("pop3_connector_oldest_last_success_timestamp_seconds", {}) == 100.0
+    _cycle(m, "sales", ok=True, mailbox=0, finished=1200.0)  # ... and "sales" recovered
+    assert get("pop3_connector_oldest_last_success_timestamp_seconds", {}) == 1000.0
+    assert get("pop3_connector_accounts_failing", {}) == 0
+    assert get("pop3_connector_mailbox_messages", {}) == 3
+    m.set_accounts(["sales"])  # removed accounts leave the totals of the gauges
+    assert get("pop3_connector_mailbox_messages", {}) == 0
+    assert get("pop3_connector_deferred_messages", {}) == 1
+    assert get("pop3_connector_dead_letters", {}) == 0
+
+
+def test_per_account_series_and_the_counts_beside_them() -> None:
+    m = Metrics(clock=lambda: 100.0)
+    m.set_accounts(["info", "sales"])
+    _cycle(m, "info", ok=True, mailbox=3, finished=1000.0)
+    _cycle(m, "sales", ok=False, mailbox=4, finished=1100.0, failing=True)
+    m.account_backlog("info", 2, 5)
+    get = m.registry.get_sample_value
+    assert get("pop3_connector_deferred_messages", {"account": "info"}) == 2
+    assert get("pop3_connector_dead_letters", {"account": "info"}) == 5
+    assert get("pop3_connector_deferred_messages", {"account": "sales"}) == 0
+    assert get("pop3_connector_account_failing", {"account": "sales"}) == 1
+    assert get("pop3_connector_accounts", {}) == 2
+    assert get("pop3_connector_accounts_failing", {}) == 1
+    assert get("pop3_connector_oldest_last_success_timestamp_seconds", {}) == 100.0
+    m.host_paused()
+    assert get("pop3_connector_host_pauses_total", {}) == 1
+
+
+def test_no_accounts_nothing_overdue() -> None:
+    m = Metrics()
+    value = m.registry.get_sample_value("pop3_connector_oldest_last_success_timestamp_seconds")
+    assert value is not None
+    assert value != value  # NaN: time() - NaN > x is never true, so no alert fires
 
 
 def test_account_info_names_each_accounts_smtp_target() -> None:

@@ -17,6 +17,7 @@ from connector.ledger import Ledger
 from connector.metrics import Metrics
 from connector.runtime import Runtime, build_runtime
 from connector.service import Service
+from connector.shard import Shard
 
 
 def runtime(tmp_path: Path, accounts: dict[str, str], parallel: int = 8) -> Runtime:
@@ -314,6 +315,67 @@ async def test_reload_applies_each_account_key(files: Path, key: KeyPath) -> Non
             assert state.spec is new_spec, f"a reload ignored a change of {_dotted(key)}"
     finally:
         await ledger.close()
+
+
+# --------------------------------------------------------------------------------------------
+# SIGHUP reads the file in a thread
+# --------------------------------------------------------------------------------------------
+
+
+async def test_sighup_reads_and_builds_the_config_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reading thousands of accounts takes seconds (bench/README.md, "fleet"): meanwhile the
+    loop goes on (the cycles, the HTTP endpoint, the watchdog pings).  Here the reading blocks
+    until the test, on the loop, lets it go: a reload on the loop would never let it."""
+    import asyncio
+    import os
+    import signal
+    import threading
+
+    from connector import cli
+
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[service]\nstate_dir = "{tmp_path / "state"}"\n[metrics]\nlisten = ""\n'
+        '[smtp]\nhost = "127.0.0.1"\ntls = "none"\nhelo_name = "c.test"\n'
+        '[[accounts]]\nname = "off"\nhost = "127.0.0.1"\ntls = "none"\nusername = "u"\n'
+        'password = "p"\ndeliver_to = ["a@b.test"]\nenabled = false\n'
+    )
+    config.chmod(0o600)
+    settings = load_settings(config)
+    entered, release = threading.Event(), threading.Event()
+    load = cli._load
+
+    def slow_load(path: Path, shard: Shard) -> tuple[Settings, Runtime]:
+        entered.set()
+        if not release.wait(10):
+            raise RuntimeError("the loop never went on")
+        return load(path, shard)
+
+    monkeypatch.setattr(cli, "_load", slow_load)
+    monkeypatch.setattr(cli, "setup_logging", lambda *args: None)  # keep caplog's handler
+    caplog.set_level("INFO", logger="connector")
+
+    async def until(what: str) -> None:
+        for _ in range(1000):
+            if what in caplog.text:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no {what!r} in the log")
+
+    running = asyncio.create_task(
+        cli._run(build_runtime(settings), cli.RunOptions.of(settings, config), config)
+    )
+    await until(" running: ")
+    os.kill(os.getpid(), signal.SIGHUP)
+    assert await asyncio.to_thread(entered.wait, 10)
+    for _ in range(5):
+        await asyncio.sleep(0.01)  # the loop runs while the file is being read
+    release.set()
+    await until("configuration reloaded")
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert await asyncio.wait_for(running, 10) == 0
 
 
 # Every key of an SMTP target ([smtp_targets.NAME], the keys of [smtp]): a change reaches the

@@ -106,9 +106,10 @@ def test_each_account_gets_its_targets_settings_and_policy(tmp_path: Path) -> No
     b = targets["b-info"]
     assert (b.settings.port, b.settings.ssl_context is not None) == (465, True)
     assert b.policy.sender_policy is SenderPolicy.RETURN_PATH
-    # Each TLS target has its own context; [smtp] (plain) has none.
+    # Each TLS target has a context; [smtp] (plain) has none.  Targets that trust the same
+    # (verify_certificate, ca_file) share one, as accounts do (tests/unit/test_runtime.py).
     assert targets["ours"].settings.ssl_context is None
-    assert a.settings.ssl_context is not b.settings.ssl_context
+    assert a.settings.ssl_context is b.settings.ssl_context
     # The default target is [smtp], and notices use it.
     assert runtime.smtp is runtime.default_target.settings
     assert runtime.smtp.host == "exchange.provider.local"
