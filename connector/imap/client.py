@@ -71,6 +71,7 @@ from connector.imap.protocol import (
     parse_fetch,
     parse_list,
     parse_number,
+    parse_nz_number,
     parse_status,
     parse_words,
     sasl_plain,
@@ -451,7 +452,7 @@ class ImapClient:
             elif (
                 status.code == "UIDVALIDITY"
                 and self.selected is not None
-                and status.args != str(self.selected.uidvalidity)
+                and parse_nz_number(status.args) != self.selected.uidvalidity
             ):
                 raise self._poison(
                     Pop3ProtocolError("the folder's UIDVALIDITY changed during the session")
@@ -645,10 +646,17 @@ class ImapClient:
             s = parse_status(ev)
             if s is None or s.status is not Status.OK:
                 continue
-            if s.code == "UIDVALIDITY" and s.args.isdigit():
-                uidvalidity = int(s.args)
-            elif s.code == "UIDNEXT" and s.args.isdigit():
-                uidnext = int(s.args)
+            if s.code in ("UIDVALIDITY", "UIDNEXT"):
+                n = parse_nz_number(s.args)
+                if n is None:
+                    # RFC 3501 §7.1: both are nz-number; anything else is this server's fault.
+                    raise self._poison(
+                        Pop3ProtocolError(f"{verb} reported an invalid {s.code}: {s.args[:40]}")
+                    )
+                if s.code == "UIDVALIDITY":
+                    uidvalidity = n
+                else:
+                    uidnext = n
         if uidvalidity is None:
             # RFC 3501 §6.3.1: REQUIRED.  Without it no UID can be trusted across sessions.
             raise self._poison(Pop3ProtocolError(f"{verb} did not report UIDVALIDITY"))
@@ -764,7 +772,7 @@ class ImapClient:
             if words is None:
                 continue
             for w in words:
-                if not w.isdigit() or len(w) > 10:
+                if not (w.isascii() and w.isdigit()) or len(w) > 10:
                     raise self._poison(Pop3ProtocolError("a SEARCH answer that is not UIDs"))
                 found.append(int(w))
         return found

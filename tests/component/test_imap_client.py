@@ -284,6 +284,40 @@ async def test_a_broken_answer_in_a_session_ends_it(
             await client.close()
 
 
+@pytest.mark.parametrize(
+    "code",
+    [
+        "UIDVALIDITY \u00b2",  # str.isdigit() says yes, int() says ValueError
+        "UIDVALIDITY \u0663",  # ARABIC-INDIC DIGIT THREE: int() would even accept it
+        "UIDVALIDITY 0",
+        "UIDVALIDITY 4294967296",
+        "UIDVALIDITY 99999999999999999999",
+        "UIDVALIDITY 7x",
+        "UIDNEXT \u00b2",
+    ],
+)
+async def test_a_select_with_a_number_that_is_no_nz_number_is_a_protocol_error(
+    code: str,
+) -> None:
+    # RFC 3501 §9: UIDVALIDITY and UIDNEXT are nz-number (ASCII digits, 32 bits).  Anything
+    # else costs this server its session, as a Pop3ProtocolError; never a ValueError, which
+    # the service takes for a bug of ours and ends on.
+    greeting = b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n"
+    select = (
+        "* 1 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n"
+        f"* OK [{code}] ok\r\n{{tag}} OK [READ-WRITE] selected\r\n"
+    )
+    async with scripted(greeting, answers({"SELECT": select})) as port:
+        client = await ImapClient.connect(plain(port))
+        try:
+            await client.login(USER, "secret", ImapAuth.LOGIN)
+            with pytest.raises(Pop3ProtocolError, match=f"invalid {code.split()[0]}"):
+                await client.select("INBOX")
+            assert client.closed
+        finally:
+            await client.close()
+
+
 async def test_an_alert_is_logged_with_its_control_characters_escaped(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
