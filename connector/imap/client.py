@@ -565,7 +565,10 @@ class ImapClient:
             if isinstance(ev, Continuation):
                 # XOAUTH2's error challenge (base64 JSON): answer it with an empty line, and
                 # the server says NO (Google's and Microsoft's XOAUTH2 protocol).
-                status = _xoauth2_status(ev.text.decode("ascii", "replace")) or status
+                try:
+                    status = _xoauth2_status(ev.text.decode("ascii", "replace")) or status
+                except Pop3ProtocolError as exc:
+                    raise self._poison(exc) from None
                 await self._write(b"\r\n")
                 continue
             if ev.tag != tag:

@@ -9,6 +9,7 @@ test_imap_idle.py."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import re
@@ -313,6 +314,32 @@ async def test_a_select_with_a_number_that_is_no_nz_number_is_a_protocol_error(
             await client.login(USER, "secret", ImapAuth.LOGIN)
             with pytest.raises(Pop3ProtocolError, match=f"invalid {code.split()[0]}"):
                 await client.select("INBOX")
+            assert client.closed
+        finally:
+            await client.close()
+
+
+@pytest.mark.parametrize(
+    ("challenge", "text"),
+    [
+        (base64.b64encode(b"[" * 100_000), "XOAUTH2 challenge over 4096 characters"),
+        (base64.b64encode(b"[" * 2500), "XOAUTH2 challenge that is not base64 JSON"),
+        (b"not base64 at all", "XOAUTH2 challenge that is not base64 JSON"),
+    ],
+    ids=["long", "nested", "not-base64"],
+)
+async def test_an_undecodable_xoauth2_challenge_is_a_protocol_error(
+    challenge: bytes, text: str
+) -> None:
+    # json.loads on deeply nested JSON raises RecursionError: once it escaped the client and
+    # the service ended on it.  Now it is this server's protocol error.
+    greeting = b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] hi\r\n"
+    auth = "+ " + challenge.decode("ascii") + "\r\n"
+    async with scripted(greeting, answers({"AUTHENTICATE": auth})) as port:
+        client = await ImapClient.connect(plain(port))
+        try:
+            with pytest.raises(Pop3ProtocolError, match=re.escape(text)):
+                await client.login(USER, TOKEN, ImapAuth.XOAUTH2)
             assert client.closed
         finally:
             await client.close()
