@@ -99,6 +99,10 @@ MAX_LISTING: Final = 1_000_000
 """Messages one folder listing may hold (the POP3 client's bound on a UIDL listing)."""
 MAX_UNTAGGED: Final = 100_000
 """Untagged responses one ordinary command may collect (SELECT, SEARCH, STORE, EXPUNGE)."""
+MAX_KEPT: Final = 16 * 1024 * 1024
+"""Octets of untagged responses one command keeps (``keep``: SELECT, LIST, UID SEARCH).  The
+count alone let 100,000 responses of up to MAX_LINE each be held at once; a SEARCH of a
+million UIDs is some 8 MiB, a SELECT or LIST a few hundred octets."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,7 +470,7 @@ class ImapClient:
         self, verb: str, *args: Arg, secret: bool = False, keep: bool = False
     ) -> tuple[StatusResponse, list[Response]]:
         """Send a command and read to its tagged answer; the untagged responses are noted
-        (and returned with ``keep``, at most MAX_UNTAGGED)."""
+        (and returned with ``keep``, at most MAX_UNTAGGED and MAX_KEPT octets)."""
         tag = await self._send(verb, *args, secret=secret)
         return await self._finish(tag, verb, keep=keep)
 
@@ -474,6 +478,7 @@ class ImapClient:
         self, tag: str, verb: str, *, keep: bool = False
     ) -> tuple[StatusResponse, list[Response]]:
         kept: list[Response] = []
+        kept_octets = 0
         while True:
             ev = await self._read()
             if isinstance(ev, Continuation):
@@ -482,8 +487,13 @@ class ImapClient:
                 self._untagged(ev, verb)
                 if keep:
                     kept.append(ev)
+                    kept_octets += ev.size
                     if len(kept) > MAX_UNTAGGED:
                         raise self._poison(Pop3ProtocolError(f"too many responses to {verb}"))
+                    if kept_octets > MAX_KEPT:
+                        raise self._poison(
+                            Pop3ProtocolError(f"responses to {verb} over {MAX_KEPT} octets")
+                        )
                 continue
             status = parse_status(ev)
             if status is None or status.status not in (Status.OK, Status.NO, Status.BAD):

@@ -30,7 +30,8 @@ from connector.errors import (
     classify,
 )
 from connector.imap import ImapAuth, ImapOptions
-from connector.imap.client import ImapClient
+from connector.imap.client import MAX_KEPT, ImapClient
+from connector.imap.protocol import MAX_LINE
 from connector.imap.session import ImapSession
 from connector.loopback_imap import LoopbackImapServer
 from connector.pop3 import Pop3Endpoint
@@ -340,6 +341,24 @@ async def test_an_undecodable_xoauth2_challenge_is_a_protocol_error(
         try:
             with pytest.raises(Pop3ProtocolError, match=re.escape(text)):
                 await client.login(USER, TOKEN, ImapAuth.XOAUTH2)
+            assert client.closed
+        finally:
+            await client.close()
+
+
+async def test_what_a_command_keeps_is_capped_in_octets() -> None:
+    # SELECT keeps its untagged responses: counted alone (MAX_UNTAGGED), 1 MiB lines could
+    # hold some 98 GiB.  Past MAX_KEPT octets the server's answer is a protocol error.
+    greeting = b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n"
+    line = "* OK " + "x" * (MAX_LINE - 16) + "\r\n"
+    lines = MAX_KEPT // len(line) + 2
+    select = line * lines + "* OK [UIDVALIDITY 7] ok\r\n{tag} OK [READ-WRITE] selected\r\n"
+    async with scripted(greeting, answers({"SELECT": select})) as port:
+        client = await ImapClient.connect(plain(port))
+        try:
+            await client.login(USER, "secret", ImapAuth.LOGIN)
+            with pytest.raises(Pop3ProtocolError, match=f"responses to SELECT over {MAX_KEPT}"):
+                await client.select("INBOX")
             assert client.closed
         finally:
             await client.close()
