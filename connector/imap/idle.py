@@ -161,7 +161,10 @@ class IdleWatcher:
                     if await _sleep(wake, min(deadline, self._retry_at) - now) is Wake.EVENT:
                         return Wake.EVENT
                     continue
-                if await self._open():
+                opened = await self._open_unless(wake)
+                if opened is None:
+                    return Wake.EVENT
+                if opened:
                     return Wake.MAIL  # mail may have come while nothing watched
                 continue
             if client.new_mail:
@@ -254,6 +257,23 @@ class IdleWatcher:
 
     # -- connecting ----------------------------------------------------------------------------
 
+    async def _open_unless(self, wake: Sequence[asyncio.Event]) -> bool | None:
+        """:meth:`_open`, given up (None) when an event is set first: a stop must not wait
+        for a slow server's login or SELECT (each bounded only by its own deadline)."""
+        opening = asyncio.ensure_future(self._open())
+        waiters = [asyncio.ensure_future(e.wait()) for e in wake]
+        try:
+            await asyncio.wait({opening, *waiters}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+            if not opening.done():
+                opening.cancel()  # _open closes the connection it was making
+            await asyncio.gather(opening, *waiters, return_exceptions=True)
+        if opening.cancelled():
+            return None
+        return opening.result()
+
     async def _open(self) -> bool:
         """Connect, log in, EXAMINE the folder, IDLE.  False (with the retry time set) on a
         failure, or when the server has no IDLE (``supported`` False)."""
@@ -280,6 +300,10 @@ class IdleWatcher:
                 await client.close()
             self._failed(f"cannot wait with IDLE: {exc}")
             return False
+        except BaseException:  # cancelled (a stop while opening): drop what was opened
+            if client is not None:
+                await client.close()
+            raise
         self._client = client
         self.supported = True
         self._connected_at = self._idle_since = self.clock()

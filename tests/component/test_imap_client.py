@@ -26,6 +26,7 @@ from connector.errors import (
     ImapAuthError,
     Pop3ConnectionError,
     Pop3ProtocolError,
+    Pop3TimeoutError,
     Pop3TlsError,
     classify,
 )
@@ -34,7 +35,7 @@ from connector.imap.client import MAX_KEPT, ImapClient
 from connector.imap.protocol import MAX_LINE
 from connector.imap.session import ImapSession
 from connector.loopback_imap import LoopbackImapServer
-from connector.pop3 import Pop3Endpoint
+from connector.pop3 import Pop3Endpoint, Pop3Timeouts
 from connector.tls import TlsMode
 
 USER, PASSWORD = "info@firma.example", 'pä"ss wört'
@@ -359,6 +360,74 @@ async def test_what_a_command_keeps_is_capped_in_octets() -> None:
             await client.login(USER, "secret", ImapAuth.LOGIN)
             with pytest.raises(Pop3ProtocolError, match=f"responses to SELECT over {MAX_KEPT}"):
                 await client.select("INBOX")
+            assert client.closed
+        finally:
+            await client.close()
+
+
+@asynccontextmanager
+async def dripping(verb: str, drip: bytes) -> AsyncIterator[tuple[int, asyncio.Event]]:
+    """A server that says OK to every command but ``verb``, which it answers with ``drip``
+    every 50 ms and never anything else; yields its port and an event set once ``verb``
+    arrived."""
+    arrived = asyncio.Event()
+    caps = "IMAP4rev1 IDLE SASL-IR AUTH=XOAUTH2"
+    normal = answers({"CAPABILITY": f"* CAPABILITY {caps}\r\n{{tag}} OK done\r\n"})
+    tasks: set[asyncio.Task[object]] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        writer.write(f"* OK [CAPABILITY {caps}] hi\r\n".encode())
+        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+            while line := await reader.readline():
+                tag, _, command = line.decode("utf-8", "replace").rstrip("\r\n").partition(" ")
+                if command.split(" ", 1)[0].upper() != verb:
+                    writer.write(normal(tag, command))
+                    await writer.drain()
+                    continue
+                arrived.set()
+                while True:
+                    writer.write(drip)
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+        writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield srv.sockets[0].getsockname()[1], arrived
+    finally:
+        srv.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await srv.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("verb", "drip"),
+    [
+        ("NOOP", b"* OK still thinking\r\n"),
+        ("IDLE", b"* OK still thinking\r\n"),
+        ("AUTHENTICATE", b"+ e30=\r\n"),  # an XOAUTH2 challenge, again and again
+    ],
+)
+async def test_a_command_has_one_total_deadline(verb: str, drip: bytes) -> None:
+    # Each response comes well within `command`, but the command never ends: its total
+    # deadline does (docs/design.md §10.2), and the session is dropped.
+    fast = Pop3Timeouts(connect=2.0, command=0.5, idle_read=2.0)
+    async with dripping(verb, drip) as (port, _):
+        client = await ImapClient.connect(plain(port), fast)
+        try:
+            calls = {
+                "AUTHENTICATE": lambda: client.login(USER, TOKEN, ImapAuth.XOAUTH2),
+                "IDLE": client.idle,
+                "NOOP": client.noop,
+            }
+            async with asyncio.timeout(10):  # only a bound for the test: 0.5 s expected
+                with pytest.raises(Pop3TimeoutError, match="no answer in time"):
+                    await calls[verb]()
             assert client.closed
         finally:
             await client.close()
