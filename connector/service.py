@@ -77,6 +77,10 @@ BARE_LOGIN_ERROR_LIMIT = 3
 # The slowest a failing account is retried, and the pace for parked accounts.
 MAX_BACKOFF_FACTOR = 4
 PARKED_MIN_DELAY = 3600.0
+# The least time between the end of an IMAP account's cycle and a cycle that IDLE's new-mail
+# announcement starts (docs/design.md §15.3): a server that floods EXISTS gets at most one
+# such cycle per second, not cycles back to back; the mail of the second waits at most this.
+PUSH_GAP = 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -652,20 +656,28 @@ class Service:
     async def _wait(self, state: AccountState, watcher: IdleWatcher | None, delay: float) -> None:
         """Until the next poll, or an event (a stop, ``POST /poll``, SIGUSR1); an IMAP account
         with a watcher also until the server announces new mail, unless the account is
-        backing off (a failing account must not poll at every message: docs/design.md §6.3)."""
+        backing off (a failing account must not poll at every message: docs/design.md §6.3),
+        and no sooner than PUSH_GAP after the cycle that just ended."""
         events = (self.stopping, state.poll_now)
         if watcher is None:
             await _wait_any(events, delay)
             return
         from connector.imap.idle import Wake
 
-        end = self.clock() + delay
+        now = self.clock()
+        end, quiet_until = now + delay, now + PUSH_GAP
+        announced = False
         while (remaining := end - self.clock()) > 0:
+            if announced:
+                gap = quiet_until - self.clock()
+                if gap <= 0:
+                    return
+                remaining = min(remaining, gap)  # IDLE goes on meanwhile
             if await watcher.wait(remaining, events) is not Wake.MAIL:
-                return
-            if self.held_until(state) is None:
+                return  # an event, the poll interval, or the end of the gap
+            if self.held_until(state) is None and not announced:
                 log.debug("account=%s: new mail announced; polling now", state.spec.name)
-                return
+                announced = True
 
     def _start_loop(self, state: AccountState) -> None:
         if self._tg is None:

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from connector.cycle import AccountSpec, CycleStats, DeliveryPolicy
 from connector.errors import Disposition, Pop3AuthError
+from connector.imap.idle import IdleWatcher, Wake
 from connector.ledger import Ledger
 from connector.pop3 import AuthMethod, Pop3Endpoint
 from connector.runtime import Runtime
 from connector.service import (
     BARE_LOGIN_ERROR_LIMIT,
     PARKED_MIN_DELAY,
+    PUSH_GAP,
     AccountState,
     CycleResult,
     Service,
@@ -122,3 +125,45 @@ async def test_parallel_limit_and_one_cycle_per_account(
     results = await task
     assert [r.account for r in results] == ["a", "a", "b", "c", "d"]
     assert peak["all"] == 2
+
+
+class Announcing:
+    """An IDLE watcher whose server announces new mail ``after[i]`` seconds into the i-th wait
+    (on a clock of its own, the service's); past the list it waits out its time."""
+
+    def __init__(self, after: list[float]) -> None:
+        self.now = 1000.0
+        self.after = after
+        self.waits: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def wait(self, seconds: float, wake: Sequence[asyncio.Event]) -> Wake:
+        self.waits.append(seconds)
+        if self.after and self.after[0] < seconds:
+            self.now += self.after.pop(0)
+            return Wake.MAIL
+        self.now += seconds
+        return Wake.TIMEOUT
+
+
+@pytest.mark.parametrize(
+    ("after", "waits", "polled_after"),
+    [
+        # Mail announced 0.1 s after the last cycle ended, and again and again: the next
+        # cycle waits for PUSH_GAP, IDLE watching meanwhile (a flood of EXISTS).
+        ([0.1, 0.2, 0.3], [600.0, PUSH_GAP - 0.1, PUSH_GAP - 0.3, PUSH_GAP - 0.6], PUSH_GAP),
+        # Mail announced after a quiet spell: polled at once, no gap added.
+        ([5.0], [600.0], 5.0),
+    ],
+)
+async def test_cycles_that_idle_starts_keep_a_gap(
+    service: Service, after: list[float], waits: list[float], polled_after: float
+) -> None:
+    watcher = Announcing(after)
+    service.clock = watcher.clock
+    start = watcher.now
+    await service._wait(service.accounts["a"], cast(IdleWatcher, watcher), 600.0)
+    assert watcher.waits == pytest.approx(waits)
+    assert watcher.now - start == pytest.approx(polled_after)
