@@ -126,11 +126,13 @@ async def test_new_mail_arrives_while_the_service_waits_in_idle(
         assert [strip_trace(m.data) for m in s.received()] == [message(i) for i in range(4)]
         assert s.upstream() == []
         # Two logins: the first cycle's, and the watcher's, on whose connection every later
-        # cycle ran (DONE, the cycle, IDLE again); at the stop DONE, then LOGOUT.
+        # cycle ran (DONE, the cycle, IDLE again): one per message at least (the watcher's
+        # look after connecting may be the first of them when message 1 is announced within
+        # PUSH_GAP of it, docs/design.md §15.3); at the stop DONE if it was idling, LOGOUT.
         assert wire.count(b" AUTHENTICATE PLAIN ") == 2
         assert wire.count(b" SELECT ") == 2
         assert wire.count(b" LOGOUT\r\n") == 2
-        assert wire.count(b"DONE\r\n") >= 4
+        assert wire.count(b"DONE\r\n") >= 3
         assert idle_gauge(service) == 0.0
 
 
