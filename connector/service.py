@@ -781,7 +781,7 @@ class Service:
                 remaining = 0.0 if due is None else due - self.clock()
                 if remaining <= 0:
                     break  # due (or started): the cycle takes the connection
-                woke = await watcher.wait(remaining, events)
+                woke = await watcher.wait(remaining, events, stop=self.stopping)
                 if woke is Wake.MAIL and self.held_until(state) is None:
                     log.debug("account=%s: new mail announced; polling now", name)
                     self._poll_soon(state)

@@ -31,10 +31,11 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 from connector import headers
 from connector.errors import StateError
@@ -185,11 +186,20 @@ class _Stats:
         )
 
 
+_T = TypeVar("_T")
+
+
 class SpoolWriter:
     """One message being written to the spool (the POP3 client's sink for a streamed RETR).
 
     ``write`` each chunk in order, then ``finish`` (the file stays, described by the
     :class:`Spooled` returned) or ``discard`` (the file goes).  Raises StateError.
+
+    A cancellation does not stop the worker thread of a ``write`` or ``finish`` in flight: it
+    may still be creating the file (``_fd`` and ``_path`` not set yet) or writing to its
+    descriptor.  So ``discard`` never touches the file while a thread works on it (closing a
+    descriptor in use could close one the process has reused meanwhile, the ledger's say): it
+    marks the writer discarded, and the thread removes the file when it is done (``_run``).
     """
 
     def __init__(self, directory: Path, *, digest_body: bool) -> None:
@@ -198,20 +208,48 @@ class SpoolWriter:
         self._fd: int | None = None
         self._path: Path | None = None
         self._stats = _Stats(digest_body)
+        self._lock = threading.Lock()  # guards _busy and _discarded
+        self._busy = False  # a worker thread is in write() or finish()
+        self._discarded = False
 
     async def write(self, data: bytes) -> None:
         """Append ``data`` to the file (created on the first write)."""
-        await asyncio.to_thread(self._write, data)
+        await asyncio.to_thread(self._run, self._write, data)
 
     async def finish(self, prefix: bytes = b"") -> Spooled:
         """Close the file and describe it.  ``prefix``: octets that belong before everything
         written (``protocol.MessageEnd.prefix``, rare): the file is written once more with
         them in front."""
-        return await asyncio.to_thread(self._finish, prefix)
+        return await asyncio.to_thread(self._run, self._finish, prefix)
 
     def discard(self) -> None:
         """Close and remove the file (quick system calls, done in place; safe during a
-        cancellation, and more than once)."""
+        cancellation, and more than once).  While a worker thread is in flight, that thread
+        removes it once it is done."""
+        with self._lock:
+            self._discarded = True
+            if not self._busy:
+                self._remove()
+
+    def _run(self, work: Callable[[bytes], _T], data: bytes) -> _T:
+        """``work(data)`` in the worker thread, then the removal a ``discard`` meanwhile left
+        to it (see the class docstring)."""
+        with self._lock:
+            self._enter()
+        try:
+            return work(data)
+        finally:
+            with self._lock:
+                self._busy = False
+                if self._discarded:
+                    self._remove()
+
+    def _enter(self) -> None:
+        if self._discarded:  # the caller was cancelled and discarded before this thread ran
+            raise StateError(f"spool {self._directory}: the file was discarded")
+        self._busy = True
+
+    def _remove(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)

@@ -15,10 +15,12 @@ streamed: the reader hands its literal over in chunks, each written to a spool f
 read, as the POP3 client streams a RETR; the session holds a read's worth of it, never the
 message.
 
-Deadlines (docs/design.md §10.2): ``connect`` for TCP and TLS; ``command`` for a whole
-response to a short command; ``idle_read`` for each read of a FETCH that carries messages, so a
-big message never hits a total deadline while bytes flow.  Waiting in IDLE has no deadline of
-its own: the IDLE watcher (``idle.py``) decides how long it waits.
+Deadlines (docs/design.md §10.2): ``connect`` for TCP and TLS; ``command`` for the whole of a
+short command, every response up to its tagged answer (IDLE's continuation, a SASL exchange),
+so a server that drips untagged responses cannot hold it; ``idle_read`` for each read of a
+FETCH that carries messages, so a big message never hits a total deadline while bytes flow.
+Waiting in IDLE has no deadline of its own: the IDLE watcher (``idle.py``) decides how long
+it waits.
 
 After a timeout, a protocol error, a broken connection or a cancellation while reading, the
 stream is out of step: the client aborts the connection and every later call raises
@@ -71,6 +73,7 @@ from connector.imap.protocol import (
     parse_fetch,
     parse_list,
     parse_number,
+    parse_nz_number,
     parse_status,
     parse_words,
     sasl_plain,
@@ -98,6 +101,10 @@ MAX_LISTING: Final = 1_000_000
 """Messages one folder listing may hold (the POP3 client's bound on a UIDL listing)."""
 MAX_UNTAGGED: Final = 100_000
 """Untagged responses one ordinary command may collect (SELECT, SEARCH, STORE, EXPUNGE)."""
+MAX_KEPT: Final = 16 * 1024 * 1024
+"""Octets of untagged responses one command keeps (``keep``: SELECT, LIST, UID SEARCH).  The
+count alone let 100,000 responses of up to MAX_LINE each be held at once; a SEARCH of a
+million UIDs is some 8 MiB, a SELECT or LIST a few hundred octets."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,10 +283,19 @@ class ImapClient:
         if self._broken is not None:
             raise Pop3ConnectionError(f"connection unusable ({self._broken})")
 
-    async def _read(self, *, long: bool = False, deadline: bool = True) -> Response | Continuation:
+    def _until(self) -> float:
+        """The event loop's time by which a command begun now must be answered in full: one
+        total deadline per command, so a server that keeps sending untagged responses and
+        never the tagged one (or IDLE's continuation) cannot hold it (docs/design.md §10.2)."""
+        return asyncio.get_running_loop().time() + self._timeouts.command
+
+    async def _read(
+        self, *, long: bool = False, deadline: bool = True, until: float | None = None
+    ) -> Response | Continuation:
         """The next response.  ``long``: a FETCH of messages, deadline per read; without
-        ``deadline`` (waiting in IDLE) no deadline at all."""
-        ev = await self._read_event(long=long, deadline=deadline)
+        ``deadline`` (waiting in IDLE) no deadline at all; ``until``: the command's total
+        deadline (:meth:`_until`), else ``command`` for this response alone."""
+        ev = await self._read_event(long=long, deadline=deadline, until=until)
         if isinstance(ev, LiteralChunk):  # pragma: no cover (streams only in _read_spooled)
             raise self._poison(Pop3ProtocolError("a literal streamed outside a FETCH"))
         return ev
@@ -317,7 +333,7 @@ class ImapClient:
             raise
 
     async def _read_event(
-        self, *, long: bool, deadline: bool
+        self, *, long: bool, deadline: bool, until: float | None = None
     ) -> Response | Continuation | LiteralChunk:
         self._usable()
         rr, reader = self._rr, self._reader
@@ -331,7 +347,7 @@ class ImapClient:
                         data = await reader.read(_CHUNK)
                     rr.receive_data(data)
             else:
-                async with asyncio.timeout(self._timeouts.command):
+                async with asyncio.timeout_at(self._until() if until is None else until):
                     while isinstance(ev := rr.next_event(), NeedData):
                         rr.receive_data(await reader.read(_CHUNK))
         except TimeoutError:
@@ -392,8 +408,9 @@ class ImapClient:
             await self._write(marker)
             if not plus:
                 # RFC 3501 §7.5: a synchronising literal waits for the continuation.
+                until = self._until()
                 while True:
-                    ev = await self._read()
+                    ev = await self._read(until=until)
                     if isinstance(ev, Continuation):
                         break
                     if ev.tag == tag:
@@ -451,7 +468,7 @@ class ImapClient:
             elif (
                 status.code == "UIDVALIDITY"
                 and self.selected is not None
-                and status.args != str(self.selected.uidvalidity)
+                and parse_nz_number(status.args) != self.selected.uidvalidity
             ):
                 raise self._poison(
                     Pop3ProtocolError("the folder's UIDVALIDITY changed during the session")
@@ -465,7 +482,7 @@ class ImapClient:
         self, verb: str, *args: Arg, secret: bool = False, keep: bool = False
     ) -> tuple[StatusResponse, list[Response]]:
         """Send a command and read to its tagged answer; the untagged responses are noted
-        (and returned with ``keep``, at most MAX_UNTAGGED)."""
+        (and returned with ``keep``, at most MAX_UNTAGGED and MAX_KEPT octets)."""
         tag = await self._send(verb, *args, secret=secret)
         return await self._finish(tag, verb, keep=keep)
 
@@ -473,16 +490,23 @@ class ImapClient:
         self, tag: str, verb: str, *, keep: bool = False
     ) -> tuple[StatusResponse, list[Response]]:
         kept: list[Response] = []
+        kept_octets = 0
+        until = self._until()
         while True:
-            ev = await self._read()
+            ev = await self._read(until=until)
             if isinstance(ev, Continuation):
                 raise self._poison(Pop3ProtocolError(f"an unexpected IMAP continuation to {verb}"))
             if ev.tag != tag:
                 self._untagged(ev, verb)
                 if keep:
                     kept.append(ev)
+                    kept_octets += ev.size
                     if len(kept) > MAX_UNTAGGED:
                         raise self._poison(Pop3ProtocolError(f"too many responses to {verb}"))
+                    if kept_octets > MAX_KEPT:
+                        raise self._poison(
+                            Pop3ProtocolError(f"responses to {verb} over {MAX_KEPT} octets")
+                        )
                 continue
             status = parse_status(ev)
             if status is None or status.status not in (Status.OK, Status.NO, Status.BAD):
@@ -545,11 +569,14 @@ class ImapClient:
             raise ImapAuthError(
                 what, f"the server does not offer {mechanism}", "AUTHENTICATIONFAILED"
             )
+        # One deadline for the whole exchange: a server that keeps sending challenges
+        # cannot hold the login.
+        until = self._until()
         if "SASL-IR" in self.capabilities:  # RFC 4959: the response with the command
             tag = await self._send("AUTHENTICATE", mechanism, response, secret=True)
         else:
             tag = await self._send("AUTHENTICATE", mechanism, secret=True)
-            ev = await self._read()
+            ev = await self._read(until=until)
             if isinstance(ev, Response):
                 if ev.tag == tag:
                     self._auth_ok(parse_status(ev), what)
@@ -560,11 +587,14 @@ class ImapClient:
                 self._log.debug("C: ****")
         status = ""
         while True:
-            ev = await self._read()
+            ev = await self._read(until=until)
             if isinstance(ev, Continuation):
                 # XOAUTH2's error challenge (base64 JSON): answer it with an empty line, and
                 # the server says NO (Google's and Microsoft's XOAUTH2 protocol).
-                status = _xoauth2_status(ev.text.decode("ascii", "replace")) or status
+                try:
+                    status = _xoauth2_status(ev.text.decode("ascii", "replace")) or status
+                except Pop3ProtocolError as exc:
+                    raise self._poison(exc) from None
                 await self._write(b"\r\n")
                 continue
             if ev.tag != tag:
@@ -645,10 +675,17 @@ class ImapClient:
             s = parse_status(ev)
             if s is None or s.status is not Status.OK:
                 continue
-            if s.code == "UIDVALIDITY" and s.args.isdigit():
-                uidvalidity = int(s.args)
-            elif s.code == "UIDNEXT" and s.args.isdigit():
-                uidnext = int(s.args)
+            if s.code in ("UIDVALIDITY", "UIDNEXT"):
+                n = parse_nz_number(s.args)
+                if n is None:
+                    # RFC 3501 §7.1: both are nz-number; anything else is this server's fault.
+                    raise self._poison(
+                        Pop3ProtocolError(f"{verb} reported an invalid {s.code}: {s.args[:40]}")
+                    )
+                if s.code == "UIDVALIDITY":
+                    uidvalidity = n
+                else:
+                    uidnext = n
         if uidvalidity is None:
             # RFC 3501 §6.3.1: REQUIRED.  Without it no UID can be trusted across sessions.
             raise self._poison(Pop3ProtocolError(f"{verb} did not report UIDVALIDITY"))
@@ -764,7 +801,7 @@ class ImapClient:
             if words is None:
                 continue
             for w in words:
-                if not w.isdigit() or len(w) > 10:
+                if not (w.isascii() and w.isdigit()) or len(w) > 10:
                     raise self._poison(Pop3ProtocolError("a SEARCH answer that is not UIDs"))
                 found.append(int(w))
         return found
@@ -780,10 +817,12 @@ class ImapClient:
         return self._idle_tag is not None
 
     async def idle(self) -> None:
-        """Start IDLE; returns once the server's continuation says it is idling."""
+        """Start IDLE; returns once the server's continuation says it is idling (within one
+        ``command`` deadline, untagged responses before it included)."""
         tag = await self._send("IDLE")
+        until = self._until()
         while True:
-            ev = await self._read()
+            ev = await self._read(until=until)
             if isinstance(ev, Continuation):
                 self._idle_tag = tag
                 return
@@ -820,8 +859,9 @@ class ImapClient:
             return
         self.send_done()
         await self._write(b"")
+        until = self._until()
         while self._idle_tag is not None:
-            ev = await self._read()
+            ev = await self._read(until=until)
             if isinstance(ev, Continuation):
                 raise self._poison(Pop3ProtocolError("an unexpected IMAP continuation"))
             if ev.tag == self._idle_tag:

@@ -140,8 +140,17 @@ class IdleWatcher:
 
     # -- waiting -------------------------------------------------------------------------------
 
-    async def wait(self, seconds: float, wake: Sequence[asyncio.Event]) -> Wake:
-        """Wait up to ``seconds`` in IDLE; see :class:`Wake` for what ends the wait."""
+    async def wait(
+        self,
+        seconds: float,
+        wake: Sequence[asyncio.Event],
+        *,
+        stop: asyncio.Event | None = None,
+    ) -> Wake:
+        """Wait up to ``seconds`` in IDLE; see :class:`Wake` for what ends the wait.  ``stop``
+        (one of ``wake``) also gives up a connection still being opened: a stop must not wait
+        for a slow server's login.  The other events only end the wait once it is open (the
+        scheduler's ``leave_idle`` wants the connection for a cycle, not a second login)."""
         deadline = self.clock() + seconds
         while True:
             if any(e.is_set() for e in wake):
@@ -161,7 +170,10 @@ class IdleWatcher:
                     if await _sleep(wake, min(deadline, self._retry_at) - now) is Wake.EVENT:
                         return Wake.EVENT
                     continue
-                if await self._open():
+                opened = await (self._open() if stop is None else self._open_unless(stop))
+                if opened is None:
+                    return Wake.EVENT
+                if opened:
                     return Wake.MAIL  # mail may have come while nothing watched
                 continue
             if client.new_mail:
@@ -254,6 +266,23 @@ class IdleWatcher:
 
     # -- connecting ----------------------------------------------------------------------------
 
+    async def _open_unless(self, stop: asyncio.Event) -> bool | None:
+        """:meth:`_open`, given up (None) when ``stop`` is set first: a stop must not wait
+        for a slow server's login or SELECT (each bounded only by its own deadline)."""
+        opening = asyncio.ensure_future(self._open())
+        waiters = [asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait({opening, *waiters}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+            if not opening.done():
+                opening.cancel()  # _open closes the connection it was making
+            await asyncio.gather(opening, *waiters, return_exceptions=True)
+        if opening.cancelled():
+            return None
+        return opening.result()
+
     async def _open(self) -> bool:
         """Connect, log in, EXAMINE the folder, IDLE.  False (with the retry time set) on a
         failure, or when the server has no IDLE (``supported`` False)."""
@@ -280,6 +309,10 @@ class IdleWatcher:
                 await client.close()
             self._failed(f"cannot wait with IDLE: {exc}")
             return False
+        except BaseException:  # cancelled (a stop while opening): drop what was opened
+            if client is not None:
+                await client.close()
+            raise
         self._client = client
         self.supported = True
         self._connected_at = self._idle_since = self.clock()

@@ -400,6 +400,25 @@ def parse_status(response: Response) -> StatusResponse | None:
     return StatusResponse(Status(m.group(1).decode("ascii").upper()), code, args, text)
 
 
+_NZ_NUMBER_RE: Final = re.compile(rb"[1-9][0-9]{0,9}")
+MAX_NUMBER: Final = 0xFFFF_FFFF
+"""RFC 3501 §9: ``number`` and ``nz-number`` are 32-bit unsigned integers."""
+
+
+def parse_nz_number(text: str) -> int | None:
+    """``text`` as an RFC 3501 §9 ``nz-number`` (UIDVALIDITY, UIDNEXT): ASCII digits only, no
+    leading zero, at most 4294967295; else None.
+
+    Checked on the bytes, never with ``str.isdigit``: that accepts ``"²"`` and other Unicode
+    digits that ``int()`` then refuses with a ValueError.
+    """
+    raw = text.encode("utf-8", "replace")
+    if _NZ_NUMBER_RE.fullmatch(raw) is None:
+        return None
+    n = int(raw)
+    return n if n <= MAX_NUMBER else None
+
+
 _NUMBER_RE: Final = re.compile(rb"(\d{1,10}) ([A-Za-z]{1,16})(?: |$)")
 
 

@@ -204,16 +204,28 @@ def sasl_xoauth2(username: str, token: str) -> str:
     return base64.b64encode(raw.encode()).decode("ascii")
 
 
+MAX_XOAUTH2_CHALLENGE: Final = 4096
+"""Characters of an XOAUTH2 error challenge (base64): Google's and Microsoft's are about a
+hundred; a longer one is not decoded."""
+
+
 def _xoauth2_status(challenge: str) -> str:
     """The ``status`` of an XOAUTH2 error challenge (base64 JSON, e.g. ``{"status":"401",...}``).
 
     Only a short alphanumeric status is returned, so whatever else the server put there can
-    never reach a log line; "" when the challenge is not the expected JSON.
+    never reach a log line; "" for an empty challenge or JSON without a status.  A challenge
+    over MAX_XOAUTH2_CHALLENGE, or one that does not decode (not base64, not JSON, or JSON
+    nested deep enough to raise RecursionError in ``json.loads``), raises Pop3ProtocolError:
+    the server's fault, which costs its session and never the service.
     """
+    if not challenge:
+        return ""
+    if len(challenge) > MAX_XOAUTH2_CHALLENGE:
+        raise Pop3ProtocolError(f"an XOAUTH2 challenge over {MAX_XOAUTH2_CHALLENGE} characters")
     try:
         data = json.loads(base64.b64decode(challenge, validate=True))
-    except (binascii.Error, ValueError):
-        return ""
+    except (binascii.Error, ValueError, RecursionError):
+        raise Pop3ProtocolError("an XOAUTH2 challenge that is not base64 JSON") from None
     status = data.get("status") if isinstance(data, dict) else None
     if isinstance(status, str | int) and str(status).isalnum() and len(str(status)) <= 16:
         return str(status)
@@ -742,7 +754,10 @@ class Pop3Client:
         ev = await self._sasl_answer(response)
         status = ""
         if isinstance(ev, Continuation):
-            status = _xoauth2_status(ev.text)
+            try:
+                status = _xoauth2_status(ev.text)
+            except Pop3ProtocolError as exc:
+                raise self._poison(exc) from None
             ev = await self._sasl_answer("")
         match ev:
             case Ok():

@@ -9,6 +9,7 @@ test_imap_idle.py."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import re
@@ -25,14 +26,16 @@ from connector.errors import (
     ImapAuthError,
     Pop3ConnectionError,
     Pop3ProtocolError,
+    Pop3TimeoutError,
     Pop3TlsError,
     classify,
 )
 from connector.imap import ImapAuth, ImapOptions
-from connector.imap.client import ImapClient
+from connector.imap.client import MAX_KEPT, ImapClient
+from connector.imap.protocol import MAX_LINE
 from connector.imap.session import ImapSession
 from connector.loopback_imap import LoopbackImapServer
-from connector.pop3 import Pop3Endpoint
+from connector.pop3 import Pop3Endpoint, Pop3Timeouts
 from connector.tls import TlsMode
 
 USER, PASSWORD = "info@firma.example", 'pä"ss wört'
@@ -280,6 +283,152 @@ async def test_a_broken_answer_in_a_session_ends_it(
             with pytest.raises(error, match=re.escape(text)):
                 await client.noop()
             assert client.closed  # poisoned: nothing else is read from this server
+        finally:
+            await client.close()
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "UIDVALIDITY \u00b2",  # str.isdigit() says yes, int() says ValueError
+        "UIDVALIDITY \u0663",  # ARABIC-INDIC DIGIT THREE: int() would even accept it
+        "UIDVALIDITY 0",
+        "UIDVALIDITY 4294967296",
+        "UIDVALIDITY 99999999999999999999",
+        "UIDVALIDITY 7x",
+        "UIDNEXT \u00b2",
+    ],
+)
+async def test_a_select_with_a_number_that_is_no_nz_number_is_a_protocol_error(
+    code: str,
+) -> None:
+    # RFC 3501 §9: UIDVALIDITY and UIDNEXT are nz-number (ASCII digits, 32 bits).  Anything
+    # else costs this server its session, as a Pop3ProtocolError; never a ValueError, which
+    # the service takes for a bug of ours and ends on.
+    greeting = b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n"
+    select = (
+        "* 1 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n"
+        f"* OK [{code}] ok\r\n{{tag}} OK [READ-WRITE] selected\r\n"
+    )
+    async with scripted(greeting, answers({"SELECT": select})) as port:
+        client = await ImapClient.connect(plain(port))
+        try:
+            await client.login(USER, "secret", ImapAuth.LOGIN)
+            with pytest.raises(Pop3ProtocolError, match=f"invalid {code.split()[0]}"):
+                await client.select("INBOX")
+            assert client.closed
+        finally:
+            await client.close()
+
+
+@pytest.mark.parametrize(
+    ("challenge", "text"),
+    [
+        (base64.b64encode(b"[" * 100_000), "XOAUTH2 challenge over 4096 characters"),
+        (base64.b64encode(b"[" * 2500), "XOAUTH2 challenge that is not base64 JSON"),
+        (b"not base64 at all", "XOAUTH2 challenge that is not base64 JSON"),
+    ],
+    ids=["long", "nested", "not-base64"],
+)
+async def test_an_undecodable_xoauth2_challenge_is_a_protocol_error(
+    challenge: bytes, text: str
+) -> None:
+    # json.loads on deeply nested JSON raises RecursionError: once it escaped the client and
+    # the service ended on it.  Now it is this server's protocol error.
+    greeting = b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] hi\r\n"
+    auth = "+ " + challenge.decode("ascii") + "\r\n"
+    async with scripted(greeting, answers({"AUTHENTICATE": auth})) as port:
+        client = await ImapClient.connect(plain(port))
+        try:
+            with pytest.raises(Pop3ProtocolError, match=re.escape(text)):
+                await client.login(USER, TOKEN, ImapAuth.XOAUTH2)
+            assert client.closed
+        finally:
+            await client.close()
+
+
+async def test_what_a_command_keeps_is_capped_in_octets() -> None:
+    # SELECT keeps its untagged responses: counted alone (MAX_UNTAGGED), 1 MiB lines could
+    # hold some 98 GiB.  Past MAX_KEPT octets the server's answer is a protocol error.
+    greeting = b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n"
+    line = "* OK " + "x" * (MAX_LINE - 16) + "\r\n"
+    lines = MAX_KEPT // len(line) + 2
+    select = line * lines + "* OK [UIDVALIDITY 7] ok\r\n{tag} OK [READ-WRITE] selected\r\n"
+    async with scripted(greeting, answers({"SELECT": select})) as port:
+        client = await ImapClient.connect(plain(port))
+        try:
+            await client.login(USER, "secret", ImapAuth.LOGIN)
+            with pytest.raises(Pop3ProtocolError, match=f"responses to SELECT over {MAX_KEPT}"):
+                await client.select("INBOX")
+            assert client.closed
+        finally:
+            await client.close()
+
+
+@asynccontextmanager
+async def dripping(verb: str, drip: bytes) -> AsyncIterator[tuple[int, asyncio.Event]]:
+    """A server that says OK to every command but ``verb``, which it answers with ``drip``
+    every 50 ms and never anything else; yields its port and an event set once ``verb``
+    arrived."""
+    arrived = asyncio.Event()
+    caps = "IMAP4rev1 IDLE SASL-IR AUTH=XOAUTH2"
+    normal = answers({"CAPABILITY": f"* CAPABILITY {caps}\r\n{{tag}} OK done\r\n"})
+    tasks: set[asyncio.Task[object]] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        writer.write(f"* OK [CAPABILITY {caps}] hi\r\n".encode())
+        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+            while line := await reader.readline():
+                tag, _, command = line.decode("utf-8", "replace").rstrip("\r\n").partition(" ")
+                if command.split(" ", 1)[0].upper() != verb:
+                    writer.write(normal(tag, command))
+                    await writer.drain()
+                    continue
+                arrived.set()
+                while True:
+                    writer.write(drip)
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+        writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield srv.sockets[0].getsockname()[1], arrived
+    finally:
+        srv.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await srv.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("verb", "drip"),
+    [
+        ("NOOP", b"* OK still thinking\r\n"),
+        ("IDLE", b"* OK still thinking\r\n"),
+        ("AUTHENTICATE", b"+ e30=\r\n"),  # an XOAUTH2 challenge, again and again
+    ],
+)
+async def test_a_command_has_one_total_deadline(verb: str, drip: bytes) -> None:
+    # Each response comes well within `command`, but the command never ends: its total
+    # deadline does (docs/design.md §10.2), and the session is dropped.
+    fast = Pop3Timeouts(connect=2.0, command=0.5, idle_read=2.0)
+    async with dripping(verb, drip) as (port, _):
+        client = await ImapClient.connect(plain(port), fast)
+        try:
+            calls = {
+                "AUTHENTICATE": lambda: client.login(USER, TOKEN, ImapAuth.XOAUTH2),
+                "IDLE": client.idle,
+                "NOOP": client.noop,
+            }
+            async with asyncio.timeout(10):  # only a bound for the test: 0.5 s expected
+                with pytest.raises(Pop3TimeoutError, match="no answer in time"):
+                    await calls[verb]()
+            assert client.closed
         finally:
             await client.close()
 

@@ -15,7 +15,15 @@ from connector.imap import ImapOptions
 from connector.imap.idle import IdleWatcher, Wake
 from connector.loopback_imap import LoopbackImapServer
 from connector.pop3 import Pop3Timeouts
-from tests.component.test_imap_client import PASSWORD, TOKEN, USER, endpoint, mail
+from tests.component.test_imap_client import (
+    PASSWORD,
+    TOKEN,
+    USER,
+    dripping,
+    endpoint,
+    mail,
+    plain,
+)
 
 
 @pytest.fixture
@@ -44,11 +52,11 @@ async def test_exists_wakes_the_watcher_and_close_says_done_and_logout(
     stop = asyncio.Event()
     assert await watcher.wait(600, [stop]) is Wake.MAIL  # a fresh connection: look once
     assert server.commands.count("SELECT") == 1
-    waiting = asyncio.create_task(watcher.wait(600, [stop]))
+    waiting = asyncio.create_task(watcher.wait(600, [stop], stop=stop))
     server.add_message(USER, mail(1))
     assert await asyncio.wait_for(waiting, 10) is Wake.MAIL
     assert server.commands.count("SELECT") == 1
-    waiting = asyncio.create_task(watcher.wait(600, [stop]))
+    waiting = asyncio.create_task(watcher.wait(600, [stop], stop=stop))
     # Still in IDLE (no cycle took the connection): let the wait start its read of the
     # server's next response.  Were it not started yet, the stop below would end it all the
     # same, and close() would still send DONE: the assertions hold either way.
@@ -108,3 +116,23 @@ async def test_a_failing_connection_backs_off_like_a_failing_cycle(
         assert server.sessions == first + attempt  # none before the retry time
         offset[0] += delay
     await watcher.close()
+
+
+async def test_a_stop_ends_a_wait_that_is_still_opening_the_connection() -> None:
+    # A server that answers IDLE with an untagged response every 50 ms and never with its
+    # continuation: opening the watch lasts up to IDLE's `command` deadline (30 s here).
+    # A stop set meanwhile ends the wait at once, and the half-open connection is dropped.
+    async with dripping("IDLE", b"* OK still thinking\r\n") as (port, arrived):
+        spec = Spec.__new__(Spec)
+        spec.name, spec.username, spec.password = "info", USER, "secret"  # no literal
+        spec.endpoint = plain(port)
+        spec.timeouts = Pop3Timeouts(connect=30, command=30, idle_read=30)
+        spec.imap = ImapOptions()
+        watcher = IdleWatcher(spec, interval=600)
+        stop = asyncio.Event()
+        waiting = asyncio.create_task(watcher.wait(600, [stop], stop=stop))
+        await asyncio.wait_for(arrived.wait(), 10)
+        stop.set()
+        assert await asyncio.wait_for(waiting, 5) is Wake.EVENT
+        assert not watcher.active
+        await watcher.abort()

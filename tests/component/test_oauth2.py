@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from connector.errors import ConfigError, Pop3AuthError, Pop3ProtocolError
+from connector.errors import ConfigError, Pop3AuthError, Pop3ConnectionError, Pop3ProtocolError
 from connector.oauth2 import OAuth2TokenSource
 from connector.pop3 import AuthMethod, Pop3Client, Pop3Endpoint, Pop3Timeouts
 from connector.tls import TlsMode
@@ -184,6 +184,33 @@ async def test_a_second_challenge_is_a_protocol_error() -> None:
     async with serve(script) as ep, await Pop3Client.connect(ep, FAST) as pop:
         with pytest.raises(Pop3ProtocolError):
             await pop.login(USER, TOKEN, AuthMethod.XOAUTH2)
+
+
+@pytest.mark.parametrize(
+    "challenge",
+    [
+        base64.b64encode(b"[" * 2500),  # json.loads raises RecursionError
+        b"not base64 at all",
+        base64.b64encode(b"\xff\xfe not JSON"),
+    ],
+    ids=["nested", "not-base64", "not-json"],
+)
+async def test_an_undecodable_error_challenge_is_a_protocol_error(challenge: bytes) -> None:
+    # The server's bytes: its protocol error costs its session, never the service (a
+    # RecursionError escaping the client was classified as a bug of ours).
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await hello(r, w)
+        await expect(r, b"AUTH XOAUTH2")
+        w.write(b"+ \r\n")
+        await expect(r, payload(USER, TOKEN))
+        w.write(b"+ " + challenge + b"\r\n")
+        await until_eof(r)
+
+    async with serve(script) as ep, await Pop3Client.connect(ep, FAST) as pop:
+        with pytest.raises(Pop3ProtocolError, match="XOAUTH2 challenge that is not base64 JSON"):
+            await pop.login(USER, TOKEN, AuthMethod.XOAUTH2)
+        with pytest.raises(Pop3ConnectionError, match="connection unusable"):
+            await pop.stat()  # poisoned: nothing else is read from this server
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,15 +4,23 @@ its files are owner-only and go when asked, a start removes what a killed run le
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import os
 import stat
+import tempfile
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import connector.spool
 from connector import headers
 from connector.cycle.identity import duplicate_key
 from connector.deadletter import message_eol
@@ -128,6 +136,94 @@ async def test_a_start_removes_what_a_killed_run_left_and_a_discard_leaves_nothi
     assert len(list(spool.directory.iterdir())) == 2
     assert Spool(spool.directory).clean() == 2
     assert list(spool.directory.iterdir()) == []
+
+
+@contextlib.contextmanager
+def worker_threads() -> Iterator[ThreadPoolExecutor]:
+    """The loop's default executor (asyncio.to_thread's), whose threads' end a test can wait
+    for (``shutdown``): two, one held by the spool writer, one for the test's own waits."""
+    executor = ThreadPoolExecutor(2)
+    asyncio.get_running_loop().set_default_executor(executor)
+    try:
+        yield executor
+    finally:
+        executor.shutdown(wait=True)
+
+
+def fd_path(fd: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+
+
+async def test_a_discard_while_the_thread_creates_the_file_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Cancelled while write()'s thread is inside mkstemp: discard() ran before the thread
+    # set _fd and _path, and the file it then created stayed until the next start.
+    entered, proceed = threading.Event(), threading.Event()
+    made: list[tuple[int, str]] = []
+    real = tempfile.mkstemp
+
+    def slow_mkstemp(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        entered.set()
+        assert proceed.wait(10)
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(tempfile, "mkstemp", slow_mkstemp)  # connector.spool's too
+    spool = Spool(tmp_path)
+    with worker_threads() as executor:
+        writer = spool.writer()
+        task = asyncio.create_task(writer.write(b"message bytes"))
+        assert await asyncio.to_thread(entered.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        writer.discard()  # what ImapClient._read_spooled and Pop3Client._spool do
+        proceed.set()
+        executor.shutdown(wait=True)  # the thread has finished
+    ((fd, name),) = made
+    assert os.listdir(tmp_path) == []
+    assert fd_path(fd) != name  # closed (the number may be someone else's by now)
+
+
+async def test_a_discard_never_closes_a_descriptor_the_thread_still_writes_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Closing it under the thread's feet would let the thread write into whatever file the
+    # process opens next under the same number (the ledger's, say).
+    entered, proceed = threading.Event(), threading.Event()
+    real = connector.spool._write_all
+
+    def slow_write_all(fd: int, data: bytes) -> None:
+        entered.set()
+        assert proceed.wait(10)
+        real(fd, data)
+
+    spool = Spool(tmp_path)
+    with worker_threads() as executor:
+        writer = spool.writer()
+        await writer.write(b"first chunk")  # the file exists
+        (name,) = os.listdir(tmp_path)
+        path = tmp_path / name
+        monkeypatch.setattr(connector.spool, "_write_all", slow_write_all)
+        task = asyncio.create_task(writer.write(b"second chunk"))
+        assert await asyncio.to_thread(entered.wait, 10)
+        fd = writer._fd
+        assert fd is not None
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        writer.discard()
+        assert fd_path(fd) == str(path)  # still the thread's
+        with pytest.raises(StateError, match="discarded"):
+            await writer.write(b"more")  # nothing more is written to a discarded writer
+        proceed.set()
+        executor.shutdown(wait=True)
+    assert os.listdir(tmp_path) == []
+    assert fd_path(fd) != str(path)
 
 
 async def test_a_spool_that_cannot_be_written_is_a_state_error(tmp_path: Path) -> None:
