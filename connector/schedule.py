@@ -168,6 +168,7 @@ class HostState:
     strikes: int = 0  # slow-down answers in a row, without a login between
     paused_until: float = 0.0
     reason: str | None = None  # the last slow-down answer, while strikes > 0
+    slowed_at: float = float("-inf")  # when the last slow-down answer came
     # Accounts due while the host was full, in the order they fell due: (name, generation).
     parked: deque[tuple[str, int]] = field(default_factory=deque)
 
@@ -208,7 +209,8 @@ class Plan:
         self._rng = rng or random.Random()
         self._entries: dict[str, _Entry] = {}
         self._heap: list[tuple[float, int, str]] = []
-        self._running: dict[str, str] = {}  # name -> the host key its session counts on
+        # name -> the host key its session counts on, and when it started
+        self._running: dict[str, tuple[str, float]] = {}
         self._after_own: set[str] = set()  # due while a cycle of the same name still runs
 
     # -- accounts ------------------------------------------------------------------------------
@@ -284,7 +286,7 @@ class Plan:
             entry.due, entry.running = None, True
             host.active += 1
             self.running += 1
-            self._running[name] = entry.host
+            self._running[name] = (entry.host, now)
             started.append(name)
         return started
 
@@ -301,18 +303,23 @@ class Plan:
         account was removed or the service stops).  ``logged_in``: the cycle got past the
         login, which ends a host's slowing down; ``slow_down``: the host asked us to slow
         down (:func:`slow_down_reason`).  Returns the pause the host got, if any."""
-        key = self._running.pop(name, None)
-        if key is None:
+        running = self._running.pop(name, None)
+        if running is None:
             return None
+        key, started = running
         pause: float | None = None
         host = self.hosts[key]
         host.active -= 1
         self.running -= 1
         if logged_in:
-            host.strikes, host.reason = 0, None
+            # Only a session begun after the last slow-down answer shows the host is ready
+            # again: one that began beside the refused one says nothing newer.
+            if started > host.slowed_at:
+                host.strikes, host.reason = 0, None
         elif slow_down is not None:
             host.strikes += 1
             host.reason = slow_down
+            host.slowed_at = now
             pause = min(HOST_PAUSE * 2 ** (host.strikes - 1), HOST_PAUSE_MAX)
             pause *= self._rng.uniform(1.0, 1.1)  # hosts paused together do not resume together
             host.paused_until = max(host.paused_until, now + pause)

@@ -349,3 +349,25 @@ def test_accounts_queued_for_a_host_that_pauses_wait_for_their_slot_after_it() -
     # Not at the end of the pause all at once: each at its own slot after it.
     for n in "bc":
         assert plan.due(n) == next_slot(phase(n), 60.0, until)
+
+
+def test_a_login_begun_beside_the_refused_one_does_not_end_the_slowing_down() -> None:
+    # Two sessions start together; the host lets one in and answers LOGIN-DELAY to the other.
+    # The one let in ends later: it began before the refusal, so the host still gets one probe
+    # at a time after its pause, not both sessions at once.
+    plan = Plan(max_parallel=8, per_host=2, rng=random.Random(5))
+    plan.add([Polled(n, "h", 60.0) for n in "abcd"], T0)
+    for n in "abcd":
+        plan.set_due(n, T0)
+    assert sorted(plan.take(T0)) == ["a", "b"]
+    plan.finish("b", T0 + 0.01, next_due=T0 + 60, logged_in=False, slow_down="-ERR [LOGIN-DELAY]")
+    plan.finish("a", T0 + 0.02, next_due=T0 + 60, logged_in=True)
+    host = plan.hosts["h"]
+    assert host.strikes == 1
+    assert host.limit(plan.per_host) == 1
+    # A session begun after the refusal that logs in does end it.
+    for n in "cd":
+        plan.set_due(n, host.paused_until + 1)
+    (probe,) = plan.take(host.paused_until + 1)
+    plan.finish(probe, host.paused_until + 2, next_due=T0 + 120, logged_in=True)
+    assert host.strikes == 0
