@@ -31,6 +31,7 @@ import shlex
 import socket
 import stat
 import tomllib
+import typing
 from collections.abc import Collection, Iterator, Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -1238,18 +1239,26 @@ def config_text_problems(text: str) -> list[str]:
 # Rendering and warnings (pop3-connector check)
 # --------------------------------------------------------------------------------------------
 
+
+def _is_duration(annotation: object) -> bool:
+    """``Duration`` or ``Duration | None``: a key ``check`` shows as "15m", not seconds."""
+    if annotation == Duration:
+        return True
+    return any(_is_duration(arg) for arg in typing.get_args(annotation) if arg is not None)
+
+
+def _models(base: type[BaseModel]) -> Iterator[type[BaseModel]]:
+    yield base
+    for sub in base.__subclasses__():
+        yield from _models(sub)
+
+
+# Read from the models, so that a new duration key is shown as one without a list to keep.
 _DURATION_KEYS: Final = frozenset(
-    {
-        "poll_interval",
-        "shutdown_grace",
-        "cycle_timeout",
-        "timeout",
-        "data_termination_timeout",
-        "max_deferral",
-        "delete_after",
-        "min_interval",
-        "duplicate_window",
-    }
+    name
+    for model in (*_models(_Model), Settings)
+    for name, hint in typing.get_type_hints(model, include_extras=True).items()
+    if _is_duration(hint)
 )
 
 

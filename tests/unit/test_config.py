@@ -867,6 +867,13 @@ def test_render_defaults(tmp_path: Path) -> None:
     assert list(data["accounts"][0])[:2] == ["name", "host"]
 
 
+def test_render_shows_every_duration_key_as_a_duration(tmp_path: Path) -> None:
+    # An IMAP account's idle_renewal was printed as 1500.0 seconds.
+    text = MINIMAL.replace("deliver_to = ", 'protocol = "imap"\ndeliver_to = ', 1)
+    data = tomllib.loads(render_settings(load(tmp_path, text)))
+    assert data["accounts"][0]["idle_renewal"] == "25m"
+
+
 # --------------------------------------------------------------------------------------------
 # Warnings
 # --------------------------------------------------------------------------------------------
