@@ -50,7 +50,6 @@ retried forever, which is the very thing the dead-letter store exists to prevent
 from __future__ import annotations
 
 import asyncio
-import base64
 import builtins
 import collections
 import contextlib
@@ -76,6 +75,7 @@ from connector.deadletter import (
     with_dead_letter_headers,
 )
 from connector.errors import DeadLetterError, StateError
+from connector.imap.protocol import folder_levels, quote_astring, server_mailbox_name
 from connector.spool import READ_CHUNK, Spooled
 from connector.tls import TlsMode
 
@@ -124,75 +124,6 @@ class ResponseStatus(enum.StrEnum):
 # --------------------------------------------------------------------------------------------
 # Mailbox names
 # --------------------------------------------------------------------------------------------
-
-
-def _modified_base64(text: str) -> str:
-    # RFC 3501 §5.1.3: UTF-16BE in base64 (RFC 2152) with "," for "/" and no "=" padding.
-    data = text.encode("utf-16-be")
-    return base64.b64encode(data).decode("ascii").rstrip("=").replace("/", ",")
-
-
-def encode_mutf7(name: str) -> str:
-    """``name`` in IMAP's modified UTF-7 (RFC 3501 §5.1.3).
-
-    Printable US-ASCII except ``&`` stands for itself; ``&`` becomes ``&-``; every run of other
-    characters becomes ``&`` + modified base64 of its UTF-16BE form + ``-``.
-
-    >>> encode_mutf7("Unzustellbar/Größe")
-    'Unzustellbar/Gr&APYA3w-e'
-    """
-    out: list[str] = []
-    run: list[str] = []
-    for ch in name:
-        if 0x20 <= ord(ch) <= 0x7E:
-            if run:
-                out.append(f"&{_modified_base64(''.join(run))}-")
-                run.clear()
-            out.append("&-" if ch == "&" else ch)
-        else:
-            run.append(ch)
-    if run:
-        out.append(f"&{_modified_base64(''.join(run))}-")
-    return "".join(out)
-
-
-def quote_astring(value: str) -> str:
-    """``value`` as an IMAP quoted string (RFC 3501 §9): ``"`` and ``\\`` backslash-escaped."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def folder_levels(folder: str) -> tuple[str, ...]:
-    """The levels of a configured folder name, which uses ``/`` between levels.
-
-    Raises ``ValueError`` for an empty level (``"a//b"``, a leading or trailing ``/``) or a
-    CR, LF or NUL (which no IMAP string can carry, RFC 3501 §9).
-    """
-    if any(c in folder for c in "\r\n\0"):
-        raise ValueError("the folder name must not contain CR, LF or NUL")
-    levels = tuple(folder.split("/"))
-    if not all(levels):
-        raise ValueError(f"the folder name {folder!r} has an empty level")
-    return levels
-
-
-def server_mailbox_name(levels: Sequence[str], separator: str | None) -> str:
-    """The mailbox name to send: levels joined by the server's separator, mUTF-7, quoted.
-
-    ``separator`` is what ``LIST "" ""`` reported (``None``: a flat server, RFC 3501 §6.3.8
-    ``NIL``).  A level that itself contains the separator would silently become two levels
-    on the server, so it is refused with ``ValueError``, as is a nested name on a flat server.
-    """
-    if separator is None:
-        if len(levels) > 1:
-            raise ValueError("the server has no folder hierarchy; use a name without '/'")
-    else:
-        for level in levels:
-            if separator in level:
-                raise ValueError(
-                    f"the folder level {level!r} contains the server's separator {separator!r}"
-                )
-    joined = (separator or "").join(encode_mutf7(level) for level in levels)
-    return quote_astring(joined)
 
 
 def _parse_separator(lines: Sequence[bytes | bytearray]) -> str | None:
@@ -869,10 +800,6 @@ __all__ = [
     "DEAD_LETTER_FLAGS",
     "ImapStore",
     "ResponseStatus",
-    "encode_mutf7",
-    "folder_levels",
     "make_id",
     "parse_id",
-    "quote_astring",
-    "server_mailbox_name",
 ]

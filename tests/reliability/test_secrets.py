@@ -29,7 +29,8 @@ from hypothesis import strategies as st
 from connector.cli import setup_logging
 from connector.config import load_settings, render_settings
 from connector.deadletter import DeadLetterInfo
-from connector.deadletter.imap import ImapStore, quote_astring
+from connector.deadletter.imap import ImapStore
+from connector.imap.protocol import quote_astring
 from connector.oauth2 import OAuth2TokenSource
 from connector.runtime import build_runtime, open_store
 from connector.tls import TlsMode

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ast
+import base64
 import contextlib
 import itertools
 import os
+import re
 import subprocess
 import sys
 import time
@@ -31,12 +33,15 @@ from connector.imap.protocol import (
     astring,
     command,
     encode_mutf7,
+    folder_levels,
     literal_cap,
     parse_fetch,
     parse_list,
     parse_number,
     parse_status,
     parse_words,
+    quote_astring,
+    server_mailbox_name,
     uid_set,
     uid_sets,
 )
@@ -409,3 +414,61 @@ def test_a_hostile_fetch_is_parsed_in_linear_time() -> None:
         with contextlib.suppress(Pop3ProtocolError):
             parse_fetch(ev)
         assert time.perf_counter() - started < 2.0
+
+
+# Mailbox names (used by IMAP accounts and the IMAP dead-letter store alike)
+
+
+def _decode_mutf7(text: str) -> str:
+    """A reference decoder for RFC 3501 §5.1.3, used only to check the encoder."""
+
+    def shift(m: re.Match[str]) -> str:
+        if not m.group(1):
+            return "&"
+        b64 = m.group(1).replace(",", "/")
+        return base64.b64decode(b64 + "=" * (-len(b64) % 4)).decode("utf-16-be")
+
+    return re.sub(r"&([A-Za-z0-9+,]*)-", shift, text)
+
+
+@pytest.mark.parametrize(
+    ("name", "encoded"),
+    [
+        ("Dead Letters", "Dead Letters"),
+        ("Größe", "Gr&APYA3w-e"),
+        ("Unzustellbar/Größe", "Unzustellbar/Gr&APYA3w-e"),
+        # RFC 3501 §5.1.3's own example.
+        ("~peter/mail/台北/日本語", "~peter/mail/&U,BTFw-/&ZeVnLIqe-"),
+        ("Tom & Jerry", "Tom &- Jerry"),
+        ("&", "&-"),
+        ("", ""),
+        ("é", "&AOk-"),
+        ("\U0001f4e8", "&2D3c6A-"),  # outside the BMP: a UTF-16 surrogate pair
+        ("a\tb", "a&AAk-b"),  # controls are not printable ASCII: encoded too
+    ],
+)
+def test_mutf7_known_values(name: str, encoded: str) -> None:
+    assert encode_mutf7(name) == encoded
+
+
+@given(st.text(alphabet=st.characters(exclude_categories=["Cs"])))
+def test_mutf7_is_printable_ascii_and_decodes_back(name: str) -> None:
+    encoded = encode_mutf7(name)
+    assert all(0x20 <= ord(c) <= 0x7E for c in encoded)
+    assert _decode_mutf7(encoded) == name
+
+
+def test_quote_astring_escapes_quotes_and_backslashes() -> None:
+    assert quote_astring("Dead Letters") == '"Dead Letters"'
+    assert quote_astring('a"b\\c') == '"a\\"b\\\\c"'
+
+
+def test_server_names_use_the_servers_separator() -> None:
+    levels = folder_levels("POP3 Connector/Größe")
+    assert server_mailbox_name(levels, ".") == '"POP3 Connector.Gr&APYA3w-e"'
+    assert server_mailbox_name(levels, "/") == '"POP3 Connector/Gr&APYA3w-e"'
+    assert server_mailbox_name(folder_levels("Dead Letters"), None) == '"Dead Letters"'
+    with pytest.raises(ValueError, match="no folder hierarchy"):
+        server_mailbox_name(levels, None)
+    with pytest.raises(ValueError, match="separator"):
+        server_mailbox_name(folder_levels("v1.2/x"), ".")
