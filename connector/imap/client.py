@@ -85,17 +85,18 @@ from connector.pop3.client import (
     Spooling,
     SpoolSink,
     _xoauth2_status,
+    open_stream,
     sasl_xoauth2,
+    tls_failure,
 )
 from connector.spool import Spooled
-from connector.tls import TlsMode, tls_reason_hint
+from connector.tls import TlsMode
 
 log = logging.getLogger(__name__)
 
 TokenSource = Callable[[], Awaitable[str]]
 
 _CHUNK: Final = 256 * 1024  # bytes per read(); big reads keep a 20 MiB FETCH cheap
-_STREAM_LIMIT: Final = 1024 * 1024  # the transport pauses reading above 2x this
 _DEFAULT_TIMEOUTS: Final = Pop3Timeouts()
 MAX_LISTING: Final = 1_000_000
 """Messages one folder listing may hold (the POP3 client's bound on a UIDL listing)."""
@@ -115,13 +116,6 @@ class Selected:
     uidvalidity: int
     uidnext: int | None
     read_only: bool
-
-
-def _tls_failure(exc: BaseException, *, implicit: bool = False) -> Pop3TlsError:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return Pop3TlsError(f"certificate not accepted: {exc.verify_message}")
-    hint = tls_reason_hint(getattr(exc, "reason", None)) if implicit else ""
-    return Pop3TlsError(f"TLS handshake failed: {exc}{hint}")
 
 
 def _describe(ev: Response | Continuation) -> str:
@@ -191,30 +185,7 @@ class ImapClient:
         Raises Pop3TlsError (certificate or handshake failure, STARTTLS not offered or
         refused), Pop3TimeoutError, Pop3ConnectionError (also for a ``BYE`` greeting).
         """
-        ctx = endpoint.ssl_context
-        if ctx is None and endpoint.tls is not TlsMode.NONE:
-            ctx = ssl.create_default_context()
-        hostname = endpoint.server_hostname or endpoint.host
-        implicit = endpoint.tls is TlsMode.IMPLICIT
-        try:
-            async with asyncio.timeout(timeouts.connect):
-                reader, writer = await asyncio.open_connection(
-                    endpoint.host,
-                    endpoint.port,
-                    ssl=ctx if implicit else None,
-                    server_hostname=hostname if implicit else None,
-                    limit=_STREAM_LIMIT,
-                )
-        except ssl.SSLError as exc:
-            raise _tls_failure(exc, implicit=implicit) from None
-        except TimeoutError:
-            raise Pop3TimeoutError(
-                f"connect to {endpoint.host}:{endpoint.port} timed out"
-            ) from None
-        except OSError as exc:
-            raise Pop3ConnectionError(
-                f"cannot connect to {endpoint.host}:{endpoint.port}: {exc.strerror or exc}"
-            ) from None
+        reader, writer, ctx, hostname = await open_stream(endpoint, timeouts)
         client = cls(reader, writer, endpoint, timeouts, transcript=transcript)
         try:
             await client._open(ctx, hostname)
@@ -257,7 +228,7 @@ class ImapClient:
             async with asyncio.timeout(self._timeouts.connect):
                 await self._writer.start_tls(ctx, server_hostname=hostname)
         except ssl.SSLError as exc:
-            raise self._poison(_tls_failure(exc)) from None
+            raise self._poison(tls_failure(exc)) from None
         except TimeoutError:
             raise self._poison(Pop3TimeoutError("TLS handshake timed out")) from None
         except OSError as exc:

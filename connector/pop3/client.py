@@ -268,11 +268,43 @@ def _describe(event: Event) -> str:
             return "[connection closed]"
 
 
-def _tls_failure(exc: BaseException, *, implicit: bool = False) -> Pop3TlsError:
+def tls_failure(exc: BaseException, *, implicit: bool = False) -> Pop3TlsError:
+    """A handshake failure as the administrator reads it (POP3 and IMAP accounts alike)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return Pop3TlsError(f"certificate not accepted: {exc.verify_message}")
     hint = tls_reason_hint(getattr(exc, "reason", None)) if implicit else ""
     return Pop3TlsError(f"TLS handshake failed: {exc}{hint}")
+
+
+async def open_stream(
+    endpoint: Pop3Endpoint, timeouts: Pop3Timeouts
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, ssl.SSLContext | None, str]:
+    """The connection to an account's server, TLS already up when it is implicit; with the
+    context and the name to check for a later STLS/STARTTLS.  Used by the POP3 and the IMAP
+    client, whose accounts share ``Pop3Endpoint`` and the failure classes."""
+    ctx = endpoint.ssl_context
+    if ctx is None and endpoint.tls is not TlsMode.NONE:
+        ctx = ssl.create_default_context()
+    hostname = endpoint.server_hostname or endpoint.host
+    implicit = endpoint.tls is TlsMode.IMPLICIT
+    try:
+        async with asyncio.timeout(timeouts.connect):
+            reader, writer = await asyncio.open_connection(
+                endpoint.host,
+                endpoint.port,
+                ssl=ctx if implicit else None,
+                server_hostname=hostname if implicit else None,
+                limit=_STREAM_LIMIT,
+            )
+    except ssl.SSLError as exc:
+        raise tls_failure(exc, implicit=implicit) from None
+    except TimeoutError:
+        raise Pop3TimeoutError(f"connect to {endpoint.host}:{endpoint.port} timed out") from None
+    except OSError as exc:
+        raise Pop3ConnectionError(
+            f"cannot connect to {endpoint.host}:{endpoint.port}: {exc.strerror or exc}"
+        ) from None
+    return reader, writer, ctx, hostname
 
 
 class Pop3Client:
@@ -344,30 +376,7 @@ class Pop3Client:
         Raises Pop3TlsError (certificate or handshake failure, STLS not offered or refused),
         Pop3TimeoutError, Pop3ConnectionError, or Pop3ResponseError for a ``-ERR`` greeting.
         """
-        ctx = endpoint.ssl_context
-        if ctx is None and endpoint.tls is not TlsMode.NONE:
-            ctx = ssl.create_default_context()
-        hostname = endpoint.server_hostname or endpoint.host
-        implicit = endpoint.tls is TlsMode.IMPLICIT
-        try:
-            async with asyncio.timeout(timeouts.connect):
-                reader, writer = await asyncio.open_connection(
-                    endpoint.host,
-                    endpoint.port,
-                    ssl=ctx if implicit else None,
-                    server_hostname=hostname if implicit else None,
-                    limit=_STREAM_LIMIT,
-                )
-        except ssl.SSLError as exc:
-            raise _tls_failure(exc, implicit=implicit) from None
-        except TimeoutError:
-            raise Pop3TimeoutError(
-                f"connect to {endpoint.host}:{endpoint.port} timed out"
-            ) from None
-        except OSError as exc:
-            raise Pop3ConnectionError(
-                f"cannot connect to {endpoint.host}:{endpoint.port}: {exc.strerror or exc}"
-            ) from None
+        reader, writer, ctx, hostname = await open_stream(endpoint, timeouts)
         client = cls(
             reader,
             writer,
@@ -405,7 +414,7 @@ class Pop3Client:
             async with asyncio.timeout(self._timeouts.connect):
                 await self._writer.start_tls(ctx, server_hostname=hostname)
         except ssl.SSLError as exc:
-            raise self._poison(_tls_failure(exc)) from None
+            raise self._poison(tls_failure(exc)) from None
         except TimeoutError:
             raise self._poison(Pop3TimeoutError("TLS handshake timed out")) from None
         except OSError as exc:
