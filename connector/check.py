@@ -176,7 +176,7 @@ def _reply_row(target: str, where: str, tls: str, stage: str, reply: Reply) -> _
 
 async def _check_smtp(target: SmtpTarget, recipients: Sequence[str]) -> list[_Row]:
     smtp = target.settings
-    # "smtp" for [smtp], as before there were targets; "smtp NAME" for the others.
+    # "smtp" for [smtp], the table most sites have alone; "smtp NAME" for [smtp_targets.NAME].
     label = "smtp" if target.name == DEFAULT_TARGET else f"smtp {target.name}"
     where, tls = f"{smtp.host}:{smtp.port}", str(smtp.tls)
     rows: list[_Row] = []

@@ -8,15 +8,6 @@ already DATA's content.  The pieces: the parser's ``Message.wire``, ``prepare_wi
 
 from __future__ import annotations
 
-from aiosmtplib.protocol import PERIOD_REGEX
-
-from connector.pop3.protocol import (
-    NEED_DATA,
-    Command,
-    Connection,
-    Message,
-    Verb,
-)
 from connector.smtp import (
     Envelope,
     SmtpDeliverer,
@@ -24,49 +15,7 @@ from connector.smtp import (
 )
 from connector.tls import TlsMode
 from tests.servers import SmtpSink
-
-TRACE = b"Received: from pop.test by connector.test with POP3 (pop3-connector); now\r\n"
-BIG_LINE = b"QUJD" * 19 + b"\r\n"
-
-
-def stuff(raw: bytes) -> bytes:
-    """RFC 1939 §3 / RFC 5321 §4.5.2 dot-stuffing, as a correct server sends it."""
-    return PERIOD_REGEX.sub(b"..", raw)
-
-
-def retr(body: bytes, *, announced: int | None = None, chunk: int = 1 << 30) -> Message:
-    """Feed ``+OK`` + ``body`` + the terminator to a logged-in Connection; the one Message."""
-    conn = Connection()
-    conn.send(Command(Verb.USER, ("alice",)))
-    conn.send(Command(Verb.PASS, ("pw",)))  # exclusive: RETR waits for its reply
-    conn.receive_data(b"+OK ready\r\n+OK\r\n+OK\r\n")
-    while conn.next_event() is not NEED_DATA:
-        pass
-    conn.send(Command(Verb.RETR, (1,)))
-    status = b"+OK %d octets\r\n" % announced if announced is not None else b"+OK\r\n"
-    data = status + body + b".\r\n"
-    events = []
-    for i in range(0, len(data), chunk):
-        conn.receive_data(data[i : i + chunk])
-        while (ev := conn.next_event()) is not NEED_DATA:
-            events.append(ev)
-    messages = [ev for ev in events if isinstance(ev, Message)]
-    assert len(messages) == 1
-    return messages[0]
-
-
-# ------------------------------------------------------------------------------------------
-# The parser: Message.wire
-# ------------------------------------------------------------------------------------------
-
-CLEAN = [
-    b"Subject: x\r\n\r\nbody\r\n",
-    b"Subject: dots\r\n\r\n.\r\n..\r\n.middle\r\n...\r\nend\r\n.\r\n",  # middle and end
-    b"Subject: dot last\r\n\r\n.last",  # POP3 adds the final CRLF; raw below has it
-    "Subject: 8-bit Grüße\r\n\r\näöü\r\n".encode(),
-    b"Subject: big\r\n\r\n" + (BIG_LINE * 5000 + b".dot\r\n") * 4,
-]
-
+from tests.unit.test_wire_forwarding import BIG_LINE, CLEAN, TRACE, retr, stuff
 
 # ------------------------------------------------------------------------------------------
 # SmtpDeliverer.deliver(..., wire=...) against aiosmtpd
