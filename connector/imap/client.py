@@ -87,7 +87,7 @@ from connector.pop3.client import (
     _xoauth2_status,
     open_stream,
     sasl_xoauth2,
-    tls_failure,
+    start_tls,
 )
 from connector.spool import Spooled
 from connector.tls import TlsMode
@@ -225,14 +225,9 @@ class ImapClient:
         if ctx is None:  # pragma: no cover (connect() makes one for every TLS mode)
             raise AssertionError("STARTTLS without an SSL context")
         try:
-            async with asyncio.timeout(self._timeouts.connect):
-                await self._writer.start_tls(ctx, server_hostname=hostname)
-        except ssl.SSLError as exc:
-            raise self._poison(tls_failure(exc)) from None
-        except TimeoutError:
-            raise self._poison(Pop3TimeoutError("TLS handshake timed out")) from None
-        except OSError as exc:
-            raise self._poison(Pop3ConnectionError(f"TLS handshake failed: {exc}")) from None
+            await start_tls(self._writer, ctx, hostname, self._timeouts)
+        except Pop3Error as exc:
+            raise self._poison(exc) from None
         self.tls_active = True
         await self.capability()  # RFC 3501 §6.2.1: forget what was learnt in clear; ask again
 

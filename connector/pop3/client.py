@@ -307,6 +307,22 @@ async def open_stream(
     return reader, writer, ctx, hostname
 
 
+async def start_tls(
+    writer: asyncio.StreamWriter, ctx: ssl.SSLContext, hostname: str, timeouts: Pop3Timeouts
+) -> None:
+    """The handshake after STLS (RFC 2595 §4) or STARTTLS (RFC 3501 §6.2.1) was accepted, its
+    failures as our error classes; the caller drops the connection on any of them."""
+    try:
+        async with asyncio.timeout(timeouts.connect):
+            await writer.start_tls(ctx, server_hostname=hostname)
+    except ssl.SSLError as exc:
+        raise tls_failure(exc) from None
+    except TimeoutError:
+        raise Pop3TimeoutError("TLS handshake timed out") from None
+    except OSError as exc:
+        raise Pop3ConnectionError(f"TLS handshake failed: {exc}") from None
+
+
 class Pop3Client:
     """One POP3 session.  Use ``async with await Pop3Client.connect(...) as c``.
 
@@ -411,14 +427,9 @@ class Pop3Client:
         if ctx is None:  # pragma: no cover (connect() makes one for every TLS mode)
             raise AssertionError("STARTTLS without an SSL context")
         try:
-            async with asyncio.timeout(self._timeouts.connect):
-                await self._writer.start_tls(ctx, server_hostname=hostname)
-        except ssl.SSLError as exc:
-            raise self._poison(tls_failure(exc)) from None
-        except TimeoutError:
-            raise self._poison(Pop3TimeoutError("TLS handshake timed out")) from None
-        except OSError as exc:
-            raise self._poison(Pop3ConnectionError(f"TLS handshake failed: {exc}")) from None
+            await start_tls(self._writer, ctx, hostname, self._timeouts)
+        except Pop3Error as exc:
+            raise self._poison(exc) from None
         self.tls_active = True
         await self._capa()  # RFC 2595 §4: forget what was learnt in clear; ask again
 
