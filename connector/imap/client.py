@@ -84,10 +84,10 @@ from connector.pop3.client import (
     Pop3Timeouts,
     Spooling,
     SpoolSink,
-    _xoauth2_status,
     open_stream,
     sasl_xoauth2,
     start_tls,
+    xoauth2_status,
 )
 from connector.spool import Spooled
 from connector.tls import TlsMode
@@ -558,7 +558,7 @@ class ImapClient:
                 # XOAUTH2's error challenge (base64 JSON): answer it with an empty line, and
                 # the server says NO (Google's and Microsoft's XOAUTH2 protocol).
                 try:
-                    status = _xoauth2_status(ev.text.decode("ascii", "replace")) or status
+                    status = xoauth2_status(ev.text.decode("ascii", "replace")) or status
                 except Pop3ProtocolError as exc:
                     raise self._poison(exc) from None
                 await self._write(b"\r\n")

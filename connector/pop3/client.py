@@ -209,7 +209,7 @@ MAX_XOAUTH2_CHALLENGE: Final = 4096
 hundred; a longer one is not decoded."""
 
 
-def _xoauth2_status(challenge: str) -> str:
+def xoauth2_status(challenge: str) -> str:
     """The ``status`` of an XOAUTH2 error challenge (base64 JSON, e.g. ``{"status":"401",...}``).
 
     Only a short alphanumeric status is returned, so whatever else the server put there can
@@ -775,7 +775,7 @@ class Pop3Client:
         status = ""
         if isinstance(ev, Continuation):
             try:
-                status = _xoauth2_status(ev.text)
+                status = xoauth2_status(ev.text)
             except Pop3ProtocolError as exc:
                 raise self._poison(exc) from None
             ev = await self._sasl_answer("")
